@@ -8,6 +8,7 @@
 //! decision here is unit- and property-tested without a cluster.
 
 pub mod job;
+pub mod keyspace;
 pub mod manifest;
 pub mod model;
 pub mod quantity;
