@@ -124,10 +124,12 @@ impl EtcdServer {
             .spawn()?;
         self.child = Some(child);
         let addr: SocketAddr = ([127, 0, 0, 1], self.client_port).into();
-        wait_healthy(addr, "/health", "\"health\":\"true\"", Duration::from_secs(20)).map_err(|_| {
+        if wait_healthy(addr, "/health", "\"health\":\"true\"", Duration::from_secs(20)) {
+            Ok(())
+        } else {
             self.stop();
-            TestkitError::Unhealthy { what: "etcd", seconds: 20, log: tail(&log_path) }
-        })
+            Err(TestkitError::Unhealthy { what: "etcd", seconds: 20, log: tail(&log_path) })
+        }
     }
 }
 
@@ -137,16 +139,16 @@ impl Drop for EtcdServer {
     }
 }
 
-/// Polls `GET path` on `addr` until the body contains `needle`.
-pub fn wait_healthy(addr: SocketAddr, path: &str, needle: &str, timeout: Duration) -> Result<(), ()> {
+/// Polls `GET path` on `addr` until the body contains `needle`; false on timeout.
+pub fn wait_healthy(addr: SocketAddr, path: &str, needle: &str, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if http_get(addr, path).is_ok_and(|body| body.contains(needle)) {
-            return Ok(());
+            return true;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Err(())
+    false
 }
 
 /// A minimal blocking HTTP/1.1 GET, returning the whole response (headers and body).
