@@ -1,4 +1,5 @@
 //! The `ninelives` binary as users run it.
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 
 use std::process::Command;
 

@@ -1,4 +1,5 @@
 //! The committed CRD must be exactly what the Rust types generate.
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 
 #[test]
 fn committed_crd_matches_the_types() {

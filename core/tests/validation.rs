@@ -1,4 +1,5 @@
 //! Every validation rule, each with a bad manifest and the exact message a user sees.
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 
 use ninelives_core::job::TrainingJob;
 use ninelives_core::manifest::{check_document, check_manifests, parse_job};
