@@ -134,7 +134,7 @@ impl JobShape {
                 ),
             ));
             ep_ok = false;
-        } else if ep_ok && ep % topo.chips_per_node != 0 {
+        } else if ep_ok && !ep.is_multiple_of(topo.chips_per_node) {
             out.push(Violation::new(
                 ep_path,
                 format!(
@@ -271,7 +271,7 @@ fn check_model(m: &ModelDims, out: &mut Vec<Violation>) {
     if m.vocab_size < 2 {
         out.push(Violation::new(p("vocabSize"), "vocabSize must be at least 2"));
     }
-    if m.heads > 0 && m.hidden_size % m.heads != 0 {
+    if m.heads > 0 && !m.hidden_size.is_multiple_of(m.heads) {
         out.push(Violation::new(
             p("hiddenSize"),
             format!("hiddenSize {} is not divisible by heads {}", m.hidden_size, m.heads),
@@ -286,7 +286,7 @@ fn check_model(m: &ModelDims, out: &mut Vec<Violation>) {
     }
     if let Some(sa) = m.sparse_attention
         && sa.block_size > 0
-        && m.seq_len % sa.block_size != 0
+        && !m.seq_len.is_multiple_of(sa.block_size)
     {
         out.push(Violation::new(
             p("sparseAttention.blockSize"),
