@@ -6,6 +6,15 @@ use super::error::PlanError;
 use super::ids::{ChipId, ExpertId};
 use crate::validate::JobShape;
 
+/// Most chips a job may have.
+pub const MAX_CHIPS: u64 = 1 << 22;
+/// Most expert replicas a job's placement may hold.
+pub const MAX_REPLICAS: u64 = 1 << 27;
+/// Most chips one expert-parallel group may have.
+pub const MAX_GROUP_CHIPS: u64 = 1 << 20;
+/// Most expert replicas (`layers x (routedExperts + redundantExperts)`) one group may hold.
+pub const MAX_GROUP_REPLICAS: u64 = 1 << 24;
+
 /// Everything the planner needs to know about a job, resolved and checked.
 ///
 /// Chips are grouped into expert-parallel groups of `expert_parallel_size` chips (whole,
@@ -87,10 +96,19 @@ impl PlacementShape {
                 self.chips()
             ));
         }
-        if self.chips_per_group() > u64::from(u32::MAX) / 2
-            || self.layers.checked_mul(self.routed_experts).is_none()
+        // Bounds that keep every allocation reasonable (LongCat-2.0 uses 1,000 and ~33,000).
+        let replicas =
+            u64::from(self.layers) * (u64::from(self.routed_experts) + u64::from(self.redundant_experts));
+        if self.chips_per_group() > MAX_GROUP_CHIPS
+            || replicas > MAX_GROUP_REPLICAS
+            || self.chips() > MAX_CHIPS
+            || replicas * u64::from(self.groups()) > MAX_REPLICAS
         {
-            return bad("more chips per group or experts per job than the planner indexes".into());
+            return bad(format!(
+                "{} chips in groups of {} holding {replicas} expert replicas each exceed the planner's limits ({MAX_CHIPS} chips, {MAX_GROUP_CHIPS} per group, {MAX_GROUP_REPLICAS} replicas per group, {MAX_REPLICAS} in all)",
+                self.chips(),
+                self.chips_per_group()
+            ));
         }
         if !(0.0..=1.0).contains(&self.min_healthy_fraction) {
             return bad(format!("minHealthyFraction {} is not within [0, 1]", self.min_healthy_fraction));
