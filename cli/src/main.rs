@@ -47,8 +47,11 @@ enum Command {
         #[arg(long)]
         defer_redundancy: bool,
         /// Rebalance every group, moving replicas off the most loaded chips.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "no_rebalance")]
         rebalance: bool,
+        /// Never rebalance, however unbalanced: move exactly the state of the failed chips.
+        #[arg(long)]
+        no_rebalance: bool,
     },
 }
 
@@ -60,8 +63,16 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Validate { files } => validate::run(&files),
-        Command::Plan { manifest, fail, load, json, defer_redundancy, rebalance } => {
-            plan::run(&plan::PlanArgs { manifest, fail, load, json, defer_redundancy, rebalance })
+        Command::Plan { manifest, fail, load, json, defer_redundancy, rebalance, no_rebalance } => {
+            plan::run(&plan::PlanArgs {
+                manifest,
+                fail,
+                load,
+                json,
+                defer_redundancy,
+                rebalance,
+                no_rebalance,
+            })
         }
     }
 }

@@ -39,6 +39,8 @@ pub struct PlanArgs {
     pub defer_redundancy: bool,
     /// Rebalance every group.
     pub rebalance: bool,
+    /// Never rebalance.
+    pub no_rebalance: bool,
 }
 
 /// Runs the command; every problem is a message and exit code 1.
@@ -80,6 +82,11 @@ fn plan(args: &PlanArgs) -> Result<()> {
     let options = ReplanOptions {
         redundancy: if args.defer_redundancy { Redundancy::Defer } else { Redundancy::Restore },
         rebalance: args.rebalance,
+        rebalance_threshold: if args.no_rebalance {
+            f64::INFINITY
+        } else {
+            ReplanOptions::default().rebalance_threshold
+        },
         ..ReplanOptions::default()
     };
     let started = Instant::now();
