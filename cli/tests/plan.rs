@@ -4,7 +4,12 @@ use std::process::{Command, Output};
 
 fn plan(args: &[&str]) -> Output {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    Command::new(env!("CARGO_BIN_EXE_ninelives")).current_dir(root).arg("plan").args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_ninelives"))
+        .current_dir(root)
+        .arg("plan")
+        .args(args)
+        .output()
+        .expect("the ninelives binary runs")
 }
 
 #[test]
