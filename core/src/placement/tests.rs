@@ -508,3 +508,42 @@ fn longcat_is_balanced_and_a_node_failure_moves_only_its_state() {
     let out = replan(&s, &p, &failed, &load, &strict).unwrap();
     assert_eq!(out.plan.bytes_moved, out.plan.lower_bound_bytes);
 }
+
+#[test]
+fn zipf_loads_are_reproducible_and_skewed() {
+    let s = PlacementShape { layers: 3, routed_experts: 64, ..small() };
+    let a = ExpertLoad::zipf(&s, 1.0, 42);
+    assert_eq!(a, ExpertLoad::zipf(&s, 1.0, 42));
+    assert_ne!(a, ExpertLoad::zipf(&s, 1.0, 43));
+    let harmonic: f64 = (1..=64).map(|r| 1.0 / f64::from(r)).sum();
+    for row in a.rows() {
+        let mean = row.iter().sum::<f64>() / 64.0;
+        assert!((mean - 1.0).abs() < 1e-9);
+        let hottest = row.iter().copied().fold(0.0, f64::max);
+        assert!((hottest - 64.0 / harmonic).abs() < 1e-9, "hottest {hottest}");
+    }
+    // Layers get different hot experts.
+    let argmax = |row: &Vec<f64>| (0..row.len()).max_by(|&x, &y| row[x].total_cmp(&row[y])).unwrap();
+    assert!(a.rows().iter().map(argmax).collect::<std::collections::BTreeSet<_>>().len() > 1);
+}
+
+#[test]
+fn redundant_replicas_go_to_the_hottest_experts() {
+    // One group of 6 nodes without racks: an expert may have up to 6 replicas.
+    let s = shape((2, 6, 1, None), (1, 8, 5), 4);
+    let mut row = vec![1.0; 8];
+    row[3] = 40.0; // hottest: takes extras while its replicas outweigh the next expert
+    row[6] = 6.0;
+    let load = ExpertLoad::from_rows(vec![row]);
+    let p = initial_placement(&s, &load).unwrap();
+    let replicas = |e| p.replicas_of(&s, 0, ExpertId::new(0, e)).len();
+    // Each extra goes to the highest load per replica: 40, 20, 13.3, 10, 8 all beat 6, so all five
+    // extras go to expert 3 (6 replicas of 6.67 each).
+    assert_eq!(replicas(3), 6, "hottest expert");
+    assert_eq!(replicas(6), 1);
+    assert!((0..8).filter(|&e| e != 3).all(|e| replicas(e) == 1));
+    // Its replicas sit on six different nodes.
+    let nodes: std::collections::BTreeSet<u32> =
+        p.replicas_of(&s, 0, ExpertId::new(0, 3)).iter().map(|c| c.node).collect();
+    assert_eq!(nodes.len(), 6);
+}
