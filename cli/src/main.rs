@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod plan;
 mod validate;
 
 #[derive(Parser)]
@@ -28,6 +29,30 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Plan expert placement for a job and the recovery plan after the given failures.
+    Plan {
+        /// TrainingJob manifest.
+        manifest: PathBuf,
+        /// A failure: chip:<node>/<chip>, node:<node> or rack:<rack> (repeatable).
+        #[arg(long = "fail", value_name = "FAILURE")]
+        fail: Vec<String>,
+        /// Expert load: zipf:<s> (seeded by spec.data.seed) or a JSON file with one array of
+        /// per-expert token counts per layer. Uniform when omitted.
+        #[arg(long, value_name = "zipf:<s>|FILE")]
+        load: Option<String>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Re-create only experts that lost every replica (the others run with fewer replicas).
+        #[arg(long)]
+        defer_redundancy: bool,
+        /// Rebalance every group, moving replicas off the most loaded chips.
+        #[arg(long, conflicts_with = "no_rebalance")]
+        rebalance: bool,
+        /// Never rebalance, however unbalanced: move exactly the state of the failed chips.
+        #[arg(long)]
+        no_rebalance: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -38,5 +63,16 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Validate { files } => validate::run(&files),
+        Command::Plan { manifest, fail, load, json, defer_redundancy, rebalance, no_rebalance } => {
+            plan::run(&plan::PlanArgs {
+                manifest,
+                fail,
+                load,
+                json,
+                defer_redundancy,
+                rebalance,
+                no_rebalance,
+            })
+        }
     }
 }

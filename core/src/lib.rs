@@ -11,6 +11,7 @@ pub mod job;
 pub mod keyspace;
 pub mod manifest;
 pub mod model;
+pub mod placement;
 pub mod quantity;
 pub mod validate;
 
