@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod agent;
 mod validate;
 
 #[derive(Parser)]
@@ -28,6 +29,11 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// The node agent: chip health, etcd presence, local execution of reshard and restore.
+    Agent {
+        #[command(subcommand)]
+        command: agent::AgentCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -38,5 +44,6 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Validate { files } => validate::run(&files),
+        Command::Agent { command } => agent::run(command),
     }
 }
