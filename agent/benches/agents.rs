@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo bench -p ninelives-agent --bench agents -- [--nodes 100,1000,6250] [--idle-secs 30]
-//!     [--faults 200] [--connections 32] [--poll-ms 200] [--ttl 10] [--naive]
+//!     [--faults 200] [--connections 32] [--poll-ms 200] [--ttl 10] [--naive-max 1000]
 //! ```
 //!
 //! For each scale: start a fresh etcd, start N agents (8 chips each, in-memory probes, sharing a
@@ -10,7 +10,7 @@
 //! `grpc_server_msg_received_total`, which counts unary calls and every stream message such as
 //! lease keepalives) and key writes (`etcd_mvcc_put_total`), then inject faults at random chips
 //! and measure fault-to-visible latency (injection → the chip's new state seen by a watcher).
-//! With `--naive`, the same idle window is measured for the alternative a user might pick: one
+//! At scales up to `--naive-max` nodes, the same idle window is measured for the alternative a user might pick: one
 //! lease per chip (8 keepalive streams per node), and the ratio of etcd requests is printed.
 
 use std::collections::HashMap;
@@ -67,7 +67,7 @@ struct Options {
     connections: usize,
     poll_ms: u64,
     ttl: i64,
-    naive: bool,
+    naive_max: usize,
 }
 
 fn options() -> Options {
@@ -78,7 +78,7 @@ fn options() -> Options {
         connections: 32,
         poll_ms: 200,
         ttl: 10,
-        naive: false,
+        naive_max: 1000,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -91,11 +91,7 @@ fn options() -> Options {
             "--connections" => o.connections = value.parse().unwrap_or(o.connections),
             "--poll-ms" => o.poll_ms = value.parse().unwrap_or(o.poll_ms),
             "--ttl" => o.ttl = value.parse().unwrap_or(o.ttl),
-            "--naive" => {
-                o.naive = true;
-                i += 1;
-                continue;
-            }
+            "--naive-max" => o.naive_max = value.parse().unwrap_or(o.naive_max),
             // `cargo bench` passes --bench; ignore anything else.
             _ => {
                 i += 1;
@@ -161,7 +157,7 @@ async fn run_scale(o: &Options, nodes: usize) -> Row {
     let mut probes = Vec::with_capacity(nodes);
     for n in 0..nodes {
         let probe = Arc::new(MemProbe::new());
-        let source = EtcdSource::Shared(pool[n % pool.len()].clone());
+        let source = EtcdSource::Shared(Box::new(pool[n % pool.len()].clone()));
         let mut config = AgentConfig::new(&format!("node-{n:05}"), source, probe.clone());
         config.keys = keys.clone();
         config.ttl = o.ttl;
@@ -181,10 +177,8 @@ async fn run_scale(o: &Options, nodes: usize) -> Row {
 
     // Fault-to-visible: a watcher on the node keys; faults injected at ~50/s at random chips.
     let mut watch_client = Client::connect([etcd.endpoint()], None).await.expect("connect");
-    let mut stream = watch_client
-        .watch(keys.nodes(), Some(WatchOptions::new().with_prefix()))
-        .await
-        .expect("watch");
+    let mut stream =
+        watch_client.watch(keys.nodes(), Some(WatchOptions::new().with_prefix())).await.expect("watch");
     let injected: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let (inj, lat) = (injected.clone(), latencies.clone());
@@ -197,10 +191,11 @@ async fn run_scale(o: &Options, nodes: usize) -> Row {
                 }
                 let Some(kv) = e.kv() else { continue };
                 let key = String::from_utf8_lossy(kv.key()).into_owned();
-                if let Some(at) = inj.lock().expect("lock").remove(&key) {
-                    if String::from_utf8_lossy(kv.value()).contains("failed") {
-                        lat.lock().expect("lock").push(now.duration_since(at));
-                    }
+                let injected_at = inj.lock().expect("lock").remove(&key);
+                if let Some(at) = injected_at
+                    && String::from_utf8_lossy(kv.value()).contains("failed")
+                {
+                    lat.lock().expect("lock").push(now.duration_since(at));
                 }
             }
         }
@@ -226,14 +221,16 @@ async fn run_scale(o: &Options, nodes: usize) -> Row {
     let mut lat = latencies.lock().expect("lock").clone();
     lat.sort();
     let seen = lat.len();
-    let (p50, p99, max) = (percentile(&lat, 50.0), percentile(&lat, 99.0), lat.last().copied().unwrap_or_default());
+    let (p50, p99, max) =
+        (percentile(&lat, 50.0), percentile(&lat, 99.0), lat.last().copied().unwrap_or_default());
     eprintln!("{nodes} agents: {seen}/{count} faults visible, p50 {p50:?} p99 {p99:?} max {max:?}");
 
     for agent in agents {
         agent.shutdown().await;
     }
 
-    let naive_rps = if o.naive { Some(naive_idle(o, &etcd, &pool, addr, nodes).await) } else { None };
+    let naive_rps =
+        if nodes <= o.naive_max { Some(naive_idle(o, &etcd, &pool, addr, nodes).await) } else { None };
     Row { nodes, startup, idle_rps, idle_puts, p50, p99, max, seen: seen.min(count), naive_rps }
 }
 
@@ -249,7 +246,9 @@ async fn naive_idle(o: &Options, etcd: &EtcdServer, pool: &[Client], addr: Socke
             let ttl = o.ttl;
             tasks.push(tokio::spawn(async move {
                 let Ok(lease) = client.lease_grant(ttl, None).await else { return };
-                let _ = client.put(key, r#"{"state":"healthy"}"#, Some(PutOptions::new().with_lease(lease.id()))).await;
+                let _ = client
+                    .put(key, r#"{"state":"healthy"}"#, Some(PutOptions::new().with_lease(lease.id())))
+                    .await;
                 let Ok((mut keeper, mut stream)) = client.lease_keep_alive(lease.id()).await else { return };
                 let mut tick = tokio::time::interval(period);
                 loop {
@@ -273,7 +272,8 @@ async fn naive_idle(o: &Options, etcd: &EtcdServer, pool: &[Client], addr: Socke
 
 fn main() {
     let o = options();
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let mut rows = Vec::new();
     for &nodes in &o.nodes {
         rows.push(runtime.block_on(run_scale(&o, nodes)));

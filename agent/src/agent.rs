@@ -17,7 +17,7 @@ use crate::events::{AgentEvent, AgentMetrics};
 use crate::exec::{Executor, JobBinding};
 use crate::faults::FaultTable;
 use crate::health::HealthPolicy;
-use crate::kube::NodeReporter;
+use crate::kubernetes::NodeReporter;
 use crate::node::{DEFAULT_POLL_INTERVAL, NodeHealth};
 use crate::probe::ChipProbe;
 use crate::simulate::SimulatedAsic;
@@ -97,12 +97,15 @@ impl Agent {
 
         let mut admin_addr = None;
         if let Some(addr) = config.metrics_addr {
-            let server =
-                AdminServer::bind(addr, metrics.registry().clone(), ready.clone()).await.map_err(AgentError::Admin)?;
+            let server = AdminServer::bind(addr, metrics.registry().clone(), ready.clone())
+                .await
+                .map_err(AgentError::Admin)?;
             admin_addr = Some(server.local_addr().map_err(AgentError::Admin)?);
             let mut stop = shutdown_rx.clone();
             others.push(tokio::spawn(async move {
-                let _ = server.serve(async move { while stop.changed().await.is_ok() && !*stop.borrow() {} }).await;
+                let _ = server
+                    .serve(async move { while stop.changed().await.is_ok() && !*stop.borrow() {} })
+                    .await;
             }));
         }
 
@@ -120,10 +123,7 @@ impl Agent {
             }));
         }
 
-        let chips = config.probe.discover().map_err(|e| AgentError::ChipsDir {
-            path: PathBuf::from(e.reason.clone()),
-            source: std::io::Error::other(e.reason),
-        })?;
+        let chips = config.probe.discover()?;
         tracing::info!(node = %config.node, chips = chips.len(), "agent starting");
 
         let (desired_tx, desired_rx) = watch::channel(Default::default());
@@ -138,11 +138,13 @@ impl Agent {
         let mut monitor_stop = shutdown_rx.clone();
         let (isolated_tx, isolated_rx) = watch::channel(false);
         others.push(tokio::spawn(async move {
-            let Some(previous) = read_previous(&source, &keys, &node, &monitor_metrics, &mut monitor_stop).await
+            let Some(previous) =
+                read_previous(&source, &keys, &node, &monitor_metrics, &mut monitor_stop).await
             else {
                 return;
             };
-            let mut health = NodeHealth::new(&chips, &policy, table, &quarantines(&previous), &monitor_metrics);
+            let mut health =
+                NodeHealth::new(&chips, &policy, table, &quarantines(&previous), &monitor_metrics);
             health.poll(probe.as_ref(), &monitor_metrics);
             desired_tx.send_replace(health.desired().clone());
             let mut tick = tokio::time::interval(poll_interval);
@@ -154,7 +156,8 @@ impl Agent {
                 }
                 if health.poll(probe.as_ref(), &monitor_metrics) {
                     desired_tx.send_replace(health.desired().clone());
-                    isolated_tx.send_if_modified(|i| std::mem::replace(i, health.is_isolated()) != health.is_isolated());
+                    let isolated = health.is_isolated();
+                    isolated_tx.send_if_modified(|i| std::mem::replace(i, isolated) != isolated);
                 }
             }
         }));
@@ -164,18 +167,40 @@ impl Agent {
             others.push(tokio::spawn(reporter.run(desired_rx.clone(), isolated_rx, shutdown_rx.clone())));
         }
 
-        let presence = Presence::new(config.etcd.clone(), config.keys.clone(), &config.node, config.ttl, metrics.clone());
+        let presence = Presence::new(
+            config.etcd.clone(),
+            config.keys.clone(),
+            &config.node,
+            config.ttl,
+            metrics.clone(),
+        );
         let sync_ready = ready.clone();
-        let presence =
-            tokio::spawn(presence.run(desired_rx, shutdown_rx.clone(), move |in_sync| sync_ready.set(in_sync)));
+        let presence = tokio::spawn(
+            presence.run(desired_rx, shutdown_rx.clone(), move |in_sync| sync_ready.set(in_sync)),
+        );
 
         let mut drain = Vec::new();
         for binding in config.jobs {
-            let executor = Executor::new(config.etcd.clone(), config.keys.clone(), &config.node, binding, metrics.clone());
+            let executor = Executor::new(
+                config.etcd.clone(),
+                config.keys.clone(),
+                &config.node,
+                binding,
+                metrics.clone(),
+            );
             drain.push(tokio::spawn(executor.run(shutdown_rx.clone())));
         }
 
-        Ok(Self { metrics, ready, admin_addr, shutdown, presence, others, drain, drain_grace: config.drain_grace })
+        Ok(Self {
+            metrics,
+            ready,
+            admin_addr,
+            shutdown,
+            presence,
+            others,
+            drain,
+            drain_grace: config.drain_grace,
+        })
     }
 
     /// The metrics (shared with the admin endpoint).

@@ -53,6 +53,9 @@ pub enum AgentError {
         /// The client error.
         source: kube::Error,
     },
+    /// The chip probe could not list the chips.
+    #[error("chip probe: {0}")]
+    Probe(#[from] crate::probe::ProbeError),
     /// The admin endpoint could not be bound.
     #[error("admin endpoint: {0}")]
     Admin(std::io::Error),
@@ -77,6 +80,7 @@ impl AgentError {
             AgentError::LeaseLost(_) => "lease-lost",
             AgentError::EtcdTimeout(op) => op,
             AgentError::Kube { op, .. } => op,
+            AgentError::Probe(_) => "probe",
             AgentError::Admin(_) => "admin",
             AgentError::Worker { .. } => "worker",
         }

@@ -14,7 +14,7 @@
 //! A healthy idle node therefore sends etcd nothing but one keepalive every TTL/3.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, PutOptions, TlsOptions};
@@ -46,8 +46,8 @@ pub struct EtcdConfig {
     pub tls: Option<EtcdTls>,
 }
 
-fn read_pem(path: &PathBuf) -> Result<Vec<u8>, AgentError> {
-    std::fs::read(path).map_err(|source| AgentError::TlsFile { path: path.clone(), source })
+fn read_pem(path: &Path) -> Result<Vec<u8>, AgentError> {
+    std::fs::read(path).map_err(|source| AgentError::TlsFile { path: path.to_path_buf(), source })
 }
 
 impl EtcdConfig {
@@ -80,7 +80,7 @@ pub enum EtcdSource {
     /// Connect afresh for every session (what a real agent does).
     Config(EtcdConfig),
     /// Share an existing client (benchmarks running thousands of agents in one process).
-    Shared(Client),
+    Shared(Box<Client>),
 }
 
 impl EtcdSource {
@@ -88,7 +88,7 @@ impl EtcdSource {
     pub async fn client(&self) -> Result<Client, AgentError> {
         match self {
             EtcdSource::Config(config) => config.connect().await,
-            EtcdSource::Shared(client) => Ok(client.clone()),
+            EtcdSource::Shared(client) => Ok(Client::clone(client)),
         }
     }
 }
@@ -164,7 +164,8 @@ pub async fn read_chip_records(
     metrics: &AgentMetrics,
 ) -> Result<BTreeMap<u32, ChipRecord>, AgentError> {
     let prefix = keys.node_chips(node);
-    let resp = within("get-chips", limit, client.get(prefix.as_str(), Some(GetOptions::new().with_prefix()))).await?;
+    let resp = within("get-chips", limit, client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())))
+        .await?;
     let mut records = BTreeMap::new();
     for kv in resp.kvs() {
         let key = String::from_utf8_lossy(kv.key()).into_owned();
@@ -234,6 +235,11 @@ impl Presence {
         on_sync: impl Fn(bool) + Send,
     ) {
         let mut backoff = Backoff::new(seed_of(&self.node));
+        // Wait for the chips' first judgement, so "in sync" never means "nothing judged yet".
+        tokio::select! {
+            first = desired.changed() => if first.is_err() { return },
+            _ = shutdown.changed() => return,
+        }
         loop {
             if *shutdown.borrow() {
                 return;
@@ -294,7 +300,11 @@ impl Presence {
         })
         .unwrap_or_default();
         if !reused {
-            let put = client.put(self.keys.node_alive(&self.node), presence, Some(PutOptions::new().with_lease(lease)));
+            let put = client.put(
+                self.keys.node_alive(&self.node),
+                presence,
+                Some(PutOptions::new().with_lease(lease)),
+            );
             within("put-alive", limit, put).await?;
         }
         AgentEvent::LeaseAcquired { lease, ttl: self.ttl, reused }.emit(&self.metrics);
@@ -309,6 +319,7 @@ impl Presence {
 
         let period = Duration::from_secs_f64(self.ttl as f64 / 3.0);
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let mut monitor_running = true;
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -321,12 +332,12 @@ impl Presence {
                         return revoked.map(|_| ());
                     }
                 }
-                changed = desired.changed() => {
-                    if changed.is_err() {
-                        // The chip monitor stopped: nothing more to publish, keep presence.
-                        std::future::pending::<()>().await;
+                changed = desired.changed(), if monitor_running => {
+                    match changed {
+                        Ok(()) => self.reconcile(&mut client, desired, limit).await?,
+                        // The chip monitor stopped: nothing more to publish; keep presence.
+                        Err(_) => monitor_running = false,
                     }
-                    self.reconcile(&mut client, desired, limit).await?;
                 }
                 _ = tick.tick() => {
                     let started = Instant::now();
@@ -362,8 +373,12 @@ impl Presence {
         for (index, chip) in wanted {
             let value = serde_json::to_string(&chip.record).unwrap_or_default();
             within("put-chip", limit, client.put(self.keys.chip(&self.node, index), value, None)).await?;
-            AgentEvent::ChipPublished { chip: index, state: chip.record.state, latency: chip.observed_at.elapsed() }
-                .emit(&self.metrics);
+            AgentEvent::ChipPublished {
+                chip: index,
+                state: chip.record.state,
+                latency: chip.observed_at.elapsed(),
+            }
+            .emit(&self.metrics);
             self.written.insert(index, chip.record);
         }
         Ok(())

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use ninelives_core::keyspace::ChipState;
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 use crate::faults::FaultAction;
 
@@ -28,7 +30,8 @@ pub struct AgentMetrics {
     kube_errors: IntCounterVec,
 }
 
-const STATES: [ChipState; 4] = [ChipState::Healthy, ChipState::Degraded, ChipState::Failed, ChipState::Quarantined];
+const STATES: [ChipState; 4] =
+    [ChipState::Healthy, ChipState::Degraded, ChipState::Failed, ChipState::Quarantined];
 
 fn latency_buckets() -> Vec<f64> {
     vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0]
@@ -286,13 +289,24 @@ impl AgentEvent<'_> {
                 if to.usable() && action == FaultAction::Ignore {
                     tracing::info!(chip, from = from.as_str(), to = to.as_str(), "chip recovered");
                 } else {
-                    tracing::warn!(chip, from = from.as_str(), to = to.as_str(), code, action = action.as_str(), "chip fault");
+                    tracing::warn!(
+                        chip,
+                        from = from.as_str(),
+                        to = to.as_str(),
+                        code,
+                        action = action.as_str(),
+                        "chip fault"
+                    );
                     metrics.faults.with_label_values(&[label(code).as_str(), action.as_str()]).inc();
                 }
                 metrics.set_chip_state(chip, to);
             }
             AgentEvent::UnknownFaultCode { chip, code } => {
-                tracing::warn!(chip, code, "unknown fault code; isolating the chip (add it to the fault table)");
+                tracing::warn!(
+                    chip,
+                    code,
+                    "unknown fault code; isolating the chip (add it to the fault table)"
+                );
                 metrics.unknown_codes.with_label_values(&[label(code).as_str()]).inc();
             }
             AgentEvent::ChipQuarantined { chip, code } => {
@@ -334,7 +348,12 @@ impl AgentEvent<'_> {
                 metrics.etcd_connected.set(i64::from(connected));
             }
             AgentEvent::ChipPublished { chip, state, latency } => {
-                tracing::info!(chip, state = state.as_str(), latency_ms = latency.as_secs_f64() * 1e3, "chip state written");
+                tracing::info!(
+                    chip,
+                    state = state.as_str(),
+                    latency_ms = latency.as_secs_f64() * 1e3,
+                    "chip state written"
+                );
                 metrics.chip_writes.inc();
                 metrics.publish_seconds.observe(latency.as_secs_f64());
             }
@@ -345,8 +364,23 @@ impl AgentEvent<'_> {
             AgentEvent::GenerationApplied { job, generation, kind, outcome, elapsed, error } => {
                 let seconds = elapsed.as_secs_f64();
                 match error {
-                    None => tracing::info!(job, generation, kind, outcome, seconds, "placement generation applied"),
-                    Some(error) => tracing::warn!(job, generation, kind, outcome, seconds, error, "placement generation not applied"),
+                    None => tracing::info!(
+                        job,
+                        generation,
+                        kind,
+                        outcome,
+                        seconds,
+                        "placement generation applied"
+                    ),
+                    Some(error) => tracing::warn!(
+                        job,
+                        generation,
+                        kind,
+                        outcome,
+                        seconds,
+                        error,
+                        "placement generation not applied"
+                    ),
                 }
                 metrics.apply_seconds.with_label_values(&[kind]).observe(seconds);
                 metrics.apply_outcomes.with_label_values(&[kind, outcome]).inc();

@@ -136,7 +136,11 @@ pub struct AckRecord {
 }
 
 /// The commands for `node` to apply `generation`, in order, and the kind of the generation.
-pub fn plan_commands(node: &str, generation: u64, control: Option<&ControlRecord>) -> (&'static str, Vec<WorkerCommand>) {
+pub fn plan_commands(
+    node: &str,
+    generation: u64,
+    control: Option<&ControlRecord>,
+) -> (&'static str, Vec<WorkerCommand>) {
     let mut commands = Vec::new();
     let mut kind = "reroute";
     if let Some(control) = control.filter(|c| c.generation == generation) {
@@ -245,7 +249,13 @@ pub struct Executor {
 
 impl Executor {
     /// An executor for `binding` on `node`.
-    pub fn new(source: EtcdSource, keys: Keyspace, node: &str, binding: JobBinding, metrics: AgentMetrics) -> Self {
+    pub fn new(
+        source: EtcdSource,
+        keys: Keyspace,
+        node: &str,
+        binding: JobBinding,
+        metrics: AgentMetrics,
+    ) -> Self {
         Self {
             source,
             keys: keys.job(&binding.namespace, &binding.name),
@@ -276,8 +286,13 @@ impl Executor {
         }
     }
 
-    async fn read<T: for<'de> Deserialize<'de>>(&self, client: &mut Client, key: &str) -> Result<(Option<T>, i64), AgentError> {
-        let resp = client.get(key, None).await.map_err(|source| AgentError::Etcd { op: "get-job", source })?;
+    async fn read<T: for<'de> Deserialize<'de>>(
+        &self,
+        client: &mut Client,
+        key: &str,
+    ) -> Result<(Option<T>, i64), AgentError> {
+        let resp =
+            client.get(key, None).await.map_err(|source| AgentError::Etcd { op: "get-job", source })?;
         let revision = resp.header().map_or(0, |h| h.revision());
         let value = match resp.kvs().first() {
             None => None,
@@ -292,7 +307,11 @@ impl Executor {
         Ok((value, revision))
     }
 
-    async fn session(&mut self, shutdown: &mut watch::Receiver<bool>, backoff: &mut Backoff) -> Result<(), AgentError> {
+    async fn session(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+        backoff: &mut Backoff,
+    ) -> Result<(), AgentError> {
         let mut client = self.source.client().await?;
         let placement_key = self.keys.placement();
         let control_key = self.keys.control();
@@ -328,7 +347,10 @@ impl Executor {
             return Ok(());
         }
         let ack_key = self.keys.ack(generation, &self.node);
-        let done = client.get(ack_key.as_str(), None).await.map_err(|source| AgentError::Etcd { op: "get-ack", source })?;
+        let done = client
+            .get(ack_key.as_str(), None)
+            .await
+            .map_err(|source| AgentError::Etcd { op: "get-ack", source })?;
         if !done.kvs().is_empty() {
             // Applied by a previous run of this agent.
             self.applied = generation;
@@ -351,8 +373,15 @@ impl Executor {
             Ok(Err(e)) => ("failed", Some(e)),
             Err(_) => ("timeout", Some(format!("not applied within {:.1} s", limit.as_secs_f64()))),
         };
-        AgentEvent::GenerationApplied { job: &self.job, generation, kind, outcome, elapsed, error: error.as_deref() }
-            .emit(&self.metrics);
+        AgentEvent::GenerationApplied {
+            job: &self.job,
+            generation,
+            kind,
+            outcome,
+            elapsed,
+            error: error.as_deref(),
+        }
+        .emit(&self.metrics);
         let ack = AckRecord {
             node: self.node.clone(),
             generation,
@@ -363,7 +392,10 @@ impl Executor {
             at: unix_now(),
         };
         let value = serde_json::to_string(&ack).unwrap_or_default();
-        client.put(ack_key, value, None).await.map_err(|source| AgentError::Etcd { op: "put-ack", source })?;
+        client
+            .put(ack_key, value, None)
+            .await
+            .map_err(|source| AgentError::Etcd { op: "put-ack", source })?;
         self.applied = generation;
         Ok(())
     }
@@ -378,11 +410,11 @@ impl Executor {
     }
 }
 
-fn watch_event(msg: Result<Option<etcd_client::WatchResponse>, etcd_client::Error>) -> Result<(), AgentError> {
+fn watch_event(
+    msg: Result<Option<etcd_client::WatchResponse>, etcd_client::Error>,
+) -> Result<(), AgentError> {
     match msg {
-        Ok(Some(resp)) if resp.canceled() => {
-            Err(AgentError::EtcdTimeout("watch-job canceled (compacted?)"))
-        }
+        Ok(Some(resp)) if resp.canceled() => Err(AgentError::EtcdTimeout("watch-job canceled (compacted?)")),
         // Any event (put or delete) triggers a fresh read: the keys are read, not the events.
         Ok(Some(_)) => Ok(()),
         Ok(None) => Err(AgentError::EtcdTimeout("watch-job stream closed")),
@@ -403,7 +435,11 @@ mod tests {
         let (kind, cmds) = plan_commands("n1", 7, None);
         assert_eq!((kind, cmds), ("reroute", vec![WorkerCommand::Reroute { generation: 7 }]));
         let stale = ControlRecord { generation: 6, restore_step: Some(100), ..Default::default() };
-        assert_eq!(plan_commands("n1", 7, Some(&stale)).0, "reroute", "control of another generation ignored");
+        assert_eq!(
+            plan_commands("n1", 7, Some(&stale)).0,
+            "reroute",
+            "control of another generation ignored"
+        );
     }
 
     #[test]
@@ -451,7 +487,10 @@ mod tests {
             r#"{"op":"loadExperts","generation":8,"experts":[{"layer":3,"expert":17,"chip":2,"source":{"kind":"peer","node":"n5","chip":1}}]}"#
         );
         let restore = WorkerCommand::Restore { generation: 9, checkpoint_step: 500 };
-        assert_eq!(serde_json::to_string(&restore).unwrap(), r#"{"op":"restore","generation":9,"checkpointStep":500}"#);
+        assert_eq!(
+            serde_json::to_string(&restore).unwrap(),
+            r#"{"op":"restore","generation":9,"checkpointStep":500}"#
+        );
         let control: ControlRecord =
             serde_json::from_str(r#"{"generation":3,"restoreStep":100,"timeoutSeconds":30}"#).unwrap();
         assert_eq!(control.restore_step, Some(100));

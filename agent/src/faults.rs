@@ -150,8 +150,10 @@ impl FaultTable {
 
     /// Loads the defaults overridden by the YAML file at `path`.
     pub fn load(path: &Path) -> Result<Self, AgentError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| AgentError::FaultTable { path: path.to_path_buf(), reason: source.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|source| AgentError::FaultTable {
+            path: path.to_path_buf(),
+            reason: source.to_string(),
+        })?;
         Self::default()
             .with_overrides_yaml(&text)
             .map_err(|reason| AgentError::FaultTable { path: path.to_path_buf(), reason })
@@ -170,7 +172,10 @@ mod tests {
     #[test]
     fn unknown_codes_isolate_the_chip_and_are_flagged() {
         let table = FaultTable::default();
-        assert_eq!(table.judge("vendor-0xdead"), Judgement { action: FaultAction::IsolateChip, known: false });
+        assert_eq!(
+            table.judge("vendor-0xdead"),
+            Judgement { action: FaultAction::IsolateChip, known: false }
+        );
         assert_eq!(
             table.judge(HBM_ECC_UNCORRECTABLE),
             Judgement { action: FaultAction::IsolateChip, known: true }

@@ -118,7 +118,11 @@ impl ChipHealth {
     /// previous run of the agent quarantined it, so a restart does not lift a quarantine.
     pub fn restore_quarantine(&mut self, code: &str) {
         self.quarantined = true;
-        self.verdict = Verdict { state: ChipState::Quarantined, code: code.to_string(), action: FaultAction::IsolateChip };
+        self.verdict = Verdict {
+            state: ChipState::Quarantined,
+            code: code.to_string(),
+            action: FaultAction::IsolateChip,
+        };
     }
 
     /// Lifts a quarantine (operator request). Returns the transition when the chip was
@@ -220,7 +224,11 @@ impl ChipHealth {
         }
         if let Some(count) = reading.correctable_errors {
             self.corrected.push_back((now, count));
-            while self.corrected.front().is_some_and(|&(t, _)| now.saturating_sub(t) > self.policy.burst_window) {
+            while self
+                .corrected
+                .front()
+                .is_some_and(|&(t, _)| now.saturating_sub(t) > self.policy.burst_window)
+            {
                 self.corrected.pop_front();
             }
             let oldest = self.corrected.front().map_or(count, |&(_, c)| c);
@@ -294,7 +302,8 @@ mod tests {
         let table = FaultTable::default();
         let policy = HealthPolicy { burst_errors: 100, burst_window: secs(60.0), ..HealthPolicy::default() };
         let mut chip = ChipHealth::new(policy);
-        let ce = |beat: u64, n: u64| ChipReading { correctable_errors: Some(n), ..ChipReading::healthy(beat) };
+        let ce =
+            |beat: u64, n: u64| ChipReading { correctable_errors: Some(n), ..ChipReading::healthy(beat) };
         assert_eq!(chip.observe(Ok(&ce(1, 5)), secs(0.0), &table), None);
         assert_eq!(chip.observe(Ok(&ce(2, 50)), secs(10.0), &table), None, "45 errors is no burst");
         let t = chip.observe(Ok(&ce(3, 1050)), secs(20.0), &table).unwrap();
@@ -333,7 +342,11 @@ mod tests {
             chip.observe(Ok(&with_code(beat, code)), secs(t), &table)
         };
         for (i, t) in [0.0, 10.0].into_iter().enumerate() {
-            assert_eq!(step(&mut chip, faults::LINK_DOWN, t).unwrap().to.state, ChipState::Failed, "onset {i}");
+            assert_eq!(
+                step(&mut chip, faults::LINK_DOWN, t).unwrap().to.state,
+                ChipState::Failed,
+                "onset {i}"
+            );
             assert_eq!(step(&mut chip, faults::OK, t + 1.0).unwrap().to.state, ChipState::Healthy);
         }
         let t = step(&mut chip, faults::LINK_DOWN, 20.0).unwrap();

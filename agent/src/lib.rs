@@ -9,7 +9,7 @@
 //!   ([`faults`]), quarantining chips that flap,
 //! - holds the node's presence in etcd under one lease and writes chip states only when they
 //!   change ([`etcd`]),
-//! - reports a Node condition and taint to Kubernetes ([`kube`]),
+//! - reports a Node condition and taint to Kubernetes ([`kubernetes`]),
 //! - applies placement generations (reroute, load experts, restore) on the local workers and
 //!   acknowledges them in etcd ([`exec`]),
 //! - serves `/metrics`, `/live` and `/ready` ([`events`] holds every metric).
@@ -23,7 +23,7 @@ pub mod events;
 pub mod exec;
 pub mod faults;
 pub mod health;
-pub mod kube;
+pub mod kubernetes;
 pub mod node;
 pub mod probe;
 pub mod simulate;

@@ -89,11 +89,11 @@ impl NodeHealth {
         let now = Instant::now();
         let elapsed = now.duration_since(self.origin);
         for (&index, chip) in self.chips.iter_mut() {
-            if probe.take_clear_request(index) {
-                if let Some(t) = chip.clear() {
-                    AgentEvent::QuarantineCleared { chip: index }.emit(metrics);
-                    report(index, &t, metrics);
-                }
+            if probe.take_clear_request(index)
+                && let Some(t) = chip.clear()
+            {
+                AgentEvent::QuarantineCleared { chip: index }.emit(metrics);
+                report(index, &t, metrics);
             }
             let reading = probe.read(index);
             if let Some(t) = chip.observe(reading.as_ref(), elapsed, &self.table) {
@@ -142,8 +142,14 @@ fn report(chip: u32, t: &Transition, metrics: &AgentMetrics) {
     if t.quarantined {
         AgentEvent::ChipQuarantined { chip, code: &t.to.code }.emit(metrics);
     }
-    AgentEvent::ChipChanged { chip, from: t.from.state, to: t.to.state, code: &t.to.code, action: t.to.action }
-        .emit(metrics);
+    AgentEvent::ChipChanged {
+        chip,
+        from: t.from.state,
+        to: t.to.state,
+        code: &t.to.code,
+        action: t.to.action,
+    }
+    .emit(metrics);
 }
 
 /// How often the probe is read by default.
@@ -152,8 +158,8 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(100);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::probe::{ChipProbe, DirProbe};
     use crate::simulate::{Fault, SimulatedAsic, inject};
-    use crate::probe::DirProbe;
 
     fn node(n: u32) -> (tempfile::TempDir, SimulatedAsic, DirProbe, NodeHealth, AgentMetrics) {
         let tmp = tempfile::tempdir().unwrap();
@@ -161,8 +167,13 @@ mod tests {
         let probe = DirProbe::new(tmp.path());
         let metrics = AgentMetrics::new().unwrap();
         let indices = probe.discover().unwrap();
-        let health =
-            NodeHealth::new(&indices, &HealthPolicy::default(), FaultTable::default(), &BTreeMap::new(), &metrics);
+        let health = NodeHealth::new(
+            &indices,
+            &HealthPolicy::default(),
+            FaultTable::default(),
+            &BTreeMap::new(),
+            &metrics,
+        );
         (tmp, sim, probe, health, metrics)
     }
 
@@ -185,7 +196,10 @@ mod tests {
         assert!(health.is_isolated());
         let d = health.desired();
         assert_eq!(d[&2].record.code, faults::HOST_FAULT);
-        assert_eq!((d[&0].record.state, d[&0].record.code.as_str()), (ChipState::Failed, faults::NODE_ISOLATED));
+        assert_eq!(
+            (d[&0].record.state, d[&0].record.code.as_str()),
+            (ChipState::Failed, faults::NODE_ISOLATED)
+        );
         inject(tmp.path(), 2, &Fault::Recover).unwrap();
         sim.tick().unwrap();
         assert!(health.poll(&probe, &metrics));
@@ -216,7 +230,8 @@ mod tests {
         let probe = DirProbe::new(tmp.path());
         let metrics = AgentMetrics::new().unwrap();
         let q = BTreeMap::from([(1, "flapping:link-down".to_string())]);
-        let mut health = NodeHealth::new(&[0, 1], &HealthPolicy::default(), FaultTable::default(), &q, &metrics);
+        let mut health =
+            NodeHealth::new(&[0, 1], &HealthPolicy::default(), FaultTable::default(), &q, &metrics);
         sim.tick().unwrap();
         health.poll(&probe, &metrics);
         assert_eq!(health.desired()[&1].record.state, ChipState::Quarantined);

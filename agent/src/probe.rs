@@ -183,7 +183,10 @@ mod tests {
         write_value(&d, "state", "offline").unwrap();
         let r = probe.read(1).unwrap();
         assert_eq!(r.error_code, "link-down");
-        assert_eq!((r.temperature_c, r.heartbeat, r.correctable_errors, r.online), (Some(71.5), Some(42), Some(3), false));
+        assert_eq!(
+            (r.temperature_c, r.heartbeat, r.correctable_errors, r.online),
+            (Some(71.5), Some(42), Some(3), false)
+        );
 
         let minimal = probe.read(0).unwrap();
         assert_eq!((minimal.heartbeat, minimal.online), (None, true));

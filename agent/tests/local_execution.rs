@@ -1,13 +1,18 @@
 //! Local execution against a real etcd: the agent relays a generation's commands to a worker
 //! listening on loopback HTTP and acknowledges the generation in etcd.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use ninelives_agent::exec::{AckRecord, ControlRecord, ExpertLoad, ExpertSource, HttpWorker, JobBinding, WorkerCommand};
+use ninelives_agent::exec::{
+    AckRecord, ControlRecord, ExpertLoad, ExpertSource, HttpWorker, JobBinding, WorkerCommand,
+};
 use ninelives_testkit::EtcdServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -47,7 +52,9 @@ async fn fake_worker(delay: Duration) -> (String, Arc<Mutex<Vec<WorkerCommand>>>
                     }
                 }
                 tokio::time::sleep(delay).await;
-                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
             });
         }
     });
@@ -129,13 +136,22 @@ async fn a_slow_worker_is_reported_as_a_timeout() {
     let agent = start(cfg).await;
     let job = keys().job("default", "slow");
     let mut observer = client(&etcd.endpoint()).await;
-    let control = ControlRecord { generation: 4, restore_step: Some(100), timeout_seconds: Some(1.0), ..Default::default() };
+    let control = ControlRecord {
+        generation: 4,
+        restore_step: Some(100),
+        timeout_seconds: Some(1.0),
+        ..Default::default()
+    };
     observer.put(job.control(), serde_json::to_string(&control).unwrap(), None).await.unwrap();
     observer.put(job.placement(), r#"{"generation":4}"#, None).await.unwrap();
     let ack = wait_ack(&mut observer, &job.ack(4, "node-s")).await;
     assert_eq!((ack.kind.as_str(), ack.outcome.as_str()), ("restore", "timeout"));
     assert!(ack.seconds >= 1.0 && ack.seconds < 2.0, "{}", ack.seconds);
-    let metrics = prometheus::TextEncoder::new().encode_to_string(&agent.metrics().registry().gather()).unwrap();
-    assert!(metrics.contains(r#"ninelives_agent_apply_total{kind="restore",outcome="timeout"} 1"#), "{metrics}");
+    let metrics =
+        prometheus::TextEncoder::new().encode_to_string(&agent.metrics().registry().gather()).unwrap();
+    assert!(
+        metrics.contains(r#"ninelives_agent_apply_total{kind="restore",outcome="timeout"} 1"#),
+        "{metrics}"
+    );
     agent.shutdown().await;
 }

@@ -1,6 +1,9 @@
 //! Presence acceptance tests: the agent runs in a child process (this test binary re-executed),
 //! killed with SIGKILL or stopped with SIGTERM, against a real etcd.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::process::{Child, Command, Stdio};
@@ -41,7 +44,12 @@ fn spawn_agent(endpoint: &str, node: &str, dir: &std::path::Path) -> Child {
         .unwrap()
 }
 
-async fn wait_alive(observer: &mut etcd_client::Client, node: &str, want: bool, within: Duration) -> Duration {
+async fn wait_alive(
+    observer: &mut etcd_client::Client,
+    node: &str,
+    want: bool,
+    within: Duration,
+) -> Duration {
     let started = Instant::now();
     while alive(observer, node).await != want {
         assert!(started.elapsed() < within, "presence of {node} not {want} within {within:?}");

@@ -18,7 +18,7 @@ use ninelives_core::keyspace::Keyspace;
 #[derive(Subcommand)]
 pub enum AgentCommand {
     /// Run the node agent until SIGTERM/SIGINT.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Inject a fault into a simulated chip: ecc, link-down, hang, over-temp, slow, ce-burst,
     /// host-fault, recover, or code=<vendor-code>.
     Inject {
@@ -119,7 +119,8 @@ pub fn run(command: AgentCommand) -> ExitCode {
             Err(e) => fail(&format!("chip {chip} under {}: {e}", chips_dir.display())),
         },
         AgentCommand::Faults { fault_table } => {
-            let table = match fault_table.map_or_else(|| Ok(FaultTable::default()), |p| FaultTable::load(&p)) {
+            let table = match fault_table.map_or_else(|| Ok(FaultTable::default()), |p| FaultTable::load(&p))
+            {
                 Ok(t) => t,
                 Err(e) => return fail(&e.to_string()),
             };
@@ -131,11 +132,12 @@ pub fn run(command: AgentCommand) -> ExitCode {
         }
         AgentCommand::Run(args) => {
             ninelives_telemetry::init_tracing("info");
-            let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => return fail(&e.to_string()),
-            };
-            match runtime.block_on(run_agent(args)) {
+            let runtime =
+                match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => return fail(&e.to_string()),
+                };
+            match runtime.block_on(run_agent(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&e),
             }
@@ -159,8 +161,11 @@ async fn run_agent(args: RunArgs) -> Result<(), String> {
         Some(path) => FaultTable::load(path).map_err(|e| e.to_string())?,
         None => FaultTable::default(),
     };
-    let tls = (args.etcd_ca.is_some() || args.etcd_cert.is_some())
-        .then(|| EtcdTls { ca: args.etcd_ca.clone(), cert: args.etcd_cert.clone(), key: args.etcd_key.clone() });
+    let tls = (args.etcd_ca.is_some() || args.etcd_cert.is_some()).then(|| EtcdTls {
+        ca: args.etcd_ca.clone(),
+        cert: args.etcd_cert.clone(),
+        key: args.etcd_key.clone(),
+    });
     let source = EtcdSource::Config(EtcdConfig { endpoints: args.etcd.clone(), tls });
 
     let mut jobs: Vec<JobBinding> = Vec::new();
@@ -175,7 +180,7 @@ async fn run_agent(args: RunArgs) -> Result<(), String> {
 
     let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
     let kube = if args.kube || in_cluster {
-        Some(ninelives_agent::kube::default_client().await.map_err(|e| e.to_string())?)
+        Some(ninelives_agent::kubernetes::default_client().await.map_err(|e| e.to_string())?)
     } else {
         None
     };

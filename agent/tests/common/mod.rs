@@ -62,10 +62,10 @@ pub async fn wait_chip(
 ) -> ChipRecord {
     let deadline = Instant::now() + within;
     loop {
-        if let Some(r) = chip_record(client, node, chip).await {
-            if pred(&r) {
-                return r;
-            }
+        if let Some(r) = chip_record(client, node, chip).await
+            && pred(&r)
+        {
+            return r;
         }
         assert!(Instant::now() < deadline, "chip {chip} of {node}: {what} not seen within {within:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -79,7 +79,8 @@ pub async fn alive(client: &mut Client, node: &str) -> bool {
 
 /// Number of keys under the test prefix.
 pub async fn key_count(client: &mut Client) -> usize {
-    let resp = client.get(PREFIX, Some(GetOptions::new().with_prefix().with_count_only())).await.expect("count");
+    let resp =
+        client.get(PREFIX, Some(GetOptions::new().with_prefix().with_count_only())).await.expect("count");
     resp.count() as usize
 }
 

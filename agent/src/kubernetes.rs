@@ -62,7 +62,8 @@ pub fn node_report(chips: &DesiredStates, node_isolated: bool) -> NodeReport {
         };
         return NodeReport { status: "True", reason: "AllChipsUsable", message, taint: None };
     }
-    let mut message = format!("{} of {} chips isolated: {}", isolated.len(), chips.len(), isolated.join(", "));
+    let mut message =
+        format!("{} of {} chips isolated: {}", isolated.len(), chips.len(), isolated.join(", "));
     // Condition messages are for people; keep them bounded.
     if message.len() > 1024 {
         message.truncate(1021);
@@ -152,7 +153,8 @@ impl NodeReporter {
             }
             match self.apply(&report).await {
                 Ok(tainted) => {
-                    AgentEvent::NodeReported { healthy: report.status == "True", tainted }.emit(&self.metrics);
+                    AgentEvent::NodeReported { healthy: report.status == "True", tainted }
+                        .emit(&self.metrics);
                     applied = Some(report);
                     backoff.reset();
                 }
@@ -169,7 +171,8 @@ impl NodeReporter {
     }
 
     async fn apply(&self, report: &NodeReport) -> Result<bool, AgentError> {
-        let node = self.nodes.get(&self.node).await.map_err(|source| AgentError::Kube { op: "get-node", source })?;
+        let node =
+            self.nodes.get(&self.node).await.map_err(|source| AgentError::Kube { op: "get-node", source })?;
         let previous = node
             .status
             .as_ref()
@@ -226,12 +229,20 @@ mod tests {
     }
 
     fn other_taint() -> Taint {
-        Taint { key: "gpu.example/maintenance".into(), value: None, effect: "NoExecute".into(), time_added: None }
+        Taint {
+            key: "gpu.example/maintenance".into(),
+            value: None,
+            effect: "NoExecute".into(),
+            time_added: None,
+        }
     }
 
     #[test]
     fn healthy_and_degraded_chips_keep_the_node_untainted() {
-        let report = node_report(&chips(&[(ChipState::Healthy, "ok"), (ChipState::Degraded, "subhealth-slow")]), false);
+        let report = node_report(
+            &chips(&[(ChipState::Healthy, "ok"), (ChipState::Degraded, "subhealth-slow")]),
+            false,
+        );
         assert_eq!((report.status, report.reason), ("True", "AllChipsUsable"));
         assert_eq!(report.message, "all 2 chips usable, 1 degraded");
         assert_eq!(report.taint, None);
@@ -258,7 +269,11 @@ mod tests {
         assert_eq!(reconcile_taints(&taints, &report), None, "already tainted");
 
         let healthy = node_report(&chips(&[(ChipState::Healthy, "ok")]), false);
-        assert_eq!(reconcile_taints(&taints, &healthy), Some(vec![other_taint()]), "taint removed on recovery");
+        assert_eq!(
+            reconcile_taints(&taints, &healthy),
+            Some(vec![other_taint()]),
+            "taint removed on recovery"
+        );
         assert_eq!(node_report(&c, true).reason, "NodeIsolated");
     }
 
