@@ -2,11 +2,11 @@
 //!
 //! ```text
 //! cargo bench -p ninelives-agent --bench agents -- [--nodes 100,1000,6250] [--idle-secs 30]
-//!     [--faults 200] [--connections 32] [--poll-ms 200] [--ttl 10] [--naive-max 1000]
+//!     [--faults 200] [--connections 32] [--poll-ms 200] [--ttl 10] [--naive-max 1000] [--batch 250]
 //! ```
 //!
-//! For each scale: start a fresh etcd, start N agents (8 chips each, in-memory probes, sharing a
-//! pool of gRPC connections), measure etcd requests/s over an idle window (from etcd's own
+//! For each scale: start a fresh etcd, start N agents in batches of `--batch` (8 chips each,
+//! in-memory probes, sharing a pool of gRPC connections), measure etcd requests/s over an idle window (from etcd's own
 //! `grpc_server_msg_received_total`, which counts unary calls and every stream message such as
 //! lease keepalives) and key writes (`etcd_mvcc_put_total`), then inject faults at random chips
 //! and measure fault-to-visible latency (injection → the chip's new state seen by a watcher).
@@ -68,6 +68,7 @@ struct Options {
     poll_ms: u64,
     ttl: i64,
     naive_max: usize,
+    batch: usize,
 }
 
 fn options() -> Options {
@@ -79,6 +80,7 @@ fn options() -> Options {
         poll_ms: 200,
         ttl: 10,
         naive_max: 1000,
+        batch: 250,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -91,6 +93,7 @@ fn options() -> Options {
             "--connections" => o.connections = value.parse().unwrap_or(o.connections),
             "--poll-ms" => o.poll_ms = value.parse().unwrap_or(o.poll_ms),
             "--ttl" => o.ttl = value.parse().unwrap_or(o.ttl),
+            "--batch" => o.batch = value.parse::<usize>().unwrap_or(o.batch).max(1),
             "--naive-max" => o.naive_max = value.parse().unwrap_or(o.naive_max),
             // `cargo bench` passes --bench; ignore anything else.
             _ => {
@@ -164,9 +167,13 @@ async fn run_scale(o: &Options, nodes: usize) -> Row {
         config.poll_interval = Duration::from_millis(o.poll_ms);
         agents.push(Agent::start(config).await.expect("agent"));
         probes.push(probe);
-    }
-    while agents.iter().any(|a| !a.is_ready()) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Roll out in batches, as a DaemonSet does: thousands of agents registering in the same
+        // instant is a start-up storm no real cluster sees.
+        if agents.len() % o.batch == 0 || agents.len() == nodes {
+            while agents.iter().any(|a| !a.is_ready()) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
     let startup = started.elapsed();
     eprintln!("{nodes} agents ready in {startup:.1?}");
@@ -238,18 +245,21 @@ async fn run_scale(o: &Options, nodes: usize) -> Row {
 /// alive at TTL/3 — presence per chip instead of per node.
 async fn naive_idle(o: &Options, etcd: &EtcdServer, pool: &[Client], addr: SocketAddr, nodes: usize) -> f64 {
     let period = Duration::from_secs_f64(o.ttl as f64 / 3.0);
+    let established = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for n in 0..nodes {
         for chip in 0..CHIPS {
             let mut client = pool[(n * CHIPS as usize + chip as usize) % pool.len()].clone();
             let key = format!("/naive/nodes/node-{n:05}/chips/{chip}");
             let ttl = o.ttl;
+            let established = established.clone();
             tasks.push(tokio::spawn(async move {
                 let Ok(lease) = client.lease_grant(ttl, None).await else { return };
                 let _ = client
                     .put(key, r#"{"state":"healthy"}"#, Some(PutOptions::new().with_lease(lease.id())))
                     .await;
                 let Ok((mut keeper, mut stream)) = client.lease_keep_alive(lease.id()).await else { return };
+                established.fetch_add(1, Ordering::Relaxed);
                 let mut tick = tokio::time::interval(period);
                 loop {
                     tick.tick().await;
@@ -260,7 +270,17 @@ async fn naive_idle(o: &Options, etcd: &EtcdServer, pool: &[Client], addr: Socke
             }));
         }
     }
-    tokio::time::sleep(Duration::from_secs(5).max(period * 2)).await;
+    // Measure only once every chip's lease is kept alive (start-up traffic excluded).
+    let want = nodes * CHIPS as usize;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while established.load(Ordering::Relaxed) < want && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let up = established.load(Ordering::Relaxed);
+    if up < want {
+        eprintln!("naive: only {up}/{want} chip leases established within 120 s");
+    }
+    tokio::time::sleep(period).await;
     let _ = etcd;
     let (rps, _) = measure_idle(addr, o.idle_secs).await;
     eprintln!("naive per-chip leases, {nodes} nodes: {rps:.0} etcd requests/s");

@@ -251,7 +251,7 @@ async fn read_previous(
     loop {
         let attempt = async {
             let mut client = source.client().await?;
-            read_chip_records(&mut client, keys, node, Duration::from_secs(2), metrics).await
+            read_chip_records(&mut client, keys, node, Duration::from_secs(10), metrics).await
         };
         match attempt.await {
             Ok(records) => return Some(records),

@@ -221,8 +221,10 @@ impl Presence {
     }
 
     fn request_limit(&self) -> Duration {
-        // A request slower than a keepalive period is as good as failed.
-        Duration::from_secs_f64((self.ttl as f64 / 3.0).clamp(0.5, 5.0))
+        // Long enough that a loaded etcd is waited for rather than hammered with retries (a
+        // retry storm of thousands of agents is worse than slow answers), short enough that a
+        // dead connection is noticed before the lease expires.
+        Duration::from_secs_f64((self.ttl as f64 / 2.0).clamp(1.0, 10.0))
     }
 
     /// Runs sessions until `shutdown` turns true, then revokes the lease.
