@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod plan;
+mod agent;
 mod validate;
 
 #[derive(Parser)]
@@ -53,6 +54,11 @@ enum Command {
         #[arg(long)]
         no_rebalance: bool,
     },
+    /// The node agent: chip health, etcd presence, local execution of reshard and restore.
+    Agent {
+        #[command(subcommand)]
+        command: agent::AgentCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -74,5 +80,6 @@ fn main() -> ExitCode {
                 no_rebalance,
             })
         }
+        Command::Agent { command } => agent::run(command),
     }
 }

@@ -1,0 +1,498 @@
+//! Local execution of placement generations: the agent's half of the per-generation barrier.
+//!
+//! For every job with workers on this node the agent watches two keys:
+//!
+//! - `<prefix>jobs/<ns>/<job>/placement`: JSON with at least `{"generation": N, ...}` (the rest
+//!   is the planner's placement, passed through untouched);
+//! - `<prefix>jobs/<ns>/<job>/control`: a [`ControlRecord`] with the extra work of generation N
+//!   (experts to load on each node, a checkpoint to restore).
+//!
+//! When the placement's generation exceeds the last one applied, the agent builds the local
+//! commands ([`plan_commands`]: restore, then load experts, then reroute), sends them in order to
+//! every local worker ([`LocalWorker`]), and writes an [`AckRecord`] at
+//! `<prefix>jobs/<ns>/<job>/acks/<N>/<node>` (outcome `applied`, `failed` or `timeout`). The
+//! operator waits for the acks of all nodes before resuming training.
+//!
+//! The operator writes `control` before (or in the same transaction as) `placement`; a control
+//! record for a generation newer than the placement waits for its placement.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, WatchOptions};
+use ninelives_core::keyspace::{JobKeys, Keyspace};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::error::AgentError;
+use crate::etcd::{Backoff, EtcdSource, seed_of};
+use crate::events::{AgentEvent, AgentMetrics};
+use crate::node::unix_now;
+
+/// The part of a placement value the agent needs.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlacementHeader {
+    /// The placement generation.
+    pub generation: u64,
+}
+
+/// Where an expert's state comes from when it is loaded onto a local chip.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum ExpertSource {
+    /// A live replica on a peer (in-memory copy).
+    Peer {
+        /// The peer's node.
+        node: String,
+        /// The chip on that node holding the replica.
+        chip: u32,
+    },
+    /// The last committed checkpoint.
+    Checkpoint {
+        /// Its step.
+        step: u64,
+    },
+}
+
+/// One expert to load onto a local chip.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExpertLoad {
+    /// MoE layer.
+    pub layer: u32,
+    /// Expert index within the layer.
+    pub expert: u32,
+    /// Local chip that receives it.
+    pub chip: u32,
+    /// Where its state comes from.
+    pub source: ExpertSource,
+}
+
+/// The operator's extra instructions for one placement generation.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ControlRecord {
+    /// The generation these instructions belong to.
+    pub generation: u64,
+    /// Roll the whole job back to this checkpoint step first.
+    #[serde(default)]
+    pub restore_step: Option<u64>,
+    /// Experts to load, by node name.
+    #[serde(default)]
+    pub load_experts: BTreeMap<String, Vec<ExpertLoad>>,
+    /// Deadline for applying the generation on a node (default 120 s).
+    #[serde(default)]
+    pub timeout_seconds: Option<f64>,
+}
+
+/// A command the agent sends to a local worker.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "camelCase")]
+pub enum WorkerCommand {
+    /// Restore the worker's state from a committed checkpoint.
+    #[serde(rename_all = "camelCase")]
+    Restore {
+        /// Generation being applied.
+        generation: u64,
+        /// Checkpoint step.
+        checkpoint_step: u64,
+    },
+    /// Load experts onto local chips.
+    LoadExperts {
+        /// Generation being applied.
+        generation: u64,
+        /// The experts.
+        experts: Vec<ExpertLoad>,
+    },
+    /// Switch routing to the placement of `generation` (re-read from etcd by the worker).
+    Reroute {
+        /// Generation to route by.
+        generation: u64,
+    },
+}
+
+/// The acknowledgement an agent writes at `JobKeys::ack(generation, node)`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AckRecord {
+    /// The node.
+    pub node: String,
+    /// The generation.
+    pub generation: u64,
+    /// `reroute`, `reshard` or `restore`.
+    pub kind: String,
+    /// `applied`, `failed` or `timeout`.
+    pub outcome: String,
+    /// Time taken on this node.
+    pub seconds: f64,
+    /// Why it was not applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Unix time of the acknowledgement.
+    pub at: f64,
+}
+
+/// The commands for `node` to apply `generation`, in order, and the kind of the generation.
+pub fn plan_commands(
+    node: &str,
+    generation: u64,
+    control: Option<&ControlRecord>,
+) -> (&'static str, Vec<WorkerCommand>) {
+    let mut commands = Vec::new();
+    let mut kind = "reroute";
+    if let Some(control) = control.filter(|c| c.generation == generation) {
+        if let Some(step) = control.restore_step {
+            commands.push(WorkerCommand::Restore { generation, checkpoint_step: step });
+            kind = "restore";
+        }
+        if !control.load_experts.is_empty() && kind == "reroute" {
+            kind = "reshard";
+        }
+        if let Some(experts) = control.load_experts.get(node).filter(|e| !e.is_empty()) {
+            commands.push(WorkerCommand::LoadExperts { generation, experts: experts.clone() });
+        }
+    }
+    commands.push(WorkerCommand::Reroute { generation });
+    (kind, commands)
+}
+
+/// A boxed future, for the object-safe [`LocalWorker`].
+pub type WorkerFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
+/// A training worker process on this node that accepts commands.
+pub trait LocalWorker: Send + Sync {
+    /// Where it listens, for logs.
+    fn endpoint(&self) -> String;
+    /// Applies one command; resolves when the worker has finished it.
+    fn apply<'a>(&'a self, command: &'a WorkerCommand) -> WorkerFuture<'a>;
+}
+
+/// A worker reached over loopback HTTP: `POST /ninelives/v1/command` with the
+/// [`WorkerCommand`] as JSON; the worker answers 2xx when the command is done, anything else
+/// (with a text body) when it failed.
+#[derive(Clone, Debug)]
+pub struct HttpWorker {
+    addr: String,
+}
+
+impl HttpWorker {
+    /// A worker at `http://HOST:PORT` (or bare `HOST:PORT`).
+    pub fn new(url: &str) -> Self {
+        Self { addr: url.trim_start_matches("http://").trim_end_matches('/').to_string() }
+    }
+
+    async fn post(&self, body: &[u8]) -> Result<(), String> {
+        let mut stream = tokio::net::TcpStream::connect(&self.addr).await.map_err(|e| e.to_string())?;
+        let head = format!(
+            "POST /ninelives/v1/command HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n",
+            self.addr,
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.map_err(|e| e.to_string())?;
+        stream.write_all(body).await.map_err(|e| e.to_string())?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&response);
+        let status = text.split_whitespace().nth(1).and_then(|s| s.parse::<u16>().ok());
+        match status {
+            Some(code) if (200..300).contains(&code) => Ok(()),
+            Some(code) => {
+                let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).trim();
+                Err(format!("HTTP {code}: {body}"))
+            }
+            None => Err("malformed HTTP response".into()),
+        }
+    }
+}
+
+impl LocalWorker for HttpWorker {
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn apply<'a>(&'a self, command: &'a WorkerCommand) -> WorkerFuture<'a> {
+        Box::pin(async move {
+            let body = serde_json::to_vec(command).map_err(|e| e.to_string())?;
+            self.post(&body).await
+        })
+    }
+}
+
+/// A job with workers on this node.
+#[derive(Clone)]
+pub struct JobBinding {
+    /// Namespace.
+    pub namespace: String,
+    /// Job name.
+    pub name: String,
+    /// The local workers of the job.
+    pub workers: Vec<Arc<dyn LocalWorker>>,
+}
+
+/// Default deadline for applying a generation.
+pub const DEFAULT_APPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Applies one job's placement generations on this node.
+pub struct Executor {
+    source: EtcdSource,
+    keys: JobKeys,
+    node: String,
+    job: String,
+    workers: Vec<Arc<dyn LocalWorker>>,
+    metrics: AgentMetrics,
+    applied: u64,
+}
+
+impl Executor {
+    /// An executor for `binding` on `node`.
+    pub fn new(
+        source: EtcdSource,
+        keys: Keyspace,
+        node: &str,
+        binding: JobBinding,
+        metrics: AgentMetrics,
+    ) -> Self {
+        Self {
+            source,
+            keys: keys.job(&binding.namespace, &binding.name),
+            node: node.to_string(),
+            job: format!("{}/{}", binding.namespace, binding.name),
+            workers: binding.workers,
+            metrics,
+            applied: 0,
+        }
+    }
+
+    /// Watches and applies until `shutdown`; a generation being applied when shutdown comes is
+    /// finished first (the caller bounds that with its drain grace).
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Backoff::new(seed_of(&self.job) ^ seed_of(&self.node));
+        loop {
+            match self.session(&mut shutdown, &mut backoff).await {
+                Ok(()) => return,
+                Err(e) => {
+                    let text = e.to_string();
+                    AgentEvent::EtcdError { op: e.metric_label(), error: &text }.emit(&self.metrics);
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn read<T: for<'de> Deserialize<'de>>(
+        &self,
+        client: &mut Client,
+        key: &str,
+    ) -> Result<(Option<T>, i64), AgentError> {
+        let resp =
+            client.get(key, None).await.map_err(|source| AgentError::Etcd { op: "get-job", source })?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let value = match resp.kvs().first() {
+            None => None,
+            Some(kv) => match serde_json::from_slice(kv.value()) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    AgentEvent::MalformedValue { key, reason: &e.to_string() }.emit(&self.metrics);
+                    None
+                }
+            },
+        };
+        Ok((value, revision))
+    }
+
+    async fn session(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+        backoff: &mut Backoff,
+    ) -> Result<(), AgentError> {
+        let mut client = self.source.client().await?;
+        let placement_key = self.keys.placement();
+        let control_key = self.keys.control();
+        let (_, revision) = self.read::<serde_json::Value>(&mut client, &placement_key).await?;
+        let from = WatchOptions::new().with_start_revision(revision + 1);
+        let mut placement_watch = client
+            .watch(placement_key.as_str(), Some(from.clone()))
+            .await
+            .map_err(|source| AgentError::Etcd { op: "watch-job", source })?;
+        let mut control_watch = client
+            .watch(control_key.as_str(), Some(from))
+            .await
+            .map_err(|source| AgentError::Etcd { op: "watch-job", source })?;
+        backoff.reset();
+        loop {
+            self.evaluate(&mut client).await?;
+            tokio::select! {
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() { return Ok(()); }
+                }
+                msg = placement_watch.message() => { watch_event(msg)?; }
+                msg = control_watch.message() => { watch_event(msg)?; }
+            }
+        }
+    }
+
+    /// Reads placement and control and applies the placement's generation if it is new.
+    async fn evaluate(&mut self, client: &mut Client) -> Result<(), AgentError> {
+        let (placement, _) = self.read::<PlacementHeader>(client, &self.keys.placement()).await?;
+        let Some(placement) = placement else { return Ok(()) };
+        let generation = placement.generation;
+        if generation <= self.applied {
+            return Ok(());
+        }
+        let ack_key = self.keys.ack(generation, &self.node);
+        let done = client
+            .get(ack_key.as_str(), None)
+            .await
+            .map_err(|source| AgentError::Etcd { op: "get-ack", source })?;
+        if !done.kvs().is_empty() {
+            // Applied by a previous run of this agent.
+            self.applied = generation;
+            return Ok(());
+        }
+        let (control, _) = self.read::<ControlRecord>(client, &self.keys.control()).await?;
+        let (kind, commands) = plan_commands(&self.node, generation, control.as_ref());
+        let limit = control
+            .as_ref()
+            .filter(|c| c.generation == generation)
+            .and_then(|c| c.timeout_seconds)
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map_or(DEFAULT_APPLY_TIMEOUT, Duration::from_secs_f64);
+
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(limit, self.apply_all(&commands)).await;
+        let elapsed = started.elapsed();
+        let (outcome, error) = match outcome {
+            Ok(Ok(())) => ("applied", None),
+            Ok(Err(e)) => ("failed", Some(e)),
+            Err(_) => ("timeout", Some(format!("not applied within {:.1} s", limit.as_secs_f64()))),
+        };
+        AgentEvent::GenerationApplied {
+            job: &self.job,
+            generation,
+            kind,
+            outcome,
+            elapsed,
+            error: error.as_deref(),
+        }
+        .emit(&self.metrics);
+        let ack = AckRecord {
+            node: self.node.clone(),
+            generation,
+            kind: kind.to_string(),
+            outcome: outcome.to_string(),
+            seconds: elapsed.as_secs_f64(),
+            error,
+            at: unix_now(),
+        };
+        let value = serde_json::to_string(&ack).unwrap_or_default();
+        client
+            .put(ack_key, value, None)
+            .await
+            .map_err(|source| AgentError::Etcd { op: "put-ack", source })?;
+        self.applied = generation;
+        Ok(())
+    }
+
+    async fn apply_all(&self, commands: &[WorkerCommand]) -> Result<(), String> {
+        for command in commands {
+            for worker in &self.workers {
+                worker.apply(command).await.map_err(|e| format!("{}: {e}", worker.endpoint()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn watch_event(
+    msg: Result<Option<etcd_client::WatchResponse>, etcd_client::Error>,
+) -> Result<(), AgentError> {
+    match msg {
+        Ok(Some(resp)) if resp.canceled() => Err(AgentError::EtcdTimeout("watch-job canceled (compacted?)")),
+        // Any event (put or delete) triggers a fresh read: the keys are read, not the events.
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(AgentError::EtcdTimeout("watch-job stream closed")),
+        Err(source) => Err(AgentError::Etcd { op: "watch-job", source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(chip: u32, source: ExpertSource) -> ExpertLoad {
+        ExpertLoad { layer: 3, expert: 17, chip, source }
+    }
+
+    #[test]
+    fn plain_generations_reroute() {
+        let (kind, cmds) = plan_commands("n1", 7, None);
+        assert_eq!((kind, cmds), ("reroute", vec![WorkerCommand::Reroute { generation: 7 }]));
+        let stale = ControlRecord { generation: 6, restore_step: Some(100), ..Default::default() };
+        assert_eq!(
+            plan_commands("n1", 7, Some(&stale)).0,
+            "reroute",
+            "control of another generation ignored"
+        );
+    }
+
+    #[test]
+    fn reshard_loads_this_nodes_experts_then_reroutes() {
+        let control = ControlRecord {
+            generation: 8,
+            load_experts: BTreeMap::from([
+                ("n1".to_string(), vec![load(2, ExpertSource::Peer { node: "n5".into(), chip: 1 })]),
+                ("n2".to_string(), vec![load(0, ExpertSource::Checkpoint { step: 500 })]),
+            ]),
+            ..Default::default()
+        };
+        let (kind, cmds) = plan_commands("n1", 8, Some(&control));
+        assert_eq!(kind, "reshard");
+        assert_eq!(
+            cmds,
+            vec![
+                WorkerCommand::LoadExperts {
+                    generation: 8,
+                    experts: vec![load(2, ExpertSource::Peer { node: "n5".into(), chip: 1 })]
+                },
+                WorkerCommand::Reroute { generation: 8 },
+            ]
+        );
+        let (kind, cmds) = plan_commands("n9", 8, Some(&control));
+        assert_eq!((kind, cmds.len()), ("reshard", 1), "uninvolved nodes only reroute");
+    }
+
+    #[test]
+    fn restore_comes_first() {
+        let control = ControlRecord { generation: 9, restore_step: Some(500), ..Default::default() };
+        let (kind, cmds) = plan_commands("n1", 9, Some(&control));
+        assert_eq!(kind, "restore");
+        assert_eq!(cmds[0], WorkerCommand::Restore { generation: 9, checkpoint_step: 500 });
+    }
+
+    #[test]
+    fn command_json_is_stable() {
+        let cmd = WorkerCommand::LoadExperts {
+            generation: 8,
+            experts: vec![load(2, ExpertSource::Peer { node: "n5".into(), chip: 1 })],
+        };
+        assert_eq!(
+            serde_json::to_string(&cmd).unwrap(),
+            r#"{"op":"loadExperts","generation":8,"experts":[{"layer":3,"expert":17,"chip":2,"source":{"kind":"peer","node":"n5","chip":1}}]}"#
+        );
+        let restore = WorkerCommand::Restore { generation: 9, checkpoint_step: 500 };
+        assert_eq!(
+            serde_json::to_string(&restore).unwrap(),
+            r#"{"op":"restore","generation":9,"checkpointStep":500}"#
+        );
+        let control: ControlRecord =
+            serde_json::from_str(r#"{"generation":3,"restoreStep":100,"timeoutSeconds":30}"#).unwrap();
+        assert_eq!(control.restore_step, Some(100));
+    }
+}
