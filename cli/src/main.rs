@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod validate;
+mod worker;
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +29,9 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// The embedded training worker.
+    #[command(subcommand)]
+    Worker(worker::WorkerCommand),
 }
 
 fn main() -> ExitCode {
@@ -38,5 +42,6 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Validate { files } => validate::run(&files),
+        Command::Worker(cmd) => worker::run(cmd),
     }
 }
