@@ -194,10 +194,11 @@ fn train_loop(
             committed(&done, metrics);
         }
     }
-    if last_saved != trainer.step() {
-        if let Some(done) = saver.submit(trainer.snapshot()?)? {
-            committed(&done, metrics);
-        }
+    // Always end on a committed checkpoint of the last step.
+    if last_saved != trainer.step()
+        && let Some(done) = saver.submit(trainer.snapshot()?)?
+    {
+        committed(&done, metrics);
     }
     if let Some(done) = saver.wait()? {
         committed(&done, metrics);

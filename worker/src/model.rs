@@ -176,7 +176,10 @@ pub fn check_dims(dims: &ModelDims) -> Result<()> {
     if dims.vocab_size != 256 {
         return bad(format!("the worker is byte-level: vocabSize must be 256, not {}", dims.vocab_size));
     }
-    if dims.heads == 0 || dims.hidden_size % dims.heads != 0 || (dims.hidden_size / dims.heads) % 2 != 0 {
+    if dims.heads == 0
+        || !dims.hidden_size.is_multiple_of(dims.heads)
+        || !(dims.hidden_size / dims.heads).is_multiple_of(2)
+    {
         return bad(format!(
             "hiddenSize {} must split into {} heads of even width (rotary embeddings)",
             dims.hidden_size, dims.heads
@@ -189,7 +192,7 @@ pub fn check_dims(dims: &ModelDims) -> Result<()> {
         return bad("layers, expertFfnSize must be positive and seqLen at least 2".into());
     }
     if let Some(sparse) = dims.sparse_attention
-        && (sparse.block_size == 0 || dims.seq_len % sparse.block_size != 0)
+        && (sparse.block_size == 0 || !dims.seq_len.is_multiple_of(sparse.block_size))
     {
         return bad(format!(
             "sparse attention blockSize {} must divide seqLen {}",

@@ -57,7 +57,7 @@ impl TrainerConfig {
     /// Checks the batch geometry and model can be trained.
     pub fn check(&self) -> Result<()> {
         crate::model::check_dims(&self.dims)?;
-        if self.micro_batch_size == 0 || self.global_batch_size % self.micro_batch_size != 0 {
+        if self.micro_batch_size == 0 || !self.global_batch_size.is_multiple_of(self.micro_batch_size) {
             return Err(WorkerError::InvalidJob(format!(
                 "globalBatchSize {} must be a positive multiple of microBatchSize {}",
                 self.global_batch_size, self.micro_batch_size

@@ -1,6 +1,8 @@
 //! Checkpoints: exact resume, restore into another expert placement, corruption fallback,
 //! torn checkpoints, retention.
 
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
 mod common;
 
 use std::collections::BTreeMap;
@@ -26,7 +28,7 @@ fn train_and_save(store: &CheckpointStore) {
     let mut t = Trainer::new(tiny_config(STEPS), demo_corpus()).unwrap();
     while t.step() < SPLIT {
         t.train_step().unwrap();
-        if t.step() % (SPLIT / 2) == 0 {
+        if t.step().is_multiple_of(SPLIT / 2) {
             store.save(&t.snapshot().unwrap()).unwrap();
         }
     }

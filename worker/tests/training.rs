@@ -1,6 +1,8 @@
 //! Real training on the demo text: the loss falls, and the math does not depend on who computes
 //! which micro-batch.
 
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
 mod common;
 
 use common::{demo_corpus, tiny_config};

@@ -149,7 +149,7 @@ impl CheckpointStore {
             let committed = path.join(MANIFEST_FILE).is_file();
             out.push((step, path, committed));
         }
-        out.sort_by(|a, b| b.0.cmp(&a.0));
+        out.sort_by_key(|entry| std::cmp::Reverse(entry.0));
         Ok(out)
     }
 
@@ -381,6 +381,9 @@ impl CheckpointStore {
     }
 }
 
+/// Adam moments (m, v) of one parameter as they are found while reading a shard.
+type MomentPair = (Option<Vec<f32>>, Option<Vec<f32>>);
+
 struct ShardData {
     bytes: u64,
     params: BTreeMap<String, HostTensor>,
@@ -441,7 +444,7 @@ fn read_shard(dir: &Path, entry: &ShardEntry) -> Result<ShardData> {
     let buf = read_verified(dir, entry)?;
     let tensors = SafeTensors::deserialize(&buf).map_err(|e| corrupt(format!("not safetensors: {e}")))?;
     let mut params = BTreeMap::new();
-    let mut raw_moments: BTreeMap<String, (Option<Vec<f32>>, Option<Vec<f32>>)> = BTreeMap::new();
+    let mut raw_moments: BTreeMap<String, MomentPair> = BTreeMap::new();
     for (key, view) in tensors.tensors() {
         if view.dtype() != Dtype::F32 {
             return Err(corrupt(format!("tensor {key} is {:?}, expected F32", view.dtype())));

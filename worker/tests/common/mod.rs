@@ -1,5 +1,6 @@
 //! Shared fixtures: the demo job and its corpus.
 
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 #![allow(dead_code)]
 
 use std::sync::Arc;
