@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod plan;
 mod agent;
 mod validate;
+mod worker;
 
 #[derive(Parser)]
 #[command(
@@ -59,6 +60,9 @@ enum Command {
         #[command(subcommand)]
         command: agent::AgentCommand,
     },
+    /// The embedded training worker.
+    #[command(subcommand)]
+    Worker(worker::WorkerCommand),
 }
 
 fn main() -> ExitCode {
@@ -81,5 +85,6 @@ fn main() -> ExitCode {
             })
         }
         Command::Agent { command } => agent::run(command),
+        Command::Worker(cmd) => worker::run(cmd),
     }
 }

@@ -1,0 +1,243 @@
+//! `ninelives worker train`: run a TrainingJob's training in this process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Subcommand};
+use ninelives_worker::checkpoint::SaveReport;
+use ninelives_worker::data::Corpus;
+use ninelives_worker::metrics::WorkerMetrics;
+use ninelives_worker::trainer::run_with_threads;
+use ninelives_worker::{
+    BackgroundSaver, CheckpointStore, ExpertSelection, Trainer, TrainerConfig, WorkerError,
+};
+
+/// Worker subcommands.
+#[derive(Subcommand)]
+pub enum WorkerCommand {
+    /// Train a TrainingJob in this process, printing one line per step and the final digest.
+    Train(TrainArgs),
+}
+
+/// `ninelives worker train` flags. The manifest's values are the defaults; flags override.
+#[derive(Args)]
+pub struct TrainArgs {
+    /// TrainingJob manifest: a YAML file, or `env:NAME` to read it from environment variable NAME.
+    manifest: String,
+    /// Train until this step (also the length of the learning-rate schedule). Default: spec.training.steps.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Directory of committed checkpoints. Default: spec.checkpoint.path.
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Commit a checkpoint every K steps. Default: spec.checkpoint.intervalSteps.
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Committed checkpoints to keep. Default: spec.checkpoint.keepLast.
+    #[arg(long)]
+    keep_last: Option<u32>,
+    /// Continue from the newest valid checkpoint in the checkpoint directory (if there is one).
+    #[arg(long)]
+    resume: bool,
+    /// CPU threads for the tensor kernels. Default: all available.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Serve /metrics, /live and /ready on this address.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+    /// Train on this directory of text instead of spec.data.datasets.
+    #[arg(long)]
+    dataset: Option<PathBuf>,
+}
+
+/// Runs a worker subcommand and maps its outcome to an exit code.
+pub fn run(cmd: WorkerCommand) -> ExitCode {
+    ninelives_telemetry::init_tracing("info");
+    match cmd {
+        WorkerCommand::Train(args) => match train(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(Failure::BadInput(msg)) => {
+                eprintln!("error: {msg}");
+                ExitCode::from(2)
+            }
+            Err(Failure::Worker(err)) => {
+                eprintln!("error: {err}");
+                ExitCode::from(match err {
+                    WorkerError::InvalidJob(_)
+                    | WorkerError::Dataset { .. }
+                    | WorkerError::DatasetTooSmall { .. } => 2,
+                    WorkerError::CorruptCheckpoint { .. }
+                    | WorkerError::NoUsableCheckpoint { .. }
+                    | WorkerError::IncompatibleCheckpoint { .. }
+                    | WorkerError::CheckpointIo { .. }
+                    | WorkerError::CheckpointWriter(_) => 3,
+                    _ => 1,
+                })
+            }
+        },
+    }
+}
+
+enum Failure {
+    BadInput(String),
+    Worker(WorkerError),
+}
+
+impl From<WorkerError> for Failure {
+    fn from(e: WorkerError) -> Self {
+        Failure::Worker(e)
+    }
+}
+
+fn read_manifest(source: &str) -> Result<String, Failure> {
+    match source.strip_prefix("env:") {
+        Some(var) => std::env::var(var)
+            .map_err(|e| Failure::BadInput(format!("manifest environment variable {var}: {e}"))),
+        None => std::fs::read_to_string(source)
+            .map_err(|e| Failure::BadInput(format!("manifest {source}: cannot read: {e}"))),
+    }
+}
+
+fn train(args: TrainArgs) -> Result<(), Failure> {
+    let text = read_manifest(&args.manifest)?;
+    let job = ninelives_core::manifest::parse_job(&text).map_err(|violations| {
+        let lines: Vec<String> = violations.iter().map(|v| format!("  {v}")).collect();
+        Failure::BadInput(format!("manifest {} is invalid:\n{}", args.manifest, lines.join("\n")))
+    })?;
+    let mut config = TrainerConfig::from_job(&job)?;
+    if let Some(steps) = args.steps {
+        config.total_steps = steps;
+    }
+    config.check()?;
+    let spec = &job.spec.checkpoint;
+    let checkpoint_dir =
+        args.checkpoint_dir.or_else(|| spec.path.as_ref().map(PathBuf::from)).ok_or_else(|| {
+            Failure::BadInput("no --checkpoint-dir and the manifest has no checkpoint.path".into())
+        })?;
+    let every = args.checkpoint_every.unwrap_or(spec.interval_steps).max(1);
+    let keep_last = args.keep_last.unwrap_or(spec.keep_last).max(1) as usize;
+    let datasets: Vec<PathBuf> = match args.dataset {
+        Some(d) => vec![d],
+        None => job.spec.data.datasets.iter().map(PathBuf::from).collect(),
+    };
+    let corpus = Arc::new(Corpus::load(&datasets)?);
+    tracing::info!(files = corpus.files(), bytes = corpus.len(), "dataset loaded");
+    let metrics = WorkerMetrics::new()?;
+    let _admin = match args.metrics_addr {
+        Some(addr) => Some(start_admin(addr, metrics.clone())?),
+        None => None,
+    };
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let store = CheckpointStore::open(&checkpoint_dir, keep_last)?;
+    run_with_threads(threads, || train_loop(config, corpus, store, every, args.resume, &metrics))??;
+    Ok(())
+}
+
+fn train_loop(
+    config: TrainerConfig,
+    corpus: Arc<Corpus>,
+    store: CheckpointStore,
+    every: u64,
+    resume: bool,
+    metrics: &WorkerMetrics,
+) -> Result<(), Failure> {
+    let total = config.total_steps;
+    let mut trainer = if resume {
+        match store.load_latest(&config.dims, &ExpertSelection::All)? {
+            Some(loaded) => {
+                tracing::info!(
+                    step = loaded.manifest.step,
+                    path = %loaded.path.display(),
+                    bytes = loaded.report.bytes,
+                    seconds = loaded.report.seconds,
+                    "resumed from checkpoint"
+                );
+                metrics.checkpoint_load_seconds.observe(loaded.report.seconds);
+                metrics.checkpoint_bytes_total.with_label_values(&["load"]).inc_by(loaded.report.bytes);
+                Trainer::from_checkpoint(config, corpus, loaded)?
+            }
+            None => {
+                tracing::info!(dir = %store.dir().display(), "no checkpoint to resume from; starting at step 0");
+                Trainer::new(config, corpus)?
+            }
+        }
+    } else {
+        Trainer::new(config, corpus)?
+    };
+    let mut saver = BackgroundSaver::new(store);
+    let mut last_saved = trainer.step();
+    while trainer.step() < total {
+        let report = trainer.train_step()?;
+        println!(
+            "step={} loss={:.4} tokens_per_s={:.0} lr={:.3e} grad_norm={:.3} balance={:.4} z={:.4}",
+            report.step,
+            report.loss,
+            report.tokens_per_second,
+            report.update.lr,
+            report.update.grad_norm,
+            report.balance_loss,
+            report.z_loss
+        );
+        metrics.step.set(report.step as i64);
+        metrics.loss.set(report.loss);
+        metrics.tokens_per_second.set(report.tokens_per_second);
+        metrics.step_seconds.observe(report.seconds);
+        if report.step % every == 0 {
+            let snapshot = trainer.snapshot()?;
+            if let Some(done) = saver.submit(snapshot)? {
+                committed(&done, metrics);
+            }
+            last_saved = report.step;
+        } else if let Some(done) = saver.poll()? {
+            committed(&done, metrics);
+        }
+    }
+    // Always end on a committed checkpoint of the last step.
+    if last_saved != trainer.step()
+        && let Some(done) = saver.submit(trainer.snapshot()?)?
+    {
+        committed(&done, metrics);
+    }
+    if let Some(done) = saver.wait()? {
+        committed(&done, metrics);
+    }
+    println!("params_sha256={}", trainer.params_sha256()?);
+    Ok(())
+}
+
+fn committed(report: &SaveReport, metrics: &WorkerMetrics) {
+    metrics.checkpoint_save_seconds.observe(report.seconds);
+    metrics.checkpoint_bytes_total.with_label_values(&["save"]).inc_by(report.bytes);
+    tracing::info!(
+        step = report.step,
+        path = %report.path.display(),
+        bytes = report.bytes,
+        seconds = report.seconds,
+        removed = report.removed.len(),
+        "checkpoint committed"
+    );
+}
+
+/// Serves the metrics on a background thread with its own small runtime; dropped with the process.
+fn start_admin(addr: SocketAddr, metrics: WorkerMetrics) -> Result<std::thread::JoinHandle<()>, Failure> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::BadInput(format!("metrics runtime: {e}")))?;
+    let ready = ninelives_telemetry::Readiness::default();
+    ready.set(true);
+    let server = runtime
+        .block_on(ninelives_telemetry::AdminServer::bind(addr, metrics.registry.clone(), ready))
+        .map_err(|e| Failure::BadInput(format!("--metrics-addr {addr}: {e}")))?;
+    tracing::info!(addr = %server.local_addr().map_or(addr, |a| a), "serving /metrics");
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || {
+            if let Err(e) = runtime.block_on(server.serve(std::future::pending())) {
+                tracing::warn!("metrics endpoint stopped: {e}");
+            }
+        })
+        .map_err(|e| Failure::BadInput(format!("metrics thread: {e}")))
+}

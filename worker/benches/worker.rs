@@ -1,0 +1,143 @@
+//! Worker benchmarks, printed as a table (see BENCHMARKS.md, "Training worker"):
+//! (a) tokens/s of the `small` model vs the identical model in PyTorch eager, same threads;
+//! (b) checkpoint save/load GB/s vs `dd` sequential write (fsync) and read (O_DIRECT).
+//!
+//! `cargo bench -p ninelives-worker --bench worker -- [THREADS]`
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ninelives_core::ModelDims;
+use ninelives_core::job::{LearningRateSpec, ModelPreset, ScheduleKind, TrainingSpec};
+use ninelives_worker::data::Corpus;
+use ninelives_worker::trainer::run_with_threads;
+use ninelives_worker::{CheckpointStore, ExpertSelection, Trainer, TrainerConfig};
+
+const STEPS: u64 = 3;
+const GLOBAL_BATCH: u32 = 4;
+const MICRO_BATCH: u32 = 2;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let threads: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(2);
+    let dims = ModelDims::preset(ModelPreset::Small);
+    let training = TrainingSpec {
+        steps: 100,
+        learning_rate: LearningRateSpec {
+            peak: 1e-3,
+            min: 1e-4,
+            warmup_steps: 0,
+            schedule: ScheduleKind::Cosine,
+        },
+        adamw: Default::default(),
+        grad_clip: 1.0,
+        aux_loss_coef: 0.01,
+        z_loss_coef: 0.001,
+    };
+    let config = TrainerConfig {
+        dims,
+        training,
+        total_steps: 100,
+        global_batch_size: GLOBAL_BATCH,
+        micro_batch_size: MICRO_BATCH,
+        seed: 1,
+    };
+    let corpus = Arc::new(Corpus::load(&["/usr/share/common-licenses"])?);
+    let mut trainer = Trainer::new(config, corpus)?;
+
+    // (a) training throughput.
+    let ours = run_with_threads(threads, || -> Result<f64, ninelives_worker::WorkerError> {
+        trainer.train_step()?; // warm-up
+        let start = Instant::now();
+        for _ in 0..STEPS {
+            trainer.train_step()?;
+        }
+        Ok((STEPS * u64::from(GLOBAL_BATCH) * u64::from(dims.seq_len)) as f64 / start.elapsed().as_secs_f64())
+    })??;
+    let script = format!("{}/benches/torch_small.py", env!("CARGO_MANIFEST_DIR"));
+    let torch = Command::new("python3")
+        .args([script.as_str(), "--threads", &threads.to_string(), "--steps", &STEPS.to_string()])
+        .args(["--global-batch", &GLOBAL_BATCH.to_string(), "--micro-batch", &MICRO_BATCH.to_string()])
+        .output()?;
+    let torch_tps: Option<f64> = String::from_utf8_lossy(&torch.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("tokens_per_s=").and_then(|v| v.parse().ok()));
+    println!("| benchmark | ninelives | reference | ratio |\n|---|---|---|---|");
+    match torch_tps {
+        Some(t) => println!(
+            "| `small` train tokens/s ({threads} threads, batch {GLOBAL_BATCH}x{}) | {ours:.0} | PyTorch eager {t:.0} | {:.2}x |",
+            dims.seq_len,
+            ours / t
+        ),
+        None => println!(
+            "| `small` train tokens/s | {ours:.0} | PyTorch unavailable: {} | - |",
+            String::from_utf8_lossy(&torch.stderr).lines().last().unwrap_or("no output")
+        ),
+    }
+
+    // (b) checkpoint bandwidth vs dd, in the same directory.
+    let dir = tempfile::Builder::new().prefix("ninelives-bench").tempdir_in(".")?;
+    let store = CheckpointStore::open(dir.path().join("ckpt"), 3)?;
+    let snapshot_start = Instant::now();
+    let snapshot = trainer.snapshot()?;
+    let snapshot_secs = snapshot_start.elapsed().as_secs_f64();
+    let saved = store.save(&snapshot)?;
+    let gb = saved.bytes as f64 / 1e9;
+    let mib = saved.bytes.div_ceil(1 << 20);
+    let dd_file = dir.path().join("dd.bin");
+    let start = Instant::now();
+    run(
+        "dd",
+        &[
+            "if=/dev/zero",
+            &format!("of={}", dd_file.display()),
+            "bs=1M",
+            &format!("count={mib}"),
+            "conv=fsync",
+        ],
+    )?;
+    let dd_write = (mib << 20) as f64 / 1e9 / start.elapsed().as_secs_f64();
+    println!(
+        "| checkpoint save GB/s ({:.0} MB, {} shards) | {:.2} | dd conv=fsync {dd_write:.2} | {:.2}x |",
+        saved.bytes as f64 / 1e6,
+        snapshot.params.len(),
+        gb / saved.seconds,
+        gb / saved.seconds / dd_write
+    );
+    println!(
+        "| training pause for a save (host snapshot) | {:.3} s | full save {:.3} s | - |",
+        snapshot_secs, saved.seconds
+    );
+    drop_cache(&saved.path)?;
+    let loaded = store.load_latest(&dims, &ExpertSelection::All)?.ok_or("checkpoint vanished")?;
+    let start = Instant::now();
+    run("dd", &[&format!("if={}", dd_file.display()), "of=/dev/null", "bs=1M", "iflag=direct"])?;
+    let dd_read = (mib << 20) as f64 / 1e9 / start.elapsed().as_secs_f64();
+    let load_gbs = loaded.report.bytes as f64 / 1e9 / loaded.report.seconds;
+    println!(
+        "| checkpoint load GB/s (cold cache, verify sha256) | {load_gbs:.2} | dd iflag=direct {dd_read:.2} | {:.2}x |",
+        load_gbs / dd_read
+    );
+    Ok(())
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
+    let out = Command::new(cmd).args(args).output()?;
+    if !out.status.success() {
+        return Err(format!("{cmd} failed: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    Ok(())
+}
+
+/// Drops a checkpoint's files from the page cache (`dd iflag=nocache count=0`), so the load is
+/// measured from disk like dd's O_DIRECT read.
+fn drop_cache(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    for entry in std::fs::read_dir(dir)?.chain(std::fs::read_dir(dir.join("experts"))?) {
+        let path = entry?.path();
+        if path.is_file() {
+            run("dd", &[&format!("if={}", path.display()), "iflag=nocache", "count=0"])?;
+        }
+    }
+    Ok(())
+}

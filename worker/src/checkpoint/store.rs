@@ -1,0 +1,571 @@
+//! Writing, verifying, loading and retaining checkpoints.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use ninelives_core::ModelDims;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use sha2::{Digest, Sha256};
+
+use super::manifest::{
+    ADAM_M_SUFFIX, ADAM_V_SUFFIX, CheckpointManifest, DataCursor, FORMAT_VERSION, MANIFEST_FILE,
+    OptimizerState, RngState, ShardContents, ShardEntry,
+};
+use crate::error::{Result, WorkerError};
+use crate::model::{ExpertId, HostTensor, ParamOwner, hex};
+use crate::optim::Moments;
+
+/// Prefix of checkpoint directory names (`step-0000000025`).
+const STEP_PREFIX: &str = "step-";
+/// Suffix of files not yet committed by rename.
+const TMP_SUFFIX: &str = ".tmp";
+/// Threads that serialise, hash and write (or read and verify) shards concurrently, so hashing
+/// overlaps with I/O.
+const IO_THREADS: usize = 2;
+/// Name of the keyed RNG scheme (see `crate::rng`).
+pub const RNG_ALGORITHM: &str = "splitmix64-keyed(seed,name|step,sample)";
+
+/// A full copy of the training state, taken between steps; the writer works from it while
+/// training continues.
+#[derive(Clone, Debug)]
+pub struct TrainingSnapshot {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Model dimensions.
+    pub dims: ModelDims,
+    /// Data position.
+    pub data_cursor: DataCursor,
+    /// Parameter values by name.
+    pub params: BTreeMap<String, HostTensor>,
+    /// Adam moments by parameter name.
+    pub moments: BTreeMap<String, Moments>,
+    /// sha256 over the parameters (see `MoeTransformer::params_sha256`).
+    pub params_sha256: String,
+}
+
+/// Which routed experts to load.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExpertSelection {
+    /// Every expert in the checkpoint.
+    All,
+    /// Only these (a worker's share of a placement).
+    Only(Vec<ExpertId>),
+}
+
+impl ExpertSelection {
+    fn wants(&self, contents: &ShardContents) -> bool {
+        match (self, contents.expert()) {
+            (_, None) | (ExpertSelection::All, Some(_)) => true,
+            (ExpertSelection::Only(ids), Some(id)) => ids.contains(&id),
+        }
+    }
+}
+
+/// A committed checkpoint read back and verified.
+#[derive(Clone, Debug)]
+pub struct LoadedCheckpoint {
+    /// Its directory.
+    pub path: PathBuf,
+    /// Its manifest.
+    pub manifest: CheckpointManifest,
+    /// Parameter values by name (dense + the selected experts).
+    pub params: BTreeMap<String, HostTensor>,
+    /// Adam moments by parameter name.
+    pub moments: BTreeMap<String, Moments>,
+    /// How the load went.
+    pub report: LoadReport,
+}
+
+/// Outcome of a save.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SaveReport {
+    /// Step saved.
+    pub step: u64,
+    /// Checkpoint directory.
+    pub path: PathBuf,
+    /// Bytes written (shards + manifest).
+    pub bytes: u64,
+    /// Wall time from first byte to the directory fsync after the manifest rename.
+    pub seconds: f64,
+    /// Older checkpoints deleted by retention.
+    pub removed: Vec<PathBuf>,
+}
+
+/// Outcome of a load.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadReport {
+    /// Bytes read and verified.
+    pub bytes: u64,
+    /// Wall time of reading, verifying and decoding.
+    pub seconds: f64,
+    /// Newer checkpoints skipped because they were torn or corrupt, with the reason.
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+/// A directory of checkpoints with keep-last-N retention.
+#[derive(Clone, Debug)]
+pub struct CheckpointStore {
+    dir: PathBuf,
+    keep_last: usize,
+}
+
+impl CheckpointStore {
+    /// A store in `dir` (created if needed) keeping the newest `keep_last` checkpoints.
+    pub fn open(dir: impl Into<PathBuf>, keep_last: usize) -> Result<Self> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir).map_err(|source| WorkerError::CheckpointIo { path: dir.clone(), source })?;
+        Ok(Self { dir, keep_last: keep_last.max(1) })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The directory a checkpoint of `step` lives in.
+    pub fn step_dir(&self, step: u64) -> PathBuf {
+        self.dir.join(format!("{STEP_PREFIX}{step:010}"))
+    }
+
+    /// Checkpoint directories by step, newest first, with whether each is committed (has its
+    /// manifest).
+    pub fn list(&self) -> Result<Vec<(u64, PathBuf, bool)>> {
+        let io = |source| WorkerError::CheckpointIo { path: self.dir.clone(), source };
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let name = entry.file_name();
+            let Some(step): Option<u64> =
+                name.to_str().and_then(|n| n.strip_prefix(STEP_PREFIX)).and_then(|s| s.parse().ok())
+            else {
+                continue;
+            };
+            let path = entry.path();
+            let committed = path.join(MANIFEST_FILE).is_file();
+            out.push((step, path, committed));
+        }
+        out.sort_by_key(|entry| std::cmp::Reverse(entry.0));
+        Ok(out)
+    }
+
+    /// Writes `snapshot` as a committed checkpoint, then applies retention. Synchronous; see
+    /// [`BackgroundSaver`] for the non-blocking path.
+    pub fn save(&self, snapshot: &TrainingSnapshot) -> Result<SaveReport> {
+        let started = Instant::now();
+        let dir = self.step_dir(snapshot.step);
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| WorkerError::CheckpointIo { path, source }
+        };
+        if dir.exists() {
+            // A torn attempt at the same step (no manifest, or being overwritten after a
+            // rollback): start clean.
+            fs::remove_dir_all(&dir).map_err(io(&dir))?;
+        }
+        fs::create_dir_all(dir.join("experts")).map_err(io(&dir))?;
+        fsync_dir(&self.dir)?;
+        fsync_dir(&dir)?;
+
+        // Group tensors into shards: dense, and one per expert.
+        let mut shards: BTreeMap<ShardContents, Vec<&str>> = BTreeMap::new();
+        for name in snapshot.params.keys() {
+            let contents = match ParamOwner::of(name) {
+                ParamOwner::Dense => ShardContents::Dense,
+                ParamOwner::Expert(id) => ShardContents::Expert { layer: id.layer, expert: id.expert },
+            };
+            shards.entry(contents).or_default().push(name);
+        }
+        let jobs: Vec<(ShardContents, Vec<&str>)> = shards.into_iter().collect();
+        let results = parallel_map(&jobs, |(contents, names)| write_shard(&dir, snapshot, *contents, names));
+        let mut entries = Vec::with_capacity(results.len());
+        for r in results {
+            entries.push(r?);
+        }
+        fsync_dir(&dir.join("experts"))?;
+
+        let manifest = CheckpointManifest {
+            format_version: FORMAT_VERSION,
+            step: snapshot.step,
+            model: snapshot.dims,
+            data_cursor: snapshot.data_cursor,
+            rng: RngState { algorithm: RNG_ALGORITHM.into(), seed: snapshot.data_cursor.seed },
+            optimizer: OptimizerState {
+                kind: "adamw".into(),
+                updates: snapshot.step,
+                location: format!(
+                    "in each parameter's shard as <name>{ADAM_M_SUFFIX} and <name>{ADAM_V_SUFFIX}"
+                ),
+            },
+            shards: entries,
+            params_sha256: snapshot.params_sha256.clone(),
+        };
+        let text = serde_json::to_vec_pretty(&manifest)
+            .map_err(|e| WorkerError::CheckpointWriter(format!("encoding manifest: {e}")))?;
+        // The commit point: the manifest's rename, made durable by the directory fsync.
+        write_durable(&dir.join(MANIFEST_FILE), &text)?;
+        fsync_dir(&dir)?;
+        let bytes = manifest.shards.iter().map(|s| s.bytes).sum::<u64>() + text.len() as u64;
+        let seconds = started.elapsed().as_secs_f64();
+        let removed = self.retain()?;
+        Ok(SaveReport { step: snapshot.step, path: dir, bytes, seconds, removed })
+    }
+
+    /// Deletes committed checkpoints beyond the newest `keep_last`, and torn (uncommitted)
+    /// directories older than the newest committed one. Returns what it removed.
+    pub fn retain(&self) -> Result<Vec<PathBuf>> {
+        let list = self.list()?;
+        let newest_committed = list.iter().find(|(_, _, c)| *c).map(|(s, _, _)| *s);
+        let mut kept = 0;
+        let mut removed = Vec::new();
+        for (step, path, committed) in list {
+            let drop = if committed {
+                kept += 1;
+                kept > self.keep_last
+            } else {
+                newest_committed.is_some_and(|n| step < n)
+            };
+            if drop {
+                fs::remove_dir_all(&path)
+                    .map_err(|source| WorkerError::CheckpointIo { path: path.clone(), source })?;
+                removed.push(path);
+            }
+        }
+        if !removed.is_empty() {
+            fsync_dir(&self.dir)?;
+        }
+        Ok(removed)
+    }
+
+    /// Loads the newest committed checkpoint that verifies, falling back past torn or corrupt
+    /// ones (each logged). `Ok(None)` when the directory holds no checkpoint at all; an error
+    /// when checkpoints exist but none is usable.
+    pub fn load_latest(
+        &self,
+        dims: &ModelDims,
+        selection: &ExpertSelection,
+    ) -> Result<Option<LoadedCheckpoint>> {
+        let list = self.list()?;
+        if list.is_empty() {
+            return Ok(None);
+        }
+        let mut skipped = Vec::new();
+        for (step, path, committed) in &list {
+            if !committed {
+                let reason = "torn: no manifest (the writer stopped before the commit)".to_string();
+                tracing::warn!(step, path = %path.display(), "checkpoint {} is {reason}; ignoring it", path.display());
+                skipped.push((path.clone(), reason));
+                continue;
+            }
+            match self.load_dir(path, dims, selection) {
+                Ok(mut loaded) => {
+                    loaded.report.skipped = skipped;
+                    return Ok(Some(loaded));
+                }
+                Err(err @ WorkerError::IncompatibleCheckpoint { .. }) => return Err(err),
+                Err(err) => {
+                    tracing::warn!(
+                        step,
+                        path = %path.display(),
+                        "{err}; falling back to the previous committed checkpoint"
+                    );
+                    skipped.push((path.clone(), err.to_string()));
+                }
+            }
+        }
+        Err(WorkerError::NoUsableCheckpoint { dir: self.dir.clone(), tried: list.len() })
+    }
+
+    /// Checks every shard of a committed checkpoint against its manifest (size and sha256)
+    /// without decoding. Expert-parallel workers each read only their own shards, so the job
+    /// agrees on a step that this check passed for before every worker loads its share.
+    pub fn verify_dir(&self, path: &Path) -> Result<CheckpointManifest> {
+        let corrupt = |reason: String| WorkerError::CorruptCheckpoint { path: path.to_path_buf(), reason };
+        let manifest_path = path.join(MANIFEST_FILE);
+        let text = fs::read(&manifest_path)
+            .map_err(|source| WorkerError::CheckpointIo { path: manifest_path.clone(), source })?;
+        let manifest: CheckpointManifest =
+            serde_json::from_slice(&text).map_err(|e| corrupt(format!("manifest does not parse: {e}")))?;
+        let entries: Vec<&ShardEntry> = manifest.shards.iter().collect();
+        for r in parallel_map(&entries, |entry| read_verified(path, entry).map(drop)) {
+            r?;
+        }
+        Ok(manifest)
+    }
+
+    /// The newest committed checkpoint whose every shard verifies, logging each one skipped.
+    pub fn newest_verified(&self) -> Result<Option<(u64, PathBuf)>> {
+        for (step, path, committed) in self.list()? {
+            if !committed {
+                continue;
+            }
+            match self.verify_dir(&path) {
+                Ok(_) => return Ok(Some((step, path))),
+                Err(err) => tracing::warn!(step, "{err}; falling back to the previous committed checkpoint"),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Load-time resharding: the newest usable checkpoint, reading the dense shard and only the
+    /// expert shards of `experts` (a worker's share of a new placement). Only the shards read
+    /// are verified; see [`CheckpointStore::verify_dir`] for agreeing on a step job-wide.
+    pub fn load_experts(&self, dims: &ModelDims, experts: &[ExpertId]) -> Result<Option<LoadedCheckpoint>> {
+        self.load_latest(dims, &ExpertSelection::Only(experts.to_vec()))
+    }
+
+    /// Loads and verifies one committed checkpoint directory.
+    pub fn load_dir(
+        &self,
+        path: &Path,
+        dims: &ModelDims,
+        selection: &ExpertSelection,
+    ) -> Result<LoadedCheckpoint> {
+        let started = Instant::now();
+        let corrupt = |reason: String| WorkerError::CorruptCheckpoint { path: path.to_path_buf(), reason };
+        let manifest_path = path.join(MANIFEST_FILE);
+        let text = fs::read(&manifest_path)
+            .map_err(|source| WorkerError::CheckpointIo { path: manifest_path.clone(), source })?;
+        let manifest: CheckpointManifest =
+            serde_json::from_slice(&text).map_err(|e| corrupt(format!("manifest does not parse: {e}")))?;
+        if manifest.format_version != FORMAT_VERSION {
+            return Err(WorkerError::IncompatibleCheckpoint {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "format version {} (this worker reads {FORMAT_VERSION})",
+                    manifest.format_version
+                ),
+            });
+        }
+        if manifest.model != *dims {
+            return Err(WorkerError::IncompatibleCheckpoint {
+                path: path.to_path_buf(),
+                reason: format!("written for model {:?}, the job trains {:?}", manifest.model, dims),
+            });
+        }
+        if manifest.rng.algorithm != RNG_ALGORITHM {
+            return Err(WorkerError::IncompatibleCheckpoint {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "RNG scheme {:?}, this worker uses {RNG_ALGORITHM:?}",
+                    manifest.rng.algorithm
+                ),
+            });
+        }
+        if let ExpertSelection::Only(ids) = selection {
+            for id in ids {
+                let wanted = ShardContents::Expert { layer: id.layer, expert: id.expert };
+                if !manifest.shards.iter().any(|s| s.contents == wanted) {
+                    return Err(corrupt(format!("no shard for {id}")));
+                }
+            }
+        }
+        let wanted: Vec<&ShardEntry> =
+            manifest.shards.iter().filter(|s| selection.wants(&s.contents)).collect();
+        let results = parallel_map(&wanted, |entry| read_shard(path, entry));
+        let mut params = BTreeMap::new();
+        let mut moments = BTreeMap::new();
+        let mut bytes = text.len() as u64;
+        for r in results {
+            let shard = r?;
+            bytes += shard.bytes;
+            params.extend(shard.params);
+            moments.extend(shard.moments);
+        }
+        let report = LoadReport { bytes, seconds: started.elapsed().as_secs_f64(), skipped: Vec::new() };
+        Ok(LoadedCheckpoint { path: path.to_path_buf(), manifest, params, moments, report })
+    }
+}
+
+/// Adam moments (m, v) of one parameter as they are found while reading a shard.
+type MomentPair = (Option<Vec<f32>>, Option<Vec<f32>>);
+
+struct ShardData {
+    bytes: u64,
+    params: BTreeMap<String, HostTensor>,
+    moments: BTreeMap<String, Moments>,
+}
+
+fn write_shard(
+    dir: &Path,
+    snap: &TrainingSnapshot,
+    contents: ShardContents,
+    names: &[&str],
+) -> Result<ShardEntry> {
+    let missing = |n: &str| WorkerError::CheckpointWriter(format!("snapshot has no optimizer state for {n}"));
+    let mut views = Vec::with_capacity(names.len() * 3);
+    for &name in names {
+        let Some(p) = snap.params.get(name) else { continue };
+        let m = snap.moments.get(name).ok_or_else(|| missing(name))?;
+        for (key, data) in [
+            (name.to_string(), &p.data),
+            (format!("{name}{ADAM_M_SUFFIX}"), &m.m),
+            (format!("{name}{ADAM_V_SUFFIX}"), &m.v),
+        ] {
+            let view = TensorView::new(Dtype::F32, p.shape.clone(), bytemuck::cast_slice(data))
+                .map_err(|e| WorkerError::CheckpointWriter(format!("tensor {key}: {e}")))?;
+            views.push((key, view));
+        }
+    }
+    let buf = safetensors::serialize(views, None)
+        .map_err(|e| WorkerError::CheckpointWriter(format!("serialising {}: {e}", contents.file_name())))?;
+    let sha256 = hex(&Sha256::digest(&buf));
+    let file = contents.file_name();
+    write_durable(&dir.join(&file), &buf)?;
+    Ok(ShardEntry { file, contents, sha256, bytes: buf.len() as u64 })
+}
+
+/// Reads a shard and checks its size and sha256 against the manifest entry.
+fn read_verified(dir: &Path, entry: &ShardEntry) -> Result<Vec<u8>> {
+    let path = dir.join(&entry.file);
+    let corrupt = |reason: String| WorkerError::CorruptCheckpoint { path: path.clone(), reason };
+    let buf = fs::read(&path).map_err(|e| corrupt(format!("shard unreadable: {e}")))?;
+    if buf.len() as u64 != entry.bytes {
+        return Err(corrupt(format!(
+            "shard has {} bytes, the manifest says {} (torn write)",
+            buf.len(),
+            entry.bytes
+        )));
+    }
+    let found = hex(&Sha256::digest(&buf));
+    if found != entry.sha256 {
+        return Err(corrupt(format!("sha256 mismatch: manifest {}, file {found}", entry.sha256)));
+    }
+    Ok(buf)
+}
+
+fn read_shard(dir: &Path, entry: &ShardEntry) -> Result<ShardData> {
+    let path = dir.join(&entry.file);
+    let corrupt = |reason: String| WorkerError::CorruptCheckpoint { path: path.clone(), reason };
+    let buf = read_verified(dir, entry)?;
+    let tensors = SafeTensors::deserialize(&buf).map_err(|e| corrupt(format!("not safetensors: {e}")))?;
+    let mut params = BTreeMap::new();
+    let mut raw_moments: BTreeMap<String, MomentPair> = BTreeMap::new();
+    for (key, view) in tensors.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(corrupt(format!("tensor {key} is {:?}, expected F32", view.dtype())));
+        }
+        let data: Vec<f32> =
+            view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        if let Some(name) = key.strip_suffix(ADAM_M_SUFFIX) {
+            raw_moments.entry(name.to_string()).or_default().0 = Some(data);
+        } else if let Some(name) = key.strip_suffix(ADAM_V_SUFFIX) {
+            raw_moments.entry(name.to_string()).or_default().1 = Some(data);
+        } else {
+            params.insert(key, HostTensor { shape: view.shape().to_vec(), data });
+        }
+    }
+    let mut moments = BTreeMap::new();
+    for name in params.keys() {
+        match raw_moments.remove(name) {
+            Some((Some(m), Some(v))) => {
+                moments.insert(name.clone(), Moments { m, v });
+            }
+            _ => return Err(corrupt(format!("optimizer state of {name} is missing"))),
+        }
+    }
+    Ok(ShardData { bytes: buf.len() as u64, params, moments })
+}
+
+/// Writes `bytes` to `path` via a temporary file: write, fsync, rename. The caller fsyncs the
+/// directory to make the rename durable.
+fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(TMP_SUFFIX);
+    let tmp = PathBuf::from(tmp_name);
+    let io = |source| WorkerError::CheckpointIo { path: tmp.clone(), source };
+    let mut file = File::create(&tmp).map_err(io)?;
+    file.write_all(bytes).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    drop(file);
+    fs::rename(&tmp, path).map_err(|source| WorkerError::CheckpointIo { path: path.to_path_buf(), source })
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    let io = |source| WorkerError::CheckpointIo { path: dir.to_path_buf(), source };
+    File::open(dir).map_err(io)?.sync_all().map_err(io)
+}
+
+/// Maps `f` over `items` on [`IO_THREADS`] scoped threads, results in item order.
+fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let next = Mutex::new(0usize);
+    let slots: Vec<Mutex<Option<R>>> = items.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..IO_THREADS.min(items.len()) {
+            s.spawn(|| {
+                loop {
+                    let i = {
+                        let Ok(mut n) = next.lock() else { return };
+                        let i = *n;
+                        *n += 1;
+                        i
+                    };
+                    let Some(item) = items.get(i) else { return };
+                    let r = f(item);
+                    if let Ok(mut slot) = slots[i].lock() {
+                        *slot = Some(r);
+                    }
+                }
+            });
+        }
+    });
+    slots.into_iter().filter_map(|m| m.into_inner().ok().flatten()).collect()
+}
+
+/// Writes checkpoints on a background thread so training continues while shards hit the disk.
+/// At most one save is in flight: submitting the next waits for the previous one.
+#[derive(Debug)]
+pub struct BackgroundSaver {
+    store: CheckpointStore,
+    in_flight: Option<JoinHandle<Result<SaveReport>>>,
+}
+
+impl BackgroundSaver {
+    /// A saver writing into `store`.
+    pub fn new(store: CheckpointStore) -> Self {
+        Self { store, in_flight: None }
+    }
+
+    /// The store written to.
+    pub fn store(&self) -> &CheckpointStore {
+        &self.store
+    }
+
+    /// Starts writing `snapshot`. Returns the report of the previous save if one was still in
+    /// flight (waiting for it first).
+    pub fn submit(&mut self, snapshot: TrainingSnapshot) -> Result<Option<SaveReport>> {
+        let previous = self.wait()?;
+        let store = self.store.clone();
+        let handle = std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(move || store.save(&snapshot))
+            .map_err(|e| WorkerError::CheckpointWriter(format!("cannot start writer thread: {e}")))?;
+        self.in_flight = Some(handle);
+        Ok(previous)
+    }
+
+    /// Whether the save in flight (if any) has finished.
+    pub fn is_idle(&self) -> bool {
+        self.in_flight.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Waits for the save in flight, if any, and returns its report.
+    pub fn wait(&mut self) -> Result<Option<SaveReport>> {
+        match self.in_flight.take() {
+            None => Ok(None),
+            Some(handle) => match handle.join() {
+                Ok(result) => result.map(Some),
+                Err(_) => Err(WorkerError::CheckpointWriter("writer thread panicked".into())),
+            },
+        }
+    }
+
+    /// Returns the report of a finished save without blocking, if there is one.
+    pub fn poll(&mut self) -> Result<Option<SaveReport>> {
+        if self.in_flight.as_ref().is_some_and(JoinHandle::is_finished) { self.wait() } else { Ok(None) }
+    }
+}

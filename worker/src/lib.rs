@@ -1,0 +1,26 @@
+//! # ninelives-worker
+//!
+//! The embedded training worker: a LongCat-style MoE transformer trained for real on CPU with
+//! candle, with expert-keyed checkpoints and bit-exact resume.
+//!
+//! - [`model`]: the transformer, its name-keyed parameters and [`ExpertId`];
+//! - [`data`]: the byte corpus and sampling as a pure function of `(seed, step, sample)`;
+//! - [`optim`]: AdamW, the learning-rate schedule and global-norm clipping;
+//! - [`checkpoint`]: safetensors shards per expert, the manifest, the commit protocol;
+//! - [`trainer`]: the training loop tying them together;
+//! - [`metrics`]: the Prometheus metrics the worker exports.
+
+pub mod data;
+pub mod error;
+pub mod model;
+pub mod rng;
+
+pub use error::{Result, WorkerError};
+pub use model::{ExpertId, HostTensor, MoeTransformer};
+pub mod checkpoint;
+pub mod metrics;
+pub mod optim;
+pub mod trainer;
+
+pub use checkpoint::{BackgroundSaver, CheckpointStore, ExpertSelection, LoadedCheckpoint};
+pub use trainer::{Trainer, TrainerConfig};

@@ -1,0 +1,72 @@
+//! The worker's Prometheus metrics.
+
+use prometheus::{Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+
+use crate::error::Result;
+
+/// Every metric the worker exports, registered in one registry.
+#[derive(Clone)]
+pub struct WorkerMetrics {
+    /// The registry (serve it with `ninelives_telemetry::AdminServer`).
+    pub registry: Registry,
+    /// Optimizer steps completed.
+    pub step: IntGauge,
+    /// Cross-entropy of the last step.
+    pub loss: Gauge,
+    /// Training tokens per second over the last step.
+    pub tokens_per_second: Gauge,
+    /// Wall time per step.
+    pub step_seconds: Histogram,
+    /// Wall time of a checkpoint save (background, from snapshot to commit).
+    pub checkpoint_save_seconds: Histogram,
+    /// Wall time of a checkpoint load (read, verify, decode).
+    pub checkpoint_load_seconds: Histogram,
+    /// Checkpoint bytes written (`op="save"`) and read (`op="load"`).
+    pub checkpoint_bytes_total: IntCounterVec,
+}
+
+impl WorkerMetrics {
+    /// Creates the metrics in a fresh registry.
+    pub fn new() -> Result<Self> {
+        let registry = Registry::new();
+        let step = IntGauge::new("ninelives_worker_step", "Optimizer steps completed")?;
+        let loss = Gauge::new("ninelives_worker_loss", "Cross-entropy (nats/byte) of the last step")?;
+        let tokens_per_second = Gauge::new(
+            "ninelives_worker_tokens_per_second",
+            "Training tokens per second over the last step",
+        )?;
+        let step_seconds = Histogram::with_opts(
+            HistogramOpts::new("ninelives_worker_step_seconds", "Wall time of one optimizer step")
+                .buckets(prometheus::exponential_buckets(0.01, 2.0, 14)?),
+        )?;
+        let checkpoint_save_seconds = Histogram::with_opts(
+            HistogramOpts::new("ninelives_checkpoint_save_seconds", "Wall time of a checkpoint save")
+                .buckets(prometheus::exponential_buckets(0.005, 2.0, 14)?),
+        )?;
+        let checkpoint_load_seconds = Histogram::with_opts(
+            HistogramOpts::new("ninelives_checkpoint_load_seconds", "Wall time of a checkpoint load")
+                .buckets(prometheus::exponential_buckets(0.005, 2.0, 14)?),
+        )?;
+        let checkpoint_bytes_total = IntCounterVec::new(
+            Opts::new("ninelives_checkpoint_bytes_total", "Checkpoint bytes written or read"),
+            &["op"],
+        )?;
+        registry.register(Box::new(step.clone()))?;
+        registry.register(Box::new(loss.clone()))?;
+        registry.register(Box::new(tokens_per_second.clone()))?;
+        registry.register(Box::new(step_seconds.clone()))?;
+        registry.register(Box::new(checkpoint_save_seconds.clone()))?;
+        registry.register(Box::new(checkpoint_load_seconds.clone()))?;
+        registry.register(Box::new(checkpoint_bytes_total.clone()))?;
+        Ok(Self {
+            registry,
+            step,
+            loss,
+            tokens_per_second,
+            step_seconds,
+            checkpoint_save_seconds,
+            checkpoint_load_seconds,
+            checkpoint_bytes_total,
+        })
+    }
+}

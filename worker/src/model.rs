@@ -1,0 +1,664 @@
+//! A LongCat-style decoder-only MoE transformer in candle.
+//!
+//! Per layer: RMSNorm → causal multi-head attention with rotary positions (dense, or block-sparse
+//! when the job asks for it) → residual → RMSNorm → MoE feed-forward → residual. The MoE block has
+//! a linear router over `routed + zero` experts; each token goes to its top-k experts by softmax
+//! probability, weighted by that probability. Routed experts are SwiGLU FFNs; zero-computation
+//! experts (LongCat-Flash) return their input unchanged, so tokens routed there cost nothing.
+//! The layer also yields the Switch-style load-balancing loss and the router z-loss.
+//!
+//! Parameters live in a name-keyed map. Experts are keyed by `(layer, expert)` in their names
+//! (`layers.{l}.experts.{e}.w_gate`), never by rank, so the same names work in every placement.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use ninelives_core::ModelDims;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::data::MicroBatch;
+use crate::error::{Result, WorkerError};
+use crate::rng::{KeyedStream, key, name_word};
+
+/// Standard deviation of weight initialisation (GPT-2 style).
+const INIT_STD: f64 = 0.02;
+/// RMSNorm epsilon.
+const NORM_EPS: f64 = 1e-5;
+/// Rotary-embedding base.
+const ROPE_THETA: f64 = 10_000.0;
+/// Additive score for masked attention positions; exp() of it is exactly 0 in f32.
+const MASKED: f32 = -1e9;
+
+/// One routed expert of one layer: the unit of expert placement, checkpoint sharding and
+/// load-time resharding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ExpertId {
+    /// Transformer layer.
+    pub layer: u32,
+    /// Routed-expert index within the layer.
+    pub expert: u32,
+}
+
+impl ExpertId {
+    /// Expert `expert` of layer `layer`.
+    pub fn new(layer: u32, expert: u32) -> Self {
+        Self { layer, expert }
+    }
+
+    /// Every routed expert of a model, in (layer, expert) order.
+    pub fn all(dims: &ModelDims) -> Vec<ExpertId> {
+        (0..dims.layers).flat_map(|l| (0..dims.routed_experts).map(move |e| ExpertId::new(l, e))).collect()
+    }
+
+    /// The parameter-name prefix of this expert's tensors.
+    pub fn prefix(&self) -> String {
+        format!("layers.{}.experts.{}.", self.layer, self.expert)
+    }
+}
+
+impl fmt::Display for ExpertId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "layer {} expert {}", self.layer, self.expert)
+    }
+}
+
+/// Who a parameter belongs to: the dense (data-parallel) part, or one routed expert.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamOwner {
+    /// Embeddings, attention, norms, routers, output head.
+    Dense,
+    /// A routed expert's SwiGLU weights.
+    Expert(ExpertId),
+}
+
+impl ParamOwner {
+    /// Parses the owner from a parameter name.
+    pub fn of(name: &str) -> Self {
+        let mut parts = name.split('.');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("layers"), Some(l), Some("experts"), Some(e)) => match (l.parse(), e.parse()) {
+                (Ok(layer), Ok(expert)) => ParamOwner::Expert(ExpertId { layer, expert }),
+                _ => ParamOwner::Dense,
+            },
+            _ => ParamOwner::Dense,
+        }
+    }
+}
+
+/// How a parameter starts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Init {
+    /// All ones (norm gains).
+    Ones,
+    /// N(0, std²).
+    Normal(f64),
+}
+
+/// Name, shape and initialisation of one parameter.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSpec {
+    /// Full parameter name.
+    pub name: String,
+    /// Tensor shape (`[out, in]` for projections).
+    pub shape: Vec<usize>,
+    init: Init,
+}
+
+impl ParamSpec {
+    /// Elements in the tensor.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Whether decoupled weight decay applies (matrices yes; norm gains no).
+    pub fn decays(&self) -> bool {
+        self.shape.len() >= 2
+    }
+
+    /// The deterministic initial value: a pure function of `(seed, name)`.
+    pub fn initial_value(&self, seed: u64) -> Vec<f32> {
+        match self.init {
+            Init::Ones => vec![1.0; self.numel()],
+            Init::Normal(std) => {
+                KeyedStream::new(key(&[seed, name_word(&self.name)])).normals(self.numel(), std)
+            }
+        }
+    }
+}
+
+/// A tensor's value on the host: the unit of snapshots, checkpoints and gradient exchange.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Row-major elements.
+    pub data: Vec<f32>,
+}
+
+/// Every parameter of the model, in name order.
+pub fn param_specs(dims: &ModelDims) -> Vec<ParamSpec> {
+    let h = dims.hidden_size as usize;
+    let v = dims.vocab_size as usize;
+    let f = dims.expert_ffn_size as usize;
+    let experts = (dims.routed_experts + dims.zero_experts) as usize;
+    // Residual-branch outputs are scaled down with depth (GPT-2).
+    let out_std = INIT_STD / (2.0 * f64::from(dims.layers.max(1))).sqrt();
+    let mut specs = vec![
+        ParamSpec { name: "embed".into(), shape: vec![v, h], init: Init::Normal(INIT_STD) },
+        ParamSpec { name: "final_norm".into(), shape: vec![h], init: Init::Ones },
+        ParamSpec { name: "lm_head".into(), shape: vec![v, h], init: Init::Normal(INIT_STD) },
+    ];
+    for l in 0..dims.layers {
+        let p = |s: &str| format!("layers.{l}.{s}");
+        specs.push(ParamSpec { name: p("attn_norm"), shape: vec![h], init: Init::Ones });
+        specs.push(ParamSpec { name: p("wq"), shape: vec![h, h], init: Init::Normal(INIT_STD) });
+        specs.push(ParamSpec { name: p("wk"), shape: vec![h, h], init: Init::Normal(INIT_STD) });
+        specs.push(ParamSpec { name: p("wv"), shape: vec![h, h], init: Init::Normal(INIT_STD) });
+        specs.push(ParamSpec { name: p("wo"), shape: vec![h, h], init: Init::Normal(out_std) });
+        specs.push(ParamSpec { name: p("moe_norm"), shape: vec![h], init: Init::Ones });
+        specs.push(ParamSpec { name: p("router"), shape: vec![experts, h], init: Init::Normal(INIT_STD) });
+        for e in 0..dims.routed_experts {
+            let x = |s: &str| format!("layers.{l}.experts.{e}.{s}");
+            specs.push(ParamSpec { name: x("w_gate"), shape: vec![f, h], init: Init::Normal(INIT_STD) });
+            specs.push(ParamSpec { name: x("w_up"), shape: vec![f, h], init: Init::Normal(INIT_STD) });
+            specs.push(ParamSpec { name: x("w_down"), shape: vec![h, f], init: Init::Normal(out_std) });
+        }
+    }
+    specs.sort_by(|a, b| a.name.cmp(&b.name));
+    specs
+}
+
+/// Checks that the worker can run a model of these dimensions.
+pub fn check_dims(dims: &ModelDims) -> Result<()> {
+    let bad = |m: String| Err(WorkerError::InvalidJob(m));
+    if dims.vocab_size != 256 {
+        return bad(format!("the worker is byte-level: vocabSize must be 256, not {}", dims.vocab_size));
+    }
+    if dims.heads == 0
+        || !dims.hidden_size.is_multiple_of(dims.heads)
+        || !(dims.hidden_size / dims.heads).is_multiple_of(2)
+    {
+        return bad(format!(
+            "hiddenSize {} must split into {} heads of even width (rotary embeddings)",
+            dims.hidden_size, dims.heads
+        ));
+    }
+    if dims.top_k == 0 || dims.top_k > dims.routed_experts + dims.zero_experts {
+        return bad(format!("topK {} must be in 1..=routedExperts + zeroExperts", dims.top_k));
+    }
+    if dims.layers == 0 || dims.seq_len < 2 || dims.expert_ffn_size == 0 {
+        return bad("layers, expertFfnSize must be positive and seqLen at least 2".into());
+    }
+    if let Some(sparse) = dims.sparse_attention
+        && (sparse.block_size == 0 || !dims.seq_len.is_multiple_of(sparse.block_size))
+    {
+        return bad(format!(
+            "sparse attention blockSize {} must divide seqLen {}",
+            sparse.block_size, dims.seq_len
+        ));
+    }
+    Ok(())
+}
+
+/// Weights of the auxiliary router losses in the training objective.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LossWeights {
+    /// Load-balancing loss coefficient (summed over layers).
+    pub aux: f64,
+    /// Router z-loss coefficient (summed over layers).
+    pub z: f64,
+}
+
+/// The result of one micro-batch's forward pass.
+#[derive(Debug)]
+pub struct ForwardOutput {
+    /// The differentiable objective: cross-entropy + weighted router losses.
+    pub objective: Tensor,
+    /// Mean next-byte cross-entropy (nats per byte).
+    pub cross_entropy: f32,
+    /// Load-balancing loss summed over layers.
+    pub balance_loss: f32,
+    /// Router z-loss summed over layers.
+    pub z_loss: f32,
+    /// Tokens routed to each routed expert, per layer (`[layer][expert]`).
+    pub expert_tokens: Vec<Vec<u32>>,
+}
+
+/// The model: its dimensions and a name-keyed set of trainable parameters.
+///
+/// A model may hold only some routed experts (see [`MoeTransformer::held_experts`]); a forward pass
+/// that routes tokens to an expert it does not hold fails with a clear error. Issue 7's
+/// expert-parallel runtime supplies remote experts at exactly that point.
+pub struct MoeTransformer {
+    dims: ModelDims,
+    params: BTreeMap<String, Var>,
+    rope_cos: Tensor,
+    rope_sin: Tensor,
+    causal_mask: Tensor,
+    device: Device,
+}
+
+impl MoeTransformer {
+    /// A freshly initialised model holding the dense parameters and the experts in `experts`
+    /// (every expert when `None`). Initial values depend only on `(seed, parameter name)`.
+    pub fn initialize(dims: ModelDims, seed: u64, experts: Option<&[ExpertId]>) -> Result<Self> {
+        check_dims(&dims)?;
+        let wanted: Option<BTreeSet<ExpertId>> = experts.map(|e| e.iter().copied().collect());
+        let mut values = BTreeMap::new();
+        for spec in param_specs(&dims) {
+            if let (ParamOwner::Expert(id), Some(wanted)) = (ParamOwner::of(&spec.name), &wanted)
+                && !wanted.contains(&id)
+            {
+                continue;
+            }
+            let data = spec.initial_value(seed);
+            values.insert(spec.name.clone(), HostTensor { shape: spec.shape.clone(), data });
+        }
+        Self::from_values(dims, values)
+    }
+
+    /// A model from explicit parameter values (e.g. loaded from a checkpoint). Every dense
+    /// parameter must be present; experts may be a subset. Shapes are checked.
+    pub fn from_values(dims: ModelDims, values: BTreeMap<String, HostTensor>) -> Result<Self> {
+        check_dims(&dims)?;
+        let device = Device::Cpu;
+        let specs: BTreeMap<String, ParamSpec> =
+            param_specs(&dims).into_iter().map(|s| (s.name.clone(), s)).collect();
+        for (name, spec) in &specs {
+            if ParamOwner::of(name) == ParamOwner::Dense && !values.contains_key(name) {
+                return Err(WorkerError::InvalidJob(format!("dense parameter {name} is missing")));
+            }
+            if let Some(v) = values.get(name)
+                && (v.shape != spec.shape || v.data.len() != spec.numel())
+            {
+                return Err(WorkerError::InvalidJob(format!(
+                    "parameter {name} has shape {:?} ({} values), the model needs {:?}",
+                    v.shape,
+                    v.data.len(),
+                    spec.shape
+                )));
+            }
+        }
+        let mut params = BTreeMap::new();
+        for (name, value) in values {
+            if !specs.contains_key(&name) {
+                return Err(WorkerError::InvalidJob(format!("unknown parameter {name}")));
+            }
+            let tensor = Tensor::from_vec(value.data, value.shape, &device)?;
+            params.insert(name, Var::from_tensor(&tensor)?);
+        }
+        let (rope_cos, rope_sin) = rope_tables(&dims, &device)?;
+        let causal_mask = causal_mask(dims.seq_len as usize, &device)?;
+        Ok(Self { dims, params, rope_cos, rope_sin, causal_mask, device })
+    }
+
+    /// The model's dimensions.
+    pub fn dims(&self) -> &ModelDims {
+        &self.dims
+    }
+
+    /// Parameters held, in name order.
+    pub fn params(&self) -> &BTreeMap<String, Var> {
+        &self.params
+    }
+
+    /// The routed experts this model holds, in (layer, expert) order.
+    pub fn held_experts(&self) -> Vec<ExpertId> {
+        let ids: BTreeSet<ExpertId> = self
+            .params
+            .keys()
+            .filter_map(|n| match ParamOwner::of(n) {
+                ParamOwner::Expert(id) => Some(id),
+                ParamOwner::Dense => None,
+            })
+            .collect();
+        ids.into_iter().collect()
+    }
+
+    /// Copies every held parameter to the host, in name order.
+    pub fn to_host(&self) -> Result<BTreeMap<String, HostTensor>> {
+        self.params
+            .iter()
+            .map(|(name, var)| {
+                let data = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+                Ok((name.clone(), HostTensor { shape: var.dims().to_vec(), data }))
+            })
+            .collect()
+    }
+
+    /// Overwrites one parameter's value in place.
+    pub fn set_param(&self, name: &str, data: Vec<f32>) -> Result<()> {
+        let var = self
+            .params
+            .get(name)
+            .ok_or_else(|| WorkerError::InvalidJob(format!("parameter {name} is not held")))?;
+        let tensor = Tensor::from_vec(data, var.dims(), &self.device)?;
+        var.set(&tensor)?;
+        Ok(())
+    }
+
+    /// sha256 over every held parameter in name order, as little-endian f32 bytes.
+    pub fn params_sha256(&self) -> Result<String> {
+        let mut hasher = Sha256::new();
+        for var in self.params.values() {
+            for x in var.as_tensor().flatten_all()?.to_vec1::<f32>()? {
+                hasher.update(x.to_le_bytes());
+            }
+        }
+        Ok(hex(&hasher.finalize()))
+    }
+
+    fn param(&self, name: &str) -> Result<&Tensor> {
+        self.params
+            .get(name)
+            .map(Var::as_tensor)
+            .ok_or_else(|| WorkerError::InvalidJob(format!("parameter {name} is not held by this worker")))
+    }
+
+    /// Forward pass of one micro-batch, returning the objective to differentiate.
+    pub fn forward(&self, batch: &MicroBatch, weights: LossWeights) -> Result<ForwardOutput> {
+        let (b, t) = (batch.sequences, batch.seq_len);
+        if t != self.dims.seq_len as usize || batch.inputs.len() != b * t || batch.targets.len() != b * t {
+            return Err(WorkerError::InvalidJob(format!(
+                "micro-batch of {b}x{t} tokens does not match seqLen {}",
+                self.dims.seq_len
+            )));
+        }
+        let h = self.dims.hidden_size as usize;
+        let inputs = Tensor::from_slice(&batch.inputs, b * t, &self.device)?;
+        let targets = Tensor::from_slice(&batch.targets, b * t, &self.device)?;
+        let mut x = self.param("embed")?.index_select(&inputs, 0)?; // [b*t, h]
+        let mut balance = Vec::new();
+        let mut zloss = Vec::new();
+        let mut expert_tokens = Vec::new();
+        for l in 0..self.dims.layers {
+            let normed = rms_norm(&x, self.param(&format!("layers.{l}.attn_norm"))?)?;
+            x = (x + self.attention(l, &normed, b, t)?)?;
+            let normed = rms_norm(&x, self.param(&format!("layers.{l}.moe_norm"))?)?;
+            let moe = self.moe(l, &normed)?;
+            x = (x + moe.output)?;
+            balance.push(moe.balance_loss);
+            zloss.push(moe.z_loss);
+            expert_tokens.push(moe.expert_tokens);
+        }
+        let x = rms_norm(&x, self.param("final_norm")?)?;
+        let logits = x.matmul(&self.param("lm_head")?.t()?)?; // [b*t, vocab]
+        let ce = candle_nn::loss::cross_entropy(&logits, &targets)?;
+        let balance = Tensor::stack(&balance, 0)?.sum_all()?;
+        let zloss = Tensor::stack(&zloss, 0)?.sum_all()?;
+        let objective = ((&ce + (&balance * weights.aux)?)? + (&zloss * weights.z)?)?;
+        let _ = h;
+        Ok(ForwardOutput {
+            objective,
+            cross_entropy: ce.to_scalar::<f32>()?,
+            balance_loss: balance.to_scalar::<f32>()?,
+            z_loss: zloss.to_scalar::<f32>()?,
+            expert_tokens,
+        })
+    }
+
+    fn attention(&self, l: u32, x: &Tensor, b: usize, t: usize) -> Result<Tensor> {
+        let h = self.dims.hidden_size as usize;
+        let nh = self.dims.heads as usize;
+        let hd = h / nh;
+        let proj = |w: &str| -> Result<Tensor> {
+            let w = self.param(&format!("layers.{l}.{w}"))?;
+            Ok(x.matmul(&w.t()?)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = self.rope(&proj("wq")?)?;
+        let k = self.rope(&proj("wk")?)?;
+        let v = proj("wv")?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?; // [b, nh, t, t]
+        let mask = match self.dims.sparse_attention {
+            Some(sparse) => block_sparse_mask(
+                &q,
+                &k,
+                sparse.block_size as usize,
+                sparse.top_blocks as usize,
+                &self.device,
+            )?,
+            None => self.causal_mask.clone(),
+        };
+        let probs = candle_nn::ops::softmax(&scores.broadcast_add(&mask)?, D::Minus1)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, h))?;
+        Ok(out.matmul(&self.param(&format!("layers.{l}.wo"))?.t()?)?)
+    }
+
+    /// Rotary position embedding on `[b, heads, t, head_dim]` (half-split convention).
+    fn rope(&self, x: &Tensor) -> Result<Tensor> {
+        let half = x.dim(D::Minus1)? / 2;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let (cos, sin) = (&self.rope_cos, &self.rope_sin);
+        let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+        let r2 = (x1.broadcast_mul(sin)? + x2.broadcast_mul(cos)?)?;
+        Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
+    }
+
+    fn moe(&self, l: u32, x: &Tensor) -> Result<MoeOutput> {
+        let routed = self.dims.routed_experts as usize;
+        let zero = self.dims.zero_experts as usize;
+        let experts = routed + zero;
+        let top_k = self.dims.top_k as usize;
+        let n = x.dim(0)?;
+        let logits = x.matmul(&self.param(&format!("layers.{l}.router"))?.t()?)?; // [n, experts]
+        let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
+        let plan = RoutingPlan::top_k(&probs.to_vec2::<f32>()?, top_k, routed);
+        let mask = Tensor::from_vec(plan.selection_mask(experts), (n, experts), &self.device)?;
+        let gates = (&probs * &mask)?;
+        let gates_by_expert = gates.t()?.contiguous()?; // [experts, n]
+
+        let mut out = x.zeros_like()?;
+        // Routed experts, in expert order: the accumulation order is fixed, whoever computes them.
+        for (e, tokens) in plan.tokens_per_expert.iter().enumerate() {
+            if tokens.is_empty() {
+                continue;
+            }
+            let prefix = format!("layers.{l}.experts.{e}.");
+            let ids = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
+            let xe = x.index_select(&ids, 0)?;
+            let ye = swiglu(
+                &xe,
+                self.param(&format!("{prefix}w_gate"))?,
+                self.param(&format!("{prefix}w_up"))?,
+                self.param(&format!("{prefix}w_down"))?,
+            )?;
+            let ge = gates_by_expert.get(e)?.index_select(&ids, 0)?.unsqueeze(1)?;
+            out = out.index_add(&ids, &ye.broadcast_mul(&ge)?, 0)?;
+        }
+        // Zero-computation experts return their input: weight it by their summed gates.
+        if zero > 0 {
+            let zero_gate = gates.narrow(1, routed, zero)?.sum_keepdim(1)?;
+            out = (out + x.broadcast_mul(&zero_gate)?)?;
+        }
+
+        // Switch-style balance loss over all experts: E * sum_i f_i * P_i, f_i the (constant)
+        // fraction of routing slots expert i received, P_i its mean router probability.
+        let slots = (n * top_k) as f32;
+        let fractions: Vec<f32> = plan.counts.iter().map(|&c| c as f32 / slots).collect();
+        let fractions = Tensor::from_vec(fractions, experts, &self.device)?;
+        let mean_prob = probs.mean(0)?;
+        let balance_loss = ((mean_prob * fractions)?.sum_all()? * experts as f64)?;
+        // Router z-loss: mean squared log-sum-exp of the router logits.
+        let max = logits.max_keepdim(1)?.detach();
+        let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + max)?;
+        let z_loss = lse.sqr()?.mean_all()?;
+        let expert_tokens = plan.counts[..routed].iter().map(|&c| c as u32).collect();
+        Ok(MoeOutput { output: out, balance_loss, z_loss, expert_tokens })
+    }
+}
+
+struct MoeOutput {
+    output: Tensor,
+    balance_loss: Tensor,
+    z_loss: Tensor,
+    expert_tokens: Vec<u32>,
+}
+
+/// Which tokens go to which experts in one MoE layer. Computed from router probabilities on the
+/// host; ties break towards the lower expert index, so routing is deterministic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoutingPlan {
+    /// For each token, its chosen experts (routed and zero-computation), best first.
+    pub choices: Vec<Vec<usize>>,
+    /// For each routed expert, the tokens routed to it, ascending.
+    pub tokens_per_expert: Vec<Vec<u32>>,
+    /// Routing slots received by every expert (routed then zero-computation).
+    pub counts: Vec<usize>,
+}
+
+impl RoutingPlan {
+    /// Top-k routing of `probs` (`[tokens][experts]`); the first `routed` experts are routed
+    /// experts, the rest zero-computation.
+    pub fn top_k(probs: &[Vec<f32>], k: usize, routed: usize) -> Self {
+        let experts = probs.first().map_or(0, Vec::len);
+        let mut tokens_per_expert = vec![Vec::new(); routed];
+        let mut counts = vec![0; experts];
+        let mut choices = Vec::with_capacity(probs.len());
+        for (token, row) in probs.iter().enumerate() {
+            let mut order: Vec<usize> = (0..row.len()).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+            order.truncate(k);
+            for &e in &order {
+                counts[e] += 1;
+                if e < routed {
+                    tokens_per_expert[e].push(token as u32);
+                }
+            }
+            choices.push(order);
+        }
+        Self { choices, tokens_per_expert, counts }
+    }
+
+    /// A `[tokens * experts]` 0/1 mask of the chosen experts.
+    pub fn selection_mask(&self, experts: usize) -> Vec<f32> {
+        let mut mask = vec![0.0; self.choices.len() * experts];
+        for (token, chosen) in self.choices.iter().enumerate() {
+            for &e in chosen {
+                mask[token * experts + e] = 1.0;
+            }
+        }
+        mask
+    }
+}
+
+fn swiglu(x: &Tensor, w_gate: &Tensor, w_up: &Tensor, w_down: &Tensor) -> Result<Tensor> {
+    let gate = x.matmul(&w_gate.t()?)?.silu()?;
+    let up = x.matmul(&w_up.t()?)?;
+    Ok((gate * up)?.matmul(&w_down.t()?)?)
+}
+
+fn rms_norm(x: &Tensor, gain: &Tensor) -> Result<Tensor> {
+    let rms = (x.sqr()?.mean_keepdim(D::Minus1)? + NORM_EPS)?.sqrt()?;
+    Ok(x.broadcast_div(&rms)?.broadcast_mul(gain)?)
+}
+
+fn rope_tables(dims: &ModelDims, device: &Device) -> Result<(Tensor, Tensor)> {
+    let t = dims.seq_len as usize;
+    let half = (dims.hidden_size / dims.heads.max(1)) as usize / 2;
+    let mut cos = Vec::with_capacity(t * half);
+    let mut sin = Vec::with_capacity(t * half);
+    for pos in 0..t {
+        for i in 0..half {
+            let freq = ROPE_THETA.powf(-(2.0 * i as f64) / (2.0 * half as f64));
+            let angle = pos as f64 * freq;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    Ok((Tensor::from_vec(cos, (t, half), device)?, Tensor::from_vec(sin, (t, half), device)?))
+}
+
+fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> =
+        (0..t).flat_map(|q| (0..t).map(move |k| if k <= q { 0.0 } else { MASKED })).collect();
+    Ok(Tensor::from_vec(mask, (t, t), device)?)
+}
+
+/// Block-sparse causal mask `[b, heads, t, t]`: each query block sees its own block (causally),
+/// the first block, and the `top_blocks` earlier blocks whose mean key best matches the block's
+/// mean query. Selection is made on the host and is not differentiated (as in LongCat Sparse
+/// Attention's block selection); the mask is then applied to dense scores.
+fn block_sparse_mask(
+    q: &Tensor,
+    k: &Tensor,
+    block: usize,
+    top_blocks: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let (b, nh, t, hd) = q.dims4()?;
+    let blocks = t / block;
+    // Mean query/key per block: [b, nh, blocks, hd].
+    let qm = q.reshape((b, nh, blocks, block, hd))?.mean(3)?.to_dtype(DType::F32)?;
+    let km = k.reshape((b, nh, blocks, block, hd))?.mean(3)?.to_dtype(DType::F32)?;
+    let block_scores = qm.matmul(&km.t()?)?.flatten_all()?.to_vec1::<f32>()?; // [b, nh, blocks, blocks]
+    let mut mask = vec![MASKED; b * nh * t * t];
+    for bh in 0..b * nh {
+        for qb in 0..blocks {
+            let row = &block_scores[(bh * blocks + qb) * blocks..(bh * blocks + qb + 1) * blocks];
+            let mut earlier: Vec<usize> = (1..qb).collect();
+            earlier.sort_by(|&x, &y| row[y].total_cmp(&row[x]).then(x.cmp(&y)));
+            earlier.truncate(top_blocks);
+            earlier.push(0);
+            earlier.push(qb);
+            for kb in earlier {
+                for qi in qb * block..(qb + 1) * block {
+                    for ki in kb * block..((kb + 1) * block).min(qi + 1) {
+                        mask[(bh * t + qi) * t + ki] = 0.0;
+                    }
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(mask, (b, nh, t, t), device)?)
+}
+
+/// Lower-case hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ninelives_core::job::ModelPreset;
+
+    #[test]
+    fn parameter_count_matches_the_core_dimensions() {
+        for preset in [ModelPreset::Tiny, ModelPreset::Small] {
+            let dims = ModelDims::preset(preset);
+            let total: u64 = param_specs(&dims).iter().map(|s| s.numel() as u64).sum();
+            assert_eq!(total, dims.total_params(), "{preset:?}");
+        }
+    }
+
+    #[test]
+    fn expert_names_parse_back_to_their_ids() {
+        assert_eq!(ParamOwner::of("layers.3.experts.7.w_gate"), ParamOwner::Expert(ExpertId::new(3, 7)));
+        assert_eq!(ParamOwner::of("layers.3.router"), ParamOwner::Dense);
+        assert_eq!(ParamOwner::of("embed"), ParamOwner::Dense);
+    }
+
+    #[test]
+    fn routing_takes_top_k_and_breaks_ties_low() {
+        let probs = vec![vec![0.1, 0.4, 0.4, 0.1], vec![0.7, 0.1, 0.1, 0.1]];
+        let plan = RoutingPlan::top_k(&probs, 2, 3);
+        assert_eq!(plan.choices, vec![vec![1, 2], vec![0, 1]]);
+        assert_eq!(plan.tokens_per_expert, vec![vec![1], vec![0, 1], vec![0]]);
+        assert_eq!(plan.counts, vec![1, 2, 1, 0]);
+    }
+
+    #[test]
+    fn a_model_without_an_expert_says_which_one_is_missing() {
+        let dims = ModelDims::preset(ModelPreset::Tiny);
+        let held = [ExpertId::new(0, 0)];
+        let model = MoeTransformer::initialize(dims, 1, Some(&held)).unwrap();
+        assert_eq!(model.held_experts(), held);
+        let batch = crate::data::Corpus::from_bytes(vec![b'a'; 1000]).micro_batch(1, 0, 0, 1, 64);
+        let err = model.forward(&batch, LossWeights { aux: 0.0, z: 0.0 }).unwrap_err();
+        assert!(err.to_string().contains("not held by this worker"), "{err}");
+    }
+}

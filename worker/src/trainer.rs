@@ -1,0 +1,327 @@
+//! The training loop: micro-batches → gradients → ordered reduction → AdamW.
+//!
+//! Exactness argument: a step's data is a pure function of `(seed, step, sample)`; the global
+//! batch is split into fixed micro-batches; each micro-batch's gradients are computed
+//! independently and then summed **in micro-batch index order** and scaled by `1 / micro_batches`.
+//! So which process computes a micro-batch, and in what order they finish, never changes a bit of
+//! the result — only the thread count of the CPU kernels could, and [`run_with_threads`] pins it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use ninelives_core::job::TrainingSpec;
+use ninelives_core::{ModelDims, TrainingJob};
+
+use crate::checkpoint::{DataCursor, LoadedCheckpoint, TrainingSnapshot};
+use crate::data::{Corpus, MicroBatch};
+use crate::error::{Result, WorkerError};
+use crate::model::{ExpertId, LossWeights, MoeTransformer};
+use crate::optim::{AdamW, Gradients, UpdateReport};
+
+/// Everything that fixes the math of a run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainerConfig {
+    /// Model dimensions.
+    pub dims: ModelDims,
+    /// Optimisation settings.
+    pub training: TrainingSpec,
+    /// Steps the learning-rate schedule spans (the run's last step).
+    pub total_steps: u64,
+    /// Sequences per step.
+    pub global_batch_size: u32,
+    /// Sequences per micro-batch.
+    pub micro_batch_size: u32,
+    /// Seed of initialisation and sampling.
+    pub seed: u64,
+}
+
+impl TrainerConfig {
+    /// The configuration a TrainingJob describes.
+    pub fn from_job(job: &TrainingJob) -> Result<Self> {
+        let spec = &job.spec;
+        let dims = ModelDims::resolve(&spec.model).map_err(|missing| {
+            WorkerError::InvalidJob(format!("model dimensions not set: {}", missing.join(", ")))
+        })?;
+        let config = Self {
+            dims,
+            training: spec.training.clone(),
+            total_steps: spec.training.steps,
+            global_batch_size: spec.data.global_batch_size,
+            micro_batch_size: spec.data.micro_batch_size,
+            seed: spec.data.seed,
+        };
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks the batch geometry and model can be trained.
+    pub fn check(&self) -> Result<()> {
+        crate::model::check_dims(&self.dims)?;
+        if self.micro_batch_size == 0 || !self.global_batch_size.is_multiple_of(self.micro_batch_size) {
+            return Err(WorkerError::InvalidJob(format!(
+                "globalBatchSize {} must be a positive multiple of microBatchSize {}",
+                self.global_batch_size, self.micro_batch_size
+            )));
+        }
+        if self.total_steps == 0 {
+            return Err(WorkerError::InvalidJob("steps must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// Micro-batches per step.
+    pub fn micro_batches(&self) -> usize {
+        (self.global_batch_size / self.micro_batch_size) as usize
+    }
+
+    /// Training tokens per step.
+    pub fn tokens_per_step(&self) -> u64 {
+        u64::from(self.global_batch_size) * u64::from(self.dims.seq_len)
+    }
+
+    fn loss_weights(&self) -> LossWeights {
+        LossWeights { aux: self.training.aux_loss_coef, z: self.training.z_loss_coef }
+    }
+}
+
+/// Gradients and losses of one micro-batch, ready for the ordered reduction.
+#[derive(Clone, Debug)]
+pub struct MicroBatchResult {
+    /// Micro-batch index within the step (the reduction order).
+    pub index: usize,
+    /// Gradients of this micro-batch's objective, by parameter name.
+    pub grads: Gradients,
+    /// Mean cross-entropy.
+    pub cross_entropy: f32,
+    /// Load-balancing loss (summed over layers).
+    pub balance_loss: f32,
+    /// Router z-loss (summed over layers).
+    pub z_loss: f32,
+}
+
+/// What one step did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepReport {
+    /// The step just completed (1-based count of updates applied).
+    pub step: u64,
+    /// Mean cross-entropy over the global batch (nats per byte).
+    pub loss: f64,
+    /// Mean load-balancing loss.
+    pub balance_loss: f64,
+    /// Mean router z-loss.
+    pub z_loss: f64,
+    /// The optimizer update.
+    pub update: UpdateReport,
+    /// Wall time of the step.
+    pub seconds: f64,
+    /// Tokens per second.
+    pub tokens_per_second: f64,
+}
+
+/// A model, its optimizer and its data position.
+pub struct Trainer {
+    config: TrainerConfig,
+    corpus: Arc<Corpus>,
+    model: MoeTransformer,
+    optimizer: AdamW,
+    step: u64,
+}
+
+impl Trainer {
+    /// A freshly initialised trainer at step 0, holding every expert.
+    pub fn new(config: TrainerConfig, corpus: Arc<Corpus>) -> Result<Self> {
+        Self::with_experts(config, corpus, None)
+    }
+
+    /// A freshly initialised trainer at step 0 holding only `experts` (all when `None`).
+    pub fn with_experts(
+        config: TrainerConfig,
+        corpus: Arc<Corpus>,
+        experts: Option<&[ExpertId]>,
+    ) -> Result<Self> {
+        config.check()?;
+        corpus.check_fits(config.dims.seq_len as usize)?;
+        let model = MoeTransformer::initialize(config.dims, config.seed, experts)?;
+        let optimizer = AdamW::new(&config.training, config.total_steps, &model);
+        Ok(Self { config, corpus, model, optimizer, step: 0 })
+    }
+
+    /// A trainer continuing from a loaded checkpoint (which may hold a subset of the experts).
+    pub fn from_checkpoint(
+        config: TrainerConfig,
+        corpus: Arc<Corpus>,
+        loaded: LoadedCheckpoint,
+    ) -> Result<Self> {
+        config.check()?;
+        corpus.check_fits(config.dims.seq_len as usize)?;
+        let cursor = loaded.manifest.data_cursor;
+        let incompatible =
+            |reason: String| WorkerError::IncompatibleCheckpoint { path: loaded.path.clone(), reason };
+        if cursor.seed != config.seed {
+            return Err(incompatible(format!("seed {} (the job uses {})", cursor.seed, config.seed)));
+        }
+        if cursor.global_batch_size != config.global_batch_size
+            || cursor.micro_batch_size != config.micro_batch_size
+        {
+            return Err(incompatible(format!(
+                "batch {}/{} (the job uses {}/{}); resuming would change the math",
+                cursor.global_batch_size,
+                cursor.micro_batch_size,
+                config.global_batch_size,
+                config.micro_batch_size
+            )));
+        }
+        let model = MoeTransformer::from_values(config.dims, loaded.params)?;
+        let mut optimizer = AdamW::new(&config.training, config.total_steps, &model);
+        for (name, moments) in loaded.moments {
+            optimizer.set_moments(&name, moments)?;
+        }
+        Ok(Self { config, corpus, model, optimizer, step: cursor.next_step })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainerConfig {
+        &self.config
+    }
+
+    /// The model.
+    pub fn model(&self) -> &MoeTransformer {
+        &self.model
+    }
+
+    /// Steps completed.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Micro-batch `index` of the current step.
+    pub fn micro_batch(&self, index: usize) -> MicroBatch {
+        self.corpus.micro_batch(
+            self.config.seed,
+            self.step,
+            index,
+            self.config.micro_batch_size as usize,
+            self.config.dims.seq_len as usize,
+        )
+    }
+
+    /// Forward and backward of one micro-batch; nothing is updated.
+    pub fn micro_batch_gradients(&self, batch: &MicroBatch) -> Result<MicroBatchResult> {
+        let out = self.model.forward(batch, self.config.loss_weights())?;
+        if !out.cross_entropy.is_finite() {
+            return Err(WorkerError::Diverged {
+                step: self.step,
+                what: format!("loss {}", out.cross_entropy),
+            });
+        }
+        let store = out.objective.backward()?;
+        let mut grads = Gradients::new();
+        for (name, var) in self.model.params() {
+            if let Some(g) = store.get(var.as_tensor()) {
+                grads.insert(name.clone(), g.flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
+        Ok(MicroBatchResult {
+            index: batch.index,
+            grads,
+            cross_entropy: out.cross_entropy,
+            balance_loss: out.balance_loss,
+            z_loss: out.z_loss,
+        })
+    }
+
+    /// The ordered reduction: sums micro-batch gradients in index order and divides by their
+    /// count. Results may arrive in any order and from any worker; every index of the step must
+    /// be present exactly once.
+    pub fn reduce(&self, mut results: Vec<MicroBatchResult>) -> Result<(Gradients, [f64; 3])> {
+        results.sort_by_key(|r| r.index);
+        let expected = self.config.micro_batches();
+        if results.len() != expected || results.iter().enumerate().any(|(i, r)| r.index != i) {
+            return Err(WorkerError::InvalidJob(format!(
+                "step {} needs micro-batches 0..{expected} exactly once, got {:?}",
+                self.step,
+                results.iter().map(|r| r.index).collect::<Vec<_>>()
+            )));
+        }
+        let mut sum = Gradients::new();
+        let mut losses = [0.0f64; 3];
+        for r in results {
+            losses[0] += f64::from(r.cross_entropy);
+            losses[1] += f64::from(r.balance_loss);
+            losses[2] += f64::from(r.z_loss);
+            for (name, g) in r.grads {
+                match sum.get_mut(&name) {
+                    Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, x)| *a += x),
+                    None => {
+                        sum.insert(name, g);
+                    }
+                }
+            }
+        }
+        let scale = 1.0 / expected as f32;
+        sum.values_mut().for_each(|g| g.iter_mut().for_each(|x| *x *= scale));
+        let n = expected as f64;
+        Ok((sum, losses.map(|l| l / n)))
+    }
+
+    /// Applies reduced gradients as the update of the current step and advances the step.
+    pub fn apply(&mut self, grads: &Gradients) -> Result<UpdateReport> {
+        let report = self.optimizer.update(&self.model, self.step, grads)?;
+        self.step += 1;
+        Ok(report)
+    }
+
+    /// One full step computed locally: every micro-batch, the ordered reduction, the update.
+    pub fn train_step(&mut self) -> Result<StepReport> {
+        let started = Instant::now();
+        let results = (0..self.config.micro_batches())
+            .map(|i| self.micro_batch_gradients(&self.micro_batch(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let (grads, [loss, balance_loss, z_loss]) = self.reduce(results)?;
+        let update = self.apply(&grads)?;
+        let seconds = started.elapsed().as_secs_f64();
+        Ok(StepReport {
+            step: self.step,
+            loss,
+            balance_loss,
+            z_loss,
+            update,
+            seconds,
+            tokens_per_second: self.config.tokens_per_step() as f64 / seconds.max(1e-9),
+        })
+    }
+
+    /// sha256 of every held parameter in name order.
+    pub fn params_sha256(&self) -> Result<String> {
+        self.model.params_sha256()
+    }
+
+    /// Copies the whole training state to host memory for a checkpoint. This is the only part
+    /// of a save that training waits for.
+    pub fn snapshot(&self) -> Result<TrainingSnapshot> {
+        let params = self.model.to_host()?;
+        let moments = self.optimizer.moments().clone();
+        Ok(TrainingSnapshot {
+            step: self.step,
+            dims: self.config.dims,
+            data_cursor: DataCursor {
+                seed: self.config.seed,
+                next_step: self.step,
+                global_batch_size: self.config.global_batch_size,
+                micro_batch_size: self.config.micro_batch_size,
+            },
+            params_sha256: self.model.params_sha256()?,
+            params,
+            moments,
+        })
+    }
+}
+
+/// Runs `f` with the CPU kernels on exactly `threads` threads (a private rayon pool).
+pub fn run_with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> Result<R> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build()
+        .map_err(|e| WorkerError::ThreadPool(e.to_string()))?;
+    Ok(pool.install(f))
+}

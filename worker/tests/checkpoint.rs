@@ -1,0 +1,171 @@
+//! Checkpoints: exact resume, restore into another expert placement, corruption fallback,
+//! torn checkpoints, retention.
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{demo_corpus, tiny_config};
+use ninelives_worker::checkpoint::LoadedCheckpoint;
+use ninelives_worker::trainer::run_with_threads;
+use ninelives_worker::{CheckpointStore, ExpertId, ExpertSelection, Trainer};
+
+const STEPS: u64 = 8;
+const SPLIT: u64 = 4;
+
+fn straight_digest() -> String {
+    let mut t = Trainer::new(tiny_config(STEPS), demo_corpus()).unwrap();
+    for _ in 0..STEPS {
+        t.train_step().unwrap();
+    }
+    t.params_sha256().unwrap()
+}
+
+/// Trains to SPLIT and commits a checkpoint there (plus one at SPLIT / 2).
+fn train_and_save(store: &CheckpointStore) {
+    let mut t = Trainer::new(tiny_config(STEPS), demo_corpus()).unwrap();
+    while t.step() < SPLIT {
+        t.train_step().unwrap();
+        if t.step().is_multiple_of(SPLIT / 2) {
+            store.save(&t.snapshot().unwrap()).unwrap();
+        }
+    }
+}
+
+fn finish(loaded: LoadedCheckpoint) -> String {
+    let mut t = Trainer::from_checkpoint(tiny_config(STEPS), demo_corpus(), loaded).unwrap();
+    assert_eq!(t.step(), SPLIT);
+    while t.step() < STEPS {
+        t.train_step().unwrap();
+    }
+    t.params_sha256().unwrap()
+}
+
+#[test]
+fn resume_and_restore_into_another_placement_reproduce_the_straight_run() {
+    let dir = tempfile::tempdir().unwrap();
+    run_with_threads(2, || {
+        let expected = straight_digest();
+        let store = CheckpointStore::open(dir.path(), 3).unwrap();
+        train_and_save(&store);
+        let dims = tiny_config(STEPS).dims;
+
+        let full = store.load_latest(&dims, &ExpertSelection::All).unwrap().unwrap();
+        assert_eq!(full.manifest.step, SPLIT);
+        let full_bytes = full.report.bytes;
+        assert_eq!(finish(full), expected, "plain resume");
+
+        // A different placement: two workers, one owning the even experts of every layer and the
+        // other the odd ones, each loading only its own shards.
+        let all = ExpertId::all(&dims);
+        let (even, odd): (Vec<ExpertId>, Vec<ExpertId>) = all.iter().partition(|id| id.expert % 2 == 0);
+        let a = store.load_experts(&dims, &even).unwrap().unwrap();
+        let b = store.load_experts(&dims, &odd).unwrap().unwrap();
+        assert!(a.report.bytes < full_bytes, "a worker reads only its experts' shards");
+        let held = |l: &LoadedCheckpoint| -> Vec<ExpertId> {
+            let mut ids: Vec<ExpertId> = l
+                .params
+                .keys()
+                .filter_map(|n| match ninelives_worker::model::ParamOwner::of(n) {
+                    ninelives_worker::model::ParamOwner::Expert(id) => Some(id),
+                    ninelives_worker::model::ParamOwner::Dense => None,
+                })
+                .collect();
+            ids.dedup();
+            ids
+        };
+        assert_eq!(held(&a), even);
+        assert_eq!(held(&b), odd);
+        // Reassemble the model from the two shares (what expert parallelism does across
+        // processes) and continue: the result is the straight run's, bit for bit.
+        let mut merged = a;
+        merged.params.extend(b.params);
+        merged.moments.extend(b.moments);
+        assert_eq!(finish(merged), expected, "restore into the even/odd placement");
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_corrupt_newest_checkpoint_falls_back_to_the_previous_one() {
+    let dir = tempfile::tempdir().unwrap();
+    run_with_threads(2, || {
+        let store = CheckpointStore::open(dir.path(), 3).unwrap();
+        train_and_save(&store);
+        let dims = tiny_config(STEPS).dims;
+        // Flip one byte in the middle of one expert shard of the newest checkpoint.
+        let shard = store.step_dir(SPLIT).join("experts/layer-0002-expert-00005.safetensors");
+        let mut bytes = std::fs::read(&shard).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x01;
+        std::fs::write(&shard, bytes).unwrap();
+
+        let loaded = store.load_latest(&dims, &ExpertSelection::All).unwrap().unwrap();
+        assert_eq!(loaded.manifest.step, SPLIT / 2, "fell back to the previous checkpoint");
+        assert_eq!(loaded.report.skipped.len(), 1);
+        let (path, reason) = &loaded.report.skipped[0];
+        assert_eq!(path, &store.step_dir(SPLIT));
+        assert!(reason.contains("sha256 mismatch") && reason.contains("layer-0002-expert-00005"), "{reason}");
+
+        // A worker loading only other experts verifies only what it reads; the job-wide check
+        // that expert-parallel workers agree on first skips the corrupt checkpoint.
+        let other = store.load_experts(&dims, &[ExpertId::new(0, 0)]).unwrap().unwrap();
+        assert_eq!(other.manifest.step, SPLIT);
+        let (step, _) = store.newest_verified().unwrap().unwrap();
+        assert_eq!(step, SPLIT / 2);
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_torn_checkpoint_without_manifest_is_ignored_and_nothing_usable_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    run_with_threads(2, || {
+        let store = CheckpointStore::open(dir.path(), 3).unwrap();
+        train_and_save(&store);
+        let dims = tiny_config(STEPS).dims;
+        // The writer died after the shards of step SPLIT but before its manifest.
+        std::fs::remove_file(store.step_dir(SPLIT).join("manifest.json")).unwrap();
+        let loaded = store.load_latest(&dims, &ExpertSelection::All).unwrap().unwrap();
+        assert_eq!(loaded.manifest.step, SPLIT / 2);
+        assert!(loaded.report.skipped[0].1.contains("no manifest"));
+
+        // Damage the remaining one as well: an error, never a silent fresh start.
+        std::fs::write(store.step_dir(SPLIT / 2).join("manifest.json"), b"{ not json").unwrap();
+        let err = store.load_latest(&dims, &ExpertSelection::All).unwrap_err();
+        assert!(err.to_string().contains("no usable checkpoint"), "{err}");
+    })
+    .unwrap();
+}
+
+#[test]
+fn retention_keeps_the_newest_n_committed_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    run_with_threads(2, || {
+        let store = CheckpointStore::open(dir.path(), 2).unwrap();
+        let mut t = Trainer::new(tiny_config(5), demo_corpus()).unwrap();
+        let mut digests = BTreeMap::new();
+        for _ in 0..5 {
+            t.train_step().unwrap();
+            let report = store.save(&t.snapshot().unwrap()).unwrap();
+            digests.insert(t.step(), t.params_sha256().unwrap());
+            assert!(report.bytes > 0);
+        }
+        let steps: Vec<u64> = store
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|(s, _, committed)| {
+                assert!(committed);
+                s
+            })
+            .collect();
+        assert_eq!(steps, vec![5, 4]);
+        let dims = tiny_config(5).dims;
+        let loaded = store.load_latest(&dims, &ExpertSelection::All).unwrap().unwrap();
+        assert_eq!(loaded.manifest.params_sha256, digests[&5]);
+    })
+    .unwrap();
+}
