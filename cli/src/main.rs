@@ -28,6 +28,8 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Run the Kubernetes operator (leader-elected TrainingJob controller).
+    Operator(ninelives_operator::OperatorArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,5 +40,6 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Validate { files } => validate::run(&files),
+        Command::Operator(args) => ninelives_operator::main(args),
     }
 }
