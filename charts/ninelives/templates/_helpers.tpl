@@ -9,9 +9,14 @@
 {{- define "ninelives.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 app.kubernetes.io/part-of: ninelives
-app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* Common labels plus the instance, for objects that carry no selector labels. */}}
+{{- define "ninelives.metaLabels" -}}
+{{ include "ninelives.labels" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{- define "ninelives.operatorSelector" -}}
