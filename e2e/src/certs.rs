@@ -23,8 +23,11 @@ pub struct Pki {
     pub admin_cert: PathBuf,
     /// Admin client key.
     pub admin_key: PathBuf,
-    /// Service-account signing key (its public half verifies tokens).
+    /// Service-account signing key.
     pub service_account_key: PathBuf,
+    /// Its public half, which verifies tokens (the apiserver reads no public key out of a
+    /// PKCS#8 private key file).
+    pub service_account_public_key: PathBuf,
     /// Client certificate of the operator's service account as the chart creates it
     /// ([`OPERATOR_USER`]), for running the operator with nothing but the chart's RBAC.
     pub operator_cert: PathBuf,
@@ -104,6 +107,7 @@ impl Pki {
             admin_cert: dir.join("admin.crt"),
             admin_key: dir.join("admin.key"),
             service_account_key: dir.join("sa.key"),
+            service_account_public_key: dir.join("sa.pub"),
             operator_cert: dir.join("operator.crt"),
             operator_key: dir.join("operator.key"),
         };
@@ -113,6 +117,7 @@ impl Pki {
         std::fs::write(&pki.admin_cert, admin.pem())?;
         std::fs::write(&pki.admin_key, admin_key.serialize_pem())?;
         std::fs::write(&pki.service_account_key, service_account_key.serialize_pem())?;
+        std::fs::write(&pki.service_account_public_key, service_account_key.public_key_pem())?;
         std::fs::write(&pki.operator_cert, operator.pem())?;
         std::fs::write(&pki.operator_key, operator_key.serialize_pem())?;
         Ok(pki)

@@ -135,7 +135,7 @@ impl Drop for NodeRunner {
 impl Runtime {
     async fn run(self) {
         let pods: Api<Pod> = Api::all(self.client.clone());
-        let mut stream = watcher(pods.clone(), watcher::Config::default()).boxed();
+        let mut stream = watcher::watcher(pods.clone(), watcher::Config::default()).boxed();
         // Pods that found no free node are retried periodically, as the scheduler's queue does.
         let mut retry = tokio::time::interval(std::time::Duration::from_millis(500));
         loop {

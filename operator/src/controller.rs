@@ -99,10 +99,11 @@ async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action> {
     let namespace = job.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
     let api: Api<TrainingJob> = Api::namespaced(ctx.client.clone(), &namespace);
     let key = key(&job);
-    let action = finalizer(&api, FINALIZER, job, |event| async {
+    let inner = ctx.clone();
+    let action = finalizer(&api, FINALIZER, job, |event| async move {
         match event {
-            FinalizerEvent::Apply(job) => apply(&job, &ctx).await,
-            FinalizerEvent::Cleanup(job) => cleanup(&job, &ctx).await,
+            FinalizerEvent::Apply(job) => apply(&job, &inner).await,
+            FinalizerEvent::Cleanup(job) => cleanup(&job, &inner).await,
         }
     })
     .await

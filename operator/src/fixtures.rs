@@ -1,10 +1,9 @@
 //! Test objects built fluently: `job("tiny").nodes(3).spares(1).build()`.
 
 use k8s_openapi::api::core::v1::{ContainerState, ContainerStateTerminated, ContainerStatus, Pod, PodStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use ninelives_core::{TrainingJob, TrainingJobStatus};
 
-use crate::resources::{Role, WorkerTemplate, desired_pods};
+use crate::resources::{WorkerTemplate, desired_pods};
 
 /// Builder of a valid two-node TrainingJob.
 pub struct JobBuilder {
@@ -125,18 +124,4 @@ pub fn with_phase(mut pod: Pod, phase: &str) -> Pod {
         ..PodStatus::default()
     });
     pod
-}
-
-/// The role label value of a pod.
-pub fn role(pod: &Pod) -> Option<Role> {
-    match pod.metadata.labels.as_ref()?.get(crate::resources::ROLE_LABEL)?.as_str() {
-        "worker" => Some(Role::Worker),
-        "spare" => Some(Role::Spare),
-        _ => None,
-    }
-}
-
-/// An object with only a name, for orphan tests.
-pub fn named(name: &str) -> ObjectMeta {
-    ObjectMeta { name: Some(name.into()), ..ObjectMeta::default() }
 }

@@ -84,13 +84,14 @@ impl LeaderElector {
         let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
         let renew_time = spec.renew_time.as_ref().map(|t| t.0.to_string());
         let seen = Observed { holder: holder.clone(), renew_time, since: Instant::now() };
-        let since = match &self.observed {
-            Some(prev) if prev.holder == seen.holder && prev.renew_time == seen.renew_time => prev.since,
-            _ => {
-                self.observed = Some(seen);
-                Instant::now()
-            }
-        };
+        let unchanged = self
+            .observed
+            .as_ref()
+            .is_some_and(|prev| prev.holder == seen.holder && prev.renew_time == seen.renew_time);
+        if !unchanged {
+            self.observed = Some(seen);
+        }
+        let since = self.observed.as_ref().map_or_else(Instant::now, |o| o.since);
         let duration = spec
             .lease_duration_seconds
             .and_then(|s| u64::try_from(s).ok())
