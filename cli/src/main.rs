@@ -29,7 +29,7 @@ enum Command {
         files: Vec<PathBuf>,
     },
     /// Run the Kubernetes operator (leader-elected TrainingJob controller).
-    Operator(ninelives_operator::OperatorArgs),
+    Operator(Box<ninelives_operator::OperatorArgs>),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +40,6 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Validate { files } => validate::run(&files),
-        Command::Operator(args) => ninelives_operator::main(args),
+        Command::Operator(args) => ninelives_operator::main(*args),
     }
 }
