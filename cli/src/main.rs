@@ -63,6 +63,8 @@ enum Command {
     /// The embedded training worker.
     #[command(subcommand)]
     Worker(worker::WorkerCommand),
+    /// Run the Kubernetes operator (leader-elected TrainingJob controller).
+    Operator(Box<ninelives_operator::OperatorArgs>),
 }
 
 fn main() -> ExitCode {
@@ -86,5 +88,6 @@ fn main() -> ExitCode {
         }
         Command::Agent { command } => agent::run(command),
         Command::Worker(cmd) => worker::run(cmd),
+        Command::Operator(args) => ninelives_operator::main(*args),
     }
 }

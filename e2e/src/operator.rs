@@ -1,0 +1,157 @@
+//! The operator under test, run as a local process (the built `ninelives` binary).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ninelives_testkit::{free_port, wait_healthy};
+
+use crate::cluster::{ControlPlane, tail};
+use crate::error::{Error, Result};
+use crate::tools;
+
+/// How the operator's worker pods are started.
+#[derive(Clone, Debug)]
+pub enum WorkerCommand {
+    /// The operator's default: the real training worker, `ninelives worker train env:NINELIVES_JOB ...`.
+    Real,
+    /// A short stand-in, used until the worker subcommand exists: it validates the TrainingJob
+    /// it received in `NINELIVES_JOB` with `ninelives validate`, then "trains" for
+    /// `spec.training.steps / 10` seconds.
+    StandIn,
+}
+
+impl WorkerCommand {
+    /// The real worker when the `ninelives` binary has a `worker train` subcommand.
+    pub fn detect(ninelives: &Path) -> Self {
+        let has_worker = Command::new(ninelives)
+            .args(["worker", "train", "--help"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if has_worker { WorkerCommand::Real } else { WorkerCommand::StandIn }
+    }
+
+    fn flags(&self) -> Vec<String> {
+        match self {
+            WorkerCommand::Real => Vec::new(),
+            WorkerCommand::StandIn => {
+                let script = r#"printf '%s' "$NINELIVES_JOB" > job.json && ninelives validate job.json && test -n "$NINELIVES_NODE" && sleep $(( {steps} / 10 ))"#;
+                ["--worker-command=sh", "--worker-arg=-c", &format!("--worker-arg={script}")]
+                    .map(String::from)
+                    .to_vec()
+            }
+        }
+    }
+}
+
+/// One `ninelives operator` replica; killed (SIGKILL) when dropped.
+pub struct OperatorProcess {
+    child: Option<Child>,
+    /// Its identity in the leader Lease.
+    pub identity: String,
+    /// Its admin endpoint.
+    pub admin: SocketAddr,
+    log: PathBuf,
+}
+
+impl OperatorProcess {
+    /// Starts replica `identity` against `plane` as the admin, with its Lease in `default`.
+    pub fn start(
+        plane: &ControlPlane,
+        identity: &str,
+        worker: &WorkerCommand,
+        lease_seconds: u64,
+    ) -> Result<Self> {
+        Self::start_as(plane, plane.kubeconfig(), "default", identity, worker, lease_seconds)
+    }
+
+    /// Starts replica `identity` with the credentials in `kubeconfig` and its Lease in
+    /// `lease_namespace`; a short lease keeps failover tests quick.
+    pub fn start_as(
+        plane: &ControlPlane,
+        kubeconfig: &Path,
+        lease_namespace: &str,
+        identity: &str,
+        worker: &WorkerCommand,
+        lease_seconds: u64,
+    ) -> Result<Self> {
+        let bin = tools::ninelives()?;
+        let admin: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+        let log = plane.dir().join(format!("operator-{identity}.log"));
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(bin)
+            .arg("operator")
+            .arg(format!("--etcd={}", plane.etcd.endpoint()))
+            .arg(format!("--metrics-addr={admin}"))
+            .arg(format!("--leader-election-namespace={lease_namespace}"))
+            .arg(format!("--lease-duration-seconds={lease_seconds}"))
+            .arg(format!("--identity={identity}"))
+            .arg("--worker-image=local-process")
+            .args(worker.flags())
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info,kube=warn")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()?;
+        let process = OperatorProcess { child: Some(child), identity: identity.into(), admin, log };
+        if !wait_healthy(admin, "/live", "ok", Duration::from_secs(30)) {
+            return Err(Error::Unhealthy {
+                what: format!("operator {identity}"),
+                seconds: 30,
+                log: process.log_tail(),
+            });
+        }
+        Ok(process)
+    }
+
+    /// The metrics text.
+    pub fn metrics(&self) -> String {
+        ninelives_testkit::http_get(self.admin, "/metrics").unwrap_or_default()
+    }
+
+    /// Its whole log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The end of its log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        tail(&self.log, 40)
+    }
+
+    /// Kills it without warning (SIGKILL), as a node failure would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops it gracefully (SIGTERM) and returns its exit code.
+    pub fn terminate(&mut self) -> Result<Option<i32>> {
+        let Some(mut child) = self.child.take() else { return Ok(None) };
+        let status = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status()?;
+        if !status.success() {
+            let _ = child.kill();
+        }
+        for _ in 0..300 {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.code());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        Err(Error::Timeout { what: "the operator to exit after SIGTERM".into(), seconds: 30 })
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,268 @@
+//! The kube-runtime controller: I/O around [`crate::lifecycle::plan`].
+//!
+//! Pipeline per reconcile: validate (no client) → build desired pods and service (no client) →
+//! list what exists → plan (no client) → apply service and pods → delete orphans and replaced
+//! pods → write status (only when changed) → record Events. `finalizer()` is the one top-level
+//! action, so deletion runs the cleanup (pods, service, etcd keys) before the job disappears.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use ninelives_core::TrainingJob;
+use ninelives_core::validate::{validate_name, validate_spec};
+use tracing::{info, warn};
+
+use crate::backoff::ObjectBackoff;
+use crate::error::{Error, Result};
+use crate::etcd::EtcdConfig;
+use crate::lifecycle::{JobEvent, Plan, Severity, plan};
+use crate::metrics::Metrics;
+use crate::resources::{WorkerTemplate, desired_pods, desired_service, job_selector};
+
+/// Finalizer that keeps a deleted job until its pods, service and etcd keys are gone.
+pub const FINALIZER: &str = "ninelives.io/cleanup";
+/// Field manager of every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "ninelives-operator";
+/// Periodic resync of a healthy job (pod events trigger reconciles in between).
+const RESYNC: Duration = Duration::from_secs(300);
+
+/// Shared state of the reconcilers.
+pub struct Context {
+    /// Apiserver client.
+    pub client: Client,
+    /// How worker pods are started.
+    pub template: WorkerTemplate,
+    /// The coordination etcd.
+    pub etcd: EtcdConfig,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Per-object backoff of transient errors.
+    pub backoff: ObjectBackoff,
+    /// Event recorder.
+    pub recorder: Recorder,
+}
+
+impl Context {
+    /// A context; `instance` names this replica in Events.
+    pub fn new(
+        client: Client,
+        template: WorkerTemplate,
+        etcd: EtcdConfig,
+        metrics: Arc<Metrics>,
+        instance: &str,
+    ) -> Self {
+        let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(instance.into()) };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            template,
+            etcd,
+            metrics,
+            backoff: ObjectBackoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+        }
+    }
+}
+
+fn key(job: &TrainingJob) -> String {
+    format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any())
+}
+
+/// Runs the controller until `shutdown` completes (then finishes reconciles in flight).
+pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let client = ctx.client.clone();
+    let jobs: Api<TrainingJob> = Api::all(client.clone());
+    let pods: Api<Pod> = Api::all(client);
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=ninelives-operator");
+    Controller::new(jobs, watcher::Config::default().any_semantic())
+        .owns(pods, owned)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                warn!(error = %e, "reconcile stream");
+            }
+        })
+        .await;
+}
+
+async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_started();
+    let namespace = job.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<TrainingJob> = Api::namespaced(ctx.client.clone(), &namespace);
+    let key = key(&job);
+    let inner = ctx.clone();
+    let action = finalizer(&api, FINALIZER, job, |event| async move {
+        match event {
+            FinalizerEvent::Apply(job) => apply(&job, &inner).await,
+            FinalizerEvent::Cleanup(job) => cleanup(&job, &inner).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    })?;
+    ctx.backoff.reset(&key);
+    Ok(action)
+}
+
+fn error_policy(job: Arc<TrainingJob>, error: &Error, ctx: Arc<Context>) -> Action {
+    let delay = ctx.backoff.next_delay(&key(&job));
+    ctx.metrics.reconcile_failed(error.label());
+    warn!(job = %key(&job), error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// The validator's verdict: `Some(message)` when the job cannot run as specified.
+fn invalid_message(job: &TrainingJob) -> Option<String> {
+    let mut violations: Vec<String> =
+        validate_name(&job.name_any()).into_iter().map(|v| v.to_string()).collect();
+    violations.extend(validate_spec(&job.spec).iter().map(ToString::to_string));
+    (!violations.is_empty()).then(|| violations.join("; "))
+}
+
+async fn apply(job: &TrainingJob, ctx: &Context) -> Result<Action> {
+    let namespace = job.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let name = job.name_any();
+    let invalid = invalid_message(job);
+    let desired = match invalid {
+        Some(_) => Vec::new(),
+        None => desired_pods(job, &ctx.template)?,
+    };
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let existing = pods
+        .list(&ListParams::default().labels(&job_selector(&name)))
+        .await
+        .map_err(|source| Error::Read { what: "pods", source })?
+        .items;
+
+    let now = Timestamp::now().to_string();
+    let Plan { create, delete, service, status, events } =
+        plan(job, desired, &existing, invalid.as_deref(), &now);
+
+    if service {
+        apply_service(job, ctx, &namespace).await?;
+    }
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    for pod in &create {
+        let pod_name = pod.name_any();
+        pods.patch(&pod_name, &params, &Patch::Apply(pod))
+            .await
+            .map_err(|source| Error::Apply { what: format!("pod {pod_name}"), source })?;
+    }
+    for pod_name in &delete {
+        delete_ignoring_missing(&pods, pod_name).await?;
+    }
+    if !delete.is_empty() {
+        info!(job = %key(job), pods = ?delete, "deleted worker pods");
+    }
+
+    if job.status.as_ref() != Some(&status) {
+        let api: Api<TrainingJob> = Api::namespaced(ctx.client.clone(), &namespace);
+        let patch = serde_json::json!({
+            "apiVersion": ninelives_core::job::API_VERSION,
+            "kind": ninelives_core::job::KIND,
+            "status": status,
+        });
+        api.patch_status(&name, &params, &Patch::Apply(&patch)).await.map_err(Error::Status)?;
+    }
+    ctx.metrics.set_phase(&key(job), status.phase);
+    for event in events {
+        publish(ctx, job, event).await;
+    }
+
+    // Invalid specs wait for an edit; everything else is driven by pod and job watches.
+    Ok(if invalid.is_some() { Action::await_change() } else { Action::requeue(RESYNC) })
+}
+
+async fn apply_service(job: &TrainingJob, ctx: &Context, namespace: &str) -> Result<()> {
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), namespace);
+    let name = job.name_any();
+    let current = services.get_opt(&name).await.map_err(|source| Error::Read { what: "service", source })?;
+    if current.is_some() {
+        return Ok(()); // a headless service has nothing that changes with the spec
+    }
+    let service = desired_service(job)?;
+    services
+        .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&service))
+        .await
+        .map_err(|source| Error::Apply { what: format!("service {name}"), source })?;
+    Ok(())
+}
+
+async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<()>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(source) => Err(Error::Apply { what: format!("delete {name}"), source }),
+    }
+}
+
+/// Deletes everything the job owns. Pods are deleted explicitly (not left to the garbage
+/// collector) so the job disappears only once its workers are really gone.
+async fn cleanup(job: &TrainingJob, ctx: &Context) -> Result<Action> {
+    let namespace = job.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let name = job.name_any();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let existing = pods
+        .list(&ListParams::default().labels(&job_selector(&name)))
+        .await
+        .map_err(|source| Error::Read { what: "pods", source })?
+        .items;
+    for pod in &existing {
+        delete_ignoring_missing(&pods, &pod.name_any()).await?;
+    }
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
+    delete_ignoring_missing(&services, &name).await?;
+    if !existing.is_empty() {
+        // `finalizer()` removes the finalizer on Ok, so waiting for terminating pods is an
+        // error that is retried under backoff until they are gone.
+        return Err(Error::CleanupPending(existing.len()));
+    }
+    let deleted = ctx.etcd.delete_job_keys(&namespace, &name).await?;
+    ctx.metrics.set_phase(&key(job), None);
+    info!(job = %key(job), etcd_keys = deleted, "cleaned up");
+    publish(
+        ctx,
+        job,
+        JobEvent {
+            severity: Severity::Normal,
+            reason: "CleanedUp",
+            note: format!("deleted worker pods, service and {deleted} etcd keys"),
+        },
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+async fn publish(ctx: &Context, job: &TrainingJob, event: JobEvent) {
+    let type_ = match event.severity {
+        Severity::Normal => EventType::Normal,
+        Severity::Warning => EventType::Warning,
+    };
+    let reference = job.object_ref(&());
+    let event = Event {
+        type_,
+        reason: event.reason.into(),
+        note: Some(event.note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    // An Event that cannot be written must not fail the reconcile that caused it.
+    if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+        warn!(error = %e, reason = %event.reason, "recording event");
+    }
+}

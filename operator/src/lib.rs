@@ -1,0 +1,262 @@
+//! # ninelives-operator
+//!
+//! The Kubernetes operator for `TrainingJob` (`ninelives operator`). One leader-elected replica
+//! reconciles every job into one worker Pod per node (plus spares) and a headless Service,
+//! reports a summarised status with Kubernetes-style conditions and Events, honours `suspend`,
+//! and cleans up pods, service and the job's etcd keys on deletion.
+//!
+//! Layout, pure first:
+//! - [`resources`]: desired Pods and Service built from a job (no client);
+//! - [`lifecycle`]: the reconcile decision — create, delete, status, events (no client);
+//! - [`backoff`], [`metrics`]: per-object backoff and Prometheus metrics;
+//! - [`controller`]: the kube-runtime controller doing the I/O around [`lifecycle::plan`];
+//! - [`leader`]: Lease-based leader election; [`etcd`]: cleanup of a job's etcd keys.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
+use ninelives_telemetry::{AdminServer, Readiness};
+use tokio::sync::{oneshot, watch};
+use tracing::{error, info, warn};
+
+pub mod backoff;
+pub mod controller;
+pub mod error;
+pub mod etcd;
+#[cfg(test)]
+mod fixtures;
+pub mod leader;
+pub mod lifecycle;
+pub mod metrics;
+pub mod resources;
+
+pub use error::{Error, Result};
+
+/// Command-line flags of `ninelives operator`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct OperatorArgs {
+    /// etcd client URLs, comma-separated (the coordination store; job keys are deleted there).
+    #[arg(long = "etcd", env = "NINELIVES_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// CA bundle of etcd's serving certificate (enables TLS).
+    #[arg(long, env = "NINELIVES_ETCD_CA_FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// Client certificate for etcd mutual TLS.
+    #[arg(long, env = "NINELIVES_ETCD_CERT_FILE")]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// Key of the etcd client certificate.
+    #[arg(long, env = "NINELIVES_ETCD_KEY_FILE")]
+    pub etcd_key_file: Option<PathBuf>,
+    /// Prefix of the etcd keyspace.
+    #[arg(long, default_value = ninelives_core::keyspace::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+    /// Admin endpoint (/metrics, /live, /ready).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub metrics_addr: SocketAddr,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub leader_election_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "ninelives-operator")]
+    pub leader_election_lease: String,
+    /// Seconds a leader's Lease stays valid without renewal; a standby takes over after it.
+    #[arg(long, default_value_t = 15)]
+    pub lease_duration_seconds: u64,
+    /// This replica's identity in the Lease and in Events (default: pod name, else host-pid).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Image of worker pods whose job names none.
+    #[arg(long, default_value = "ghcr.io/ninelives/ninelives:latest")]
+    pub worker_image: String,
+    /// Worker container command; repeat for several words (default: `ninelives`).
+    #[arg(long = "worker-command")]
+    pub worker_command: Vec<String>,
+    /// Worker container argument; repeat for each. `{steps}` and `{checkpointDir}` are replaced
+    /// per job (default: `worker train env:NINELIVES_JOB --steps {steps} --checkpoint-dir {checkpointDir}`).
+    #[arg(long = "worker-arg", allow_hyphen_values = true)]
+    pub worker_args: Vec<String>,
+    /// Seconds to let reconciles in flight finish after SIGTERM.
+    #[arg(long, default_value_t = 20)]
+    pub shutdown_grace_seconds: u64,
+}
+
+impl OperatorArgs {
+    fn template(&self) -> resources::WorkerTemplate {
+        let default = resources::WorkerTemplate::default();
+        resources::WorkerTemplate {
+            image: self.worker_image.clone(),
+            command: if self.worker_command.is_empty() {
+                default.command
+            } else {
+                self.worker_command.clone()
+            },
+            args: if self.worker_args.is_empty() { default.args } else { self.worker_args.clone() },
+            etcd_endpoints: self.etcd.clone(),
+        }
+    }
+
+    fn etcd_config(&self) -> etcd::EtcdConfig {
+        etcd::EtcdConfig {
+            endpoints: self.etcd.clone(),
+            ca_file: self.etcd_ca_file.clone(),
+            cert_file: self.etcd_cert_file.clone(),
+            key_file: self.etcd_key_file.clone(),
+            prefix: self.etcd_prefix.clone(),
+        }
+    }
+
+    fn identity(&self) -> String {
+        self.identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        })
+    }
+}
+
+/// Entry point of `ninelives operator`: runs until SIGTERM/SIGINT; maps errors to exit codes.
+pub fn main(args: OperatorArgs) -> ExitCode {
+    ninelives_telemetry::init_tracing("info,kube=warn,tower=warn,hyper=warn");
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            error!(error = %e, "starting the async runtime");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %e, kind = e.label(), "operator stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+async fn termination() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+    }
+    Ok(())
+}
+
+/// Runs the operator: admin endpoint, leader election, and the controller while leading.
+pub async fn run(args: OperatorArgs) -> Result<()> {
+    let metrics = Arc::new(metrics::Metrics::new()?);
+    let ready = Readiness::default();
+    let admin = AdminServer::bind(args.metrics_addr, metrics.registry.clone(), ready.clone()).await?;
+    info!(addr = %admin.local_addr()?, "admin endpoint");
+    let (stop_admin, admin_stopped) = oneshot::channel::<()>();
+    let admin_task = tokio::spawn(admin.serve(async move {
+        let _ = admin_stopped.await;
+    }));
+
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let signals = tokio::spawn(async move {
+        if let Err(e) = termination().await {
+            warn!(error = %e, "signal handlers");
+        }
+        let _ = shutdown_tx.send(true);
+    });
+
+    let result = lead_while_elected(&args, metrics, &ready, shutdown).await;
+    ready.set(false);
+    signals.abort();
+    let _ = stop_admin.send(());
+    let _ = admin_task.await;
+    result
+}
+
+async fn sleep_or_shutdown(period: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(period) => false,
+        _ = shutdown.wait_for(|stop| *stop) => true,
+    }
+}
+
+async fn lead_while_elected(
+    args: &OperatorArgs,
+    metrics: Arc<metrics::Metrics>,
+    ready: &Readiness,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let client = Client::try_default().await.map_err(Error::Client)?;
+    let identity = args.identity();
+    let duration = Duration::from_secs(args.lease_duration_seconds.max(1));
+    // client-go's proportions: retry every ~1/7 of the lease (2 s of 15 s), give up renewing
+    // after 2/3 of it, so a lost leader stops before anyone else may start.
+    let retry = (duration / 7).max(Duration::from_millis(200));
+    let renew_deadline = duration * 2 / 3;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &args.leader_election_namespace);
+    let mut elector = leader::LeaderElector::new(leases, &args.leader_election_lease, &identity, duration);
+
+    info!(identity = %identity, lease = %args.leader_election_lease, "waiting for leadership");
+    loop {
+        match elector.try_acquire_or_renew().await {
+            Ok(true) => break,
+            Ok(false) => ready.set(true),
+            Err(e) => {
+                ready.set(false);
+                warn!(error = %e, "leader election");
+            }
+        }
+        if sleep_or_shutdown(retry, &mut shutdown).await {
+            return Ok(());
+        }
+    }
+    ready.set(true);
+    metrics.set_leader(true);
+    info!(identity = %identity, "acquired leadership; reconciling");
+
+    let ctx = Arc::new(controller::Context::new(
+        client,
+        args.template(),
+        args.etcd_config(),
+        metrics.clone(),
+        &identity,
+    ));
+    let (stop_controller, controller_stopped) = oneshot::channel::<()>();
+    let mut controller = tokio::spawn(controller::run(ctx, async move {
+        let _ = controller_stopped.await;
+    }));
+
+    let mut last_renewal = Instant::now();
+    let outcome = loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => break Ok(()),
+            _ = &mut controller => break Err(Error::ControllerStopped),
+            _ = tokio::time::sleep(retry) => {}
+        }
+        match elector.try_acquire_or_renew().await {
+            Ok(true) => last_renewal = Instant::now(),
+            Ok(false) => break Err(Error::LostLease),
+            Err(e) if last_renewal.elapsed() < renew_deadline => warn!(error = %e, "renewing the lease"),
+            Err(_) => break Err(Error::LostLease),
+        }
+    };
+
+    let _ = stop_controller.send(());
+    let grace = Duration::from_secs(args.shutdown_grace_seconds);
+    if tokio::time::timeout(grace, &mut controller).await.is_err() {
+        warn!("reconciles still running after the grace period; stopping them");
+        controller.abort();
+    }
+    metrics.set_leader(false);
+    if outcome.is_ok() {
+        // Hand over at once instead of making the standby wait out the lease.
+        if let Err(e) = elector.release().await {
+            warn!(error = %e, "releasing the lease");
+        }
+        info!("released leadership");
+    }
+    outcome
+}

@@ -1,0 +1,128 @@
+//! The operator's Prometheus metrics, in its own registry.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use ninelives_core::job::JobPhase;
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+use crate::lifecycle::phase_name;
+
+const PHASES: [JobPhase; 7] = [
+    JobPhase::Pending,
+    JobPhase::Running,
+    JobPhase::Recovering,
+    JobPhase::Suspended,
+    JobPhase::Succeeded,
+    JobPhase::Failed,
+    JobPhase::Invalid,
+];
+
+/// Counters, histogram and gauges of the operator.
+#[derive(Debug)]
+pub struct Metrics {
+    /// The registry `/metrics` serves.
+    pub registry: Registry,
+    reconciles: IntCounter,
+    errors: IntCounterVec,
+    duration: Histogram,
+    jobs: IntGaugeVec,
+    leader: IntGauge,
+    phases: Mutex<HashMap<String, JobPhase>>,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let reconciles =
+            IntCounter::new("ninelives_operator_reconciles_total", "TrainingJob reconciles started")?;
+        let errors = IntCounterVec::new(
+            Opts::new("ninelives_operator_reconcile_errors_total", "Failed reconciles by error kind"),
+            &["kind"],
+        )?;
+        let duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "ninelives_operator_reconcile_duration_seconds",
+                "Time to reconcile one TrainingJob",
+            )
+            .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+        )?;
+        let jobs =
+            IntGaugeVec::new(Opts::new("ninelives_operator_jobs", "TrainingJobs by phase"), &["phase"])?;
+        let leader =
+            IntGauge::new("ninelives_operator_leader", "1 while this replica holds the leader Lease")?;
+        registry.register(Box::new(reconciles.clone()))?;
+        registry.register(Box::new(errors.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(jobs.clone()))?;
+        registry.register(Box::new(leader.clone()))?;
+        for phase in PHASES {
+            jobs.with_label_values(&[phase_name(phase)]).set(0);
+        }
+        Ok(Self { registry, reconciles, errors, duration, jobs, leader, phases: Mutex::new(HashMap::new()) })
+    }
+
+    /// Counts a reconcile and returns a timer that observes its duration when dropped.
+    pub fn reconcile_started(&self) -> prometheus::HistogramTimer {
+        self.reconciles.inc();
+        self.duration.start_timer()
+    }
+
+    /// Counts a failed reconcile.
+    pub fn reconcile_failed(&self, kind: &str) {
+        self.errors.with_label_values(&[kind]).inc();
+    }
+
+    /// Records the phase of job `key` (`None` once the job is gone).
+    pub fn set_phase(&self, key: &str, phase: Option<JobPhase>) {
+        let mut phases = self.phases.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match phase {
+            Some(phase) => phases.insert(key.to_string(), phase),
+            None => phases.remove(key),
+        };
+        for candidate in PHASES {
+            let count = phases.values().filter(|p| **p == candidate).count();
+            self.jobs
+                .with_label_values(&[phase_name(candidate)])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Records whether this replica leads.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::{Encoder, TextEncoder};
+
+    fn text(metrics: &Metrics) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&metrics.registry.gather(), &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn jobs_by_phase_follow_each_job() {
+        let metrics = Metrics::new().unwrap();
+        metrics.set_phase("a/x", Some(JobPhase::Running));
+        metrics.set_phase("a/y", Some(JobPhase::Running));
+        metrics.set_phase("a/x", Some(JobPhase::Succeeded));
+        let out = text(&metrics);
+        assert!(out.contains("ninelives_operator_jobs{phase=\"Running\"} 1"), "{out}");
+        assert!(out.contains("ninelives_operator_jobs{phase=\"Succeeded\"} 1"), "{out}");
+        metrics.set_phase("a/x", None);
+        assert!(text(&metrics).contains("ninelives_operator_jobs{phase=\"Succeeded\"} 0"));
+        metrics.reconcile_failed("apply");
+        metrics.set_leader(true);
+        let out = text(&metrics);
+        assert!(out.contains("ninelives_operator_reconcile_errors_total{kind=\"apply\"} 1"));
+        assert!(out.contains("ninelives_operator_leader 1"));
+    }
+}

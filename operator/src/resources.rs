@@ -1,0 +1,408 @@
+//! Desired child objects of a TrainingJob, built without a client: one worker Pod per node (plus
+//! spares) and a headless Service that gives every worker a stable DNS name.
+//!
+//! Pods are immutable in most fields, so each carries a hash of the template it was built from
+//! ([`TEMPLATE_HASH_ANNOTATION`]); the controller replaces a pod only when that hash changes, and
+//! never touches a pod that already matches — which is what lets a restarted or newly elected
+//! operator take over without disturbing training in flight.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, Container, EnvVar, EnvVarSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod,
+    PodAffinityTerm, PodAntiAffinity, PodSpec, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use kube::ResourceExt;
+use ninelives_core::TrainingJob;
+use ninelives_core::job::{API_VERSION, KIND};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// Label naming the job a child object belongs to.
+pub const JOB_LABEL: &str = "ninelives.io/job";
+/// Label with the worker's rank (spares are numbered after the training ranks).
+pub const RANK_LABEL: &str = "ninelives.io/rank";
+/// Label telling training workers (`worker`) from standby ones (`spare`).
+pub const ROLE_LABEL: &str = "ninelives.io/role";
+/// Annotation with the hash of the template a pod was built from.
+pub const TEMPLATE_HASH_ANNOTATION: &str = "ninelives.io/template-hash";
+/// Where a checkpoint PVC is mounted in worker pods.
+pub const CHECKPOINT_MOUNT: &str = "/var/lib/ninelives/checkpoints";
+/// Port the workers use among themselves (named on the headless Service).
+pub const WORKER_PORT: i32 = 29500;
+
+/// Role of a worker pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Trains: one per node of `spec.topology.nodes`.
+    Worker,
+    /// Standby, replaces a failed node: one per `spec.topology.spareNodes`.
+    Spare,
+}
+
+impl Role {
+    /// The value of [`ROLE_LABEL`].
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Worker => "worker",
+            Role::Spare => "spare",
+        }
+    }
+}
+
+/// How worker containers are started; set by operator flags, the same for every job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerTemplate {
+    /// Image used when the job does not name one.
+    pub image: String,
+    /// Container command (entrypoint).
+    pub command: Vec<String>,
+    /// Container arguments; `{steps}` and `{checkpointDir}` are replaced per job.
+    pub args: Vec<String>,
+    /// etcd endpoints handed to the workers (`NINELIVES_ETCD_ENDPOINTS`).
+    pub etcd_endpoints: Vec<String>,
+}
+
+impl Default for WorkerTemplate {
+    fn default() -> Self {
+        Self {
+            image: "ghcr.io/ninelives/ninelives:latest".into(),
+            command: vec!["ninelives".into()],
+            args: [
+                "worker",
+                "train",
+                "env:NINELIVES_JOB",
+                "--steps",
+                "{steps}",
+                "--checkpoint-dir",
+                "{checkpointDir}",
+            ]
+            .map(String::from)
+            .to_vec(),
+            etcd_endpoints: Vec::new(),
+        }
+    }
+}
+
+/// Name of the worker pod of `rank` (also its hostname).
+pub fn pod_name(job: &str, rank: u32) -> String {
+    format!("{job}-{rank}")
+}
+
+/// Labels every child object of `job` carries.
+pub fn job_labels(job: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "ninelives-worker".to_string()),
+        ("app.kubernetes.io/managed-by".to_string(), "ninelives-operator".to_string()),
+        (JOB_LABEL.to_string(), job.to_string()),
+    ])
+}
+
+/// Label selector (`key=value`) matching every child of `job`.
+pub fn job_selector(job: &str) -> String {
+    format!("{JOB_LABEL}={job}")
+}
+
+fn owner_reference(job: &TrainingJob) -> Result<OwnerReference> {
+    Ok(OwnerReference {
+        api_version: API_VERSION.into(),
+        kind: KIND.into(),
+        name: job.name_any(),
+        uid: job.uid().ok_or(Error::MissingField("metadata.uid"))?,
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    })
+}
+
+/// The headless Service named after the job; pods get `<pod>.<job>.<namespace>.svc` names.
+pub fn desired_service(job: &TrainingJob) -> Result<Service> {
+    let name = job.name_any();
+    Ok(Service {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: job.namespace(),
+            labels: Some(job_labels(&name)),
+            owner_references: Some(vec![owner_reference(job)?]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some(job_labels(&name)),
+            // Workers rendezvous before they are Ready; DNS must resolve them from the start.
+            publish_not_ready_addresses: Some(true),
+            ports: Some(vec![ServicePort {
+                name: Some("worker".into()),
+                port: WORKER_PORT,
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// The job as the workers read it from `NINELIVES_JOB`: identity and spec, no status. `suspend`
+/// is always false in a running pod, so it is left at false here: suspending and resuming must
+/// not change the pod template.
+fn job_document(job: &TrainingJob) -> Result<String> {
+    let mut spec = job.spec.clone();
+    spec.suspend = false;
+    let doc = serde_json::json!({
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": { "name": job.name_any(), "namespace": job.namespace() },
+        "spec": spec,
+    });
+    Ok(serde_json::to_string(&doc)?)
+}
+
+fn checkpoint_dir(job: &TrainingJob) -> String {
+    match (&job.spec.checkpoint.path, &job.spec.checkpoint.pvc) {
+        (Some(path), _) => path.clone(),
+        (None, Some(_)) => CHECKPOINT_MOUNT.into(),
+        (None, None) => String::new(),
+    }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar { name: name.into(), value: Some(value.into()), value_from: None }
+}
+
+fn env_field(name: &str, field_path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: field_path.into(), api_version: None }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+/// Every worker pod `job` should have, training ranks first, then spares.
+pub fn desired_pods(job: &TrainingJob, template: &WorkerTemplate) -> Result<Vec<Pod>> {
+    let topology = &job.spec.topology;
+    let training = (0..topology.nodes).map(|rank| (rank, Role::Worker));
+    let spares = (0..topology.spare_nodes).map(|i| (topology.nodes.saturating_add(i), Role::Spare));
+    training.chain(spares).map(|(rank, role)| worker_pod(job, template, rank, role)).collect()
+}
+
+fn worker_pod(job: &TrainingJob, template: &WorkerTemplate, rank: u32, role: Role) -> Result<Pod> {
+    let name = job.name_any();
+    let spec = &job.spec;
+    let checkpoint = checkpoint_dir(job);
+    let steps = spec.training.steps.to_string();
+    let args = template
+        .args
+        .iter()
+        .map(|a| a.replace("{steps}", &steps).replace("{checkpointDir}", &checkpoint))
+        .collect();
+
+    let mut labels = job_labels(&name);
+    labels.insert(RANK_LABEL.into(), rank.to_string());
+    labels.insert(ROLE_LABEL.into(), role.as_str().into());
+
+    let (volumes, mounts) = match &spec.checkpoint.pvc {
+        Some(pvc) => (
+            Some(vec![Volume {
+                name: "checkpoints".into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: pvc.claim_name.clone(),
+                    read_only: None,
+                }),
+                ..Volume::default()
+            }]),
+            Some(vec![VolumeMount {
+                name: "checkpoints".into(),
+                mount_path: CHECKPOINT_MOUNT.into(),
+                sub_path: pvc.sub_path.clone(),
+                ..VolumeMount::default()
+            }]),
+        ),
+        None => (None, None),
+    };
+
+    let container = Container {
+        name: "worker".into(),
+        image: Some(spec.pod.image.clone().unwrap_or_else(|| template.image.clone())),
+        command: Some(template.command.clone()),
+        args: Some(args),
+        env: Some(vec![
+            env("NINELIVES_JOB", job_document(job)?),
+            env("NINELIVES_RANK", rank.to_string()),
+            env("NINELIVES_WORLD_SIZE", spec.topology.nodes.to_string()),
+            env("NINELIVES_ROLE", role.as_str()),
+            env("NINELIVES_ETCD_ENDPOINTS", template.etcd_endpoints.join(",")),
+            env_field("NINELIVES_NODE", "spec.nodeName"),
+            env_field("NINELIVES_POD", "metadata.name"),
+            env_field("NINELIVES_NAMESPACE", "metadata.namespace"),
+        ]),
+        resources: spec.pod.resources.clone(),
+        volume_mounts: mounts,
+        ..Container::default()
+    };
+
+    let pod_spec = PodSpec {
+        hostname: Some(pod_name(&name, rank)),
+        subdomain: Some(name.clone()),
+        // The operator decides what a failed worker means for the job; the kubelet must not
+        // restart it behind the operator's back.
+        restart_policy: Some("Never".into()),
+        containers: vec![container],
+        volumes,
+        node_selector: (!spec.pod.node_selector.is_empty()).then(|| spec.pod.node_selector.clone()),
+        tolerations: (!spec.pod.tolerations.is_empty()).then(|| spec.pod.tolerations.clone()),
+        scheduler_name: spec.pod.scheduler_name.clone(),
+        priority_class_name: spec.pod.priority_class_name.clone(),
+        affinity: Some(Affinity {
+            // One worker per node: a node failure must cost the job one rank, never two.
+            pod_anti_affinity: Some(PodAntiAffinity {
+                required_during_scheduling_ignored_during_execution: Some(vec![PodAffinityTerm {
+                    label_selector: Some(LabelSelector {
+                        match_labels: Some(BTreeMap::from([(JOB_LABEL.to_string(), name.clone())])),
+                        match_expressions: None,
+                    }),
+                    topology_key: "kubernetes.io/hostname".into(),
+                    ..PodAffinityTerm::default()
+                }]),
+                preferred_during_scheduling_ignored_during_execution: None,
+            }),
+            ..Affinity::default()
+        }),
+        ..PodSpec::default()
+    };
+
+    let hash = template_hash(&pod_spec)?;
+    Ok(Pod {
+        metadata: ObjectMeta {
+            name: Some(pod_name(&name, rank)),
+            namespace: job.namespace(),
+            labels: Some(labels),
+            annotations: Some(BTreeMap::from([(TEMPLATE_HASH_ANNOTATION.to_string(), hash)])),
+            owner_references: Some(vec![owner_reference(job)?]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(pod_spec),
+        status: None,
+    })
+}
+
+/// Hash of a pod spec; the job spec (minus `suspend`, which never reaches a running pod) is
+/// inside it through `NINELIVES_JOB`.
+fn template_hash(spec: &PodSpec) -> Result<String> {
+    let bytes = serde_json::to_vec(spec)?;
+    let digest = Sha256::digest(&bytes);
+    Ok(digest.iter().take(8).map(|b| format!("{b:02x}")).collect())
+}
+
+/// The template hash a pod was built from, if it carries one.
+pub fn pod_template_hash(pod: &Pod) -> Option<&str> {
+    pod.metadata.annotations.as_ref()?.get(TEMPLATE_HASH_ANNOTATION).map(String::as_str)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::job;
+
+    #[test]
+    fn one_pod_per_node_plus_spares_with_stable_names_and_hostnames() {
+        let job = job("tiny").nodes(3).spares(1).build();
+        let pods = desired_pods(&job, &WorkerTemplate::default()).unwrap();
+        let names: Vec<_> = pods.iter().map(|p| p.name_any()).collect();
+        assert_eq!(names, ["tiny-0", "tiny-1", "tiny-2", "tiny-3"]);
+        let spec = pods[3].spec.as_ref().unwrap();
+        assert_eq!(spec.hostname.as_deref(), Some("tiny-3"));
+        assert_eq!(spec.subdomain.as_deref(), Some("tiny"), "subdomain is the headless service");
+        assert_eq!(pods[3].labels()[ROLE_LABEL], "spare");
+        assert_eq!(pods[0].labels()[ROLE_LABEL], "worker");
+        let owner = &pods[0].metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!((owner.kind.as_str(), owner.controller), ("TrainingJob", Some(true)));
+        assert_eq!(owner.uid, "uid-tiny");
+    }
+
+    #[test]
+    fn copies_scheduling_settings_and_keeps_one_worker_per_node() {
+        let job = job("tiny").scheduling().build();
+        let pod = &desired_pods(&job, &WorkerTemplate::default()).unwrap()[0];
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.scheduler_name.as_deref(), Some("volcano"));
+        assert_eq!(spec.priority_class_name.as_deref(), Some("training"));
+        assert_eq!(spec.node_selector.as_ref().unwrap()["pool"], "accel");
+        assert_eq!(spec.tolerations.as_ref().unwrap()[0].key.as_deref(), Some("ninelives.io/chip"));
+        let limits = spec.containers[0].resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert_eq!(limits["cpu"].0, "2");
+        assert_eq!(spec.containers[0].image.as_deref(), Some("registry.example/worker:1"));
+        let term = &spec
+            .affinity
+            .as_ref()
+            .unwrap()
+            .pod_anti_affinity
+            .as_ref()
+            .unwrap()
+            .required_during_scheduling_ignored_during_execution
+            .as_ref()
+            .unwrap()[0];
+        assert_eq!(term.topology_key, "kubernetes.io/hostname");
+        assert_eq!(term.label_selector.as_ref().unwrap().match_labels.as_ref().unwrap()[JOB_LABEL], "tiny");
+    }
+
+    #[test]
+    fn worker_reads_the_job_and_its_identity_from_the_environment() {
+        let job = job("tiny").build();
+        let template =
+            WorkerTemplate { etcd_endpoints: vec!["http://e:2379".into()], ..WorkerTemplate::default() };
+        let pod = &desired_pods(&job, &template).unwrap()[1];
+        let container = &pod.spec.as_ref().unwrap().containers[0];
+        assert_eq!(
+            container.args.as_ref().unwrap(),
+            &["worker", "train", "env:NINELIVES_JOB", "--steps", "20", "--checkpoint-dir", "/tmp/ckpt"]
+        );
+        let env: BTreeMap<_, _> =
+            container.env.as_ref().unwrap().iter().map(|e| (e.name.as_str(), e)).collect();
+        assert_eq!(env["NINELIVES_RANK"].value.as_deref(), Some("1"));
+        assert_eq!(env["NINELIVES_ETCD_ENDPOINTS"].value.as_deref(), Some("http://e:2379"));
+        let node = env["NINELIVES_NODE"].value_from.as_ref().unwrap().field_ref.as_ref().unwrap();
+        assert_eq!(node.field_path, "spec.nodeName");
+        let doc = env["NINELIVES_JOB"].value.as_deref().unwrap();
+        let parsed = ninelives_core::manifest::parse_job(doc).expect("workers can parse NINELIVES_JOB");
+        assert_eq!(parsed.spec, job.spec);
+    }
+
+    #[test]
+    fn pvc_checkpoints_are_mounted() {
+        let job = job("tiny").pvc("ckpt").build();
+        let pod = &desired_pods(&job, &WorkerTemplate::default()).unwrap()[0];
+        let spec = pod.spec.as_ref().unwrap();
+        let volume = &spec.volumes.as_ref().unwrap()[0];
+        assert_eq!(volume.persistent_volume_claim.as_ref().unwrap().claim_name, "ckpt");
+        let args = spec.containers[0].args.as_ref().unwrap();
+        assert_eq!(args.last().map(String::as_str), Some(CHECKPOINT_MOUNT));
+    }
+
+    #[test]
+    fn template_hash_changes_with_the_spec_but_not_with_suspend() {
+        let template = WorkerTemplate::default();
+        let hash = |job: &TrainingJob| {
+            pod_template_hash(&desired_pods(job, &template).unwrap()[0]).unwrap().to_string()
+        };
+        let base = job("tiny").build();
+        let mut more_steps = base.clone();
+        more_steps.spec.training.steps += 1;
+        assert_ne!(hash(&base), hash(&more_steps));
+        let mut suspended = base.clone();
+        suspended.spec.suspend = true;
+        assert_eq!(hash(&base), hash(&suspended), "resuming must not roll the pods");
+    }
+
+    #[test]
+    fn headless_service_selects_the_job() {
+        let job = job("tiny").build();
+        let svc = desired_service(&job).unwrap();
+        let spec = svc.spec.unwrap();
+        assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(spec.selector.unwrap()[JOB_LABEL], "tiny");
+    }
+}
