@@ -26,7 +26,7 @@ use crate::error::AgentError;
 use crate::events::{AgentEvent, AgentMetrics};
 use crate::node::{DesiredStates, same_state, unix_now};
 
-/// TLS material for etcd (`--etcd-ca`, `--etcd-cert`, `--etcd-key`), all PEM.
+/// TLS material for etcd (`--etcd-ca-file`, `--etcd-cert-file`, `--etcd-key-file`), all PEM.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EtcdTls {
     /// CA bundle that signed the etcd server certificate.

@@ -61,7 +61,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     simulate: Option<u32>,
     /// etcd key prefix.
-    #[arg(long, default_value = ninelives_core::keyspace::DEFAULT_PREFIX)]
+    #[arg(long = "etcd-prefix", alias = "prefix", default_value = ninelives_core::keyspace::DEFAULT_PREFIX)]
     prefix: String,
     /// Node lease TTL in seconds (keepalive every TTL/3).
     #[arg(long, default_value_t = 10)]
@@ -73,13 +73,13 @@ pub struct RunArgs {
     #[arg(long)]
     fault_table: Option<PathBuf>,
     /// CA bundle (PEM) of the etcd server certificate; use https:// endpoints.
-    #[arg(long)]
+    #[arg(long = "etcd-ca-file", alias = "etcd-ca")]
     etcd_ca: Option<PathBuf>,
     /// Client certificate (PEM) for etcd client-cert auth.
-    #[arg(long, requires = "etcd_key")]
+    #[arg(long = "etcd-cert-file", alias = "etcd-cert", requires = "etcd_key")]
     etcd_cert: Option<PathBuf>,
     /// Client key (PEM) for etcd client-cert auth.
-    #[arg(long, requires = "etcd_cert")]
+    #[arg(long = "etcd-key-file", alias = "etcd-key", requires = "etcd_cert")]
     etcd_key: Option<PathBuf>,
     /// Report the NinelivesChipsHealthy condition and chip-fault taint on the Node
     /// (on by default inside a cluster).

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod plan;
 mod agent;
+mod plan;
 mod validate;
 mod worker;
 
