@@ -39,7 +39,14 @@ impl Harness {
     /// Starts the control plane and `node_count` fake nodes named `node-0`, `node-1`, ...
     pub async fn start(node_count: usize) -> Result<Self> {
         let ninelives = tools::ninelives()?;
-        let worker = WorkerCommand::detect(&ninelives);
+        // The lifecycle scenarios time pods by the stand-in; until expert-parallel training
+        // (issue 7) runs one model across the pods, N real workers would each train the whole
+        // model on 2 cores. NINELIVES_E2E_WORKER=real opts into the real worker.
+        let worker = if std::env::var("NINELIVES_E2E_WORKER").is_ok_and(|w| w == "real") {
+            WorkerCommand::detect(&ninelives)
+        } else {
+            WorkerCommand::StandIn
+        };
         let plane = tokio::task::spawn_blocking(ControlPlane::start)
             .await
             .map_err(|e| Error::Io(std::io::Error::other(e)))??;

@@ -16,7 +16,7 @@ use crate::tools;
 pub enum WorkerCommand {
     /// The operator's default: the real training worker, `ninelives worker train env:NINELIVES_JOB ...`.
     Real,
-    /// A short stand-in, used until the worker subcommand exists: it validates the TrainingJob
+    /// A short stand-in for lifecycle scenarios: it validates the TrainingJob
     /// it received in `NINELIVES_JOB` with `ninelives validate`, then "trains" for
     /// `spec.training.steps / 10` seconds.
     StandIn,
