@@ -466,11 +466,12 @@ pub async fn run_local(
             let v = decision.state.to_json();
             client.put(job_keys.recovery(), v, None).await.map_err(|e| etcd_err("put recovery", e))?;
         }
-        if prior.phase != BrainPhase::Recovering && decision.state.phase == BrainPhase::Recovering {
-            if let Some(a) = &decision.state.active {
-                let what: Vec<String> = a.triggers.iter().map(ToString::to_string).collect();
-                events.push(format!("{t:7.1}s detected {} → {}", what.join(", "), a.rung));
-            }
+        if prior.phase != BrainPhase::Recovering
+            && decision.state.phase == BrainPhase::Recovering
+            && let Some(a) = &decision.state.active
+        {
+            let what: Vec<String> = a.triggers.iter().map(ToString::to_string).collect();
+            events.push(format!("{t:7.1}s detected {} → {}", what.join(", "), a.rung));
         }
         state = Some(decision.state);
 
@@ -659,10 +660,8 @@ fn match_fault(injected: &mut [Injected], r: &CompletedRecovery) -> (String, Opt
     };
     // Prefer a fault not yet explained; a node loss can explain two recoveries (its worker,
     // seen at once, and its lease, seen after the TTL).
-    let pick = injected
-        .iter()
-        .position(|i| !i.matched && fits(i))
-        .or_else(|| injected.iter().rposition(|i| fits(i)));
+    let pick =
+        injected.iter().position(|i| !i.matched && fits(i)).or_else(|| injected.iter().rposition(fits));
     match pick {
         Some(k) => {
             let i = &mut injected[k];
