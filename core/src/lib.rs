@@ -7,12 +7,14 @@
 //! Binaries (operator, agent, worker, CLI) call into this crate and do the I/O around it, so every
 //! decision here is unit- and property-tested without a cluster.
 
+pub mod fault_schedule;
 pub mod job;
 pub mod keyspace;
 pub mod manifest;
 pub mod model;
 pub mod placement;
 pub mod quantity;
+pub mod recovery;
 pub mod validate;
 
 pub use job::{TrainingJob, TrainingJobSpec, TrainingJobStatus};

@@ -1,0 +1,198 @@
+//! `ninelives demo`: the whole system on this machine — etcd, an agent per node on simulated
+//! chips, the training worker and the recovery brain — with faults injected while it trains.
+//!
+//! NOT WIRED YET: the session that wrote this could not compile the `ninelives` binary in time
+//! (no build cache), so this module is not declared in `main.rs`. To wire it: `mod demo;`, a
+//! `Demo(Box<demo::DemoArgs>)` variant of `Command` dispatched to `demo::run(*args)`, and
+//! `ninelives-runtime.workspace = true` + `tempfile.workspace = true` in `cli/Cargo.toml`
+//! (`ninelives_runtime::local::run_local` does the work and is compiled and clippy-clean).
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use clap::Args;
+use ninelives_core::fault_schedule::FaultSchedule;
+use ninelives_runtime::local::{LocalRunConfig, RunOutcome, run_local};
+use ninelives_runtime::processes::{SingleProcessWorker, WorkerLine, parse_worker_line};
+use ninelives_runtime::report::Report;
+use ninelives_runtime::{Supervisor, live};
+
+/// `ninelives demo` flags.
+#[derive(Args)]
+pub struct DemoArgs {
+    /// The TrainingJob to run.
+    #[arg(long, default_value = "examples/tiny.yaml")]
+    manifest: PathBuf,
+    /// A fault: chip:<node>/<chip>@<step>, hang:<node>/<chip>@<step>, flap:<node>/<chip>@<step>,
+    /// node:<node>@<step> or worker:<node>@<step> (repeatable). Default: a chip ECC error, a
+    /// whole-node loss and a worker crash.
+    #[arg(long = "fault", value_name = "FAULT")]
+    faults: Vec<String>,
+    /// Inject no faults.
+    #[arg(long, conflicts_with = "faults")]
+    no_faults: bool,
+    /// Steps to train. Default: spec.training.steps.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Write report.json, loss.svg and throughput.svg into this directory.
+    #[arg(long, value_name = "DIR")]
+    report: Option<PathBuf>,
+    /// Skip the uninterrupted reference run (no parameter comparison).
+    #[arg(long)]
+    no_reference: bool,
+    /// CPU threads of the worker. Default: all available.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Keep etcd data, chips, checkpoints and logs here instead of a temporary directory.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 1800)]
+    timeout_secs: u64,
+}
+
+/// Runs the demo; exit 0 when the job succeeded (and matched the reference, when run), 1 when it
+/// failed or did not match, 2 on bad input, 130 when interrupted.
+pub fn run(args: DemoArgs) -> ExitCode {
+    match demo(args) {
+        Ok(code) => code,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn demo(args: DemoArgs) -> Result<ExitCode, String> {
+    let text = std::fs::read_to_string(&args.manifest)
+        .map_err(|e| format!("manifest {}: cannot read: {e}", args.manifest.display()))?;
+    let job = ninelives_core::manifest::parse_job(&text).map_err(|violations| {
+        let lines: Vec<String> = violations.iter().map(|v| format!("  {v}")).collect();
+        format!("manifest {} is invalid:\n{}", args.manifest.display(), lines.join("\n"))
+    })?;
+    let topo = &job.spec.topology;
+    let steps = args.steps.unwrap_or(job.spec.training.steps);
+    let schedule = if args.no_faults {
+        FaultSchedule::none()
+    } else if args.faults.is_empty() {
+        FaultSchedule::default_for(topo.nodes, topo.chips_per_node, steps)
+    } else {
+        FaultSchedule::parse(&args.faults).map_err(join)?
+    };
+    schedule.validate(topo.nodes, topo.chips_per_node, steps).map_err(join)?;
+    let ninelives = std::env::current_exe().map_err(|e| format!("cannot find the ninelives binary: {e}"))?;
+    let temp;
+    let work_dir = match &args.work_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = tempfile::Builder::new().prefix("ninelives-demo-").tempdir().map_err(|e| e.to_string())?;
+            temp.path().to_path_buf()
+        }
+    };
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let cfg = LocalRunConfig {
+        ninelives: ninelives.clone(),
+        manifest: args.manifest.clone(),
+        job: job.clone(),
+        steps,
+        schedule,
+        work_dir: work_dir.clone(),
+        threads,
+        deadline: Duration::from_secs(args.timeout_secs),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
+    let terminal = std::io::stdout().is_terminal();
+    let mut shown = 0usize;
+    let launcher = SingleProcessWorker { ninelives: ninelives.clone() };
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let outcome: RunOutcome = runtime
+        .block_on(run_local(&cfg, &launcher, interrupt, |state| {
+            if terminal {
+                print!("\x1b[H\x1b[2J{}", live::render(state, 80));
+            } else {
+                for e in &state.events[shown.min(state.events.len())..] {
+                    println!("{e}");
+                }
+                shown = state.events.len();
+            }
+            let _ = std::io::stdout().flush();
+        }))
+        .map_err(|e| e.to_string())?;
+    if outcome.interrupted {
+        eprintln!("interrupted; every process stopped");
+        return Ok(ExitCode::from(130));
+    }
+    let mut report = outcome.report;
+    if outcome.failure.is_none() && !args.no_reference {
+        println!("running the uninterrupted reference ({steps} steps) ...");
+        let reference = reference_digest(&cfg)?;
+        report.params_match = Some(report.params_sha256.as_deref() == Some(reference.as_str()));
+        // Equal digests mean bit-identical parameters; otherwise the difference is not measured.
+        report.max_abs_diff = report.params_match.filter(|m| *m).map(|_| 0.0);
+        report.reference_sha256 = Some(reference);
+    }
+    print_summary(&report, outcome.failure.as_deref());
+    if let Some(dir) = &args.report {
+        let written = report.write(dir, &outcome.samples).map_err(|e| e.to_string())?;
+        for p in written {
+            println!("wrote {}", p.display());
+        }
+    }
+    let ok = outcome.failure.is_none() && report.params_match != Some(false);
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn join<E: ToString>(errors: Vec<E>) -> String {
+    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+}
+
+/// Trains the same job without faults and returns its final digest.
+fn reference_digest(cfg: &LocalRunConfig) -> Result<String, String> {
+    let dir = cfg.work_dir.join("reference");
+    let mut sup = Supervisor::new(dir.join("logs")).map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(&cfg.ninelives);
+    cmd.args(["worker", "train"])
+        .arg(&cfg.manifest)
+        .args(["--steps", &cfg.steps.to_string(), "--threads", &cfg.threads.to_string()])
+        .arg("--checkpoint-dir")
+        .arg(dir.join("checkpoints"));
+    let (id, stdout) = sup.spawn_piped("reference", cmd).map_err(|e| e.to_string())?;
+    let mut digest = None;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+        if let Some(WorkerLine::Digest(hex)) = parse_worker_line(&line) {
+            digest = Some(hex);
+        }
+    }
+    let status = sup.terminate(id, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    digest.ok_or_else(|| format!("reference run ended ({status:?}) without a digest:\n{}", sup.log_tail(id, 10)))
+}
+
+fn print_summary(report: &Report, failure: Option<&str>) {
+    println!();
+    match failure {
+        Some(reason) => println!("job FAILED: {reason}"),
+        None => println!("job finished: {} steps in {:.1} s", report.steps, report.wall_s),
+    }
+    println!("{:<14} {:<9} {:>9} {:>9} {:>10}", "trigger", "tier", "detect s", "resume s", "steps lost");
+    for r in &report.recoveries {
+        let detect = r.detect_s.map_or("-".to_string(), |d| format!("{d:.2}"));
+        println!("{:<14} {:<9} {:>9} {:>9.2} {:>10}", r.trigger, r.tier, detect, r.resume_s, r.steps_lost);
+    }
+    println!("goodput {:.3}", report.goodput);
+    if let Some(loss) = report.final_loss {
+        println!("final loss {loss:.4}");
+    }
+    match report.params_match {
+        Some(true) => println!("final parameters equal the uninterrupted reference run (bit-identical)"),
+        Some(false) => println!("final parameters DIFFER from the uninterrupted reference run"),
+        None => println!("no reference run"),
+    }
+}

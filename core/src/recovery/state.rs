@@ -1,0 +1,459 @@
+//! The persisted recovery record (`jobs/<ns>/<job>/recovery`): everything the brain needs to
+//! continue after an operator restart. Nothing the brain decides lives only in memory.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::job::{RecoveryRecord, RecoveryTier};
+use crate::keyspace::MalformedValue;
+use crate::placement::ChipId;
+
+/// Format version of [`RecoveryState`]; a record of another version is refused, not guessed.
+pub const STATE_VERSION: u32 = 1;
+
+/// Completed recoveries kept in the record (older ones are only in the event/metric history).
+pub const HISTORY_LIMIT: usize = 32;
+
+/// A rung of the recovery ladder, cheapest first.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Rung {
+    /// New placement generation routing around the failed chips; no state moves that training
+    /// waits for, the interrupted step is retried (0 steps lost).
+    Reroute,
+    /// Lost experts re-placed and loaded (from a live peer, else from the last committed
+    /// checkpoint, which rolls the whole job back to it).
+    Reshard,
+    /// The whole job rolls back to the last committed checkpoint on the new placement; lost
+    /// workers are restarted.
+    Restore,
+    /// A spare node takes over the index of a lost (or faulty) node.
+    Replace,
+    /// The lost (or faulty) node is dropped; the job continues on fewer nodes within
+    /// `minHealthyFraction`.
+    Shrink,
+}
+
+impl Rung {
+    /// Every rung, cheapest first: the escalation order.
+    pub const LADDER: [Rung; 5] = [Rung::Reroute, Rung::Reshard, Rung::Restore, Rung::Replace, Rung::Shrink];
+
+    /// Lower-case name, as in metrics labels (`tier`) and the report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rung::Reroute => "reroute",
+            Rung::Reshard => "reshard",
+            Rung::Restore => "restore",
+            Rung::Replace => "replace",
+            Rung::Shrink => "shrink",
+        }
+    }
+
+    /// The API tier this rung belongs to; `shrink` is part of `replace` ("bring in spare nodes,
+    /// or continue degraded").
+    pub fn api_tier(self) -> RecoveryTier {
+        match self {
+            Rung::Reroute => RecoveryTier::Reroute,
+            Rung::Reshard => RecoveryTier::Reshard,
+            Rung::Restore => RecoveryTier::Restore,
+            Rung::Replace | Rung::Shrink => RecoveryTier::Replace,
+        }
+    }
+
+    /// The rungs strictly above this one, in order.
+    pub fn above(self) -> impl Iterator<Item = Rung> {
+        Rung::LADDER.into_iter().filter(move |r| *r > self)
+    }
+}
+
+impl fmt::Display for Rung {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What kind of fault started a recovery (the `trigger` label of the recovery metrics).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum TriggerKind {
+    /// A chip reported a fault (ECC, link down, thermal, ...).
+    Chip,
+    /// A chip stopped advancing its heartbeat (`heartbeat-stalled`).
+    Hang,
+    /// A chip the agent quarantined for flapping (`flapping:<code>`).
+    Flap,
+    /// A worker process left its membership while its node stayed up.
+    Worker,
+    /// A node's agent lease expired: every chip of the node is out.
+    Node,
+}
+
+impl TriggerKind {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TriggerKind::Chip => "chip",
+            TriggerKind::Hang => "hang",
+            TriggerKind::Flap => "flap",
+            TriggerKind::Worker => "worker",
+            TriggerKind::Node => "node",
+        }
+    }
+
+    /// The kind of a chip fault from the agent's published code.
+    pub fn of_chip_code(code: &str) -> Self {
+        if code == "heartbeat-stalled" {
+            TriggerKind::Hang
+        } else if code.starts_with("flapping:") {
+            TriggerKind::Flap
+        } else {
+            TriggerKind::Chip
+        }
+    }
+}
+
+/// One fault the brain saw.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Trigger {
+    /// What kind.
+    pub kind: TriggerKind,
+    /// Node index in the job.
+    pub node: u32,
+    /// Node name at the time.
+    pub node_name: String,
+    /// The chip, for chip-level faults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chip: Option<u32>,
+    /// Fault code (`node-lost`, `worker-lost`, or the agent's code).
+    pub code: String,
+    /// When the fault happened, when known (the chip record's `since`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<f64>,
+}
+
+impl fmt::Display for Trigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.chip {
+            Some(chip) => write!(f, "{} {}/{chip} {}", self.kind.as_str(), self.node_name, self.code),
+            None => write!(f, "{} {} {}", self.kind.as_str(), self.node_name, self.code),
+        }
+    }
+}
+
+/// A chip the brain took out of the placement, and its hysteresis bookkeeping.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Exclusion {
+    /// The code it was excluded for.
+    pub code: String,
+    /// When it was excluded (brain clock).
+    pub since: f64,
+    /// Since when it has been seen usable without interruption; it rejoins after
+    /// `rejoinAfterSeconds` of that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy_since: Option<f64>,
+    /// Times it failed again after being seen usable while excluded (a flapping chip).
+    #[serde(default)]
+    pub relapses: u32,
+}
+
+/// How one attempt of a recovery ended.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Attempt {
+    /// The rung tried.
+    pub rung: Rung,
+    /// The generation it published.
+    pub generation: u64,
+    /// When it was published.
+    pub at: f64,
+    /// Why it was abandoned (`None` for the attempt in progress or the one that succeeded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abandoned: Option<String>,
+}
+
+/// The recovery in progress.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ActiveRecovery {
+    /// Sequence number (1 for the job's first recovery).
+    pub id: u32,
+    /// Every fault folded into this recovery, in detection order.
+    pub triggers: Vec<Trigger>,
+    /// The rung of the attempt in progress.
+    pub rung: Rung,
+    /// The placement generation the attempt published.
+    pub generation: u64,
+    /// Earliest known fault time among the triggers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault_at: Option<f64>,
+    /// When the brain first saw a fault of this recovery.
+    pub detected_at: f64,
+    /// When the attempt in progress gives up and escalates.
+    pub deadline: f64,
+    /// Last completed step when the fault was detected.
+    pub step_at_detection: u64,
+    /// The checkpoint step the job rolls back to, when the attempt rolls back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_to: Option<u64>,
+    /// The planner's tier for the published placement (`reroute` or `reshard`).
+    pub plan_tier: String,
+    /// Expert replicas the attempt loads.
+    pub experts_moved: u64,
+    /// Ranks (re)started by the attempt, which must rejoin before training resumes.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub restarted: BTreeSet<u32>,
+    /// Every attempt so far, the current one last.
+    pub attempts: Vec<Attempt>,
+}
+
+impl ActiveRecovery {
+    /// The trigger that names the recovery: the most severe kind, first seen.
+    pub fn primary(&self) -> Option<&Trigger> {
+        self.triggers.iter().rev().max_by_key(|t| t.kind)
+    }
+}
+
+/// A finished recovery: the audit trail and the report's `recoveries[]`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CompletedRecovery {
+    /// Sequence number.
+    pub id: u32,
+    /// Kind of the primary trigger.
+    pub kind: TriggerKind,
+    /// The primary trigger, e.g. `chip node-2/5 hbm-ecc-uncorrectable`.
+    pub trigger: String,
+    /// Every fault folded in.
+    pub triggers: Vec<Trigger>,
+    /// The rung that recovered it.
+    pub tier: Rung,
+    /// The planner's tier of the final placement.
+    pub plan_tier: String,
+    /// Earliest known fault time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault_at: Option<f64>,
+    /// When the brain saw it.
+    pub detected_at: f64,
+    /// When every node applied the final generation and every member was present.
+    pub resumed_at: f64,
+    /// Fault → detection, when the fault time is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect_s: Option<f64>,
+    /// Detection → training resumed.
+    pub resume_s: f64,
+    /// Completed steps discarded by a rollback (0 without one).
+    pub steps_lost: u64,
+    /// The checkpoint rolled back to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_to: Option<u64>,
+    /// The generation that resumed training.
+    pub generation: u64,
+    /// Rungs abandoned before this one succeeded.
+    pub escalations: u32,
+    /// Expert replicas loaded.
+    pub experts_moved: u64,
+}
+
+impl CompletedRecovery {
+    /// The status entry of the `TrainingJob` (`time` is the RFC 3339 resume time).
+    pub fn to_status(&self, time: String) -> RecoveryRecord {
+        RecoveryRecord {
+            trigger: self.trigger.clone(),
+            tier: self.tier.api_tier(),
+            detection_seconds: self.detect_s.unwrap_or(0.0),
+            recovery_seconds: self.resume_s,
+            steps_lost: self.steps_lost,
+            time,
+        }
+    }
+}
+
+/// Coarse phase of the brain.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BrainPhase {
+    /// Initial placement published; waiting for every member.
+    Starting,
+    /// Training.
+    Running,
+    /// A recovery is in progress (`active`).
+    Recovering,
+    /// Every step done.
+    Succeeded,
+    /// Gave up (`failure` says why).
+    Failed,
+}
+
+impl BrainPhase {
+    /// Whether nothing will change any more.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, BrainPhase::Succeeded | BrainPhase::Failed)
+    }
+
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BrainPhase::Starting => "starting",
+            BrainPhase::Running => "running",
+            BrainPhase::Recovering => "recovering",
+            BrainPhase::Succeeded => "succeeded",
+            BrainPhase::Failed => "failed",
+        }
+    }
+}
+
+/// The persisted state of one job's recovery brain.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryState {
+    /// [`STATE_VERSION`].
+    pub version: u32,
+    /// Phase.
+    pub phase: BrainPhase,
+    /// The last placement generation the brain published (0 before the first).
+    pub generation: u64,
+    /// Name of the node at each index (a spare takes over an index on `replace`).
+    pub node_names: Vec<String>,
+    /// Spare nodes not used yet, in order of use.
+    pub spares: Vec<String>,
+    /// Node indices dropped by `shrink` (no member, chips out of the placement).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub dropped: BTreeSet<u32>,
+    /// Chips out of the placement.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty", with = "chip_map")]
+    pub excluded: BTreeMap<ChipId, Exclusion>,
+    /// Recoveries started so far.
+    pub recoveries: u32,
+    /// The recovery in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<ActiveRecovery>,
+    /// The newest completed recoveries, oldest first (at most [`HISTORY_LIMIT`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<CompletedRecovery>,
+    /// Why the job failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+}
+
+/// JSON object keys must be strings: chips are keyed `"<node>/<chip>"`.
+mod chip_map {
+    use std::collections::BTreeMap;
+
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::Exclusion;
+    use crate::placement::ChipId;
+
+    pub fn serialize<S: Serializer>(map: &BTreeMap<ChipId, Exclusion>, s: S) -> Result<S::Ok, S::Error> {
+        let keyed: BTreeMap<String, &Exclusion> = map.iter().map(|(c, e)| (c.to_string(), e)).collect();
+        keyed.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<ChipId, Exclusion>, D::Error> {
+        let keyed = BTreeMap::<String, Exclusion>::deserialize(d)?;
+        keyed
+            .into_iter()
+            .map(|(k, v)| {
+                let parsed =
+                    k.split_once('/').and_then(|(n, c)| Some(ChipId::new(n.parse().ok()?, c.parse().ok()?)));
+                parsed
+                    .map(|c| (c, v))
+                    .ok_or_else(|| D::Error::custom(format!("bad chip key {k:?}, expected <node>/<chip>")))
+            })
+            .collect()
+    }
+}
+
+impl RecoveryState {
+    /// The state of a job that has not started: nothing published, every node in its place.
+    pub fn new(node_names: Vec<String>, spares: Vec<String>) -> Self {
+        Self {
+            version: STATE_VERSION,
+            phase: BrainPhase::Starting,
+            generation: 0,
+            node_names,
+            spares,
+            dropped: BTreeSet::new(),
+            excluded: BTreeMap::new(),
+            recoveries: 0,
+            active: None,
+            history: Vec::new(),
+            failure: None,
+        }
+    }
+
+    /// Parses the record read from etcd; a record of another version or an inconsistent one is
+    /// an error (the caller reports it as a condition and does not act on the job).
+    pub fn parse(key: &str, bytes: &[u8]) -> Result<Self, MalformedValue> {
+        let bad = |reason: String| MalformedValue { key: key.to_string(), reason };
+        let state: RecoveryState = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        if state.version != STATE_VERSION {
+            return Err(bad(format!("record version {} (this brain reads {STATE_VERSION})", state.version)));
+        }
+        if state.phase == BrainPhase::Recovering && state.active.is_none() {
+            return Err(bad("phase recovering without an active recovery".into()));
+        }
+        if state.dropped.iter().any(|&n| n as usize >= state.node_names.len()) {
+            return Err(bad("a dropped node index is outside the node table".into()));
+        }
+        Ok(state)
+    }
+
+    /// The record as stored (compact JSON).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    /// The generation whose acknowledgements the brain is waiting for, if any.
+    pub fn awaiting(&self) -> Option<u64> {
+        self.active.as_ref().map(|a| a.generation)
+    }
+
+    /// Ranks that should be running: every node index not dropped.
+    pub fn expected_ranks(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.node_names.len() as u32).filter(|r| !self.dropped.contains(r))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trips_and_refuses_garbage() {
+        let mut s = RecoveryState::new(vec!["a".into(), "b".into()], vec!["s".into()]);
+        s.excluded.insert(
+            ChipId::new(1, 3),
+            Exclusion { code: "x".into(), since: 1.0, healthy_since: None, relapses: 0 },
+        );
+        let json = s.to_json();
+        assert_eq!(RecoveryState::parse("k", json.as_bytes()), Ok(s.clone()));
+        let other_version = json.replace("\"version\":1", "\"version\":7");
+        assert!(RecoveryState::parse("k", other_version.as_bytes()).is_err());
+        let bad_chip = json.replace("\"1/3\"", "\"one/3\"");
+        assert!(RecoveryState::parse("k", bad_chip.as_bytes()).is_err());
+        for bad in [
+            &b""[..],
+            b"{}",
+            b"null",
+            br#"{"version":1,"phase":"recovering","generation":1,"nodeNames":[],"spares":[],"recoveries":0}"#,
+        ] {
+            assert!(RecoveryState::parse("k", bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn ladder_order_and_api_tiers() {
+        assert_eq!(Rung::Reroute.above().collect::<Vec<_>>(), &Rung::LADDER[1..]);
+        assert_eq!(Rung::Shrink.above().count(), 0);
+        assert_eq!(Rung::Shrink.api_tier(), RecoveryTier::Replace);
+        assert_eq!(TriggerKind::of_chip_code("heartbeat-stalled"), TriggerKind::Hang);
+        assert_eq!(TriggerKind::of_chip_code("flapping:hbm-ecc-uncorrectable"), TriggerKind::Flap);
+        assert_eq!(TriggerKind::of_chip_code("link-down"), TriggerKind::Chip);
+    }
+}

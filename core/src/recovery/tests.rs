@@ -1,0 +1,542 @@
+//! Scripted event sequences against the brain, with a tiny in-memory runtime that carries out
+//! its actions the way the operator and the local runtime do.
+
+use std::collections::BTreeSet;
+
+use super::*;
+use crate::keyspace::{ChipRecord, ChipState};
+use crate::placement::{ExpertLoad, Placement, PlacementShape, ReplanOptions};
+
+/// 4 nodes x 4 chips, one expert-parallel group, 2 layers x 8 experts, 4 slots per chip.
+fn shape(redundant: u32, min_healthy: f64, nodes_per_rack: Option<u32>, nodes: u32) -> PlacementShape {
+    PlacementShape {
+        layers: 2,
+        routed_experts: 8,
+        redundant_experts: redundant,
+        expert_state_bytes: 1 << 20,
+        nodes,
+        chips_per_node: 4,
+        chip_memory_bytes: 4 << 20,
+        expert_parallel_size: nodes * 4,
+        nodes_per_rack,
+        min_healthy_fraction: min_healthy,
+    }
+}
+
+fn config(shape: PlacementShape) -> BrainConfig {
+    BrainConfig {
+        load: ExpertLoad::uniform(&shape),
+        shape,
+        options: ReplanOptions::default(),
+        allowed: Rung::LADDER.into_iter().collect(),
+        recovery_timeout_s: 30.0,
+        apply_timeout_s: 30.0,
+        max_recoveries: 10,
+        total_steps: 300,
+        rejoin_after_s: 60.0,
+    }
+}
+
+/// Every expert has two replicas (8 redundant per layer of 8 experts).
+fn redundant() -> BrainConfig {
+    config(shape(8, 0.5, None, 4))
+}
+
+/// One replica per expert: any lost expert needs the checkpoint.
+fn single() -> BrainConfig {
+    config(shape(0, 0.5, None, 4))
+}
+
+/// A fake runtime: applies actions to its view of etcd; agents ack at once, workers join at once
+/// (each can be switched off to script slow or failing components).
+struct Sim {
+    cfg: BrainConfig,
+    st: RecoveryState,
+    placement: Option<Placement>,
+    obs: Observation,
+    acks: bool,
+    joins: bool,
+    log: Vec<Action>,
+}
+
+impl Sim {
+    fn new(cfg: BrainConfig, spares: usize) -> Self {
+        let names: Vec<String> = (0..cfg.shape.nodes).map(|i| format!("n{i}")).collect();
+        let spare_names: Vec<String> = (0..spares).map(|i| format!("s{i}")).collect();
+        let mut obs = Observation { now: 1000.0, ..Default::default() };
+        for n in names.iter().chain(&spare_names) {
+            obs.nodes.insert(n.clone(), NodeView { alive: true, ..Default::default() });
+        }
+        Self {
+            st: RecoveryState::new(names, spare_names),
+            cfg,
+            placement: None,
+            obs,
+            acks: true,
+            joins: true,
+            log: Vec::new(),
+        }
+    }
+
+    fn tick(&mut self) -> Vec<Action> {
+        let d = decide(&self.cfg, &self.st, &self.obs, self.placement.as_ref()).expect("decide");
+        self.st = d.state;
+        for a in &d.actions {
+            match a {
+                Action::PublishPlacement { placement, control } => {
+                    assert_eq!(placement.generation, control.generation);
+                    self.placement = Some(placement.clone());
+                    if self.acks {
+                        self.ack_all(placement.generation, AckOutcome::Applied);
+                    }
+                }
+                Action::StartMember { rank, .. } if self.joins => {
+                    self.obs.members.insert(*rank);
+                }
+                Action::DropNode { index, .. } => {
+                    self.obs.members.remove(index);
+                }
+                _ => {}
+            }
+        }
+        self.log.extend(d.actions.clone());
+        d.actions
+    }
+
+    fn ack_all(&mut self, generation: u64, outcome: AckOutcome) {
+        let names: Vec<String> =
+            self.st.expected_ranks().map(|r| self.st.node_names[r as usize].clone()).collect();
+        for node in names {
+            if self.obs.nodes.get(&node).is_some_and(|v| v.alive) {
+                let ack = Ack { node: node.clone(), generation, outcome, error: None };
+                self.obs.acks.entry(generation).or_default().insert(node, ack);
+            }
+        }
+    }
+
+    fn running(cfg: BrainConfig, spares: usize) -> Self {
+        let mut sim = Self::new(cfg, spares);
+        sim.tick();
+        sim.tick();
+        assert_eq!(sim.st.phase, BrainPhase::Running);
+        sim.obs.step = Some(60);
+        sim.obs.checkpoints = BTreeSet::from([25, 50]);
+        sim
+    }
+
+    fn later(&mut self, seconds: f64) {
+        self.obs.now += seconds;
+    }
+
+    fn chip(&mut self, node: &str, chip: u32, state: ChipState, code: &str) {
+        let since = self.obs.now - 0.2;
+        let view = self.obs.nodes.entry(node.to_string()).or_default();
+        view.chips.insert(chip, ChipRecord { state, code: code.into(), since });
+    }
+
+    fn kill_node(&mut self, node: &str) {
+        if let Some(v) = self.obs.nodes.get_mut(node) {
+            v.alive = false;
+        }
+        if let Some(rank) = self.st.node_names.iter().position(|n| n == node) {
+            self.obs.members.remove(&(rank as u32));
+        }
+    }
+
+    fn recoveries(&self) -> Vec<&CompletedRecovery> {
+        self.log
+            .iter()
+            .filter_map(|a| match a {
+                Action::RecordRecovery(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn publishes(&self) -> usize {
+        self.log.iter().filter(|a| matches!(a, Action::PublishPlacement { .. })).count()
+    }
+
+    /// A chip of `node` hosting at least one replica in the current placement.
+    fn busy_chip(&self, node: u32) -> u32 {
+        let p = self.placement.as_ref().expect("placement");
+        (0..4).find(|&c| !p.hosted(&self.cfg.shape, ChipId::new(node, c)).is_empty()).expect("a busy chip")
+    }
+
+    /// Ticks until nothing changes, at most `n` times.
+    fn settle(&mut self, n: usize) {
+        for _ in 0..n {
+            let before = self.st.clone();
+            let actions = self.tick();
+            if actions.is_empty() && before == self.st {
+                return;
+            }
+        }
+    }
+}
+
+use crate::placement::ChipId;
+
+#[test]
+fn start_publishes_generation_one_and_waits_for_every_member() {
+    let mut sim = Sim::new(redundant(), 1);
+    sim.joins = false;
+    let actions = sim.tick();
+    assert!(matches!(&actions[0], Action::PublishPlacement { placement, .. } if placement.generation == 1));
+    let starts = actions.iter().filter(|a| matches!(a, Action::StartMember { .. })).count();
+    assert_eq!(starts, 4);
+    assert_eq!(sim.st.phase, BrainPhase::Starting);
+    sim.obs.members = BTreeSet::from([0, 1, 2]);
+    assert!(sim.tick().is_empty());
+    assert_eq!(sim.st.phase, BrainPhase::Starting, "one member missing");
+    sim.obs.members.insert(3);
+    sim.tick();
+    assert_eq!(sim.st.phase, BrainPhase::Running);
+    let steady = sim.st.clone();
+    assert!(sim.tick().is_empty());
+    assert_eq!(sim.st, steady, "a steady job changes nothing");
+}
+
+#[test]
+fn chip_fault_with_live_replicas_reroutes_without_losing_steps() {
+    let mut sim = Sim::running(redundant(), 1);
+    let chip = sim.busy_chip(1);
+    sim.chip("n1", chip, ChipState::Failed, "hbm-ecc-uncorrectable");
+    let actions = sim.tick();
+    assert_eq!(sim.st.phase, BrainPhase::Recovering);
+    let Some(Action::PublishPlacement { placement, control }) = actions.first() else {
+        panic!("expected a publish, got {actions:?}")
+    };
+    assert_eq!(placement.generation, 2);
+    assert_eq!(control.restore_step, None, "a reroute never rolls back");
+    assert!(control.load_experts.values().flatten().all(|l| matches!(l.source, LoadSource::Peer { .. })));
+    assert!(placement.hosted(&sim.cfg.shape, ChipId::new(1, chip)).is_empty());
+    sim.later(0.4);
+    sim.tick();
+    let recs = sim.recoveries();
+    assert_eq!(recs.len(), 1);
+    let r = recs[0];
+    assert_eq!((r.tier, r.kind, r.steps_lost, r.escalations), (Rung::Reroute, TriggerKind::Chip, 0, 0));
+    assert!((r.detect_s.unwrap_or(-1.0) - 0.2).abs() < 1e-9, "fault time from the chip record");
+    assert!((r.resume_s - 0.4).abs() < 1e-9);
+    assert_eq!(sim.st.phase, BrainPhase::Running);
+    assert!(sim.tick().is_empty(), "the excluded chip does not trigger again");
+}
+
+#[test]
+fn chip_fault_without_replicas_reshards_from_the_last_checkpoint() {
+    let mut sim = Sim::running(single(), 0);
+    let chip = sim.busy_chip(2);
+    sim.chip("n2", chip, ChipState::Failed, "link-down");
+    let actions = sim.tick();
+    let Some(Action::PublishPlacement { control, .. }) = actions.first() else { panic!("{actions:?}") };
+    assert_eq!(control.restore_step, Some(50));
+    assert!(control.loads() > 0);
+    assert!(control.load_experts.values().flatten().all(|l| l.source == LoadSource::Checkpoint { step: 50 }));
+    sim.tick();
+    let r = sim.recoveries()[0];
+    assert_eq!((r.tier, r.steps_lost, r.rollback_to), (Rung::Reshard, 10, Some(50)));
+    assert_eq!(r.plan_tier, "reshard");
+}
+
+#[test]
+fn failure_during_a_checkpoint_write_rolls_back_to_the_last_committed_one() {
+    let mut sim = Sim::running(single(), 0);
+    // Step 74 done; checkpoint 75 is being written (no record yet: not committed).
+    sim.obs.step = Some(74);
+    let chip = sim.busy_chip(0);
+    sim.chip("n0", chip, ChipState::Failed, "hbm-ecc-uncorrectable");
+    sim.tick();
+    // The torn checkpoint never commits; the recovery finishes on 50.
+    sim.tick();
+    let r = sim.recoveries()[0];
+    assert_eq!((r.rollback_to, r.steps_lost), (Some(50), 24));
+}
+
+#[test]
+fn failure_during_a_recovery_is_folded_into_it() {
+    let mut sim = Sim::running(redundant(), 1);
+    sim.acks = false;
+    let a = sim.busy_chip(1);
+    sim.chip("n1", a, ChipState::Failed, "hbm-ecc-uncorrectable");
+    sim.tick();
+    assert_eq!(sim.st.generation, 2);
+    sim.later(1.0);
+    let b = sim.busy_chip(3);
+    sim.chip("n3", b, ChipState::Failed, "link-down");
+    let actions = sim.tick();
+    assert!(matches!(&actions[0], Action::PublishPlacement { placement, .. } if placement.generation == 3));
+    let active = sim.st.active.clone().expect("still recovering");
+    assert_eq!(active.triggers.len(), 2);
+    assert_eq!(active.attempts.len(), 2);
+    assert!(active.attempts[0].abandoned.as_deref().is_some_and(|w| w.contains("new fault")));
+    // Acks of the abandoned generation do not complete the recovery.
+    sim.ack_all(2, AckOutcome::Applied);
+    assert!(sim.tick().is_empty());
+    sim.ack_all(3, AckOutcome::Applied);
+    sim.later(0.5);
+    sim.tick();
+    let recs = sim.recoveries();
+    assert_eq!(recs.len(), 1, "one recovery for both faults");
+    assert_eq!(recs[0].triggers.len(), 2);
+    assert_eq!(recs[0].generation, 3);
+    assert!((recs[0].resume_s - 1.5).abs() < 1e-9, "timed from the first detection");
+    let p = sim.placement.as_ref().expect("placement");
+    assert!(p.hosted(&sim.cfg.shape, ChipId::new(1, a)).is_empty());
+    assert!(p.hosted(&sim.cfg.shape, ChipId::new(3, b)).is_empty());
+    assert_eq!(sim.st.recoveries, 1);
+}
+
+#[test]
+fn a_flapping_chip_causes_one_recovery_and_rejoins_only_after_the_hold_down() {
+    let mut sim = Sim::running(redundant(), 1);
+    let chip = sim.busy_chip(2);
+    for round in 0..3 {
+        sim.chip("n2", chip, ChipState::Failed, "hbm-ecc-uncorrectable");
+        sim.settle(4);
+        sim.later(2.0);
+        let state = if round == 2 { ChipState::Quarantined } else { ChipState::Healthy };
+        let code = if round == 2 { "flapping:hbm-ecc-uncorrectable" } else { "ok" };
+        sim.chip("n2", chip, state, code);
+        sim.settle(4);
+        sim.later(2.0);
+    }
+    assert_eq!(sim.recoveries().len(), 1, "one recovery, not one per flap");
+    let ex = &sim.st.excluded[&ChipId::new(2, chip)];
+    assert_eq!(ex.relapses, 2);
+    // Healthy again (quarantine cleared): still out until it has been healthy for 60 s.
+    sim.chip("n2", chip, ChipState::Healthy, "ok");
+    sim.settle(4);
+    sim.later(59.0);
+    sim.settle(4);
+    assert!(sim.st.excluded.contains_key(&ChipId::new(2, chip)));
+    sim.later(1.5);
+    sim.settle(4);
+    assert!(!sim.st.excluded.contains_key(&ChipId::new(2, chip)), "rejoined after the hold-down");
+    // A later fault of the same chip is a new recovery.
+    sim.chip("n2", chip, ChipState::Failed, "hbm-ecc-uncorrectable");
+    sim.settle(4);
+    assert_eq!(sim.recoveries().len(), 2);
+}
+
+#[test]
+fn whole_node_loss_brings_in_the_spare() {
+    let mut sim = Sim::running(redundant(), 1);
+    sim.kill_node("n2");
+    let actions = sim.tick();
+    assert!(actions.contains(&Action::BringInSpare { spare: "s0".into(), replaces: "n2".into(), index: 2 }));
+    assert!(actions.iter().any(|a| matches!(a, Action::StartMember { rank: 2, node, .. } if node == "s0")));
+    let Some(Action::PublishPlacement { placement, control }) =
+        actions.iter().find(|a| matches!(a, Action::PublishPlacement { .. }))
+    else {
+        panic!("{actions:?}")
+    };
+    // Every replica of the lost node is reloaded onto the spare, from live peers.
+    assert!(control.load_experts.contains_key("s0"));
+    assert_eq!(control.restore_step, None);
+    assert!(
+        !control
+            .load_experts
+            .values()
+            .flatten()
+            .any(|l| matches!(&l.source, LoadSource::Peer { node, .. } if node == "n2"))
+    );
+    assert!(placement.has_pending());
+    sim.tick();
+    let r = sim.recoveries()[0];
+    assert_eq!((r.tier, r.kind, r.steps_lost), (Rung::Replace, TriggerKind::Node, 0));
+    assert_eq!(r.detect_s, None, "a lease expiry carries no fault time");
+    assert_eq!(sim.st.node_names[2], "s0");
+    assert!(sim.st.spares.is_empty());
+    assert!(sim.st.excluded.is_empty(), "the new node's chips are in use");
+}
+
+#[test]
+fn spares_exhausted_shrinks_the_job() {
+    let mut sim = Sim::running(redundant(), 1);
+    sim.kill_node("n1");
+    sim.settle(3);
+    sim.kill_node("n3");
+    let actions = sim.tick();
+    assert!(actions.contains(&Action::DropNode { index: 3, node: "n3".into() }));
+    sim.settle(3);
+    let recs = sim.recoveries();
+    assert_eq!(recs.iter().map(|r| r.tier).collect::<Vec<_>>(), [Rung::Replace, Rung::Shrink]);
+    assert_eq!(sim.st.dropped, BTreeSet::from([3]));
+    assert_eq!(sim.st.phase, BrainPhase::Running);
+    assert!(sim.tick().is_empty(), "a dropped node is not a fault any more");
+}
+
+#[test]
+fn rack_loss_replaces_what_it_can_and_drops_the_rest() {
+    // 8 nodes in racks of 2; every expert has two replicas on different racks.
+    let mut sim = Sim::running(config(shape(8, 0.5, Some(2), 8)), 1);
+    sim.kill_node("n2");
+    sim.kill_node("n3");
+    let actions = sim.tick();
+    assert!(actions.contains(&Action::BringInSpare { spare: "s0".into(), replaces: "n2".into(), index: 2 }));
+    assert!(actions.contains(&Action::DropNode { index: 3, node: "n3".into() }));
+    let Some(Action::PublishPlacement { control, .. }) =
+        actions.iter().find(|a| matches!(a, Action::PublishPlacement { .. }))
+    else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(control.restore_step, None, "rack-disjoint replicas survive a rack");
+    sim.tick();
+    let r = sim.recoveries()[0];
+    assert_eq!((r.tier, r.steps_lost, r.triggers.len()), (Rung::Replace, 0, 2));
+}
+
+#[test]
+fn crossing_min_healthy_fraction_fails_the_job_with_the_reason() {
+    let mut sim = Sim::running(config(shape(8, 0.75, None, 4)), 0);
+    sim.kill_node("n0");
+    sim.settle(3);
+    assert_eq!(sim.recoveries()[0].tier, Rung::Shrink, "12 of 16 chips is still 0.75");
+    sim.kill_node("n1");
+    let actions = sim.tick();
+    let Some(Action::FailJob { reason }) = actions.last() else { panic!("{actions:?}") };
+    assert!(reason.contains("minHealthyFraction"), "{reason}");
+    assert_eq!(sim.st.phase, BrainPhase::Failed);
+    assert!(sim.tick().is_empty(), "terminal");
+}
+
+#[test]
+fn a_lost_worker_is_restarted_from_the_last_checkpoint() {
+    let mut sim = Sim::running(redundant(), 1);
+    sim.obs.members.remove(&1);
+    let actions = sim.tick();
+    assert!(actions.contains(&Action::StartMember { rank: 1, node: "n1".into(), restore_step: Some(50) }));
+    sim.tick();
+    let r = sim.recoveries()[0];
+    assert_eq!((r.tier, r.kind, r.steps_lost), (Rung::Restore, TriggerKind::Worker, 10));
+}
+
+#[test]
+fn operator_restart_mid_recovery_continues_the_same_attempt() {
+    let mut sim = Sim::running(single(), 0);
+    sim.acks = false;
+    let chip = sim.busy_chip(1);
+    sim.chip("n1", chip, ChipState::Failed, "hbm-ecc-uncorrectable");
+    sim.tick();
+    let published = sim.publishes();
+    // The operator dies; a new one reads the record (and everything else) back from etcd.
+    let stored = sim.st.to_json();
+    let restored = RecoveryState::parse("/ninelives/jobs/default/tiny/recovery", stored.as_bytes())
+        .expect("record parses");
+    assert_eq!(restored, sim.st);
+    sim.st = restored;
+    sim.later(2.0);
+    assert!(sim.tick().is_empty(), "no second publish, no new recovery");
+    assert_eq!(sim.publishes(), published);
+    sim.ack_all(sim.st.generation, AckOutcome::Applied);
+    sim.tick();
+    let r = sim.recoveries()[0];
+    assert_eq!((r.id, r.tier, r.rollback_to), (1, Rung::Reshard, Some(50)));
+    assert!((r.resume_s - 2.0).abs() < 1e-9, "timed across the restart");
+}
+
+#[test]
+fn a_recovery_that_times_out_climbs_the_ladder_then_fails() {
+    let mut sim = Sim::running(redundant(), 1);
+    sim.acks = false;
+    let chip = sim.busy_chip(1);
+    sim.chip("n1", chip, ChipState::Failed, "hbm-ecc-uncorrectable");
+    sim.tick();
+    let mut rungs: Vec<Rung> = sim.st.active.iter().map(|a| a.rung).collect();
+    for _ in 0..6 {
+        sim.later(31.0);
+        sim.tick();
+        rungs.extend(sim.st.active.iter().map(|a| a.rung));
+    }
+    assert_eq!(rungs, [Rung::Reroute, Rung::Reshard, Rung::Restore, Rung::Replace, Rung::Shrink]);
+    assert_eq!(sim.st.phase, BrainPhase::Failed);
+    let reason = sim.st.failure.clone().unwrap_or_default();
+    assert!(reason.contains("ladder exhausted"), "{reason}");
+    assert_eq!(sim.publishes(), 6, "generation 1 and one per rung");
+    assert!(sim.log.contains(&Action::BringInSpare { spare: "s0".into(), replaces: "n1".into(), index: 1 }));
+    assert!(sim.log.contains(&Action::DropNode { index: 1, node: "s0".into() }));
+    // The restore rung rolled back; the later rungs keep that rollback.
+    let restores: Vec<Option<u64>> = sim
+        .log
+        .iter()
+        .filter_map(|a| match a {
+            Action::PublishPlacement { control, .. } => Some(control.restore_step),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(restores, [None, None, None, Some(50), Some(50), Some(50)]);
+}
+
+#[test]
+fn an_agent_refusing_a_generation_escalates_at_once() {
+    let mut sim = Sim::running(redundant(), 1);
+    sim.acks = false;
+    let chip = sim.busy_chip(1);
+    sim.chip("n1", chip, ChipState::Failed, "hbm-ecc-uncorrectable");
+    sim.tick();
+    sim.ack_all(2, AckOutcome::Failed);
+    sim.tick();
+    let active = sim.st.active.clone().expect("recovering");
+    assert_eq!((active.rung, active.generation), (Rung::Reshard, 3));
+}
+
+#[test]
+fn max_recoveries_fails_the_next_fault() {
+    let mut cfg = redundant();
+    cfg.max_recoveries = 1;
+    let mut sim = Sim::running(cfg, 1);
+    sim.chip("n1", sim.busy_chip(1), ChipState::Failed, "link-down");
+    sim.settle(3);
+    sim.chip("n2", sim.busy_chip(2), ChipState::Failed, "link-down");
+    sim.tick();
+    assert_eq!(sim.st.phase, BrainPhase::Failed);
+    assert!(sim.st.failure.as_deref().is_some_and(|f| f.contains("maxRecoveries")));
+}
+
+#[test]
+fn reaching_the_last_step_succeeds() {
+    let mut sim = Sim::running(redundant(), 1);
+    sim.obs.step = Some(300);
+    sim.obs.members.clear();
+    assert_eq!(sim.tick(), vec![Action::JobSucceeded]);
+    assert_eq!(sim.st.phase, BrainPhase::Succeeded);
+}
+
+#[test]
+fn hang_and_flap_codes_name_their_trigger() {
+    let mut sim = Sim::running(redundant(), 1);
+    sim.chip("n0", sim.busy_chip(0), ChipState::Failed, "heartbeat-stalled");
+    sim.settle(3);
+    sim.chip("n3", sim.busy_chip(3), ChipState::Quarantined, "flapping:link-down");
+    sim.settle(3);
+    let kinds: Vec<TriggerKind> = sim.recoveries().iter().map(|r| r.kind).collect();
+    assert_eq!(kinds, [TriggerKind::Hang, TriggerKind::Flap]);
+}
+
+#[test]
+fn a_corrupt_placement_or_node_table_is_an_error_not_a_panic() {
+    let mut sim = Sim::running(redundant(), 1);
+    let mut bad = sim.placement.clone().expect("placement");
+    bad.groups.clear();
+    sim.chip("n1", 0, ChipState::Failed, "link-down");
+    assert!(decide(&sim.cfg, &sim.st, &sim.obs, Some(&bad)).is_err());
+    sim.st.node_names.pop();
+    assert!(matches!(
+        decide(&sim.cfg, &sim.st, &sim.obs, sim.placement.as_ref()),
+        Err(BrainError::NodeTable { expected: 4, found: 3 })
+    ));
+}
+
+#[test]
+fn config_from_the_demo_manifest() {
+    let job = crate::manifest::parse_job(include_str!("../../../examples/tiny.yaml")).expect("tiny.yaml");
+    let cfg = BrainConfig::from_spec(&job.spec).expect("config");
+    assert_eq!((cfg.shape.nodes, cfg.shape.chips_per_node), (4, 8));
+    assert!(cfg.allowed.contains(&Rung::Shrink), "replace allows shrink");
+    assert_eq!(cfg.recovery_timeout_s, 60.0);
+    let mut sim = Sim::running(cfg, 1);
+    sim.kill_node("n3");
+    sim.settle(3);
+    assert_eq!(sim.recoveries()[0].tier, Rung::Replace);
+}

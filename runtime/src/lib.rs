@@ -1,0 +1,33 @@
+//! # ninelives-runtime
+//!
+//! The local-process runtime: what `ninelives demo` runs the whole system with, on one machine
+//! and without Kubernetes. The same recovery brain (`ninelives_core::recovery`) that the
+//! operator drives on a cluster decides here; this crate provides the I/O around it:
+//!
+//! - [`supervisor`]: child processes in their own process groups, killed (the whole group) on
+//!   drop, on [`Supervisor::shutdown`] and therefore on Ctrl-C — no orphans;
+//! - [`etcd`]: a private etcd as a child (free loopback ports, temp dir, a clear install hint when
+//!   the binary is missing);
+//! - [`processes`]: command lines of agents (`ninelives agent run --simulate 8 ...`), fault
+//!   injection (`ninelives agent inject`), and workers behind the [`WorkerLaunch`] interface
+//!   (single-process `ninelives worker train`, or one member of a distributed job with
+//!   `--rank R --etcd URLS`), plus the parser of the worker's step lines;
+//! - [`report`]: `report.json` (recoveries, goodput, final loss, parameter comparison);
+//! - [`svg`]: hand-written SVG line charts with recoveries marked;
+//! - [`live`]: the live view, a pure function from state to text;
+//! - [`local`]: the driver that runs it all with the recovery brain (`ninelives demo`).
+
+pub mod endpoint;
+pub mod error;
+pub mod etcd;
+pub mod live;
+pub mod local;
+pub mod processes;
+pub mod report;
+pub mod supervisor;
+pub mod svg;
+
+pub use error::RuntimeError;
+pub use etcd::LocalEtcd;
+pub use processes::{MemberSpec, WorkerLaunch};
+pub use supervisor::{ChildId, Supervisor};

@@ -1,0 +1,55 @@
+//! The real etcd as a supervised child.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use ninelives_runtime::etcd::locate;
+use ninelives_runtime::{LocalEtcd, RuntimeError, Supervisor};
+
+#[test]
+fn starts_answers_and_dies_with_the_supervisor() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sup = Supervisor::new(dir.path().join("logs")).expect("supervisor");
+    let etcd = match LocalEtcd::start(&mut sup, dir.path()) {
+        Err(RuntimeError::EtcdMissing) => panic!("etcd is not installed; run scripts/setup"),
+        other => other.expect("etcd starts"),
+    };
+    let port: u16 = etcd.endpoint.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+    // A write and a read through the v3 JSON gateway.
+    let post = |path: &str, body: &str| -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let req = format!(
+            "POST {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        out
+    };
+    // key "k" = "aw==", value "v" = "dg=="
+    assert!(post("/v3/kv/put", r#"{"key":"aw==","value":"dg=="}"#).contains("200 OK"));
+    assert!(post("/v3/kv/range", r#"{"key":"aw=="}"#).contains("\"value\":\"dg==\""));
+    let pid = sup.pid(etcd.id).expect("pid");
+    drop(sup);
+    // Dropping the supervisor kills and reaps etcd: its /proc entry is gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(std::time::Instant::now() < deadline, "etcd (pid {pid}) outlived its supervisor");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_missing_etcd_names_the_install_command() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sup = Supervisor::new(dir.path().join("logs")).expect("supervisor");
+    let path = std::ffi::OsStr::new("/nonexistent:/also-not");
+    assert_eq!(locate("etcd", Some(path)), None);
+    let err = LocalEtcd::start_on_path(&mut sup, dir.path(), Some(path)).expect_err("no etcd there");
+    assert!(matches!(err, RuntimeError::EtcdMissing));
+    let text = err.to_string();
+    assert!(text.contains("scripts/setup") && text.contains("apt install etcd-server"), "{text}");
+}
