@@ -26,7 +26,15 @@ fn main() {
     for workers in [1u32, 2, 4] {
         let dir = tempfile::tempdir().unwrap();
         let out = Command::new(BIN)
-            .args(["worker", "launch", &manifest, "--workers", &workers.to_string(), "--etcd", &etcd.endpoint()])
+            .args([
+                "worker",
+                "launch",
+                &manifest,
+                "--workers",
+                &workers.to_string(),
+                "--etcd",
+                &etcd.endpoint(),
+            ])
             .arg("--checkpoint-dir")
             .arg(dir.path())
             .args(["--steps", &steps.to_string(), "--checkpoint-every", "1000", "--threads", "1"])

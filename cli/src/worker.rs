@@ -117,25 +117,25 @@ pub fn run(cmd: WorkerCommand) -> ExitCode {
         WorkerCommand::Launch(args) => launch(args),
     };
     match outcome {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(Failure::BadInput(msg)) => {
-                eprintln!("error: {msg}");
-                ExitCode::from(2)
-            }
-            Err(Failure::Worker(err)) => {
-                eprintln!("error: {err}");
-                ExitCode::from(match err {
-                    WorkerError::InvalidJob(_)
-                    | WorkerError::Dataset { .. }
-                    | WorkerError::DatasetTooSmall { .. } => 2,
-                    WorkerError::CorruptCheckpoint { .. }
-                    | WorkerError::NoUsableCheckpoint { .. }
-                    | WorkerError::IncompatibleCheckpoint { .. }
-                    | WorkerError::CheckpointIo { .. }
-                    | WorkerError::CheckpointWriter(_) => 3,
-                    _ => 1,
-                })
-            }
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::BadInput(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Worker(err)) => {
+            eprintln!("error: {err}");
+            ExitCode::from(match err {
+                WorkerError::InvalidJob(_)
+                | WorkerError::Dataset { .. }
+                | WorkerError::DatasetTooSmall { .. } => 2,
+                WorkerError::CorruptCheckpoint { .. }
+                | WorkerError::NoUsableCheckpoint { .. }
+                | WorkerError::IncompatibleCheckpoint { .. }
+                | WorkerError::CheckpointIo { .. }
+                | WorkerError::CheckpointWriter(_) => 3,
+                _ => 1,
+            })
+        }
     }
 }
 
@@ -227,7 +227,9 @@ fn train(args: TrainArgs) -> Result<(), Failure> {
 fn member_event(event: &MemberEvent<'_>, metrics: &WorkerMetrics) {
     match event {
         MemberEvent::Joined { generation, tier, step, members, experts } => {
-            println!("joined generation={generation} tier={tier} step={step} members={members:?} experts={experts}");
+            println!(
+                "joined generation={generation} tier={tier} step={step} members={members:?} experts={experts}"
+            );
         }
         MemberEvent::Step(r) => {
             println!(
@@ -282,7 +284,10 @@ fn launch(args: LaunchArgs) -> Result<(), Failure> {
         let lines: Vec<String> = violations.iter().map(|v| format!("  {v}")).collect();
         Failure::BadInput(format!("manifest {} is invalid:\n{}", args.manifest, lines.join("\n")))
     })?;
-    let base = ninelives_core::placement::PlacementShape::from_job(&shape, job.spec.failure_policy.min_healthy_fraction);
+    let base = ninelives_core::placement::PlacementShape::from_job(
+        &shape,
+        job.spec.failure_policy.min_healthy_fraction,
+    );
     let shape = worker_shape(&base, args.workers);
     let every = args.checkpoint_every.unwrap_or(job.spec.checkpoint.interval_steps).max(1);
     let store = CheckpointStore::open(&args.checkpoint_dir, job.spec.checkpoint.keep_last.max(1) as usize)?;
@@ -290,7 +295,8 @@ fn launch(args: LaunchArgs) -> Result<(), Failure> {
     let mut coordinator = Coordinator::new(etcd, shape, store);
     coordinator.reset()?;
 
-    let exe = std::env::current_exe().map_err(|e| Failure::BadInput(format!("cannot find this binary: {e}")))?;
+    let exe =
+        std::env::current_exe().map_err(|e| Failure::BadInput(format!("cannot find this binary: {e}")))?;
     let (tx, lines) = std::sync::mpsc::channel::<(u32, String)>();
     let mut children = Children(Vec::new());
     for rank in 0..args.workers {
@@ -308,7 +314,8 @@ fn launch(args: LaunchArgs) -> Result<(), Failure> {
         if let Some(d) = &args.dataset {
             cmd.arg("--dataset").arg(d);
         }
-        let mut child = cmd.spawn().map_err(|e| Failure::BadInput(format!("cannot start worker {rank}: {e}")))?;
+        let mut child =
+            cmd.spawn().map_err(|e| Failure::BadInput(format!("cannot start worker {rank}: {e}")))?;
         println!("worker rank={rank} pid={}", child.id());
         if let Some(out) = child.stdout.take() {
             let tx = tx.clone();
@@ -326,7 +333,13 @@ fn launch(args: LaunchArgs) -> Result<(), Failure> {
 
     coordinator.wait_registered(args.workers, Duration::from_secs(args.step_timeout_seconds.max(10)))?;
     let first = coordinator.start(args.resume)?;
-    println!("generation={} tier={} members={:?} restore={:?}", first.generation(), first.tier, first.members, first.restore);
+    println!(
+        "generation={} tier={} members={:?} restore={:?}",
+        first.generation(),
+        first.tier,
+        first.members,
+        first.restore
+    );
 
     let mut digest = None;
     let mut finished = std::collections::BTreeSet::new();
@@ -337,7 +350,9 @@ fn launch(args: LaunchArgs) -> Result<(), Failure> {
             println!("[rank {rank}] {line}");
             if let Some(d) = line.strip_prefix("params_sha256=") {
                 digest = Some(d.to_string());
-            } else if let Some(step) = line.strip_prefix("committed step=").and_then(|s| s.trim().parse().ok()) {
+            } else if let Some(step) =
+                line.strip_prefix("committed step=").and_then(|s| s.trim().parse().ok())
+            {
                 coordinator.committed(step);
             }
         }

@@ -94,7 +94,11 @@ fn single(manifest: &str, checkpoints: &Path, steps: u32) -> String {
 }
 
 fn digest_of(stdout: &str) -> String {
-    let line = stdout.lines().rev().find(|l| l.starts_with("params_sha256=")).unwrap_or_else(|| panic!("no digest in:\n{stdout}"));
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("params_sha256="))
+        .unwrap_or_else(|| panic!("no digest in:\n{stdout}"));
     line["params_sha256=".len()..].to_string()
 }
 
@@ -150,7 +154,8 @@ impl Running {
 
     fn finish(mut self, limit: Duration) -> String {
         let deadline = Instant::now() + limit;
-        while let Ok((_, line)) = self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        while let Ok((_, line)) = self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
             self.seen.push(line);
         }
         let status = self.child.wait().unwrap();
@@ -205,10 +210,12 @@ fn kill_9_mid_step_aborts_reshards_from_the_checkpoint_and_stays_exact() {
     let victim = job.pid_of(2);
     let killed = Instant::now();
     kill_9(victim);
-    let (aborted, line) = job.wait_for("an abort", Duration::from_secs(30), |l| l.contains("] aborted generation=1"));
+    let (aborted, line) =
+        job.wait_for("an abort", Duration::from_secs(30), |l| l.contains("] aborted generation=1"));
     let latency = aborted.duration_since(killed);
     assert!(latency < Duration::from_secs(3), "abort took {latency:?} (heartbeat TTL 3 s): {line}");
-    let (_, regen) = job.wait_for("generation 2", Duration::from_secs(30), |l| l.starts_with("generation=2 "));
+    let (_, regen) =
+        job.wait_for("generation 2", Duration::from_secs(30), |l| l.starts_with("generation=2 "));
     assert!(regen.contains("tier=reshard") && regen.contains("members=[0, 1, 3]"), "{regen}");
     assert!(regen.contains("Checkpoint { step: 2 }") || regen.contains("Checkpoint { step: 4 }"), "{regen}");
     let out = job.finish(Duration::from_secs(180));
@@ -226,9 +233,14 @@ fn losing_a_replicated_worker_reroutes_without_the_checkpoint_and_stays_exact() 
     let mut job = Running::start(&mut launch(&m, 4, &etcd, &dir.path().join("ckpt"), 6));
     job.wait_for("step 3", Duration::from_secs(120), |l| l.starts_with("[rank 0] step=3 "));
     kill_9(job.pid_of(1));
-    let (_, regen) = job.wait_for("generation 2", Duration::from_secs(30), |l| l.starts_with("generation=2 "));
+    let (_, regen) =
+        job.wait_for("generation 2", Duration::from_secs(30), |l| l.starts_with("generation=2 "));
     assert!(regen.contains("tier=reroute") && regen.contains("InMemory"), "{regen}");
     let out = job.finish(Duration::from_secs(180));
-    assert!(out.contains("joined generation=2 tier=reroute step=3") || out.contains("joined generation=2 tier=reroute step=4"), "{out}");
+    assert!(
+        out.contains("joined generation=2 tier=reroute step=3")
+            || out.contains("joined generation=2 tier=reroute step=4"),
+        "{out}"
+    );
     assert_eq!(digest_of(&out), expected, "rerouted run == uninterrupted run\n{out}");
 }

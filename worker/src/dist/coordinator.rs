@@ -64,11 +64,13 @@ impl Coordinator {
     }
 
     fn newest_checkpoint(&self) -> Option<u64> {
-        self.committed.iter().rev().copied().find(|&step| match self.store.verify_dir(&self.store.step_dir(step)) {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::warn!(step, "{e}; falling back to an older checkpoint");
-                false
+        self.committed.iter().rev().copied().find(|&step| {
+            match self.store.verify_dir(&self.store.step_dir(step)) {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::warn!(step, "{e}; falling back to an older checkpoint");
+                    false
+                }
             }
         })
     }

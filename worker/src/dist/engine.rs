@@ -474,7 +474,10 @@ mod tests {
         assert_eq!(back[0].grads, r.grads);
         let g = [0.5f32, 1.5];
         let list = [(2u32, "layers.0.experts.1.w_up", &g[..])];
-        assert_eq!(decode_expert_grads(&encode_expert_grads(&list)).unwrap(), vec![(2, "layers.0.experts.1.w_up".to_string(), g.to_vec())]);
+        assert_eq!(
+            decode_expert_grads(&encode_expert_grads(&list)).unwrap(),
+            vec![(2, "layers.0.experts.1.w_up".to_string(), g.to_vec())]
+        );
         let p = vec![("a".to_string(), 0.1f64)];
         assert_eq!(decode_partials(&encode_partials(&p)).unwrap(), p);
         let mut params = BTreeMap::new();

@@ -139,28 +139,40 @@ fn member_loop(
         plan.check(config.dims.layers, config.dims.routed_experts)
             .map_err(|e| WorkerError::Rendezvous(format!("generation {generation}: {e}")))?;
         if plan.position(rank).is_none() {
-            return Err(WorkerError::Rendezvous(format!("rank {rank} is not a member of generation {generation}")));
+            return Err(WorkerError::Rendezvous(format!(
+                "rank {rank} is not a member of generation {generation}"
+            )));
         }
         let mine = plan.experts_of(rank).to_vec();
 
         // Obtain the generation's state.
         {
-            let mut guard = shared.trainer.write().map_err(|_| WorkerError::Rendezvous("lock poisoned".into()))?;
+            let mut guard =
+                shared.trainer.write().map_err(|_| WorkerError::Rendezvous("lock poisoned".into()))?;
             match plan.restore {
                 Restore::Fresh => {
                     *guard = Some(Trainer::with_experts(config.clone(), corpus.clone(), Some(&mine))?);
                     before_update = None;
                 }
                 Restore::Checkpoint { step } => {
-                    let loaded =
-                        store.load_dir(&store.step_dir(step), &config.dims, &ExpertSelection::Only(mine.clone()))?;
-                    tracing::info!(step, bytes = loaded.report.bytes, "loaded checkpoint for generation {generation}");
+                    let loaded = store.load_dir(
+                        &store.step_dir(step),
+                        &config.dims,
+                        &ExpertSelection::Only(mine.clone()),
+                    )?;
+                    tracing::info!(
+                        step,
+                        bytes = loaded.report.bytes,
+                        "loaded checkpoint for generation {generation}"
+                    );
                     *guard = Some(Trainer::from_checkpoint(config.clone(), corpus.clone(), loaded)?);
                     before_update = None;
                 }
                 Restore::InMemory => {
                     let trainer = guard.as_ref().ok_or_else(|| {
-                        WorkerError::Rendezvous("a reroute generation needs state in memory; this member has none".into())
+                        WorkerError::Rendezvous(
+                            "a reroute generation needs state in memory; this member has none".into(),
+                        )
                     })?;
                     if trainer.model().held_experts() != mine {
                         return Err(WorkerError::Rendezvous(format!(
@@ -189,17 +201,24 @@ fn member_loop(
             tracing::warn!(generation, "generation superseded before every member joined");
             continue;
         };
-        let acked: BTreeMap<u32, u64> = plan.members.iter().filter_map(|r| acks.get(r).map(|s| (*r, *s))).collect();
+        let acked: BTreeMap<u32, u64> =
+            plan.members.iter().filter_map(|r| acks.get(r).map(|s| (*r, *s))).collect();
         let target = agreed_step(&acked).unwrap_or(my_step);
         if my_step != target {
             match before_update.take() {
                 Some((step, (params, moments))) if step == target && my_step == target + 1 => {
-                    let mut guard =
-                        shared.trainer.write().map_err(|_| WorkerError::Rendezvous("lock poisoned".into()))?;
+                    let mut guard = shared
+                        .trainer
+                        .write()
+                        .map_err(|_| WorkerError::Rendezvous("lock poisoned".into()))?;
                     if let Some(t) = guard.as_mut() {
                         t.restore_host_state(params, moments, step)?;
                     }
-                    tracing::info!(from = my_step, to = target, "rolled back one update to match the other members");
+                    tracing::info!(
+                        from = my_step,
+                        to = target,
+                        "rolled back one update to match the other members"
+                    );
                 }
                 _ => {
                     return Err(WorkerError::Rendezvous(format!(
@@ -217,7 +236,13 @@ fn member_loop(
         });
 
         let addrs = etcd.members()?.into_iter().map(|(r, m)| (r, m.addr)).collect();
-        let coll = match TcpCollective::connect(shared.clone(), generation, &plan.members, &addrs, options.step_timeout) {
+        let coll = match TcpCollective::connect(
+            shared.clone(),
+            generation,
+            &plan.members,
+            &addrs,
+            options.step_timeout,
+        ) {
             Ok(c) => Arc::new(c),
             Err(WorkerError::Aborted(reason)) => {
                 events(MemberEvent::Aborted { generation, reason: &reason });
@@ -230,7 +255,8 @@ fn member_loop(
         let outcome: Result<Option<String>> = (|| {
             let mut last_saved = None;
             loop {
-                let step = shared.trainer.read().ok().and_then(|g| g.as_ref().map(Trainer::step)).unwrap_or(0);
+                let step =
+                    shared.trainer.read().ok().and_then(|g| g.as_ref().map(Trainer::step)).unwrap_or(0);
                 if step >= total {
                     break;
                 }

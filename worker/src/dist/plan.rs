@@ -174,7 +174,8 @@ pub fn decide(
     if members.is_empty() {
         return Decision::Fail("every worker is gone".into());
     }
-    let failures: Vec<Failure> = (0..shape.nodes).filter(|n| !members.contains(n)).map(Failure::Node).collect();
+    let failures: Vec<Failure> =
+        (0..shape.nodes).filter(|n| !members.contains(n)).map(Failure::Node).collect();
     let failed = match FailedChips::from_failures(shape, &failures) {
         Ok(f) => f,
         Err(e) => return Decision::Fail(e.to_string()),

@@ -48,7 +48,10 @@ fn etcd_err(op: &str) -> impl Fn(etcd_client::Error) -> WorkerError + '_ {
     move |e| WorkerError::Rendezvous(format!("etcd {op}: {e}"))
 }
 
-async fn within<T>(op: &str, fut: impl Future<Output = std::result::Result<T, etcd_client::Error>>) -> Result<T> {
+async fn within<T>(
+    op: &str,
+    fut: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
+) -> Result<T> {
     match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
         Ok(r) => r.map_err(etcd_err(op)),
         Err(_) => Err(WorkerError::Rendezvous(format!("etcd {op} timed out after {REQUEST_TIMEOUT:?}"))),
@@ -94,7 +97,11 @@ impl Etcd {
     pub fn get_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
         let mut c = self.client.clone();
         let resp = self.rt.block_on(within("get", c.get(prefix, Some(GetOptions::new().with_prefix()))))?;
-        Ok(resp.kvs().iter().map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec())).collect())
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec()))
+            .collect())
     }
 
     /// Writes one key, optionally under a lease.

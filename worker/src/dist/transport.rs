@@ -38,7 +38,12 @@ pub trait Collective {
     fn call(&self, peer: u32, msg: &Msg) -> Result<Vec<f32>>;
     /// All-to-all of one round: sends `outgoing[q]` to every other member `q` (empty when
     /// absent) and returns what every other member sent here, by rank. Also a barrier.
-    fn exchange(&self, step: u64, round: u8, outgoing: BTreeMap<u32, Vec<u8>>) -> Result<BTreeMap<u32, Vec<u8>>>;
+    fn exchange(
+        &self,
+        step: u64,
+        round: u8,
+        outgoing: BTreeMap<u32, Vec<u8>>,
+    ) -> Result<BTreeMap<u32, Vec<u8>>>;
 }
 
 /// What the handler threads tell the main thread.
@@ -211,8 +216,9 @@ pub fn serve(listener: TcpListener, shared: Arc<Shared>) -> Result<std::thread::
                 match listener.accept() {
                     Ok((stream, _)) => {
                         let shared = shared.clone();
-                        let spawned =
-                            std::thread::Builder::new().name("peer-handler".into()).spawn(move || handle(stream, &shared));
+                        let spawned = std::thread::Builder::new()
+                            .name("peer-handler".into())
+                            .spawn(move || handle(stream, &shared));
                         if let Err(e) = spawned {
                             tracing::warn!("cannot start a peer handler: {e}");
                         }
@@ -262,20 +268,28 @@ fn handle(mut stream: TcpStream, shared: &Shared) {
                 let _ = inbox.send(Inbound::Push { generation, step, round, from, payload });
                 continue;
             }
-            Msg::Forward { generation, step, call, rows, data } => match shared.wait_serving(generation, step) {
-                Ok(()) => match shared.service.forward(shared, generation, step, call, rows as usize, data) {
-                    Ok(data) => Msg::Reply { data },
-                    Err(e) => Msg::Refused { reason: e.to_string() },
-                },
-                Err(reason) => Msg::Refused { reason },
-            },
-            Msg::Backward { generation, step, call, rows, data } => match shared.wait_serving(generation, step) {
-                Ok(()) => match shared.service.backward(shared, generation, step, call, rows as usize, data) {
-                    Ok(data) => Msg::Reply { data },
-                    Err(e) => Msg::Refused { reason: e.to_string() },
-                },
-                Err(reason) => Msg::Refused { reason },
-            },
+            Msg::Forward { generation, step, call, rows, data } => {
+                match shared.wait_serving(generation, step) {
+                    Ok(()) => {
+                        match shared.service.forward(shared, generation, step, call, rows as usize, data) {
+                            Ok(data) => Msg::Reply { data },
+                            Err(e) => Msg::Refused { reason: e.to_string() },
+                        }
+                    }
+                    Err(reason) => Msg::Refused { reason },
+                }
+            }
+            Msg::Backward { generation, step, call, rows, data } => {
+                match shared.wait_serving(generation, step) {
+                    Ok(()) => {
+                        match shared.service.backward(shared, generation, step, call, rows as usize, data) {
+                            Ok(data) => Msg::Reply { data },
+                            Err(e) => Msg::Refused { reason: e.to_string() },
+                        }
+                    }
+                    Err(reason) => Msg::Refused { reason },
+                }
+            }
             Msg::Reply { .. } | Msg::Refused { .. } => Msg::Refused { reason: "unexpected reply".into() },
         };
         match write_frame(&mut stream, &reply) {
@@ -331,7 +345,9 @@ impl TcpCollective {
                         std::thread::sleep(POLL);
                     }
                     Err(e) => {
-                        return Err(WorkerError::Aborted(format!("cannot connect to rank {rank} at {addr}: {e}")));
+                        return Err(WorkerError::Aborted(format!(
+                            "cannot connect to rank {rank} at {addr}: {e}"
+                        )));
                     }
                 }
             };
@@ -341,12 +357,7 @@ impl TcpCollective {
             write_frame(&mut stream, &Msg::Hello { generation, rank: shared.rank }).map_err(io)?;
             conns.insert(rank, Mutex::new(Conn { stream, reader: FrameReader::new() }));
         }
-        Ok(Self {
-            shared,
-            generation,
-            members: members.to_vec(),
-            conns,
-        })
+        Ok(Self { shared, generation, members: members.to_vec(), conns })
     }
 
     /// The generation.
@@ -395,7 +406,8 @@ impl TcpCollective {
         let mut msgs = vec![first];
         msgs.extend(rx.try_iter());
         drop(rx);
-        let mut pending = self.shared.pending.lock().map_err(|_| self.fail("pending lock poisoned".into()))?;
+        let mut pending =
+            self.shared.pending.lock().map_err(|_| self.fail("pending lock poisoned".into()))?;
         let current = self.generation;
         pending.pushes.retain(|k, _| k.0 >= current);
         pending.lost.retain(|k| k.0 >= current);
@@ -427,7 +439,8 @@ impl Collective for TcpCollective {
         self.check_abort()?;
         let conn = self.conns.get(&peer).ok_or_else(|| self.fail(format!("rank {peer} is not a peer")))?;
         let mut conn = conn.lock().map_err(|_| self.fail("connection lock poisoned".into()))?;
-        let sent = write_frame(&mut conn.stream, msg).map_err(|e| self.fail(format!("rank {peer} is gone: {e}")))?;
+        let sent =
+            write_frame(&mut conn.stream, msg).map_err(|e| self.fail(format!("rank {peer} is gone: {e}")))?;
         self.shared.traffic.expert_bytes.fetch_add(sent, Ordering::Relaxed);
         let deadline = Instant::now() + self.shared.step_timeout;
         loop {
@@ -444,12 +457,19 @@ impl Collective for TcpCollective {
             }
             self.check_abort()?;
             if Instant::now() >= deadline {
-                return Err(self.fail(format!("rank {peer} did not answer within {:?}", self.shared.step_timeout)));
+                return Err(
+                    self.fail(format!("rank {peer} did not answer within {:?}", self.shared.step_timeout))
+                );
             }
         }
     }
 
-    fn exchange(&self, step: u64, round: u8, mut outgoing: BTreeMap<u32, Vec<u8>>) -> Result<BTreeMap<u32, Vec<u8>>> {
+    fn exchange(
+        &self,
+        step: u64,
+        round: u8,
+        mut outgoing: BTreeMap<u32, Vec<u8>>,
+    ) -> Result<BTreeMap<u32, Vec<u8>>> {
         self.check_abort()?;
         for &peer in &self.members {
             if peer == self.shared.rank {
@@ -473,9 +493,9 @@ impl Collective for TcpCollective {
                         .filter_map(|r| pending.pushes.remove(&(g, step, round, *r)).map(|p| (*r, p)))
                         .collect());
                 }
-                let gone = others
-                    .iter()
-                    .find(|r| pending.lost.contains(&(g, **r)) && !pending.pushes.contains_key(&(g, step, round, **r)));
+                let gone = others.iter().find(|r| {
+                    pending.lost.contains(&(g, **r)) && !pending.pushes.contains_key(&(g, step, round, **r))
+                });
                 if let Some(r) = gone {
                     let reason = format!("rank {r} closed its connection during step {step}");
                     drop(pending);

@@ -373,7 +373,13 @@ mod tests {
         let call = ExpertCall { micro: 3, layer: 1, expert: 7 };
         vec![
             Msg::Hello { generation: 9, rank: 2 },
-            Msg::Forward { generation: 1, step: 5, call, rows: 2, data: vec![1.5, -0.0, f32::MIN_POSITIVE, 3.0] },
+            Msg::Forward {
+                generation: 1,
+                step: 5,
+                call,
+                rows: 2,
+                data: vec![1.5, -0.0, f32::MIN_POSITIVE, 3.0],
+            },
             Msg::Backward { generation: 1, step: 5, call, rows: 1, data: vec![f32::NAN.copysign(-1.0)] },
             Msg::Reply { data: vec![] },
             Msg::Refused { reason: "generation 3 ended".into() },
