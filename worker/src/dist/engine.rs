@@ -40,6 +40,9 @@ const ROUND_EXPERT_GRADS: u8 = 2;
 const ROUND_NORM: u8 = 3;
 const ROUND_CHECKPOINT: u8 = 4;
 
+/// One expert weight gradient of one micro-batch, borrowed for encoding.
+type ExpertGradRef<'a> = (u32, &'a str, &'a [f32]);
+
 /// Parameters and optimizer moments of one worker, on the host.
 pub type HostState = (BTreeMap<String, HostTensor>, BTreeMap<String, Moments>);
 
@@ -211,7 +214,7 @@ pub fn run_step(
 
     // 3. Round 2: expert weight gradients to the other replicas.
     let served = shared.service.take_grads()?;
-    let mut outgoing: BTreeMap<u32, Vec<(u32, &str, &[f32])>> = BTreeMap::new();
+    let mut outgoing: BTreeMap<u32, Vec<ExpertGradRef<'_>>> = BTreeMap::new();
     for ((m, e), grads) in &served {
         for &holder in routing.holders(*e) {
             if holder != me {

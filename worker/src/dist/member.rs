@@ -270,10 +270,10 @@ fn member_loop(
                     expert_payload_bytes: after.2 - counters.2,
                 });
                 if report.step % options.checkpoint_every.max(1) == 0 || report.step == total {
-                    if let Some(gathered) = gather_checkpoint(shared, &coll, &routing)? {
-                        if let Some(done) = saver.submit(gathered.snapshot)? {
-                            events(MemberEvent::Committed(&done));
-                        }
+                    if let Some(gathered) = gather_checkpoint(shared, &coll, &routing)?
+                        && let Some(done) = saver.submit(gathered.snapshot)?
+                    {
+                        events(MemberEvent::Committed(&done));
                     }
                     last_saved = Some(report.step);
                 } else if let Some(done) = saver.poll()? {
