@@ -397,6 +397,10 @@ fn encode_expert_grads(list: &[(u32, &str, &[f32])]) -> Vec<u8> {
 }
 
 fn decode_expert_grads(bytes: &[u8]) -> Result<Vec<(u32, String, Vec<f32>)>, Malformed> {
+    // A member with nothing for this peer sends an empty payload.
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut d = Dec::new(bytes);
     let n = d.u32()?;
     let mut out = Vec::new();
