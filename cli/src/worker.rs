@@ -1,13 +1,21 @@
-//! `ninelives worker train`: run a TrainingJob's training in this process.
+//! `ninelives worker train`: run a TrainingJob's training in this process (or, with `--rank`
+//! and `--etcd`, one member of an expert-parallel job); `ninelives worker launch`: start W
+//! members on this machine and coordinate them.
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::ExitCode;
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use ninelives_worker::checkpoint::SaveReport;
 use ninelives_worker::data::Corpus;
+use ninelives_worker::dist::coordinator::Coordinator;
+use ninelives_worker::dist::member::{MemberEvent, MemberOptions, run_member};
+use ninelives_worker::dist::plan::worker_shape;
+use ninelives_worker::dist::rendezvous::Etcd;
 use ninelives_worker::metrics::WorkerMetrics;
 use ninelives_worker::trainer::run_with_threads;
 use ninelives_worker::{
@@ -19,6 +27,43 @@ use ninelives_worker::{
 pub enum WorkerCommand {
     /// Train a TrainingJob in this process, printing one line per step and the final digest.
     Train(TrainArgs),
+    /// Start W expert-parallel worker processes on this machine, coordinate them through etcd,
+    /// and print the final digest.
+    Launch(LaunchArgs),
+}
+
+/// `ninelives worker launch` flags.
+#[derive(Args)]
+pub struct LaunchArgs {
+    /// TrainingJob manifest (a YAML file).
+    manifest: String,
+    /// Worker processes (each stands for one node).
+    #[arg(long)]
+    workers: u32,
+    /// etcd client URLs, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    etcd: Vec<String>,
+    /// Directory of committed checkpoints (shared by the workers).
+    #[arg(long)]
+    checkpoint_dir: PathBuf,
+    /// Train until this step. Default: spec.training.steps.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Commit a checkpoint every K steps. Default: spec.checkpoint.intervalSteps.
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Continue from the newest valid checkpoint in the checkpoint directory.
+    #[arg(long)]
+    resume: bool,
+    /// CPU threads per worker for the tensor kernels.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Train on this directory of text instead of spec.data.datasets.
+    #[arg(long)]
+    dataset: Option<PathBuf>,
+    /// Longest a worker waits inside a step for a live peer before abandoning the step.
+    #[arg(long, default_value_t = 60)]
+    step_timeout_seconds: u64,
 }
 
 /// `ninelives worker train` flags. The manifest's values are the defaults; flags override.
@@ -50,33 +95,47 @@ pub struct TrainArgs {
     /// Train on this directory of text instead of spec.data.datasets.
     #[arg(long)]
     dataset: Option<PathBuf>,
+    /// This worker's rank in an expert-parallel job (needs `--etcd`).
+    #[arg(long, requires = "etcd")]
+    rank: Option<u32>,
+    /// etcd client URLs of the expert-parallel job's rendezvous, comma-separated (needs `--rank`).
+    #[arg(long, value_delimiter = ',', requires = "rank")]
+    etcd: Vec<String>,
+    /// Address to accept peer connections on (expert-parallel jobs).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Longest a step waits for a live peer before it is abandoned (expert-parallel jobs).
+    #[arg(long, default_value_t = 60)]
+    step_timeout_seconds: u64,
 }
 
 /// Runs a worker subcommand and maps its outcome to an exit code.
 pub fn run(cmd: WorkerCommand) -> ExitCode {
     ninelives_telemetry::init_tracing("info");
-    match cmd {
-        WorkerCommand::Train(args) => match train(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(Failure::BadInput(msg)) => {
-                eprintln!("error: {msg}");
-                ExitCode::from(2)
-            }
-            Err(Failure::Worker(err)) => {
-                eprintln!("error: {err}");
-                ExitCode::from(match err {
-                    WorkerError::InvalidJob(_)
-                    | WorkerError::Dataset { .. }
-                    | WorkerError::DatasetTooSmall { .. } => 2,
-                    WorkerError::CorruptCheckpoint { .. }
-                    | WorkerError::NoUsableCheckpoint { .. }
-                    | WorkerError::IncompatibleCheckpoint { .. }
-                    | WorkerError::CheckpointIo { .. }
-                    | WorkerError::CheckpointWriter(_) => 3,
-                    _ => 1,
-                })
-            }
-        },
+    let outcome = match cmd {
+        WorkerCommand::Train(args) => train(args),
+        WorkerCommand::Launch(args) => launch(args),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::BadInput(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Worker(err)) => {
+            eprintln!("error: {err}");
+            ExitCode::from(match err {
+                WorkerError::InvalidJob(_)
+                | WorkerError::Dataset { .. }
+                | WorkerError::DatasetTooSmall { .. } => 2,
+                WorkerError::CorruptCheckpoint { .. }
+                | WorkerError::NoUsableCheckpoint { .. }
+                | WorkerError::IncompatibleCheckpoint { .. }
+                | WorkerError::CheckpointIo { .. }
+                | WorkerError::CheckpointWriter(_) => 3,
+                _ => 1,
+            })
+        }
     }
 }
 
@@ -100,12 +159,23 @@ fn read_manifest(source: &str) -> Result<String, Failure> {
     }
 }
 
-fn train(args: TrainArgs) -> Result<(), Failure> {
-    let text = read_manifest(&args.manifest)?;
-    let job = ninelives_core::manifest::parse_job(&text).map_err(|violations| {
+fn parse_job(source: &str) -> Result<ninelives_core::TrainingJob, Failure> {
+    let text = read_manifest(source)?;
+    ninelives_core::manifest::parse_job(&text).map_err(|violations| {
         let lines: Vec<String> = violations.iter().map(|v| format!("  {v}")).collect();
-        Failure::BadInput(format!("manifest {} is invalid:\n{}", args.manifest, lines.join("\n")))
-    })?;
+        Failure::BadInput(format!("manifest {source} is invalid:\n{}", lines.join("\n")))
+    })
+}
+
+/// The etcd keys of a job: `jobs/<namespace>/<name>/` under the default prefix.
+fn job_keys(job: &ninelives_core::TrainingJob) -> ninelives_core::keyspace::JobKeys {
+    let namespace = job.metadata.namespace.as_deref().unwrap_or("default");
+    let name = job.metadata.name.as_deref().unwrap_or("job");
+    ninelives_core::keyspace::Keyspace::default().job(namespace, name)
+}
+
+fn train(args: TrainArgs) -> Result<(), Failure> {
+    let job = parse_job(&args.manifest)?;
     let mut config = TrainerConfig::from_job(&job)?;
     if let Some(steps) = args.steps {
         config.total_steps = steps;
@@ -131,8 +201,207 @@ fn train(args: TrainArgs) -> Result<(), Failure> {
     };
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let store = CheckpointStore::open(&checkpoint_dir, keep_last)?;
+    if let Some(rank) = args.rank {
+        let etcd = Arc::new(Etcd::connect(&args.etcd, job_keys(&job))?);
+        let options = MemberOptions {
+            rank,
+            listen: args.listen,
+            ttl_seconds: i64::from(job.spec.failure_policy.heartbeat_ttl_seconds.max(1)),
+            step_timeout: Duration::from_secs(args.step_timeout_seconds.max(1)),
+            join_timeout: Duration::from_secs(args.step_timeout_seconds.max(1) * 2),
+            checkpoint_every: every,
+        };
+        let digest = run_with_threads(threads, || {
+            run_member(config, corpus, store, etcd, &options, |event| member_event(&event, &metrics))
+        })??;
+        if let Some(digest) = digest {
+            println!("params_sha256={digest}");
+        }
+        return Ok(());
+    }
     run_with_threads(threads, || train_loop(config, corpus, store, every, args.resume, &metrics))??;
     Ok(())
+}
+
+/// One stdout line per member event (the launcher relays them).
+fn member_event(event: &MemberEvent<'_>, metrics: &WorkerMetrics) {
+    match event {
+        MemberEvent::Joined { generation, tier, step, members, experts } => {
+            println!(
+                "joined generation={generation} tier={tier} step={step} members={members:?} experts={experts}"
+            );
+        }
+        MemberEvent::Step(r) => {
+            println!(
+                "step={} loss={:.4} tokens_per_s={:.0} lr={:.3e} grad_norm={:.3} balance={:.4} z={:.4}",
+                r.step, r.loss, r.tokens_per_second, r.lr, r.grad_norm, r.balance_loss, r.z_loss
+            );
+            metrics.step.set(r.step as i64);
+            metrics.loss.set(r.loss);
+            metrics.tokens_per_second.set(r.tokens_per_second);
+            metrics.step_seconds.observe(r.seconds);
+        }
+        MemberEvent::Traffic { expert_bytes, collective_bytes, expert_payload_bytes } => {
+            println!(
+                "traffic expert_bytes={expert_bytes} collective_bytes={collective_bytes} a2a_payload_bytes={expert_payload_bytes}"
+            );
+        }
+        MemberEvent::Aborted { generation, reason } => {
+            println!("aborted generation={generation} reason={reason}");
+        }
+        MemberEvent::Committed(done) => {
+            println!("committed step={}", done.step);
+            committed(done, metrics);
+        }
+    }
+}
+
+/// Kills (SIGKILL) and reaps every child still running when dropped: no orphans.
+struct Children(Vec<(u32, Child)>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.0 {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+fn launch(args: LaunchArgs) -> Result<(), Failure> {
+    let job = parse_job(&args.manifest)?;
+    let mut config = TrainerConfig::from_job(&job)?;
+    if let Some(steps) = args.steps {
+        config.total_steps = steps;
+    }
+    config.check()?;
+    if args.workers == 0 {
+        return Err(Failure::BadInput("--workers must be at least 1".into()));
+    }
+    let shape = ninelives_core::validate::JobShape::resolve(&job.spec).map_err(|violations| {
+        let lines: Vec<String> = violations.iter().map(|v| format!("  {v}")).collect();
+        Failure::BadInput(format!("manifest {} is invalid:\n{}", args.manifest, lines.join("\n")))
+    })?;
+    let base = ninelives_core::placement::PlacementShape::from_job(
+        &shape,
+        job.spec.failure_policy.min_healthy_fraction,
+    );
+    let shape = worker_shape(&base, args.workers);
+    let every = args.checkpoint_every.unwrap_or(job.spec.checkpoint.interval_steps).max(1);
+    let store = CheckpointStore::open(&args.checkpoint_dir, job.spec.checkpoint.keep_last.max(1) as usize)?;
+    let etcd = Arc::new(Etcd::connect(&args.etcd, job_keys(&job))?);
+    let mut coordinator = Coordinator::new(etcd, shape, store);
+    coordinator.reset()?;
+
+    let exe =
+        std::env::current_exe().map_err(|e| Failure::BadInput(format!("cannot find this binary: {e}")))?;
+    let (tx, lines) = std::sync::mpsc::channel::<(u32, String)>();
+    let mut children = Children(Vec::new());
+    for rank in 0..args.workers {
+        let mut cmd = Command::new(&exe);
+        cmd.args(["worker", "train", &args.manifest, "--rank", &rank.to_string()])
+            .arg("--etcd")
+            .arg(args.etcd.join(","))
+            .arg("--checkpoint-dir")
+            .arg(&args.checkpoint_dir)
+            .args(["--steps", &config.total_steps.to_string()])
+            .args(["--checkpoint-every", &every.to_string()])
+            .args(["--threads", &args.threads.to_string()])
+            .args(["--step-timeout-seconds", &args.step_timeout_seconds.to_string()])
+            .stdout(Stdio::piped());
+        if let Some(d) = &args.dataset {
+            cmd.arg("--dataset").arg(d);
+        }
+        let mut child =
+            cmd.spawn().map_err(|e| Failure::BadInput(format!("cannot start worker {rank}: {e}")))?;
+        println!("worker rank={rank} pid={}", child.id());
+        if let Some(out) = child.stdout.take() {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if tx.send((rank, line)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        children.0.push((rank, child));
+    }
+    drop(tx);
+
+    coordinator.wait_registered(args.workers, Duration::from_secs(args.step_timeout_seconds.max(10)))?;
+    let first = coordinator.start(args.resume)?;
+    println!(
+        "generation={} tier={} members={:?} restore={:?}",
+        first.generation(),
+        first.tier,
+        first.members,
+        first.restore
+    );
+
+    let mut digest = None;
+    let mut finished = std::collections::BTreeSet::new();
+    let mut failed = std::collections::BTreeSet::new();
+    loop {
+        let first = lines.recv_timeout(Duration::from_millis(50)).ok();
+        for (rank, line) in first.into_iter().chain(lines.try_iter().collect::<Vec<_>>()) {
+            println!("[rank {rank}] {line}");
+            if let Some(d) = line.strip_prefix("params_sha256=") {
+                digest = Some(d.to_string());
+            } else if let Some(step) =
+                line.strip_prefix("committed step=").and_then(|s| s.trim().parse().ok())
+            {
+                coordinator.committed(step);
+            }
+        }
+        for (rank, child) in &mut children.0 {
+            if finished.contains(rank) || failed.contains(rank) {
+                continue;
+            }
+            match child.try_wait() {
+                Ok(Some(status)) if status.success() => {
+                    finished.insert(*rank);
+                }
+                Ok(Some(status)) => {
+                    println!("worker rank={rank} exited: {status}");
+                    failed.insert(*rank);
+                    coordinator.remove_member(*rank)?;
+                }
+                Ok(None) => {}
+                Err(e) => return Err(Failure::BadInput(format!("worker {rank}: {e}"))),
+            }
+        }
+        if finished.len() + failed.len() == children.0.len() {
+            break;
+        }
+        if finished.is_empty()
+            && let Some(plan) = coordinator.observe()?
+        {
+            println!(
+                "generation={} tier={} members={:?} restore={:?}",
+                plan.generation(),
+                plan.tier,
+                plan.members,
+                plan.restore
+            );
+        }
+    }
+    // Lines written just before the last exit.
+    for (rank, line) in lines.try_iter() {
+        println!("[rank {rank}] {line}");
+        if let Some(d) = line.strip_prefix("params_sha256=") {
+            digest = Some(d.to_string());
+        }
+    }
+    match digest {
+        Some(d) if !finished.is_empty() => {
+            println!("params_sha256={d}");
+            Ok(())
+        }
+        _ => Err(Failure::Worker(WorkerError::Rendezvous("the job ended without a final digest".into()))),
+    }
 }
 
 fn train_loop(

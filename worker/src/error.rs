@@ -78,6 +78,13 @@ pub enum WorkerError {
     /// The compute thread pool could not be built.
     #[error("thread pool: {0}")]
     ThreadPool(String),
+    /// An expert-parallel step was abandoned (a peer was lost or a new generation began); the
+    /// worker discards the step's partial work and waits for the next generation.
+    #[error("step aborted: {0}")]
+    Aborted(String),
+    /// Rendezvous through etcd or the peer connections failed.
+    #[error("rendezvous: {0}")]
+    Rendezvous(String),
 }
 
 impl WorkerError {
@@ -96,6 +103,8 @@ impl WorkerError {
             WorkerError::CheckpointWriter(_) => "checkpoint_writer",
             WorkerError::Metrics(_) => "metrics",
             WorkerError::ThreadPool(_) => "thread_pool",
+            WorkerError::Aborted(_) => "aborted",
+            WorkerError::Rendezvous(_) => "rendezvous",
         }
     }
 }

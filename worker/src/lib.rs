@@ -8,9 +8,11 @@
 //! - [`optim`]: AdamW, the learning-rate schedule and global-norm clipping;
 //! - [`checkpoint`]: safetensors shards per expert, the manifest, the commit protocol;
 //! - [`trainer`]: the training loop tying them together;
-//! - [`metrics`]: the Prometheus metrics the worker exports.
+//! - [`metrics`]: the Prometheus metrics the worker exports;
+//! - [`dist`]: expert-parallel training across worker processes, with rendezvous in etcd.
 
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod model;
 pub mod rng;

@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 
 use candle_core::{D, DType, Device, Tensor, Var};
 use ninelives_core::ModelDims;
@@ -226,6 +227,93 @@ pub struct ForwardOutput {
     pub expert_tokens: Vec<Vec<u32>>,
 }
 
+/// One routed-expert evaluation inside a step: the unit of the expert-parallel all-to-all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ExpertCall {
+    /// Micro-batch index within the step.
+    pub micro: u32,
+    /// Layer.
+    pub layer: u32,
+    /// Routed expert within the layer.
+    pub expert: u32,
+}
+
+impl ExpertCall {
+    /// The expert evaluated.
+    pub fn expert_id(&self) -> ExpertId {
+        ExpertId::new(self.layer, self.expert)
+    }
+}
+
+/// Routed experts evaluated wherever they live (issue 7's all-to-all).
+///
+/// `forward` receives the tokens routed to one expert (`[rows, hidden]`, row-major) and returns
+/// the expert's output; `backward` receives the gradient of that output and returns the gradient
+/// of the input, while whoever computed the expert keeps its weight gradients. Both are called
+/// from inside candle's forward and backward passes, so they block until the answer is in.
+pub trait RemoteExperts: Send + Sync {
+    /// Expert output for `x`.
+    fn forward(&self, call: ExpertCall, rows: usize, x: Vec<f32>) -> Result<Vec<f32>>;
+    /// Input gradient for output gradient `dy` of an earlier `forward` of the same call.
+    fn backward(&self, call: ExpertCall, rows: usize, dy: Vec<f32>) -> Result<Vec<f32>>;
+}
+
+/// Where a forward pass gets its routed experts from.
+#[derive(Clone)]
+pub struct ExpertSource {
+    /// The expert service.
+    pub remote: Arc<dyn RemoteExperts>,
+    /// The micro-batch being computed.
+    pub micro: u32,
+}
+
+/// The candle op standing for a routed expert evaluated through [`RemoteExperts`].
+struct RemoteExpertOp {
+    remote: Arc<dyn RemoteExperts>,
+    call: ExpertCall,
+}
+
+fn op_error(e: WorkerError) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+impl candle_core::CustomOp1 for RemoteExpertOp {
+    fn name(&self) -> &'static str {
+        "remote-expert"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("remote expert input is not contiguous".into()))?;
+        let candle_core::CpuStorage::F32(all) = storage else {
+            return Err(candle_core::Error::Msg("remote expert input must be f32".into()));
+        };
+        let rows = layout.dims().first().copied().unwrap_or(0);
+        let y = self.remote.forward(self.call, rows, all[start..end].to_vec()).map_err(op_error)?;
+        if y.len() != end - start {
+            return Err(candle_core::Error::Msg(format!(
+                "expert {} answered {} values for {} inputs",
+                self.call.expert_id(),
+                y.len(),
+                end - start
+            )));
+        }
+        Ok((candle_core::CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let rows = arg.dim(0)?;
+        let dy = grad_res.flatten_all()?.to_vec1::<f32>()?;
+        let dx = self.remote.backward(self.call, rows, dy).map_err(op_error)?;
+        Ok(Some(Tensor::from_vec(dx, arg.shape().clone(), arg.device())?))
+    }
+}
+
 /// The model: its dimensions and a name-keyed set of trainable parameters.
 ///
 /// A model may hold only some routed experts (see [`MoeTransformer::held_experts`]); a forward pass
@@ -359,6 +447,29 @@ impl MoeTransformer {
 
     /// Forward pass of one micro-batch, returning the objective to differentiate.
     pub fn forward(&self, batch: &MicroBatch, weights: LossWeights) -> Result<ForwardOutput> {
+        self.forward_with(batch, weights, None)
+    }
+
+    /// One routed expert's SwiGLU on `x` (`[rows, hidden]`) with this model's weights: what an
+    /// expert's owner computes for a [`RemoteExperts::forward`].
+    pub fn expert_forward(&self, id: ExpertId, x: &Tensor) -> Result<Tensor> {
+        let prefix = id.prefix();
+        swiglu(
+            x,
+            self.param(&format!("{prefix}w_gate"))?,
+            self.param(&format!("{prefix}w_up"))?,
+            self.param(&format!("{prefix}w_down"))?,
+        )
+    }
+
+    /// Forward pass with routed experts evaluated by `experts` (expert parallelism) instead of
+    /// this model's own expert weights (`None`: local, as [`MoeTransformer::forward`]).
+    pub fn forward_with(
+        &self,
+        batch: &MicroBatch,
+        weights: LossWeights,
+        experts: Option<&ExpertSource>,
+    ) -> Result<ForwardOutput> {
         let (b, t) = (batch.sequences, batch.seq_len);
         if t != self.dims.seq_len as usize || batch.inputs.len() != b * t || batch.targets.len() != b * t {
             return Err(WorkerError::InvalidJob(format!(
@@ -377,7 +488,7 @@ impl MoeTransformer {
             let normed = rms_norm(&x, self.param(&format!("layers.{l}.attn_norm"))?)?;
             x = (x + self.attention(l, &normed, b, t)?)?;
             let normed = rms_norm(&x, self.param(&format!("layers.{l}.moe_norm"))?)?;
-            let moe = self.moe(l, &normed)?;
+            let moe = self.moe(l, &normed, experts)?;
             x = (x + moe.output)?;
             balance.push(moe.balance_loss);
             zloss.push(moe.z_loss);
@@ -438,7 +549,7 @@ impl MoeTransformer {
         Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
     }
 
-    fn moe(&self, l: u32, x: &Tensor) -> Result<MoeOutput> {
+    fn moe(&self, l: u32, x: &Tensor, remote: Option<&ExpertSource>) -> Result<MoeOutput> {
         let routed = self.dims.routed_experts as usize;
         let zero = self.dims.zero_experts as usize;
         let experts = routed + zero;
@@ -457,15 +568,17 @@ impl MoeTransformer {
             if tokens.is_empty() {
                 continue;
             }
-            let prefix = format!("layers.{l}.experts.{e}.");
             let ids = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
             let xe = x.index_select(&ids, 0)?;
-            let ye = swiglu(
-                &xe,
-                self.param(&format!("{prefix}w_gate"))?,
-                self.param(&format!("{prefix}w_up"))?,
-                self.param(&format!("{prefix}w_down"))?,
-            )?;
+            let ye = match remote {
+                // The all-to-all seam: the expert runs on its owner; candle sees one op whose
+                // backward asks the owner for the input gradient.
+                Some(source) => xe.apply_op1(RemoteExpertOp {
+                    remote: source.remote.clone(),
+                    call: ExpertCall { micro: source.micro, layer: l, expert: e as u32 },
+                })?,
+                None => self.expert_forward(ExpertId::new(l, e as u32), &xe)?,
+            };
             let ge = gates_by_expert.get(e)?.index_select(&ids, 0)?.unsqueeze(1)?;
             out = out.index_add(&ids, &ye.broadcast_mul(&ge)?, 0)?;
         }

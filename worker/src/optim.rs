@@ -122,16 +122,42 @@ impl AdamW {
         Ok(())
     }
 
-    /// Global L2 norm of `grads`, summed in name order then element order (deterministic).
+    /// Sum of squares of one parameter's gradient, in element order, in f64: the per-parameter
+    /// partial of the global norm. Expert-parallel workers each compute the partials of the
+    /// parameters they own and exchange them.
+    pub fn norm_partial(grad: &[f32]) -> f64 {
+        grad.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>()
+    }
+
+    /// Global L2 norm from per-parameter partials, summed in name order (deterministic, and the
+    /// same whether the partials were computed in one process or many).
+    pub fn norm_from_partials(partials: &BTreeMap<String, f64>) -> f64 {
+        partials.values().sum::<f64>().sqrt()
+    }
+
+    /// Global L2 norm of `grads`: per-parameter partials summed in name order.
     pub fn global_norm(grads: &Gradients) -> f64 {
-        grads.values().flat_map(|g| g.iter()).map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt()
+        let partials: BTreeMap<String, f64> =
+            grads.iter().map(|(name, g)| (name.clone(), Self::norm_partial(g))).collect();
+        Self::norm_from_partials(&partials)
     }
 
     /// Applies the update of `step` (0-based) with the mean gradients `grads`.
     /// Parameters without a gradient (an expert no token reached) still decay and move by
     /// their moments, as in PyTorch with zero gradients.
     pub fn update(&mut self, model: &MoeTransformer, step: u64, grads: &Gradients) -> Result<UpdateReport> {
-        let grad_norm = Self::global_norm(grads);
+        self.update_with_norm(model, step, grads, Self::global_norm(grads))
+    }
+
+    /// [`AdamW::update`] with the global gradient norm given: an expert-parallel worker holds
+    /// the gradients of only some parameters, and the norm clipping needs all of them.
+    pub fn update_with_norm(
+        &mut self,
+        model: &MoeTransformer,
+        step: u64,
+        grads: &Gradients,
+        grad_norm: f64,
+    ) -> Result<UpdateReport> {
         if !grad_norm.is_finite() {
             return Err(WorkerError::Diverged { step, what: format!("gradient norm {grad_norm}") });
         }

@@ -15,8 +15,10 @@ use ninelives_core::{ModelDims, TrainingJob};
 use crate::checkpoint::{DataCursor, LoadedCheckpoint, TrainingSnapshot};
 use crate::data::{Corpus, MicroBatch};
 use crate::error::{Result, WorkerError};
-use crate::model::{ExpertId, LossWeights, MoeTransformer};
-use crate::optim::{AdamW, Gradients, UpdateReport};
+use std::collections::BTreeMap;
+
+use crate::model::{ExpertId, ExpertSource, HostTensor, LossWeights, MoeTransformer};
+use crate::optim::{AdamW, Gradients, Moments, UpdateReport};
 
 /// Everything that fixes the math of a run.
 #[derive(Clone, Debug, PartialEq)]
@@ -207,7 +209,18 @@ impl Trainer {
 
     /// Forward and backward of one micro-batch; nothing is updated.
     pub fn micro_batch_gradients(&self, batch: &MicroBatch) -> Result<MicroBatchResult> {
-        let out = self.model.forward(batch, self.config.loss_weights())?;
+        self.micro_batch_gradients_with(batch, None)
+    }
+
+    /// [`Trainer::micro_batch_gradients`] with routed experts evaluated by `experts` (expert
+    /// parallelism); the result then holds only the dense gradients, the experts' weight
+    /// gradients staying with whoever computed them.
+    pub fn micro_batch_gradients_with(
+        &self,
+        batch: &MicroBatch,
+        experts: Option<&ExpertSource>,
+    ) -> Result<MicroBatchResult> {
+        let out = self.model.forward_with(batch, self.config.loss_weights(), experts)?;
         if !out.cross_entropy.is_finite() {
             return Err(WorkerError::Diverged {
                 step: self.step,
@@ -269,6 +282,37 @@ impl Trainer {
         let report = self.optimizer.update(&self.model, self.step, grads)?;
         self.step += 1;
         Ok(report)
+    }
+
+    /// [`Trainer::apply`] with the global gradient norm computed elsewhere (expert parallelism:
+    /// `grads` holds only this worker's parameters).
+    pub fn apply_with_norm(&mut self, grads: &Gradients, grad_norm: f64) -> Result<UpdateReport> {
+        let report = self.optimizer.update_with_norm(&self.model, self.step, grads, grad_norm)?;
+        self.step += 1;
+        Ok(report)
+    }
+
+    /// Copies parameters and optimizer moments to host memory (no digest), to roll back one
+    /// update when a peer failed between two workers' updates.
+    pub fn host_state(&self) -> Result<(BTreeMap<String, HostTensor>, BTreeMap<String, Moments>)> {
+        Ok((self.model.to_host()?, self.optimizer.moments().clone()))
+    }
+
+    /// Restores a [`Trainer::host_state`] copy taken at `step`.
+    pub fn restore_host_state(
+        &mut self,
+        params: BTreeMap<String, HostTensor>,
+        moments: BTreeMap<String, Moments>,
+        step: u64,
+    ) -> Result<()> {
+        for (name, value) in params {
+            self.model.set_param(&name, value.data)?;
+        }
+        for (name, m) in moments {
+            self.optimizer.set_moments(&name, m)?;
+        }
+        self.step = step;
+        Ok(())
     }
 
     /// One full step computed locally: every micro-batch, the ordered reduction, the update.

@@ -1,0 +1,246 @@
+//! `ninelives worker launch`: expert-parallel training across real worker processes, with
+//! rendezvous in a real etcd. Exactness against one worker, kill -9 mid-step (reshard from the
+//! checkpoint), and loss of a fully replicated worker (reroute, no checkpoint touched).
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use ninelives_testkit::EtcdServer;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ninelives");
+
+/// A small MoE (2 layers × 4 routed experts) on 4 one-chip nodes, 4 micro-batches per step.
+fn manifest(dir: &Path, name: &str, redundant: u32) -> String {
+    let text = format!(
+        r#"apiVersion: ninelives.io/v1alpha1
+kind: TrainingJob
+metadata:
+  name: {name}
+spec:
+  model:
+    layers: 2
+    hiddenSize: 64
+    heads: 2
+    vocabSize: 256
+    routedExperts: 4
+    zeroExperts: 1
+    topK: 2
+    expertFfnSize: 64
+    seqLen: 32
+  topology:
+    nodes: 4
+    chipsPerNode: 1
+    chipMemory: 1Gi
+  parallelism:
+    expertParallelSize: 4
+    redundantExperts: {redundant}
+  data:
+    datasets: [/usr/share/common-licenses]
+    globalBatchSize: 8
+    microBatchSize: 2
+    seed: 7
+  training:
+    steps: 8
+    learningRate:
+      peak: 0.003
+      min: 0.0003
+      warmupSteps: 2
+      schedule: cosine
+    adamw:
+      beta1: 0.9
+      beta2: 0.95
+      epsilon: 1.0e-8
+      weightDecay: 0.1
+    gradClip: 1.0
+  checkpoint:
+    intervalSteps: 2
+    keepLast: 10
+  failurePolicy:
+    heartbeatTtlSeconds: 3
+    minHealthyFraction: 0.5
+"#
+    );
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+fn launch(manifest: &str, workers: u32, etcd: &EtcdServer, checkpoints: &Path, steps: u32) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["worker", "launch", manifest, "--workers", &workers.to_string(), "--etcd", &etcd.endpoint()])
+        .arg("--checkpoint-dir")
+        .arg(checkpoints)
+        .args(["--steps", &steps.to_string(), "--threads", "1", "--step-timeout-seconds", "30"])
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "warn");
+    cmd
+}
+
+fn single(manifest: &str, checkpoints: &Path, steps: u32) -> String {
+    let out = Command::new(BIN)
+        .args(["worker", "train", manifest, "--steps", &steps.to_string(), "--threads", "1"])
+        .arg("--checkpoint-dir")
+        .arg(checkpoints)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    digest_of(&stdout)
+}
+
+fn digest_of(stdout: &str) -> String {
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("params_sha256="))
+        .unwrap_or_else(|| panic!("no digest in:\n{stdout}"));
+    line["params_sha256=".len()..].to_string()
+}
+
+/// Runs a launch to completion, returning its stdout.
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "launch failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+/// A running launch whose stdout lines arrive with their arrival time.
+struct Running {
+    child: std::process::Child,
+    lines: mpsc::Receiver<(Instant, String)>,
+    seen: Vec<String>,
+}
+
+impl Running {
+    fn start(cmd: &mut Command) -> Self {
+        let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send((Instant::now(), line));
+            }
+        });
+        Self { child, lines, seen: Vec::new() }
+    }
+
+    /// Waits (bounded) for a line matching `pred`; returns it and when it arrived.
+    fn wait_for(&mut self, what: &str, limit: Duration, pred: impl Fn(&str) -> bool) -> (Instant, String) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((at, line)) => {
+                    self.seen.push(line.clone());
+                    if pred(&line) {
+                        return (at, line);
+                    }
+                }
+                Err(_) => panic!("no {what} within {limit:?}; output so far:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    fn pid_of(&self, rank: u32) -> u32 {
+        let prefix = format!("worker rank={rank} pid=");
+        self.seen.iter().find_map(|l| l.strip_prefix(&prefix)).unwrap().parse().unwrap()
+    }
+
+    fn finish(mut self, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        while let Ok((_, line)) = self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(line);
+        }
+        let status = self.child.wait().unwrap();
+        let all = self.seen.join("\n");
+        assert!(status.success(), "launch failed:\n{all}");
+        all
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn kill_9(pid: u32) {
+    let status = Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn four_workers_train_bit_identically_to_one() {
+    let etcd = EtcdServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path(), "exact", 0);
+    let one = run(&mut launch(&m, 1, &etcd, &dir.path().join("one"), 4));
+    let four = run(&mut launch(&m, 4, &etcd, &dir.path().join("four"), 4));
+    assert!(four.contains("generation=1 tier=initial members=[0, 1, 2, 3]"), "{four}");
+    assert_eq!(four.lines().filter(|l| l.starts_with("[rank 0] step=")).count(), 4, "{four}");
+    // Experts really are remote: rank 0 sent activations to its peers.
+    assert!(
+        four.lines().any(|l| l.starts_with("[rank 0] traffic") && !l.contains("a2a_payload_bytes=0")),
+        "{four}"
+    );
+    assert_eq!(digest_of(&four), digest_of(&one), "4 workers == 1 worker");
+    // The W-worker checkpoint is an ordinary checkpoint: a single process resumes from it.
+    let single_digest = single(&m, &dir.path().join("single"), 4);
+    assert_eq!(digest_of(&one), single_digest, "launch --workers 1 == worker train");
+}
+
+#[test]
+fn kill_9_mid_step_aborts_reshards_from_the_checkpoint_and_stays_exact() {
+    let etcd = EtcdServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path(), "reshard", 0);
+    let expected = single(&m, &dir.path().join("single"), 6);
+
+    let mut job = Running::start(&mut launch(&m, 4, &etcd, &dir.path().join("ckpt"), 6));
+    // The launcher relays a line only after handling it, so the coordinator knows this commit.
+    job.wait_for("the checkpoint of step 2", Duration::from_secs(120), |l| l == "[rank 0] committed step=2");
+    let victim = job.pid_of(2);
+    let killed = Instant::now();
+    kill_9(victim);
+    let (aborted, line) =
+        job.wait_for("an abort", Duration::from_secs(30), |l| l.contains("] aborted generation=1"));
+    let latency = aborted.duration_since(killed);
+    assert!(latency < Duration::from_secs(3), "abort took {latency:?} (heartbeat TTL 3 s): {line}");
+    let (_, regen) =
+        job.wait_for("generation 2", Duration::from_secs(30), |l| l.starts_with("generation=2 "));
+    assert!(regen.contains("tier=reshard") && regen.contains("members=[0, 1, 3]"), "{regen}");
+    assert!(regen.contains("Checkpoint { step: 2 }") || regen.contains("Checkpoint { step: 4 }"), "{regen}");
+    let out = job.finish(Duration::from_secs(180));
+    assert_eq!(digest_of(&out), expected, "killed + resharded run == uninterrupted run\n{out}");
+}
+
+#[test]
+fn losing_a_replicated_worker_reroutes_without_the_checkpoint_and_stays_exact() {
+    let etcd = EtcdServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Every expert twice, on two different workers.
+    let m = manifest(dir.path(), "reroute", 4);
+    let expected = single(&m, &dir.path().join("single"), 6);
+
+    let mut job = Running::start(&mut launch(&m, 4, &etcd, &dir.path().join("ckpt"), 6));
+    job.wait_for("step 3", Duration::from_secs(120), |l| l.starts_with("[rank 0] step=3 "));
+    kill_9(job.pid_of(1));
+    let (_, regen) =
+        job.wait_for("generation 2", Duration::from_secs(30), |l| l.starts_with("generation=2 "));
+    assert!(regen.contains("tier=reroute") && regen.contains("InMemory"), "{regen}");
+    let out = job.finish(Duration::from_secs(180));
+    assert!(
+        out.contains("joined generation=2 tier=reroute step=3")
+            || out.contains("joined generation=2 tier=reroute step=4"),
+        "{out}"
+    );
+    assert_eq!(digest_of(&out), expected, "rerouted run == uninterrupted run\n{out}");
+}

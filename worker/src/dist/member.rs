@@ -1,0 +1,328 @@
+//! One member of an expert-parallel job: join generations, train, abort and rejoin.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::engine::{DistStepReport, HostState, Routing, gather_checkpoint, run_step};
+use super::plan::{Restore, agreed_step};
+use super::rendezvous::{Etcd, Session};
+use super::transport::{Collective, POLL, Shared, TcpCollective, serve};
+use crate::checkpoint::{BackgroundSaver, CheckpointStore, ExpertSelection, SaveReport};
+use crate::data::Corpus;
+use crate::error::{Result, WorkerError};
+use crate::trainer::{Trainer, TrainerConfig};
+
+/// How a member runs.
+#[derive(Clone, Debug)]
+pub struct MemberOptions {
+    /// This worker's rank.
+    pub rank: u32,
+    /// Address to listen on for peers (port 0: any).
+    pub listen: SocketAddr,
+    /// Membership lease TTL, seconds (the job's heartbeat TTL).
+    pub ttl_seconds: i64,
+    /// Longest any wait inside a step may take before the step is abandoned.
+    pub step_timeout: Duration,
+    /// Longest to wait for a plan or for the other members' acknowledgements.
+    pub join_timeout: Duration,
+    /// Commit a checkpoint every this many steps (and at the end).
+    pub checkpoint_every: u64,
+}
+
+/// What a member reports as it goes.
+#[derive(Debug)]
+pub enum MemberEvent<'a> {
+    /// A generation was joined.
+    Joined {
+        /// Generation.
+        generation: u64,
+        /// Tier that produced it.
+        tier: &'a str,
+        /// The step training continues from.
+        step: u64,
+        /// Members.
+        members: &'a [u32],
+        /// Experts this member holds.
+        experts: usize,
+    },
+    /// A step completed.
+    Step(&'a DistStepReport),
+    /// Bytes this member put on the wire during the step.
+    Traffic {
+        /// Expert requests and replies (framing included).
+        expert_bytes: u64,
+        /// Collective rounds.
+        collective_bytes: u64,
+        /// Activation payload of the remote expert calls it made (the all-to-all minimum).
+        expert_payload_bytes: u64,
+    },
+    /// A step was abandoned.
+    Aborted {
+        /// Generation.
+        generation: u64,
+        /// Why.
+        reason: &'a str,
+    },
+    /// The leader committed a checkpoint.
+    Committed(&'a SaveReport),
+}
+
+/// Runs one member until the job's last step; returns the final `params_sha256` on the leader.
+pub fn run_member(
+    config: TrainerConfig,
+    corpus: Arc<Corpus>,
+    store: CheckpointStore,
+    etcd: Arc<Etcd>,
+    options: &MemberOptions,
+    mut events: impl FnMut(MemberEvent<'_>),
+) -> Result<Option<String>> {
+    let rank = options.rank;
+    let shared = Shared::new(rank, options.step_timeout);
+    let listener = TcpListener::bind(options.listen)
+        .map_err(|e| WorkerError::Rendezvous(format!("cannot listen on {}: {e}", options.listen)))?;
+    let addr = listener.local_addr().map_err(|e| WorkerError::Rendezvous(e.to_string()))?;
+    let _listener = serve(listener, shared.clone())?;
+    let session = Session::start(etcd.clone(), rank, options.ttl_seconds)?;
+    session.register(addr)?;
+    session.watch_generation(shared.clone());
+    tracing::info!(rank, %addr, "registered");
+
+    let result = member_loop(&config, &corpus, &store, &etcd, &session, &shared, options, &mut events);
+    shared.stop.store(true, Ordering::SeqCst);
+    if result.is_err() {
+        // Leave at once so the coordinator replans without waiting for the lease to expire. A
+        // member that finished keeps its key until the lease runs out: the coordinator must not
+        // mistake the end of the job for a loss.
+        session.leave();
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn member_loop(
+    config: &TrainerConfig,
+    corpus: &Arc<Corpus>,
+    store: &CheckpointStore,
+    etcd: &Etcd,
+    session: &Session,
+    shared: &Arc<Shared>,
+    options: &MemberOptions,
+    events: &mut impl FnMut(MemberEvent<'_>),
+) -> Result<Option<String>> {
+    let rank = options.rank;
+    let mut joined = 0u64;
+    let mut before_update: Option<(u64, HostState)> = None;
+    let mut saver = BackgroundSaver::new(store.clone());
+    loop {
+        // Wait for a generation newer than the last one joined.
+        let deadline = Instant::now() + options.join_timeout;
+        let plan = loop {
+            if let Some(plan) = etcd.plan()?
+                && plan.generation() > joined
+            {
+                break plan;
+            }
+            if Instant::now() >= deadline {
+                return Err(WorkerError::Rendezvous(format!(
+                    "no generation after {joined} within {:?}",
+                    options.join_timeout
+                )));
+            }
+            std::thread::sleep(POLL);
+        };
+        let generation = plan.generation();
+        joined = generation;
+        shared.close(generation)?;
+        plan.check(config.dims.layers, config.dims.routed_experts)
+            .map_err(|e| WorkerError::Rendezvous(format!("generation {generation}: {e}")))?;
+        if plan.position(rank).is_none() {
+            return Err(WorkerError::Rendezvous(format!(
+                "rank {rank} is not a member of generation {generation}"
+            )));
+        }
+        let mine = plan.experts_of(rank).to_vec();
+
+        // Obtain the generation's state.
+        {
+            let mut guard =
+                shared.trainer.write().map_err(|_| WorkerError::Rendezvous("lock poisoned".into()))?;
+            match plan.restore {
+                Restore::Fresh => {
+                    *guard = Some(Trainer::with_experts(config.clone(), corpus.clone(), Some(&mine))?);
+                    before_update = None;
+                }
+                Restore::Checkpoint { step } => {
+                    let loaded = store.load_dir(
+                        &store.step_dir(step),
+                        &config.dims,
+                        &ExpertSelection::Only(mine.clone()),
+                    )?;
+                    tracing::info!(
+                        step,
+                        bytes = loaded.report.bytes,
+                        "loaded checkpoint for generation {generation}"
+                    );
+                    *guard = Some(Trainer::from_checkpoint(config.clone(), corpus.clone(), loaded)?);
+                    before_update = None;
+                }
+                Restore::InMemory => {
+                    let trainer = guard.as_ref().ok_or_else(|| {
+                        WorkerError::Rendezvous(
+                            "a reroute generation needs state in memory; this member has none".into(),
+                        )
+                    })?;
+                    if trainer.model().held_experts() != mine {
+                        return Err(WorkerError::Rendezvous(format!(
+                            "generation {generation} reroutes but changes this member's experts"
+                        )));
+                    }
+                }
+            }
+        }
+        let my_step = shared.trainer.read().ok().and_then(|g| g.as_ref().map(Trainer::step)).unwrap_or(0);
+        session.ack(generation, my_step)?;
+
+        // The generation barrier: every member acknowledged.
+        let deadline = Instant::now() + options.join_timeout;
+        let acks = loop {
+            let acks = etcd.acks(generation)?;
+            if plan.members.iter().all(|r| acks.contains_key(r)) {
+                break Some(acks);
+            }
+            if shared.seen_generation.load(Ordering::SeqCst) > generation || Instant::now() >= deadline {
+                break None;
+            }
+            std::thread::sleep(POLL);
+        };
+        let Some(acks) = acks else {
+            tracing::warn!(generation, "generation superseded before every member joined");
+            continue;
+        };
+        let acked: BTreeMap<u32, u64> =
+            plan.members.iter().filter_map(|r| acks.get(r).map(|s| (*r, *s))).collect();
+        let target = agreed_step(&acked).unwrap_or(my_step);
+        if my_step != target {
+            match before_update.take() {
+                Some((step, (params, moments))) if step == target && my_step == target + 1 => {
+                    let mut guard = shared
+                        .trainer
+                        .write()
+                        .map_err(|_| WorkerError::Rendezvous("lock poisoned".into()))?;
+                    if let Some(t) = guard.as_mut() {
+                        t.restore_host_state(params, moments, step)?;
+                    }
+                    tracing::info!(
+                        from = my_step,
+                        to = target,
+                        "rolled back one update to match the other members"
+                    );
+                }
+                _ => {
+                    return Err(WorkerError::Rendezvous(format!(
+                        "members disagree on the step ({acked:?}) and this member cannot roll back to {target}"
+                    )));
+                }
+            }
+        }
+        events(MemberEvent::Joined {
+            generation,
+            tier: &plan.tier,
+            step: target,
+            members: &plan.members,
+            experts: mine.len(),
+        });
+
+        let addrs = etcd.members()?.into_iter().map(|(r, m)| (r, m.addr)).collect();
+        let coll = match TcpCollective::connect(
+            shared.clone(),
+            generation,
+            &plan.members,
+            &addrs,
+            options.step_timeout,
+        ) {
+            Ok(c) => Arc::new(c),
+            Err(WorkerError::Aborted(reason)) => {
+                events(MemberEvent::Aborted { generation, reason: &reason });
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let routing = Arc::new(Routing::new(plan));
+        let total = config.total_steps;
+        let outcome: Result<Option<String>> = (|| {
+            let mut last_saved = None;
+            loop {
+                let step =
+                    shared.trainer.read().ok().and_then(|g| g.as_ref().map(Trainer::step)).unwrap_or(0);
+                if step >= total {
+                    break;
+                }
+                let counters = traffic(shared);
+                let report = run_step(shared, &coll, &routing, &mut before_update)?;
+                events(MemberEvent::Step(&report));
+                let after = traffic(shared);
+                events(MemberEvent::Traffic {
+                    expert_bytes: after.0 - counters.0,
+                    collective_bytes: after.1 - counters.1,
+                    expert_payload_bytes: after.2 - counters.2,
+                });
+                if report.step % options.checkpoint_every.max(1) == 0 || report.step == total {
+                    if let Some(gathered) = gather_checkpoint(shared, &coll, &routing)?
+                        && let Some(done) = saver.submit(gathered.snapshot)?
+                    {
+                        events(MemberEvent::Committed(&done));
+                    }
+                    last_saved = Some(report.step);
+                } else if let Some(done) = saver.poll()? {
+                    events(MemberEvent::Committed(&done));
+                }
+            }
+            // The end: every member has the final state; the leader writes and reports it.
+            let step = shared.trainer.read().ok().and_then(|g| g.as_ref().map(Trainer::step)).unwrap_or(0);
+            if last_saved != Some(step)
+                && let Some(gathered) = gather_checkpoint(shared, &coll, &routing)?
+                && let Some(done) = saver.submit(gathered.snapshot)?
+            {
+                events(MemberEvent::Committed(&done));
+            }
+            let mut digest = None;
+            if let Some(done) = saver.wait()? {
+                events(MemberEvent::Committed(&done));
+            }
+            if routing.plan.leader() == Some(rank) {
+                let newest = store.list()?.into_iter().find(|(_, _, committed)| *committed);
+                if let Some((s, path, _)) = newest
+                    && s == step
+                {
+                    digest = Some(store.verify_dir(&path)?.params_sha256);
+                }
+            }
+            // Everyone waits for the leader's commit before leaving (a final barrier).
+            coll.exchange(step, 5, BTreeMap::new())?;
+            Ok(digest)
+        })();
+        match outcome {
+            Ok(digest) => return Ok(digest),
+            Err(WorkerError::Aborted(reason)) => {
+                tracing::warn!(generation, "step aborted: {reason}");
+                events(MemberEvent::Aborted { generation, reason: &reason });
+                coll.shutdown();
+                shared.close(generation)?;
+                // A save in flight continues; it commits or stays torn (and ignored).
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn traffic(shared: &Shared) -> (u64, u64, u64) {
+    let t = &shared.traffic;
+    (
+        t.expert_bytes.load(Ordering::Relaxed),
+        t.collective_bytes.load(Ordering::Relaxed),
+        t.expert_payload_bytes.load(Ordering::Relaxed),
+    )
+}
