@@ -67,6 +67,11 @@ pub fn metric_names(expr: &str) -> BTreeSet<String> {
         let c = chars[i];
         if c == '"' || c == '\'' || c == '`' {
             i = skip_string(&chars, i);
+        } else if c == '#' {
+            // A comment runs to the end of the line.
+            while i < chars.len() && chars[i] != '\n' {
+                i += 1;
+            }
         } else if c == '{' {
             let end = skip_until(&chars, i, '}');
             let inner: String = chars[i + 1..end.saturating_sub(1).max(i + 1)].iter().collect();
@@ -252,6 +257,7 @@ mod tests {
             vec!["a", "b", "c"]
         );
         assert_eq!(names("time() - max(x:recorded) > 1e3"), vec!["x:recorded"]);
+        assert_eq!(names("a\n# and it has been b\n> 0"), vec!["a"]);
         assert_eq!(names(r#"{__name__="up", job="x"} == 0"#), vec!["up"]);
         assert_eq!(names("sum by (node) (up{node=~\"$node\"})"), vec!["up"]);
     }
