@@ -347,7 +347,12 @@ fn chart_ships_dashboards_for_the_grafana_sidecar_and_rules_as_a_prometheusrule(
     let off = documents(&render(&["--set", "metrics.grafanaDashboards.enabled=false"]));
     assert!(!off.iter().any(|d| d["kind"] == "ConfigMap"), "dashboards toggle off still renders ConfigMaps");
     let elsewhere = documents(&render(&["--set", "metrics.grafanaDashboards.namespace=monitoring"]));
-    assert!(elsewhere.iter().filter(|d| d["kind"] == "ConfigMap").all(|d| d["metadata"]["namespace"] == "monitoring"));
+    assert!(
+        elsewhere
+            .iter()
+            .filter(|d| d["kind"] == "ConfigMap")
+            .all(|d| d["metadata"]["namespace"] == "monitoring")
+    );
 
     let rules_on = documents(&render(&[
         "--set",
@@ -355,10 +360,14 @@ fn chart_ships_dashboards_for_the_grafana_sidecar_and_rules_as_a_prometheusrule(
     ]));
     let rule = rules_on.iter().find(|d| d["kind"] == "PrometheusRule").expect("PrometheusRule");
     assert_eq!(rule["metadata"]["labels"]["release"], "kps");
-    let source = std::fs::read_to_string(tools::repo_root().join("dashboards/alerts.yaml")).expect("alerts.yaml")
+    let source = std::fs::read_to_string(tools::repo_root().join("dashboards/alerts.yaml"))
+        .expect("alerts.yaml")
         .replace("https://example.invalid/ninelives/docs/runbooks.md", "https://runbooks.example/nl.md");
     let source: Value = serde_saphyr::from_str(&source).expect("alerts.yaml YAML");
-    assert_eq!(rule["spec"]["groups"], source["groups"], "PrometheusRule groups differ from dashboards/alerts.yaml");
+    assert_eq!(
+        rule["spec"]["groups"], source["groups"],
+        "PrometheusRule groups differ from dashboards/alerts.yaml"
+    );
     let text = rule.to_string();
     assert!(text.contains("{{ $labels.node }}"), "alert templates must reach Prometheus unrendered");
 
@@ -413,6 +422,7 @@ fn monitoring_resources_pass_server_side_dry_run_with_their_crds() {
     }
     // The fixture is strict where it matters: a misspelt rule field is refused.
     let bad = "apiVersion: monitoring.coreos.com/v1\nkind: PrometheusRule\nmetadata: {name: bad, namespace: ninelives-system}\nspec:\n  groups:\n    - name: g\n      rules:\n        - alert: A\n          expr: up == 0\n          fro: 5m\n";
-    let err = plane.kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], Some(bad)).expect_err("unknown field");
+    let err =
+        plane.kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], Some(bad)).expect_err("unknown field");
     assert!(err.to_string().contains("fro"), "{err}");
 }

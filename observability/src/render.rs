@@ -121,13 +121,13 @@ fn draw<'a>(panel: &PanelImage, buffer: &'a mut [u8]) -> Result<(), Box<dyn std:
     if hi - lo < 1e-9 {
         hi = lo + 1.0;
     }
-    let pad = (hi - lo) * 0.08;
+    // Headroom above the data for the marker labels (three staggered rows).
+    let pad = (hi - lo) * 0.25;
     let mut chart = ChartBuilder::on(&root)
         .caption(&panel.title, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(64)
-        .right_y_label_area_size(8)
         .build_cartesian_2d(t0..t1.max(t0 + 1.0), lo..hi + pad)?;
     chart
         .configure_mesh()
@@ -137,12 +137,14 @@ fn draw<'a>(panel: &PanelImage, buffer: &'a mut [u8]) -> Result<(), Box<dyn std:
         .axis_desc_style(("sans-serif", 14))
         .light_line_style(RGBColor(235, 235, 235))
         .draw()?;
-    for (t, text) in &panel.markers {
+    for (i, (t, text)) in panel.markers.iter().enumerate() {
         let red = RGBColor(200, 30, 30);
-        chart.draw_series(LineSeries::new([(*t, lo), (*t, hi + pad * 0.5)], red.stroke_width(1)))?;
+        // Three staggered rows so labels of close events do not overlap.
+        let row = hi + pad * (0.85 - 0.3 * (i % 3) as f64);
+        chart.draw_series(LineSeries::new([(*t, lo), (*t, row)], red.stroke_width(1)))?;
         chart.draw_series(std::iter::once(Text::new(
-            text.clone(),
-            (*t, hi + pad * 0.9),
+            format!(" {text}"),
+            (*t, row),
             ("sans-serif", 12).into_font().color(&red),
         )))?;
     }

@@ -54,7 +54,7 @@ fn every_dashboard_query_runs_against_real_processes() {
 
     // Not vacuous: the agents, the worker and etcd feed most panels of three dashboards.
     eprintln!("{with_data} of {} queries returned data", evaluations.len());
-    assert!(with_data >= 30, "only {with_data} queries returned data\n{}", run.logs());
+    assert!(with_data >= 25, "only {with_data} queries returned data\n{}", run.logs());
     for (dashboard, panel) in [
         ("fleet-health", "Nodes with unusable chips / A"),
         ("fleet-health", "Fault onsets by code and action / A"),
