@@ -91,9 +91,9 @@ fn dashboards_have_the_panels_the_sre_needs() {
         by_slug(slug)
             .queries
             .iter()
-            .filter_map(|q| match &q.origin {
-                Origin::Panel { title, kind, .. } => Some(format!("{kind}:{title}")),
-                Origin::Annotation { name } => Some(format!("annotation:{name}")),
+            .map(|q| match &q.origin {
+                Origin::Panel { title, kind, .. } => format!("{kind}:{title}"),
+                Origin::Annotation { name } => format!("annotation:{name}"),
             })
             .collect()
     };
