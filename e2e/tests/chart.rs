@@ -309,3 +309,120 @@ async fn operator_runs_a_job_with_nothing_but_the_charts_rbac() {
     let log = operator.log();
     assert!(!log.contains("forbidden"), "the operator hit an RBAC denial:\n{log}");
 }
+
+/// Dashboards of the repository's `dashboards/` as parsed JSON, by file name.
+fn source_dashboards() -> std::collections::BTreeMap<String, Value> {
+    let dir = tools::repo_root().join("dashboards");
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(&dir).expect("dashboards/").flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let text = std::fs::read_to_string(&path).expect("dashboard");
+            let name = path.file_name().expect("name").to_string_lossy().into_owned();
+            out.insert(name, serde_json::from_str(&text).expect("dashboard JSON"));
+        }
+    }
+    out
+}
+
+#[test]
+fn chart_ships_dashboards_for_the_grafana_sidecar_and_rules_as_a_prometheusrule() {
+    // Default: dashboards on (plain ConfigMaps), PrometheusRule off (needs the operator's CRDs).
+    let docs = documents(&render(&[]));
+    let configmaps: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ConfigMap" && d["metadata"]["labels"]["grafana_dashboard"] == "1")
+        .collect();
+    let sources = source_dashboards();
+    assert_eq!(configmaps.len(), sources.len(), "one ConfigMap per dashboard");
+    for cm in &configmaps {
+        let data = cm["data"].as_object().expect("data");
+        assert_eq!(data.len(), 1);
+        let (file, json) = data.iter().next().expect("one dashboard");
+        let shipped: Value = serde_json::from_str(json.as_str().expect("string")).expect("shipped JSON");
+        assert_eq!(Some(&shipped), sources.get(file), "{file} differs from dashboards/{file}");
+        assert_eq!(cm["metadata"]["namespace"], "ninelives-system");
+    }
+    assert!(!kinds(&render(&[])).contains("PrometheusRule"));
+    let off = documents(&render(&["--set", "metrics.grafanaDashboards.enabled=false"]));
+    assert!(!off.iter().any(|d| d["kind"] == "ConfigMap"), "dashboards toggle off still renders ConfigMaps");
+    let elsewhere = documents(&render(&["--set", "metrics.grafanaDashboards.namespace=monitoring"]));
+    assert!(
+        elsewhere
+            .iter()
+            .filter(|d| d["kind"] == "ConfigMap")
+            .all(|d| d["metadata"]["namespace"] == "monitoring")
+    );
+
+    let rules_on = documents(&render(&[
+        "--set",
+        "metrics.prometheusRule.enabled=true,metrics.prometheusRule.runbookBaseUrl=https://runbooks.example/nl.md,metrics.prometheusRule.labels.release=kps",
+    ]));
+    let rule = rules_on.iter().find(|d| d["kind"] == "PrometheusRule").expect("PrometheusRule");
+    assert_eq!(rule["metadata"]["labels"]["release"], "kps");
+    let source = std::fs::read_to_string(tools::repo_root().join("dashboards/alerts.yaml"))
+        .expect("alerts.yaml")
+        .replace("https://example.invalid/ninelives/docs/runbooks.md", "https://runbooks.example/nl.md");
+    let source: Value = serde_saphyr::from_str(&source).expect("alerts.yaml YAML");
+    assert_eq!(
+        rule["spec"]["groups"], source["groups"],
+        "PrometheusRule groups differ from dashboards/alerts.yaml"
+    );
+    let text = rule.to_string();
+    assert!(text.contains("{{ $labels.node }}"), "alert templates must reach Prometheus unrendered");
+
+    let monitored = documents(&render(&["--set", "metrics.podMonitor.enabled=true"]));
+    let pod_monitor = monitored.iter().find(|d| d["kind"] == "PodMonitor").expect("PodMonitor");
+    let relabel = &pod_monitor["spec"]["podMetricsEndpoints"][0]["relabelings"][0];
+    assert_eq!(relabel["targetLabel"], "node", "dashboards select agent series by node");
+
+    let chart = chart().display().to_string();
+    helm(&["lint", "--strict", &chart, "--set", "metrics.prometheusRule.enabled=true"]);
+    let mut command = Command::new(tools::tool("helm").expect("helm"));
+    command.args(["template", "x", &chart, "--set", "metrics.prometheusRule.runbookBaseUrl=runbooks"]);
+    let err = run(command, None).expect_err("a runbook base that is no URL must be rejected").to_string();
+    assert!(err.contains("runbookBaseUrl"), "{err}");
+}
+
+/// The optional Prometheus Operator resources (ServiceMonitor, PodMonitor, PrometheusRule) pass
+/// the server-side dry-run once their CRDs exist. The real CRDs are not vendored; a fixture with
+/// the PrometheusRule fields the chart uses stands in (e2e/tests/fixtures/monitoring-crds.yaml).
+#[test]
+fn monitoring_resources_pass_server_side_dry_run_with_their_crds() {
+    let plane = ControlPlane::start().expect("control plane");
+    plane.kubectl(&["create", "namespace", "ninelives-system"]).expect("namespace");
+    let crds = tools::repo_root().join("e2e/tests/fixtures/monitoring-crds.yaml").display().to_string();
+    plane.kubectl(&["apply", "-f", &crds]).unwrap_or_else(|e| panic!("{e}"));
+    plane
+        .kubectl(&[
+            "wait",
+            "--for=condition=established",
+            "--timeout=60s",
+            "crd/prometheusrules.monitoring.coreos.com",
+            "crd/servicemonitors.monitoring.coreos.com",
+            "crd/podmonitors.monitoring.coreos.com",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let rendered = render(&[
+        "--include-crds",
+        "--set",
+        "metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,metrics.prometheusRule.enabled=true",
+    ]);
+    let out = plane
+        .kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], Some(&rendered))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for object in [
+        "prometheusrule.monitoring.coreos.com/ninelives-alerts",
+        "servicemonitor.monitoring.coreos.com/ninelives-operator",
+        "podmonitor.monitoring.coreos.com/ninelives-agent",
+        "configmap/ninelives-dashboard-fleet-health",
+        "configmap/ninelives-dashboard-control-plane",
+    ] {
+        assert!(out.contains(object), "{object} missing from:\n{out}");
+    }
+    // The fixture is strict where it matters: a misspelt rule field is refused.
+    let bad = "apiVersion: monitoring.coreos.com/v1\nkind: PrometheusRule\nmetadata: {name: bad, namespace: ninelives-system}\nspec:\n  groups:\n    - name: g\n      rules:\n        - alert: A\n          expr: up == 0\n          fro: 5m\n";
+    let err =
+        plane.kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], Some(bad)).expect_err("unknown field");
+    assert!(err.to_string().contains("fro"), "{err}");
+}

@@ -1,6 +1,6 @@
 //! # ninelives-testkit
 //!
-//! Real dependencies for adapter and e2e tests, started the way the project's standards demand:
+//! Real dependencies for adapter and e2e tests (etcd; Prometheus in [`prometheus`]), started the way the project's standards demand:
 //! on free loopback ports, in temporary directories, and stopped (killed and cleaned up) when the
 //! handle is dropped — also when a test panics.
 //!
@@ -16,6 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
+
+pub mod prometheus;
 
 /// Why a dependency could not be started.
 #[derive(Debug, Error)]
@@ -161,7 +163,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     Ok(out)
 }
 
-fn tail(path: &Path) -> String {
+pub(crate) fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
