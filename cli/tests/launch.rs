@@ -58,12 +58,17 @@ spec:
       weightDecay: 0.1
     gradClip: 1.0
   checkpoint:
+    path: {ckpt}
     intervalSteps: 2
     keepLast: 10
   failurePolicy:
     heartbeatTtlSeconds: 3
+    maxRecoveries: 20
     minHealthyFraction: 0.5
-"#
+    allowedTiers: [reroute, reshard, restore, replace]
+    recoveryTimeoutSeconds: 60
+"#,
+        ckpt = dir.join("overridden-by-checkpoint-dir").display()
     );
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, text).unwrap();

@@ -146,6 +146,11 @@ impl Shared {
     /// Stops serving (between generations).
     pub fn close(&self, generation: u64) -> Result<()> {
         let mut s = self.lock_state()?;
+        if generation > s.generation {
+            // An abort belongs to its generation: a new one starts clean, or peers asking for its
+            // first step would be refused with the old generation's reason.
+            s.aborted = None;
+        }
         s.generation = s.generation.max(generation);
         s.step = None;
         drop(s);
