@@ -2,7 +2,7 @@
 //! (a) tokens/s of the `small` model vs the identical model in PyTorch eager, same threads;
 //! (b) checkpoint save/load GB/s vs `dd` sequential write (fsync) and read (O_DIRECT).
 //!
-//! `cargo bench -p ninelives-worker --bench worker -- [THREADS]`
+//! `cargo bench -p ninelives-worker --bench worker --profile dev -- [THREADS]`
 
 use std::path::Path;
 use std::process::Command;
@@ -18,9 +18,16 @@ use ninelives_worker::{CheckpointStore, ExpertSelection, Trainer, TrainerConfig}
 const STEPS: u64 = 3;
 const GLOBAL_BATCH: u32 = 4;
 const MICRO_BATCH: u32 = 2;
+/// Save/load rounds (each against its own dd run); the medians are reported.
+const ROUNDS: u64 = 3;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // As `ninelives worker train` does: candle's spin-waiting elementwise pool off (see the doc).
+    ninelives_worker::trainer::pin_candle_elementwise_pool()?;
     let threads: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(2);
+    // Optional second argument: `train` or `checkpoint` runs only that part (for profiling).
+    let part = std::env::args().nth(2).unwrap_or_else(|| "all".into());
+    let load_before = load_average();
     let dims = ModelDims::preset(ModelPreset::Small);
     let training = TrainingSpec {
         steps: 100,
@@ -47,6 +54,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut trainer = Trainer::new(config, corpus)?;
 
     // (a) training throughput.
+    if part == "checkpoint" {
+        trainer.train_step()?;
+        return checkpoint_bench(&trainer, &dims, &load_before);
+    }
     let ours = run_with_threads(threads, || -> Result<f64, ninelives_worker::WorkerError> {
         trainer.train_step()?; // warm-up
         let start = Instant::now();
@@ -55,6 +66,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         Ok((STEPS * u64::from(GLOBAL_BATCH) * u64::from(dims.seq_len)) as f64 / start.elapsed().as_secs_f64())
     })??;
+    if part == "train" {
+        println!("ninelives `small` train tokens/s: {ours:.0}");
+        return Ok(());
+    }
     let script = format!("{}/benches/torch_small.py", env!("CARGO_MANIFEST_DIR"));
     let torch = Command::new("python3")
         .args([script.as_str(), "--threads", &threads.to_string(), "--steps", &STEPS.to_string()])
@@ -76,50 +91,82 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ),
     }
 
-    // (b) checkpoint bandwidth vs dd, in the same directory.
+    checkpoint_bench(&trainer, &dims, &load_before)
+}
+
+/// (b) checkpoint bandwidth vs dd, in the same directory, interleaved, median of [`ROUNDS`].
+fn checkpoint_bench(
+    trainer: &Trainer,
+    dims: &ModelDims,
+    load_before: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::Builder::new().prefix("ninelives-bench").tempdir_in(".")?;
-    let store = CheckpointStore::open(dir.path().join("ckpt"), 3)?;
+    let store = CheckpointStore::open(dir.path().join("ckpt"), 1)?;
     let snapshot_start = Instant::now();
     let snapshot = trainer.snapshot()?;
     let snapshot_secs = snapshot_start.elapsed().as_secs_f64();
-    let saved = store.save(&snapshot)?;
-    let gb = saved.bytes as f64 / 1e9;
-    let mib = saved.bytes.div_ceil(1 << 20);
     let dd_file = dir.path().join("dd.bin");
-    let start = Instant::now();
-    run(
-        "dd",
-        &[
-            "if=/dev/zero",
-            &format!("of={}", dd_file.display()),
-            "bs=1M",
-            &format!("count={mib}"),
-            "conv=fsync",
-        ],
-    )?;
-    let dd_write = (mib << 20) as f64 / 1e9 / start.elapsed().as_secs_f64();
+    let (mut save, mut dd_write, mut load, mut dd_read) = (vec![], vec![], vec![], vec![]);
+    let (mut bytes, mut shards, mut save_secs) = (0, 0, vec![]);
+    for round in 0..ROUNDS {
+        let mut snap = snapshot.clone();
+        snap.step += round; // a new checkpoint directory each round
+        let saved = store.save(&snap)?;
+        bytes = saved.bytes;
+        shards = std::fs::read_dir(saved.path.join("experts"))?.count() + 1;
+        save.push(saved.bytes as f64 / 1e9 / saved.seconds);
+        save_secs.push(saved.seconds);
+        let mib = saved.bytes.div_ceil(1 << 20);
+        let _ = std::fs::remove_file(&dd_file);
+        let start = Instant::now();
+        run(
+            "dd",
+            &[
+                "if=/dev/zero",
+                &format!("of={}", dd_file.display()),
+                "bs=1M",
+                &format!("count={mib}"),
+                "conv=fsync",
+            ],
+        )?;
+        dd_write.push((mib << 20) as f64 / 1e9 / start.elapsed().as_secs_f64());
+
+        drop_cache(&saved.path)?;
+        let loaded = store.load_latest(dims, &ExpertSelection::All)?.ok_or("checkpoint vanished")?;
+        load.push(loaded.report.bytes as f64 / 1e9 / loaded.report.seconds);
+        drop_cache_file(&dd_file)?;
+        let start = Instant::now();
+        run("dd", &[&format!("if={}", dd_file.display()), "of=/dev/null", "bs=1M", "iflag=direct"])?;
+        dd_read.push((mib << 20) as f64 / 1e9 / start.elapsed().as_secs_f64());
+    }
+    let (save, dd_write, load, dd_read) = (median(save), median(dd_write), median(load), median(dd_read));
     println!(
-        "| checkpoint save GB/s ({:.0} MB, {} shards) | {:.2} | dd conv=fsync {dd_write:.2} | {:.2}x |",
-        saved.bytes as f64 / 1e6,
-        snapshot.params.len(),
-        gb / saved.seconds,
-        gb / saved.seconds / dd_write
+        "| checkpoint save GB/s ({:.0} MB, {shards} shards, sha256 + fsync; median of {ROUNDS}) | {save:.2} | dd conv=fsync {dd_write:.2} | {:.2}x |",
+        bytes as f64 / 1e6,
+        save / dd_write
     );
     println!(
         "| training pause for a save (host snapshot) | {:.3} s | full save {:.3} s | - |",
-        snapshot_secs, saved.seconds
+        snapshot_secs,
+        median(save_secs)
     );
-    drop_cache(&saved.path)?;
-    let loaded = store.load_latest(&dims, &ExpertSelection::All)?.ok_or("checkpoint vanished")?;
-    let start = Instant::now();
-    run("dd", &[&format!("if={}", dd_file.display()), "of=/dev/null", "bs=1M", "iflag=direct"])?;
-    let dd_read = (mib << 20) as f64 / 1e9 / start.elapsed().as_secs_f64();
-    let load_gbs = loaded.report.bytes as f64 / 1e9 / loaded.report.seconds;
     println!(
-        "| checkpoint load GB/s (cold cache, verify sha256) | {load_gbs:.2} | dd iflag=direct {dd_read:.2} | {:.2}x |",
-        load_gbs / dd_read
+        "| checkpoint load GB/s (cold, sha256 verified; median of {ROUNDS}) | {load:.2} | dd iflag=direct {dd_read:.2} | {:.2}x |",
+        load / dd_read
     );
+    println!("load average before / after: {load_before} / {}", load_average());
     Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn run(cmd: &str, args: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
@@ -131,13 +178,17 @@ fn run(cmd: &str, args: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// Drops a checkpoint's files from the page cache (`dd iflag=nocache count=0`), so the load is
-/// measured from disk like dd's O_DIRECT read.
+/// measured from disk like dd's O_DIRECT read (the loader reads with O_DIRECT too where it can).
 fn drop_cache(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     for entry in std::fs::read_dir(dir)?.chain(std::fs::read_dir(dir.join("experts"))?) {
         let path = entry?.path();
         if path.is_file() {
-            run("dd", &[&format!("if={}", path.display()), "iflag=nocache", "count=0"])?;
+            drop_cache_file(&path)?;
         }
     }
     Ok(())
+}
+
+fn drop_cache_file(path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    run("dd", &[&format!("if={}", path.display()), "iflag=nocache", "count=0"])
 }

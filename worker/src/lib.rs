@@ -5,6 +5,7 @@
 //!
 //! - [`model`]: the transformer, its name-keyed parameters and [`ExpertId`];
 //! - [`data`]: the byte corpus and sampling as a pure function of `(seed, step, sample)`;
+//! - [`ops`]: fused softmax, RMSNorm and rotary kernels with their own backward;
 //! - [`optim`]: AdamW, the learning-rate schedule and global-norm clipping;
 //! - [`checkpoint`]: safetensors shards per expert, the manifest, the commit protocol;
 //! - [`trainer`]: the training loop tying them together;
@@ -21,6 +22,7 @@ pub use error::{Result, WorkerError};
 pub use model::{ExpertId, HostTensor, MoeTransformer};
 pub mod checkpoint;
 pub mod metrics;
+pub mod ops;
 pub mod optim;
 pub mod trainer;
 

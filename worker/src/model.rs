@@ -16,11 +16,13 @@ use std::sync::Arc;
 
 use candle_core::{D, DType, Device, Tensor, Var};
 use ninelives_core::ModelDims;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::data::MicroBatch;
 use crate::error::{Result, WorkerError};
+use crate::ops::{self, RopeTables};
 use crate::rng::{KeyedStream, key, name_word};
 
 /// Standard deviation of weight initialisation (GPT-2 style).
@@ -322,9 +324,7 @@ impl candle_core::CustomOp1 for RemoteExpertOp {
 pub struct MoeTransformer {
     dims: ModelDims,
     params: BTreeMap<String, Var>,
-    rope_cos: Tensor,
-    rope_sin: Tensor,
-    causal_mask: Tensor,
+    rope: RopeTables,
     device: Device,
 }
 
@@ -377,9 +377,9 @@ impl MoeTransformer {
             let tensor = Tensor::from_vec(value.data, value.shape, &device)?;
             params.insert(name, Var::from_tensor(&tensor)?);
         }
-        let (rope_cos, rope_sin) = rope_tables(&dims, &device)?;
-        let causal_mask = causal_mask(dims.seq_len as usize, &device)?;
-        Ok(Self { dims, params, rope_cos, rope_sin, causal_mask, device })
+        let head_dim = (dims.hidden_size / dims.heads) as usize;
+        let rope = RopeTables::new(dims.seq_len as usize, head_dim, ROPE_THETA);
+        Ok(Self { dims, params, rope, device })
     }
 
     /// The model's dimensions.
@@ -405,15 +405,17 @@ impl MoeTransformer {
         ids.into_iter().collect()
     }
 
-    /// Copies every held parameter to the host, in name order.
+    /// Copies every held parameter to the host, in name order (parameters in parallel).
     pub fn to_host(&self) -> Result<BTreeMap<String, HostTensor>> {
-        self.params
-            .iter()
+        let params: Vec<(&String, &Var)> = self.params.iter().collect();
+        params
+            .par_iter()
             .map(|(name, var)| {
                 let data = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-                Ok((name.clone(), HostTensor { shape: var.dims().to_vec(), data }))
+                Ok(((*name).clone(), HostTensor { shape: var.dims().to_vec(), data }))
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()
+            .map(|v| v.into_iter().collect())
     }
 
     /// Overwrites one parameter's value in place.
@@ -431,9 +433,8 @@ impl MoeTransformer {
     pub fn params_sha256(&self) -> Result<String> {
         let mut hasher = Sha256::new();
         for var in self.params.values() {
-            for x in var.as_tensor().flatten_all()?.to_vec1::<f32>()? {
-                hasher.update(x.to_le_bytes());
-            }
+            let values = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            hasher.update(le_bytes(&values));
         }
         Ok(hex(&hasher.finalize()))
     }
@@ -516,37 +517,30 @@ impl MoeTransformer {
         let hd = h / nh;
         let proj = |w: &str| -> Result<Tensor> {
             let w = self.param(&format!("layers.{l}.{w}"))?;
-            Ok(x.matmul(&w.t()?)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?)
+            Ok(x.matmul(&w.t()?)?.reshape((b, t, h))?)
         };
-        let q = self.rope(&proj("wq")?)?;
-        let k = self.rope(&proj("wk")?)?;
-        let v = proj("wv")?;
+        // Rotary embedding fused with the split into heads: [b, t, h] -> [b, nh, t, hd].
+        let q = ops::rope_heads(&proj("wq")?, &self.rope, nh)?;
+        let k = ops::rope_heads(&proj("wk")?, &self.rope, nh)?;
+        let v = proj("wv")?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?; // [b, nh, t, t]
-        let mask = match self.dims.sparse_attention {
-            Some(sparse) => block_sparse_mask(
-                &q,
-                &k,
-                sparse.block_size as usize,
-                sparse.top_blocks as usize,
-                &self.device,
-            )?,
-            None => self.causal_mask.clone(),
+        let scores = q.matmul(&k.t()?)?; // [b, nh, t, t]
+        let probs = match self.dims.sparse_attention {
+            Some(sparse) => {
+                let mask = block_sparse_mask(
+                    &q,
+                    &k,
+                    sparse.block_size as usize,
+                    sparse.top_blocks as usize,
+                    &self.device,
+                )?;
+                ops::softmax_last_dim(&(scores * scale)?.broadcast_add(&mask)?)?
+            }
+            // Scale, causal mask and softmax in one fused op.
+            None => ops::causal_softmax(&scores, scale)?,
         };
-        let probs = candle_nn::ops::softmax(&scores.broadcast_add(&mask)?, D::Minus1)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, h))?;
         Ok(out.matmul(&self.param(&format!("layers.{l}.wo"))?.t()?)?)
-    }
-
-    /// Rotary position embedding on `[b, heads, t, head_dim]` (half-split convention).
-    fn rope(&self, x: &Tensor) -> Result<Tensor> {
-        let half = x.dim(D::Minus1)? / 2;
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let (cos, sin) = (&self.rope_cos, &self.rope_sin);
-        let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
-        let r2 = (x1.broadcast_mul(sin)? + x2.broadcast_mul(cos)?)?;
-        Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
     }
 
     fn moe(&self, l: u32, x: &Tensor, remote: Option<&ExpertSource>) -> Result<MoeOutput> {
@@ -665,30 +659,7 @@ fn swiglu(x: &Tensor, w_gate: &Tensor, w_up: &Tensor, w_down: &Tensor) -> Result
 }
 
 fn rms_norm(x: &Tensor, gain: &Tensor) -> Result<Tensor> {
-    let rms = (x.sqr()?.mean_keepdim(D::Minus1)? + NORM_EPS)?.sqrt()?;
-    Ok(x.broadcast_div(&rms)?.broadcast_mul(gain)?)
-}
-
-fn rope_tables(dims: &ModelDims, device: &Device) -> Result<(Tensor, Tensor)> {
-    let t = dims.seq_len as usize;
-    let half = (dims.hidden_size / dims.heads.max(1)) as usize / 2;
-    let mut cos = Vec::with_capacity(t * half);
-    let mut sin = Vec::with_capacity(t * half);
-    for pos in 0..t {
-        for i in 0..half {
-            let freq = ROPE_THETA.powf(-(2.0 * i as f64) / (2.0 * half as f64));
-            let angle = pos as f64 * freq;
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
-        }
-    }
-    Ok((Tensor::from_vec(cos, (t, half), device)?, Tensor::from_vec(sin, (t, half), device)?))
-}
-
-fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> =
-        (0..t).flat_map(|q| (0..t).map(move |k| if k <= q { 0.0 } else { MASKED })).collect();
-    Ok(Tensor::from_vec(mask, (t, t), device)?)
+    Ok(ops::rms_norm(x, gain, NORM_EPS)?)
 }
 
 /// Block-sparse causal mask `[b, heads, t, t]`: each query block sees its own block (causally),
@@ -727,6 +698,23 @@ fn block_sparse_mask(
         }
     }
     Ok(Tensor::from_vec(mask, (b, nh, t, t), device)?)
+}
+
+/// The little-endian bytes of f32 values (the layout of `params_sha256` and of checkpoints).
+pub fn le_bytes(values: &[f32]) -> &[u8] {
+    #[cfg(not(target_endian = "little"))]
+    compile_error!("parameter digests hash native f32 bytes and need a little-endian host");
+    bytemuck::cast_slice(values)
+}
+
+/// sha256 over host parameter values in name order, as little-endian f32 bytes: the same digest
+/// as [`MoeTransformer::params_sha256`] of a model holding them.
+pub fn host_params_sha256(values: &BTreeMap<String, HostTensor>) -> String {
+    let mut hasher = Sha256::new();
+    for value in values.values() {
+        hasher.update(le_bytes(&value.data));
+    }
+    hex(&hasher.finalize())
 }
 
 /// Lower-case hex of bytes.

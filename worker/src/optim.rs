@@ -1,11 +1,15 @@
 //! AdamW with linear warmup and cosine (or linear/constant) decay, and global-norm clipping.
 //!
 //! The update runs on host vectors in plain element order, so it is bit-deterministic and its
-//! state (two moments per parameter) is exactly what a checkpoint stores.
+//! state (two moments per parameter) is exactly what a checkpoint stores. Parameters are updated
+//! in parallel (each one by one thread, in element order), and the global norm adds per-parameter
+//! sums in name order, so neither depends on the thread count.
 
 use std::collections::BTreeMap;
 
+use candle_core::{Tensor, Var};
 use ninelives_core::job::{LearningRateSpec, ScheduleKind, TrainingSpec};
+use rayon::prelude::*;
 
 use crate::error::{Result, WorkerError};
 use crate::model::{MoeTransformer, ParamSpec, param_specs};
@@ -129,17 +133,22 @@ impl AdamW {
         grad.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>()
     }
 
+    /// Per-parameter partials of `grads`, computed in parallel (each one by one thread, in
+    /// element order, so the values do not depend on the thread count).
+    pub fn norm_partials(grads: &Gradients) -> BTreeMap<String, f64> {
+        let grads: Vec<(&String, &Vec<f32>)> = grads.iter().collect();
+        grads.par_iter().map(|(name, g)| ((*name).clone(), Self::norm_partial(g))).collect()
+    }
+
     /// Global L2 norm from per-parameter partials, summed in name order (deterministic, and the
     /// same whether the partials were computed in one process or many).
     pub fn norm_from_partials(partials: &BTreeMap<String, f64>) -> f64 {
         partials.values().sum::<f64>().sqrt()
     }
 
-    /// Global L2 norm of `grads`: per-parameter partials summed in name order.
+    /// Global L2 norm of `grads`: per-parameter partials (in parallel) summed in name order.
     pub fn global_norm(grads: &Gradients) -> f64 {
-        let partials: BTreeMap<String, f64> =
-            grads.iter().map(|(name, g)| (name.clone(), Self::norm_partial(g))).collect();
-        Self::norm_from_partials(&partials)
+        Self::norm_from_partials(&Self::norm_partials(grads))
     }
 
     /// Applies the update of `step` (0-based) with the mean gradients `grads`.
@@ -170,24 +179,36 @@ impl AdamW {
         let step_size = (lr / bias1) as f32;
         let bias2_sqrt = bias2.sqrt() as f32;
         let eps = self.epsilon as f32;
-        for (name, var) in model.params() {
-            let Some(state) = self.moments.get_mut(name) else { continue };
+        let params = model.params();
+        let mut work: Vec<(&String, &Var, &mut Moments, f32)> = Vec::with_capacity(self.moments.len());
+        for (name, state) in self.moments.iter_mut() {
+            let Some(var) = params.get(name) else { continue };
             let decay = if self.decays.get(name).copied().unwrap_or(false) {
                 (lr * self.weight_decay) as f32
             } else {
                 0.0
             };
-            let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            let g = grads.get(name);
-            for i in 0..p.len() {
-                let gi = g.map_or(0.0, |g| g[i]) * clip;
-                state.m[i] = b1 * state.m[i] + (1.0 - b1) * gi;
-                state.v[i] = b2 * state.v[i] + (1.0 - b2) * gi * gi;
-                let denom = state.v[i].sqrt() / bias2_sqrt + eps;
-                p[i] -= decay * p[i] + step_size * state.m[i] / denom;
-            }
-            model.set_param(name, p)?;
+            work.push((name, var, state, decay));
         }
+        // Each parameter by one thread, in element order: bit-identical for any thread count.
+        work.into_par_iter()
+            .map(|(name, var, state, decay)| -> Result<()> {
+                let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+                let g = grads.get(name);
+                if g.is_some_and(|g| g.len() != p.len()) {
+                    return Err(WorkerError::InvalidJob(format!("gradient of {name} has the wrong size")));
+                }
+                for i in 0..p.len() {
+                    let gi = g.map_or(0.0, |g| g[i]) * clip;
+                    state.m[i] = b1 * state.m[i] + (1.0 - b1) * gi;
+                    state.v[i] = b2 * state.v[i] + (1.0 - b2) * gi * gi;
+                    let denom = state.v[i].sqrt() / bias2_sqrt + eps;
+                    p[i] -= decay * p[i] + step_size * state.m[i] / denom;
+                }
+                var.set(&Tensor::from_vec(p, var.dims(), var.device())?)?;
+                Ok(())
+            })
+            .collect::<Result<Vec<()>>>()?;
         Ok(UpdateReport { lr, grad_norm })
     }
 }

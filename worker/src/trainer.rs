@@ -6,8 +6,12 @@
 //! So which process computes a micro-batch, and in what order they finish, never changes a bit of
 //! the result — only the thread count of the CPU kernels could, and [`run_with_threads`] pins it.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
+
+use candle_core::Var;
+use rayon::prelude::*;
 
 use ninelives_core::job::TrainingSpec;
 use ninelives_core::{ModelDims, TrainingJob};
@@ -228,12 +232,17 @@ impl Trainer {
             });
         }
         let store = out.objective.backward()?;
-        let mut grads = Gradients::new();
-        for (name, var) in self.model.params() {
-            if let Some(g) = store.get(var.as_tensor()) {
-                grads.insert(name.clone(), g.flatten_all()?.to_vec1::<f32>()?);
-            }
-        }
+        let params: Vec<(&String, &Var)> = self.model.params().iter().collect();
+        let copied = params
+            .par_iter()
+            .map(|(name, var)| -> Result<Option<(String, Vec<f32>)>> {
+                match store.get(var.as_tensor()) {
+                    Some(g) => Ok(Some(((*name).clone(), g.flatten_all()?.to_vec1::<f32>()?))),
+                    None => Ok(None),
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let grads: Gradients = copied.into_iter().flatten().collect();
         Ok(MicroBatchResult {
             index: batch.index,
             grads,
@@ -256,23 +265,31 @@ impl Trainer {
                 results.iter().map(|r| r.index).collect::<Vec<_>>()
             )));
         }
-        let mut sum = Gradients::new();
         let mut losses = [0.0f64; 3];
-        for r in results {
+        for r in &results {
             losses[0] += f64::from(r.cross_entropy);
             losses[1] += f64::from(r.balance_loss);
             losses[2] += f64::from(r.z_loss);
-            for (name, g) in r.grads {
-                match sum.get_mut(&name) {
-                    Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, x)| *a += x),
-                    None => {
-                        sum.insert(name, g);
-                    }
-                }
-            }
         }
         let scale = 1.0 / expected as f32;
-        sum.values_mut().for_each(|g| g.iter_mut().for_each(|x| *x *= scale));
+        let names: BTreeSet<&String> = results.iter().flat_map(|r| r.grads.keys()).collect();
+        let names: Vec<&String> = names.into_iter().collect();
+        // Parameters in parallel; each one's sum runs over micro-batches in index order.
+        let sum: Gradients = names
+            .par_iter()
+            .map(|&name| {
+                let mut acc: Option<Vec<f32>> = None;
+                for g in results.iter().filter_map(|r| r.grads.get(name)) {
+                    match acc.as_mut() {
+                        Some(acc) => acc.iter_mut().zip(g).for_each(|(a, x)| *a += x),
+                        None => acc = Some(g.clone()),
+                    }
+                }
+                let mut acc = acc.unwrap_or_default();
+                acc.iter_mut().for_each(|x| *x *= scale);
+                (name.clone(), acc)
+            })
+            .collect();
         let n = expected as f64;
         Ok((sum, losses.map(|l| l / n)))
     }
@@ -344,6 +361,7 @@ impl Trainer {
     /// of a save that training waits for.
     pub fn snapshot(&self) -> Result<TrainingSnapshot> {
         let params = self.model.to_host()?;
+        let params_sha256 = crate::model::host_params_sha256(&params);
         let moments = self.optimizer.moments().clone();
         Ok(TrainingSnapshot {
             step: self.step,
@@ -354,11 +372,33 @@ impl Trainer {
                 global_batch_size: self.config.global_batch_size,
                 micro_batch_size: self.config.micro_batch_size,
             },
-            params_sha256: self.model.params_sha256()?,
+            params_sha256,
             params,
             moments,
         })
     }
+}
+
+/// Environment variable that sizes candle's own pool for large elementwise ops (candle 0.11).
+pub const CANDLE_THREADS_ENV: &str = "CANDLE_NUM_THREADS";
+
+/// Makes sure candle's elementwise pool runs on the calling thread: if [`CANDLE_THREADS_ENV`] is
+/// unset, re-executes the current program (same arguments, same pid) with it set to 1, and does
+/// not return; returns `Ok(())` when it is already set, and the error if the exec failed.
+///
+/// Why: candle 0.11 runs elementwise ops of ≥ 64 Ki elements on a separate pool of spin-waiting
+/// threads, sized once from the environment. Next to the rayon pool that runs `gemm` and the
+/// fused ops it oversubscribes the CPU: on the 2-core bench machine 45 % of all cycles went to
+/// spinning and `small` trained 2.3x slower. The pool can only be sized through the environment
+/// before it starts, and Rust 2024 makes changing one's own environment `unsafe`, so the process
+/// re-executes itself instead. Results do not depend on it (elementwise ops are per element).
+pub fn pin_candle_elementwise_pool() -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os(CANDLE_THREADS_ENV).is_some() {
+        return Ok(());
+    }
+    let exe = std::env::current_exe()?;
+    Err(std::process::Command::new(exe).args(std::env::args_os().skip(1)).env(CANDLE_THREADS_ENV, "1").exec())
 }
 
 /// Runs `f` with the CPU kernels on exactly `threads` threads (a private rayon pool).

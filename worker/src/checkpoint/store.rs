@@ -1,15 +1,17 @@
 //! Writing, verifying, loading and retaining checkpoints.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use ninelives_core::ModelDims;
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, SafeTensors};
 use sha2::{Digest, Sha256};
 
 use super::manifest::{
@@ -24,9 +26,21 @@ use crate::optim::Moments;
 const STEP_PREFIX: &str = "step-";
 /// Suffix of files not yet committed by rename.
 const TMP_SUFFIX: &str = ".tmp";
-/// Threads that serialise, hash and write (or read and verify) shards concurrently, so hashing
-/// overlaps with I/O.
-const IO_THREADS: usize = 2;
+// Shards hold the tensors' in-memory bytes as they are: safetensors is little-endian.
+#[cfg(not(target_endian = "little"))]
+compile_error!("checkpoint I/O writes f32 tensors as native bytes and needs a little-endian host");
+
+/// Threads that hash and write shards (CPU-bound: memory copy into the page cache + sha256).
+const WRITE_THREADS: usize = 2;
+/// Threads that fsync and rename written shards (waiting on the disk), so the disk starts on the
+/// first shards while later ones are still being hashed and written.
+const SYNC_THREADS: usize = 2;
+/// Threads that read and verify shards: two hash while two wait on the disk.
+const READ_THREADS: usize = 4;
+/// Bytes per read request when loading (and the alignment unit of direct I/O).
+const READ_CHUNK: usize = 8 << 20;
+/// Alignment of buffers and request sizes for `O_DIRECT` reads.
+const DIRECT_ALIGN: usize = 4096;
 /// Name of the keyed RNG scheme (see `crate::rng`).
 pub const RNG_ALGORITHM: &str = "splitmix64-keyed(seed,name|step,sample)";
 
@@ -181,11 +195,7 @@ impl CheckpointStore {
             shards.entry(contents).or_default().push(name);
         }
         let jobs: Vec<(ShardContents, Vec<&str>)> = shards.into_iter().collect();
-        let results = parallel_map(&jobs, |(contents, names)| write_shard(&dir, snapshot, *contents, names));
-        let mut entries = Vec::with_capacity(results.len());
-        for r in results {
-            entries.push(r?);
-        }
+        let entries = write_shards(&dir, snapshot, &jobs)?;
         fsync_dir(&dir.join("experts"))?;
 
         let manifest = CheckpointManifest {
@@ -291,7 +301,9 @@ impl CheckpointStore {
         let manifest: CheckpointManifest =
             serde_json::from_slice(&text).map_err(|e| corrupt(format!("manifest does not parse: {e}")))?;
         let entries: Vec<&ShardEntry> = manifest.shards.iter().collect();
-        for r in parallel_map(&entries, |entry| read_verified(path, entry).map(drop)) {
+        for r in
+            parallel_map(&entries, READ_THREADS, |entry| read_verified(path, entry).map(AlignedBuf::recycle))
+        {
             r?;
         }
         Ok(manifest)
@@ -366,7 +378,7 @@ impl CheckpointStore {
         }
         let wanted: Vec<&ShardEntry> =
             manifest.shards.iter().filter(|s| selection.wants(&s.contents)).collect();
-        let results = parallel_map(&wanted, |entry| read_shard(path, entry));
+        let results = parallel_map(&wanted, READ_THREADS, |entry| read_shard(path, entry));
         let mut params = BTreeMap::new();
         let mut moments = BTreeMap::new();
         let mut bytes = text.len() as u64;
@@ -390,14 +402,106 @@ struct ShardData {
     moments: BTreeMap<String, Moments>,
 }
 
+/// Writes every shard: [`WRITE_THREADS`] threads stream each shard's tensors from the snapshot
+/// into a temporary file while hashing them, and hand the open file to [`SYNC_THREADS`] threads
+/// that fsync and rename it. Entries come back in `jobs` order.
+fn write_shards(
+    dir: &Path,
+    snapshot: &TrainingSnapshot,
+    jobs: &[(ShardContents, Vec<&str>)],
+) -> Result<Vec<ShardEntry>> {
+    let (to_sync, synced) = mpsc::channel::<WrittenShard>();
+    let synced = Mutex::new(synced);
+    let sync_errors = Mutex::new(Vec::new());
+    let written = std::thread::scope(|s| {
+        for _ in 0..SYNC_THREADS {
+            s.spawn(|| {
+                loop {
+                    let next = match synced.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok(shard) = next else { return };
+                    if let Err(e) = shard.commit()
+                        && let Ok(mut errors) = sync_errors.lock()
+                    {
+                        errors.push(e);
+                    }
+                }
+            });
+        }
+        let written = parallel_map(jobs, WRITE_THREADS, |(contents, names)| {
+            let shard = write_shard(dir, snapshot, *contents, names)?;
+            let entry = shard.entry.clone();
+            to_sync
+                .send(shard)
+                .map_err(|_| WorkerError::CheckpointWriter("shard sync threads stopped".into()))?;
+            Ok(entry)
+        });
+        // Closing the channel lets the sync threads finish once the queue is drained.
+        drop(to_sync);
+        written
+    });
+    if let Some(err) = sync_errors.into_inner().ok().and_then(|mut e| e.pop()) {
+        return Err(err);
+    }
+    written.into_iter().collect()
+}
+
+/// A shard written to its temporary file, not yet durable.
+struct WrittenShard {
+    file: File,
+    tmp: PathBuf,
+    path: PathBuf,
+    entry: ShardEntry,
+}
+
+impl WrittenShard {
+    /// fsync, then rename into place (the caller fsyncs the directory afterwards).
+    fn commit(self) -> Result<()> {
+        self.file
+            .sync_all()
+            .map_err(|source| WorkerError::CheckpointIo { path: self.tmp.clone(), source })?;
+        drop(self.file);
+        fs::rename(&self.tmp, &self.path)
+            .map_err(|source| WorkerError::CheckpointIo { path: self.path, source })
+    }
+}
+
+/// A tensor of a shard: its key, shape and elements.
+type ShardTensor<'a> = (String, &'a [usize], &'a [f32]);
+
+/// The safetensors header of `tensors` laid out back to back in order: the 8-byte length, then
+/// the JSON, padded with spaces to a multiple of 8 so the data stays aligned.
+fn safetensors_header(tensors: &[ShardTensor<'_>]) -> Result<Vec<u8>> {
+    let mut index = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (key, shape, data) in tensors {
+        let end = offset + std::mem::size_of_val(*data);
+        index.insert(
+            key.clone(),
+            serde_json::json!({ "dtype": "F32", "shape": shape, "data_offsets": [offset, end] }),
+        );
+        offset = end;
+    }
+    let mut json = serde_json::to_vec(&serde_json::Value::Object(index))
+        .map_err(|e| WorkerError::CheckpointWriter(format!("encoding a shard header: {e}")))?;
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut header = (json.len() as u64).to_le_bytes().to_vec();
+    header.extend_from_slice(&json);
+    Ok(header)
+}
+
+/// Streams one shard (safetensors: each parameter and its Adam moments) from the snapshot's
+/// buffers into its temporary file, hashing the same bytes on the way: no serialised copy.
 fn write_shard(
     dir: &Path,
     snap: &TrainingSnapshot,
     contents: ShardContents,
     names: &[&str],
-) -> Result<ShardEntry> {
+) -> Result<WrittenShard> {
     let missing = |n: &str| WorkerError::CheckpointWriter(format!("snapshot has no optimizer state for {n}"));
-    let mut views = Vec::with_capacity(names.len() * 3);
+    let mut tensors: Vec<ShardTensor<'_>> = Vec::with_capacity(names.len() * 3);
     for &name in names {
         let Some(p) = snap.params.get(name) else { continue };
         let m = snap.moments.get(name).ok_or_else(|| missing(name))?;
@@ -406,51 +510,157 @@ fn write_shard(
             (format!("{name}{ADAM_M_SUFFIX}"), &m.m),
             (format!("{name}{ADAM_V_SUFFIX}"), &m.v),
         ] {
-            let view = TensorView::new(Dtype::F32, p.shape.clone(), bytemuck::cast_slice(data))
-                .map_err(|e| WorkerError::CheckpointWriter(format!("tensor {key}: {e}")))?;
-            views.push((key, view));
+            if data.len() != p.shape.iter().product::<usize>() {
+                return Err(WorkerError::CheckpointWriter(format!("tensor {key} does not match its shape")));
+            }
+            tensors.push((key, &p.shape, data));
         }
     }
-    let buf = safetensors::serialize(views, None)
-        .map_err(|e| WorkerError::CheckpointWriter(format!("serialising {}: {e}", contents.file_name())))?;
-    let sha256 = hex(&Sha256::digest(&buf));
-    let file = contents.file_name();
-    write_durable(&dir.join(&file), &buf)?;
-    Ok(ShardEntry { file, contents, sha256, bytes: buf.len() as u64 })
+    let header = safetensors_header(&tensors)?;
+    let file_name = contents.file_name();
+    let path = dir.join(&file_name);
+    let tmp = tmp_path(&path);
+    let io = |source| WorkerError::CheckpointIo { path: tmp.clone(), source };
+    let mut file = File::create(&tmp).map_err(io)?;
+    let mut hasher = Sha256::new();
+    let mut bytes = header.len() as u64;
+    hasher.update(&header);
+    file.write_all(&header).map_err(io)?;
+    for (_, _, data) in &tensors {
+        let raw: &[u8] = bytemuck::cast_slice(data);
+        hasher.update(raw);
+        file.write_all(raw).map_err(io)?;
+        bytes += raw.len() as u64;
+    }
+    let sha256 = hex(&hasher.finalize());
+    let entry = ShardEntry { file: file_name, contents, sha256, bytes };
+    Ok(WrittenShard { file, tmp, path, entry })
+}
+
+thread_local! {
+    /// Each reader thread's read buffer, reused from shard to shard: a fresh buffer costs a page
+    /// fault and a page clear per 4 KiB, as much CPU as hashing it.
+    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A buffer whose window `[start, start + len)` is aligned for direct I/O.
+struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// Room for `len` bytes, rounded up to whole direct-I/O blocks, in this thread's reused
+    /// buffer (give it back with [`AlignedBuf::recycle`]).
+    fn new(len: usize) -> Self {
+        let room = len.next_multiple_of(DIRECT_ALIGN).max(DIRECT_ALIGN);
+        let mut raw = READ_BUF.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        if raw.len() < room + DIRECT_ALIGN {
+            raw.resize(room + DIRECT_ALIGN, 0);
+        }
+        let misalign = raw.as_ptr() as usize % DIRECT_ALIGN;
+        let start = if misalign == 0 { 0 } else { DIRECT_ALIGN - misalign };
+        Self { raw, start, len }
+    }
+
+    /// The whole aligned window (including the rounding), for reading into.
+    fn window(&mut self) -> &mut [u8] {
+        let room = self.len.next_multiple_of(DIRECT_ALIGN).max(DIRECT_ALIGN);
+        &mut self.raw[self.start..self.start + room]
+    }
+
+    /// The file's bytes.
+    fn bytes(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len]
+    }
+
+    /// Returns the buffer to this thread for the next shard.
+    fn recycle(self) {
+        READ_BUF.with(|b| *b.borrow_mut() = self.raw);
+    }
+}
+
+/// Reads `expected` bytes of `path` and hashes them chunk by chunk as they arrive. Reads
+/// bypass the page cache (`O_DIRECT`) where the file system allows it: a restore reads each
+/// byte once, so caching it only costs a copy. Returns the bytes and their sha256.
+fn read_hashed(path: &Path, expected: usize) -> std::io::Result<(AlignedBuf, String)> {
+    match read_hashed_with(path, expected, libc::O_DIRECT) {
+        Ok(done) => Ok(done),
+        // Not supported here (tmpfs, some overlays): read through the page cache.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => read_hashed_with(path, expected, 0),
+        Err(e) => Err(e),
+    }
+}
+
+fn read_hashed_with(path: &Path, expected: usize, flags: i32) -> std::io::Result<(AlignedBuf, String)> {
+    let mut file = OpenOptions::new().read(true).custom_flags(flags).open(path)?;
+    // One block more than expected, so a longer (torn or wrong) file is noticed.
+    let mut buf = AlignedBuf::new(expected + 1);
+    let mut hasher = Sha256::new();
+    let mut filled = 0;
+    {
+        let window = buf.window();
+        while filled < window.len() {
+            let end = (filled + READ_CHUNK).min(window.len());
+            let n = file.read(&mut window[filled..end])?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&window[filled..filled + n]);
+            filled += n;
+            if flags != 0 && !n.is_multiple_of(DIRECT_ALIGN) {
+                // A short direct read ends at end of file; the next offset would be unaligned.
+                break;
+            }
+        }
+    }
+    buf.len = filled;
+    Ok((buf, hex(&hasher.finalize())))
 }
 
 /// Reads a shard and checks its size and sha256 against the manifest entry.
-fn read_verified(dir: &Path, entry: &ShardEntry) -> Result<Vec<u8>> {
+fn read_verified(dir: &Path, entry: &ShardEntry) -> Result<AlignedBuf> {
     let path = dir.join(&entry.file);
     let corrupt = |reason: String| WorkerError::CorruptCheckpoint { path: path.clone(), reason };
-    let buf = fs::read(&path).map_err(|e| corrupt(format!("shard unreadable: {e}")))?;
-    if buf.len() as u64 != entry.bytes {
+    let expected = usize::try_from(entry.bytes).map_err(|_| corrupt("shard size overflows".into()))?;
+    let (buf, found) = read_hashed(&path, expected).map_err(|e| corrupt(format!("shard unreadable: {e}")))?;
+    if buf.len != expected {
         return Err(corrupt(format!(
-            "shard has {} bytes, the manifest says {} (torn write)",
-            buf.len(),
+            "shard has {}{} bytes, the manifest says {} (torn write)",
+            buf.len,
+            if buf.len > expected { "+" } else { "" },
             entry.bytes
         )));
     }
-    let found = hex(&Sha256::digest(&buf));
     if found != entry.sha256 {
         return Err(corrupt(format!("sha256 mismatch: manifest {}, file {found}", entry.sha256)));
     }
     Ok(buf)
 }
 
+/// Little-endian f32 bytes to values: one copy when aligned (the usual case: shards pad their
+/// header to 8 bytes and the read buffer is page-aligned), element by element otherwise.
+fn decode_f32(bytes: &[u8]) -> Vec<f32> {
+    match bytemuck::try_cast_slice::<u8, f32>(bytes) {
+        Ok(values) => values.to_vec(),
+        Err(_) => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+    }
+}
+
 fn read_shard(dir: &Path, entry: &ShardEntry) -> Result<ShardData> {
     let path = dir.join(&entry.file);
     let corrupt = |reason: String| WorkerError::CorruptCheckpoint { path: path.clone(), reason };
     let buf = read_verified(dir, entry)?;
-    let tensors = SafeTensors::deserialize(&buf).map_err(|e| corrupt(format!("not safetensors: {e}")))?;
+    let tensors =
+        SafeTensors::deserialize(buf.bytes()).map_err(|e| corrupt(format!("not safetensors: {e}")))?;
     let mut params = BTreeMap::new();
     let mut raw_moments: BTreeMap<String, MomentPair> = BTreeMap::new();
     for (key, view) in tensors.tensors() {
         if view.dtype() != Dtype::F32 {
             return Err(corrupt(format!("tensor {key} is {:?}, expected F32", view.dtype())));
         }
-        let data: Vec<f32> =
-            view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let data = decode_f32(view.data());
         if let Some(name) = key.strip_suffix(ADAM_M_SUFFIX) {
             raw_moments.entry(name.to_string()).or_default().0 = Some(data);
         } else if let Some(name) = key.strip_suffix(ADAM_V_SUFFIX) {
@@ -468,15 +678,23 @@ fn read_shard(dir: &Path, entry: &ShardEntry) -> Result<ShardData> {
             _ => return Err(corrupt(format!("optimizer state of {name} is missing"))),
         }
     }
-    Ok(ShardData { bytes: buf.len() as u64, params, moments })
+    let bytes = buf.len as u64;
+    drop(tensors);
+    buf.recycle();
+    Ok(ShardData { bytes, params, moments })
+}
+
+/// `path` with the temporary suffix.
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(TMP_SUFFIX);
+    PathBuf::from(tmp_name)
 }
 
 /// Writes `bytes` to `path` via a temporary file: write, fsync, rename. The caller fsyncs the
 /// directory to make the rename durable.
 fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(TMP_SUFFIX);
-    let tmp = PathBuf::from(tmp_name);
+    let tmp = tmp_path(path);
     let io = |source| WorkerError::CheckpointIo { path: tmp.clone(), source };
     let mut file = File::create(&tmp).map_err(io)?;
     file.write_all(bytes).map_err(io)?;
@@ -490,12 +708,12 @@ fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir).map_err(io)?.sync_all().map_err(io)
 }
 
-/// Maps `f` over `items` on [`IO_THREADS`] scoped threads, results in item order.
-fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+/// Maps `f` over `items` on `threads` scoped threads, results in item order.
+fn parallel_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     let next = Mutex::new(0usize);
     let slots: Vec<Mutex<Option<R>>> = items.iter().map(|_| Mutex::new(None)).collect();
     std::thread::scope(|s| {
-        for _ in 0..IO_THREADS.min(items.len()) {
+        for _ in 0..threads.min(items.len()) {
             s.spawn(|| {
                 loop {
                     let i = {

@@ -23,14 +23,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use sha2::{Digest, Sha256};
-
 use super::plan::{DistPlan, micro_batch_owner, serving_replica};
 use super::transport::{Collective, Shared, TcpCollective};
 use super::wire::{Dec, Enc, Malformed, Msg};
 use crate::checkpoint::{DataCursor, TrainingSnapshot};
 use crate::error::{Result, WorkerError};
-use crate::model::{ExpertCall, ExpertId, ExpertSource, HostTensor, ParamOwner, RemoteExperts, hex};
+use crate::model::{ExpertCall, ExpertId, ExpertSource, HostTensor, ParamOwner, RemoteExperts};
 use crate::optim::{AdamW, Gradients, Moments};
 use crate::trainer::MicroBatchResult;
 
@@ -246,21 +244,18 @@ pub fn run_step(
     drop(guard);
 
     // 5. Round 3: the global norm from per-parameter partials.
-    let mut partials = BTreeMap::new();
+    // Every held parameter's partial (in parallel, each in element order); the non-primary
+    // replicas' expert partials are dropped so each expert counts once.
+    let mut partials = AdamW::norm_partials(&grads);
     let mut mine_expert = Vec::new();
-    for (name, g) in &grads {
-        match ParamOwner::of(name) {
-            ParamOwner::Dense => {
-                partials.insert(name.clone(), AdamW::norm_partial(g));
-            }
-            ParamOwner::Expert(e) if routing.is_primary(me, e) => {
-                let p = AdamW::norm_partial(g);
-                partials.insert(name.clone(), p);
-                mine_expert.push((name.clone(), p));
-            }
-            ParamOwner::Expert(_) => {}
+    partials.retain(|name, p| match ParamOwner::of(name) {
+        ParamOwner::Dense => true,
+        ParamOwner::Expert(e) if routing.is_primary(me, e) => {
+            mine_expert.push((name.clone(), *p));
+            true
         }
-    }
+        ParamOwner::Expert(_) => false,
+    });
     let payload = encode_partials(&mine_expert);
     let outgoing = members.iter().filter(|&&r| r != me).map(|&r| (r, payload.clone())).collect();
     for (from, bytes) in coll.exchange(step, ROUND_NORM, outgoing)? {
@@ -346,13 +341,7 @@ pub fn gather_checkpoint(
 /// sha256 over parameters in name order as little-endian f32: `MoeTransformer::params_sha256`
 /// of a model holding all of them.
 pub fn params_digest(params: &BTreeMap<String, HostTensor>) -> String {
-    let mut hasher = Sha256::new();
-    for p in params.values() {
-        for x in &p.data {
-            hasher.update(x.to_le_bytes());
-        }
-    }
-    hex(&hasher.finalize())
+    crate::model::host_params_sha256(params)
 }
 
 fn encode_results(results: &[MicroBatchResult]) -> Vec<u8> {

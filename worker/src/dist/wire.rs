@@ -133,10 +133,8 @@ impl Enc {
     /// Appends a length-prefixed f32 vector.
     pub fn f32s(&mut self, v: &[f32]) -> &mut Self {
         self.u32(v.len() as u32);
-        self.buf.reserve(v.len() * 4);
-        for x in v {
-            self.buf.extend_from_slice(&x.to_le_bytes());
-        }
+        // One copy of the little-endian bytes (the wire layout), not a call per value.
+        self.buf.extend_from_slice(crate::model::le_bytes(v));
         self
     }
     /// The bytes written.
