@@ -70,25 +70,47 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("ninelives `small` train tokens/s: {ours:.0}");
         return Ok(());
     }
+    // PyTorch twice: with OpenMP's default wait policy and with `OMP_WAIT_POLICY=PASSIVE`. On a
+    // busy machine the default (spinning) workers collapse (10x slower); the faster run is the
+    // reference, so the ratio never flatters us.
     let script = format!("{}/benches/torch_small.py", env!("CARGO_MANIFEST_DIR"));
-    let torch = Command::new("python3")
-        .args([script.as_str(), "--threads", &threads.to_string(), "--steps", &STEPS.to_string()])
-        .args(["--global-batch", &GLOBAL_BATCH.to_string(), "--micro-batch", &MICRO_BATCH.to_string()])
-        .output()?;
-    let torch_tps: Option<f64> = String::from_utf8_lossy(&torch.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("tokens_per_s=").and_then(|v| v.parse().ok()));
+    let mut torch_runs: Vec<(&str, f64)> = Vec::new();
+    let mut torch_error = String::new();
+    for policy in ["default", "PASSIVE"] {
+        let mut cmd = Command::new("python3");
+        cmd.args([script.as_str(), "--threads", &threads.to_string(), "--steps", &STEPS.to_string()]).args([
+            "--global-batch",
+            &GLOBAL_BATCH.to_string(),
+            "--micro-batch",
+            &MICRO_BATCH.to_string(),
+        ]);
+        if policy != "default" {
+            cmd.env("OMP_WAIT_POLICY", policy);
+        }
+        let out = cmd.output()?;
+        match String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("tokens_per_s=").and_then(|v| v.parse::<f64>().ok()))
+        {
+            Some(t) => torch_runs.push((policy, t)),
+            None => {
+                torch_error =
+                    String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("no output").to_string()
+            }
+        }
+    }
+    let runs: Vec<String> = torch_runs.iter().map(|(p, t)| format!("{p} {t:.0}")).collect();
+    let best =
+        torch_runs.iter().map(|&(_, t)| t).fold(None, |m: Option<f64>, t| Some(m.map_or(t, |m| m.max(t))));
     println!("| benchmark | ninelives | reference | ratio |\n|---|---|---|---|");
-    match torch_tps {
+    match best {
         Some(t) => println!(
-            "| `small` train tokens/s ({threads} threads, batch {GLOBAL_BATCH}x{}) | {ours:.0} | PyTorch eager {t:.0} | {:.2}x |",
+            "| `small` train tokens/s ({threads} threads, batch {GLOBAL_BATCH}x{}) | {ours:.0} | PyTorch eager {t:.0} (OMP wait policy {}) | {:.2}x |",
             dims.seq_len,
+            runs.join(", "),
             ours / t
         ),
-        None => println!(
-            "| `small` train tokens/s | {ours:.0} | PyTorch unavailable: {} | - |",
-            String::from_utf8_lossy(&torch.stderr).lines().last().unwrap_or("no output")
-        ),
+        None => println!("| `small` train tokens/s | {ours:.0} | PyTorch unavailable: {torch_error} | - |"),
     }
 
     checkpoint_bench(&trainer, &dims, &load_before)
