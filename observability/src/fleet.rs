@@ -32,17 +32,17 @@ pub const NAMESPACE: &str = "ninelives-system";
 pub struct FleetOptions {
     /// Node agents, 8 simulated chips each (at least 2: one is killed to lose a node).
     pub agents: usize,
-    /// Training steps before the worker is stopped.
-    pub first_steps: u64,
-    /// Steps of the resumed run (from the last checkpoint).
-    pub total_steps: u64,
+    /// Steps the resumed worker trains past its newest checkpoint. (The first worker trains
+    /// open-ended and is killed once the faults are injected, so its scrape target is up for
+    /// the whole fault sequence however fast this machine trains.)
+    pub resumed_steps: u64,
     /// Checkpoint interval in steps.
     pub checkpoint_every: u64,
 }
 
 impl Default for FleetOptions {
     fn default() -> Self {
-        Self { agents: 3, first_steps: 12, total_steps: 24, checkpoint_every: 4 }
+        Self { agents: 3, resumed_steps: 12, checkpoint_every: 4 }
     }
 }
 
@@ -296,7 +296,7 @@ pub fn run(options: &FleetOptions, progress: &mut dyn FnMut(&str)) -> anyhow::Re
         }
         command
     };
-    let mut first = worker(options.first_steps, false);
+    let mut first = worker(OPEN_ENDED_STEPS, false);
     runner.processes.push(Process::spawn("worker", &mut first, dir.path())?);
     let worker_index = runner.processes.len() - 1;
     runner.mark("training starts");
@@ -317,11 +317,12 @@ pub fn run(options: &FleetOptions, progress: &mut dyn FnMut(&str)) -> anyhow::Re
     runner.inject(&chips_dir(1), 2, "slow", "slow node-1/2")?;
     runner.pause(Duration::from_secs(3));
     runner.inject(&chips_dir(1), 6, "hang", "hang node-1/6")?;
-    progress("faults injected; waiting for the first training run");
-    runner.wait_exit(worker_index, Duration::from_secs(300))?;
-    runner.mark("worker stopped");
+    progress("faults injected; the worker crashes");
+    runner.processes[worker_index].kill();
+    runner.mark("worker killed");
     runner.pause(Duration::from_secs(3));
-    let mut resumed = worker(options.total_steps, true);
+    let newest = newest_checkpoint(&checkpoints).unwrap_or(0);
+    let mut resumed = worker(newest + options.resumed_steps, true);
     runner.processes[worker_index] = Process::spawn("worker-resumed", &mut resumed, dir.path())?;
     runner.mark("worker resumes");
     runner.pause(Duration::from_secs(6));
@@ -373,6 +374,19 @@ impl Evaluation {
             .as_ref()
             .is_ok_and(|series| series.iter().any(|s| s.samples.iter().any(|(_, v)| v.is_finite())))
     }
+}
+
+/// `--steps` of the first worker: more than it can train before it is killed.
+const OPEN_ENDED_STEPS: u64 = 1_000_000;
+
+/// The newest step directory (`step-<n>`) with a committed manifest in `dir`.
+fn newest_checkpoint(dir: &Path) -> Option<u64> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| e.path().join("manifest.json").is_file())
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+        .max()
 }
 
 /// Step of the range queries over a run.
