@@ -1,11 +1,5 @@
 //! `ninelives demo`: the whole system on this machine — etcd, an agent per node on simulated
 //! chips, the training worker and the recovery brain — with faults injected while it trains.
-//!
-//! NOT WIRED YET: the session that wrote this could not compile the `ninelives` binary in time
-//! (no build cache), so this module is not declared in `main.rs`. To wire it: `mod demo;`, a
-//! `Demo(Box<demo::DemoArgs>)` variant of `Command` dispatched to `demo::run(*args)`, and
-//! `ninelives-runtime.workspace = true` + `tempfile.workspace = true` in `cli/Cargo.toml`
-//! (`ninelives_runtime::local::run_local` does the work and is compiled and clippy-clean).
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -172,7 +166,9 @@ fn reference_digest(cfg: &LocalRunConfig) -> Result<String, String> {
         }
     }
     let status = sup.terminate(id, Duration::from_secs(5)).map_err(|e| e.to_string())?;
-    digest.ok_or_else(|| format!("reference run ended ({status:?}) without a digest:\n{}", sup.log_tail(id, 10)))
+    digest.ok_or_else(|| {
+        format!("reference run ended ({status:?}) without a digest:\n{}", sup.log_tail(id, 10))
+    })
 }
 
 fn print_summary(report: &Report, failure: Option<&str>) {

@@ -480,14 +480,22 @@ pub async fn run_local(
             let unix = |s: &Sample| start_unix + s.t;
             let Some(i) = samples.iter().position(|s| unix(s) >= r.record.resumed_at) else { return true };
             let first = samples[i];
-            // Work thrown away: steps completed before the resume that are computed again.
-            let before = i.checked_sub(1).map_or(0, |j| samples[j].step);
+            // Work thrown away: the newest step reached before the fault was detected, minus the
+            // step training went on from. Split
+            // at detection, not at completion: a restore is acknowledged only after the
+            // restarted worker's first step, so that step belongs to "after".
+            let d = samples.iter().position(|s| unix(s) >= r.record.detected_at).unwrap_or(i);
+            let before = samples[..d].iter().map(|s| s.step).max().unwrap_or(0);
+            // The lowest step between detection and resume: a worker may still finish a step
+            // after detection before it is restarted from an older checkpoint.
+            let resumed_from =
+                samples[d.min(i)..=i].iter().map(|s| s.step).min().unwrap_or(first.step).saturating_sub(1);
             entries.push(RecoveryEntry {
                 trigger: r.trigger.clone(),
                 tier: r.record.tier.as_str().to_string(),
                 detect_s: r.detect_s,
                 resume_s: (unix(&first) - r.record.detected_at).max(0.0),
-                steps_lost: before.saturating_sub(first.step.saturating_sub(1)),
+                steps_lost: before.saturating_sub(resumed_from),
                 at_s: first.t,
             });
             false
