@@ -90,7 +90,7 @@ fn default_faults_are_each_recovered_by_the_expected_tier_and_the_result_is_exac
     assert_eq!(tiers[2], ("worker:3", "restore"), "{stdout}");
     for r in recoveries {
         let detect = r["detect_s"].as_f64().unwrap();
-        assert!(detect >= 0.0 && detect <= 4.0, "detection took {detect} s (TTL 3 s): {r}");
+        assert!((0.0..=4.0).contains(&detect), "detection took {detect} s (TTL 3 s): {r}");
         assert!(r["resume_s"].as_f64().unwrap() > 0.0, "{r}");
     }
     // Steps lost are measured from the step lines. The faults fire once their step completed
