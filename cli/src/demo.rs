@@ -12,12 +12,12 @@ use clap::Args;
 use ninelives_core::fault_schedule::FaultSchedule;
 use ninelives_runtime::local::{LocalRunConfig, MetricsPlan, NAMESPACE, RunOutcome, node_names, run_local};
 use ninelives_runtime::metrics::RecoveryMetrics;
-use ninelives_telemetry::{AdminServer, Readiness};
-use ninelives_testkit::free_port;
-use ninelives_testkit::prometheus::{PrometheusServer, ScrapeTarget};
 use ninelives_runtime::processes::{SingleProcessWorker, WorkerLine, parse_worker_line};
 use ninelives_runtime::report::Report;
 use ninelives_runtime::{Supervisor, live};
+use ninelives_telemetry::{AdminServer, Readiness};
+use ninelives_testkit::free_port;
+use ninelives_testkit::prometheus::{PrometheusServer, ScrapeTarget};
 
 /// `ninelives demo` flags.
 #[derive(Args)]
@@ -234,7 +234,11 @@ async fn observe(job: &ninelives_core::TrainingJob) -> Result<Observed, String> 
     for node in nodes.iter().chain(&spares) {
         let addr = free()?;
         agents.insert(node.clone(), addr);
-        targets.push(ScrapeTarget::new("ninelives-agent", addr.to_string()).label("namespace", NAMESPACE).label("node", node));
+        targets.push(
+            ScrapeTarget::new("ninelives-agent", addr.to_string())
+                .label("namespace", NAMESPACE)
+                .label("node", node),
+        );
     }
     let worker = free()?;
     targets.push(

@@ -412,7 +412,8 @@ pub fn demo(options: &DemoOptions, progress: &mut dyn FnMut(&str)) -> anyhow::Re
 
     let binary = ninelives_binary()?;
     let dir = tempfile::Builder::new().prefix("ninelives-demo-run-").tempdir()?;
-    let text = std::fs::read_to_string(repo_root().join("examples/tiny.yaml")).context("examples/tiny.yaml")?;
+    let text =
+        std::fs::read_to_string(repo_root().join("examples/tiny.yaml")).context("examples/tiny.yaml")?;
     let text = text.replace("intervalSteps: 25", &format!("intervalSteps: {}", options.checkpoint_every));
     let manifest = dir.path().join("tiny.yaml");
     std::fs::write(&manifest, &text)?;
@@ -429,7 +430,9 @@ pub fn demo(options: &DemoOptions, progress: &mut dyn FnMut(&str)) -> anyhow::Re
         let addr = loopback(free_port()?);
         agents.insert(node.clone(), addr);
         targets.push(
-            ScrapeTarget::new("ninelives-agent", addr.to_string()).label("namespace", NAMESPACE).label("node", node),
+            ScrapeTarget::new("ninelives-agent", addr.to_string())
+                .label("namespace", NAMESPACE)
+                .label("node", node),
         );
     }
     let worker = loopback(free_port()?);

@@ -90,7 +90,8 @@ pub struct MetricsPlan {
 }
 
 /// The namespace every local job runs in.
-pub 
+pub const NAMESPACE: &str = "default";
+
 /// Names of a run's training nodes and spares: `node-<i>`, `spare-<i>`.
 pub fn node_names(nodes: u32, spares: u32) -> (Vec<String>, Vec<String>) {
     ((0..nodes).map(|i| format!("node-{i}")).collect(), (0..spares).map(|i| format!("spare-{i}")).collect())
@@ -110,7 +111,6 @@ pub struct RunOutcome {
 }
 
 const POLL: Duration = Duration::from_millis(100);
-const NAMESPACE: &str = "default";
 
 fn unix_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())

@@ -10,7 +10,8 @@ use ninelives_core::recovery::{BrainPhase, Observation, RecoveryState};
 use prometheus::{CounterVec, GaugeVec, HistogramOpts, HistogramVec, Opts, Registry};
 
 /// Seconds buckets for detection and resume: sub-second detection up to minute-long restores.
-const SECONDS_BUCKETS: [f64; 14] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 120.0];
+const SECONDS_BUCKETS: [f64; 14] =
+    [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 120.0];
 
 /// Phases as the API names them (`status.phase`), for `ninelives_job_phase{phase}`.
 const PHASES: [&str; 5] = ["Pending", "Running", "Recovering", "Succeeded", "Failed"];
@@ -66,14 +67,16 @@ pub fn api_phase(phase: BrainPhase) -> &'static str {
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str, extra: &[&str]) -> prometheus::Result<GaugeVec> {
-    let labels: Vec<&str> = ["tj_namespace", "trainingjob"].into_iter().chain(extra.iter().copied()).collect();
+    let labels: Vec<&str> =
+        ["tj_namespace", "trainingjob"].into_iter().chain(extra.iter().copied()).collect();
     let g = GaugeVec::new(Opts::new(name, help), &labels)?;
     registry.register(Box::new(g.clone()))?;
     Ok(g)
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, extra: &[&str]) -> prometheus::Result<CounterVec> {
-    let labels: Vec<&str> = ["tj_namespace", "trainingjob"].into_iter().chain(extra.iter().copied()).collect();
+    let labels: Vec<&str> =
+        ["tj_namespace", "trainingjob"].into_iter().chain(extra.iter().copied()).collect();
     let c = CounterVec::new(Opts::new(name, help), &labels)?;
     registry.register(Box::new(c.clone()))?;
     Ok(c)
@@ -93,8 +96,17 @@ impl RecoveryMetrics {
     pub fn new() -> prometheus::Result<Self> {
         let r = Registry::new();
         Ok(Self {
-            recoveries: counter(&r, "ninelives_recoveries_total", "Recoveries completed.", &["tier", "trigger"])?,
-            detection: histogram(&r, "ninelives_recovery_detection_seconds", "From the fault to the brain seeing it.")?,
+            recoveries: counter(
+                &r,
+                "ninelives_recoveries_total",
+                "Recoveries completed.",
+                &["tier", "trigger"],
+            )?,
+            detection: histogram(
+                &r,
+                "ninelives_recovery_detection_seconds",
+                "From the fault to the brain seeing it.",
+            )?,
             resume: histogram(
                 &r,
                 "ninelives_recovery_resume_seconds",
@@ -106,7 +118,12 @@ impl RecoveryMetrics {
                 "Optimizer steps recomputed because of recoveries.",
                 &[],
             )?,
-            in_progress: gauge(&r, "ninelives_recovery_in_progress", "1 while a recovery is under way.", &[])?,
+            in_progress: gauge(
+                &r,
+                "ninelives_recovery_in_progress",
+                "1 while a recovery is under way.",
+                &[],
+            )?,
             step: gauge(&r, "ninelives_job_step", "The job's training step (rank 0's progress).", &[])?,
             loss: gauge(&r, "ninelives_job_loss", "The job's last training loss.", &[])?,
             goodput: gauge(
@@ -122,7 +139,12 @@ impl RecoveryMetrics {
                 "Policy threshold: ceil(minHealthyFraction x chips).",
                 &[],
             )?,
-            generation: gauge(&r, "ninelives_job_placement_generation", "The placement generation in force.", &[])?,
+            generation: gauge(
+                &r,
+                "ninelives_job_placement_generation",
+                "The placement generation in force.",
+                &[],
+            )?,
             phase: gauge(&r, "ninelives_job_phase", "1 for the job's phase, 0 for the others.", &["phase"])?,
             checkpoint_step: gauge(
                 &r,
@@ -230,13 +252,22 @@ mod tests {
     #[test]
     fn a_recovery_is_counted_with_its_tier_and_an_unknown_trigger_is_other() {
         let m = RecoveryMetrics::new().unwrap();
-        let r = RecoveryObservation { tier: "reshard", trigger: "chip", detect_s: Some(0.2), resume_s: 2.5, steps_lost: 12 };
+        let r = RecoveryObservation {
+            tier: "reshard",
+            trigger: "chip",
+            detect_s: Some(0.2),
+            resume_s: 2.5,
+            steps_lost: 12,
+        };
         m.recovery("ml", "tiny", &r);
         m.recovery("ml", "tiny", &RecoveryObservation { trigger: "cosmic-ray", steps_lost: 3, ..r });
         let t = text(&m);
         assert!(t.contains(r#"ninelives_recoveries_total{tier="reshard",tj_namespace="ml",trainingjob="tiny",trigger="chip"} 1"#), "{t}");
         assert!(t.contains(r#"trigger="other"} 1"#), "{t}");
-        assert!(t.contains(r#"ninelives_recovery_steps_lost_total{tj_namespace="ml",trainingjob="tiny"} 15"#), "{t}");
+        assert!(
+            t.contains(r#"ninelives_recovery_steps_lost_total{tj_namespace="ml",trainingjob="tiny"} 15"#),
+            "{t}"
+        );
         assert!(t.contains(r#"ninelives_recovery_resume_seconds_bucket{tier="reshard",tj_namespace="ml",trainingjob="tiny",le="3"} 2"#), "{t}");
     }
 
@@ -246,12 +277,27 @@ mod tests {
         let mut state = RecoveryState::new(vec!["a".into(), "b".into(), "c".into()], vec![]);
         state.dropped.insert(2);
         let mut obs = Observation::default();
-        obs.nodes.insert("a".into(), ninelives_core::recovery::NodeView { alive: true, chips: Default::default() });
+        obs.nodes.insert(
+            "a".into(),
+            ninelives_core::recovery::NodeView { alive: true, chips: Default::default() },
+        );
         m.brain("ml", "tiny", &state, &obs, 2, 0.5);
         let t = text(&m);
-        assert!(t.contains(r#"ninelives_job_chips{state="healthy",tj_namespace="ml",trainingjob="tiny"} 2"#), "{t}");
-        assert!(t.contains(r#"ninelives_job_chips{state="failed",tj_namespace="ml",trainingjob="tiny"} 2"#), "{t}");
-        assert!(t.contains(r#"ninelives_job_min_healthy_chips{tj_namespace="ml",trainingjob="tiny"} 2"#), "{t}");
-        assert!(t.contains(r#"ninelives_job_phase{phase="Pending",tj_namespace="ml",trainingjob="tiny"} 1"#), "{t}");
+        assert!(
+            t.contains(r#"ninelives_job_chips{state="healthy",tj_namespace="ml",trainingjob="tiny"} 2"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"ninelives_job_chips{state="failed",tj_namespace="ml",trainingjob="tiny"} 2"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"ninelives_job_min_healthy_chips{tj_namespace="ml",trainingjob="tiny"} 2"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"ninelives_job_phase{phase="Pending",tj_namespace="ml",trainingjob="tiny"} 1"#),
+            "{t}"
+        );
     }
 }
