@@ -1,23 +1,23 @@
 //! `ninelives demo`: the whole system on this machine — etcd, an agent per node on simulated
 //! chips, the training worker and the recovery brain — with faults injected while it trains.
-//!
-//! NOT WIRED YET: the session that wrote this could not compile the `ninelives` binary in time
-//! (no build cache), so this module is not declared in `main.rs`. To wire it: `mod demo;`, a
-//! `Demo(Box<demo::DemoArgs>)` variant of `Command` dispatched to `demo::run(*args)`, and
-//! `ninelives-runtime.workspace = true` + `tempfile.workspace = true` in `cli/Cargo.toml`
-//! (`ninelives_runtime::local::run_local` does the work and is compiled and clippy-clean).
 
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use clap::Args;
 use ninelives_core::fault_schedule::FaultSchedule;
-use ninelives_runtime::local::{LocalRunConfig, RunOutcome, run_local};
+use ninelives_runtime::local::{LocalRunConfig, MetricsPlan, NAMESPACE, RunOutcome, node_names, run_local};
+use ninelives_runtime::metrics::RecoveryMetrics;
 use ninelives_runtime::processes::{SingleProcessWorker, WorkerLine, parse_worker_line};
 use ninelives_runtime::report::Report;
 use ninelives_runtime::{Supervisor, live};
+use ninelives_telemetry::{AdminServer, Readiness};
+use ninelives_testkit::free_port;
+use ninelives_testkit::prometheus::{PrometheusServer, ScrapeTarget};
 
 /// `ninelives demo` flags.
 #[derive(Args)]
@@ -51,6 +51,12 @@ pub struct DemoArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 1800)]
     timeout_secs: u64,
+    /// Start a real Prometheus (Debian `prometheus`) scraping every process of the demo — etcd,
+    /// agents, worker, and the demo's own recovery metrics — with the alert rules of
+    /// `dashboards/alerts.yaml`, and print its URL. On a terminal it keeps serving after the
+    /// run until Ctrl-C, so the dashboards' queries can be tried on the run's data.
+    #[arg(long)]
+    prometheus: bool,
 }
 
 /// Runs the demo; exit 0 when the job succeeded (and matched the reference, when run), 1 when it
@@ -92,6 +98,12 @@ fn demo(args: DemoArgs) -> Result<ExitCode, String> {
         }
     };
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
+    let observed = if args.prometheus { Some(runtime.block_on(observe(&job))?) } else { None };
     let cfg = LocalRunConfig {
         ninelives: ninelives.clone(),
         manifest: args.manifest.clone(),
@@ -101,12 +113,8 @@ fn demo(args: DemoArgs) -> Result<ExitCode, String> {
         work_dir: work_dir.clone(),
         threads,
         deadline: Duration::from_secs(args.timeout_secs),
+        metrics: observed.as_ref().map(|o| o.plan.clone()),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("tokio runtime: {e}"))?;
     let terminal = std::io::stdout().is_terminal();
     let mut shown = 0usize;
     let launcher = SingleProcessWorker { ninelives: ninelives.clone() };
@@ -146,6 +154,13 @@ fn demo(args: DemoArgs) -> Result<ExitCode, String> {
             println!("wrote {}", p.display());
         }
     }
+    if let Some(o) = &observed {
+        println!("prometheus: {} (scraping {} targets)", o.prometheus.url(), o.targets);
+        if terminal {
+            println!("serving the run's metrics until Ctrl-C");
+            let _ = runtime.block_on(tokio::signal::ctrl_c());
+        }
+    }
     let ok = outcome.failure.is_none() && report.params_match != Some(false);
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
@@ -172,7 +187,9 @@ fn reference_digest(cfg: &LocalRunConfig) -> Result<String, String> {
         }
     }
     let status = sup.terminate(id, Duration::from_secs(5)).map_err(|e| e.to_string())?;
-    digest.ok_or_else(|| format!("reference run ended ({status:?}) without a digest:\n{}", sup.log_tail(id, 10)))
+    digest.ok_or_else(|| {
+        format!("reference run ended ({status:?}) without a digest:\n{}", sup.log_tail(id, 10))
+    })
 }
 
 fn print_summary(report: &Report, failure: Option<&str>) {
@@ -195,4 +212,57 @@ fn print_summary(report: &Report, failure: Option<&str>) {
         Some(false) => println!("final parameters DIFFER from the uninterrupted reference run"),
         None => println!("no reference run"),
     }
+}
+
+/// A run under a real Prometheus.
+struct Observed {
+    plan: MetricsPlan,
+    prometheus: PrometheusServer,
+    targets: usize,
+}
+
+/// Picks the metrics addresses of every process, serves the demo's own recovery metrics, and
+/// starts Prometheus scraping all of them (etcd's own `/metrics` included).
+async fn observe(job: &ninelives_core::TrainingJob) -> Result<Observed, String> {
+    let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let free = || free_port().map(loopback).map_err(|e| format!("no free port: {e}"));
+    let topo = &job.spec.topology;
+    let name = job.metadata.name.clone().unwrap_or_else(|| "job".into());
+    let (nodes, spares) = node_names(topo.nodes, topo.spare_nodes);
+    let mut agents = BTreeMap::new();
+    let mut targets = Vec::new();
+    for node in nodes.iter().chain(&spares) {
+        let addr = free()?;
+        agents.insert(node.clone(), addr);
+        targets.push(
+            ScrapeTarget::new("ninelives-agent", addr.to_string())
+                .label("namespace", NAMESPACE)
+                .label("node", node),
+        );
+    }
+    let worker = free()?;
+    targets.push(
+        ScrapeTarget::new("ninelives-worker", worker.to_string())
+            .label("tj_namespace", NAMESPACE)
+            .label("trainingjob", &name),
+    );
+    let recovery = RecoveryMetrics::new().map_err(|e| format!("recovery metrics: {e}"))?;
+    let server = AdminServer::bind(loopback(0), recovery.registry.clone(), Readiness::default())
+        .await
+        .map_err(|e| format!("cannot serve the demo's metrics: {e}"))?;
+    let own = server.local_addr().map_err(|e| e.to_string())?;
+    tokio::spawn(server.serve(std::future::pending()));
+    targets.push(ScrapeTarget::new("ninelives-demo", own.to_string()));
+    let etcd = free()?;
+    targets.push(ScrapeTarget::new("etcd", etcd.to_string()));
+    let rules: Vec<PathBuf> = [Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards/alerts.yaml")]
+        .into_iter()
+        .filter(|p| p.is_file())
+        .collect();
+    if rules.is_empty() {
+        eprintln!("warning: dashboards/alerts.yaml not found; Prometheus runs without alert rules");
+    }
+    let prometheus = PrometheusServer::start(&targets, &rules).map_err(|e| e.to_string())?;
+    println!("prometheus: {} scraping {} targets", prometheus.url(), targets.len());
+    Ok(Observed { plan: MetricsPlan { recovery, agents, worker, etcd }, prometheus, targets: targets.len() })
 }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod agent;
+mod demo;
 mod plan;
 mod validate;
 mod worker;
@@ -63,6 +64,9 @@ enum Command {
     /// The embedded training worker.
     #[command(subcommand)]
     Worker(worker::WorkerCommand),
+    /// Run a whole job on this machine (etcd, agents on simulated chips, workers, the recovery
+    /// brain) with injected faults, and report every recovery.
+    Demo(Box<demo::DemoArgs>),
     /// Run the Kubernetes operator (leader-elected TrainingJob controller).
     Operator(Box<ninelives_operator::OperatorArgs>),
 }
@@ -88,6 +92,7 @@ fn main() -> ExitCode {
         }
         Command::Agent { command } => agent::run(command),
         Command::Worker(cmd) => worker::run(cmd),
+        Command::Demo(args) => demo::run(*args),
         Command::Operator(args) => ninelives_operator::main(*args),
     }
 }

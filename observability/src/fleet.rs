@@ -2,10 +2,10 @@
 //! injected faults, a training worker that is stopped and resumed from its checkpoint — and every
 //! dashboard query evaluated against what Prometheus scraped from them.
 //!
-//! This is the harness issue 9's acceptance run needs. What it cannot run yet is `ninelives
-//! demo` (issue 8): once that exists, [`FleetRun`] gains a `demo` target list (the demo prints
-//! its processes' metrics addresses) and the recovery metrics of METRICS.md's "Planned" section
-//! start returning data here without other changes.
+//! Two runs: [`run`], a hand-driven fleet (faults injected directly into agents, the worker
+//! killed and resumed by the harness) that exercises the agent and worker panels; and [`demo`],
+//! the driver of `ninelives demo` with the recovery brain, whose own metrics feed the recovery
+//! and job panels.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -32,17 +32,17 @@ pub const NAMESPACE: &str = "ninelives-system";
 pub struct FleetOptions {
     /// Node agents, 8 simulated chips each (at least 2: one is killed to lose a node).
     pub agents: usize,
-    /// Training steps before the worker is stopped.
-    pub first_steps: u64,
-    /// Steps of the resumed run (from the last checkpoint).
-    pub total_steps: u64,
+    /// Steps the resumed worker trains past its newest checkpoint. (The first worker trains
+    /// open-ended and is killed once the faults are injected, so its scrape target is up for
+    /// the whole fault sequence however fast this machine trains.)
+    pub resumed_steps: u64,
     /// Checkpoint interval in steps.
     pub checkpoint_every: u64,
 }
 
 impl Default for FleetOptions {
     fn default() -> Self {
-        Self { agents: 3, first_steps: 12, total_steps: 24, checkpoint_every: 4 }
+        Self { agents: 3, resumed_steps: 12, checkpoint_every: 4 }
     }
 }
 
@@ -99,7 +99,9 @@ pub struct FleetRun {
     /// Metric names Prometheus holds from the run.
     pub exported: BTreeSet<String>,
     processes: Vec<Process>,
-    _etcd: EtcdServer,
+    /// Logs of processes a supervisor ran (the demo's `logs/`).
+    log_dir: Option<PathBuf>,
+    _etcd: Option<EtcdServer>,
     _dir: tempfile::TempDir,
 }
 
@@ -107,6 +109,18 @@ impl FleetRun {
     /// The logs' tails of every process (for failure messages).
     pub fn logs(&self) -> String {
         let mut out: Vec<String> = self.processes.iter().map(Process::log_tail).collect();
+        if let Some(dir) = &self.log_dir {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+                .unwrap_or_default();
+            files.sort();
+            for file in files {
+                let text = std::fs::read_to_string(&file).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                out.push(format!("--- {name} ---\n{}", lines[lines.len().saturating_sub(20)..].join("\n")));
+            }
+        }
         out.push(format!("--- prometheus ---\n{}", self.prometheus.log_tail()));
         out.join("\n")
     }
@@ -296,7 +310,7 @@ pub fn run(options: &FleetOptions, progress: &mut dyn FnMut(&str)) -> anyhow::Re
         }
         command
     };
-    let mut first = worker(options.first_steps, false);
+    let mut first = worker(OPEN_ENDED_STEPS, false);
     runner.processes.push(Process::spawn("worker", &mut first, dir.path())?);
     let worker_index = runner.processes.len() - 1;
     runner.mark("training starts");
@@ -317,11 +331,12 @@ pub fn run(options: &FleetOptions, progress: &mut dyn FnMut(&str)) -> anyhow::Re
     runner.inject(&chips_dir(1), 2, "slow", "slow node-1/2")?;
     runner.pause(Duration::from_secs(3));
     runner.inject(&chips_dir(1), 6, "hang", "hang node-1/6")?;
-    progress("faults injected; waiting for the first training run");
-    runner.wait_exit(worker_index, Duration::from_secs(300))?;
-    runner.mark("worker stopped");
+    progress("faults injected; the worker crashes");
+    runner.processes[worker_index].kill();
+    runner.mark("worker killed");
     runner.pause(Duration::from_secs(3));
-    let mut resumed = worker(options.total_steps, true);
+    let newest = newest_checkpoint(&checkpoints).unwrap_or(0);
+    let mut resumed = worker(newest + options.resumed_steps, true);
     runner.processes[worker_index] = Process::spawn("worker-resumed", &mut resumed, dir.path())?;
     runner.mark("worker resumes");
     runner.pause(Duration::from_secs(6));
@@ -344,9 +359,159 @@ pub fn run(options: &FleetOptions, progress: &mut dyn FnMut(&str)) -> anyhow::Re
         alerts_seen: runner.alerts_seen,
         exported,
         processes: runner.processes,
-        _etcd: etcd,
+        log_dir: None,
+        _etcd: Some(etcd),
         _dir: dir,
     })
+}
+
+/// How long the demo run is.
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    /// Training steps.
+    pub steps: u64,
+    /// Checkpoint interval (the manifest's `intervalSteps` is replaced by it).
+    pub checkpoint_every: u64,
+    /// Faults, in `ninelives demo --fault` syntax.
+    pub faults: Vec<String>,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        Self {
+            steps: 40,
+            checkpoint_every: 4,
+            // Two ECC errors on one node, a hang on another, a node loss, a worker crash.
+            faults: ["chip:0/3@4", "chip:0/5@8", "hang:1/6@14", "node:2@20", "worker:3@28"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
+}
+
+/// What a demo run produced besides the Prometheus data.
+pub struct DemoRun {
+    /// The Prometheus data and markers (faults and recoveries).
+    pub fleet: FleetRun,
+    /// The run's report.
+    pub report: ninelives_runtime::report::Report,
+    /// Why the job failed, if it did.
+    pub failure: Option<String>,
+}
+
+/// Runs the driver of `ninelives demo` (etcd, an agent per node and spare on simulated chips,
+/// the worker, the recovery brain) on `examples/tiny.yaml` with `options.faults`, every process
+/// and the driver's own recovery metrics scraped every second by a Prometheus loaded with
+/// `dashboards/alerts.yaml`. Alerts are watched while it runs. Bounded: 15 minutes at most.
+pub fn demo(options: &DemoOptions, progress: &mut dyn FnMut(&str)) -> anyhow::Result<DemoRun> {
+    use ninelives_core::fault_schedule::FaultSchedule;
+    use ninelives_runtime::local::{LocalRunConfig, MetricsPlan, NAMESPACE as JOB_NS, node_names, run_local};
+    use ninelives_runtime::metrics::RecoveryMetrics;
+    use ninelives_telemetry::{AdminServer, Readiness};
+    use std::net::SocketAddr;
+
+    let binary = ninelives_binary()?;
+    let dir = tempfile::Builder::new().prefix("ninelives-demo-run-").tempdir()?;
+    let text =
+        std::fs::read_to_string(repo_root().join("examples/tiny.yaml")).context("examples/tiny.yaml")?;
+    let text = text.replace("intervalSteps: 25", &format!("intervalSteps: {}", options.checkpoint_every));
+    let manifest = dir.path().join("tiny.yaml");
+    std::fs::write(&manifest, &text)?;
+    let job = ninelives_core::manifest::parse_job(&text).map_err(|v| anyhow::anyhow!("{v:?}"))?;
+    let name = job.metadata.name.clone().unwrap_or_default();
+    let schedule = FaultSchedule::parse(&options.faults).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+
+    let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let topo = &job.spec.topology;
+    let (nodes, spares) = node_names(topo.nodes, topo.spare_nodes);
+    let mut agents = BTreeMap::new();
+    let mut targets = Vec::new();
+    for node in nodes.iter().chain(&spares) {
+        let addr = loopback(free_port()?);
+        agents.insert(node.clone(), addr);
+        targets.push(
+            ScrapeTarget::new("ninelives-agent", addr.to_string())
+                .label("namespace", NAMESPACE)
+                .label("node", node),
+        );
+    }
+    let worker = loopback(free_port()?);
+    targets.push(
+        ScrapeTarget::new("ninelives-worker", worker.to_string())
+            .label("tj_namespace", JOB_NS)
+            .label("trainingjob", &name)
+            .label("node", "node-0"),
+    );
+    let etcd = loopback(free_port()?);
+    targets.push(ScrapeTarget::new("etcd", etcd.to_string()));
+
+    let tokio = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let recovery = RecoveryMetrics::new()?;
+    let server =
+        tokio.block_on(AdminServer::bind(loopback(0), recovery.registry.clone(), Readiness::default()))?;
+    targets.push(ScrapeTarget::new("ninelives-demo", server.local_addr()?.to_string()));
+    tokio.spawn(server.serve(std::future::pending()));
+
+    let rules = repo_root().join("dashboards/alerts.yaml");
+    let prometheus = PrometheusServer::start(&targets, &[rules]).context("prometheus")?;
+    progress(&format!("prometheus at {} scraping {} targets", prometheus.url(), targets.len()));
+    let mut runner = Runner {
+        binary: binary.clone(),
+        prometheus,
+        markers: Vec::new(),
+        alerts_seen: BTreeMap::new(),
+        processes: Vec::new(),
+    };
+    let work = dir.path().join("work");
+    let cfg = LocalRunConfig {
+        ninelives: binary,
+        manifest,
+        job,
+        steps: options.steps,
+        schedule,
+        work_dir: work.clone(),
+        threads: 1,
+        deadline: Duration::from_secs(900),
+        metrics: Some(MetricsPlan { recovery, agents, worker, etcd }),
+    };
+    let launcher = ninelives_runtime::processes::SingleProcessWorker { ninelives: cfg.ninelives.clone() };
+    let start = unix_now();
+    let mut shown = 0usize;
+    let mut last_alert_check = Instant::now();
+    let outcome = tokio
+        .block_on(run_local(&cfg, &launcher, std::future::pending(), |state| {
+            for event in &state.events[shown.min(state.events.len())..] {
+                progress(event.trim());
+                // Markers on the charts: faults and recoveries.
+                if event.contains("inject ") || event.contains("recovered ") {
+                    runner.markers.push((unix_now(), event.trim().to_string()));
+                }
+            }
+            shown = state.events.len();
+            if last_alert_check.elapsed() >= Duration::from_millis(500) {
+                runner.observe_alerts();
+                last_alert_check = Instant::now();
+            }
+        }))
+        .context("demo run")?;
+    // Two more scrapes after the end (every process is stopped by now: agents read as down).
+    runner.pause(Duration::from_secs(3));
+    let end = unix_now();
+    let exported = runner.prometheus.metric_names().context("metric names")?.into_iter().collect();
+    progress(&format!("demo run took {:.0} s", end - start));
+    let fleet = FleetRun {
+        prometheus: runner.prometheus,
+        start,
+        end,
+        markers: runner.markers,
+        alerts_seen: runner.alerts_seen,
+        exported,
+        processes: Vec::new(),
+        log_dir: Some(work.join("logs")),
+        _etcd: None,
+        _dir: dir,
+    };
+    Ok(DemoRun { fleet, report: outcome.report, failure: outcome.failure })
 }
 
 /// One dashboard query evaluated over a run.
@@ -373,6 +538,19 @@ impl Evaluation {
             .as_ref()
             .is_ok_and(|series| series.iter().any(|s| s.samples.iter().any(|(_, v)| v.is_finite())))
     }
+}
+
+/// `--steps` of the first worker: more than it can train before it is killed.
+const OPEN_ENDED_STEPS: u64 = 1_000_000;
+
+/// The newest step directory (`step-<n>`) with a committed manifest in `dir`.
+fn newest_checkpoint(dir: &Path) -> Option<u64> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| e.path().join("manifest.json").is_file())
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+        .max()
 }
 
 /// Step of the range queries over a run.

@@ -3,15 +3,18 @@
 //! and each query whose metrics the run's processes export returns data; the node-loss and
 //! fault-rate alerts are seen pending or firing.
 //!
-//! Not covered yet (needs `ninelives demo`, issue 8): the recovery brain's metrics (METRICS.md
-//! "Planned") and the operator's (needs the e2e apiserver); their queries are parsed here and
-//! return no data.
+//! A second run drives `ninelives demo`'s runtime with the recovery brain, whose metrics feed the
+//! recovery and job panels. Not covered: the operator's metrics (they need the e2e apiserver);
+//! their queries are parsed here and return no data.
 
 use ninelives_observability::catalogue::Catalogue;
 use ninelives_observability::dashboard::{Dashboard, legend};
 use ninelives_observability::fleet::{self, FleetOptions};
 use ninelives_observability::render::{Line, PanelImage, write_png};
 use ninelives_observability::repo_root;
+
+/// The runs start many processes and assert on timings: one at a time on a 2-core machine.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Queries that may be empty although every metric they name is exported: they select error
 /// cases a clean run does not have.
@@ -24,6 +27,7 @@ const MAY_BE_EMPTY: &[(&str, &str)] = &[
 
 #[test]
 fn every_dashboard_query_runs_against_real_processes() {
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let catalogue = Catalogue::load(&repo_root().join("METRICS.md")).expect("METRICS.md");
     let dashboards = Dashboard::load_dir(&repo_root().join("dashboards")).expect("dashboards");
     let run = fleet::run(&FleetOptions::default(), &mut |line| eprintln!("fleet: {line}"))
@@ -106,4 +110,53 @@ fn every_dashboard_query_runs_against_real_processes() {
     let markers = run.markers.iter().map(|(t, m)| (t - run.start, m.clone())).collect();
     write_png(&PanelImage { title: "Loss".into(), unit: String::new(), lines, markers }, &path).expect("png");
     assert!(std::fs::metadata(&path).expect("png written").len() > 1000);
+}
+
+/// The recovery brain's own metrics, as `ninelives demo` exports them.
+const BRAIN_METRICS: &[&str] = &[
+    "ninelives_recoveries_total",
+    "ninelives_recovery_detection_seconds",
+    "ninelives_recovery_resume_seconds",
+    "ninelives_recovery_steps_lost_total",
+    "ninelives_recovery_in_progress",
+    "ninelives_job_",
+    "ninelives_checkpoint_last_committed",
+];
+
+#[test]
+fn the_demo_under_prometheus_feeds_the_recovery_and_job_panels() {
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dashboards = Dashboard::load_dir(&repo_root().join("dashboards")).expect("dashboards");
+    let demo = fleet::demo(&fleet::DemoOptions::default(), &mut |line| eprintln!("demo: {line}"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let run = &demo.fleet;
+    assert!(demo.failure.is_none(), "the job failed: {:?}\n{}", demo.failure, run.logs());
+    let evaluations = fleet::evaluate(run, &dashboards);
+
+    // Every query that names a brain metric parses and returns data.
+    let mut problems = Vec::new();
+    let mut brain_queries = 0;
+    for e in &evaluations {
+        if !e.names.iter().any(|n| BRAIN_METRICS.iter().any(|b| n.starts_with(b))) {
+            continue;
+        }
+        brain_queries += 1;
+        let place = format!("{}: {}", e.dashboard, e.query.describe());
+        match &e.result {
+            Err(error) => problems.push(format!("{place}: rejected: {error}\n  {}", e.sent)),
+            Ok(_) if !e.has_data() => problems.push(format!("{place}: no data\n  {}", e.sent)),
+            Ok(_) => {}
+        }
+    }
+    assert!(brain_queries >= 8, "only {brain_queries} dashboard queries use the brain's metrics");
+    assert!(problems.is_empty(), "{}\n\n{}", problems.join("\n"), run.logs());
+
+    // What Prometheus holds agrees with the run's own report.
+    let total = run.prometheus.query_at("sum(ninelives_recoveries_total)", Some(run.end)).expect("query");
+    let counted = total.first().and_then(|s| s.samples.first()).map_or(0.0, |x| x.1);
+    assert_eq!(counted as usize, demo.report.recoveries.len(), "{:?}", demo.report.recoveries);
+    assert!(counted >= 4.0, "chip, chip, hang, node and worker faults: {:?}", demo.report.recoveries);
+    let step = run.prometheus.query_at("max(ninelives_job_step)", Some(run.end)).expect("query");
+    assert_eq!(step.first().and_then(|s| s.samples.first()).map(|x| x.1), Some(40.0));
+    assert!(run.alerts_seen.contains_key("NinelivesNodeLost"), "{:?}", run.alerts_seen);
 }

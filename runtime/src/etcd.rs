@@ -52,11 +52,31 @@ impl LocalEtcd {
         Self::start_binary(supervisor, &binary, dir)
     }
 
+    /// [`LocalEtcd::start`], with etcd's own `/metrics` served on `metrics` too (for Prometheus;
+    /// the client port has `/metrics` as well, but it is chosen only at start).
+    pub fn start_with_metrics(
+        supervisor: &mut Supervisor,
+        dir: &Path,
+        metrics: std::net::SocketAddr,
+    ) -> Result<Self, RuntimeError> {
+        let binary = locate("etcd", std::env::var_os("PATH").as_deref()).ok_or(RuntimeError::EtcdMissing)?;
+        Self::spawn(supervisor, &binary, dir, Some(metrics))
+    }
+
     /// Starts the given etcd binary (see [`LocalEtcd::start`]).
     pub fn start_binary(
         supervisor: &mut Supervisor,
         binary: &Path,
         dir: &Path,
+    ) -> Result<Self, RuntimeError> {
+        Self::spawn(supervisor, binary, dir, None)
+    }
+
+    fn spawn(
+        supervisor: &mut Supervisor,
+        binary: &Path,
+        dir: &Path,
+        metrics: Option<std::net::SocketAddr>,
     ) -> Result<Self, RuntimeError> {
         let data_dir = dir.join("etcd-data");
         std::fs::create_dir_all(dir).map_err(|e| RuntimeError::io(dir, e))?;
@@ -73,6 +93,9 @@ impl LocalEtcd {
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=ninelives={peer}"))
             .arg("--log-level=warn");
+        if let Some(addr) = metrics {
+            cmd.arg(format!("--listen-metrics-urls=http://{addr}"));
+        }
         let id = supervisor.spawn("etcd", cmd)?;
         let etcd = LocalEtcd { id, endpoint: client, data_dir };
         etcd.wait_healthy(supervisor, client_port)?;

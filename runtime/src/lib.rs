@@ -15,13 +15,15 @@
 //! - [`report`]: `report.json` (recoveries, goodput, final loss, parameter comparison);
 //! - [`svg`]: hand-written SVG line charts with recoveries marked;
 //! - [`live`]: the live view, a pure function from state to text;
-//! - [`local`]: the driver that runs it all with the recovery brain (`ninelives demo`).
+//! - [`local`]: the driver that runs it all with the recovery brain (`ninelives demo`);
+//! - [`metrics`]: the recovery and job metrics of whoever drives the brain.
 
 pub mod endpoint;
 pub mod error;
 pub mod etcd;
 pub mod live;
 pub mod local;
+pub mod metrics;
 pub mod processes;
 pub mod report;
 pub mod supervisor;

@@ -25,6 +25,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::BufRead;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -45,6 +46,7 @@ use crate::endpoint::{self, CommandRequest, WorkerCommand};
 use crate::error::RuntimeError;
 use crate::etcd::LocalEtcd;
 use crate::live::{ChipCell, LiveState, NodeRow};
+use crate::metrics::{RecoveryMetrics, RecoveryObservation};
 use crate::processes::{
     MemberSpec, WorkerLaunch, WorkerLine, agent_command, inject_command, parse_worker_line,
 };
@@ -70,6 +72,29 @@ pub struct LocalRunConfig {
     pub threads: usize,
     /// Upper bound on the whole run.
     pub deadline: Duration,
+    /// Metrics: where agents and the worker serve `/metrics`, and the brain's own families.
+    pub metrics: Option<MetricsPlan>,
+}
+
+/// Where the processes of a run serve their metrics, and the driver's own metrics.
+#[derive(Clone, Debug)]
+pub struct MetricsPlan {
+    /// The recovery brain's and the job's metrics, updated by the driver (served by the caller).
+    pub recovery: RecoveryMetrics,
+    /// `/metrics` address of each agent, by node name (see [`node_names`]).
+    pub agents: BTreeMap<String, SocketAddr>,
+    /// `/metrics` address of the worker (each restart binds it again).
+    pub worker: SocketAddr,
+    /// etcd's `/metrics` address.
+    pub etcd: SocketAddr,
+}
+
+/// The namespace every local job runs in.
+pub const NAMESPACE: &str = "default";
+
+/// Names of a run's training nodes and spares: `node-<i>`, `spare-<i>`.
+pub fn node_names(nodes: u32, spares: u32) -> (Vec<String>, Vec<String>) {
+    ((0..nodes).map(|i| format!("node-{i}")).collect(), (0..spares).map(|i| format!("spare-{i}")).collect())
 }
 
 /// What a run produced.
@@ -86,7 +111,6 @@ pub struct RunOutcome {
 }
 
 const POLL: Duration = Duration::from_millis(100);
-const NAMESPACE: &str = "default";
 
 fn unix_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
@@ -138,7 +162,10 @@ pub async fn run_local(
     let t0 = Instant::now();
     let start_unix = unix_now();
     let mut sup = Supervisor::new(cfg.work_dir.join("logs"))?;
-    let etcd = LocalEtcd::start(&mut sup, &cfg.work_dir)?;
+    let etcd = match &cfg.metrics {
+        Some(m) => LocalEtcd::start_with_metrics(&mut sup, &cfg.work_dir, m.etcd)?,
+        None => LocalEtcd::start(&mut sup, &cfg.work_dir)?,
+    };
     let mut client =
         Client::connect([etcd.endpoint.as_str()], None).await.map_err(|e| etcd_err("connect", e))?;
     let keys = Keyspace::default();
@@ -149,8 +176,9 @@ pub async fn run_local(
     brain_cfg.total_steps = cfg.steps;
     let topo = &cfg.job.spec.topology;
     let ttl = cfg.job.spec.failure_policy.heartbeat_ttl_seconds.max(1);
-    let names: Vec<String> = (0..topo.nodes).map(|i| format!("node-{i}")).collect();
-    let spares: Vec<String> = (0..topo.spare_nodes).map(|i| format!("spare-{i}")).collect();
+    let (names, spares) = node_names(topo.nodes, topo.spare_nodes);
+    let metrics = cfg.metrics.as_ref();
+    let min_healthy_fraction = cfg.job.spec.failure_policy.min_healthy_fraction;
 
     // The worker's command endpoint, which every agent is bound to for this job.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -175,6 +203,9 @@ pub async fn run_local(
             keys.prefix(),
         );
         cmd.args(["--worker", &binding]);
+        if let Some(addr) = metrics.and_then(|m| m.agents.get(node)) {
+            cmd.args(["--metrics-addr", &addr.to_string()]);
+        }
         let id = sup.spawn(&format!("agent-{node}"), cmd)?;
         agents.insert(node.clone(), (id, chips_dir));
     }
@@ -199,6 +230,7 @@ pub async fn run_local(
         // Always from the newest committed checkpoint (none: step 0): the brain's rollback target.
         resume: true,
         threads: cfg.threads,
+        metrics_addr: metrics.map(|m| m.worker),
     };
     let mut worker: Option<RunningWorker> = None;
     let mut state: Option<RecoveryState> = None;
@@ -333,6 +365,17 @@ pub async fn run_local(
         }
         for &step in written_checkpoints.difference(&committed) {
             let _ = client.delete(job_keys.checkpoint(step), None).await;
+        }
+        if let (Some(m), Some(&newest)) = (metrics, committed.last())
+            && written_checkpoints.last() != Some(&newest)
+        {
+            let manifest = checkpoint_dir.join(format!("step-{newest:010}")).join("manifest.json");
+            let at = std::fs::metadata(&manifest)
+                .and_then(|md| md.modified())
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(now, |d| d.as_secs_f64());
+            m.recovery.checkpoint(NAMESPACE, &name, newest, at);
         }
         written_checkpoints = committed;
 
@@ -474,22 +517,52 @@ pub async fn run_local(
             events.push(format!("{t:7.1}s detected {} → {}", what.join(", "), a.rung));
         }
         state = Some(decision.state);
+        if let (Some(m), Some(s)) = (metrics, state.as_ref()) {
+            m.recovery.brain(NAMESPACE, &name, s, &obs, topo.chips_per_node, min_healthy_fraction);
+            if !samples.is_empty() {
+                m.recovery.progress(NAMESPACE, &name, last_step, last_loss, goodput(&samples, t));
+            }
+        }
 
         // 5. Recoveries whose training really resumed: measure from the step lines.
         resuming.retain(|r| {
             let unix = |s: &Sample| start_unix + s.t;
             let Some(i) = samples.iter().position(|s| unix(s) >= r.record.resumed_at) else { return true };
             let first = samples[i];
-            // Work thrown away: steps completed before the resume that are computed again.
-            let before = i.checked_sub(1).map_or(0, |j| samples[j].step);
-            entries.push(RecoveryEntry {
+            // Work thrown away: the newest step reached before the fault was detected, minus the
+            // step training went on from. Split
+            // at detection, not at completion: a restore is acknowledged only after the
+            // restarted worker's first step, so that step belongs to "after".
+            let d = samples.iter().position(|s| unix(s) >= r.record.detected_at).unwrap_or(i);
+            let before = samples[..d].iter().map(|s| s.step).max().unwrap_or(0);
+            // The lowest step between detection and resume: a worker may still finish a step
+            // after detection before it is restarted from an older checkpoint.
+            let resumed_from =
+                samples[d.min(i)..=i].iter().map(|s| s.step).min().unwrap_or(first.step).saturating_sub(1);
+            let entry = RecoveryEntry {
                 trigger: r.trigger.clone(),
                 tier: r.record.tier.as_str().to_string(),
                 detect_s: r.detect_s,
                 resume_s: (unix(&first) - r.record.detected_at).max(0.0),
-                steps_lost: before.saturating_sub(first.step.saturating_sub(1)),
+                steps_lost: before.saturating_sub(resumed_from),
                 at_s: first.t,
-            });
+            };
+            if let Some(m) = metrics {
+                // The kind, never the chip: `chip:1/3` (a matched fault) or `chip node-1/3 …`.
+                let kind = entry.trigger.split([':', ' ']).next().unwrap_or_default();
+                m.recovery.recovery(
+                    NAMESPACE,
+                    &name,
+                    &RecoveryObservation {
+                        tier: &entry.tier,
+                        trigger: kind,
+                        detect_s: entry.detect_s,
+                        resume_s: entry.resume_s,
+                        steps_lost: entry.steps_lost,
+                    },
+                );
+            }
+            entries.push(entry);
             false
         });
 

@@ -60,6 +60,8 @@ pub struct MemberSpec {
     pub resume: bool,
     /// CPU threads for its kernels.
     pub threads: usize,
+    /// Where it serves `/metrics` (none: it serves nothing).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// How workers are started: the seam between the runtime and the worker implementation.
@@ -99,6 +101,9 @@ fn train_command(ninelives: &Path, m: &MemberSpec) -> Command {
         .args(["--checkpoint-every", &m.checkpoint_every.to_string(), "--threads", &m.threads.to_string()]);
     if m.resume {
         cmd.arg("--resume");
+    }
+    if let Some(addr) = m.metrics_addr {
+        cmd.args(["--metrics-addr", &addr.to_string()]);
     }
     cmd
 }
@@ -171,6 +176,7 @@ mod tests {
             checkpoint_every: 25,
             resume: true,
             threads: 1,
+            metrics_addr: None,
         }
     }
 

@@ -132,6 +132,13 @@ fn a_torn_checkpoint_without_manifest_is_ignored_and_nothing_usable_is_an_error(
         assert_eq!(loaded.manifest.step, SPLIT / 2);
         assert!(loaded.report.skipped[0].1.contains("no manifest"));
 
+        let only_torn = tempfile::tempdir().unwrap();
+        let torn = CheckpointStore::open(only_torn.path(), 3).unwrap();
+        std::fs::create_dir_all(torn.step_dir(4)).unwrap();
+        std::fs::write(torn.step_dir(4).join("layer-0.safetensors.tmp"), b"partial").unwrap();
+        // A directory holding only a torn checkpoint never held a committed one: start over.
+        assert!(torn.load_latest(&dims, &ExpertSelection::All).unwrap().is_none());
+
         // Damage the remaining one as well: an error, never a silent fresh start.
         std::fs::write(store.step_dir(SPLIT / 2).join("manifest.json"), b"{ not json").unwrap();
         let err = store.load_latest(&dims, &ExpertSelection::All).unwrap_err();

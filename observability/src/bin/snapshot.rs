@@ -1,10 +1,10 @@
-//! Runs the fleet under a real Prometheus ([`ninelives_observability::fleet`]), evaluates every
-//! dashboard query, and writes a PNG per panel that returned data, plus an index, to
-//! `docs/dashboards/` (or the directory given as the first argument).
+//! Runs the fleet and then the demo under a real Prometheus ([`ninelives_observability::fleet`]),
+//! evaluates every dashboard query, and writes a PNG per panel that returned data (from the fleet
+//! run, else from the demo run), plus an index, to `docs/dashboards/` (or the directory given as
+//! the first argument).
 //!
 //! `cargo run -p ninelives-observability --bin snapshot [OUT_DIR]`
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -48,10 +48,53 @@ fn run() -> anyhow::Result<()> {
     let dashboards = Dashboard::load_dir(&repo_root().join("dashboards"))?;
     let run = fleet::run(&FleetOptions::default(), &mut |line| eprintln!("snapshot: {line}"))?;
     let evaluations = fleet::evaluate(&run, &dashboards);
+    let mut index = String::from(
+        "# Dashboard snapshots\n\nPanels of `dashboards/*.json` rendered from two real runs (`cargo run -p \
+         ninelives-observability --bin snapshot`), each scraped every second by Prometheus; every panel query \
+         ran through Prometheus' HTTP API with the dashboard variables at \"All\". Red lines mark events.\n\n\
+         **Fleet run**: etcd, three node agents on simulated chips, a `tiny` training worker; two ECC errors \
+         (node-0), a slow chip and a hang (node-1) injected, the worker killed and resumed from its \
+         checkpoint, node-2's agent killed.\n\n\
+         **Demo run** (panels the fleet run has no data for): the driver of `ninelives demo` with the recovery \
+         brain on `tiny` (4 nodes x 8 chips + a spare), 40 steps, checkpoints every 4; two ECC errors on node 0, \
+         a hang on node 1, node 2 lost, a worker crash — the red lines are the faults and the recoveries.\n\n",
+    );
+    let mut empty = render(&run, &evaluations, &dashboards, &out_dir, None, &mut index)?;
+    let demo = fleet::demo(&fleet::DemoOptions::default(), &mut |line| eprintln!("snapshot: demo: {line}"))?;
+    let demo_evaluations = fleet::evaluate(&demo.fleet, &dashboards);
+    index.push_str("# From the demo run\n\n");
+    empty = render(&demo.fleet, &demo_evaluations, &dashboards, &out_dir, Some(&empty), &mut index)?;
+    index.push_str("## Panels without data in either run\n\n");
+    for p in &empty {
+        index.push_str(&format!("- {p}\n"));
+    }
+    let mut alerts: Vec<String> = run.alerts_seen.iter().map(|(a, s)| format!("{a} ({s})")).collect();
+    alerts.extend(demo.fleet.alerts_seen.iter().map(|(a, s)| format!("{a} ({s}, demo run)")));
+    alerts.sort();
+    index.push_str(&format!("\nAlerts seen pending or firing during the runs: {}.\n", alerts.join(", ")));
+    std::fs::write(out_dir.join("README.md"), index)?;
+    for (name, list) in [("fleet", &evaluations), ("demo", &demo_evaluations)] {
+        let with_data = list.iter().filter(|e| e.has_data()).count();
+        eprintln!("snapshot: {name} run: {} queries, {with_data} with data", list.len());
+    }
+    eprintln!("snapshot: alerts seen: {alerts:?}");
+    Ok(())
+}
 
+/// Renders every panel of `evaluations` that has data (only those named in `only`, as
+/// "dashboard title / panel", when given) and appends it to `index`; returns the panels without
+/// data.
+fn render(
+    run: &fleet::FleetRun,
+    evaluations: &[Evaluation],
+    dashboards: &[Dashboard],
+    out_dir: &std::path::Path,
+    only: Option<&[String]>,
+    index: &mut String,
+) -> anyhow::Result<Vec<String>> {
     // Panel → its evaluations, in dashboard order.
     let mut panels: Vec<(PanelKey, Vec<&Evaluation>)> = Vec::new();
-    for e in &evaluations {
+    for e in evaluations {
         let Origin::Panel { title, .. } = &e.query.origin else { continue };
         let title_of =
             |d: &str| dashboards.iter().find(|x| x.slug() == d).map(|x| x.title.clone()).unwrap_or_default();
@@ -62,17 +105,12 @@ fn run() -> anyhow::Result<()> {
         }
     }
     let markers: Vec<(f64, String)> = run.markers.iter().map(|(t, m)| (t - run.start, m.clone())).collect();
-    let mut index = String::from(
-        "# Dashboard snapshots\n\nPanels of `dashboards/*.json` rendered from a real run: `cargo run -p \
-         ninelives-observability --bin snapshot` starts etcd, three node agents on simulated chips, a `tiny` \
-         training worker and Prometheus (1 s scrape), injects two ECC errors (node-0), a slow chip and a hang \
-         (node-1), stops the worker and resumes it from its checkpoint, and kills node-2's agent. Red lines mark \
-         those events. Every panel query ran through Prometheus' HTTP API with the dashboard variables at \
-         \"All\"; panels whose metrics no process of this run exports (the operator, the recovery brain) are \
-         listed at the end.\n\n",
-    );
     let mut empty = Vec::new();
     for ((dashboard, dashboard_title, panel), list) in &panels {
+        let name = format!("{dashboard_title} / {panel}");
+        if only.is_some_and(|o| !o.contains(&name)) {
+            continue;
+        }
         let mut lines = Vec::new();
         for e in list {
             let Ok(series) = &e.result else { continue };
@@ -84,7 +122,7 @@ fn run() -> anyhow::Result<()> {
             }
         }
         if lines.is_empty() {
-            empty.push(format!("{dashboard_title} / {panel}"));
+            empty.push(name);
             continue;
         }
         let mut title = format!("{} / {panel}", dashboard_title.trim_start_matches("ninelives / "));
@@ -108,24 +146,7 @@ fn run() -> anyhow::Result<()> {
         ));
         eprintln!("snapshot: wrote {file}");
     }
-    index.push_str("## Panels without data in this run\n\n");
-    for p in &empty {
-        index.push_str(&format!("- {p}\n"));
-    }
-    let mut alerts: Vec<String> = run.alerts_seen.iter().map(|(a, s)| format!("{a} ({s})")).collect();
-    alerts.sort();
-    index.push_str(&format!("\nAlerts seen pending or firing during the run: {}.\n", alerts.join(", ")));
-    std::fs::write(out_dir.join("README.md"), index)?;
-    let counts: BTreeMap<bool, usize> = evaluations.iter().fold(BTreeMap::new(), |mut m, e| {
-        *m.entry(e.has_data()).or_default() += 1;
-        m
-    });
-    eprintln!(
-        "snapshot: {} queries, {} with data; alerts seen: {alerts:?}",
-        evaluations.len(),
-        counts.get(&true).copied().unwrap_or(0)
-    );
-    Ok(())
+    Ok(empty)
 }
 
 fn panel_unit(json: &serde_json::Value, title: &str) -> Option<String> {

@@ -252,15 +252,20 @@ impl CheckpointStore {
     }
 
     /// Loads the newest committed checkpoint that verifies, falling back past torn or corrupt
-    /// ones (each logged). `Ok(None)` when the directory holds no checkpoint at all; an error
-    /// when checkpoints exist but none is usable.
+    /// ones (each logged). `Ok(None)` when the directory holds no committed checkpoint (none at
+    /// all, or only torn ones: a writer killed before its first commit leaves nothing that was
+    /// ever a checkpoint, so training starts over, as the recovery brain expects); an error when
+    /// committed checkpoints exist but none is usable (never a silent fresh start).
     pub fn load_latest(
         &self,
         dims: &ModelDims,
         selection: &ExpertSelection,
     ) -> Result<Option<LoadedCheckpoint>> {
         let list = self.list()?;
-        if list.is_empty() {
+        if !list.iter().any(|(_, _, committed)| *committed) {
+            for (step, path, _) in &list {
+                tracing::warn!(step, path = %path.display(), "checkpoint {} is torn (never committed); ignoring it", path.display());
+            }
             return Ok(None);
         }
         let mut skipped = Vec::new();
