@@ -6,6 +6,8 @@ use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::Args;
@@ -18,6 +20,7 @@ use ninelives_runtime::{Supervisor, live};
 use ninelives_telemetry::{AdminServer, Readiness};
 use ninelives_testkit::free_port;
 use ninelives_testkit::prometheus::{PrometheusServer, ScrapeTarget};
+use tokio::signal::unix::{SignalKind, signal};
 
 /// `ninelives demo` flags.
 #[derive(Args)]
@@ -103,6 +106,26 @@ fn demo(args: DemoArgs) -> Result<ExitCode, String> {
         .enable_all()
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
+    // Ctrl-C and SIGTERM are handled from here on (not only once the run loop polls for them):
+    // the children live in their own process groups, so the default action — dying at once —
+    // would leave them behind.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let stop = {
+        let _entered = runtime.enter();
+        let mut sigint = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
+        let mut sigterm = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let flag = interrupted.clone();
+        runtime.spawn(async move {
+            tokio::select! {
+                _ = sigint.recv() => {}
+                _ = sigterm.recv() => {}
+            }
+            flag.store(true, Ordering::SeqCst);
+            let _ = tx.send(true);
+        });
+        rx
+    };
     let observed = if args.prometheus { Some(runtime.block_on(observe(&job))?) } else { None };
     let cfg = LocalRunConfig {
         ninelives: ninelives.clone(),
@@ -118,8 +141,9 @@ fn demo(args: DemoArgs) -> Result<ExitCode, String> {
     let terminal = std::io::stdout().is_terminal();
     let mut shown = 0usize;
     let launcher = SingleProcessWorker { ninelives: ninelives.clone() };
-    let interrupt = async {
-        let _ = tokio::signal::ctrl_c().await;
+    let mut on_stop = stop.clone();
+    let interrupt = async move {
+        let _ = on_stop.wait_for(|stopped| *stopped).await;
     };
     let outcome: RunOutcome = runtime
         .block_on(run_local(&cfg, &launcher, interrupt, |state| {
@@ -141,7 +165,10 @@ fn demo(args: DemoArgs) -> Result<ExitCode, String> {
     let mut report = outcome.report;
     if outcome.failure.is_none() && !args.no_reference {
         println!("running the uninterrupted reference ({steps} steps) ...");
-        let reference = reference_digest(&cfg)?;
+        let Some(reference) = reference_digest(&cfg, &interrupted)? else {
+            eprintln!("interrupted; every process stopped");
+            return Ok(ExitCode::from(130));
+        };
         report.params_match = Some(report.params_sha256.as_deref() == Some(reference.as_str()));
         // Equal digests mean bit-identical parameters; otherwise the difference is not measured.
         report.max_abs_diff = report.params_match.filter(|m| *m).map(|_| 0.0);
@@ -158,7 +185,8 @@ fn demo(args: DemoArgs) -> Result<ExitCode, String> {
         println!("prometheus: {} (scraping {} targets)", o.prometheus.url(), o.targets);
         if terminal {
             println!("serving the run's metrics until Ctrl-C");
-            let _ = runtime.block_on(tokio::signal::ctrl_c());
+            let mut on_stop = stop.clone();
+            let _ = runtime.block_on(on_stop.wait_for(|stopped| *stopped));
         }
     }
     let ok = outcome.failure.is_none() && report.params_match != Some(false);
@@ -169,8 +197,9 @@ fn join<E: ToString>(errors: Vec<E>) -> String {
     errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
 }
 
-/// Trains the same job without faults and returns its final digest.
-fn reference_digest(cfg: &LocalRunConfig) -> Result<String, String> {
+/// Trains the same job without faults and returns its final digest; `None` when interrupted
+/// (the reference process is stopped first).
+fn reference_digest(cfg: &LocalRunConfig, interrupted: &AtomicBool) -> Result<Option<String>, String> {
     let dir = cfg.work_dir.join("reference");
     let mut sup = Supervisor::new(dir.join("logs")).map_err(|e| e.to_string())?;
     let mut cmd = Command::new(&cfg.ninelives);
@@ -180,14 +209,33 @@ fn reference_digest(cfg: &LocalRunConfig) -> Result<String, String> {
         .arg("--checkpoint-dir")
         .arg(dir.join("checkpoints"));
     let (id, stdout) = sup.spawn_piped("reference", cmd).map_err(|e| e.to_string())?;
+    // Lines arrive on a thread so the interrupt flag is checked while the reference trains.
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
     let mut digest = None;
-    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
-        if let Some(WorkerLine::Digest(hex)) = parse_worker_line(&line) {
-            digest = Some(hex);
+    loop {
+        if interrupted.load(Ordering::SeqCst) {
+            sup.shutdown();
+            return Ok(None);
+        }
+        match lines.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => {
+                if let Some(WorkerLine::Digest(hex)) = parse_worker_line(&line) {
+                    digest = Some(hex);
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
     let status = sup.terminate(id, Duration::from_secs(5)).map_err(|e| e.to_string())?;
-    digest.ok_or_else(|| {
+    digest.map(Some).ok_or_else(|| {
         format!("reference run ended ({status:?}) without a digest:\n{}", sup.log_tail(id, 10))
     })
 }

@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use ninelives_runtime::local::committed_checkpoints;
 use ninelives_testkit::prometheus::{PrometheusServer, ScrapeTarget, Series, unix_now};
 use ninelives_testkit::{EtcdServer, free_port};
 
@@ -224,6 +225,34 @@ impl Runner {
         }
     }
 
+    /// Two more scrapes, then everything Prometheus holds from `start` on, as a [`FleetRun`].
+    fn finish(
+        mut self,
+        start: f64,
+        what: &str,
+        progress: &mut dyn FnMut(&str),
+        log_dir: Option<PathBuf>,
+        etcd: Option<EtcdServer>,
+        dir: tempfile::TempDir,
+    ) -> anyhow::Result<FleetRun> {
+        self.pause(Duration::from_secs(3));
+        let end = unix_now();
+        let exported = self.prometheus.metric_names().context("metric names")?.into_iter().collect();
+        progress(&format!("{what} took {:.0} s", end - start));
+        Ok(FleetRun {
+            prometheus: self.prometheus,
+            start,
+            end,
+            markers: self.markers,
+            alerts_seen: self.alerts_seen,
+            exported,
+            processes: self.processes,
+            log_dir,
+            _etcd: etcd,
+            _dir: dir,
+        })
+    }
+
     /// Waits (bounded) until `alert` is pending or firing.
     fn wait_alert(&mut self, alert: &str, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
@@ -335,7 +364,7 @@ pub fn run(options: &FleetOptions, progress: &mut dyn FnMut(&str)) -> anyhow::Re
     runner.processes[worker_index].kill();
     runner.mark("worker killed");
     runner.pause(Duration::from_secs(3));
-    let newest = newest_checkpoint(&checkpoints).unwrap_or(0);
+    let newest = committed_checkpoints(&checkpoints).last().copied().unwrap_or(0);
     let mut resumed = worker(newest + options.resumed_steps, true);
     runner.processes[worker_index] = Process::spawn("worker-resumed", &mut resumed, dir.path())?;
     runner.mark("worker resumes");
@@ -346,23 +375,7 @@ pub fn run(options: &FleetOptions, progress: &mut dyn FnMut(&str)) -> anyhow::Re
     runner.wait_alert("NinelivesNodeLost", Duration::from_secs(30))?;
     runner.wait_exit(worker_index, Duration::from_secs(300))?;
     runner.mark("training done");
-    // Two more scrapes of the agents after the worker is done.
-    runner.pause(Duration::from_secs(3));
-    let end = unix_now();
-    let exported = runner.prometheus.metric_names().context("metric names")?.into_iter().collect();
-    progress(&format!("run took {:.0} s", end - start));
-    Ok(FleetRun {
-        prometheus: runner.prometheus,
-        start,
-        end,
-        markers: runner.markers,
-        alerts_seen: runner.alerts_seen,
-        exported,
-        processes: runner.processes,
-        log_dir: None,
-        _etcd: Some(etcd),
-        _dir: dir,
-    })
+    runner.finish(start, "run", progress, None, Some(etcd), dir)
 }
 
 /// How long the demo run is.
@@ -379,7 +392,7 @@ pub struct DemoOptions {
 impl Default for DemoOptions {
     fn default() -> Self {
         Self {
-            steps: 40,
+            steps: 60,
             checkpoint_every: 4,
             // Two ECC errors on one node, a hang on another, a node loss, a worker crash.
             faults: ["chip:0/3@4", "chip:0/5@8", "hang:1/6@14", "node:2@20", "worker:3@28"]
@@ -494,23 +507,8 @@ pub fn demo(options: &DemoOptions, progress: &mut dyn FnMut(&str)) -> anyhow::Re
             }
         }))
         .context("demo run")?;
-    // Two more scrapes after the end (every process is stopped by now: agents read as down).
-    runner.pause(Duration::from_secs(3));
-    let end = unix_now();
-    let exported = runner.prometheus.metric_names().context("metric names")?.into_iter().collect();
-    progress(&format!("demo run took {:.0} s", end - start));
-    let fleet = FleetRun {
-        prometheus: runner.prometheus,
-        start,
-        end,
-        markers: runner.markers,
-        alerts_seen: runner.alerts_seen,
-        exported,
-        processes: Vec::new(),
-        log_dir: Some(work.join("logs")),
-        _etcd: None,
-        _dir: dir,
-    };
+    // Every process is stopped by now: agents read as down in the last scrapes.
+    let fleet = runner.finish(start, "demo run", progress, Some(work.join("logs")), None, dir)?;
     Ok(DemoRun { fleet, report: outcome.report, failure: outcome.failure })
 }
 
@@ -542,16 +540,6 @@ impl Evaluation {
 
 /// `--steps` of the first worker: more than it can train before it is killed.
 const OPEN_ENDED_STEPS: u64 = 1_000_000;
-
-/// The newest step directory (`step-<n>`) with a committed manifest in `dir`.
-fn newest_checkpoint(dir: &Path) -> Option<u64> {
-    std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(Result::ok)
-        .filter(|e| e.path().join("manifest.json").is_file())
-        .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
-        .max()
-}
 
 /// Step of the range queries over a run.
 pub const STEP: Duration = Duration::from_secs(1);

@@ -157,6 +157,6 @@ fn the_demo_under_prometheus_feeds_the_recovery_and_job_panels() {
     assert_eq!(counted as usize, demo.report.recoveries.len(), "{:?}", demo.report.recoveries);
     assert!(counted >= 4.0, "chip, chip, hang, node and worker faults: {:?}", demo.report.recoveries);
     let step = run.prometheus.query_at("max(ninelives_job_step)", Some(run.end)).expect("query");
-    assert_eq!(step.first().and_then(|s| s.samples.first()).map(|x| x.1), Some(40.0));
+    assert_eq!(step.first().and_then(|s| s.samples.first()).map(|x| x.1), Some(60.0));
     assert!(run.alerts_seen.contains_key("NinelivesNodeLost"), "{:?}", run.alerts_seen);
 }

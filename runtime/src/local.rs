@@ -179,6 +179,9 @@ pub async fn run_local(
     let (names, spares) = node_names(topo.nodes, topo.spare_nodes);
     let metrics = cfg.metrics.as_ref();
     let min_healthy_fraction = cfg.job.spec.failure_policy.min_healthy_fraction;
+    if let Some(m) = metrics {
+        m.recovery.job_started(NAMESPACE, &name);
+    }
 
     // The worker's command endpoint, which every agent is bound to for this job.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -16,6 +16,12 @@ const SECONDS_BUCKETS: [f64; 14] =
 /// Phases as the API names them (`status.phase`), for `ninelives_job_phase{phase}`.
 const PHASES: [&str; 5] = ["Pending", "Running", "Recovering", "Succeeded", "Failed"];
 
+/// Ladder rungs (`tier` label values).
+const TIERS: [&str; 5] = ["reroute", "reshard", "restore", "replace", "shrink"];
+
+/// `trigger` label values.
+const TRIGGERS: [&str; 6] = ["chip", "node", "worker", "hang", "flap", "other"];
+
 const CHIP_STATES: [ChipState; 4] =
     [ChipState::Healthy, ChipState::Degraded, ChipState::Failed, ChipState::Quarantined];
 
@@ -160,6 +166,19 @@ impl RecoveryMetrics {
             )?,
             registry: r,
         })
+    }
+
+    /// Creates every recovery series of a job at zero (each tier, trigger): a series that first
+    /// appears at 1 hides that first recovery from `increase()` and `rate()`.
+    pub fn job_started(&self, ns: &str, job: &str) {
+        for tier in TIERS {
+            for trigger in TRIGGERS {
+                self.recoveries.with_label_values(&[ns, job, tier, trigger]);
+            }
+            self.detection.with_label_values(&[ns, job, tier]);
+            self.resume.with_label_values(&[ns, job, tier]);
+        }
+        self.steps_lost.with_label_values(&[ns, job]);
     }
 
     /// Records a completed recovery.

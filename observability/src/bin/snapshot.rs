@@ -48,7 +48,7 @@ fn run() -> anyhow::Result<()> {
     let dashboards = Dashboard::load_dir(&repo_root().join("dashboards"))?;
     let run = fleet::run(&FleetOptions::default(), &mut |line| eprintln!("snapshot: {line}"))?;
     let evaluations = fleet::evaluate(&run, &dashboards);
-    let mut index = String::from(
+    let mut index = format!(
         "# Dashboard snapshots\n\nPanels of `dashboards/*.json` rendered from two real runs (`cargo run -p \
          ninelives-observability --bin snapshot`), each scraped every second by Prometheus; every panel query \
          ran through Prometheus' HTTP API with the dashboard variables at \"All\". Red lines mark events.\n\n\
@@ -56,8 +56,9 @@ fn run() -> anyhow::Result<()> {
          (node-0), a slow chip and a hang (node-1) injected, the worker killed and resumed from its \
          checkpoint, node-2's agent killed.\n\n\
          **Demo run** (panels the fleet run has no data for): the driver of `ninelives demo` with the recovery \
-         brain on `tiny` (4 nodes x 8 chips + a spare), 40 steps, checkpoints every 4; two ECC errors on node 0, \
+         brain on `tiny` (4 nodes x 8 chips + a spare), {steps} steps, checkpoints every 4; two ECC errors on node 0, \
          a hang on node 1, node 2 lost, a worker crash — the red lines are the faults and the recoveries.\n\n",
+        steps = fleet::DemoOptions::default().steps,
     );
     let mut empty = render(&run, &evaluations, &dashboards, &out_dir, None, &mut index)?;
     let demo = fleet::demo(&fleet::DemoOptions::default(), &mut |line| eprintln!("snapshot: demo: {line}"))?;
