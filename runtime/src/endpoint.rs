@@ -7,34 +7,12 @@
 //! answered once the restarted worker completed a step; `loadExperts` and `reroute` are answered
 //! at once (the one process holds every expert and routes internally).
 
-use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
-/// A command an agent sends to a local worker (the fields this endpoint needs).
-#[derive(Deserialize, Clone, Debug, PartialEq, Eq)]
-#[serde(tag = "op", rename_all = "camelCase")]
-pub enum WorkerCommand {
-    /// Roll back to a committed checkpoint.
-    #[serde(rename_all = "camelCase")]
-    Restore {
-        /// Generation being applied.
-        generation: u64,
-        /// Checkpoint step.
-        checkpoint_step: u64,
-    },
-    /// Load experts onto local chips.
-    LoadExperts {
-        /// Generation being applied.
-        generation: u64,
-    },
-    /// Route by the placement of `generation`.
-    Reroute {
-        /// Generation.
-        generation: u64,
-    },
-}
+/// The agent's command to a local worker: the agent's own type, so the protocol cannot drift.
+pub use ninelives_agent::exec::WorkerCommand;
 
 /// One request, with the channel its answer goes back on.
 #[derive(Debug)]
@@ -125,6 +103,7 @@ pub async fn serve(listener: TcpListener, tx: mpsc::Sender<CommandRequest>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ninelives_agent::exec::{ExpertLoad, ExpertSource};
 
     fn request(body: &str) -> Vec<u8> {
         format!(
@@ -144,7 +123,15 @@ mod tests {
             parse_request(&request(
                 r#"{"op":"loadExperts","generation":8,"experts":[{"layer":3,"expert":17,"chip":2,"source":{"kind":"peer","node":"n5","chip":1}}]}"#
             )),
-            Ok(WorkerCommand::LoadExperts { generation: 8 })
+            Ok(WorkerCommand::LoadExperts {
+                generation: 8,
+                experts: vec![ExpertLoad {
+                    layer: 3,
+                    expert: 17,
+                    chip: 2,
+                    source: ExpertSource::Peer { node: "n5".into(), chip: 1 },
+                }]
+            })
         );
         assert_eq!(
             parse_request(&request(r#"{"op":"reroute","generation":3}"#)),
