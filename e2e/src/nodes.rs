@@ -230,7 +230,11 @@ impl Runtime {
             })
             .filter_map(|p| p.spec.as_ref()?.node_name.clone())
             .collect();
-        let Some(node) = self.nodes.iter().find(|n| !taken.contains(n)) else {
+        // A pod pinned by hostname (the operator moving a rank to a spare) goes there or nowhere.
+        let pinned = spec.node_selector.as_ref().and_then(|sel| sel.get("kubernetes.io/hostname"));
+        let Some(node) =
+            self.nodes.iter().filter(|n| pinned.is_none_or(|p| p == *n)).find(|n| !taken.contains(n))
+        else {
             return Ok(()); // unschedulable for now; retried on the next pod event
         };
         let binding = Binding {

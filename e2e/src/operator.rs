@@ -20,6 +20,10 @@ pub enum WorkerCommand {
     /// it received in `NINELIVES_JOB` with `ninelives validate`, then "trains" for
     /// `spec.training.steps / 10` seconds.
     StandIn,
+    /// The operator's recovery brain with expert-parallel members (`--recovery=brain`): every
+    /// pod is one member of the job, on loopback (all pods of the test bed share this host),
+    /// one tensor thread each.
+    Members,
 }
 
 impl WorkerCommand {
@@ -36,12 +40,41 @@ impl WorkerCommand {
 
     fn flags(&self) -> Vec<String> {
         match self {
-            WorkerCommand::Real => Vec::new(),
+            WorkerCommand::Real => vec!["--recovery=restart-pods".into()],
             WorkerCommand::StandIn => {
                 let script = r#"printf '%s' "$NINELIVES_JOB" > job.json && ninelives validate job.json && test -n "$NINELIVES_NODE" && sleep $(( {steps} / 10 ))"#;
-                ["--worker-command=sh", "--worker-arg=-c", &format!("--worker-arg={script}")]
-                    .map(String::from)
-                    .to_vec()
+                [
+                    "--recovery=restart-pods",
+                    "--worker-command=sh",
+                    "--worker-arg=-c",
+                    &format!("--worker-arg={script}"),
+                ]
+                .map(String::from)
+                .to_vec()
+            }
+            WorkerCommand::Members => {
+                let args = [
+                    "worker",
+                    "train",
+                    "env:NINELIVES_JOB",
+                    "--steps",
+                    "{steps}",
+                    "--checkpoint-dir",
+                    "{checkpointDir}",
+                    "--rank",
+                    "$(NINELIVES_RANK)",
+                    "--etcd",
+                    "$(NINELIVES_ETCD_ENDPOINTS)",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--threads",
+                    "1",
+                    "--step-timeout-seconds",
+                    "30",
+                ];
+                let mut flags = vec!["--recovery=brain".to_string()];
+                flags.extend(args.iter().map(|a| format!("--worker-arg={a}")));
+                flags
             }
         }
     }

@@ -5,7 +5,7 @@
 //! pods → write status (only when changed) → record Events. `finalizer()` is the one top-level
 //! action, so deletion runs the cleanup (pods, service, etcd keys) before the job disappears.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -15,18 +15,23 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use ninelives_core::TrainingJob;
 use ninelives_core::validate::{validate_name, validate_spec};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tracing::{info, warn};
 
 use crate::backoff::ObjectBackoff;
+use crate::driver::{Drivers, read_view};
 use crate::error::{Error, Result};
 use crate::etcd::EtcdConfig;
-use crate::lifecycle::{JobEvent, Plan, Severity, plan};
+use crate::lifecycle::{JobEvent, Plan, Severity, plan_with};
 use crate::metrics::Metrics;
-use crate::resources::{WorkerTemplate, desired_pods, desired_service, job_selector};
+use crate::resources::{
+    Assignment, Recovery, WorkerTemplate, assigned_pods, desired_pods, desired_service, job_selector,
+};
 
 /// Finalizer that keeps a deleted job until its pods, service and etcd keys are gone.
 pub const FINALIZER: &str = "ninelives.io/cleanup";
@@ -49,6 +54,11 @@ pub struct Context {
     pub backoff: ObjectBackoff,
     /// Event recorder.
     pub recorder: Recorder,
+    /// The recovery brain's driver tasks ([`Recovery::Brain`]).
+    pub drivers: Drivers,
+    /// Asks the controller to reconcile a job (the drivers' way to hand it pod and status work).
+    pub trigger: UnboundedSender<ObjectRef<TrainingJob>>,
+    triggered: Mutex<Option<UnboundedReceiver<ObjectRef<TrainingJob>>>>,
 }
 
 impl Context {
@@ -61,7 +71,11 @@ impl Context {
         instance: &str,
     ) -> Self {
         let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(instance.into()) };
+        let (trigger, triggered) = tokio::sync::mpsc::unbounded_channel();
         Self {
+            drivers: Drivers::default(),
+            trigger,
+            triggered: Mutex::new(Some(triggered)),
             recorder: Recorder::new(client.clone(), reporter),
             client,
             template,
@@ -82,8 +96,15 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     let jobs: Api<TrainingJob> = Api::all(client.clone());
     let pods: Api<Pod> = Api::all(client);
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=ninelives-operator");
+    let triggered = ctx.triggered.lock().ok().and_then(|mut t| t.take());
+    let triggers = futures::stream::unfold(triggered, |rx| async move {
+        let mut rx = rx?;
+        let next = rx.recv().await?;
+        Some((next, Some(rx)))
+    });
     Controller::new(jobs, watcher::Config::default().any_semantic())
         .owns(pods, owned)
+        .reconcile_on(triggers)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -103,7 +124,10 @@ async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action> {
     let action = finalizer(&api, FINALIZER, job, |event| async move {
         match event {
             FinalizerEvent::Apply(job) => apply(&job, &inner).await,
-            FinalizerEvent::Cleanup(job) => cleanup(&job, &inner).await,
+            FinalizerEvent::Cleanup(job) => {
+                inner.drivers.stop(&self::key(&job));
+                cleanup(&job, &inner).await
+            }
         }
     })
     .await
@@ -131,13 +155,34 @@ fn invalid_message(job: &TrainingJob) -> Option<String> {
     (!violations.is_empty()).then(|| violations.join("; "))
 }
 
-async fn apply(job: &TrainingJob, ctx: &Context) -> Result<Action> {
+async fn apply(job: &TrainingJob, ctx: &Arc<Context>) -> Result<Action> {
     let namespace = job.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
     let name = job.name_any();
     let invalid = invalid_message(job);
-    let desired = match invalid {
-        Some(_) => Vec::new(),
-        None => desired_pods(job, &ctx.template)?,
+    let brain = match (ctx.template.recovery, &invalid) {
+        (Recovery::Brain, None) => {
+            let terminal = job.status.as_ref().and_then(|s| s.phase).is_some_and(|p| {
+                matches!(p, ninelives_core::job::JobPhase::Succeeded | ninelives_core::job::JobPhase::Failed)
+            });
+            let view = read_view(ctx, &namespace, &name).await?;
+            let finished = view.state.as_ref().is_some_and(|s| s.phase.is_terminal());
+            if job.spec.suspend || terminal || finished {
+                ctx.drivers.stop(&key(job));
+            } else {
+                ctx.drivers.ensure(ctx, job, ctx.trigger.clone());
+            }
+            Some(view)
+        }
+        _ => None,
+    };
+    let desired = match (&invalid, brain.as_ref().and_then(|b| b.state.as_ref())) {
+        (Some(_), _) => Vec::new(),
+        (None, Some(state)) => {
+            let assignment: Assignment =
+                state.expected_ranks().map(|r| (r, state.node_names[r as usize].clone())).collect();
+            assigned_pods(job, &ctx.template, &assignment)?
+        }
+        (None, None) => desired_pods(job, &ctx.template)?,
     };
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let existing = pods
@@ -148,7 +193,7 @@ async fn apply(job: &TrainingJob, ctx: &Context) -> Result<Action> {
 
     let now = Timestamp::now().to_string();
     let Plan { create, delete, service, status, events } =
-        plan(job, desired, &existing, invalid.as_deref(), &now);
+        plan_with(job, desired, &existing, invalid.as_deref(), &now, brain.as_ref());
 
     if service {
         apply_service(job, ctx, &namespace).await?;

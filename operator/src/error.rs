@@ -73,6 +73,10 @@ pub enum Error {
     /// Registering metrics failed.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The recovery brain cannot act on the job's etcd state (malformed record or placement,
+    /// a decision the workers cannot carry out).
+    #[error("recovery brain: {0}")]
+    Brain(String),
 }
 
 impl Error {
@@ -93,6 +97,7 @@ impl Error {
             Error::ControllerStopped => "controller",
             Error::Io(_) => "io",
             Error::Metrics(_) => "metrics",
+            Error::Brain(_) => "brain",
         }
     }
 }

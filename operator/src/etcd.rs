@@ -26,7 +26,8 @@ pub struct EtcdConfig {
 }
 
 impl EtcdConfig {
-    async fn connect(&self) -> Result<Client> {
+    /// A client of the coordination etcd (TLS when a CA is configured).
+    pub async fn connect(&self) -> Result<Client> {
         let mut options = ConnectOptions::new().with_connect_timeout(TIMEOUT).with_timeout(TIMEOUT);
         if let Some(ca) = &self.ca_file {
             let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(tokio::fs::read(ca).await?));

@@ -26,6 +26,7 @@ use tracing::{error, info, warn};
 
 pub mod backoff;
 pub mod controller;
+pub mod driver;
 pub mod error;
 pub mod etcd;
 #[cfg(test)]
@@ -80,6 +81,11 @@ pub struct OperatorArgs {
     /// per job (default: `worker train env:NINELIVES_JOB --steps {steps} --checkpoint-dir {checkpointDir}`).
     #[arg(long = "worker-arg", allow_hyphen_values = true)]
     pub worker_args: Vec<String>,
+    /// Who handles failed workers: `brain` (the recovery brain drives expert-parallel members
+    /// through etcd) or `restart-pods` (a failed pod is replaced and counted; for workers that
+    /// do not speak the rendezvous protocol).
+    #[arg(long, default_value = "brain", value_parser = ["brain", "restart-pods"])]
+    pub recovery: String,
     /// Seconds to let reconciles in flight finish after SIGTERM.
     #[arg(long, default_value_t = 20)]
     pub shutdown_grace_seconds: u64,
@@ -87,7 +93,11 @@ pub struct OperatorArgs {
 
 impl OperatorArgs {
     fn template(&self) -> resources::WorkerTemplate {
-        let default = resources::WorkerTemplate::default();
+        let recovery = match self.recovery.as_str() {
+            "restart-pods" => resources::Recovery::RestartPods,
+            _ => resources::Recovery::Brain,
+        };
+        let default = resources::WorkerTemplate::new(recovery);
         resources::WorkerTemplate {
             image: self.worker_image.clone(),
             command: if self.worker_command.is_empty() {
@@ -97,6 +107,7 @@ impl OperatorArgs {
             },
             args: if self.worker_args.is_empty() { default.args } else { self.worker_args.clone() },
             etcd_endpoints: self.etcd.clone(),
+            ..default
         }
     }
 
@@ -225,6 +236,7 @@ async fn lead_while_elected(
         &identity,
     ));
     let (stop_controller, controller_stopped) = oneshot::channel::<()>();
+    let drivers = ctx.clone();
     let mut controller = tokio::spawn(controller::run(ctx, async move {
         let _ = controller_stopped.await;
     }));
@@ -250,6 +262,8 @@ async fn lead_while_elected(
         warn!("reconciles still running after the grace period; stopping them");
         controller.abort();
     }
+    // A replica that is not leading must not drive any job.
+    drivers.drivers.stop_all();
     metrics.set_leader(false);
     if outcome.is_ok() {
         // Hand over at once instead of making the standby wait out the lease.

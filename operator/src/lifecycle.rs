@@ -10,7 +10,10 @@ use kube::ResourceExt;
 use ninelives_core::TrainingJob;
 use ninelives_core::job::{JobCondition, JobPhase, TrainingJobStatus};
 
-use crate::resources::{ROLE_LABEL, Role, pod_template_hash};
+use k8s_openapi::jiff::Timestamp;
+use ninelives_core::recovery::{BrainPhase, ProgressRecord, RecoveryState};
+
+use crate::resources::{HOSTNAME_LABEL, RANK_LABEL, ROLE_LABEL, Role, pod_template_hash};
 
 /// Condition types, always all present, in this order.
 pub const CONDITION_TYPES: [&str; 5] = ["Ready", "Suspended", "Invalid", "Succeeded", "Failed"];
@@ -90,6 +93,34 @@ pub fn plan(
     invalid: Option<&str>,
     now: &str,
 ) -> Plan {
+    plan_with(job, desired, existing, invalid, now, None)
+}
+
+/// What the recovery brain's record in etcd says about a job (`None` state: not started yet,
+/// i.e. the pods are not all scheduled, so no node table exists).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BrainView {
+    /// The record at `jobs/<ns>/<job>/recovery`.
+    pub state: Option<RecoveryState>,
+    /// Progress reported by the lead member.
+    pub progress: Option<ProgressRecord>,
+}
+
+/// Recoveries kept in `status.recentRecoveries`.
+pub const RECENT_RECOVERIES: usize = 5;
+
+/// [`plan`] with the recovery brain in charge of failures (`brain`: its record; `desired`: from
+/// [`crate::resources::assigned_pods`] once the record exists). A failed worker pod is replaced
+/// only when the brain ordered its rank restarted, a rank the brain moved to another node is
+/// recreated there, and phase, recoveries and failure come from the record.
+pub fn plan_with(
+    job: &TrainingJob,
+    desired: Vec<Pod>,
+    existing: &[Pod],
+    invalid: Option<&str>,
+    now: &str,
+    brain: Option<&BrainView>,
+) -> Plan {
     let prior = job.status.clone().unwrap_or_default();
     let prior_phase = prior.phase;
     let spec = &job.spec;
@@ -127,6 +158,10 @@ pub fn plan(
     } else if spec.suspend {
         delete.extend(live.iter().map(|p| p.name_any()));
         JobPhase::Suspended
+    } else if let Some(view) = brain {
+        let (phase, why) = brain_phase(view, desired, existing, &live, &mut create, &mut delete);
+        detail = why;
+        phase
     } else {
         let by_name: BTreeMap<String, &Pod> = existing.iter().map(|p| (p.name_any(), p)).collect();
         let wanted: BTreeSet<String> = desired.iter().map(|p| p.name_any()).collect();
@@ -219,6 +254,18 @@ pub fn plan(
     let mut status = prior.clone();
     status.phase = Some(phase);
     status.recoveries = recoveries;
+    if let Some(state) = brain.and_then(|b| b.state.as_ref()) {
+        status.recoveries = state.recoveries;
+        status.placement_generation = state.generation;
+        status.failed_chips = u32::try_from(state.excluded.len()).unwrap_or(u32::MAX);
+        let skip = state.history.len().saturating_sub(RECENT_RECOVERIES);
+        status.recent_recoveries =
+            state.history.iter().skip(skip).map(|r| r.to_status(rfc3339(r.resumed_at))).collect();
+    }
+    if let Some(p) = brain.and_then(|b| b.progress) {
+        status.step = p.step;
+        status.last_loss = p.loss;
+    }
     status.observed_generation = job.metadata.generation;
     status.healthy_chips = running_workers.saturating_mul(chips);
     status.spare_chips = running_spares.saturating_mul(chips);
@@ -228,10 +275,121 @@ pub fn plan(
     Plan { create, delete: delete.into_iter().collect(), service, status, events }
 }
 
+/// RFC 3339 of a unix time (the brain's clock is a number).
+fn rfc3339(unix: f64) -> String {
+    Timestamp::from_second(unix.round() as i64).map(|t| t.to_string()).unwrap_or_default()
+}
+
+/// The brain branch of [`plan_with`]: pods to create and delete, the phase, and its detail.
+fn brain_phase(
+    view: &BrainView,
+    desired: Vec<Pod>,
+    existing: &[Pod],
+    live: &[&Pod],
+    create: &mut Vec<Pod>,
+    delete: &mut BTreeSet<String>,
+) -> (JobPhase, String) {
+    let by_name: BTreeMap<String, &Pod> = existing.iter().map(|p| (p.name_any(), p)).collect();
+    let wanted: BTreeSet<String> = desired.iter().map(|p| p.name_any()).collect();
+    let state = view.state.as_ref();
+    let restarting: BTreeSet<u32> =
+        state.and_then(|s| s.active.as_ref()).map(|a| a.restarted.clone()).unwrap_or_default();
+    let spares: BTreeSet<&str> =
+        state.map(|s| s.spares.iter().map(String::as_str).collect()).unwrap_or_default();
+    for pod in live {
+        let name = pod.name_any();
+        if wanted.contains(&name) {
+            continue;
+        }
+        // Before the record exists every desired pod is listed; after it, a spare stays while
+        // the record still counts its node as a spare.
+        let standing_by = is_spare(pod)
+            && !matches!(pod_phase(pod), "Succeeded" | "Failed")
+            && pod_node(pod).is_some_and(|n| spares.contains(n));
+        if !standing_by {
+            delete.insert(name);
+        }
+    }
+    let (mut running, mut succeeded, mut waiting) = (0u32, 0u32, Vec::new());
+    let expected = desired.iter().filter(|p| !is_spare(p)).count();
+    for pod in desired {
+        let name = pod.name_any();
+        let Some(current) = by_name.get(&name) else {
+            create.push(pod);
+            continue;
+        };
+        if is_deleting(current) {
+            continue;
+        }
+        let pinned = pod.spec.as_ref().and_then(|s| s.node_selector.as_ref()?.get(HOSTNAME_LABEL).cloned());
+        let moved = pinned.is_some_and(|node| pod_node(current).is_some_and(|n| n != node));
+        if pod_template_hash(current) != pod_template_hash(&pod) || moved {
+            delete.insert(name);
+            continue;
+        }
+        let rank = current.labels().get(RANK_LABEL).and_then(|r| r.parse::<u32>().ok());
+        match (pod_phase(current), is_spare(current)) {
+            ("Running", false) => running += 1,
+            ("Succeeded", false) => succeeded += 1,
+            ("Failed", false) if rank.is_some_and(|r| restarting.contains(&r)) => {
+                delete.insert(name);
+            }
+            ("Failed", false) => waiting.push(format!("{name} ({})", exit_detail(current))),
+            ("Failed" | "Succeeded", true) => {
+                delete.insert(name);
+            }
+            _ => {}
+        }
+    }
+    let expected = u32::try_from(expected).unwrap_or(u32::MAX);
+    let phase = state.map(|s| s.phase);
+    if phase == Some(BrainPhase::Failed) {
+        for pod in live {
+            if !matches!(pod_phase(pod), "Succeeded" | "Failed") {
+                delete.insert(pod.name_any());
+            }
+        }
+        let why = state
+            .and_then(|s| s.failure.clone())
+            .unwrap_or_else(|| "the recovery brain failed the job".into());
+        return (JobPhase::Failed, why);
+    }
+    if expected > 0 && succeeded == expected {
+        for pod in live {
+            if is_spare(pod) {
+                delete.insert(pod.name_any());
+            }
+        }
+        return (JobPhase::Succeeded, String::new());
+    }
+    if let Some(active) = state.and_then(|s| s.active.as_ref()) {
+        let triggers: Vec<String> = active.triggers.iter().map(ToString::to_string).collect();
+        return (
+            JobPhase::Recovering,
+            format!("{} by {} (generation {})", triggers.join(", "), active.rung, active.generation),
+        );
+    }
+    if !waiting.is_empty() {
+        return (
+            JobPhase::Running,
+            format!("worker {} failed; the recovery brain decides", waiting.join(", ")),
+        );
+    }
+    if running + succeeded == expected && phase.is_some_and(|p| p != BrainPhase::Starting) {
+        return (JobPhase::Running, String::new());
+    }
+    (JobPhase::Pending, String::new())
+}
+
+fn pod_node(pod: &Pod) -> Option<&str> {
+    pod.spec.as_ref()?.node_name.as_deref()
+}
+
 fn transition_event(prior: Option<JobPhase>, phase: JobPhase, nodes: u32, detail: &str) -> JobEvent {
     let (severity, reason, note) = match phase {
         JobPhase::Pending => (Severity::Normal, "Pending", format!("waiting for {nodes} workers to run")),
         JobPhase::Running => (Severity::Normal, "Running", format!("all {nodes} workers are running")),
+        JobPhase::Recovering if !detail.is_empty() => (Severity::Warning, "Recovering", detail.to_string()),
         JobPhase::Recovering => (Severity::Warning, "Recovering", "replacing failed workers".into()),
         JobPhase::Suspended => {
             (Severity::Normal, "Suspended", "spec.suspend is true; worker pods deleted".into())
@@ -278,7 +436,10 @@ fn conditions(
                     (true, "AllWorkersSucceeded", format!("all {nodes} workers finished training"))
                 }
                 ("Succeeded", _) => (false, phase_name(phase), String::new()),
-                ("Failed", JobPhase::Failed) => (true, "MaxRecoveriesExceeded", detail.to_string()),
+                ("Failed", JobPhase::Failed) if detail.contains("maxRecoveries") => {
+                    (true, "MaxRecoveriesExceeded", detail.to_string())
+                }
+                ("Failed", JobPhase::Failed) => (true, "RecoveryFailed", detail.to_string()),
                 _ => (false, phase_name(phase), String::new()),
             };
             let status = if on { "True" } else { "False" }.to_string();
@@ -450,5 +611,136 @@ mod tests {
         let plan = plan(&job, desired(&job), &pods, None, T0);
         assert!(plan.create.is_empty() && plan.delete.is_empty());
         assert_eq!(plan.status.phase, Some(JobPhase::Pending));
+    }
+
+    mod brain {
+        use ninelives_core::recovery::{ActiveRecovery, BrainPhase, RecoveryState, Rung};
+
+        use super::*;
+        use crate::resources::{Assignment, Recovery, assigned_pods};
+
+        fn template() -> WorkerTemplate {
+            WorkerTemplate::new(Recovery::Brain)
+        }
+
+        /// `pod` bound to `node`.
+        fn on(mut pod: Pod, node: &str) -> Pod {
+            pod.spec.get_or_insert_with(Default::default).node_name = Some(node.into());
+            pod
+        }
+
+        /// The pods of a 2-node job with one spare, scheduled on n0, n1 and s0, all in `phase`.
+        fn scheduled(job: &TrainingJob, phase: &str) -> Vec<Pod> {
+            let pods = desired_pods(job, &template()).unwrap();
+            pods.into_iter().zip(["n0", "n1", "s0"]).map(|(p, n)| on(with_phase(p, phase), n)).collect()
+        }
+
+        fn view(state: RecoveryState) -> BrainView {
+            BrainView { state: Some(state), progress: Some(ProgressRecord { step: 12, loss: Some(2.5) }) }
+        }
+
+        fn assigned(job: &TrainingJob, state: &RecoveryState) -> Vec<Pod> {
+            let a: Assignment =
+                state.expected_ranks().map(|r| (r, state.node_names[r as usize].clone())).collect();
+            assigned_pods(job, &template(), &a).unwrap()
+        }
+
+        fn running_state() -> RecoveryState {
+            let mut s = RecoveryState::new(vec!["n0".into(), "n1".into()], vec!["s0".into()]);
+            s.phase = BrainPhase::Running;
+            s.generation = 3;
+            s
+        }
+
+        fn active(rung: Rung, restarted: &[u32]) -> ActiveRecovery {
+            ActiveRecovery {
+                id: 1,
+                triggers: Vec::new(),
+                rung,
+                generation: 4,
+                fault_at: None,
+                detected_at: 0.0,
+                deadline: 60.0,
+                step_at_detection: 12,
+                rollback_to: Some(10),
+                plan_tier: "reshard".into(),
+                experts_moved: 3,
+                restarted: restarted.iter().copied().collect(),
+                attempts: Vec::new(),
+            }
+        }
+
+        #[test]
+        fn before_the_record_every_pod_is_created_and_spares_stand_by() {
+            let job = job("tiny").spares(1).build();
+            let pending = BrainView::default();
+            let plan =
+                plan_with(&job, desired_pods(&job, &template()).unwrap(), &[], None, T0, Some(&pending));
+            assert_eq!(plan.create.len(), 3);
+            assert_eq!(plan.status.phase, Some(JobPhase::Pending));
+        }
+
+        #[test]
+        fn running_members_on_their_nodes_are_left_alone_and_status_comes_from_the_record() {
+            let job = job("tiny").spares(1).build();
+            let state = running_state();
+            let pods = scheduled(&job, "Running");
+            let plan = plan_with(&job, assigned(&job, &state), &pods, None, T0, Some(&view(state)));
+            assert!(plan.create.is_empty() && plan.delete.is_empty(), "{:?}", plan.delete);
+            assert_eq!(plan.status.phase, Some(JobPhase::Running));
+            assert_eq!((plan.status.placement_generation, plan.status.step), (3, 12));
+        }
+
+        #[test]
+        fn a_failed_member_waits_for_the_brain_then_is_restarted_when_ordered() {
+            let job = job("tiny").spares(1).build();
+            let mut pods = scheduled(&job, "Running");
+            pods[1] = with_phase(pods[1].clone(), "Failed");
+            let state = running_state();
+            let plan = plan_with(&job, assigned(&job, &state), &pods, None, T0, Some(&view(state.clone())));
+            assert!(plan.delete.is_empty(), "not before the brain decides");
+            let mut recovering = state;
+            recovering.phase = BrainPhase::Recovering;
+            recovering.recoveries = 1;
+            recovering.active = Some(active(Rung::Restore, &[1]));
+            let plan = plan_with(&job, assigned(&job, &recovering), &pods, None, T0, Some(&view(recovering)));
+            assert_eq!(plan.delete, ["tiny-1"]);
+            assert_eq!((plan.status.phase, plan.status.recoveries), (Some(JobPhase::Recovering), 1));
+            assert!(plan.events.iter().any(|e| e.reason == "Recovering" && e.note.contains("restore")));
+        }
+
+        #[test]
+        fn a_rank_moved_to_the_spare_is_recreated_there_and_the_spare_pod_goes() {
+            let job = job("tiny").spares(1).build();
+            let mut pods = scheduled(&job, "Running");
+            pods[1] = with_phase(pods[1].clone(), "Failed");
+            let mut state = running_state();
+            state.node_names[1] = "s0".into();
+            state.spares.clear();
+            let desired = assigned(&job, &state);
+            let plan = plan_with(&job, desired.clone(), &pods, None, T0, Some(&view(state.clone())));
+            assert_eq!(plan.delete, ["tiny-1", "tiny-2"], "the old rank-1 pod and the spare's standby pod");
+            let after: Vec<Pod> = vec![pods[0].clone()];
+            let plan = plan_with(&job, desired, &after, None, T0, Some(&view(state)));
+            let selector = plan.create[0].spec.as_ref().unwrap().node_selector.clone().unwrap();
+            assert_eq!(selector[HOSTNAME_LABEL], "s0");
+        }
+
+        #[test]
+        fn a_job_the_brain_failed_is_failed_with_its_reason_and_stopped() {
+            let job = job("tiny").spares(1).build();
+            let mut state = running_state();
+            state.phase = BrainPhase::Failed;
+            state.failure = Some("recovery ladder exhausted: no spare".into());
+            let pods = scheduled(&job, "Running");
+            let plan = plan_with(&job, assigned(&job, &state), &pods, None, T0, Some(&view(state)));
+            assert_eq!(plan.status.phase, Some(JobPhase::Failed));
+            assert_eq!(plan.delete.len(), 3);
+            let failed = condition(&plan.status, "Failed");
+            assert_eq!(
+                (failed.reason.as_str(), failed.message.as_str()),
+                ("RecoveryFailed", "recovery ladder exhausted: no spare")
+            );
+        }
     }
 }

@@ -52,6 +52,18 @@ impl Role {
     }
 }
 
+/// Who handles a failed worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recovery {
+    /// The recovery brain (`ninelives_core::recovery`): the pods are the members of one
+    /// expert-parallel job, the brain publishes their generations through etcd and decides which
+    /// rank runs on which node; spares stand by without training.
+    Brain,
+    /// A failed pod is replaced and counted, nothing else (workers that do not speak the
+    /// rendezvous protocol, e.g. lifecycle tests with a stand-in worker).
+    RestartPods,
+}
+
 /// How worker containers are started; set by operator flags, the same for every job.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkerTemplate {
@@ -63,28 +75,64 @@ pub struct WorkerTemplate {
     pub args: Vec<String>,
     /// etcd endpoints handed to the workers (`NINELIVES_ETCD_ENDPOINTS`).
     pub etcd_endpoints: Vec<String>,
+    /// Who handles failures.
+    pub recovery: Recovery,
+    /// Command of spare pods under [`Recovery::Brain`]: they hold their node until the brain
+    /// moves a rank there (a fresh worker pod is started then).
+    pub standby_command: Vec<String>,
+}
+
+/// Arguments of a worker that trains the whole job alone ([`Recovery::RestartPods`]).
+pub const SINGLE_PROCESS_ARGS: [&str; 7] =
+    ["worker", "train", "env:NINELIVES_JOB", "--steps", "{steps}", "--checkpoint-dir", "{checkpointDir}"];
+
+/// Arguments of an expert-parallel member ([`Recovery::Brain`]): its rank, the rendezvous etcd,
+/// and the pod IP its peers reach it on.
+pub const MEMBER_ARGS: [&str; 15] = [
+    "worker",
+    "train",
+    "env:NINELIVES_JOB",
+    "--steps",
+    "{steps}",
+    "--checkpoint-dir",
+    "{checkpointDir}",
+    "--rank",
+    "$(NINELIVES_RANK)",
+    "--etcd",
+    "$(NINELIVES_ETCD_ENDPOINTS)",
+    "--listen",
+    "0.0.0.0:29500",
+    "--advertise",
+    "$(NINELIVES_POD_IP)",
+];
+
+impl WorkerTemplate {
+    /// The default template for `recovery`.
+    pub fn new(recovery: Recovery) -> Self {
+        let args: &[&str] = match recovery {
+            Recovery::Brain => &MEMBER_ARGS,
+            Recovery::RestartPods => &SINGLE_PROCESS_ARGS,
+        };
+        Self {
+            image: "ghcr.io/ninelives/ninelives:latest".into(),
+            command: vec!["ninelives".into()],
+            args: args.iter().map(|a| (*a).to_string()).collect(),
+            etcd_endpoints: Vec::new(),
+            recovery,
+            standby_command: vec!["sleep".into(), "infinity".into()],
+        }
+    }
 }
 
 impl Default for WorkerTemplate {
     fn default() -> Self {
-        Self {
-            image: "ghcr.io/ninelives/ninelives:latest".into(),
-            command: vec!["ninelives".into()],
-            args: [
-                "worker",
-                "train",
-                "env:NINELIVES_JOB",
-                "--steps",
-                "{steps}",
-                "--checkpoint-dir",
-                "{checkpointDir}",
-            ]
-            .map(String::from)
-            .to_vec(),
-            etcd_endpoints: Vec::new(),
-        }
+        Self::new(Recovery::RestartPods)
     }
 }
+
+/// Where the recovery brain wants each training rank, from its record in etcd: rank → node.
+/// Ranks the brain dropped are absent.
+pub type Assignment = BTreeMap<u32, String>;
 
 /// Name of the worker pod of `rank` (also its hostname).
 pub fn pod_name(job: &str, rank: u32) -> String {
@@ -189,6 +237,33 @@ pub fn desired_pods(job: &TrainingJob, template: &WorkerTemplate) -> Result<Vec<
     training.chain(spares).map(|(rank, role)| worker_pod(job, template, rank, role)).collect()
 }
 
+/// The worker pods of the ranks the recovery brain assigned, each pinned to its node. The pin
+/// is not part of the template hash: a pod already running where the brain put it (the
+/// scheduler chose the first nodes) is left alone, and only a rank the brain moved is
+/// recreated. Spares are not desired any more once the brain assigned nodes: the brain's
+/// record lists which of the existing ones are still standing by.
+pub fn assigned_pods(
+    job: &TrainingJob,
+    template: &WorkerTemplate,
+    assignment: &Assignment,
+) -> Result<Vec<Pod>> {
+    assignment
+        .iter()
+        .map(|(&rank, node)| {
+            let mut pod = worker_pod(job, template, rank, Role::Worker)?;
+            if let Some(spec) = pod.spec.as_mut() {
+                spec.node_selector
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(HOSTNAME_LABEL.to_string(), node.clone());
+            }
+            Ok(pod)
+        })
+        .collect()
+}
+
+/// The well-known node label pods are pinned by.
+pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
+
 fn worker_pod(job: &TrainingJob, template: &WorkerTemplate, rank: u32, role: Role) -> Result<Pod> {
     let name = job.name_any();
     let spec = &job.spec;
@@ -224,11 +299,12 @@ fn worker_pod(job: &TrainingJob, template: &WorkerTemplate, rank: u32, role: Rol
         None => (None, None),
     };
 
+    let standby = role == Role::Spare && template.recovery == Recovery::Brain;
     let container = Container {
         name: "worker".into(),
         image: Some(spec.pod.image.clone().unwrap_or_else(|| template.image.clone())),
-        command: Some(template.command.clone()),
-        args: Some(args),
+        command: Some(if standby { template.standby_command.clone() } else { template.command.clone() }),
+        args: Some(if standby { Vec::new() } else { args }),
         env: Some(vec![
             env("NINELIVES_JOB", job_document(job)?),
             env("NINELIVES_RANK", rank.to_string()),
@@ -238,6 +314,7 @@ fn worker_pod(job: &TrainingJob, template: &WorkerTemplate, rank: u32, role: Rol
             env_field("NINELIVES_NODE", "spec.nodeName"),
             env_field("NINELIVES_POD", "metadata.name"),
             env_field("NINELIVES_NAMESPACE", "metadata.namespace"),
+            env_field("NINELIVES_POD_IP", "status.podIP"),
         ]),
         resources: spec.pod.resources.clone(),
         volume_mounts: mounts,
@@ -264,7 +341,7 @@ fn worker_pod(job: &TrainingJob, template: &WorkerTemplate, rank: u32, role: Rol
                         match_labels: Some(BTreeMap::from([(JOB_LABEL.to_string(), name.clone())])),
                         match_expressions: None,
                     }),
-                    topology_key: "kubernetes.io/hostname".into(),
+                    topology_key: HOSTNAME_LABEL.into(),
                     ..PodAffinityTerm::default()
                 }]),
                 preferred_during_scheduling_ignored_during_execution: None,
@@ -369,6 +446,23 @@ mod tests {
         let doc = env["NINELIVES_JOB"].value.as_deref().unwrap();
         let parsed = ninelives_core::manifest::parse_job(doc).expect("workers can parse NINELIVES_JOB");
         assert_eq!(parsed.spec, job.spec);
+    }
+
+    #[test]
+    fn brain_mode_runs_members_pins_moved_ranks_and_keeps_spares_idle() {
+        let job = job("tiny").nodes(2).spares(1).build();
+        let template = WorkerTemplate::new(Recovery::Brain);
+        let pods = desired_pods(&job, &template).unwrap();
+        let args = pods[0].spec.as_ref().unwrap().containers[0].args.clone().unwrap();
+        assert!(args.windows(2).any(|w| w == ["--rank", "$(NINELIVES_RANK)"]), "{args:?}");
+        let spare = &pods[2].spec.as_ref().unwrap().containers[0];
+        assert_eq!(spare.command.as_deref(), Some(&["sleep".to_string(), "infinity".to_string()][..]));
+        let assignment = Assignment::from([(0, "node-a".to_string()), (1, "node-s".to_string())]);
+        let pinned = assigned_pods(&job, &template, &assignment).unwrap();
+        assert_eq!(pinned.len(), 2, "no spares once the brain assigned nodes");
+        let selector = pinned[1].spec.as_ref().unwrap().node_selector.clone().unwrap();
+        assert_eq!(selector[HOSTNAME_LABEL], "node-s");
+        assert_eq!(pod_template_hash(&pinned[1]), pod_template_hash(&pods[1]), "the pin is not in the hash");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use super::state::{
 };
 use crate::job::{RecoveryTier, TrainingJobSpec};
 use crate::placement::{
-    ChipId, ExpertLoad, FailedChips, GroupPlacement, Move, Placement, PlacementShape, PlanError,
+    ChipId, ExpertLoad, FailedChips, GroupPlacement, Move, Placement, PlacementShape, PlanError, Redundancy,
     ReplanOptions, Source, Tier, initial_placement, replan,
 };
 use crate::validate::JobShape;
@@ -42,6 +42,10 @@ pub struct BrainConfig {
     pub total_steps: u64,
     /// See [`DEFAULT_REJOIN_AFTER_SECONDS`].
     pub rejoin_after_s: f64,
+    /// Whether a node can copy an expert's live state from a peer ([`Source::Peer`] loads, done
+    /// by agents). Expert-parallel worker processes cannot: for them every attempt that moves an
+    /// expert or restarts a worker rolls the job back to the newest checkpoint.
+    pub peer_copies: bool,
 }
 
 impl BrainConfig {
@@ -73,7 +77,23 @@ impl BrainConfig {
             max_recoveries: policy.max_recoveries,
             total_steps: spec.training.steps,
             rejoin_after_s: DEFAULT_REJOIN_AFTER_SECONDS,
+            peer_copies: true,
         })
+    }
+
+    /// This configuration for expert-parallel worker processes (Kubernetes), which apply
+    /// generations themselves: no peer copies, and lost redundancy is not re-created and nothing
+    /// rebalanced, so a reroute moves no expert and keeps every member's memory.
+    #[must_use]
+    pub fn for_expert_parallel(mut self) -> Self {
+        self.peer_copies = false;
+        self.options = ReplanOptions {
+            redundancy: Redundancy::Defer,
+            rebalance: false,
+            rebalance_threshold: f64::INFINITY,
+            rebalance_target: 1.0,
+        };
+        self
     }
 }
 
@@ -448,8 +468,13 @@ impl Decider<'_> {
         let acks = self.obs.acks.get(&generation);
         let participants: Vec<u32> = self.st.expected_ranks().collect();
         let mut waiting = Vec::new();
+        let joined = self.obs.joined.get(&generation);
         for &n in &participants {
             let name = &self.st.node_names[n as usize];
+            // An expert-parallel worker applies the generation itself and says so.
+            if joined.is_some_and(|ranks| ranks.contains(&n)) {
+                continue;
+            }
             match acks.and_then(|a| a.get(name)) {
                 Some(ack) if ack.outcome == AckOutcome::Applied => {}
                 Some(ack) => {
@@ -729,7 +754,9 @@ impl Decider<'_> {
         let prior_rollback = self.st.active.as_ref().and_then(|a| a.rollback_to);
         // Once an attempt rolled back, every later attempt rolls back to the same checkpoint:
         // some nodes may already have restored it.
-        let rollback = prior_rollback.or((p.force_rollback || p.checkpoint_loads).then_some(newest));
+        let no_copies = !self.cfg.peer_copies && (!p.moves.is_empty() || !p.restart.is_empty());
+        let rollback =
+            prior_rollback.or((p.force_rollback || p.checkpoint_loads || no_copies).then_some(newest));
         let checkpoint_step = rollback.unwrap_or(newest);
         let control = ControlRecord::from_moves(
             generation,

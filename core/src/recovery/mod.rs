@@ -40,7 +40,7 @@ mod tests;
 
 pub use brain::{Action, BrainConfig, BrainError, DEFAULT_REJOIN_AFTER_SECONDS, Decision, decide};
 pub use control::{Ack, AckOutcome, ControlRecord, LoadSource, LocalLoad};
-pub use observe::{CheckpointRecord, NodeView, Observation, ProgressRecord};
+pub use observe::{CheckpointRecord, MemberAck, NodeView, Observation, ProgressRecord};
 pub use state::{
     ActiveRecovery, Attempt, BrainPhase, CompletedRecovery, Exclusion, HISTORY_LIMIT, RecoveryState, Rung,
     STATE_VERSION, Trigger, TriggerKind,

@@ -39,6 +39,17 @@ pub struct CheckpointRecord {
     pub location: Option<String>,
 }
 
+/// A worker's acknowledgement of a generation at `jobs/<ns>/<job>/acks/<gen>/<rank>`: the
+/// expert-parallel member of `rank` restored the generation's state and stands at `step`.
+/// Written by the member itself (it applies generations without an agent), so it is keyed by
+/// rank where an agent's [`Ack`] is keyed by node name.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberAck {
+    /// Updates the member has applied.
+    pub step: u64,
+}
+
 /// Everything one decision looks at.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Observation {
@@ -54,6 +65,8 @@ pub struct Observation {
     pub step: Option<u64>,
     /// Acknowledgements by generation, then node name.
     pub acks: BTreeMap<u64, BTreeMap<String, Ack>>,
+    /// Ranks whose worker acknowledged each generation itself ([`MemberAck`]).
+    pub joined: BTreeMap<u64, BTreeSet<u32>>,
 }
 
 impl Observation {
@@ -118,6 +131,12 @@ impl Observation {
                     bad.push(malformed(key, "expected acks/<generation>/<node>"));
                     continue;
                 };
+                if let (Ok(g), Ok(rank)) = (generation.parse::<u64>(), node.parse::<u32>())
+                    && serde_json::from_slice::<MemberAck>(value).is_ok()
+                {
+                    obs.joined.entry(g).or_default().insert(rank);
+                    continue;
+                }
                 match (generation.parse::<u64>(), Ack::parse(key, value)) {
                     (Ok(g), Ok(a)) if a.generation == g && a.node == node => {
                         obs.acks.entry(g).or_default().insert(node.to_string(), a);
@@ -158,6 +177,8 @@ mod tests {
             ("/nl/jobs/default/tiny/progress", br#"{"step":61,"loss":2.5}"#),
             ("/nl/jobs/default/tiny/acks/4/n0", br#"{"node":"n0","generation":4,"outcome":"applied"}"#),
             ("/nl/jobs/default/tiny/acks/4/n1", br#"{"node":"n0","generation":4,"outcome":"applied"}"#),
+            ("/nl/jobs/default/tiny/acks/4/2", br#"{"step":17}"#),
+            ("/nl/jobs/default/tiny/acks/4/3", br#"{"steps":17}"#),
             ("/nl/jobs/default/other/members/1", b"{}"),
         ];
         let (obs, bad) = Observation::from_kvs(&ks, "default", "tiny", 100.0, kvs);
@@ -169,6 +190,7 @@ mod tests {
         assert_eq!(obs.step, Some(61));
         assert_eq!(obs.acks[&4].len(), 1);
         assert_eq!(obs.acks[&4]["n0"].outcome, AckOutcome::Applied);
+        assert_eq!(obs.joined[&4], BTreeSet::from([2]));
         let bad_keys: Vec<&str> = bad.iter().map(|m| m.key.as_str()).collect();
         assert_eq!(
             bad_keys,
@@ -176,7 +198,8 @@ mod tests {
                 "/nl/nodes/n0/chips/4",
                 "/nl/jobs/default/tiny/members/x",
                 "/nl/jobs/default/tiny/checkpoints/000000000050",
-                "/nl/jobs/default/tiny/acks/4/n1"
+                "/nl/jobs/default/tiny/acks/4/n1",
+                "/nl/jobs/default/tiny/acks/4/3"
             ]
         );
         assert_eq!(obs.checkpoint_at_or_before(24), None);

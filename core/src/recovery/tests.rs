@@ -34,6 +34,7 @@ fn config(shape: PlacementShape) -> BrainConfig {
         max_recoveries: 10,
         total_steps: 300,
         rejoin_after_s: 60.0,
+        peer_copies: true,
     }
 }
 
@@ -237,6 +238,48 @@ fn chip_fault_without_replicas_reshards_from_the_last_checkpoint() {
     let r = sim.recoveries()[0];
     assert_eq!((r.tier, r.steps_lost, r.rollback_to), (Rung::Reshard, 10, Some(50)));
     assert_eq!(r.plan_tier, "reshard");
+}
+
+#[test]
+fn expert_parallel_workers_acknowledge_generations_themselves() {
+    // Kubernetes with expert-parallel members: no agent executes the generation, each member
+    // restores its state and writes `acks/<gen>/<rank>`; the brain needs nothing else.
+    let mut sim = Sim::running(single(), 0);
+    sim.acks = false;
+    let chip = sim.busy_chip(2);
+    sim.chip("n2", chip, ChipState::Failed, "link-down");
+    sim.tick();
+    let generation = sim.st.generation;
+    sim.later(0.5);
+    sim.obs.joined.insert(generation, BTreeSet::from([0, 1, 2]));
+    assert!(sim.tick().is_empty(), "rank 3 has not joined yet");
+    assert_eq!(sim.st.phase, BrainPhase::Recovering);
+    sim.obs.joined.entry(generation).or_default().insert(3);
+    sim.tick();
+    let r = sim.recoveries()[0];
+    assert_eq!((r.tier, r.generation, r.rollback_to), (Rung::Reshard, generation, Some(50)));
+    assert_eq!(sim.st.phase, BrainPhase::Running);
+}
+
+#[test]
+fn expert_parallel_workers_roll_back_whenever_state_would_be_copied() {
+    // With agents, a replicated expert is copied from a live peer; worker processes cannot, so
+    // the same node loss rolls back to the checkpoint, and a reroute still moves nothing.
+    let mut sim = Sim::running(redundant().for_expert_parallel(), 1);
+    sim.kill_node("n3");
+    sim.later(4.0);
+    let actions = sim.tick();
+    let control = actions.iter().find_map(|a| match a {
+        Action::PublishPlacement { control, .. } => Some(control),
+        _ => None,
+    });
+    assert_eq!(control.and_then(|c| c.restore_step), Some(50), "{actions:?}");
+    let mut sim = Sim::running(redundant().for_expert_parallel(), 1);
+    let chip = sim.busy_chip(1);
+    sim.chip("n1", chip, ChipState::Failed, "hbm-ecc-uncorrectable");
+    let actions = sim.tick();
+    let Some(Action::PublishPlacement { control, .. }) = actions.first() else { panic!("{actions:?}") };
+    assert_eq!((control.restore_step, control.loads()), (None, 0), "a reroute keeps memory");
 }
 
 #[test]

@@ -209,6 +209,46 @@ pub fn decide(
     Decision::Publish(DistPlan { placement: next, members, experts, restore, tier: tier.into() })
 }
 
+/// The generation a recovery brain published (Kubernetes: the operator drives
+/// [`ninelives_core::recovery::decide`]), as the members' agreement.
+///
+/// `shape` is the job's own planner shape (a member stands for its node: it holds the experts of
+/// all its node's chips); `members` are the ranks the brain expects (dropped ones left out);
+/// `restore_step` is the brain's rollback (`Some(0)`: the seeded initial state). Without a
+/// rollback the members keep their memory, which works only when no member gains an expert it
+/// does not hold (a member can drop experts, not conjure them): anything else is an error the
+/// brain must not produce for expert-parallel workers (see `BrainConfig::for_expert_parallel`).
+pub fn from_brain(
+    shape: &PlacementShape,
+    placement: &Placement,
+    members: Vec<u32>,
+    restore_step: Option<u64>,
+    previous: Option<&DistPlan>,
+    tier: &str,
+) -> Result<DistPlan, String> {
+    let experts: BTreeMap<u32, Vec<ExpertId>> =
+        experts_by_node(shape, placement).into_iter().filter(|(r, _)| members.contains(r)).collect();
+    let restore = match (restore_step, previous) {
+        (Some(0), _) | (None, None) => Restore::Fresh,
+        (Some(step), _) => Restore::Checkpoint { step },
+        (None, Some(before)) => {
+            for (rank, mine) in &experts {
+                let held = before.experts_of(*rank);
+                if let Some(missing) = mine.iter().find(|e| !held.contains(e)) {
+                    return Err(format!(
+                        "generation {} gives rank {rank} expert {missing} without a rollback; a member \
+                         cannot load an expert from a peer's memory",
+                        placement.generation
+                    ));
+                }
+            }
+            Restore::InMemory
+        }
+    };
+    let plan = DistPlan { placement: placement.clone(), members, experts, restore, tier: tier.to_string() };
+    Ok(plan)
+}
+
 /// The step members of an in-memory (reroute) generation continue from: the lowest step any
 /// of them reached. A member one update ahead rolls it back; more than one is impossible because
 /// no update completes without every member's contribution.
@@ -292,6 +332,38 @@ mod tests {
         let Decision::Publish(fresh) = decide(&s, &plan, &live, None) else { panic!() };
         assert_eq!(fresh.restore, Restore::Fresh, "no checkpoint yet: start over");
         assert!(matches!(decide(&s, &plan, &BTreeSet::new(), None), Decision::Fail(_)));
+    }
+
+    #[test]
+    fn a_brain_generation_becomes_the_members_agreement() {
+        let s = shape(4, 4);
+        let first = initial_plan(&s, Restore::Fresh).unwrap();
+        let gen1 = from_brain(&s, &first.placement, vec![0, 1, 2, 3], None, None, "initial").unwrap();
+        assert_eq!((gen1.restore, &gen1.experts), (Restore::Fresh, &first.experts));
+        // A rollback: everyone loads the checkpoint, whatever moved.
+        let mut next = first.placement.clone();
+        next.generation = 2;
+        let rolled = from_brain(&s, &next, vec![0, 1, 3], Some(20), Some(&gen1), "reshard").unwrap();
+        assert_eq!(rolled.restore, Restore::Checkpoint { step: 20 });
+        assert!(rolled.experts_of(2).is_empty(), "a dropped rank holds nothing");
+        assert_eq!(from_brain(&s, &next, vec![0], Some(0), None, "restore").unwrap().restore, Restore::Fresh);
+        // Without a rollback a member may lose a replica but not gain one.
+        let lost = ExpertId::new(0, 0);
+        let rank = first.holders(lost)[0];
+        let mut fewer = first.placement.clone();
+        fewer.generation = 3;
+        for chips in fewer.groups.iter_mut().map(|g| &mut g.chips) {
+            for (i, hosted) in chips.iter_mut().enumerate() {
+                if i as u32 / s.chips_per_node == rank {
+                    hosted.retain(|e| (e.layer, e.expert) != (lost.layer, lost.expert));
+                }
+            }
+        }
+        let kept = from_brain(&s, &fewer, vec![0, 1, 2, 3], None, Some(&gen1), "reroute").unwrap();
+        assert_eq!(kept.restore, Restore::InMemory);
+        assert!(!kept.experts_of(rank).contains(&lost));
+        let gained = from_brain(&s, &first.placement, vec![0, 1, 2, 3], None, Some(&kept), "reroute");
+        assert!(gained.unwrap_err().contains("without a rollback"));
     }
 
     #[test]

@@ -1,0 +1,234 @@
+//! The recovery brain on Kubernetes: the operator (`--recovery=brain`) runs a TrainingJob as
+//! four expert-parallel member pods plus a spare on the test bed's fake nodes, with one node
+//! agent per node on simulated chips (the DaemonSet's pods: the node runner runs no DaemonSets,
+//! so the test starts them as processes). A chip fails, then a whole node is lost; each must be
+//! recovered by the brain, recorded in the job's status and Events, and the job must finish
+//! with parameters bit-identical to an uninterrupted single-process run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{ListParams, PostParams};
+use ninelives_core::TrainingJob;
+use ninelives_core::job::JobPhase;
+use ninelives_core::keyspace::Keyspace;
+use ninelives_core::recovery::ProgressRecord;
+use ninelives_e2e::{Harness, OperatorProcess, WorkerCommand, tools, wait_for};
+
+const NS: &str = "default";
+const JOB: &str = "ladder";
+const STEPS: u64 = 30;
+
+/// Kills the agents when the test ends, however it ends.
+struct Agents(Vec<(String, Child)>);
+
+impl Agents {
+    fn kill(&mut self, node: &str) {
+        for (n, child) in &mut self.0 {
+            if n == node {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn manifest(checkpoints: &Path) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "ninelives.io/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": { "name": JOB, "namespace": NS },
+        "spec": {
+            "model": { "preset": "tiny" },
+            "topology": { "nodes": 4, "chipsPerNode": 8, "spareNodes": 1, "chipMemory": "1Gi" },
+            "parallelism": { "expertParallelSize": 32, "redundantExperts": 2 },
+            "data": { "datasets": ["/usr/share/common-licenses"], "globalBatchSize": 16, "microBatchSize": 4, "seed": 42 },
+            "training": { "steps": STEPS, "learningRate": { "peak": 0.003, "warmupSteps": 5 } },
+            "checkpoint": { "path": checkpoints.display().to_string(), "intervalSteps": 5, "keepLast": 3 },
+            "failurePolicy": {
+                "heartbeatTtlSeconds": 3, "maxRecoveries": 5, "minHealthyFraction": 0.5,
+                "allowedTiers": ["reroute", "reshard", "restore", "replace"], "recoveryTimeoutSeconds": 90
+            }
+        }
+    })
+}
+
+async fn job(h: &Harness) -> Option<TrainingJob> {
+    Api::<TrainingJob>::namespaced(h.client.clone(), NS).get_opt(JOB).await.ok().flatten()
+}
+
+async fn pod(h: &Harness, name: &str) -> Option<Pod> {
+    Api::<Pod>::namespaced(h.client.clone(), NS).get_opt(name).await.ok().flatten()
+}
+
+async fn node_of(h: &Harness, pod_name: &str) -> Option<String> {
+    pod(h, pod_name).await?.spec?.node_name
+}
+
+/// The step the lead member last reported in etcd.
+async fn progress(etcd: &mut etcd_client::Client) -> Option<u64> {
+    let key = Keyspace::default().job(NS, JOB).progress();
+    let resp = etcd.get(key, None).await.ok()?;
+    let kv = resp.kvs().first()?;
+    serde_json::from_slice::<ProgressRecord>(kv.value()).ok().map(|p| p.step)
+}
+
+async fn wait_step(h: &Harness, etcd: &mut etcd_client::Client, step: u64) {
+    let etcd = std::sync::Arc::new(tokio::sync::Mutex::new(etcd.clone()));
+    let reached = wait_for(&format!("step {step}"), Duration::from_secs(240), || {
+        let etcd = etcd.clone();
+        async move { progress(&mut *etcd.lock().await).await.filter(|s| *s >= step) }
+    })
+    .await;
+    if let Err(e) = reached {
+        panic!("{e}; status {:?}", job(h).await.and_then(|j| j.status));
+    }
+}
+
+async fn event_notes(h: &Harness) -> Vec<(String, String)> {
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(h.client.clone(), NS);
+    let events = api.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
+    events
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(JOB))
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
+}
+
+/// `params_sha256=<hex>` from a pod's container log.
+fn digest_in(dir: &Path, pod: &str) -> Option<String> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    let prefix = format!("{NS}_{pod}_");
+    let mut found = None;
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let log = std::fs::read_to_string(entry.path().join("container.log")).unwrap_or_default();
+            if let Some(d) = log.lines().find_map(|l| l.strip_prefix("params_sha256=")) {
+                found = Some(d.trim().to_string());
+            }
+        }
+    }
+    found
+}
+
+fn reference_digest(ninelives: &Path, manifest: &Path, dir: &Path) -> String {
+    let out = Command::new(ninelives)
+        .args(["worker", "train"])
+        .arg(manifest)
+        .args(["--steps", &STEPS.to_string(), "--threads", "1", "--checkpoint-dir"])
+        .arg(dir)
+        .stderr(Stdio::null())
+        .output()
+        .expect("run the reference worker");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "reference run failed: {text}");
+    text.lines().find_map(|l| l.strip_prefix("params_sha256=")).expect("reference digest").trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chip_fault_and_node_loss_are_recovered_by_the_brain_and_the_result_is_exact() {
+    let h = Harness::start(5).await.expect("test bed");
+    let ninelives = tools::ninelives().expect("ninelives binary");
+    let work = tempfile::tempdir().expect("temp dir");
+    let checkpoints = work.path().join("checkpoints");
+    let etcd_url = h.plane.etcd.endpoint();
+    let mut etcd = etcd_client::Client::connect([etcd_url.as_str()], None).await.expect("etcd");
+
+    let nodes: Vec<String> = (0..5).map(|i| format!("node-{i}")).collect();
+    let chips_dir = |node: &str| work.path().join("chips").join(node);
+    let mut agents = Agents(Vec::new());
+    for node in &nodes {
+        let child = Command::new(&ninelives)
+            .args(["agent", "run", "--node", node, "--etcd", &etcd_url, "--simulate", "8", "--ttl", "3"])
+            .arg("--chips-dir")
+            .arg(chips_dir(node))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(work.path().join(format!("agent-{node}.log"))).expect("agent log"))
+            .spawn()
+            .expect("start an agent");
+        agents.0.push((node.clone(), child));
+    }
+
+    let _operator = OperatorProcess::start(&h.plane, "op-0", &WorkerCommand::Members, 15).expect("operator");
+    let manifest = manifest(&checkpoints);
+    let document: TrainingJob = serde_json::from_value(manifest.clone()).expect("manifest");
+    Api::<TrainingJob>::namespaced(h.client.clone(), NS)
+        .create(&PostParams::default(), &document)
+        .await
+        .expect("create the job");
+
+    // 1. A chip of rank 1's node fails (uncorrectable ECC) while training.
+    wait_step(&h, &mut etcd, 6).await;
+    let chip_node = node_of(&h, &format!("{JOB}-1")).await.expect("rank 1 is scheduled");
+    let injected = Command::new(&ninelives)
+        .args(["agent", "inject", "--chips-dir"])
+        .arg(chips_dir(&chip_node))
+        .args(["3", "ecc"])
+        .status()
+        .expect("inject");
+    assert!(injected.success());
+    let chip_recovered = wait_for("the chip recovery in status", Duration::from_secs(120), || async {
+        job(&h).await?.status.filter(|s| s.recent_recoveries.len() == 1)
+    })
+    .await;
+    if let Err(e) = chip_recovered {
+        panic!("{e}; status {:?}", job(&h).await.and_then(|j| j.status));
+    }
+
+    // 2. Rank 2's whole node is lost: its agent and its worker die together.
+    wait_step(&h, &mut etcd, 16).await;
+    let lost = node_of(&h, &format!("{JOB}-2")).await.expect("rank 2 is scheduled");
+    let spare = node_of(&h, &format!("{JOB}-4")).await.expect("the spare is scheduled");
+    agents.kill(&lost);
+    assert!(h.nodes.crash(NS, &format!("{JOB}-2")), "rank 2's process was running");
+
+    let done = wait_for("the job to succeed", Duration::from_secs(360), || async {
+        job(&h).await?.status.filter(|s| s.phase == Some(JobPhase::Succeeded))
+    })
+    .await;
+    let status = match done {
+        Ok(s) => s,
+        Err(e) => panic!("{e}; status {:?}", job(&h).await.and_then(|j| j.status)),
+    };
+
+    // Recorded: one recovery per fault, by the rung the ladder should pick.
+    assert_eq!(status.recoveries, 2, "{status:?}");
+    let records = &status.recent_recoveries;
+    assert!(records[0].trigger.starts_with(&format!("chip {chip_node}/3")), "{records:?}");
+    assert!(
+        matches!(
+            records[0].tier,
+            ninelives_core::job::RecoveryTier::Reroute | ninelives_core::job::RecoveryTier::Reshard
+        ),
+        "{records:?}"
+    );
+    assert!(records[1].trigger.contains(&lost), "{records:?}");
+    assert_eq!(records[1].tier, ninelives_core::job::RecoveryTier::Replace, "{records:?}");
+    assert!(records.iter().all(|r| r.recovery_seconds > 0.0 && r.recovery_seconds < 90.0), "{records:?}");
+    // The spare took over rank 2.
+    assert_eq!(node_of(&h, &format!("{JOB}-2")).await.as_deref(), Some(spare.as_str()));
+    let notes = event_notes(&h).await;
+    let recovered: Vec<&String> = notes.iter().filter(|(r, _)| r == "Recovered").map(|(_, n)| n).collect();
+    assert_eq!(recovered.len(), 2, "{notes:?}");
+    assert!(notes.iter().any(|(r, _)| r == "Recovering"), "{notes:?}");
+
+    // Exact: the leader's final digest equals an uninterrupted single-process run.
+    let pods_dir: PathBuf = h.plane.dir().join("pods");
+    let digest = digest_in(&pods_dir, &format!("{JOB}-0")).expect("the leader printed its digest");
+    let manifest_file = work.path().join("job.json");
+    std::fs::write(&manifest_file, serde_json::to_vec(&manifest).expect("json")).expect("write manifest");
+    let reference = reference_digest(&ninelives, &manifest_file, &work.path().join("reference"));
+    assert_eq!(digest, reference, "the recovered job must equal the uninterrupted run");
+}
