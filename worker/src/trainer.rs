@@ -316,7 +316,9 @@ impl Trainer {
     pub fn retain_experts(&mut self, experts: &[ExpertId]) -> Result<()> {
         let held = self.model.held_experts();
         if let Some(missing) = experts.iter().find(|e| !held.contains(e)) {
-            return Err(WorkerError::InvalidJob(format!("cannot keep {missing}: this worker does not hold it")));
+            return Err(WorkerError::InvalidJob(format!(
+                "cannot keep {missing}: this worker does not hold it"
+            )));
         }
         self.model.retain_experts(experts);
         self.optimizer.retain_experts(experts);

@@ -81,7 +81,13 @@ fn distributed(
 }
 
 /// Trains `config` with `setup.workers` members as threads; returns the leader's digest.
-fn run_members(etcd: &EtcdServer, job: &str, setup: &Setup<'_>, config: &TrainerConfig, dir: &Path) -> String {
+fn run_members(
+    etcd: &EtcdServer,
+    job: &str,
+    setup: &Setup<'_>,
+    config: &TrainerConfig,
+    dir: &Path,
+) -> String {
     let keys = job_keys(job);
     let base = PlacementShape {
         layers: config.dims.layers,
@@ -180,7 +186,8 @@ fn the_leader_reports_progress_and_the_kept_checkpoints_in_etcd() {
             _ => {}
         })
     };
-    let setup = Setup { keep_last: 2, listen: [0, 0, 0, 0], advertise: Some("127.0.0.1"), hook, ..Setup::new(2, 0) };
+    let setup =
+        Setup { keep_last: 2, listen: [0, 0, 0, 0], advertise: Some("127.0.0.1"), hook, ..Setup::new(2, 0) };
     let store_dir = dir.path().join("records");
     let digest = run_members(&etcd, "records", &setup, &config, &store_dir);
     assert_eq!(digest, single_process(&config, 5));

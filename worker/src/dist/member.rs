@@ -206,6 +206,13 @@ fn member_loop(
             }
         }
         let my_step = shared.trainer.read().ok().and_then(|g| g.as_ref().map(Trainer::step)).unwrap_or(0);
+        // What the restore left in memory (equal to `mine` on every path), as reported.
+        let held = shared
+            .trainer
+            .read()
+            .ok()
+            .and_then(|g| g.as_ref().map(|t| t.model().held_experts().len()))
+            .unwrap_or(0);
         session.ack(generation, my_step)?;
 
         // The generation barrier: every member acknowledged.
@@ -255,7 +262,7 @@ fn member_loop(
             tier: &plan.tier,
             step: target,
             members: &plan.members,
-            experts: mine.len(),
+            experts: held,
         });
 
         let addrs = etcd.members()?.into_iter().map(|(r, m)| (r, m.addr)).collect();
