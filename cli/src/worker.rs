@@ -104,6 +104,11 @@ pub struct TrainArgs {
     /// Address to accept peer connections on (expert-parallel jobs).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// Host (IP or name) peers reach this worker at, with the listener's actual port
+    /// (expert-parallel jobs; e.g. `--listen 0.0.0.0:29500 --advertise $POD_IP`).
+    /// Default: the listen address.
+    #[arg(long, requires = "rank")]
+    advertise: Option<String>,
     /// Longest a step waits for a live peer before it is abandoned (expert-parallel jobs).
     #[arg(long, default_value_t = 60)]
     step_timeout_seconds: u64,
@@ -216,6 +221,7 @@ fn train(args: TrainArgs) -> Result<(), Failure> {
         let options = MemberOptions {
             rank,
             listen: args.listen,
+            advertise: args.advertise,
             ttl_seconds: i64::from(job.spec.failure_policy.heartbeat_ttl_seconds.max(1)),
             step_timeout: Duration::from_secs(args.step_timeout_seconds.max(1)),
             join_timeout: Duration::from_secs(args.step_timeout_seconds.max(1) * 2),

@@ -88,6 +88,15 @@ impl ParamOwner {
             _ => ParamOwner::Dense,
         }
     }
+
+    /// Whether a worker holding only the routed experts `experts` keeps this parameter (dense
+    /// parameters are kept by every worker).
+    pub fn kept_with(self, experts: &[ExpertId]) -> bool {
+        match self {
+            ParamOwner::Dense => true,
+            ParamOwner::Expert(id) => experts.contains(&id),
+        }
+    }
 }
 
 /// How a parameter starts.
@@ -403,6 +412,12 @@ impl MoeTransformer {
             })
             .collect();
         ids.into_iter().collect()
+    }
+
+    /// Drops the routed experts not in `experts` (a generation gave them to other members only);
+    /// dense parameters and the experts kept are untouched.
+    pub fn retain_experts(&mut self, experts: &[ExpertId]) {
+        self.params.retain(|name, _| ParamOwner::of(name).kept_with(experts));
     }
 
     /// Copies every held parameter to the host, in name order (parameters in parallel).

@@ -12,7 +12,7 @@ use ninelives_core::job::{LearningRateSpec, ScheduleKind, TrainingSpec};
 use rayon::prelude::*;
 
 use crate::error::{Result, WorkerError};
-use crate::model::{MoeTransformer, ParamSpec, param_specs};
+use crate::model::{ExpertId, MoeTransformer, ParamOwner, ParamSpec, param_specs};
 
 /// The learning rate at a step.
 #[derive(Clone, Debug, PartialEq)]
@@ -124,6 +124,13 @@ impl AdamW {
         }
         *slot = moments;
         Ok(())
+    }
+
+    /// Drops the state of the routed experts not in `experts` (see
+    /// [`MoeTransformer::retain_experts`]).
+    pub fn retain_experts(&mut self, experts: &[ExpertId]) {
+        self.moments.retain(|name, _| ParamOwner::of(name).kept_with(experts));
+        self.decays.retain(|name, _| ParamOwner::of(name).kept_with(experts));
     }
 
     /// Sum of squares of one parameter's gradient, in element order, in f64: the per-parameter

@@ -309,6 +309,22 @@ impl Trainer {
         Ok(report)
     }
 
+    /// Keeps only the routed experts `experts` of those held, dropping the others' parameters
+    /// and Adam moments: a generation that only takes experts away from this worker (a reroute
+    /// after their other replicas were placed elsewhere) continues from memory. Every expert
+    /// in `experts` must be held; dense parameters stay.
+    pub fn retain_experts(&mut self, experts: &[ExpertId]) -> Result<()> {
+        let held = self.model.held_experts();
+        if let Some(missing) = experts.iter().find(|e| !held.contains(e)) {
+            return Err(WorkerError::InvalidJob(format!(
+                "cannot keep {missing}: this worker does not hold it"
+            )));
+        }
+        self.model.retain_experts(experts);
+        self.optimizer.retain_experts(experts);
+        Ok(())
+    }
+
     /// Copies parameters and optimizer moments to host memory (no digest), to roll back one
     /// update when a peer failed between two workers' updates.
     pub fn host_state(&self) -> Result<(BTreeMap<String, HostTensor>, BTreeMap<String, Moments>)> {
@@ -408,4 +424,55 @@ pub fn run_with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -
         .build()
         .map_err(|e| WorkerError::ThreadPool(e.to_string()))?;
     Ok(pool.install(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ParamOwner, host_params_sha256};
+
+    /// The demo job, shrunk: 2 layers × 4 routed experts, 2 micro-batches per step.
+    fn small_config() -> TrainerConfig {
+        let job = ninelives_core::manifest::parse_job(include_str!("../../examples/tiny.yaml")).unwrap();
+        let mut config = TrainerConfig::from_job(&job).unwrap();
+        config.total_steps = 2;
+        config.dims.layers = 2;
+        config.dims.hidden_size = 32;
+        config.dims.heads = 2;
+        config.dims.routed_experts = 4;
+        config.dims.expert_ffn_size = 16;
+        config.dims.seq_len = 16;
+        config.global_batch_size = 4;
+        config.micro_batch_size = 2;
+        config
+    }
+
+    #[test]
+    fn retaining_experts_drops_the_others_params_and_moments_only() {
+        let corpus = Arc::new(Corpus::from_bytes((0..10_000u32).map(|i| (i * 7 % 251) as u8).collect()));
+        let mut trainer = run_with_threads(1, || {
+            let mut t = Trainer::new(small_config(), corpus).unwrap();
+            t.train_step().unwrap(); // non-zero moments
+            t
+        })
+        .unwrap();
+        let keep = [ExpertId::new(0, 1), ExpertId::new(1, 0), ExpertId::new(1, 3)];
+        let (mut params, mut moments) = trainer.host_state().unwrap();
+        params.retain(|name, _| ParamOwner::of(name).kept_with(&keep));
+        moments.retain(|name, _| ParamOwner::of(name).kept_with(&keep));
+        let dropped = trainer.model().params().len() - params.len();
+        assert!(dropped > 0, "5 experts' parameters go");
+
+        trainer.retain_experts(&keep).unwrap();
+        assert_eq!(trainer.model().held_experts(), keep);
+        assert_eq!(trainer.params_sha256().unwrap(), host_params_sha256(&params), "kept values unchanged");
+        let (after_params, after_moments) = trainer.host_state().unwrap();
+        assert_eq!(after_params.keys().collect::<Vec<_>>(), params.keys().collect::<Vec<_>>());
+        assert_eq!(after_moments, moments, "kept moments unchanged, dropped ones gone");
+        assert!(after_moments.keys().all(|n| ParamOwner::of(n).kept_with(&keep)));
+
+        let err = trainer.retain_experts(&[ExpertId::new(0, 0)]).unwrap_err();
+        assert!(err.to_string().contains("does not hold"), "{err}");
+        assert_eq!(trainer.model().held_experts(), keep, "a refused retain changes nothing");
+    }
 }

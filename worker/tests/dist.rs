@@ -6,17 +6,18 @@
 
 mod common;
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ninelives_core::keyspace::Keyspace;
+use ninelives_core::keyspace::{JobKeys, Keyspace};
 use ninelives_core::placement::PlacementShape;
 use ninelives_testkit::EtcdServer;
 use ninelives_worker::dist::coordinator::Coordinator;
 use ninelives_worker::dist::member::{MemberEvent, MemberOptions, run_member};
-use ninelives_worker::dist::plan::worker_shape;
+use ninelives_worker::dist::plan::{Restore, worker_shape};
 use ninelives_worker::dist::rendezvous::Etcd;
 use ninelives_worker::trainer::run_with_threads;
 use ninelives_worker::{CheckpointStore, Trainer, TrainerConfig};
@@ -36,6 +37,38 @@ fn small_config(steps: u64) -> TrainerConfig {
     config
 }
 
+/// Called with every member's events (rank first); runs on the member's thread.
+type Hook = Arc<dyn Fn(u32, &MemberEvent<'_>) + Send + Sync>;
+
+/// A hook that fails the test when a step is abandoned (no fault was injected).
+fn no_aborts() -> Hook {
+    Arc::new(|rank, e| {
+        if let MemberEvent::Aborted { reason, .. } = e {
+            panic!("rank {rank} aborted: {reason}");
+        }
+    })
+}
+
+/// How the members of one run are set up.
+struct Setup<'a> {
+    workers: u32,
+    redundant: u32,
+    keep_last: usize,
+    listen: [u8; 4],
+    advertise: Option<&'a str>,
+    hook: Hook,
+}
+
+impl Setup<'_> {
+    fn new(workers: u32, redundant: u32) -> Self {
+        Self { workers, redundant, keep_last: 10, listen: [127, 0, 0, 1], advertise: None, hook: no_aborts() }
+    }
+}
+
+fn job_keys(job: &str) -> JobKeys {
+    Keyspace::default().job("test", job)
+}
+
 fn distributed(
     etcd: &EtcdServer,
     job: &str,
@@ -44,11 +77,22 @@ fn distributed(
     config: &TrainerConfig,
     dir: &Path,
 ) -> String {
-    let keys = Keyspace::default().job("test", job);
+    run_members(etcd, job, &Setup::new(workers, redundant), config, dir)
+}
+
+/// Trains `config` with `setup.workers` members as threads; returns the leader's digest.
+fn run_members(
+    etcd: &EtcdServer,
+    job: &str,
+    setup: &Setup<'_>,
+    config: &TrainerConfig,
+    dir: &Path,
+) -> String {
+    let keys = job_keys(job);
     let base = PlacementShape {
         layers: config.dims.layers,
         routed_experts: config.dims.routed_experts,
-        redundant_experts: redundant,
+        redundant_experts: setup.redundant,
         expert_state_bytes: 1 << 20,
         nodes: 1,
         chips_per_node: 1,
@@ -57,7 +101,8 @@ fn distributed(
         nodes_per_rack: None,
         min_healthy_fraction: 0.25,
     };
-    let store = CheckpointStore::open(dir, 10).unwrap();
+    let workers = setup.workers;
+    let store = CheckpointStore::open(dir, setup.keep_last).unwrap();
     let endpoints = vec![etcd.endpoint()];
     let link = Arc::new(Etcd::connect(&endpoints, keys.clone()).unwrap());
     let mut coordinator = Coordinator::new(link, worker_shape(&base, workers), store.clone());
@@ -67,25 +112,21 @@ fn distributed(
         .map(|rank| {
             let (config, corpus, store, endpoints, keys) =
                 (config.clone(), corpus.clone(), store.clone(), endpoints.clone(), keys.clone());
+            let hook = setup.hook.clone();
+            let options = MemberOptions {
+                rank,
+                listen: SocketAddr::from((setup.listen, 0)),
+                advertise: setup.advertise.map(str::to_string),
+                ttl_seconds: 3,
+                step_timeout: Duration::from_secs(30),
+                join_timeout: Duration::from_secs(60),
+                checkpoint_every: 2,
+            };
             std::thread::spawn(move || {
                 let etcd = Arc::new(Etcd::connect(&endpoints, keys).unwrap());
-                let options = MemberOptions {
-                    rank,
-                    listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-                    ttl_seconds: 3,
-                    step_timeout: Duration::from_secs(30),
-                    join_timeout: Duration::from_secs(60),
-                    checkpoint_every: 2,
-                };
-                run_with_threads(1, || {
-                    run_member(config, corpus, store, etcd, &options, |e| {
-                        if let MemberEvent::Aborted { reason, .. } = e {
-                            panic!("rank {rank} aborted: {reason}");
-                        }
-                    })
-                })
-                .unwrap()
-                .unwrap()
+                run_with_threads(1, || run_member(config, corpus, store, etcd, &options, |e| hook(rank, &e)))
+                    .unwrap()
+                    .unwrap()
             })
         })
         .collect();
@@ -97,20 +138,25 @@ fn distributed(
     digests[0].clone().unwrap()
 }
 
+/// The single-process trainer's digest after `steps` steps.
+fn single_process(config: &TrainerConfig, steps: u64) -> String {
+    let mut single = Trainer::new(config.clone(), common::demo_corpus()).unwrap();
+    run_with_threads(1, || {
+        for _ in 0..steps {
+            single.train_step().unwrap();
+        }
+        single.params_sha256().unwrap()
+    })
+    .unwrap()
+}
+
 #[test]
 fn members_train_bit_identically_to_one_process() {
     let etcd = EtcdServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = small_config(3);
 
-    let mut single = Trainer::new(config.clone(), common::demo_corpus()).unwrap();
-    let expected = run_with_threads(1, || {
-        for _ in 0..3 {
-            single.train_step().unwrap();
-        }
-        single.params_sha256().unwrap()
-    })
-    .unwrap();
+    let expected = single_process(&config, 3);
 
     let one = distributed(&etcd, "one", 1, 0, &config, &dir.path().join("one"));
     assert_eq!(one, expected, "one member == the single-process trainer");
@@ -119,4 +165,103 @@ fn members_train_bit_identically_to_one_process() {
     // Every expert on two members: replicas split the micro-batches and must stay identical.
     let replicated = distributed(&etcd, "replicated", 3, 4, &config, &dir.path().join("replicated"));
     assert_eq!(replicated, expected, "replicated experts == one process");
+}
+
+#[test]
+fn the_leader_reports_progress_and_the_kept_checkpoints_in_etcd() {
+    let etcd = EtcdServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config(5);
+    let link = Arc::new(Etcd::connect(&[etcd.endpoint()], job_keys("records")).unwrap());
+    // Listening on every interface, as in a pod, peers must be told a reachable address.
+    let registered = Arc::new(Mutex::new(BTreeMap::new()));
+    let hook: Hook = {
+        let (link, registered) = (link.clone(), registered.clone());
+        Arc::new(move |rank, e| match e {
+            MemberEvent::Aborted { reason, .. } => panic!("rank {rank} aborted: {reason}"),
+            MemberEvent::Joined { .. } => {
+                let record = link.members().unwrap().remove(&rank).unwrap();
+                registered.lock().unwrap().insert(rank, record.addr);
+            }
+            _ => {}
+        })
+    };
+    let setup =
+        Setup { keep_last: 2, listen: [0, 0, 0, 0], advertise: Some("127.0.0.1"), hook, ..Setup::new(2, 0) };
+    let store_dir = dir.path().join("records");
+    let digest = run_members(&etcd, "records", &setup, &config, &store_dir);
+    assert_eq!(digest, single_process(&config, 5));
+
+    for (rank, addr) in registered.lock().unwrap().iter() {
+        assert_eq!(addr.ip(), IpAddr::from([127, 0, 0, 1]), "rank {rank} registered {addr}");
+        assert_ne!(addr.port(), 0, "rank {rank} registered the listener's actual port");
+    }
+    assert_eq!(registered.lock().unwrap().len(), 2);
+
+    let progress = link.progress().unwrap().expect("the leader reported progress");
+    assert_eq!(progress.step, 5);
+    assert!(progress.loss.is_some_and(f64::is_finite), "{progress:?}");
+    // Commits at 2, 4 and the last step 5; keep-last-2 removed 2, and its record with it.
+    let store = CheckpointStore::open(&store_dir, 2).unwrap();
+    let kept: Vec<u64> = store.list().unwrap().into_iter().filter(|e| e.2).map(|e| e.0).collect();
+    assert_eq!(kept, [5, 4]);
+    let records = link.checkpoints().unwrap();
+    assert_eq!(records.keys().copied().collect::<Vec<_>>(), [4, 5]);
+    for (step, record) in &records {
+        assert_eq!(record.step, *step);
+        assert_eq!(record.location.as_deref(), Some(store.step_dir(*step).to_str().unwrap()));
+    }
+}
+
+#[test]
+fn a_reroute_that_drops_a_replica_continues_from_memory_bit_identically() {
+    let etcd = EtcdServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 6;
+    let config = small_config(steps);
+    let link = Arc::new(Etcd::connect(&[etcd.endpoint()], job_keys("subset")).unwrap());
+    // (rank, generation) -> experts held, from the Joined events.
+    let joined = Arc::new(Mutex::new(BTreeMap::new()));
+    let dropped_from = Arc::new(Mutex::new(None));
+    let (layers, routed) = (config.dims.layers, config.dims.routed_experts);
+    let hook: Hook = {
+        let (link, joined, dropped_from) = (link.clone(), joined.clone(), dropped_from.clone());
+        Arc::new(move |rank, e| match e {
+            MemberEvent::Joined { generation, experts, .. } => {
+                joined.lock().unwrap().insert((rank, *generation), *experts);
+            }
+            // Once the leader completed step 2, publish what the operator would after moving
+            // one replica away: the same members, one of them holding one expert less.
+            // (Once: the leader may redo step 2 if it rolls back to agree with the others.)
+            MemberEvent::Step(r) if rank == 0 && r.step == 2 && dropped_from.lock().unwrap().is_none() => {
+                let mut next = link.plan().unwrap().unwrap();
+                let (member, expert) = next
+                    .experts
+                    .iter()
+                    .rev()
+                    .find_map(|(&m, held)| held.iter().find(|&&e| next.holders(e).len() > 1).map(|&e| (m, e)))
+                    .expect("a replicated expert");
+                next.experts.get_mut(&member).unwrap().retain(|&e| e != expert);
+                next.placement.generation += 1;
+                next.restore = Restore::InMemory;
+                next.tier = "reroute".into();
+                next.check(layers, routed).unwrap();
+                link.put(&link.keys().placement(), serde_json::to_vec(&next).unwrap(), None).unwrap();
+                *dropped_from.lock().unwrap() = Some(member);
+            }
+            _ => {}
+        })
+    };
+    let setup = Setup { hook, ..Setup::new(3, 4) };
+    let digest = run_members(&etcd, "subset", &setup, &config, &dir.path().join("subset"));
+    assert_eq!(digest, single_process(&config, steps), "a reroute from memory changes no bit");
+
+    let member = dropped_from.lock().unwrap().expect("the next generation was published");
+    let joined = joined.lock().unwrap();
+    for rank in 0..3 {
+        let before = joined[&(rank, 1)];
+        let after = joined.get(&(rank, 2)).copied();
+        let expected = if rank == member { before - 1 } else { before };
+        assert_eq!(after, Some(expected), "rank {rank} in generation 2 ({joined:?})");
+    }
 }

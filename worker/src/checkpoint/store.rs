@@ -146,6 +146,12 @@ impl CheckpointStore {
         self.dir.join(format!("{STEP_PREFIX}{step:010}"))
     }
 
+    /// The step of a checkpoint directory (`None` when `path` is not named like one), e.g. of
+    /// a directory [`SaveReport::removed`] lists.
+    pub fn step_of(path: &Path) -> Option<u64> {
+        path.file_name()?.to_str()?.strip_prefix(STEP_PREFIX)?.parse().ok()
+    }
+
     /// Checkpoint directories by step, newest first, with whether each is committed (has its
     /// manifest).
     pub fn list(&self) -> Result<Vec<(u64, PathBuf, bool)>> {
@@ -153,13 +159,10 @@ impl CheckpointStore {
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.dir).map_err(io)? {
             let entry = entry.map_err(io)?;
-            let name = entry.file_name();
-            let Some(step): Option<u64> =
-                name.to_str().and_then(|n| n.strip_prefix(STEP_PREFIX)).and_then(|s| s.parse().ok())
-            else {
+            let path = entry.path();
+            let Some(step) = Self::step_of(&path) else {
                 continue;
             };
-            let path = entry.path();
             let committed = path.join(MANIFEST_FILE).is_file();
             out.push((step, path, committed));
         }

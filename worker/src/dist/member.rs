@@ -1,7 +1,7 @@
 //! One member of an expert-parallel job: join generations, train, abort and rejoin.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener, ToSocketAddrs};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -13,6 +13,7 @@ use super::transport::{Collective, POLL, Shared, TcpCollective, serve};
 use crate::checkpoint::{BackgroundSaver, CheckpointStore, ExpertSelection, SaveReport};
 use crate::data::Corpus;
 use crate::error::{Result, WorkerError};
+use crate::model::{ExpertId, ParamOwner};
 use crate::trainer::{Trainer, TrainerConfig};
 
 /// How a member runs.
@@ -22,6 +23,9 @@ pub struct MemberOptions {
     pub rank: u32,
     /// Address to listen on for peers (port 0: any).
     pub listen: SocketAddr,
+    /// Host (IP or name) peers reach this member at, registered with the listener's port;
+    /// `None`: the listener's local address. Needed when listening on `0.0.0.0` (a pod).
+    pub advertise: Option<String>,
     /// Membership lease TTL, seconds (the job's heartbeat TTL).
     pub ttl_seconds: i64,
     /// Longest any wait inside a step may take before the step is abandoned.
@@ -83,7 +87,8 @@ pub fn run_member(
     let shared = Shared::new(rank, options.step_timeout);
     let listener = TcpListener::bind(options.listen)
         .map_err(|e| WorkerError::Rendezvous(format!("cannot listen on {}: {e}", options.listen)))?;
-    let addr = listener.local_addr().map_err(|e| WorkerError::Rendezvous(e.to_string()))?;
+    let local = listener.local_addr().map_err(|e| WorkerError::Rendezvous(e.to_string()))?;
+    let addr = advertised_addr(local, options.advertise.as_deref())?;
     let _listener = serve(listener, shared.clone())?;
     let session = Session::start(etcd.clone(), rank, options.ttl_seconds)?;
     session.register(addr)?;
@@ -169,20 +174,45 @@ fn member_loop(
                     before_update = None;
                 }
                 Restore::InMemory => {
-                    let trainer = guard.as_ref().ok_or_else(|| {
+                    let trainer = guard.as_mut().ok_or_else(|| {
                         WorkerError::Rendezvous(
                             "a reroute generation needs state in memory; this member has none".into(),
                         )
                     })?;
-                    if trainer.model().held_experts() != mine {
-                        return Err(WorkerError::Rendezvous(format!(
-                            "generation {generation} reroutes but changes this member's experts"
-                        )));
+                    let held = trainer.model().held_experts();
+                    match in_memory_change(&held, &mine) {
+                        InMemoryChange::Same => {}
+                        InMemoryChange::Drop(dropped) => {
+                            // Their other replicas serve them now; free the memory.
+                            trainer.retain_experts(&mine)?;
+                            if let Some((_, (params, moments))) = before_update.as_mut() {
+                                params.retain(|name, _| ParamOwner::of(name).kept_with(&mine));
+                                moments.retain(|name, _| ParamOwner::of(name).kept_with(&mine));
+                            }
+                            tracing::info!(
+                                generation,
+                                dropped = dropped.len(),
+                                "dropped experts the generation no longer places here"
+                            );
+                        }
+                        InMemoryChange::Missing(missing) => {
+                            return Err(WorkerError::Rendezvous(format!(
+                                "generation {generation} keeps state in memory but gives this member \
+                                 experts it does not hold: {missing:?}"
+                            )));
+                        }
                     }
                 }
             }
         }
         let my_step = shared.trainer.read().ok().and_then(|g| g.as_ref().map(Trainer::step)).unwrap_or(0);
+        // What the restore left in memory (equal to `mine` on every path), as reported.
+        let held = shared
+            .trainer
+            .read()
+            .ok()
+            .and_then(|g| g.as_ref().map(|t| t.model().held_experts().len()))
+            .unwrap_or(0);
         session.ack(generation, my_step)?;
 
         // The generation barrier: every member acknowledged.
@@ -232,7 +262,7 @@ fn member_loop(
             tier: &plan.tier,
             step: target,
             members: &plan.members,
-            experts: mine.len(),
+            experts: held,
         });
 
         let addrs = etcd.members()?.into_iter().map(|(r, m)| (r, m.addr)).collect();
@@ -263,6 +293,12 @@ fn member_loop(
                 let counters = traffic(shared);
                 let report = run_step(shared, &coll, &routing, &mut before_update)?;
                 events(MemberEvent::Step(&report));
+                if routing.plan.leader() == Some(rank)
+                    && let Err(e) = etcd.put_progress(report.step, report.loss)
+                {
+                    // The brain tolerates a late record; training must not stop for it.
+                    tracing::warn!(step = report.step, "cannot report progress: {e}");
+                }
                 let after = traffic(shared);
                 events(MemberEvent::Traffic {
                     expert_bytes: after.0 - counters.0,
@@ -273,11 +309,11 @@ fn member_loop(
                     if let Some(gathered) = gather_checkpoint(shared, &coll, &routing)?
                         && let Some(done) = saver.submit(gathered.snapshot)?
                     {
-                        events(MemberEvent::Committed(&done));
+                        committed(etcd, &done, events);
                     }
                     last_saved = Some(report.step);
                 } else if let Some(done) = saver.poll()? {
-                    events(MemberEvent::Committed(&done));
+                    committed(etcd, &done, events);
                 }
             }
             // The end: every member has the final state; the leader writes and reports it.
@@ -286,11 +322,11 @@ fn member_loop(
                 && let Some(gathered) = gather_checkpoint(shared, &coll, &routing)?
                 && let Some(done) = saver.submit(gathered.snapshot)?
             {
-                events(MemberEvent::Committed(&done));
+                committed(etcd, &done, events);
             }
             let mut digest = None;
             if let Some(done) = saver.wait()? {
-                events(MemberEvent::Committed(&done));
+                committed(etcd, &done, events);
             }
             if routing.plan.leader() == Some(rank) {
                 let newest = store.list()?.into_iter().find(|(_, _, committed)| *committed);
@@ -318,6 +354,61 @@ fn member_loop(
     }
 }
 
+/// The address registered for peers: `advertise` (an IP, or a name resolved here) with the
+/// listener's actual port, or the listener's own address without it.
+pub fn advertised_addr(local: SocketAddr, advertise: Option<&str>) -> Result<SocketAddr> {
+    let Some(host) = advertise else { return Ok(local) };
+    let bad = |why: String| WorkerError::Rendezvous(format!("cannot advertise {host:?}: {why}"));
+    // Bracketed IPv6 (`[fd00::1]`) as well as bare.
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, local.port()));
+    }
+    (bare, local.port())
+        .to_socket_addrs()
+        .map_err(|e| bad(e.to_string()))?
+        .next()
+        .ok_or_else(|| bad("the name resolves to no address".into()))
+}
+
+/// What an in-memory (reroute) generation asks of a member's experts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InMemoryChange {
+    /// It keeps exactly the experts it holds.
+    Same,
+    /// It keeps a subset: these experts are dropped.
+    Drop(Vec<ExpertId>),
+    /// It is given experts it does not hold (only a checkpoint could supply them).
+    Missing(Vec<ExpertId>),
+}
+
+/// Compares the experts a member `held` with the ones a reroute generation gives it (`mine`).
+pub fn in_memory_change(held: &[ExpertId], mine: &[ExpertId]) -> InMemoryChange {
+    let missing: Vec<ExpertId> = mine.iter().filter(|e| !held.contains(e)).copied().collect();
+    if !missing.is_empty() {
+        return InMemoryChange::Missing(missing);
+    }
+    let dropped: Vec<ExpertId> = held.iter().filter(|e| !mine.contains(e)).copied().collect();
+    if dropped.is_empty() { InMemoryChange::Same } else { InMemoryChange::Drop(dropped) }
+}
+
+/// Reports a committed checkpoint: its record in etcd for the recovery brain, the deletion of
+/// the records of the checkpoints retention removed, then the event. A failed write is logged,
+/// never fatal: the brain tolerates a late record, and training must not stop for it.
+fn committed(etcd: &Etcd, done: &SaveReport, events: &mut impl FnMut(MemberEvent<'_>)) {
+    if let Err(e) = etcd.put_checkpoint(done.step, &done.path) {
+        tracing::warn!(step = done.step, "cannot record the committed checkpoint: {e}");
+    }
+    for step in done.removed.iter().filter_map(|p| CheckpointStore::step_of(p)) {
+        if step != done.step
+            && let Err(e) = etcd.delete_checkpoint(step)
+        {
+            tracing::warn!(step, "cannot delete the record of a removed checkpoint: {e}");
+        }
+    }
+    events(MemberEvent::Committed(done));
+}
+
 fn traffic(shared: &Shared) -> (u64, u64, u64) {
     let t = &shared.traffic;
     (
@@ -325,4 +416,29 @@ fn traffic(shared: &Shared) -> (u64, u64, u64) {
         t.collective_bytes.load(Ordering::Relaxed),
         t.expert_payload_bytes.load(Ordering::Relaxed),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_advertised_host_takes_the_listeners_port() {
+        let local: SocketAddr = "0.0.0.0:29500".parse().unwrap();
+        assert_eq!(advertised_addr(local, None).unwrap(), local);
+        assert_eq!(advertised_addr(local, Some("10.1.2.3")).unwrap(), "10.1.2.3:29500".parse().unwrap());
+        assert_eq!(advertised_addr(local, Some("[fd00::7]")).unwrap(), "[fd00::7]:29500".parse().unwrap());
+        assert_eq!(advertised_addr(local, Some("fd00::7")).unwrap(), "[fd00::7]:29500".parse().unwrap());
+        assert_eq!(advertised_addr(local, Some("localhost")).unwrap().port(), 29500);
+    }
+
+    #[test]
+    fn a_reroute_may_only_take_experts_away() {
+        let e = |l, x| ExpertId::new(l, x);
+        let held = [e(0, 0), e(0, 2), e(1, 1)];
+        assert_eq!(in_memory_change(&held, &held), InMemoryChange::Same);
+        assert_eq!(in_memory_change(&held, &[e(0, 0), e(1, 1)]), InMemoryChange::Drop(vec![e(0, 2)]));
+        assert_eq!(in_memory_change(&held, &[]), InMemoryChange::Drop(held.to_vec()));
+        assert_eq!(in_memory_change(&held, &[e(0, 0), e(0, 3)]), InMemoryChange::Missing(vec![e(0, 3)]));
+    }
 }

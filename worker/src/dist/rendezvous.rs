@@ -3,16 +3,20 @@
 //!
 //! Keys (see `ninelives_core::keyspace`): `members/<rank>` (this worker's address, under its
 //! lease), `placement` ([`DistPlan`], written by the coordinator), `acks/<gen>/<rank>` (the step
-//! a member has when it joins a generation).
+//! a member has when it joins a generation). The generation's leader also reports for the
+//! recovery brain: `progress` ([`ProgressRecord`], after every step) and `checkpoints/<step>`
+//! ([`CheckpointRecord`], one per committed checkpoint still kept).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions};
 use ninelives_core::keyspace::JobKeys;
+use ninelives_core::recovery::{CheckpointRecord, ProgressRecord};
 use serde::{Deserialize, Serialize};
 
 use super::plan::DistPlan;
@@ -129,6 +133,53 @@ impl Etcd {
                 .map(Some)
                 .map_err(|e| WorkerError::Rendezvous(format!("malformed value at {key}: {e}"))),
         }
+    }
+
+    /// Reports the last completed step and its loss at `progress`.
+    pub fn put_progress(&self, step: u64, loss: f64) -> Result<()> {
+        let record = ProgressRecord { step, loss: Some(loss) };
+        let value = serde_json::to_vec(&record).map_err(|e| WorkerError::Rendezvous(e.to_string()))?;
+        self.put(&self.keys.progress(), value, None)
+    }
+
+    /// The reported progress, if any (a value that does not parse is an error).
+    pub fn progress(&self) -> Result<Option<ProgressRecord>> {
+        let key = self.keys.progress();
+        match self.get(&key)? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| WorkerError::Rendezvous(format!("malformed value at {key}: {e}"))),
+        }
+    }
+
+    /// Records the checkpoint committed at `step` in `location` under `checkpoints/<step>`.
+    pub fn put_checkpoint(&self, step: u64, location: &Path) -> Result<()> {
+        let record = CheckpointRecord { step, location: Some(location.display().to_string()) };
+        let value = serde_json::to_vec(&record).map_err(|e| WorkerError::Rendezvous(e.to_string()))?;
+        self.put(&self.keys.checkpoint(step), value, None)
+    }
+
+    /// Deletes the record of the checkpoint of `step` (retention removed it).
+    pub fn delete_checkpoint(&self, step: u64) -> Result<()> {
+        self.delete(&self.keys.checkpoint(step), false)
+    }
+
+    /// Checkpoint records by step (malformed values, or a step differing from the key's, are
+    /// skipped with a warning).
+    pub fn checkpoints(&self) -> Result<BTreeMap<u64, CheckpointRecord>> {
+        let prefix = self.keys.checkpoints();
+        let mut out = BTreeMap::new();
+        for (key, value) in self.get_prefix(&prefix)? {
+            let step = key.strip_prefix(&prefix).and_then(|s| s.parse::<u64>().ok());
+            match (step, serde_json::from_slice::<CheckpointRecord>(&value)) {
+                (Some(step), Ok(record)) if record.step == step => {
+                    out.insert(step, record);
+                }
+                _ => tracing::warn!("malformed checkpoint record at {key}"),
+            }
+        }
+        Ok(out)
     }
 
     /// Registered members by rank (malformed values are skipped with a warning).
