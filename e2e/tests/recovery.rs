@@ -103,7 +103,12 @@ async fn event_notes(h: &Harness) -> Vec<(String, String)> {
     events
         .into_iter()
         .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(JOB))
-        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .flat_map(|e| {
+            // A repeated Event is one object with a series count.
+            let times = e.series.as_ref().map_or(1, |s| s.count.max(1));
+            let entry = (e.reason.unwrap_or_default(), e.note.unwrap_or_default());
+            std::iter::repeat_n(entry, usize::try_from(times).unwrap_or(1))
+        })
         .collect()
 }
 
@@ -222,6 +227,7 @@ async fn chip_fault_and_node_loss_are_recovered_by_the_brain_and_the_result_is_e
     let notes = event_notes(&h).await;
     let recovered: Vec<&String> = notes.iter().filter(|(r, _)| r == "Recovered").map(|(_, n)| n).collect();
     assert_eq!(recovered.len(), 2, "{notes:?}");
+    assert!(recovered.iter().any(|n| n.contains("by replace")), "{notes:?}");
     assert!(notes.iter().any(|(r, _)| r == "Recovering"), "{notes:?}");
 
     // Exact: the leader's final digest equals an uninterrupted single-process run.

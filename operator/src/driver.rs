@@ -299,12 +299,21 @@ impl Driver {
             r.trigger, r.tier, r.resume_s, r.steps_lost, r.generation
         );
         info!(job = %self.reference, "{note}");
+        // The node where it happened is the Event's related object: `kubectl describe node`
+        // shows it, and recoveries on different nodes stay separate Events (the recorder folds
+        // repeats of the same reason, action and objects into one Event's series).
+        let secondary = r.triggers.first().map(|t| k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(t.node_name.clone()),
+            ..Default::default()
+        });
         let event = Event {
             type_: EventType::Normal,
             reason: "Recovered".into(),
             note: Some(note),
             action: "Recover".into(),
-            secondary: None,
+            secondary,
         };
         if let Err(e) = self.ctx.recorder.publish(&event, &self.object).await {
             warn!(error = %e, "recording the recovery event");
