@@ -40,12 +40,17 @@ type Running = Arc<Mutex<HashMap<String, oneshot::Sender<Stop>>>>;
 pub struct NodeRunner {
     task: JoinHandle<()>,
     running: Running,
+    lost: Lost,
 }
+
+/// Nodes that are gone: nothing is bound to or started on them any more.
+type Lost = Arc<Mutex<std::collections::BTreeSet<String>>>;
 
 #[derive(Clone)]
 struct Runtime {
     client: Client,
     nodes: Vec<String>,
+    lost: Lost,
     bin_dir: PathBuf,
     work_dir: PathBuf,
     running: Running,
@@ -93,15 +98,17 @@ impl NodeRunner {
         }
         std::fs::create_dir_all(work_dir)?;
         let running = Running::default();
+        let lost = Lost::default();
         let runtime = Runtime {
             client,
             nodes: nodes.to_vec(),
+            lost: lost.clone(),
             bin_dir: bin_dir.to_path_buf(),
             work_dir: work_dir.to_path_buf(),
             running: running.clone(),
         };
         let task = tokio::spawn(runtime.run());
-        Ok(Self { task, running })
+        Ok(Self { task, running, lost })
     }
 
     /// Kills the process of pod `namespace/name` as a crash would; the Pod becomes Failed.
@@ -110,6 +117,13 @@ impl NodeRunner {
         let sender =
             self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&format!("{namespace}/{name}"));
         sender.is_some_and(|s| s.send(Stop::Crash).is_ok())
+    }
+
+    /// Loses node `name` as a machine dies: from now on nothing is bound to it or started on it
+    /// (its pods' processes are the caller's to crash). A real kubelet of a dead node starts
+    /// nothing either, so a restart the operator orders there waits, as it would in a cluster.
+    pub fn lose(&self, name: &str) {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
     }
 
     /// Pods whose processes are running now (`namespace/name`).
@@ -186,7 +200,7 @@ impl Runtime {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &namespace);
         let spec = pod.spec.clone().unwrap_or_default();
         let node = spec.node_name.clone();
-        let ours = node.as_ref().is_some_and(|n| self.nodes.contains(n));
+        let ours = node.as_ref().is_some_and(|n| self.nodes.contains(n) && !self.is_lost(n));
 
         if pod.metadata.deletion_timestamp.is_some() {
             if ours {
@@ -205,6 +219,10 @@ impl Runtime {
             self.launch(api, pod, &node).await?;
         }
         Ok(())
+    }
+
+    fn is_lost(&self, node: &str) -> bool {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).contains(node)
     }
 
     /// Binds `pod` to a node that satisfies its nodeSelector and hosts no pod of the same job.
@@ -232,8 +250,11 @@ impl Runtime {
             .collect();
         // A pod pinned by hostname (the operator moving a rank to a spare) goes there or nowhere.
         let pinned = spec.node_selector.as_ref().and_then(|sel| sel.get("kubernetes.io/hostname"));
-        let Some(node) =
-            self.nodes.iter().filter(|n| pinned.is_none_or(|p| p == *n)).find(|n| !taken.contains(n))
+        let Some(node) = self
+            .nodes
+            .iter()
+            .filter(|n| pinned.is_none_or(|p| p == *n) && !self.is_lost(n))
+            .find(|n| !taken.contains(n))
         else {
             return Ok(()); // unschedulable for now; retried on the next pod event
         };

@@ -93,7 +93,7 @@ fn recovery() -> Registry {
     metrics.recovery("ml", "big", &r);
     let state = RecoveryState::new(vec!["node-0".into()], vec![]);
     metrics.brain("ml", "big", &state, &Observation::default(), 8, 0.5);
-    metrics.progress("ml", "big", 10, Some(2.5), 0.9);
+    metrics.progress("ml", "big", 10, Some(2.5), Some(0.9));
     metrics.checkpoint("ml", "big", 10, 1.0e9);
     metrics.registry.clone()
 }

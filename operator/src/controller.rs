@@ -20,6 +20,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use ninelives_core::TrainingJob;
 use ninelives_core::validate::{validate_name, validate_spec};
+use ninelives_telemetry::recovery::RecoveryMetrics;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tracing::{info, warn};
 
@@ -50,6 +51,8 @@ pub struct Context {
     pub etcd: EtcdConfig,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// The recovery brain's metrics of every job this leader drives.
+    pub recovery: RecoveryMetrics,
     /// Per-object backoff of transient errors.
     pub backoff: ObjectBackoff,
     /// Event recorder.
@@ -68,6 +71,7 @@ impl Context {
         template: WorkerTemplate,
         etcd: EtcdConfig,
         metrics: Arc<Metrics>,
+        recovery: RecoveryMetrics,
         instance: &str,
     ) -> Self {
         let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(instance.into()) };
@@ -81,6 +85,7 @@ impl Context {
             template,
             etcd,
             metrics,
+            recovery,
             backoff: ObjectBackoff::new(Duration::from_secs(1), Duration::from_secs(60)),
         }
     }

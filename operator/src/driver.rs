@@ -10,7 +10,10 @@
 //!   `BringInSpare`, `DropNode`, `JobSucceeded`, `FailJob`, a new phase) → a reconcile of the
 //!   job is triggered; the reconcile reads the record back and does the pod and status writes
 //!   ([`crate::lifecycle::plan_with`]), so every apiserver write has one author;
-//! - `RecordRecovery` → one Event on the job.
+//! - `RecordRecovery` → one Event on the job;
+//! - every round → the recovery brain's metrics (`ninelives_recoveries_total`, detection and
+//!   resume histograms, job phase, chips, generation, step, checkpoint age), served with the
+//!   operator's own on its admin endpoint.
 //!
 //! Apiserver writes are therefore O(1) per failure (a status write, an Event, the pods that
 //! really change), never per chip or per step. Before the record exists the driver waits for
@@ -32,6 +35,7 @@ use ninelives_core::placement::Placement;
 use ninelives_core::recovery::{
     Action, BrainConfig, CompletedRecovery, Observation, ProgressRecord, RecoveryState, decide,
 };
+use ninelives_telemetry::recovery::RecoveryObservation;
 use ninelives_worker::dist::plan::{DistPlan, from_brain};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
@@ -87,6 +91,9 @@ impl Drivers {
             config,
             trigger,
             client: None,
+            chips_per_node: job.spec.topology.chips_per_node,
+            min_healthy_fraction: job.spec.failure_policy.min_healthy_fraction,
+            checkpoint: None,
         };
         tasks.insert(key, tokio::spawn(driver.run()));
     }
@@ -122,6 +129,10 @@ struct Driver {
     config: BrainConfig,
     trigger: UnboundedSender<ObjectRef<TrainingJob>>,
     client: Option<Client>,
+    chips_per_node: u32,
+    min_healthy_fraction: f64,
+    /// Newest committed checkpoint seen (its metric is set when a newer one appears).
+    checkpoint: Option<u64>,
 }
 
 fn unix_now() -> f64 {
@@ -130,6 +141,7 @@ fn unix_now() -> f64 {
 
 impl Driver {
     async fn run(mut self) {
+        self.ctx.recovery.job_started(&self.namespace, &self.name);
         loop {
             match self.tick().await {
                 Ok(true) => {
@@ -207,6 +219,7 @@ impl Driver {
         let decision = decide(&self.config, &prior, &obs, placement.as_ref())
             .map_err(|e| Error::Brain(e.to_string()))?;
         let state = &decision.state;
+        self.observe(state, &obs);
         let mut published = false;
         let mut previous = previous;
         let mut reconcile = state.phase != prior.phase || state.active != prior.active;
@@ -237,6 +250,17 @@ impl Driver {
                     published = true;
                 }
                 Action::RecordRecovery(r) => {
+                    self.ctx.recovery.recovery(
+                        &self.namespace,
+                        &self.name,
+                        &RecoveryObservation {
+                            tier: r.tier.as_str(),
+                            trigger: r.kind.as_str(),
+                            detect_s: r.detect_s,
+                            resume_s: r.resume_s,
+                            steps_lost: r.steps_lost,
+                        },
+                    );
                     self.recovered(r).await;
                     reconcile = true;
                 }
@@ -254,6 +278,23 @@ impl Driver {
             let _ = self.trigger.send(self.reference.clone());
         }
         Ok(state.phase.is_terminal())
+    }
+
+    /// The job's gauges: phase, chips, generation, step, newest checkpoint.
+    fn observe(&mut self, state: &RecoveryState, obs: &Observation) {
+        let (ns, name) = (&self.namespace, &self.name);
+        self.ctx.recovery.brain(ns, name, state, obs, self.chips_per_node, self.min_healthy_fraction);
+        if let Some(step) = obs.step {
+            self.ctx.recovery.progress(ns, name, step, None, None);
+        }
+        let newest = obs.checkpoints.last().copied();
+        if newest > self.checkpoint
+            && let Some(step) = newest
+        {
+            // The record appears within a poll of the commit: its time is when it was seen.
+            self.ctx.recovery.checkpoint(ns, name, step, unix_now());
+            self.checkpoint = newest;
+        }
     }
 
     /// The brain's first record: rank `r` on the node its pod was scheduled to, spares in the

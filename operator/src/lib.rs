@@ -163,6 +163,8 @@ async fn termination() -> Result<()> {
 /// Runs the operator: admin endpoint, leader election, and the controller while leading.
 pub async fn run(args: OperatorArgs) -> Result<()> {
     let metrics = Arc::new(metrics::Metrics::new()?);
+    // The brain's families beside the operator's own, on the same /metrics.
+    let recovery = ninelives_telemetry::recovery::RecoveryMetrics::with_registry(metrics.registry.clone())?;
     let ready = Readiness::default();
     let admin = AdminServer::bind(args.metrics_addr, metrics.registry.clone(), ready.clone()).await?;
     info!(addr = %admin.local_addr()?, "admin endpoint");
@@ -179,7 +181,7 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         let _ = shutdown_tx.send(true);
     });
 
-    let result = lead_while_elected(&args, metrics, &ready, shutdown).await;
+    let result = lead_while_elected(&args, metrics, recovery, &ready, shutdown).await;
     ready.set(false);
     signals.abort();
     let _ = stop_admin.send(());
@@ -197,6 +199,7 @@ async fn sleep_or_shutdown(period: Duration, shutdown: &mut watch::Receiver<bool
 async fn lead_while_elected(
     args: &OperatorArgs,
     metrics: Arc<metrics::Metrics>,
+    recovery: ninelives_telemetry::recovery::RecoveryMetrics,
     ready: &Readiness,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
@@ -233,6 +236,7 @@ async fn lead_while_elected(
         args.template(),
         args.etcd_config(),
         metrics.clone(),
+        recovery,
         &identity,
     ));
     let (stop_controller, controller_stopped) = oneshot::channel::<()>();

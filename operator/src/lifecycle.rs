@@ -322,7 +322,11 @@ fn brain_phase(
             continue;
         }
         let pinned = pod.spec.as_ref().and_then(|s| s.node_selector.as_ref()?.get(HOSTNAME_LABEL).cloned());
-        let moved = pinned.is_some_and(|node| pod_node(current).is_some_and(|n| n != node));
+        // Where the pod is, or is waiting to go (a restart ordered onto a node that then died).
+        let placed = pod_node(current).or_else(|| {
+            current.spec.as_ref()?.node_selector.as_ref()?.get(HOSTNAME_LABEL).map(String::as_str)
+        });
+        let moved = pinned.is_some_and(|node| placed.is_some_and(|n| n != node));
         if pod_template_hash(current) != pod_template_hash(&pod) || moved {
             delete.insert(name);
             continue;
@@ -724,6 +728,19 @@ mod tests {
             let plan = plan_with(&job, desired, &after, None, T0, Some(&view(state)));
             let selector = plan.create[0].spec.as_ref().unwrap().node_selector.clone().unwrap();
             assert_eq!(selector[HOSTNAME_LABEL], "s0");
+        }
+
+        #[test]
+        fn a_restart_waiting_on_a_dead_node_follows_the_rank_to_the_spare() {
+            let job = job("tiny").spares(1).build();
+            let mut state = running_state();
+            let before = assigned(&job, &state);
+            let mut pods = scheduled(&job, "Running");
+            pods[1] = with_phase(before[1].clone(), "Pending"); // pinned to n1, never bound
+            state.node_names[1] = "s0".into();
+            state.spares.clear();
+            let plan = plan_with(&job, assigned(&job, &state), &pods, None, T0, Some(&view(state)));
+            assert!(plan.delete.contains(&"tiny-1".to_string()), "{:?}", plan.delete);
         }
 
         #[test]

@@ -23,7 +23,8 @@ pub mod error;
 pub mod etcd;
 pub mod live;
 pub mod local;
-pub mod metrics;
+/// The recovery brain's metrics (they live in telemetry: the operator exports them too).
+pub use ninelives_telemetry::recovery as metrics;
 pub mod processes;
 pub mod report;
 pub mod supervisor;

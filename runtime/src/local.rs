@@ -523,7 +523,7 @@ pub async fn run_local(
         if let (Some(m), Some(s)) = (metrics, state.as_ref()) {
             m.recovery.brain(NAMESPACE, &name, s, &obs, topo.chips_per_node, min_healthy_fraction);
             if !samples.is_empty() {
-                m.recovery.progress(NAMESPACE, &name, last_step, last_loss, goodput(&samples, t));
+                m.recovery.progress(NAMESPACE, &name, last_step, last_loss, Some(goodput(&samples, t)));
             }
         }
 

@@ -8,6 +8,8 @@
 //! Each binary owns its own registry, so tests can run several components in one process without
 //! their metrics colliding.
 
+pub mod recovery;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,6 +1,6 @@
 //! The job-level and recovery metrics of whoever drives the recovery brain (METRICS.md,
-//! "Recovery brain"): here the local runtime of `ninelives demo`; the operator will export the
-//! same families for every job it drives.
+//! "Recovery brain"): the local runtime of `ninelives demo` and the operator, for every job it
+//! drives.
 //!
 //! Every series carries `tj_namespace` and `trainingjob` (one job per label pair, never a rank,
 //! a chip or a step), so the families stay bounded by the number of jobs.
@@ -100,7 +100,11 @@ fn histogram(registry: &Registry, name: &str, help: &str) -> prometheus::Result<
 impl RecoveryMetrics {
     /// Registers every family in a fresh registry.
     pub fn new() -> prometheus::Result<Self> {
-        let r = Registry::new();
+        Self::with_registry(Registry::new())
+    }
+
+    /// Registers every family in `r` (the operator serves them beside its own).
+    pub fn with_registry(r: Registry) -> prometheus::Result<Self> {
         Ok(Self {
             recoveries: counter(
                 &r,
@@ -242,12 +246,15 @@ impl RecoveryMetrics {
     }
 
     /// Sets the job's progress.
-    pub fn progress(&self, ns: &str, job: &str, step: u64, loss: Option<f64>, goodput: f64) {
+    /// `goodput` only where the driver sees every step's time (the local runtime).
+    pub fn progress(&self, ns: &str, job: &str, step: u64, loss: Option<f64>, goodput: Option<f64>) {
         self.step.with_label_values(&[ns, job]).set(step as f64);
         if let Some(l) = loss {
             self.loss.with_label_values(&[ns, job]).set(l);
         }
-        self.goodput.with_label_values(&[ns, job]).set(goodput);
+        if let Some(g) = goodput {
+            self.goodput.with_label_values(&[ns, job]).set(g);
+        }
     }
 
     /// Sets the newest committed checkpoint.
