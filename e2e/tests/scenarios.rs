@@ -3,13 +3,11 @@
 //!
 //! Each scenario starts its own control plane; they run one at a time (2-core CI machines).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use etcd_client::GetOptions;
-use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Event, Pod, Service};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{Event, Service};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use ninelives_core::TrainingJob;
 use ninelives_core::job::JobPhase;
