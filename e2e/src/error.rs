@@ -56,6 +56,9 @@ pub enum Error {
     /// Reading the kubeconfig failed.
     #[error("kubeconfig: {0}")]
     Kubeconfig(String),
+    /// A TrainingJob manifest does not deserialise.
+    #[error("TrainingJob manifest: {0}")]
+    Manifest(#[source] serde_json::Error),
     /// I/O.
     #[error("{0}")]
     Io(#[from] std::io::Error),

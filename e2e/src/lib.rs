@@ -2,7 +2,8 @@
 //!
 //! The end-to-end test bed: a real etcd and kube-apiserver on loopback ([`cluster`]), a test-only
 //! node runner that schedules Pods onto fake Nodes and runs them as local processes ([`nodes`]),
-//! and the operator as a separate `ninelives operator` process ([`operator`]).
+//! the operator as a separate `ninelives operator` process ([`operator`]), and TrainingJobs to
+//! create and watch ([`jobs`]).
 //!
 //! The control-plane binaries are built from the Kubernetes and Helm Go modules by
 //! `e2e/tools/build.sh` into `.e2e-cache/bin`. `cargo test -p ninelives-e2e` runs every scenario;
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 pub mod certs;
 pub mod cluster;
 pub mod error;
+pub mod jobs;
 pub mod nodes;
 pub mod operator;
 pub mod tools;

@@ -3,79 +3,28 @@
 //!
 //! Each scenario starts its own control plane; they run one at a time (2-core CI machines).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use etcd_client::GetOptions;
-use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Event, Pod, Service};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{Event, Service};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use ninelives_core::TrainingJob;
 use ninelives_core::job::JobPhase;
 use ninelives_core::keyspace::Keyspace;
+use ninelives_e2e::jobs::{NAMESPACE as NS, job_manifest as job};
 use ninelives_e2e::{Harness, wait_for};
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-const NS: &str = "default";
 const LONG: Duration = Duration::from_secs(90);
 
-/// A valid job on `nodes` nodes; the stand-in worker runs `steps / 10` seconds.
-fn job(name: &str, nodes: u32, spares: u32, steps: u64) -> serde_json::Value {
-    serde_json::json!({
-        "apiVersion": "ninelives.io/v1alpha1",
-        "kind": "TrainingJob",
-        "metadata": { "name": name, "namespace": NS },
-        "spec": {
-            "model": { "preset": "tiny" },
-            "topology": { "nodes": nodes, "chipsPerNode": 8, "spareNodes": spares, "chipMemory": "1Gi" },
-            "data": { "datasets": ["/usr/share/common-licenses"], "globalBatchSize": 16, "microBatchSize": 4 },
-            "training": { "steps": steps, "learningRate": { "peak": 0.003 } },
-            "checkpoint": { "path": format!("/tmp/ninelives-e2e/{name}"), "intervalSteps": 10 },
-            "failurePolicy": {
-                "heartbeatTtlSeconds": 3, "maxRecoveries": 3, "minHealthyFraction": 0.5,
-                "allowedTiers": ["reroute", "reshard", "restore", "replace"], "recoveryTimeoutSeconds": 60
-            }
-        }
-    })
-}
-
 async fn create(h: &Harness, manifest: serde_json::Value) -> TrainingJob {
-    let job: TrainingJob = serde_json::from_value(manifest).expect("test manifest deserialises");
-    let api: Api<TrainingJob> = Api::namespaced(h.client.clone(), NS);
-    api.create(&PostParams::default(), &job).await.expect("create TrainingJob")
-}
-
-async fn phase(h: &Harness, name: &str) -> Option<JobPhase> {
-    let api: Api<TrainingJob> = Api::namespaced(h.client.clone(), NS);
-    api.get_opt(name).await.ok().flatten()?.status?.phase
+    h.create_job(manifest).await.expect("create TrainingJob")
 }
 
 async fn wait_phase(h: &Harness, name: &str, want: JobPhase, timeout: Duration) {
-    let result = wait_for(&format!("{name} to be {want:?}"), timeout, || async {
-        (phase(h, name).await == Some(want)).then_some(())
-    })
-    .await;
-    if let Err(e) = result {
-        panic!("{e}; phase is {:?}; pods: {:?}", phase(h, name).await, pod_phases(h, name).await);
-    }
-}
-
-async fn pods_of(h: &Harness, name: &str) -> Vec<Pod> {
-    let api: Api<Pod> = Api::namespaced(h.client.clone(), NS);
-    api.list(&ListParams::default().labels(&format!("ninelives.io/job={name}")))
-        .await
-        .map(|l| l.items)
-        .unwrap_or_default()
-}
-
-async fn pod_phases(h: &Harness, name: &str) -> BTreeMap<String, String> {
-    pods_of(h, name)
-        .await
-        .iter()
-        .map(|p| (p.name_any(), p.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default()))
-        .collect()
+    h.wait_job_phase(name, want, timeout).await.unwrap_or_else(|e| panic!("{e}"));
 }
 
 async fn condition(h: &Harness, name: &str, type_: &str) -> Option<(String, String, String)> {
@@ -102,11 +51,6 @@ async fn event_reasons(h: &Harness, name: &str) -> Vec<String> {
     reasons
 }
 
-async fn lease_holder(h: &Harness) -> Option<String> {
-    let api: Api<Lease> = Api::namespaced(h.client.clone(), NS);
-    api.get_opt("ninelives-operator").await.ok()??.spec?.holder_identity.filter(|h| !h.is_empty())
-}
-
 #[tokio::test]
 async fn job_runs_to_success_with_its_pods_and_service() {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -115,7 +59,7 @@ async fn job_runs_to_success_with_its_pods_and_service() {
     create(&h, job("tiny", 2, 1, 50)).await;
 
     let pods = wait_for("3 pods", LONG, || async {
-        let pods = pods_of(&h, "tiny").await;
+        let pods = h.pods_of("tiny").await;
         (pods.len() == 3).then_some(pods)
     })
     .await
@@ -139,13 +83,13 @@ async fn job_runs_to_success_with_its_pods_and_service() {
     assert_eq!(ready, "True", "{message}");
     // Each pod ran on its own node.
     let nodes: std::collections::BTreeSet<_> =
-        pods_of(&h, "tiny").await.iter().filter_map(|p| p.spec.as_ref()?.node_name.clone()).collect();
+        h.pods_of("tiny").await.iter().filter_map(|p| p.spec.as_ref()?.node_name.clone()).collect();
     assert_eq!(nodes.len(), 3, "anti-affinity: one worker per node");
 
     wait_phase(&h, "tiny", JobPhase::Succeeded, LONG).await;
     assert_eq!(condition(&h, "tiny", "Succeeded").await.map(|c| c.0).as_deref(), Some("True"));
     wait_for("the spare pod to be deleted", LONG, || async {
-        (pods_of(&h, "tiny").await.len() == 2).then_some(())
+        (h.pods_of("tiny").await.len() == 2).then_some(())
     })
     .await
     .expect("spare deleted after success");
@@ -166,14 +110,11 @@ async fn crashed_worker_is_replaced_and_the_job_still_succeeds() {
     let _operator = h.operator("operator-a", 15).expect("operator");
     create(&h, job("crashy", 2, 0, 100)).await;
     wait_phase(&h, "crashy", JobPhase::Running, LONG).await;
-    let before = pods_of(&h, "crashy").await.into_iter().find(|p| p.name_any() == "crashy-1").expect("pod");
+    let before = h.pods_of("crashy").await.into_iter().find(|p| p.name_any() == "crashy-1").expect("pod");
 
     assert!(h.nodes.crash(NS, "crashy-1"), "crashy-1 has a process to kill");
     let replaced = wait_for("crashy-1 to be replaced", LONG, || async {
-        pods_of(&h, "crashy")
-            .await
-            .into_iter()
-            .find(|p| p.name_any() == "crashy-1" && p.uid() != before.uid())
+        h.pods_of("crashy").await.into_iter().find(|p| p.name_any() == "crashy-1" && p.uid() != before.uid())
     })
     .await
     .expect("replacement pod");
@@ -197,7 +138,7 @@ async fn suspend_removes_pods_and_resume_brings_them_back() {
     let suspend = |on: bool| serde_json::json!({ "spec": { "suspend": on } });
     api.patch("pausable", &PatchParams::default(), &Patch::Merge(suspend(true))).await.expect("suspend");
     wait_phase(&h, "pausable", JobPhase::Suspended, LONG).await;
-    wait_for("pods to be gone", LONG, || async { pods_of(&h, "pausable").await.is_empty().then_some(()) })
+    wait_for("pods to be gone", LONG, || async { h.pods_of("pausable").await.is_empty().then_some(()) })
         .await
         .expect("no pods while suspended");
     assert!(h.nodes.running_pods().is_empty(), "processes stopped: {:?}", h.nodes.running_pods());
@@ -205,7 +146,7 @@ async fn suspend_removes_pods_and_resume_brings_them_back() {
 
     api.patch("pausable", &PatchParams::default(), &Patch::Merge(suspend(false))).await.expect("resume");
     wait_phase(&h, "pausable", JobPhase::Running, LONG).await;
-    assert_eq!(pods_of(&h, "pausable").await.len(), 2);
+    assert_eq!(h.pods_of("pausable").await.len(), 2);
     let reasons = event_reasons(&h, "pausable").await;
     assert!(
         reasons.iter().any(|r| r == "Suspended") && reasons.iter().any(|r| r == "Resumed"),
@@ -238,7 +179,7 @@ async fn delete_removes_pods_service_and_etcd_keys_then_the_finalizer() {
     })
     .await
     .expect("finalizer removed");
-    assert!(pods_of(&h, "doomed").await.is_empty(), "pods deleted");
+    assert!(h.pods_of("doomed").await.is_empty(), "pods deleted");
     assert!(h.nodes.running_pods().is_empty(), "pod processes stopped");
     let services: Api<Service> = Api::namespaced(h.client.clone(), NS);
     assert!(services.get_opt("doomed").await.expect("get service").is_none(), "service deleted");
@@ -255,7 +196,7 @@ async fn standby_takes_over_when_the_leader_is_killed_and_the_job_continues() {
     let lease = 3;
     let mut a = h.operator("operator-a", lease).expect("operator a");
     wait_for("operator-a to lead", LONG, || async {
-        (lease_holder(&h).await.as_deref() == Some("operator-a")).then_some(())
+        (h.lease_holder().await.as_deref() == Some("operator-a")).then_some(())
     })
     .await
     .expect("first leader");
@@ -263,12 +204,12 @@ async fn standby_takes_over_when_the_leader_is_killed_and_the_job_continues() {
     create(&h, job("steady", 2, 0, 250)).await;
     wait_phase(&h, "steady", JobPhase::Running, LONG).await;
     assert!(b.metrics().contains("ninelives_operator_leader 0"), "b is standby");
-    let uids: Vec<_> = pods_of(&h, "steady").await.iter().filter_map(|p| p.uid()).collect();
+    let uids: Vec<_> = h.pods_of("steady").await.iter().filter_map(|p| p.uid()).collect();
 
     a.kill();
     let killed = std::time::Instant::now();
     wait_for("operator-b to take the lease", Duration::from_secs(lease * 3), || async {
-        (lease_holder(&h).await.as_deref() == Some("operator-b")).then_some(())
+        (h.lease_holder().await.as_deref() == Some("operator-b")).then_some(())
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", b.log_tail()));
@@ -276,13 +217,13 @@ async fn standby_takes_over_when_the_leader_is_killed_and_the_job_continues() {
     assert!(takeover <= Duration::from_secs(lease + 2), "takeover took {takeover:?}");
 
     wait_phase(&h, "steady", JobPhase::Succeeded, LONG).await;
-    let after: Vec<_> = pods_of(&h, "steady").await.iter().filter_map(|p| p.uid()).collect();
+    let after: Vec<_> = h.pods_of("steady").await.iter().filter_map(|p| p.uid()).collect();
     assert_eq!(after, uids, "the new leader did not disturb the running workers");
     assert!(b.metrics().contains("ninelives_operator_leader 1"));
 
     // Graceful shutdown hands the lease over at once.
     assert_eq!(b.terminate().expect("terminate"), Some(0));
-    assert_eq!(lease_holder(&h).await, None, "lease released on SIGTERM");
+    assert_eq!(h.lease_holder().await, None, "lease released on SIGTERM");
 }
 
 #[tokio::test]
@@ -310,7 +251,7 @@ async fn invalid_jobs_are_rejected_by_cel_or_marked_invalid_until_fixed() {
     let (status, reason, message) = condition(&h, "crowded", "Invalid").await.expect("Invalid condition");
     assert_eq!((status.as_str(), reason.as_str()), ("True", "InvalidSpec"));
     assert_eq!(message, expected.join("; "));
-    assert!(pods_of(&h, "crowded").await.is_empty());
+    assert!(h.pods_of("crowded").await.is_empty());
 
     // Not retried in a loop: no reconciles while nothing changes.
     let count = |m: String| {
@@ -343,10 +284,10 @@ async fn two_jobs_run_at_once_beside_a_broken_one() {
     // Anti-affinity is per job: each job's workers on distinct nodes (jobs may share nodes).
     for name in ["left", "right"] {
         let nodes: std::collections::BTreeSet<_> =
-            pods_of(&h, name).await.iter().filter_map(|p| p.spec.as_ref()?.node_name.clone()).collect();
+            h.pods_of(name).await.iter().filter_map(|p| p.spec.as_ref()?.node_name.clone()).collect();
         assert_eq!(nodes.len(), 2, "{name}: one worker per node");
     }
     wait_phase(&h, "left", JobPhase::Succeeded, LONG).await;
     wait_phase(&h, "right", JobPhase::Succeeded, LONG).await;
-    assert_eq!(phase(&h, "broken").await, Some(JobPhase::Invalid));
+    assert_eq!(h.job_phase("broken").await, Some(JobPhase::Invalid));
 }

@@ -2,10 +2,11 @@
 //! injected faults, a training worker that is stopped and resumed from its checkpoint — and every
 //! dashboard query evaluated against what Prometheus scraped from them.
 //!
-//! Two runs: [`run`], a hand-driven fleet (faults injected directly into agents, the worker
-//! killed and resumed by the harness) that exercises the agent and worker panels; and [`demo`],
-//! the driver of `ninelives demo` with the recovery brain, whose own metrics feed the recovery
-//! and job panels.
+//! Three runs: [`run`], a hand-driven fleet (faults injected directly into agents, the worker
+//! killed and resumed by the harness) that exercises the agent and worker panels; [`demo`], the
+//! driver of `ninelives demo` with the recovery brain, whose own metrics feed the recovery and
+//! job panels; and [`control_plane`], two operator replicas on the e2e test bed (etcd and
+//! kube-apiserver) reconciling TrainingJobs, whose metrics feed the operator panels.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -20,6 +21,12 @@ use ninelives_testkit::{EtcdServer, free_port};
 use crate::dashboard::{Dashboard, Query};
 use crate::promql::{self, Intervals};
 use crate::repo_root;
+
+mod control_plane;
+pub use control_plane::{
+    ControlPlaneOptions, ControlPlaneRun, INVALID_JOB, OPERATOR_JOB, REPLICAS, SUCCEEDING_JOB, control_plane,
+    is_operator_metric,
+};
 
 /// Labels the harness gives the worker's series (a PodMonitor's relabelling in a cluster).
 pub const JOB_NAMESPACE: &str = "default";
@@ -127,23 +134,10 @@ impl FleetRun {
     }
 }
 
-/// The `ninelives` binary: `$NINELIVES_BIN`, else built with `cargo build -p ninelives`.
+/// The `ninelives` binary: `$NINELIVES_BIN`, else built once with `cargo build -p ninelives`
+/// (the e2e test bed's build, shared).
 pub fn ninelives_binary() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os("NINELIVES_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let output = Command::new(cargo)
-        .args(["build", "--quiet", "-p", "ninelives"])
-        .current_dir(repo_root())
-        .output()
-        .context("running cargo build -p ninelives")?;
-    if !output.status.success() {
-        bail!("cargo build -p ninelives failed:\n{}", String::from_utf8_lossy(&output.stderr));
-    }
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo_root().join("target"), PathBuf::from);
-    Ok(target.join("debug/ninelives"))
+    Ok(ninelives_e2e::tools::ninelives()?)
 }
 
 struct Runner {

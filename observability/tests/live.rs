@@ -4,12 +4,15 @@
 //! fault-rate alerts are seen pending or firing.
 //!
 //! A second run drives `ninelives demo`'s runtime with the recovery brain, whose metrics feed the
-//! recovery and job panels. Not covered: the operator's metrics (they need the e2e apiserver);
-//! their queries are parsed here and return no data.
+//! recovery and job panels; a third runs two operator replicas on the e2e test bed (etcd and
+//! kube-apiserver), whose metrics feed the operator panels of the control-plane dashboard. Not
+//! covered: alerts that need minutes of a condition (`for: 1m` and longer) are only unit-tested
+//! with promtool (tests/alerts.rs).
 
+use ninelives_core::job::JobPhase;
 use ninelives_observability::catalogue::Catalogue;
 use ninelives_observability::dashboard::{Dashboard, legend};
-use ninelives_observability::fleet::{self, FleetOptions};
+use ninelives_observability::fleet::{self, ControlPlaneOptions, FleetOptions};
 use ninelives_observability::render::{Line, PanelImage, write_png};
 use ninelives_observability::repo_root;
 
@@ -112,6 +115,26 @@ fn every_dashboard_query_runs_against_real_processes() {
     assert!(std::fs::metadata(&path).expect("png written").len() > 1000);
 }
 
+/// How many queries name a metric `selected` picks, and those of them Prometheus rejected or
+/// that returned no data.
+fn queries_without_data(
+    evaluations: &[fleet::Evaluation],
+    selected: impl Fn(&str) -> bool,
+) -> (usize, Vec<String>) {
+    let mut count = 0;
+    let mut problems = Vec::new();
+    for e in evaluations.iter().filter(|e| e.names.iter().any(|n| selected(n))) {
+        count += 1;
+        let place = format!("{}: {}", e.dashboard, e.query.describe());
+        match &e.result {
+            Err(error) => problems.push(format!("{place}: rejected: {error}\n  {}", e.sent)),
+            Ok(_) if !e.has_data() => problems.push(format!("{place}: no data\n  {}", e.sent)),
+            Ok(_) => {}
+        }
+    }
+    (count, problems)
+}
+
 /// The recovery brain's own metrics, as `ninelives demo` exports them.
 const BRAIN_METRICS: &[&str] = &[
     "ninelives_recoveries_total",
@@ -134,20 +157,8 @@ fn the_demo_under_prometheus_feeds_the_recovery_and_job_panels() {
     let evaluations = fleet::evaluate(run, &dashboards);
 
     // Every query that names a brain metric parses and returns data.
-    let mut problems = Vec::new();
-    let mut brain_queries = 0;
-    for e in &evaluations {
-        if !e.names.iter().any(|n| BRAIN_METRICS.iter().any(|b| n.starts_with(b))) {
-            continue;
-        }
-        brain_queries += 1;
-        let place = format!("{}: {}", e.dashboard, e.query.describe());
-        match &e.result {
-            Err(error) => problems.push(format!("{place}: rejected: {error}\n  {}", e.sent)),
-            Ok(_) if !e.has_data() => problems.push(format!("{place}: no data\n  {}", e.sent)),
-            Ok(_) => {}
-        }
-    }
+    let (brain_queries, problems) =
+        queries_without_data(&evaluations, |n| BRAIN_METRICS.iter().any(|b| n.starts_with(b)));
     assert!(brain_queries >= 8, "only {brain_queries} dashboard queries use the brain's metrics");
     assert!(problems.is_empty(), "{}\n\n{}", problems.join("\n"), run.logs());
 
@@ -159,4 +170,76 @@ fn the_demo_under_prometheus_feeds_the_recovery_and_job_panels() {
     let step = run.prometheus.query_at("max(ninelives_job_step)", Some(run.end)).expect("query");
     assert_eq!(step.first().and_then(|s| s.samples.first()).map(|x| x.1), Some(60.0));
     assert!(run.alerts_seen.contains_key("NinelivesNodeLost"), "{:?}", run.alerts_seen);
+}
+
+/// The value of each series of `expr` at `time`, keyed by `label`.
+fn values_by(run: &fleet::FleetRun, expr: &str, time: f64, label: &str) -> Vec<(String, f64)> {
+    let series = run.prometheus.query_at(expr, Some(time)).unwrap_or_else(|e| panic!("{expr}: {e}"));
+    let mut out: Vec<(String, f64)> = series
+        .iter()
+        .map(|s| {
+            (s.labels.get(label).cloned().unwrap_or_default(), s.samples.first().map_or(f64::NAN, |x| x.1))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[test]
+fn two_operator_replicas_under_prometheus_feed_the_control_plane_panels() {
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dashboards = Dashboard::load_dir(&repo_root().join("dashboards")).expect("dashboards");
+    let cp =
+        fleet::control_plane(&ControlPlaneOptions::default(), &mut |line| eprintln!("control plane: {line}"))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    let run = &cp.fleet;
+    assert_eq!(cp.phases.get(fleet::SUCCEEDING_JOB), Some(&Some(JobPhase::Succeeded)), "{}", run.logs());
+    assert_eq!(cp.phases.get(fleet::INVALID_JOB), Some(&Some(JobPhase::Invalid)), "{}", run.logs());
+    assert_eq!(cp.leaders, fleet::REPLICAS, "the standby took over");
+
+    // Every query that names an operator metric parses and returns data.
+    let evaluations = fleet::evaluate(run, &dashboards);
+    let (operator_queries, problems) = queries_without_data(&evaluations, fleet::is_operator_metric);
+    eprintln!("{operator_queries} dashboard queries use the operator's metrics");
+    // Leaders, Leader by replica, TrainingJobs by phase, Reconcile rate and errors (2),
+    // Reconcile latency (2).
+    assert!(operator_queries >= 7, "only {operator_queries} dashboard queries use the operator's metrics");
+    assert!(problems.is_empty(), "{}\n\n{}", problems.join("\n"), run.logs());
+
+    // One leader at every step while both replicas ran: the standby reports 0.
+    let (from, to) = cp.both_running;
+    let leaders = run
+        .prometheus
+        .query_range("sum(ninelives_operator_leader)", from + 1.0, to - 1.0, fleet::STEP)
+        .expect("query");
+    let samples: Vec<f64> = leaders.iter().flat_map(|s| s.samples.iter().map(|x| x.1)).collect();
+    assert!(samples.len() >= 10, "{samples:?}");
+    assert!(samples.iter().all(|v| *v == 1.0), "sum(ninelives_operator_leader) while both ran: {samples:?}");
+    let [first, standby] = fleet::REPLICAS;
+    let by_pod = "max by (pod) (ninelives_operator_leader)";
+    assert_eq!(
+        values_by(run, by_pod, to - 1.0, "pod"),
+        [(first.to_string(), 1.0), (standby.to_string(), 0.0)]
+    );
+    // After the leader was killed its series went stale and the standby leads.
+    assert_eq!(values_by(run, by_pod, run.end, "pod"), [(standby.to_string(), 1.0)]);
+
+    // The jobs-by-phase panel shows the succeeded and the invalid job, from either leader.
+    for time in [to - 1.0, run.end] {
+        let phases = values_by(run, "max by (phase) (ninelives_operator_jobs)", time, "phase");
+        for (phase, count) in [("Succeeded", 1.0), ("Invalid", 1.0), ("Running", 0.0), ("Failed", 0.0)] {
+            assert!(phases.contains(&(phase.to_string(), count)), "{phase} should be {count}: {phases:?}");
+        }
+    }
+    // Every error kind has a series from the start, so the error panel has data in a healthy run.
+    let errors =
+        values_by(run, "sum by (kind) (ninelives_operator_reconcile_errors_total)", from + 1.0, "kind");
+    let kinds: Vec<&str> = errors.iter().map(|(k, _)| k.as_str()).collect();
+    let mut expected = ninelives_operator::metrics::ERROR_KINDS.to_vec();
+    expected.sort_unstable();
+    assert_eq!(kinds, expected);
+    eprintln!(
+        "reconcile errors at the end: {:?}",
+        values_by(run, "sum by (kind) (ninelives_operator_reconcile_errors_total) > 0", run.end, "kind")
+    );
 }

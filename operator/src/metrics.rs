@@ -20,6 +20,26 @@ const PHASES: [JobPhase; 7] = [
     JobPhase::Invalid,
 ];
 
+/// Every `kind` [`crate::error::Error::label`] returns. The error counter's series exist at 0 from
+/// the start (Prometheus practice for known label values): `rate()` over them reads 0 in a healthy
+/// run instead of nothing, and an error shows as an increase rather than a series appearing.
+pub const ERROR_KINDS: [&str; 14] = [
+    "read",
+    "apply",
+    "status",
+    "finalizer",
+    "etcd",
+    "cleanup_pending",
+    "missing_field",
+    "serialize",
+    "client",
+    "lease",
+    "controller",
+    "io",
+    "metrics",
+    "brain",
+];
+
 /// Counters, histogram and gauges of the operator.
 #[derive(Debug)]
 pub struct Metrics {
@@ -62,6 +82,9 @@ impl Metrics {
         for phase in PHASES {
             jobs.with_label_values(&[phase_name(phase)]).set(0);
         }
+        for kind in ERROR_KINDS {
+            errors.with_label_values(&[kind]).reset();
+        }
         Ok(Self { registry, reconciles, errors, duration, jobs, leader, phases: Mutex::new(HashMap::new()) })
     }
 
@@ -100,6 +123,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
     use prometheus::{Encoder, TextEncoder};
 
     fn text(metrics: &Metrics) -> String {
@@ -124,5 +148,68 @@ mod tests {
         let out = text(&metrics);
         assert!(out.contains("ninelives_operator_reconcile_errors_total{kind=\"apply\"} 1"));
         assert!(out.contains("ninelives_operator_leader 1"));
+    }
+
+    /// One error of each variant; [`variant_is_listed`] makes a new variant a compile error here.
+    fn one_of_each() -> Vec<Error> {
+        let kube = || kube::Error::LinesCodecMaxLineLengthExceeded;
+        vec![
+            Error::Read { what: "pods", source: kube() },
+            Error::Apply { what: "pod x-0".into(), source: kube() },
+            Error::Status(kube()),
+            Error::Finalizer("conflict".into()),
+            Error::Etcd { prefix: "/ninelives/".into(), source: etcd_client::Error::InvalidArgs("x".into()) },
+            Error::EtcdTimeout(5),
+            Error::CleanupPending(2),
+            Error::MissingField("uid"),
+            Error::Serialize(serde_json::from_str::<u8>("x").unwrap_err()),
+            Error::Client(kube()),
+            Error::Config("no kubeconfig".into()),
+            Error::Lease(kube()),
+            Error::LostLease,
+            Error::ControllerStopped,
+            Error::Io(std::io::Error::other("bind")),
+            Error::Metrics(prometheus::Error::Msg("duplicate".into())),
+            Error::Brain("x".into()),
+        ]
+    }
+
+    /// Exhaustive on purpose: adding a variant to [`Error`] fails to compile until it is added to
+    /// [`one_of_each`] (and its label, if new, to [`ERROR_KINDS`]).
+    fn variant_is_listed(error: &Error) -> bool {
+        match error {
+            Error::Read { .. }
+            | Error::Apply { .. }
+            | Error::Status(_)
+            | Error::Finalizer(_)
+            | Error::Etcd { .. }
+            | Error::EtcdTimeout(_)
+            | Error::CleanupPending(_)
+            | Error::MissingField(_)
+            | Error::Serialize(_)
+            | Error::Client(_)
+            | Error::Config(_)
+            | Error::Lease(_)
+            | Error::LostLease
+            | Error::ControllerStopped
+            | Error::Io(_)
+            | Error::Metrics(_)
+            | Error::Brain(_) => true,
+        }
+    }
+
+    #[test]
+    fn every_error_kind_has_a_series_from_the_start() {
+        let errors = one_of_each();
+        assert!(errors.iter().all(variant_is_listed));
+        let labels: std::collections::BTreeSet<&str> = errors.iter().map(Error::label).collect();
+        let kinds: std::collections::BTreeSet<&str> = ERROR_KINDS.into_iter().collect();
+        assert_eq!(labels, kinds, "ERROR_KINDS must be exactly the labels of Error");
+
+        let out = text(&Metrics::new().unwrap());
+        for kind in ERROR_KINDS {
+            let series = format!("ninelives_operator_reconcile_errors_total{{kind=\"{kind}\"}} 0");
+            assert!(out.lines().any(|l| l == series), "{series} missing from\n{out}");
+        }
     }
 }

@@ -1,7 +1,8 @@
-//! Runs the fleet and then the demo under a real Prometheus ([`ninelives_observability::fleet`]),
-//! evaluates every dashboard query, and writes a PNG per panel that returned data (from the fleet
-//! run, else from the demo run), plus an index, to `docs/dashboards/` (or the directory given as
-//! the first argument).
+//! Runs the fleet, the demo and the control plane under a real Prometheus
+//! ([`ninelives_observability::fleet`]), evaluates every dashboard query, and writes a PNG per
+//! panel that returned data (from the fleet run, else from the demo run, else from the
+//! control-plane run), plus an index, to `docs/dashboards/` (or the directory given as the first
+//! argument).
 //!
 //! `cargo run -p ninelives-observability --bin snapshot [OUT_DIR]`
 
@@ -9,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use ninelives_observability::dashboard::{Dashboard, Origin, legend};
-use ninelives_observability::fleet::{self, Evaluation, FleetOptions};
+use ninelives_observability::fleet::{self, ControlPlaneOptions, Evaluation, FleetOptions};
 use ninelives_observability::render::{Line, PanelImage, write_png};
 use ninelives_observability::repo_root;
 
@@ -49,7 +50,7 @@ fn run() -> anyhow::Result<()> {
     let run = fleet::run(&FleetOptions::default(), &mut |line| eprintln!("snapshot: {line}"))?;
     let evaluations = fleet::evaluate(&run, &dashboards);
     let mut index = format!(
-        "# Dashboard snapshots\n\nPanels of `dashboards/*.json` rendered from two real runs (`cargo run -p \
+        "# Dashboard snapshots\n\nPanels of `dashboards/*.json` rendered from three real runs (`cargo run -p \
          ninelives-observability --bin snapshot`), each scraped every second by Prometheus; every panel query \
          ran through Prometheus' HTTP API with the dashboard variables at \"All\". Red lines mark events.\n\n\
          **Fleet run**: etcd, three node agents on simulated chips, a `tiny` training worker; two ECC errors \
@@ -57,24 +58,42 @@ fn run() -> anyhow::Result<()> {
          checkpoint, node-2's agent killed.\n\n\
          **Demo run** (panels the fleet run has no data for): the driver of `ninelives demo` with the recovery \
          brain on `tiny` (4 nodes x 8 chips + a spare), {steps} steps, checkpoints every 4; two ECC errors on node 0, \
-         a hang on node 1, node 2 lost, a worker crash — the red lines are the faults and the recoveries.\n\n",
+         a hang on node 1, node 2 lost, a worker crash — the red lines are the faults and the recoveries.\n\n\
+         **Control-plane run** (the operator panels): the e2e test bed (etcd, kube-apiserver, pods run as local \
+         processes) with two `ninelives operator` replicas, {a} leading and {b} on standby; TrainingJob \
+         `{ok}` ({cp_steps} steps of the stand-in worker on 2 nodes) runs to Succeeded and `{bad}` is marked \
+         Invalid; then {a} is killed and {b} takes the leader Lease.\n\n",
         steps = fleet::DemoOptions::default().steps,
+        a = fleet::REPLICAS[0],
+        b = fleet::REPLICAS[1],
+        ok = fleet::SUCCEEDING_JOB,
+        bad = fleet::INVALID_JOB,
+        cp_steps = ControlPlaneOptions::default().steps,
     );
     let mut empty = render(&run, &evaluations, &dashboards, &out_dir, None, &mut index)?;
     let demo = fleet::demo(&fleet::DemoOptions::default(), &mut |line| eprintln!("snapshot: demo: {line}"))?;
     let demo_evaluations = fleet::evaluate(&demo.fleet, &dashboards);
     index.push_str("# From the demo run\n\n");
     empty = render(&demo.fleet, &demo_evaluations, &dashboards, &out_dir, Some(&empty), &mut index)?;
-    index.push_str("## Panels without data in either run\n\n");
+    let cp = fleet::control_plane(&ControlPlaneOptions::default(), &mut |line| {
+        eprintln!("snapshot: control plane: {line}");
+    })?;
+    let cp_evaluations = fleet::evaluate(&cp.fleet, &dashboards);
+    index.push_str("# From the control-plane run\n\n");
+    empty = render(&cp.fleet, &cp_evaluations, &dashboards, &out_dir, Some(&empty), &mut index)?;
+    index.push_str("## Panels without data in any run\n\n");
     for p in &empty {
         index.push_str(&format!("- {p}\n"));
     }
     let mut alerts: Vec<String> = run.alerts_seen.iter().map(|(a, s)| format!("{a} ({s})")).collect();
     alerts.extend(demo.fleet.alerts_seen.iter().map(|(a, s)| format!("{a} ({s}, demo run)")));
+    alerts.extend(cp.fleet.alerts_seen.iter().map(|(a, s)| format!("{a} ({s}, control-plane run)")));
     alerts.sort();
     index.push_str(&format!("\nAlerts seen pending or firing during the runs: {}.\n", alerts.join(", ")));
     std::fs::write(out_dir.join("README.md"), index)?;
-    for (name, list) in [("fleet", &evaluations), ("demo", &demo_evaluations)] {
+    for (name, list) in
+        [("fleet", &evaluations), ("demo", &demo_evaluations), ("control-plane", &cp_evaluations)]
+    {
         let with_data = list.iter().filter(|e| e.has_data()).count();
         eprintln!("snapshot: {name} run: {} queries, {with_data} with data", list.len());
     }
