@@ -62,6 +62,8 @@ pub struct Context {
     /// Asks the controller to reconcile a job (the drivers' way to hand it pod and status work).
     pub trigger: UnboundedSender<ObjectRef<TrainingJob>>,
     triggered: Mutex<Option<UnboundedReceiver<ObjectRef<TrainingJob>>>>,
+    /// One client of the coordination etcd for the drivers and the reconciles' brain reads.
+    etcd_client: Mutex<Option<etcd_client::Client>>,
 }
 
 impl Context {
@@ -80,6 +82,7 @@ impl Context {
             drivers: Drivers::default(),
             trigger,
             triggered: Mutex::new(Some(triggered)),
+            etcd_client: Mutex::new(None),
             recorder: Recorder::new(client.clone(), reporter),
             client,
             template,
@@ -87,6 +90,28 @@ impl Context {
             metrics,
             recovery,
             backoff: ObjectBackoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+        }
+    }
+}
+
+impl Context {
+    /// The shared etcd client, connected on first use (it reconnects by itself after a
+    /// transient failure; [`Context::reconnect_etcd`] drops it after a failed request).
+    pub async fn etcd_client(&self) -> Result<etcd_client::Client> {
+        if let Some(client) = self.etcd_client.lock().ok().and_then(|c| c.clone()) {
+            return Ok(client);
+        }
+        let client = self.etcd.connect().await?;
+        if let Ok(mut shared) = self.etcd_client.lock() {
+            *shared = Some(client.clone());
+        }
+        Ok(client)
+    }
+
+    /// Makes the next [`Context::etcd_client`] connect afresh.
+    pub fn reconnect_etcd(&self) {
+        if let Ok(mut shared) = self.etcd_client.lock() {
+            *shared = None;
         }
     }
 }
@@ -174,7 +199,7 @@ async fn apply(job: &TrainingJob, ctx: &Arc<Context>) -> Result<Action> {
             if job.spec.suspend || terminal || finished {
                 ctx.drivers.stop(&key(job));
             } else {
-                ctx.drivers.ensure(ctx, job, ctx.trigger.clone());
+                ctx.drivers.ensure(ctx, job);
             }
             Some(view)
         }

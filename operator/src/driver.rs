@@ -59,12 +59,7 @@ pub struct Drivers {
 
 impl Drivers {
     /// Starts the driver of `job` unless it runs already.
-    pub fn ensure(
-        &self,
-        ctx: &Arc<Context>,
-        job: &TrainingJob,
-        trigger: UnboundedSender<ObjectRef<TrainingJob>>,
-    ) {
+    pub fn ensure(&self, ctx: &Arc<Context>, job: &TrainingJob) {
         let Some(namespace) = job.namespace() else { return };
         let key = format!("{namespace}/{}", job.name_any());
         let Ok(mut tasks) = self.tasks.lock() else { return };
@@ -89,8 +84,7 @@ impl Drivers {
             nodes: job.spec.topology.nodes,
             spares: job.spec.topology.spare_nodes,
             config,
-            trigger,
-            client: None,
+            trigger: ctx.trigger.clone(),
             chips_per_node: job.spec.topology.chips_per_node,
             min_healthy_fraction: job.spec.failure_policy.min_healthy_fraction,
             checkpoint: None,
@@ -128,7 +122,6 @@ struct Driver {
     spares: u32,
     config: BrainConfig,
     trigger: UnboundedSender<ObjectRef<TrainingJob>>,
-    client: Option<Client>,
     chips_per_node: u32,
     min_healthy_fraction: f64,
     /// Newest committed checkpoint seen (its metric is set when a newer one appears).
@@ -153,25 +146,16 @@ impl Driver {
                 Err(e) => {
                     warn!(job = %self.reference, error = %e, "recovery driver");
                     self.ctx.metrics.reconcile_failed(e.label());
-                    self.client = None;
+                    self.ctx.reconnect_etcd();
                     tokio::time::sleep(RETRY).await;
                 }
             }
         }
     }
 
-    async fn client(&mut self) -> Result<Client> {
-        if let Some(c) = &self.client {
-            return Ok(c.clone());
-        }
-        let c = self.ctx.etcd.connect().await?;
-        self.client = Some(c.clone());
-        Ok(c)
-    }
-
     /// One observe–decide–act round; `true` once the brain's phase is terminal.
     async fn tick(&mut self) -> Result<bool> {
-        let mut client = self.client().await?;
+        let mut client = self.ctx.etcd_client().await?;
         let job_keys = self.keys.job(&self.namespace, &self.name);
         let etcd_err = |source| Error::Etcd { prefix: job_keys.root().to_string(), source };
         let prefix = GetOptions::new().with_prefix();
@@ -384,7 +368,7 @@ async fn publish(
 /// The brain's record and progress as the reconcile needs them (two reads).
 pub async fn read_view(ctx: &Context, namespace: &str, name: &str) -> Result<BrainView> {
     let keys = Keyspace::new(&ctx.etcd.prefix).job(namespace, name);
-    let mut client = ctx.etcd.connect().await?;
+    let mut client = ctx.etcd_client().await?;
     let etcd_err = |source| Error::Etcd { prefix: keys.root().to_string(), source };
     let record = client.get(keys.recovery(), None).await.map_err(etcd_err)?;
     let state = match record.kvs().first() {
