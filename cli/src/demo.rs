@@ -1,5 +1,5 @@
 //! `ninelives demo`: the whole system on this machine — etcd, an agent per node on simulated
-//! chips, the training worker and the recovery brain — with faults injected while it trains.
+//! chips, an expert-parallel worker member per node and the recovery brain — with faults injected while it trains.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -14,7 +14,7 @@ use clap::Args;
 use ninelives_core::fault_schedule::FaultSchedule;
 use ninelives_runtime::local::{LocalRunConfig, MetricsPlan, NAMESPACE, RunOutcome, node_names, run_local};
 use ninelives_runtime::metrics::RecoveryMetrics;
-use ninelives_runtime::processes::{SingleProcessWorker, WorkerLine, parse_worker_line};
+use ninelives_runtime::processes::{WorkerLine, parse_worker_line};
 use ninelives_runtime::report::Report;
 use ninelives_runtime::{Supervisor, live};
 use ninelives_telemetry::{AdminServer, Readiness};
@@ -45,7 +45,8 @@ pub struct DemoArgs {
     /// Skip the uninterrupted reference run (no parameter comparison).
     #[arg(long)]
     no_reference: bool,
-    /// CPU threads of the worker. Default: all available.
+    /// CPU threads shared by the worker members (each gets threads / nodes, at least 1) and used
+    /// by the reference run. Default: all available.
     #[arg(long)]
     threads: Option<usize>,
     /// Keep etcd data, chips, checkpoints and logs here instead of a temporary directory.
@@ -140,13 +141,12 @@ fn demo(args: DemoArgs) -> Result<ExitCode, String> {
     };
     let terminal = std::io::stdout().is_terminal();
     let mut shown = 0usize;
-    let launcher = SingleProcessWorker { ninelives: ninelives.clone() };
     let mut on_stop = stop.clone();
     let interrupt = async move {
         let _ = on_stop.wait_for(|stopped| *stopped).await;
     };
     let outcome: RunOutcome = runtime
-        .block_on(run_local(&cfg, &launcher, interrupt, |state| {
+        .block_on(run_local(&cfg, interrupt, |state| {
             if terminal {
                 print!("\x1b[H\x1b[2J{}", live::render(state, 80));
             } else {
@@ -288,12 +288,19 @@ async fn observe(job: &ninelives_core::TrainingJob) -> Result<Observed, String> 
                 .label("node", node),
         );
     }
-    let worker = free()?;
-    targets.push(
-        ScrapeTarget::new("ninelives-worker", worker.to_string())
-            .label("tj_namespace", NAMESPACE)
-            .label("trainingjob", &name),
-    );
+    // One expert-parallel member per training node; a member keeps its rank (and so its
+    // metrics address) when the brain moves it to a spare.
+    let mut workers = BTreeMap::new();
+    for rank in 0..topo.nodes {
+        let addr = free()?;
+        workers.insert(rank, addr);
+        targets.push(
+            ScrapeTarget::new("ninelives-worker", addr.to_string())
+                .label("tj_namespace", NAMESPACE)
+                .label("trainingjob", &name)
+                .label("rank", rank.to_string()),
+        );
+    }
     let recovery = RecoveryMetrics::new().map_err(|e| format!("recovery metrics: {e}"))?;
     let server = AdminServer::bind(loopback(0), recovery.registry.clone(), Readiness::default())
         .await
@@ -312,5 +319,5 @@ async fn observe(job: &ninelives_core::TrainingJob) -> Result<Observed, String> 
     }
     let prometheus = PrometheusServer::start(&targets, &rules).map_err(|e| e.to_string())?;
     println!("prometheus: {} scraping {} targets", prometheus.url(), targets.len());
-    Ok(Observed { plan: MetricsPlan { recovery, agents, worker, etcd }, prometheus, targets: targets.len() })
+    Ok(Observed { plan: MetricsPlan { recovery, agents, workers, etcd }, prometheus, targets: targets.len() })
 }

@@ -407,7 +407,7 @@ pub struct DemoRun {
 }
 
 /// Runs the driver of `ninelives demo` (etcd, an agent per node and spare on simulated chips,
-/// the worker, the recovery brain) on `examples/tiny.yaml` with `options.faults`, every process
+/// an expert-parallel worker member per node, the recovery brain) on `examples/tiny.yaml` with `options.faults`, every process
 /// and the driver's own recovery metrics scraped every second by a Prometheus loaded with
 /// `dashboards/alerts.yaml`. Alerts are watched while it runs. Bounded: 15 minutes at most.
 pub fn demo(options: &DemoOptions, progress: &mut dyn FnMut(&str)) -> anyhow::Result<DemoRun> {
@@ -442,13 +442,19 @@ pub fn demo(options: &DemoOptions, progress: &mut dyn FnMut(&str)) -> anyhow::Re
                 .label("node", node),
         );
     }
-    let worker = loopback(free_port()?);
-    targets.push(
-        ScrapeTarget::new("ninelives-worker", worker.to_string())
-            .label("tj_namespace", JOB_NS)
-            .label("trainingjob", &name)
-            .label("node", "node-0"),
-    );
+    // One expert-parallel member per training node, scraped by rank (a member moved to a spare
+    // binds its address again).
+    let mut workers = BTreeMap::new();
+    for rank in 0..topo.nodes {
+        let addr = loopback(free_port()?);
+        workers.insert(rank, addr);
+        targets.push(
+            ScrapeTarget::new("ninelives-worker", addr.to_string())
+                .label("tj_namespace", JOB_NS)
+                .label("trainingjob", &name)
+                .label("rank", rank.to_string()),
+        );
+    }
     let etcd = loopback(free_port()?);
     targets.push(ScrapeTarget::new("etcd", etcd.to_string()));
 
@@ -479,14 +485,13 @@ pub fn demo(options: &DemoOptions, progress: &mut dyn FnMut(&str)) -> anyhow::Re
         work_dir: work.clone(),
         threads: 1,
         deadline: Duration::from_secs(900),
-        metrics: Some(MetricsPlan { recovery, agents, worker, etcd }),
+        metrics: Some(MetricsPlan { recovery, agents, workers, etcd }),
     };
-    let launcher = ninelives_runtime::processes::SingleProcessWorker { ninelives: cfg.ninelives.clone() };
     let start = unix_now();
     let mut shown = 0usize;
     let mut last_alert_check = Instant::now();
     let outcome = tokio
-        .block_on(run_local(&cfg, &launcher, std::future::pending(), |state| {
+        .block_on(run_local(&cfg, std::future::pending(), |state| {
             for event in &state.events[shown.min(state.events.len())..] {
                 progress(event.trim());
                 // Markers on the charts: faults and recoveries.

@@ -9,16 +9,15 @@
 //! - [`etcd`]: a private etcd as a child (free loopback ports, temp dir, a clear install hint when
 //!   the binary is missing);
 //! - [`processes`]: command lines of agents (`ninelives agent run --simulate 8 ...`), fault
-//!   injection (`ninelives agent inject`), and workers behind the [`WorkerLaunch`] interface
-//!   (single-process `ninelives worker train`, or one member of a distributed job with
-//!   `--rank R --etcd URLS`), plus the parser of the worker's step lines;
+//!   injection (`ninelives agent inject`), and the expert-parallel members of the job
+//!   ([`MemberSpec`]: `ninelives worker train M --rank R --etcd URL`, one per node), plus the
+//!   parser of the workers' step and join lines;
 //! - [`report`]: `report.json` (recoveries, goodput, final loss, parameter comparison);
 //! - [`svg`]: hand-written SVG line charts with recoveries marked;
 //! - [`live`]: the live view, a pure function from state to text;
 //! - [`local`]: the driver that runs it all with the recovery brain (`ninelives demo`);
 //! - [`metrics`]: the recovery and job metrics of whoever drives the brain.
 
-pub mod endpoint;
 pub mod error;
 pub mod etcd;
 pub mod live;
@@ -32,5 +31,5 @@ pub mod svg;
 
 pub use error::RuntimeError;
 pub use etcd::LocalEtcd;
-pub use processes::{MemberSpec, WorkerLaunch};
+pub use processes::MemberSpec;
 pub use supervisor::{ChildId, Supervisor};

@@ -1,27 +1,27 @@
 //! A whole ninelives system on this machine: etcd, one agent per node (and spare) on simulated
-//! chips, the training worker, and the recovery brain — driven together, with scheduled faults.
+//! chips, one expert-parallel worker member per node, and the recovery brain — driven together,
+//! with scheduled faults.
 //!
-//! The brain is the same pure function the operator uses ([`ninelives_core::recovery::decide`]);
-//! this loop is its local driver. Every 100 ms it reads the job's keys and the node keys from
-//! etcd, decides, and carries the actions out:
+//! The brain is the same pure function the operator uses ([`ninelives_core::recovery::decide`],
+//! with [`BrainConfig::for_expert_parallel`]); this loop is its local driver, the counterpart of
+//! the operator's `driver.rs` plus the part of its reconcile that starts workers. Every 100 ms it
+//! reads the job's keys and the node keys from etcd, decides, and carries the actions out:
 //!
-//! - `PublishPlacement` → one etcd transaction writing `control`, `placement` and `recovery`;
-//! - `StartMember` → the worker process is (re)started with `--resume` when it is not running
-//!   (so it restores the newest committed checkpoint — the brain's rollback target), and the
-//!   member key of the rank is put under the runtime's lease once the worker trains;
-//! - a published `restoreStep` while the worker runs → the worker is restarted with `--resume`:
-//!   the single-process worker has no command endpoint, so a restart is how it rolls back;
+//! - `PublishPlacement` → one etcd transaction writing `control`, `placement` (as the members'
+//!   [`DistPlan`], built by [`from_brain`]) and `recovery`;
+//! - `StartMember` → the member process of the rank is started once its node is up (a member
+//!   ordered onto a node this run killed waits until the brain moves the rank to a spare);
 //! - `BringInSpare` / `DropNode` → the node table; `RecordRecovery` → the report.
 //!
-//! The runtime also plays rank 0's reporter: it writes `progress` from the worker's step lines
-//! and a `checkpoints/<step>` record for every committed checkpoint directory it finds (a
-//! directory with its `manifest.json`, which the worker renames into place last).
-//!
-//! Worker model until the distributed worker (issue 7) is merged: ONE process trains the whole
-//! job and stands for the workers of every node; it holds the member keys of all ranks. A
-//! `worker:` or `node:` fault kills it (SIGKILL), which really loses its in-memory state; the
-//! brain sees the members vanish and orders the restart. Reported numbers are measured from
-//! what the processes did (step lines, restarts), not taken from the brain's plan.
+//! The members do the rest themselves, as in pods: each joins every generation (restoring from
+//! memory, or from the checkpoint the plan names), acknowledges it at `acks/<gen>/<rank>`, keeps
+//! its `members/<rank>` key alive under its own lease, and the generation's leader writes
+//! `progress` and a `checkpoints/<step>` record for every committed checkpoint. When the runtime
+//! sees a member process die it deletes the member's key at once (as a kubelet reports a dead
+//! container): the brain need not wait for the lease to expire. A `worker:` fault kills the
+//! node's member (SIGKILL, its memory is really lost); a `node:` fault kills the node's agent and
+//! its member. Reported numbers are measured from what the processes did (step lines), not taken
+//! from the brain's plan.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::BufRead;
@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use etcd_client::{Client, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, GetOptions, Txn, TxnOp};
 use ninelives_core::TrainingJob;
 use ninelives_core::fault_schedule::{
     FLAP_HALF_PERIOD_S, FLAP_ONSETS, FaultKind, FaultSchedule, ScheduledFault,
@@ -38,18 +38,15 @@ use ninelives_core::fault_schedule::{
 use ninelives_core::keyspace::{JobKeys, Keyspace};
 use ninelives_core::placement::Placement;
 use ninelives_core::recovery::{
-    Action, BrainConfig, BrainPhase, CheckpointRecord, CompletedRecovery, Observation, ProgressRecord,
-    RecoveryState, decide,
+    Action, BrainConfig, BrainPhase, CompletedRecovery, Observation, RecoveryState, decide,
 };
+use ninelives_worker::dist::plan::{DistPlan, from_brain};
 
-use crate::endpoint::{self, CommandRequest, WorkerCommand};
 use crate::error::RuntimeError;
 use crate::etcd::LocalEtcd;
 use crate::live::{ChipCell, LiveState, NodeRow};
 use crate::metrics::{RecoveryMetrics, RecoveryObservation};
-use crate::processes::{
-    MemberSpec, WorkerLaunch, WorkerLine, agent_command, inject_command, parse_worker_line,
-};
+use crate::processes::{MemberSpec, WorkerLine, agent_command, inject_command, parse_worker_line};
 use crate::report::{RecoveryEntry, Report, Sample, goodput};
 use crate::supervisor::{ChildId, Supervisor};
 
@@ -68,7 +65,7 @@ pub struct LocalRunConfig {
     pub schedule: FaultSchedule,
     /// Directory for etcd data, chips, checkpoints and logs.
     pub work_dir: PathBuf,
-    /// CPU threads of the worker.
+    /// CPU threads shared by the worker members (each gets `threads / nodes`, at least 1).
     pub threads: usize,
     /// Upper bound on the whole run.
     pub deadline: Duration,
@@ -83,8 +80,8 @@ pub struct MetricsPlan {
     pub recovery: RecoveryMetrics,
     /// `/metrics` address of each agent, by node name (see [`node_names`]).
     pub agents: BTreeMap<String, SocketAddr>,
-    /// `/metrics` address of the worker (each restart binds it again).
-    pub worker: SocketAddr,
+    /// `/metrics` address of each worker member, by rank (a restarted member binds it again).
+    pub workers: BTreeMap<u32, SocketAddr>,
     /// etcd's `/metrics` address.
     pub etcd: SocketAddr,
 }
@@ -145,17 +142,22 @@ struct Resuming {
     detect_s: Option<f64>,
 }
 
-struct RunningWorker {
+/// A running member process and its stdout.
+struct Member {
     id: ChildId,
     lines: mpsc::Receiver<String>,
-    trained: bool,
+    /// The newest generation it said it joined (0: none yet).
+    generation: u64,
 }
+
+/// How long a member waits inside a step for a live peer. A dead peer's sockets close at once,
+/// and a new generation aborts the step anyway; this bounds a peer that hangs.
+const STEP_TIMEOUT_S: u64 = 30;
 
 /// Runs the job with its fault schedule until it succeeds, fails, hits the deadline or
 /// `interrupt` resolves; `view` is called with the live state after every poll.
 pub async fn run_local(
     cfg: &LocalRunConfig,
-    launcher: &dyn WorkerLaunch,
     interrupt: impl Future<Output = ()>,
     mut view: impl FnMut(&LiveState),
 ) -> Result<RunOutcome, RuntimeError> {
@@ -171,8 +173,9 @@ pub async fn run_local(
     let keys = Keyspace::default();
     let name = cfg.job.metadata.name.clone().unwrap_or_else(|| "job".into());
     let job_keys = keys.job(NAMESPACE, &name);
-    let mut brain_cfg =
-        BrainConfig::from_spec(&cfg.job.spec).map_err(|e| RuntimeError::Brain(e.to_string()))?;
+    let mut brain_cfg = BrainConfig::from_spec(&cfg.job.spec)
+        .map_err(|e| RuntimeError::Brain(e.to_string()))?
+        .for_expert_parallel();
     brain_cfg.total_steps = cfg.steps;
     let topo = &cfg.job.spec.topology;
     let ttl = cfg.job.spec.failure_policy.heartbeat_ttl_seconds.max(1);
@@ -182,15 +185,6 @@ pub async fn run_local(
     if let Some(m) = metrics {
         m.recovery.job_started(NAMESPACE, &name);
     }
-
-    // The worker's command endpoint, which every agent is bound to for this job.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| RuntimeError::io("command endpoint", e))?;
-    let endpoint = listener.local_addr().map_err(|e| RuntimeError::io("command endpoint", e))?;
-    let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::channel::<CommandRequest>(64);
-    let server = tokio::spawn(endpoint::serve(listener, cmd_tx));
-    let binding = format!("{NAMESPACE}/{name}=http://{endpoint}");
 
     // Agents, one per node and spare.
     let mut agents: BTreeMap<String, (ChildId, PathBuf)> = BTreeMap::new();
@@ -205,7 +199,6 @@ pub async fn run_local(
             ttl,
             keys.prefix(),
         );
-        cmd.args(["--worker", &binding]);
         if let Some(addr) = metrics.and_then(|m| m.agents.get(node)) {
             cmd.args(["--metrics-addr", &addr.to_string()]);
         }
@@ -214,30 +207,32 @@ pub async fn run_local(
     }
     wait_for_agents(&mut client, &keys, agents.keys().cloned().collect(), &mut sup, &agents).await?;
 
-    // The runtime's lease holds the member keys of the worker it supervises.
-    let lease = client.lease_grant(i64::from(ttl), None).await.map_err(|e| etcd_err("lease", e))?.id();
-    let (mut keeper, mut keep_stream) =
-        client.lease_keep_alive(lease).await.map_err(|e| etcd_err("keepalive", e))?;
-
     let checkpoint_dir = cfg.work_dir.join("checkpoints");
     let every = cfg.job.spec.checkpoint.interval_steps.max(1);
+    let member_threads = (cfg.threads / topo.nodes.max(1) as usize).max(1);
     let member_spec = |rank: u32| MemberSpec {
         rank,
-        world_size: topo.nodes,
-        node: String::new(),
         manifest: cfg.manifest.clone(),
         etcd: etcd.endpoint.clone(),
         checkpoint_dir: checkpoint_dir.clone(),
         steps: cfg.steps,
         checkpoint_every: every,
-        // Always from the newest committed checkpoint (none: step 0): the brain's rollback target.
-        resume: true,
-        threads: cfg.threads,
-        metrics_addr: metrics.map(|m| m.worker),
+        threads: member_threads,
+        step_timeout_seconds: STEP_TIMEOUT_S,
+        metrics_addr: metrics.and_then(|m| m.workers.get(&rank).copied()),
     };
-    let mut worker: Option<RunningWorker> = None;
+    let mut members: BTreeMap<u32, Member> = BTreeMap::new();
+    // Ranks whose member exited successfully (the job's end), and ranks the brain ordered started.
+    let mut done: BTreeSet<u32> = BTreeSet::new();
+    let mut wanted: BTreeSet<u32> = BTreeSet::new();
+    // Nodes this run killed: nothing is started on them again.
+    let mut dead_nodes: BTreeSet<String> = BTreeSet::new();
     let mut state: Option<RecoveryState> = None;
+    let mut previous_plan: Option<DistPlan> = None;
     let mut samples: Vec<Sample> = Vec::new();
+    // (generation, step) of the newest step line taken: members print every step, and after a
+    // rollback the steps start lower again under a newer generation.
+    let mut newest_line = (0u64, 0u64);
     let mut events: Vec<String> = Vec::new();
     let mut injected: Vec<Injected> = Vec::new();
     let mut timed: Vec<(f64, String, u32, &'static str)> = Vec::new();
@@ -247,16 +242,10 @@ pub async fn run_local(
     let mut last_step = 0u64;
     let mut last_loss: Option<f64> = None;
     let mut last_tps: Option<f64> = None;
-    let mut written_progress = None;
-    let mut written_checkpoints: BTreeSet<u64> = BTreeSet::new();
+    let mut newest_checkpoint: Option<u64> = None;
     let mut digest: Option<String> = None;
     let mut failure: Option<String> = None;
-    let mut restored_generation = 0u64;
-    let mut pending_restores: Vec<tokio::sync::oneshot::Sender<Result<(), String>>> = Vec::new();
-    let mut members_up: BTreeSet<u32> = BTreeSet::new();
-    let mut last_keepalive = Instant::now();
     let mut interrupted = false;
-    let mut finished = false;
     tokio::pin!(interrupt);
 
     loop {
@@ -270,119 +259,47 @@ pub async fn run_local(
             failure = Some(format!("the run did not finish within {} s", cfg.deadline.as_secs()));
             break;
         }
-        if last_keepalive.elapsed() > Duration::from_secs(u64::from(ttl)) / 3 {
-            keeper.keep_alive().await.map_err(|e| etcd_err("keepalive", e))?;
-            let _ = keep_stream.message().await;
-            last_keepalive = Instant::now();
-        }
 
-        // 1. Worker output and liveness.
-        let mut worker_died = false;
-        if let Some(w) = worker.as_mut() {
-            while let Ok(line) = w.lines.try_recv() {
+        // 1. Member output and liveness.
+        let mut exited = Vec::new();
+        for (&rank, m) in members.iter_mut() {
+            while let Ok(line) = m.lines.try_recv() {
                 match parse_worker_line(&line) {
-                    Some(WorkerLine::Step { step, loss, tokens_per_s }) => {
+                    Some(WorkerLine::Joined { generation, .. }) => {
+                        m.generation = m.generation.max(generation)
+                    }
+                    // Every member prints every step; the first line of a (generation, step)
+                    // counts.
+                    Some(WorkerLine::Step { step, loss, tokens_per_s })
+                        if (m.generation, step) > newest_line =>
+                    {
+                        newest_line = (m.generation, step);
                         samples.push(Sample { t, step, loss, tokens_per_s });
                         last_step = step;
                         last_loss = Some(loss);
                         last_tps = Some(tokens_per_s);
-                        w.trained = true;
                     }
                     Some(WorkerLine::Digest(hex)) => digest = Some(hex),
-                    None => {}
+                    Some(WorkerLine::Step { .. }) | None => {}
                 }
             }
-            if let Some(status) = sup.exited(w.id)? {
-                if status.success() && digest.is_some() {
-                    finished = true;
-                } else {
-                    events.push(format!("{t:7.1}s worker exited ({status})"));
-                }
-                worker_died = true;
+            if let Some(status) = sup.exited(m.id)? {
+                exited.push((rank, status));
             }
         }
-        if worker_died {
-            worker = None;
-            for rank in std::mem::take(&mut members_up) {
-                let _ = client.delete(job_keys.member(rank), None).await;
-            }
-        }
-        if worker.as_ref().is_some_and(|w| w.trained) {
-            let expected: Vec<u32> = state.as_ref().map_or_else(Vec::new, |s| s.expected_ranks().collect());
-            for rank in expected {
-                if members_up.insert(rank) {
-                    let value = format!("{{\"rank\":{rank},\"pid\":{}}}", std::process::id());
-                    client
-                        .put(job_keys.member(rank), value, Some(PutOptions::new().with_lease(lease)))
-                        .await
-                        .map_err(|e| etcd_err("put member", e))?;
-                }
+        for (rank, status) in exited {
+            members.remove(&rank);
+            if status.success() {
+                // Finished: its key stays until its lease runs out, so the end of the job is
+                // never mistaken for a loss.
+                done.insert(rank);
+            } else {
+                events.push(format!("{t:7.1}s member {rank} exited ({status})"));
+                client.delete(job_keys.member(rank), None).await.map_err(|e| etcd_err("delete member", e))?;
             }
         }
 
-        // Commands from the agents (the local-execution protocol).
-        while let Ok(req) = cmd_rx.try_recv() {
-            match req.command {
-                WorkerCommand::Restore { generation, checkpoint_step } => {
-                    if generation > restored_generation {
-                        // Roll back: restart from the newest committed checkpoint (the brain's
-                        // target). Member keys stay: this is an ordered restart, not a loss.
-                        restored_generation = generation;
-                        if let Some(w) = worker.take() {
-                            sup.kill(w.id)?;
-                        }
-                        worker = Some(start_worker(launcher, &mut sup, &member_spec(0))?);
-                        events.push(format!("{t:7.1}s generation {generation}: restore step {checkpoint_step} (worker restarted)"));
-                    }
-                    pending_restores.push(req.reply);
-                }
-                WorkerCommand::LoadExperts { .. } | WorkerCommand::Reroute { .. } => {
-                    let _ = req.reply.send(Ok(()));
-                }
-            }
-        }
-        if worker.as_ref().is_some_and(|w| w.trained) {
-            for reply in pending_restores.drain(..) {
-                let _ = reply.send(Ok(()));
-            }
-        }
-
-        // 2. Progress and committed checkpoints, as rank 0 reports them.
-        if written_progress != Some(last_step) && !samples.is_empty() {
-            let p = ProgressRecord { step: last_step, loss: last_loss };
-            let v = serde_json::to_string(&p).unwrap_or_default();
-            client.put(job_keys.progress(), v, None).await.map_err(|e| etcd_err("put progress", e))?;
-            written_progress = Some(last_step);
-        }
-        let committed = committed_checkpoints(&checkpoint_dir);
-        for &step in committed.difference(&written_checkpoints) {
-            let record = CheckpointRecord {
-                step,
-                location: Some(checkpoint_dir.join(format!("step-{step:010}")).display().to_string()),
-            };
-            let v = serde_json::to_string(&record).unwrap_or_default();
-            client
-                .put(job_keys.checkpoint(step), v, None)
-                .await
-                .map_err(|e| etcd_err("put checkpoint", e))?;
-        }
-        for &step in written_checkpoints.difference(&committed) {
-            let _ = client.delete(job_keys.checkpoint(step), None).await;
-        }
-        if let (Some(m), Some(&newest)) = (metrics, committed.last())
-            && written_checkpoints.last() != Some(&newest)
-        {
-            let manifest = checkpoint_dir.join(format!("step-{newest:010}")).join("manifest.json");
-            let at = std::fs::metadata(&manifest)
-                .and_then(|md| md.modified())
-                .ok()
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .map_or(now, |d| d.as_secs_f64());
-            m.recovery.checkpoint(NAMESPACE, &name, newest, at);
-        }
-        written_checkpoints = committed;
-
-        // 3. Faults that are due.
+        // 2. Faults that are due.
         if state.as_ref().is_some_and(|s| s.phase != BrainPhase::Starting) {
             let due: Vec<ScheduledFault> = cfg.schedule.due(fired, last_step).to_vec();
             for fault in due {
@@ -408,13 +325,14 @@ pub async fn run_local(
                         if let Some((id, _)) = agents.get(&node) {
                             sup.kill(*id)?;
                         }
-                        if let Some(w) = worker.as_ref() {
-                            sup.kill(w.id)?;
+                        if let Some(m) = members.get(&fault.node) {
+                            sup.kill(m.id)?;
                         }
+                        dead_nodes.insert(node);
                     }
                     FaultKind::Worker => {
-                        if let Some(w) = worker.as_ref() {
-                            sup.kill(w.id)?;
+                        if let Some(m) = members.get(&fault.node) {
+                            sup.kill(m.id)?;
                         }
                     }
                 }
@@ -426,7 +344,7 @@ pub async fn run_local(
             inject(cfg, &mut sup, &agents, &node, chip, fault)?;
         }
 
-        // 4. Observe, decide, act.
+        // 3. Observe, decide, act.
         let resp = client
             .get(keys.prefix(), Some(GetOptions::new().with_prefix()))
             .await
@@ -444,8 +362,11 @@ pub async fn run_local(
             kvs.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
         );
         let placement_key = job_keys.placement();
-        let placement: Option<Placement> =
-            kvs.iter().find(|(k, _)| *k == placement_key).and_then(|(_, v)| serde_json::from_slice(v).ok());
+        let placement_bytes = kvs.iter().find(|(k, _)| *k == placement_key).map(|(_, v)| v.as_slice());
+        let placement: Option<Placement> = placement_bytes.and_then(|v| serde_json::from_slice(v).ok());
+        if previous_plan.is_none() {
+            previous_plan = placement_bytes.and_then(|v| serde_json::from_slice(v).ok());
+        }
         let prior = match state.take() {
             Some(s) => s,
             None => match kvs.iter().find(|(k, _)| *k == job_keys.recovery()) {
@@ -462,36 +383,28 @@ pub async fn run_local(
             }
         };
         let mut published = false;
-        let mut published_generation = 0u64;
         for action in &decision.actions {
             match action {
                 Action::PublishPlacement { placement, control } => {
-                    publish(&mut client, &job_keys, placement, control, &decision.state).await?;
+                    let plan =
+                        member_plan(&brain_cfg, &decision.state, placement, control, previous_plan.as_ref())?;
+                    publish(&mut client, &job_keys, &plan, control, &decision.state).await?;
+                    events.push(format!(
+                        "{t:7.1}s generation {} ({}, restore {:?}) published",
+                        placement.generation, plan.tier, plan.restore
+                    ));
+                    previous_plan = Some(plan);
                     published = true;
-                    published_generation = placement.generation;
-                    let _ = control;
                 }
-                Action::StartMember { rank, restore_step, .. } => {
-                    if worker.is_none() && !finished {
-                        // It resumes from the newest committed checkpoint: that satisfies the
-                        // restore of the generation published with this order.
-                        restored_generation = restored_generation.max(published_generation);
-                        let member = member_spec(*rank);
-                        worker = Some(start_worker(launcher, &mut sup, &member)?);
-                        events.push(format!(
-                            "{t:7.1}s start worker (rank {rank}{})",
-                            restore_step.map(|s| format!(", from step {s}")).unwrap_or_default()
-                        ));
-                    }
+                Action::StartMember { rank, .. } => {
+                    wanted.insert(*rank);
                 }
                 Action::BringInSpare { spare, replaces, index } => {
                     events.push(format!("{t:7.1}s spare {spare} replaces {replaces} (node {index})"));
                 }
                 Action::DropNode { node, index } => {
                     events.push(format!("{t:7.1}s node {node} (index {index}) dropped; continuing degraded"));
-                    if members_up.remove(index) {
-                        let _ = client.delete(job_keys.member(*index), None).await;
-                    }
+                    wanted.remove(index);
                 }
                 Action::RecordRecovery(r) => {
                     let (trigger, detect_s) = match_fault(&mut injected, r);
@@ -508,7 +421,7 @@ pub async fn run_local(
                 }
             }
         }
-        if !published && Some(&decision.state) != Some(&prior) {
+        if !published && decision.state != prior {
             let v = decision.state.to_json();
             client.put(job_keys.recovery(), v, None).await.map_err(|e| etcd_err("put recovery", e))?;
         }
@@ -519,13 +432,43 @@ pub async fn run_local(
             let what: Vec<String> = a.triggers.iter().map(ToString::to_string).collect();
             events.push(format!("{t:7.1}s detected {} → {}", what.join(", "), a.rung));
         }
-        state = Some(decision.state);
-        if let (Some(m), Some(s)) = (metrics, state.as_ref()) {
-            m.recovery.brain(NAMESPACE, &name, s, &obs, topo.chips_per_node, min_healthy_fraction);
+        let current = decision.state;
+
+        // 4. Members the brain wants that do not run: start them where their node is up.
+        for rank in wanted.clone() {
+            let Some(node) = current.node_names.get(rank as usize) else {
+                wanted.remove(&rank);
+                continue;
+            };
+            if done.contains(&rank)
+                || members.contains_key(&rank)
+                || !current.expected_ranks().any(|r| r == rank)
+            {
+                // Finished, already running (the brain restarts only members it saw gone), or
+                // no longer part of the job.
+                wanted.remove(&rank);
+            } else if !dead_nodes.contains(node) {
+                members.insert(rank, start_member(&cfg.ninelives, &mut sup, &member_spec(rank))?);
+                events.push(format!("{t:7.1}s start member {rank} on {node}"));
+                wanted.remove(&rank);
+            }
+        }
+
+        if let Some(m) = metrics {
+            m.recovery.brain(NAMESPACE, &name, &current, &obs, topo.chips_per_node, min_healthy_fraction);
             if !samples.is_empty() {
                 m.recovery.progress(NAMESPACE, &name, last_step, last_loss, Some(goodput(&samples, t)));
             }
+            let newest = obs.checkpoints.last().copied();
+            if newest > newest_checkpoint
+                && let Some(step) = newest
+            {
+                // The leader writes the record right after the commit: seen within a poll.
+                m.recovery.checkpoint(NAMESPACE, &name, step, now);
+            }
         }
+        newest_checkpoint = newest_checkpoint.max(obs.checkpoints.last().copied());
+        state = Some(current);
 
         // 5. Recoveries whose training really resumed: measure from the step lines.
         resuming.retain(|r| {
@@ -582,13 +525,15 @@ pub async fn run_local(
             topo.chips_per_node,
             &events,
         ));
-        let terminal = state.as_ref().is_some_and(|s| s.phase.is_terminal());
-        if failure.is_some() || (finished && (terminal || worker.is_none())) {
+        // Every member exited, some at the job's end, and none is waiting to be started.
+        let finished = !done.is_empty() && members.is_empty() && wanted.is_empty();
+        if finished && digest.is_none() {
+            failure = Some("the workers finished without reporting the final parameter digest".into());
+        }
+        if failure.is_some() || finished {
             break;
         }
     }
-    server.abort();
-    let _ = client.lease_revoke(lease).await;
     sup.shutdown();
     let wall_s = t0.elapsed().as_secs_f64();
     let report = Report {
@@ -681,30 +626,45 @@ fn inject(
     Ok(())
 }
 
+/// The members' plan for a generation the brain publishes (see the operator's driver, which
+/// does the same on Kubernetes).
+fn member_plan(
+    cfg: &BrainConfig,
+    state: &RecoveryState,
+    placement: &Placement,
+    control: &ninelives_core::recovery::ControlRecord,
+    previous: Option<&DistPlan>,
+) -> Result<DistPlan, RuntimeError> {
+    let tier = state.active.as_ref().map_or("settled", |a| a.rung.as_str());
+    let tier = if placement.generation == 1 { "initial" } else { tier };
+    let members: Vec<u32> = state.expected_ranks().collect();
+    from_brain(&cfg.shape, placement, members, control.restore_step, previous, tier)
+        .map_err(RuntimeError::Brain)
+}
+
 async fn publish(
     client: &mut Client,
     keys: &JobKeys,
-    placement: &Placement,
+    plan: &DistPlan,
     control: &ninelives_core::recovery::ControlRecord,
     state: &RecoveryState,
 ) -> Result<(), RuntimeError> {
-    // control before placement in the same transaction (agents read both on a placement change).
+    let json = |what: &str, r: serde_json::Result<String>| {
+        r.map_err(|e| RuntimeError::Brain(format!("cannot encode the {what}: {e}")))
+    };
+    // One transaction: a restarted driver never sees a placement without its record.
     let txn = Txn::new().and_then(vec![
-        TxnOp::put(keys.control(), serde_json::to_string(control).unwrap_or_default(), None),
-        TxnOp::put(keys.placement(), serde_json::to_string(placement).unwrap_or_default(), None),
+        TxnOp::put(keys.control(), json("control record", serde_json::to_string(control))?, None),
+        TxnOp::put(keys.placement(), json("plan", serde_json::to_string(plan))?, None),
         TxnOp::put(keys.recovery(), state.to_json(), None),
     ]);
     client.txn(txn).await.map_err(|e| etcd_err("publish generation", e))?;
     Ok(())
 }
 
-fn start_worker(
-    launcher: &dyn WorkerLaunch,
-    sup: &mut Supervisor,
-    member: &MemberSpec,
-) -> Result<RunningWorker, RuntimeError> {
-    let name = if launcher.per_member() { format!("worker-{}", member.rank) } else { "worker".to_string() };
-    let (id, stdout) = sup.spawn_piped(&name, launcher.command(member))?;
+fn start_member(ninelives: &Path, sup: &mut Supervisor, member: &MemberSpec) -> Result<Member, RuntimeError> {
+    let name = format!("worker-{}", member.rank);
+    let (id, stdout) = sup.spawn_piped(&name, member.command(ninelives))?;
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name(format!("{name}-stdout"))
@@ -717,7 +677,7 @@ fn start_worker(
             }
         })
         .map_err(|e| RuntimeError::io("worker stdout thread", e))?;
-    Ok(RunningWorker { id, lines: rx, trained: false })
+    Ok(Member { id, lines: rx, generation: 0 })
 }
 
 /// The scheduled fault behind a recovery: by node (and chip) and kind, injected before the

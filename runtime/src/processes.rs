@@ -37,18 +37,14 @@ pub fn inject_command(ninelives: &Path, chips_dir: &Path, chip: u32, fault: &str
     cmd
 }
 
-/// One training worker to start.
+/// One member of the job's expert-parallel worker: the process that trains for one node.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MemberSpec {
     /// Rank in the job (= node index).
     pub rank: u32,
-    /// Members in the job.
-    pub world_size: u32,
-    /// The node it stands for.
-    pub node: String,
     /// The TrainingJob manifest.
     pub manifest: PathBuf,
-    /// etcd client URLs, comma-separated.
+    /// etcd client URLs, comma-separated (the rendezvous: plans, members, acks).
     pub etcd: String,
     /// Shared checkpoint directory.
     pub checkpoint_dir: PathBuf,
@@ -56,77 +52,38 @@ pub struct MemberSpec {
     pub steps: u64,
     /// Commit a checkpoint every this many steps.
     pub checkpoint_every: u64,
-    /// Continue from the newest valid checkpoint.
-    pub resume: bool,
     /// CPU threads for its kernels.
     pub threads: usize,
+    /// Longest a step waits for a live peer before it is abandoned.
+    pub step_timeout_seconds: u64,
     /// Where it serves `/metrics` (none: it serves nothing).
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
-/// How workers are started: the seam between the runtime and the worker implementation.
-///
-/// Output contract (what [`parse_worker_line`] reads): one `step=<n> loss=<x> tokens_per_s=<y>
-/// ...` line per completed step and a final `params_sha256=<hex>` on stdout.
-pub trait WorkerLaunch {
-    /// The command that runs `member`.
-    fn command(&self, member: &MemberSpec) -> Command;
-    /// Whether one process per member is started (distributed), or one process for the job.
-    fn per_member(&self) -> bool;
-}
-
-/// The whole job in one process: `ninelives worker train MANIFEST --steps N --checkpoint-dir D
-/// --checkpoint-every K [--resume] --threads T` (rank and etcd unused).
-#[derive(Clone, Debug)]
-pub struct SingleProcessWorker {
-    /// The `ninelives` binary.
-    pub ninelives: PathBuf,
-}
-
-/// One member of an expert-parallel job: the single-process command plus `--rank R --etcd URLS`
-/// (the interface of the distributed worker, issue 7).
-#[derive(Clone, Debug)]
-pub struct DistributedWorker {
-    /// The `ninelives` binary.
-    pub ninelives: PathBuf,
-}
-
-fn train_command(ninelives: &Path, m: &MemberSpec) -> Command {
-    let mut cmd = Command::new(ninelives);
-    cmd.args(["worker", "train"])
-        .arg(&m.manifest)
-        .args(["--steps", &m.steps.to_string()])
-        .arg("--checkpoint-dir")
-        .arg(&m.checkpoint_dir)
-        .args(["--checkpoint-every", &m.checkpoint_every.to_string(), "--threads", &m.threads.to_string()]);
-    if m.resume {
-        cmd.arg("--resume");
-    }
-    if let Some(addr) = m.metrics_addr {
-        cmd.args(["--metrics-addr", &addr.to_string()]);
-    }
-    cmd
-}
-
-impl WorkerLaunch for SingleProcessWorker {
-    fn command(&self, member: &MemberSpec) -> Command {
-        train_command(&self.ninelives, member)
-    }
-
-    fn per_member(&self) -> bool {
-        false
-    }
-}
-
-impl WorkerLaunch for DistributedWorker {
-    fn command(&self, member: &MemberSpec) -> Command {
-        let mut cmd = train_command(&self.ninelives, member);
-        cmd.args(["--rank", &member.rank.to_string(), "--etcd", &member.etcd]);
+impl MemberSpec {
+    /// `ninelives worker train MANIFEST --rank R --etcd URLS --steps N --checkpoint-dir D
+    /// --checkpoint-every K --threads T --step-timeout-seconds S [--metrics-addr A]`.
+    ///
+    /// Output contract (what [`parse_worker_line`] reads): a `joined generation=<g> ... step=<s>`
+    /// line per generation joined, one `step=<n> loss=<x> tokens_per_s=<y> ...` line per
+    /// completed step, and a final `params_sha256=<hex>` on the generation's leader.
+    pub fn command(&self, ninelives: &Path) -> Command {
+        let mut cmd = Command::new(ninelives);
+        cmd.args(["worker", "train"])
+            .arg(&self.manifest)
+            .args(["--rank", &self.rank.to_string(), "--etcd", &self.etcd])
+            .args(["--steps", &self.steps.to_string()])
+            .arg("--checkpoint-dir")
+            .arg(&self.checkpoint_dir)
+            .args(["--checkpoint-every", &self.checkpoint_every.to_string()])
+            .args(["--threads", &self.threads.to_string()])
+            .args(["--step-timeout-seconds", &self.step_timeout_seconds.to_string()])
+            // Pinned up front, so the worker need not re-execute itself to pin it.
+            .env(ninelives_worker::trainer::CANDLE_THREADS_ENV, "1");
+        if let Some(addr) = self.metrics_addr {
+            cmd.args(["--metrics-addr", &addr.to_string()]);
+        }
         cmd
-    }
-
-    fn per_member(&self) -> bool {
-        true
     }
 }
 
@@ -142,6 +99,13 @@ pub enum WorkerLine {
         /// Throughput of the step.
         tokens_per_s: f64,
     },
+    /// A generation was joined; training continues from `step`.
+    Joined {
+        /// The generation.
+        generation: u64,
+        /// The step every member continues from.
+        step: u64,
+    },
     /// The final parameter digest.
     Digest(String),
 }
@@ -154,6 +118,10 @@ pub fn parse_worker_line(line: &str) -> Option<WorkerLine> {
         return ok.then(|| WorkerLine::Digest(hex.to_string()));
     }
     let field = |name: &str| line.split_whitespace().find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='));
+    if line.starts_with("joined ") {
+        let generation = field("generation")?.parse().ok()?;
+        return Some(WorkerLine::Joined { generation, step: field("step")?.parse().ok()? });
+    }
     let step = field("step")?.parse().ok()?;
     let loss: f64 = field("loss")?.parse().ok()?;
     let tokens_per_s: f64 = field("tokens_per_s")?.parse().ok()?;
@@ -167,16 +135,14 @@ mod tests {
     fn member() -> MemberSpec {
         MemberSpec {
             rank: 2,
-            world_size: 4,
-            node: "node-2".into(),
             manifest: "tiny.yaml".into(),
             etcd: "http://127.0.0.1:2379".into(),
             checkpoint_dir: "/tmp/ck".into(),
             steps: 300,
             checkpoint_every: 25,
-            resume: true,
             threads: 1,
-            metrics_addr: None,
+            step_timeout_seconds: 30,
+            metrics_addr: Some(([127, 0, 0, 1], 9100).into()),
         }
     }
 
@@ -185,14 +151,18 @@ mod tests {
     }
 
     #[test]
-    fn worker_commands_match_the_cli() {
-        let single = SingleProcessWorker { ninelives: "ninelives".into() };
+    fn member_command_matches_the_cli() {
+        let cmd = member().command(Path::new("ninelives"));
         assert_eq!(
-            args(&single.command(&member())),
+            args(&cmd),
             [
                 "worker",
                 "train",
                 "tiny.yaml",
+                "--rank",
+                "2",
+                "--etcd",
+                "http://127.0.0.1:2379",
                 "--steps",
                 "300",
                 "--checkpoint-dir",
@@ -201,13 +171,16 @@ mod tests {
                 "25",
                 "--threads",
                 "1",
-                "--resume"
+                "--step-timeout-seconds",
+                "30",
+                "--metrics-addr",
+                "127.0.0.1:9100"
             ]
         );
-        let dist = DistributedWorker { ninelives: "ninelives".into() };
-        let a = args(&dist.command(&member()));
-        assert_eq!(&a[a.len() - 4..], ["--rank", "2", "--etcd", "http://127.0.0.1:2379"]);
-        assert!(dist.per_member() && !single.per_member());
+        let pinned = cmd.get_envs().any(|(k, v)| {
+            k == ninelives_worker::trainer::CANDLE_THREADS_ENV && v == Some(std::ffi::OsStr::new("1"))
+        });
+        assert!(pinned, "candle's elementwise pool is pinned for every member");
     }
 
     #[test]
@@ -248,6 +221,10 @@ mod tests {
         );
         let hex = "ab".repeat(32);
         assert_eq!(parse_worker_line(&format!("params_sha256={hex}")), Some(WorkerLine::Digest(hex)));
+        assert_eq!(
+            parse_worker_line("joined generation=3 tier=restore step=25 members=[0, 1, 2, 3] experts=40"),
+            Some(WorkerLine::Joined { generation: 3, step: 25 })
+        );
         for junk in [
             "",
             "INFO resumed",
@@ -255,6 +232,8 @@ mod tests {
             "step=1 loss=NaN tokens_per_s=1",
             "params_sha256=xyz",
             "steps=1 loss=1 tokens_per_s=1",
+            "joined generation=x step=1",
+            "joined generation=2",
         ] {
             assert_eq!(parse_worker_line(junk), None, "{junk}");
         }
