@@ -5,6 +5,8 @@
 //!
 //! - [`model`]: the transformer, its name-keyed parameters and [`ExpertId`];
 //! - [`data`]: the byte corpus and sampling as a pure function of `(seed, step, sample)`;
+//! - [`experts`]: the routed experts of a layer as one fused op, and the SwiGLU kernels every
+//!   expert runs with, wherever it runs;
 //! - [`ops`]: fused softmax, RMSNorm and rotary kernels with their own backward;
 //! - [`optim`]: AdamW, the learning-rate schedule and global-norm clipping;
 //! - [`checkpoint`]: safetensors shards per expert, the manifest, the commit protocol;
@@ -15,6 +17,7 @@
 pub mod data;
 pub mod dist;
 pub mod error;
+pub mod experts;
 pub mod model;
 pub mod rng;
 

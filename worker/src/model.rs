@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 
 use crate::data::MicroBatch;
 use crate::error::{Result, WorkerError};
+use crate::experts::{ExpertWeights, LocalExperts, RoutedExpertsOp};
 use crate::ops::{self, RopeTables};
 use crate::rng::{KeyedStream, key, name_word};
 
@@ -236,6 +237,9 @@ pub struct ForwardOutput {
     pub z_loss: f32,
     /// Tokens routed to each routed expert, per layer (`[layer][expert]`).
     pub expert_tokens: Vec<Vec<u32>>,
+    /// The experts run in this process (no expert source given): after the backward, their
+    /// weight gradients are taken from here.
+    pub local_experts: Option<Arc<LocalExperts>>,
 }
 
 /// One routed-expert evaluation inside a step: the unit of the expert-parallel all-to-all.
@@ -256,18 +260,7 @@ impl ExpertCall {
     }
 }
 
-/// Routed experts evaluated wherever they live (issue 7's all-to-all).
-///
-/// `forward` receives the tokens routed to one expert (`[rows, hidden]`, row-major) and returns
-/// the expert's output; `backward` receives the gradient of that output and returns the gradient
-/// of the input, while whoever computed the expert keeps its weight gradients. Both are called
-/// from inside candle's forward and backward passes, so they block until the answer is in.
-pub trait RemoteExperts: Send + Sync {
-    /// Expert output for `x`.
-    fn forward(&self, call: ExpertCall, rows: usize, x: Vec<f32>) -> Result<Vec<f32>>;
-    /// Input gradient for output gradient `dy` of an earlier `forward` of the same call.
-    fn backward(&self, call: ExpertCall, rows: usize, dy: Vec<f32>) -> Result<Vec<f32>>;
-}
+pub use crate::experts::RemoteExperts;
 
 /// Where a forward pass gets its routed experts from.
 #[derive(Clone)]
@@ -276,53 +269,6 @@ pub struct ExpertSource {
     pub remote: Arc<dyn RemoteExperts>,
     /// The micro-batch being computed.
     pub micro: u32,
-}
-
-/// The candle op standing for a routed expert evaluated through [`RemoteExperts`].
-struct RemoteExpertOp {
-    remote: Arc<dyn RemoteExperts>,
-    call: ExpertCall,
-}
-
-fn op_error(e: WorkerError) -> candle_core::Error {
-    candle_core::Error::Msg(e.to_string())
-}
-
-impl candle_core::CustomOp1 for RemoteExpertOp {
-    fn name(&self) -> &'static str {
-        "remote-expert"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("remote expert input is not contiguous".into()))?;
-        let candle_core::CpuStorage::F32(all) = storage else {
-            return Err(candle_core::Error::Msg("remote expert input must be f32".into()));
-        };
-        let rows = layout.dims().first().copied().unwrap_or(0);
-        let y = self.remote.forward(self.call, rows, all[start..end].to_vec()).map_err(op_error)?;
-        if y.len() != end - start {
-            return Err(candle_core::Error::Msg(format!(
-                "expert {} answered {} values for {} inputs",
-                self.call.expert_id(),
-                y.len(),
-                end - start
-            )));
-        }
-        Ok((candle_core::CpuStorage::F32(y), layout.shape().clone()))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let rows = arg.dim(0)?;
-        let dy = grad_res.flatten_all()?.to_vec1::<f32>()?;
-        let dx = self.remote.backward(self.call, rows, dy).map_err(op_error)?;
-        Ok(Some(Tensor::from_vec(dx, arg.shape().clone(), arg.device())?))
-    }
 }
 
 /// The model: its dimensions and a name-keyed set of trainable parameters.
@@ -466,16 +412,12 @@ impl MoeTransformer {
         self.forward_with(batch, weights, None)
     }
 
-    /// One routed expert's SwiGLU on `x` (`[rows, hidden]`) with this model's weights: what an
-    /// expert's owner computes for a [`RemoteExperts::forward`].
-    pub fn expert_forward(&self, id: ExpertId, x: &Tensor) -> Result<Tensor> {
+    /// One routed expert's weights (shared with the model's variables, not tracked by autograd):
+    /// what an expert's owner computes with for a [`RemoteExperts::forward`].
+    pub fn expert_weights(&self, id: ExpertId) -> Result<ExpertWeights> {
         let prefix = id.prefix();
-        swiglu(
-            x,
-            self.param(&format!("{prefix}w_gate"))?,
-            self.param(&format!("{prefix}w_up"))?,
-            self.param(&format!("{prefix}w_down"))?,
-        )
+        let get = |w: &str| self.param(&format!("{prefix}{w}")).map(Tensor::detach);
+        Ok(ExpertWeights { w_gate: get("w_gate")?, w_up: get("w_up")?, w_down: get("w_down")? })
     }
 
     /// Forward pass with routed experts evaluated by `experts` (expert parallelism) instead of
@@ -500,11 +442,25 @@ impl MoeTransformer {
         let mut balance = Vec::new();
         let mut zloss = Vec::new();
         let mut expert_tokens = Vec::new();
+        // Without an expert source the experts run here, with this model's weights; their
+        // weight gradients are collected outside candle's graph, as an owner's are.
+        let (source, local_experts) = match experts {
+            Some(source) => (source.clone(), None),
+            None => {
+                let weights = self
+                    .held_experts()
+                    .into_iter()
+                    .map(|id| Ok((id, self.expert_weights(id)?)))
+                    .collect::<Result<BTreeMap<_, _>>>()?;
+                let local = Arc::new(LocalExperts::new(weights));
+                (ExpertSource { remote: local.clone(), micro: batch.index as u32 }, Some(local))
+            }
+        };
         for l in 0..self.dims.layers {
             let normed = rms_norm(&x, self.param(&format!("layers.{l}.attn_norm"))?)?;
             x = (x + self.attention(l, &normed, b, t)?)?;
             let normed = rms_norm(&x, self.param(&format!("layers.{l}.moe_norm"))?)?;
-            let moe = self.moe(l, &normed, experts)?;
+            let moe = self.moe(l, &normed, &source)?;
             x = (x + moe.output)?;
             balance.push(moe.balance_loss);
             zloss.push(moe.z_loss);
@@ -523,6 +479,7 @@ impl MoeTransformer {
             balance_loss: balance.to_scalar::<f32>()?,
             z_loss: zloss.to_scalar::<f32>()?,
             expert_tokens,
+            local_experts,
         })
     }
 
@@ -558,7 +515,7 @@ impl MoeTransformer {
         Ok(out.matmul(&self.param(&format!("layers.{l}.wo"))?.t()?)?)
     }
 
-    fn moe(&self, l: u32, x: &Tensor, remote: Option<&ExpertSource>) -> Result<MoeOutput> {
+    fn moe(&self, l: u32, x: &Tensor, source: &ExpertSource) -> Result<MoeOutput> {
         let routed = self.dims.routed_experts as usize;
         let zero = self.dims.zero_experts as usize;
         let experts = routed + zero;
@@ -569,28 +526,11 @@ impl MoeTransformer {
         let plan = RoutingPlan::top_k(&probs.to_vec2::<f32>()?, top_k, routed);
         let mask = Tensor::from_vec(plan.selection_mask(experts), (n, experts), &self.device)?;
         let gates = (&probs * &mask)?;
-        let gates_by_expert = gates.t()?.contiguous()?; // [experts, n]
 
-        let mut out = x.zeros_like()?;
-        // Routed experts, in expert order: the accumulation order is fixed, whoever computes them.
-        for (e, tokens) in plan.tokens_per_expert.iter().enumerate() {
-            if tokens.is_empty() {
-                continue;
-            }
-            let ids = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
-            let xe = x.index_select(&ids, 0)?;
-            let ye = match remote {
-                // The all-to-all seam: the expert runs on its owner; candle sees one op whose
-                // backward asks the owner for the input gradient.
-                Some(source) => xe.apply_op1(RemoteExpertOp {
-                    remote: source.remote.clone(),
-                    call: ExpertCall { micro: source.micro, layer: l, expert: e as u32 },
-                })?,
-                None => self.expert_forward(ExpertId::new(l, e as u32), &xe)?,
-            };
-            let ge = gates_by_expert.get(e)?.index_select(&ids, 0)?.unsqueeze(1)?;
-            out = out.index_add(&ids, &ye.broadcast_mul(&ge)?, 0)?;
-        }
+        // Routed experts, one fused op: the accumulation order is fixed, whoever computes them.
+        let routed_gates = gates.narrow(1, 0, routed)?.contiguous()?;
+        let op = RoutedExpertsOp::new(source.remote.clone(), source.micro, l, plan.tokens_per_expert.clone());
+        let mut out = x.contiguous()?.apply_op2(&routed_gates, op)?;
         // Zero-computation experts return their input: weight it by their summed gates.
         if zero > 0 {
             let zero_gate = gates.narrow(1, routed, zero)?.sum_keepdim(1)?;
@@ -665,12 +605,6 @@ impl RoutingPlan {
         }
         mask
     }
-}
-
-fn swiglu(x: &Tensor, w_gate: &Tensor, w_up: &Tensor, w_down: &Tensor) -> Result<Tensor> {
-    let gate = x.matmul(&w_gate.t()?)?.silu()?;
-    let up = x.matmul(&w_up.t()?)?;
-    Ok((gate * up)?.matmul(&w_down.t()?)?)
 }
 
 fn rms_norm(x: &Tensor, gain: &Tensor) -> Result<Tensor> {

@@ -21,6 +21,7 @@ use crate::data::{Corpus, MicroBatch};
 use crate::error::{Result, WorkerError};
 use std::collections::BTreeMap;
 
+use crate::experts::insert_expert_grads;
 use crate::model::{ExpertId, ExpertSource, HostTensor, LossWeights, MoeTransformer};
 use crate::optim::{AdamW, Gradients, Moments, UpdateReport};
 
@@ -242,7 +243,10 @@ impl Trainer {
                 }
             })
             .collect::<Result<Vec<_>>>()?;
-        let grads: Gradients = copied.into_iter().flatten().collect();
+        let mut grads: Gradients = copied.into_iter().flatten().collect();
+        if let Some(local) = &out.local_experts {
+            insert_expert_grads(&mut grads, local.take_grads()?);
+        }
         Ok(MicroBatchResult {
             index: batch.index,
             grads,

@@ -4,10 +4,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
-use candle_core::{Device, Tensor, Var};
-
 use super::transport::Shared;
 use crate::error::{Result, WorkerError};
+use crate::experts::{SwigluSaved, insert_expert_grads, swiglu_backward, swiglu_forward};
 use crate::model::{ExpertCall, ExpertId};
 use crate::optim::Gradients;
 
@@ -16,8 +15,8 @@ pub type ServedGrads = BTreeMap<(u32, ExpertId), Gradients>;
 
 #[derive(Default)]
 struct Served {
-    /// Forward graphs awaiting their backward: the input leaf and the output.
-    graphs: HashMap<ExpertCall, (Var, Tensor)>,
+    /// Forwards awaiting their backward.
+    graphs: HashMap<ExpertCall, SwigluSaved>,
     grads: ServedGrads,
 }
 
@@ -59,11 +58,9 @@ impl ExpertService {
                 x.len()
             )));
         }
-        let input = Var::from_tensor(&Tensor::from_vec(x, (rows, hidden), &Device::Cpu)?)?;
-        let y = model.expert_forward(call.expert_id(), input.as_tensor())?;
-        let out = y.flatten_all()?.to_vec1::<f32>()?;
+        let (out, saved) = swiglu_forward(x, rows, &model.expert_weights(call.expert_id())?)?;
         drop(guard);
-        self.inner.lock().map_err(|_| poisoned())?.graphs.insert(call, (input, y));
+        self.inner.lock().map_err(|_| poisoned())?.graphs.insert(call, saved);
         Ok(out)
     }
 
@@ -78,37 +75,24 @@ impl ExpertService {
         rows: usize,
         dy: Vec<f32>,
     ) -> Result<Vec<f32>> {
-        let (input, y) = self
+        let saved = self
             .inner
             .lock()
             .map_err(|_| poisoned())?
             .graphs
             .remove(&call)
             .ok_or_else(|| WorkerError::Aborted(format!("backward of {call:?} without its forward")))?;
-        if dy.len() != y.elem_count() || y.dim(0)? != rows {
+        if dy.len() != saved.rows() * saved.hidden() || saved.rows() != rows {
             return Err(WorkerError::Rendezvous(format!("output gradient of {call:?} has the wrong size")));
         }
-        let dy = Tensor::from_vec(dy, y.shape().clone(), &Device::Cpu)?;
-        // d/dθ Σ(y ⊙ dy) is exactly the vector-Jacobian product the requester's graph needs.
-        let store = (&y * &dy)?.sum_all()?.backward()?;
-        let dx = store
-            .get(input.as_tensor())
-            .ok_or_else(|| WorkerError::Rendezvous("expert input received no gradient".into()))?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
         let guard = shared.trainer.read().map_err(|_| poisoned())?;
         let trainer = guard.as_ref().ok_or_else(|| WorkerError::Aborted("no model loaded".into()))?;
-        let prefix = call.expert_id().prefix();
-        let mut grads = Gradients::new();
-        for (name, var) in trainer.model().params().range(prefix.clone()..) {
-            if !name.starts_with(&prefix) {
-                break;
-            }
-            if let Some(g) = store.get(var.as_tensor()) {
-                grads.insert(name.clone(), g.flatten_all()?.to_vec1::<f32>()?);
-            }
-        }
+        let weights = trainer.model().expert_weights(call.expert_id())?;
         drop(guard);
+        // The same kernel as a local expert's backward: the same bits wherever it runs.
+        let (dx, per_weight) = swiglu_backward(&saved, &weights, dy)?;
+        let mut grads = Gradients::new();
+        insert_expert_grads(&mut grads, BTreeMap::from([(call.expert_id(), per_weight)]));
         self.inner.lock().map_err(|_| poisoned())?.grads.insert((call.micro, call.expert_id()), grads);
         Ok(dx)
     }
