@@ -283,6 +283,9 @@ fn contiguous_f32<'a>(
     }
 }
 
+/// `(token, d gate)` of one expert's tokens.
+type GateGrads = Vec<(usize, f32)>;
+
 fn host(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
@@ -355,7 +358,7 @@ impl candle_core::CustomOp2 for RoutedExpertsOp {
         }
         // Per expert: the gates' gradient (y · dOut per routed token) and the output gradient
         // handed to the expert (gate · dOut).
-        let per_expert: Vec<(Vec<(usize, f32)>, Vec<f32>)> = active
+        let per_expert: Vec<(GateGrads, Vec<f32>)> = active
             .par_iter()
             .zip(&outputs)
             .map(|(&(e, ids), y)| {
