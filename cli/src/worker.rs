@@ -326,8 +326,8 @@ fn launch(args: LaunchArgs) -> Result<(), Failure> {
             .args(["--checkpoint-every", &every.to_string()])
             .args(["--threads", &args.threads.to_string()])
             .args(["--step-timeout-seconds", &args.step_timeout_seconds.to_string()])
-            // Pinned up front, so a worker need not re-execute itself to pin it.
-            .env(ninelives_worker::trainer::CANDLE_THREADS_ENV, "1")
+            // Set up front, so a worker need not re-execute itself for it.
+            .envs(ninelives_worker::trainer::worker_env())
             .stdout(Stdio::piped());
         if let Some(d) = &args.dataset {
             cmd.arg("--dataset").arg(d);

@@ -100,7 +100,7 @@ fn kill_9_after_a_commit_then_resume_reproduces_the_straight_run_and_corruption_
     let fallback = train(straight_dir.path(), &["--resume"]).output().unwrap();
     let log = plain(&String::from_utf8_lossy(&fallback.stderr));
     assert!(
-        log.contains("step-0000000012") && log.contains("sha256 mismatch") && log.contains("falling back"),
+        log.contains("step-0000000012") && log.contains("checksum mismatch") && log.contains("falling back"),
         "{log}"
     );
     assert!(log.contains("resumed from checkpoint step=8"), "{log}");

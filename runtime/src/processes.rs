@@ -78,8 +78,8 @@ impl MemberSpec {
             .args(["--checkpoint-every", &self.checkpoint_every.to_string()])
             .args(["--threads", &self.threads.to_string()])
             .args(["--step-timeout-seconds", &self.step_timeout_seconds.to_string()])
-            // Pinned up front, so the worker need not re-execute itself to pin it.
-            .env(ninelives_worker::trainer::CANDLE_THREADS_ENV, "1");
+            // Set up front, so the worker need not re-execute itself for it.
+            .envs(ninelives_worker::trainer::worker_env());
         if let Some(addr) = self.metrics_addr {
             cmd.args(["--metrics-addr", &addr.to_string()]);
         }

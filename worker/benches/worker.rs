@@ -163,7 +163,7 @@ fn checkpoint_bench(
     }
     let (save, dd_write, load, dd_read) = (median(save), median(dd_write), median(load), median(dd_read));
     println!(
-        "| checkpoint save GB/s ({:.0} MB, {shards} shards, sha256 + fsync; median of {ROUNDS}) | {save:.2} | dd conv=fsync {dd_write:.2} | {:.2}x |",
+        "| checkpoint save GB/s ({:.0} MB, {shards} shards, XXH3-128 + fsync; median of {ROUNDS}) | {save:.2} | dd conv=fsync {dd_write:.2} | {:.2}x |",
         bytes as f64 / 1e6,
         save / dd_write
     );
@@ -173,7 +173,7 @@ fn checkpoint_bench(
         median(save_secs)
     );
     println!(
-        "| checkpoint load GB/s (cold, sha256 verified; median of {ROUNDS}) | {load:.2} | dd iflag=direct {dd_read:.2} | {:.2}x |",
+        "| checkpoint load GB/s (cold, XXH3-128 verified; median of {ROUNDS}) | {load:.2} | dd iflag=direct {dd_read:.2} | {:.2}x |",
         load / dd_read
     );
     println!("load average before / after: {load_before} / {}", load_average());

@@ -205,12 +205,23 @@ impl AdamW {
                 if g.is_some_and(|g| g.len() != p.len()) {
                     return Err(WorkerError::InvalidJob(format!("gradient of {name} has the wrong size")));
                 }
-                for i in 0..p.len() {
-                    let gi = g.map_or(0.0, |g| g[i]) * clip;
-                    state.m[i] = b1 * state.m[i] + (1.0 - b1) * gi;
-                    state.v[i] = b2 * state.v[i] + (1.0 - b2) * gi * gi;
-                    let denom = state.v[i].sqrt() / bias2_sqrt + eps;
-                    p[i] -= decay * p[i] + step_size * state.m[i] / denom;
+                if state.m.len() != p.len() || state.v.len() != p.len() {
+                    return Err(WorkerError::InvalidJob(format!(
+                        "optimizer state of {name} has the wrong size"
+                    )));
+                }
+                // Zipped iterators, no indexing: the loop compiles without bounds checks.
+                let update = |(((p, m), v), g): (((&mut f32, &mut f32), &mut f32), f32)| {
+                    let gi = g * clip;
+                    *m = b1 * *m + (1.0 - b1) * gi;
+                    *v = b2 * *v + (1.0 - b2) * gi * gi;
+                    let denom = v.sqrt() / bias2_sqrt + eps;
+                    *p -= decay * *p + step_size * *m / denom;
+                };
+                let moments = p.iter_mut().zip(state.m.iter_mut()).zip(state.v.iter_mut());
+                match g {
+                    Some(g) => moments.zip(g.iter().copied()).for_each(update),
+                    None => moments.zip(std::iter::repeat(0.0)).for_each(update),
                 }
                 var.set(&Tensor::from_vec(p, var.dims(), var.device())?)?;
                 Ok(())

@@ -107,7 +107,10 @@ fn a_corrupt_newest_checkpoint_falls_back_to_the_previous_one() {
         assert_eq!(loaded.report.skipped.len(), 1);
         let (path, reason) = &loaded.report.skipped[0];
         assert_eq!(path, &store.step_dir(SPLIT));
-        assert!(reason.contains("sha256 mismatch") && reason.contains("layer-0002-expert-00005"), "{reason}");
+        assert!(
+            reason.contains("checksum mismatch (xxh3-128)") && reason.contains("layer-0002-expert-00005"),
+            "{reason}"
+        );
 
         // A worker loading only other experts verifies only what it reads; the job-wide check
         // that expert-parallel workers agree on first skips the corrupt checkpoint.
@@ -115,6 +118,52 @@ fn a_corrupt_newest_checkpoint_falls_back_to_the_previous_one() {
         assert_eq!(other.manifest.step, SPLIT);
         let (step, _) = store.newest_verified().unwrap().unwrap();
         assert_eq!(step, SPLIT / 2);
+    })
+    .unwrap();
+}
+
+/// Rewrites a committed checkpoint's manifest as format 1 wrote it: sha256 per shard.
+fn downgrade_to_format_1(dir: &std::path::Path) {
+    use sha2::Digest;
+    let path = dir.join("manifest.json");
+    let mut manifest: ninelives_worker::checkpoint::CheckpointManifest =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(manifest.format_version, 2);
+    manifest.format_version = 1;
+    for shard in &mut manifest.shards {
+        assert!(shard.xxh3_128.take().is_some(), "format 2 records XXH3-128");
+        let digest = sha2::Sha256::digest(std::fs::read(dir.join(&shard.file)).unwrap());
+        shard.sha256 = Some(digest.iter().map(|b| format!("{b:02x}")).collect());
+    }
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+}
+
+#[test]
+fn format_1_checkpoints_with_sha256_still_load_and_are_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    run_with_threads(2, || {
+        let expected = straight_digest();
+        let store = CheckpointStore::open(dir.path(), 3).unwrap();
+        train_and_save(&store);
+        let dims = tiny_config(STEPS).dims;
+        downgrade_to_format_1(&store.step_dir(SPLIT));
+        downgrade_to_format_1(&store.step_dir(SPLIT / 2));
+        let loaded = store.load_latest(&dims, &ExpertSelection::All).unwrap().unwrap();
+        assert_eq!((loaded.manifest.step, loaded.manifest.format_version), (SPLIT, 1));
+        assert_eq!(finish(loaded), expected, "resume from a format-1 checkpoint");
+
+        let shard = store.step_dir(SPLIT).join("dense.safetensors");
+        let mut bytes = std::fs::read(&shard).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x80;
+        std::fs::write(&shard, bytes).unwrap();
+        let loaded = store.load_latest(&dims, &ExpertSelection::All).unwrap().unwrap();
+        assert_eq!(loaded.manifest.step, SPLIT / 2, "the corrupt format-1 checkpoint is skipped");
+        assert!(
+            loaded.report.skipped[0].1.contains("checksum mismatch (sha256)"),
+            "{:?}",
+            loaded.report.skipped
+        );
     })
     .unwrap();
 }

@@ -12,14 +12,13 @@ use std::time::Instant;
 
 use ninelives_core::ModelDims;
 use safetensors::tensor::{Dtype, SafeTensors};
-use sha2::{Digest, Sha256};
 
 use super::manifest::{
-    ADAM_M_SUFFIX, ADAM_V_SUFFIX, CheckpointManifest, DataCursor, FORMAT_VERSION, MANIFEST_FILE,
-    OptimizerState, RngState, ShardContents, ShardEntry,
+    ADAM_M_SUFFIX, ADAM_V_SUFFIX, CheckpointManifest, ChecksumKind, Checksummer, DataCursor, FORMAT_VERSION,
+    MANIFEST_FILE, OptimizerState, READABLE_VERSIONS, RngState, ShardContents, ShardEntry,
 };
 use crate::error::{Result, WorkerError};
-use crate::model::{ExpertId, HostTensor, ParamOwner, hex};
+use crate::model::{ExpertId, HostTensor, ParamOwner};
 use crate::optim::Moments;
 
 /// Prefix of checkpoint directory names (`step-0000000025`).
@@ -30,7 +29,7 @@ const TMP_SUFFIX: &str = ".tmp";
 #[cfg(not(target_endian = "little"))]
 compile_error!("checkpoint I/O writes f32 tensors as native bytes and needs a little-endian host");
 
-/// Threads that hash and write shards (CPU-bound: memory copy into the page cache + sha256).
+/// Threads that hash and write shards (CPU-bound: memory copy into the page cache + checksum).
 const WRITE_THREADS: usize = 2;
 /// Threads that fsync and rename written shards (waiting on the disk), so the disk starts on the
 /// first shards while later ones are still being hashed and written.
@@ -298,7 +297,7 @@ impl CheckpointStore {
         Err(WorkerError::NoUsableCheckpoint { dir: self.dir.clone(), tried: list.len() })
     }
 
-    /// Checks every shard of a committed checkpoint against its manifest (size and sha256)
+    /// Checks every shard of a committed checkpoint against its manifest (size and checksum)
     /// without decoding. Expert-parallel workers each read only their own shards, so the job
     /// agrees on a step that this check passed for before every worker loads its share.
     pub fn verify_dir(&self, path: &Path) -> Result<CheckpointManifest> {
@@ -352,11 +351,11 @@ impl CheckpointStore {
             .map_err(|source| WorkerError::CheckpointIo { path: manifest_path.clone(), source })?;
         let manifest: CheckpointManifest =
             serde_json::from_slice(&text).map_err(|e| corrupt(format!("manifest does not parse: {e}")))?;
-        if manifest.format_version != FORMAT_VERSION {
+        if !READABLE_VERSIONS.contains(&manifest.format_version) {
             return Err(WorkerError::IncompatibleCheckpoint {
                 path: path.to_path_buf(),
                 reason: format!(
-                    "format version {} (this worker reads {FORMAT_VERSION})",
+                    "format version {} (this worker reads {READABLE_VERSIONS:?})",
                     manifest.format_version
                 ),
             });
@@ -530,7 +529,7 @@ fn write_shard(
     let tmp = tmp_path(&path);
     let io = |source| WorkerError::CheckpointIo { path: tmp.clone(), source };
     let mut file = File::create(&tmp).map_err(io)?;
-    let mut hasher = Sha256::new();
+    let mut hasher = Checksummer::new(ChecksumKind::Xxh3_128);
     let mut bytes = header.len() as u64;
     hasher.update(&header);
     file.write_all(&header).map_err(io)?;
@@ -540,8 +539,8 @@ fn write_shard(
         file.write_all(raw).map_err(io)?;
         bytes += raw.len() as u64;
     }
-    let sha256 = hex(&hasher.finalize());
-    let entry = ShardEntry { file: file_name, contents, sha256, bytes };
+    let entry =
+        ShardEntry { file: file_name, contents, xxh3_128: Some(hasher.finish()), sha256: None, bytes };
     Ok(WrittenShard { file, tmp, path, entry })
 }
 
@@ -589,23 +588,28 @@ impl AlignedBuf {
     }
 }
 
-/// Reads `expected` bytes of `path` and hashes them chunk by chunk as they arrive. Reads
+/// Reads `expected` bytes of `path` and checksums them chunk by chunk as they arrive. Reads
 /// bypass the page cache (`O_DIRECT`) where the file system allows it: a restore reads each
-/// byte once, so caching it only costs a copy. Returns the bytes and their sha256.
-fn read_hashed(path: &Path, expected: usize) -> std::io::Result<(AlignedBuf, String)> {
-    match read_hashed_with(path, expected, libc::O_DIRECT) {
+/// byte once, so caching it only costs a copy. Returns the bytes and their checksum.
+fn read_hashed(path: &Path, expected: usize, kind: ChecksumKind) -> std::io::Result<(AlignedBuf, String)> {
+    match read_hashed_with(path, expected, kind, libc::O_DIRECT) {
         Ok(done) => Ok(done),
         // Not supported here (tmpfs, some overlays): read through the page cache.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => read_hashed_with(path, expected, 0),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => read_hashed_with(path, expected, kind, 0),
         Err(e) => Err(e),
     }
 }
 
-fn read_hashed_with(path: &Path, expected: usize, flags: i32) -> std::io::Result<(AlignedBuf, String)> {
+fn read_hashed_with(
+    path: &Path,
+    expected: usize,
+    kind: ChecksumKind,
+    flags: i32,
+) -> std::io::Result<(AlignedBuf, String)> {
     let mut file = OpenOptions::new().read(true).custom_flags(flags).open(path)?;
     // One block more than expected, so a longer (torn or wrong) file is noticed.
     let mut buf = AlignedBuf::new(expected + 1);
-    let mut hasher = Sha256::new();
+    let mut hasher = Checksummer::new(kind);
     let mut filled = 0;
     {
         let window = buf.window();
@@ -624,15 +628,18 @@ fn read_hashed_with(path: &Path, expected: usize, flags: i32) -> std::io::Result
         }
     }
     buf.len = filled;
-    Ok((buf, hex(&hasher.finalize())))
+    Ok((buf, hasher.finish()))
 }
 
-/// Reads a shard and checks its size and sha256 against the manifest entry.
+/// Reads a shard and checks its size and checksum against the manifest entry.
 fn read_verified(dir: &Path, entry: &ShardEntry) -> Result<AlignedBuf> {
     let path = dir.join(&entry.file);
     let corrupt = |reason: String| WorkerError::CorruptCheckpoint { path: path.clone(), reason };
     let expected = usize::try_from(entry.bytes).map_err(|_| corrupt("shard size overflows".into()))?;
-    let (buf, found) = read_hashed(&path, expected).map_err(|e| corrupt(format!("shard unreadable: {e}")))?;
+    let (kind, recorded) =
+        entry.checksum().ok_or_else(|| corrupt("the manifest records no checksum for this shard".into()))?;
+    let (buf, found) =
+        read_hashed(&path, expected, kind).map_err(|e| corrupt(format!("shard unreadable: {e}")))?;
     if buf.len != expected {
         return Err(corrupt(format!(
             "shard has {}{} bytes, the manifest says {} (torn write)",
@@ -641,8 +648,11 @@ fn read_verified(dir: &Path, entry: &ShardEntry) -> Result<AlignedBuf> {
             entry.bytes
         )));
     }
-    if found != entry.sha256 {
-        return Err(corrupt(format!("sha256 mismatch: manifest {}, file {found}", entry.sha256)));
+    if found != recorded {
+        return Err(corrupt(format!(
+            "checksum mismatch ({}): manifest {recorded}, file {found}",
+            kind.name()
+        )));
     }
     Ok(buf)
 }
