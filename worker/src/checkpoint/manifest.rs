@@ -121,8 +121,8 @@ pub struct ShardEntry {
     pub file: String,
     /// What it holds.
     pub contents: ShardContents,
-    /// XXH3-128 of the whole file, hex (format 2).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// XXH3-128 of the whole file, 32 hex digits (format 2; key `xxh3`).
+    #[serde(default, rename = "xxh3", skip_serializing_if = "Option::is_none")]
     pub xxh3_128: Option<String>,
     /// sha256 of the whole file, hex (format 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
