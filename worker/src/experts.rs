@@ -16,7 +16,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor};
+use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use crate::error::{Result, WorkerError};
@@ -64,21 +65,23 @@ impl ExpertWeights {
 
 /// What a SwiGLU forward keeps for its backward.
 pub struct SwigluSaved {
-    x: Tensor,
+    rows: usize,
+    hidden: usize,
+    x: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
-    act: Tensor,
+    act: Vec<f32>,
 }
 
 impl SwigluSaved {
     /// Rows (tokens) of the forward.
     pub fn rows(&self) -> usize {
-        self.x.dims().first().copied().unwrap_or(0)
+        self.rows
     }
 
     /// Hidden size of the forward.
     pub fn hidden(&self) -> usize {
-        self.x.dims().get(1).copied().unwrap_or(0)
+        self.hidden
     }
 }
 
@@ -87,6 +90,36 @@ pub type ExpertGrads = [Vec<f32>; 3];
 
 fn sigmoid(v: f32) -> f32 {
     1.0 / (1.0 + (-v).exp())
+}
+
+/// Runs `f` on a contiguous f32 CPU tensor's values, without copying them.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Err(WorkerError::InvalidJob("expert weight is not contiguous".into()));
+    };
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(values)) => Ok(f(&values[start..end])),
+        _ => Err(WorkerError::InvalidJob("expert weight is not an f32 CPU tensor".into())),
+    }
+}
+
+/// `dst = lhs · rhs` (or `+=` when `add`), single-threaded: experts already run in parallel.
+fn matmul_into(
+    dst: &mut [f32],
+    rows: usize,
+    cols: usize,
+    lhs: MatRef<'_, f32>,
+    rhs: MatRef<'_, f32>,
+    add: bool,
+) {
+    let dst = MatMut::from_row_major_slice_mut(dst, rows, cols);
+    let accum = if add { Accum::Add } else { Accum::Replace };
+    faer::linalg::matmul::matmul(dst, accum, lhs, rhs, 1.0f32, Par::Seq);
+}
+
+fn row_major(values: &[f32], rows: usize, cols: usize) -> MatRef<'_, f32> {
+    MatRef::from_row_major_slice(values, rows, cols)
 }
 
 /// One expert's SwiGLU on `x` (`[rows, hidden]`): `(silu(x·Wgᵀ) ⊙ x·Wuᵀ)·Wdᵀ`.
@@ -99,13 +132,28 @@ pub fn swiglu_forward(x: Vec<f32>, rows: usize, w: &ExpertWeights) -> Result<(Ve
         )));
     }
     let ffn = w.ffn()?;
-    let x = Tensor::from_vec(x, (rows, hidden), &Device::Cpu)?;
-    let gate = x.matmul(&w.w_gate.t()?)?.flatten_all()?.to_vec1::<f32>()?;
-    let up = x.matmul(&w.w_up.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+    let xm = row_major(&x, rows, hidden);
+    let mut gate = vec![0.0f32; rows * ffn];
+    let mut up = vec![0.0f32; rows * ffn];
+    with_values(&w.w_gate, |wg| {
+        matmul_into(&mut gate, rows, ffn, xm, row_major(wg, ffn, hidden).transpose(), false)
+    })?;
+    with_values(&w.w_up, |wu| {
+        matmul_into(&mut up, rows, ffn, xm, row_major(wu, ffn, hidden).transpose(), false)
+    })?;
     let act: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| g * sigmoid(g) * u).collect();
-    let act = Tensor::from_vec(act, (rows, ffn), &Device::Cpu)?;
-    let y = act.matmul(&w.w_down.t()?)?.flatten_all()?.to_vec1::<f32>()?;
-    Ok((y, SwigluSaved { x, gate, up, act }))
+    let mut y = vec![0.0f32; rows * hidden];
+    with_values(&w.w_down, |wd| {
+        matmul_into(
+            &mut y,
+            rows,
+            hidden,
+            row_major(&act, rows, ffn),
+            row_major(wd, hidden, ffn).transpose(),
+            false,
+        )
+    })?;
+    Ok((y, SwigluSaved { rows, hidden, x, gate, up, act }))
 }
 
 /// Backward of [`swiglu_forward`] for output gradient `dy` (`[rows, hidden]`): the input
@@ -115,7 +163,7 @@ pub fn swiglu_backward(
     w: &ExpertWeights,
     dy: Vec<f32>,
 ) -> Result<(Vec<f32>, ExpertGrads)> {
-    let (rows, hidden) = saved.x.dims2()?;
+    let (rows, hidden) = (saved.rows, saved.hidden);
     if dy.len() != rows * hidden {
         return Err(WorkerError::InvalidJob(format!(
             "expert output gradient of {} values for {rows} rows",
@@ -123,9 +171,11 @@ pub fn swiglu_backward(
         )));
     }
     let ffn = w.ffn()?;
-    let dy = Tensor::from_vec(dy, (rows, hidden), &Device::Cpu)?;
-    let d_act = dy.matmul(&w.w_down)?.flatten_all()?.to_vec1::<f32>()?;
-    let d_down = dy.t()?.matmul(&saved.act)?;
+    let dym = row_major(&dy, rows, hidden);
+    let mut d_act = vec![0.0f32; rows * ffn];
+    with_values(&w.w_down, |wd| matmul_into(&mut d_act, rows, ffn, dym, row_major(wd, hidden, ffn), false))?;
+    let mut d_down = vec![0.0f32; hidden * ffn];
+    matmul_into(&mut d_down, hidden, ffn, dym.transpose(), row_major(&saved.act, rows, ffn), false);
     let mut d_gate = Vec::with_capacity(d_act.len());
     let mut d_up = Vec::with_capacity(d_act.len());
     for ((&da, &g), &u) in d_act.iter().zip(&saved.gate).zip(&saved.up) {
@@ -134,15 +184,16 @@ pub fn swiglu_backward(
         d_gate.push(da * u * (s * (1.0 + g * (1.0 - s))));
         d_up.push(da * silu);
     }
-    let d_gate = Tensor::from_vec(d_gate, (rows, ffn), &Device::Cpu)?;
-    let d_up = Tensor::from_vec(d_up, (rows, ffn), &Device::Cpu)?;
-    let dx = (d_gate.matmul(&w.w_gate)? + d_up.matmul(&w.w_up)?)?;
-    let grads = [
-        d_gate.t()?.matmul(&saved.x)?.flatten_all()?.to_vec1::<f32>()?,
-        d_up.t()?.matmul(&saved.x)?.flatten_all()?.to_vec1::<f32>()?,
-        d_down.flatten_all()?.to_vec1::<f32>()?,
-    ];
-    Ok((dx.flatten_all()?.to_vec1::<f32>()?, grads))
+    let (dg, du) = (row_major(&d_gate, rows, ffn), row_major(&d_up, rows, ffn));
+    let mut dx = vec![0.0f32; rows * hidden];
+    with_values(&w.w_gate, |wg| matmul_into(&mut dx, rows, hidden, dg, row_major(wg, ffn, hidden), false))?;
+    with_values(&w.w_up, |wu| matmul_into(&mut dx, rows, hidden, du, row_major(wu, ffn, hidden), true))?;
+    let xm = row_major(&saved.x, rows, hidden);
+    let mut d_wg = vec![0.0f32; ffn * hidden];
+    let mut d_wu = vec![0.0f32; ffn * hidden];
+    matmul_into(&mut d_wg, ffn, hidden, dg.transpose(), xm, false);
+    matmul_into(&mut d_wu, ffn, hidden, du.transpose(), xm, false);
+    Ok((dx, [d_wg, d_wu, d_down]))
 }
 
 fn poisoned() -> WorkerError {
@@ -403,7 +454,7 @@ impl candle_core::CustomOp2 for RoutedExpertsOp {
 mod tests {
     #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-    use candle_core::Var;
+    use candle_core::{Device, Var};
 
     use super::*;
 
