@@ -467,7 +467,7 @@ impl MoeTransformer {
             expert_tokens.push(moe.expert_tokens);
         }
         let x = rms_norm(&x, self.param("final_norm")?)?;
-        let logits = x.matmul(&self.param("lm_head")?.t()?)?; // [b*t, vocab]
+        let logits = ops::linear(&x, self.param("lm_head")?)?; // [b*t, vocab]
         let ce = candle_nn::loss::cross_entropy(&logits, &targets)?;
         let balance = Tensor::stack(&balance, 0)?.sum_all()?;
         let zloss = Tensor::stack(&zloss, 0)?.sum_all()?;
@@ -489,7 +489,7 @@ impl MoeTransformer {
         let hd = h / nh;
         let proj = |w: &str| -> Result<Tensor> {
             let w = self.param(&format!("layers.{l}.{w}"))?;
-            Ok(x.matmul(&w.t()?)?.reshape((b, t, h))?)
+            Ok(ops::linear(x, w)?.reshape((b, t, h))?)
         };
         // Rotary embedding fused with the split into heads: [b, t, h] -> [b, nh, t, hd].
         let q = ops::rope_heads(&proj("wq")?, &self.rope, nh)?;
@@ -512,7 +512,7 @@ impl MoeTransformer {
             None => ops::causal_softmax(&scores, scale)?,
         };
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, h))?;
-        Ok(out.matmul(&self.param(&format!("layers.{l}.wo"))?.t()?)?)
+        Ok(ops::linear(&out, self.param(&format!("layers.{l}.wo"))?)?)
     }
 
     fn moe(&self, l: u32, x: &Tensor, source: &ExpertSource) -> Result<MoeOutput> {
@@ -521,7 +521,7 @@ impl MoeTransformer {
         let experts = routed + zero;
         let top_k = self.dims.top_k as usize;
         let n = x.dim(0)?;
-        let logits = x.matmul(&self.param(&format!("layers.{l}.router"))?.t()?)?; // [n, experts]
+        let logits = ops::linear(x, self.param(&format!("layers.{l}.router"))?)?; // [n, experts]
         let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
         let plan = RoutingPlan::top_k(&probs.to_vec2::<f32>()?, top_k, routed);
         let mask = Tensor::from_vec(plan.selection_mask(experts), (n, experts), &self.device)?;
