@@ -496,7 +496,7 @@ impl MoeTransformer {
         let k = ops::rope_heads(&proj("wk")?, &self.rope, nh)?;
         let v = proj("wv")?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = q.matmul(&k.t()?)?; // [b, nh, t, t]
+        let scores = ops::batched_matmul(&q, &k, true)?; // [b, nh, t, t]
         let probs = match self.dims.sparse_attention {
             Some(sparse) => {
                 let mask = block_sparse_mask(
@@ -511,7 +511,7 @@ impl MoeTransformer {
             // Scale, causal mask and softmax in one fused op.
             None => ops::causal_softmax(&scores, scale)?,
         };
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, h))?;
+        let out = ops::batched_matmul(&probs, &v, false)?.transpose(1, 2)?.reshape((b * t, h))?;
         Ok(ops::linear(&out, self.param(&format!("layers.{l}.wo"))?)?)
     }
 

@@ -111,6 +111,104 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Batched matmul (attention): one faer GEMM per batch entry, entries in parallel.
+
+/// `c[i] = a[i] · b[i]` (or `a[i] · b[i]ᵀ` when `b_transposed`) for `a [B, m, k]`.
+struct BatchedMatmul {
+    b_transposed: bool,
+}
+
+/// `(batch, rows, cols)` of a 3-D shape.
+fn dims3(shape: &Shape) -> Result<(usize, usize, usize)> {
+    shape.dims3()
+}
+
+/// `out[i] = lhs[i] · rhs[i]` with each operand optionally transposed, batch entries in parallel.
+#[allow(clippy::too_many_arguments)] // two matrices, their shapes and orientations
+fn batched(
+    out: &mut [f32],
+    (m, n): (usize, usize),
+    lhs: &[f32],
+    (lr, lc, lt): (usize, usize, bool),
+    rhs: &[f32],
+    (rr, rc, rt): (usize, usize, bool),
+) {
+    out.par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
+        let l = row_major(&lhs[i * lr * lc..(i + 1) * lr * lc], lr, lc);
+        let r = row_major(&rhs[i * rr * rc..(i + 1) * rr * rc], rr, rc);
+        let (l, r) = (if lt { l.transpose() } else { l }, if rt { r.transpose() } else { r });
+        let c = faer::MatMut::from_row_major_slice_mut(c, m, n);
+        faer::linalg::matmul::matmul(c, faer::Accum::Replace, l, r, 1.0f32, faer::Par::Seq);
+    });
+}
+
+impl CustomOp2 for BatchedMatmul {
+    fn name(&self) -> &'static str {
+        "batched-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        as_: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = (f32s(as_, al, "batched-matmul")?, f32s(bs, bl, "batched-matmul")?);
+        let (batch, m, k) = dims3(al.shape())?;
+        let (bb, br, bc) = dims3(bl.shape())?;
+        let (kb, n) = if self.b_transposed { (bc, br) } else { (br, bc) };
+        if bb != batch || kb != k {
+            bail!("batched-matmul: {:?} times {:?}", al.dims(), bl.dims());
+        }
+        let mut out = vec![0.0f32; batch * m * n];
+        batched(&mut out, (m, n), a, (m, k, false), b, (br, bc, self.b_transposed));
+        Ok((CpuStorage::F32(out), Shape::from((batch, m, n))))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dc: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (batch, m, k) = a.dims3()?;
+        let (_, br, bc) = b.dims3()?;
+        let n = if self.b_transposed { br } else { bc };
+        let (av, bv, dcv) = (host_values(a)?, host_values(b)?, host_values(dc)?);
+        let mut da = vec![0.0f32; batch * m * k];
+        let mut db = vec![0.0f32; batch * br * bc];
+        if self.b_transposed {
+            // c = a · bᵀ: da = dc · b, db = dcᵀ · a.
+            batched(&mut da, (m, k), &dcv, (m, n, false), &bv, (br, bc, false));
+            batched(&mut db, (br, bc), &dcv, (m, n, true), &av, (m, k, false));
+        } else {
+            // c = a · b: da = dc · bᵀ, db = aᵀ · dc.
+            batched(&mut da, (m, k), &dcv, (m, n, false), &bv, (br, bc, true));
+            batched(&mut db, (br, bc), &av, (m, k, true), &dcv, (m, n, false));
+        }
+        Ok((
+            Some(Tensor::from_vec(da, a.shape(), a.device())?),
+            Some(Tensor::from_vec(db, b.shape(), b.device())?),
+        ))
+    }
+}
+
+/// `a · b` (or `a · bᵀ` when `b_transposed`) over the leading dimensions of two 4-D tensors
+/// (`[batch, heads, m, k]`), with faer kernels and its own backward.
+pub fn batched_matmul(a: &Tensor, b: &Tensor, b_transposed: bool) -> Result<Tensor> {
+    let (d0, d1, m, _) = a.dims4()?;
+    let flat = |t: &Tensor| -> Result<Tensor> {
+        let (x, y, r, c) = t.dims4()?;
+        t.contiguous()?.reshape((x * y, r, c))
+    };
+    let c = flat(a)?.apply_op2(&flat(b)?, BatchedMatmul { b_transposed })?;
+    let n = c.dim(2)?;
+    c.reshape((d0, d1, m, n))
+}
+
+// ---------------------------------------------------------------------------------------------
 // Softmax over the last dimension, optionally scaled and causally masked.
 
 /// `softmax(scale * x)` over the last dimension. With `causal`, the input is `[.., t, t]`
@@ -502,6 +600,23 @@ mod tests {
         let x = Var::from_vec(seq(150 * 7, 1.0), (150, 7), &Device::Cpu).unwrap();
         let w = Var::from_vec(seq(5 * 7, 0.5), (5, 7), &Device::Cpu).unwrap();
         check(&[x, w], |xs| linear(&xs[0], &xs[1]).unwrap(), |xs| xs[0].matmul(&xs[1].t().unwrap()).unwrap());
+    }
+
+    #[test]
+    fn batched_matmul_matches_matmul_and_its_gradients() {
+        let a = Var::from_vec(seq(2 * 3 * 5 * 4, 1.0), (2, 3, 5, 4), &Device::Cpu).unwrap();
+        let b = Var::from_vec(seq(2 * 3 * 4 * 6, 0.5), (2, 3, 4, 6), &Device::Cpu).unwrap();
+        check(
+            &[a.clone(), b],
+            |xs| batched_matmul(&xs[0], &xs[1], false).unwrap(),
+            |xs| xs[0].matmul(&xs[1]).unwrap(),
+        );
+        let bt = Var::from_vec(seq(2 * 3 * 6 * 4, 0.5), (2, 3, 6, 4), &Device::Cpu).unwrap();
+        check(
+            &[a, bt],
+            |xs| batched_matmul(&xs[0], &xs[1], true).unwrap(),
+            |xs| xs[0].matmul(&xs[1].t().unwrap()).unwrap(),
+        );
     }
 
     #[test]
