@@ -69,6 +69,8 @@ pub struct SwigluSaved {
     hidden: usize,
     x: Vec<f32>,
     gate: Vec<f32>,
+    /// sigmoid(gate), kept so the backward needs no second `exp`.
+    sig: Vec<f32>,
     up: Vec<f32>,
     act: Vec<f32>,
 }
@@ -141,7 +143,8 @@ pub fn swiglu_forward(x: Vec<f32>, rows: usize, w: &ExpertWeights) -> Result<(Ve
     with_values(&w.w_up, |wu| {
         matmul_into(&mut up, rows, ffn, xm, row_major(wu, ffn, hidden).transpose(), false)
     })?;
-    let act: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| g * sigmoid(g) * u).collect();
+    let sig: Vec<f32> = gate.iter().map(|&g| sigmoid(g)).collect();
+    let act: Vec<f32> = gate.iter().zip(&sig).zip(&up).map(|((&g, &s), &u)| g * s * u).collect();
     let mut y = vec![0.0f32; rows * hidden];
     with_values(&w.w_down, |wd| {
         matmul_into(
@@ -153,7 +156,7 @@ pub fn swiglu_forward(x: Vec<f32>, rows: usize, w: &ExpertWeights) -> Result<(Ve
             false,
         )
     })?;
-    Ok((y, SwigluSaved { rows, hidden, x, gate, up, act }))
+    Ok((y, SwigluSaved { rows, hidden, x, gate, sig, up, act }))
 }
 
 /// Backward of [`swiglu_forward`] for output gradient `dy` (`[rows, hidden]`): the input
@@ -178,8 +181,7 @@ pub fn swiglu_backward(
     matmul_into(&mut d_down, hidden, ffn, dym.transpose(), row_major(&saved.act, rows, ffn), false);
     let mut d_gate = Vec::with_capacity(d_act.len());
     let mut d_up = Vec::with_capacity(d_act.len());
-    for ((&da, &g), &u) in d_act.iter().zip(&saved.gate).zip(&saved.up) {
-        let s = sigmoid(g);
+    for (((&da, &g), &s), &u) in d_act.iter().zip(&saved.gate).zip(&saved.sig).zip(&saved.up) {
         let silu = g * s;
         d_gate.push(da * u * (s * (1.0 + g * (1.0 - s))));
         d_up.push(da * silu);
