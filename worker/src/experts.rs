@@ -22,6 +22,7 @@ use rayon::prelude::*;
 
 use crate::error::{Result, WorkerError};
 use crate::model::{ExpertCall, ExpertId};
+use crate::ops::row_major;
 use crate::optim::Gradients;
 
 /// Routed experts evaluated wherever they live (issue 7's all-to-all).
@@ -118,10 +119,6 @@ fn matmul_into(
     let dst = MatMut::from_row_major_slice_mut(dst, rows, cols);
     let accum = if add { Accum::Add } else { Accum::Replace };
     faer::linalg::matmul::matmul(dst, accum, lhs, rhs, 1.0f32, Par::Seq);
-}
-
-fn row_major(values: &[f32], rows: usize, cols: usize) -> MatRef<'_, f32> {
-    MatRef::from_row_major_slice(values, rows, cols)
 }
 
 /// One expert's SwiGLU on `x` (`[rows, hidden]`): `(silu(x·Wgᵀ) ⊙ x·Wuᵀ)·Wdᵀ`.

@@ -50,7 +50,8 @@ fn matmul_rows(dst: &mut [f32], cols: usize, lhs: faer::MatRef<'_, f32>, rhs: fa
     });
 }
 
-fn row_major(values: &[f32], rows: usize, cols: usize) -> faer::MatRef<'_, f32> {
+/// A row-major slice as a faer matrix view (no copy).
+pub(crate) fn row_major(values: &[f32], rows: usize, cols: usize) -> faer::MatRef<'_, f32> {
     faer::MatRef::from_row_major_slice(values, rows, cols)
 }
 
