@@ -36,7 +36,7 @@ use ninelives_core::recovery::{
     Action, BrainConfig, CompletedRecovery, Observation, ProgressRecord, RecoveryState, decide,
 };
 use ninelives_telemetry::recovery::RecoveryObservation;
-use ninelives_worker::dist::plan::{DistPlan, from_brain};
+use ninelives_worker::dist::plan::{DistPlan, from_published_generation, generation_writes};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -210,23 +210,19 @@ impl Driver {
         for action in &decision.actions {
             match action {
                 Action::PublishPlacement { placement, control } => {
-                    let tier = state.active.as_ref().map_or("settled", |a| a.rung.as_str());
-                    let tier = if placement.generation == 1 { "initial" } else { tier };
-                    let members: Vec<u32> = state.expected_ranks().collect();
-                    let plan = from_brain(
+                    let plan = from_published_generation(
                         &self.config.shape,
+                        state,
                         placement,
-                        members,
-                        control.restore_step,
+                        control,
                         previous.as_ref(),
-                        tier,
                     )
                     .map_err(Error::Brain)?;
                     publish(&mut client, &job_keys, &plan, control, state).await?;
                     info!(
                         job = %self.reference,
                         generation = placement.generation,
-                        tier,
+                        tier = %plan.tier,
                         restore = ?plan.restore,
                         "published a generation"
                     );
@@ -353,13 +349,9 @@ async fn publish(
     control: &ninelives_core::recovery::ControlRecord,
     state: &RecoveryState,
 ) -> Result<()> {
-    let ops = vec![
-        TxnOp::put(keys.control(), serde_json::to_vec(control)?, None),
-        TxnOp::put(keys.placement(), serde_json::to_vec(plan)?, None),
-        TxnOp::put(keys.recovery(), state.to_json(), None),
-    ];
+    let ops = generation_writes(keys, plan, control, state)?.map(|(key, value)| TxnOp::put(key, value, None));
     client
-        .txn(Txn::new().and_then(ops))
+        .txn(Txn::new().and_then(ops.to_vec()))
         .await
         .map_err(|source| Error::Etcd { prefix: keys.root().to_string(), source })?;
     Ok(())

@@ -40,7 +40,7 @@ use ninelives_core::placement::Placement;
 use ninelives_core::recovery::{
     Action, BrainConfig, BrainPhase, CompletedRecovery, Observation, RecoveryState, decide,
 };
-use ninelives_worker::dist::plan::{DistPlan, from_brain};
+use ninelives_worker::dist::plan::{DistPlan, from_published_generation, generation_writes};
 
 use crate::error::RuntimeError;
 use crate::etcd::LocalEtcd;
@@ -386,8 +386,14 @@ pub async fn run_local(
         for action in &decision.actions {
             match action {
                 Action::PublishPlacement { placement, control } => {
-                    let plan =
-                        member_plan(&brain_cfg, &decision.state, placement, control, previous_plan.as_ref())?;
+                    let plan = from_published_generation(
+                        &brain_cfg.shape,
+                        &decision.state,
+                        placement,
+                        control,
+                        previous_plan.as_ref(),
+                    )
+                    .map_err(RuntimeError::Brain)?;
                     publish(&mut client, &job_keys, &plan, control, &decision.state).await?;
                     events.push(format!(
                         "{t:7.1}s generation {} ({}, restore {:?}) published",
@@ -626,22 +632,6 @@ fn inject(
     Ok(())
 }
 
-/// The members' plan for a generation the brain publishes (see the operator's driver, which
-/// does the same on Kubernetes).
-fn member_plan(
-    cfg: &BrainConfig,
-    state: &RecoveryState,
-    placement: &Placement,
-    control: &ninelives_core::recovery::ControlRecord,
-    previous: Option<&DistPlan>,
-) -> Result<DistPlan, RuntimeError> {
-    let tier = state.active.as_ref().map_or("settled", |a| a.rung.as_str());
-    let tier = if placement.generation == 1 { "initial" } else { tier };
-    let members: Vec<u32> = state.expected_ranks().collect();
-    from_brain(&cfg.shape, placement, members, control.restore_step, previous, tier)
-        .map_err(RuntimeError::Brain)
-}
-
 async fn publish(
     client: &mut Client,
     keys: &JobKeys,
@@ -649,15 +639,9 @@ async fn publish(
     control: &ninelives_core::recovery::ControlRecord,
     state: &RecoveryState,
 ) -> Result<(), RuntimeError> {
-    let json = |what: &str, r: serde_json::Result<String>| {
-        r.map_err(|e| RuntimeError::Brain(format!("cannot encode the {what}: {e}")))
-    };
-    // One transaction: a restarted driver never sees a placement without its record.
-    let txn = Txn::new().and_then(vec![
-        TxnOp::put(keys.control(), json("control record", serde_json::to_string(control))?, None),
-        TxnOp::put(keys.placement(), json("plan", serde_json::to_string(plan))?, None),
-        TxnOp::put(keys.recovery(), state.to_json(), None),
-    ]);
+    let writes = generation_writes(keys, plan, control, state)
+        .map_err(|e| RuntimeError::Brain(format!("cannot encode the generation: {e}")))?;
+    let txn = Txn::new().and_then(writes.map(|(key, value)| TxnOp::put(key, value, None)).to_vec());
     client.txn(txn).await.map_err(|e| etcd_err("publish generation", e))?;
     Ok(())
 }

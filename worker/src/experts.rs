@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use crate::error::{Result, WorkerError};
 use crate::model::{ExpertCall, ExpertId};
-use crate::ops::row_major;
+use crate::ops::{f32s, host_values, row_major};
 use crate::optim::Gradients;
 
 /// Routed experts evaluated wherever they live (issue 7's all-to-all).
@@ -319,26 +319,8 @@ fn msg(e: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
-fn contiguous_f32<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| msg(format!("routed experts: {what} is not contiguous")))?;
-    match storage {
-        CpuStorage::F32(all) => Ok(&all[start..end]),
-        _ => Err(msg(format!("routed experts: {what} must be f32"))),
-    }
-}
-
 /// `(token, d gate)` of one expert's tokens.
 type GateGrads = Vec<(usize, f32)>;
-
-fn host(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.flatten_all()?.to_vec1::<f32>()
-}
 
 impl candle_core::CustomOp2 for RoutedExpertsOp {
     fn name(&self) -> &'static str {
@@ -352,8 +334,8 @@ impl candle_core::CustomOp2 for RoutedExpertsOp {
         gs: &CpuStorage,
         g_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(xs, x_layout, "x")?;
-        let gates = contiguous_f32(gs, g_layout, "gates")?;
+        let x = f32s(xs, x_layout, "routed experts")?;
+        let gates = f32s(gs, g_layout, "routed experts")?;
         let (tokens, hidden) = x_layout.shape().dims2()?;
         let routed = self.tokens_per_expert.len();
         if g_layout.shape().dims2()? != (tokens, routed) {
@@ -398,8 +380,8 @@ impl candle_core::CustomOp2 for RoutedExpertsOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (tokens, hidden) = x.dims2()?;
         let routed = self.tokens_per_expert.len();
-        let d_out = host(grad_res)?;
-        let gate_values = host(gates)?;
+        let d_out = host_values(grad_res)?;
+        let gate_values = host_values(gates)?;
         let outputs =
             std::mem::take(&mut *self.outputs.lock().map_err(|_| msg("routed experts: lock poisoned"))?);
         let active: Vec<(usize, &Vec<u32>)> = self.active().collect();

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 const ROWS_PER_TASK: usize = 16;
 
 /// The contiguous f32 elements of a CPU tensor argument.
-fn f32s<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(crate) fn f32s<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else { bail!("{op}: expects an f32 tensor") };
     let Some((start, end)) = layout.contiguous_offsets() else { bail!("{op}: expects a contiguous tensor") };
     Ok(&data[start..end])
@@ -56,7 +56,7 @@ pub(crate) fn row_major(values: &[f32], rows: usize, cols: usize) -> faer::MatRe
 }
 
 /// The values of a contiguous f32 CPU tensor, copied.
-fn host_values(t: &Tensor) -> Result<Vec<f32>> {
+pub(crate) fn host_values(t: &Tensor) -> Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 

@@ -4,9 +4,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use ninelives_core::keyspace::JobKeys;
 use ninelives_core::placement::{
     self, ExpertLoad, FailedChips, Failure, Placement, PlacementShape, Redundancy, ReplanOptions, Tier,
 };
+use ninelives_core::recovery::{ControlRecord, RecoveryState};
 use serde::{Deserialize, Serialize};
 
 use crate::model::ExpertId;
@@ -247,6 +249,41 @@ pub fn from_brain(
     };
     let plan = DistPlan { placement: placement.clone(), members, experts, restore, tier: tier.to_string() };
     Ok(plan)
+}
+
+/// [`from_brain`] for a generation the brain just published, with the members (the ranks it
+/// expects), the rollback (its control record) and the tier (`initial` for generation 1, else
+/// the active recovery's rung, `settled` without one) read from the brain's own record. Both
+/// runtimes that drive the brain — the operator and the local demo — publish exactly this.
+pub fn from_published_generation(
+    shape: &PlacementShape,
+    state: &RecoveryState,
+    placement: &Placement,
+    control: &ControlRecord,
+    previous: Option<&DistPlan>,
+) -> Result<DistPlan, String> {
+    let tier = match (&state.active, placement.generation) {
+        (_, 1) => "initial",
+        (Some(active), _) => active.rung.as_str(),
+        (None, _) => "settled",
+    };
+    from_brain(shape, placement, state.expected_ranks().collect(), control.restore_step, previous, tier)
+}
+
+/// The keys and values publishing a generation writes, to go in one etcd transaction:
+/// `control`, `placement` (the members' plan) and `recovery` (the brain's record), so a
+/// restarted driver never sees a placement without its record.
+pub fn generation_writes(
+    keys: &JobKeys,
+    plan: &DistPlan,
+    control: &ControlRecord,
+    state: &RecoveryState,
+) -> serde_json::Result<[(String, String); 3]> {
+    Ok([
+        (keys.control(), serde_json::to_string(control)?),
+        (keys.placement(), serde_json::to_string(plan)?),
+        (keys.recovery(), state.to_json()),
+    ])
 }
 
 /// The step members of an in-memory (reroute) generation continue from: the lowest step any
