@@ -19,8 +19,9 @@ use ninelives_worker::{CheckpointStore, ExpertSelection, Trainer, TrainerConfig}
 const STEPS: u64 = 3;
 const GLOBAL_BATCH: u32 = 4;
 const MICRO_BATCH: u32 = 2;
-/// Save/load rounds (each against its own dd run); the medians are reported.
-const ROUNDS: u64 = 3;
+/// Save/load rounds (each against its own dd run); the medians are reported. The VM's disk
+/// switches between speeds from second to second, so a few rounds are needed for a median.
+const ROUNDS: u64 = 5;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // As `ninelives worker train` does: candle's spin-waiting elementwise pool off (see the doc).
@@ -57,7 +58,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // (a) training throughput.
     if part == "checkpoint" {
         trainer.train_step()?;
-        return checkpoint_bench(&trainer, &dims, &load_before);
+        return checkpoint_bench(&mut trainer, &dims, &load_before);
     }
     let ours = run_with_threads(threads, || -> Result<f64, ninelives_worker::WorkerError> {
         trainer.train_step()?; // warm-up
@@ -114,12 +115,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => println!("| `small` train tokens/s | {ours:.0} | PyTorch unavailable: {torch_error} | - |"),
     }
 
-    checkpoint_bench(&trainer, &dims, &load_before)
+    checkpoint_bench(&mut trainer, &dims, &load_before)
 }
 
 /// (b) checkpoint bandwidth vs dd, in the same directory, interleaved, median of [`ROUNDS`].
 fn checkpoint_bench(
-    trainer: &Trainer,
+    trainer: &mut Trainer,
     dims: &ModelDims,
     load_before: &str,
 ) -> Result<(), Box<dyn std::error::Error>> {
@@ -132,6 +133,7 @@ fn checkpoint_bench(
     let random_file = dir.path().join("random.bin");
     let zero_file = dir.path().join("zero.bin");
     let (mut save, mut dd_write, mut load, mut dd_read) = (vec![], vec![], vec![], vec![]);
+    let (mut fresh_load, mut dd_shards) = (vec![], vec![]);
     let (mut zero_write, mut zero_read) = (vec![], vec![]);
     let (mut bytes, mut shards, mut save_secs) = (0, 0, vec![]);
     for round in 0..ROUNDS {
@@ -170,9 +172,34 @@ fn checkpoint_bench(
             into.push((mib << 20) as f64 / 1e9 / start.elapsed().as_secs_f64());
         }
 
+        // A restore into the running trainer (what a surviving worker does): in place. Its
+        // reference: dd reading the same shard files, one after the other. Which of the two goes
+        // first alternates, so neither always finds the disk in the state the other left.
+        let files = shard_files(&saved.path)?;
+        let shard_bytes: u64 = files.iter().map(|f| f.metadata().map(|m| m.len()).unwrap_or(0)).sum();
+        for first in [round % 2 == 0, round % 2 == 1] {
+            drop_cache(&saved.path)?;
+            if first {
+                let restored = trainer.restore_dir(&store, &saved.path)?;
+                load.push(restored.bytes as f64 / 1e9 / restored.seconds);
+            } else {
+                let mut seconds = 0.0;
+                for file in &files {
+                    seconds += dd_seconds(&[
+                        &format!("if={}", file.display()),
+                        "of=/dev/null",
+                        "bs=1M",
+                        "iflag=direct",
+                    ])?;
+                }
+                dd_shards.push(shard_bytes as f64 / 1e9 / seconds);
+            }
+        }
+        // A load into fresh vectors (what a new process does first): every page is new.
         drop_cache(&saved.path)?;
         let loaded = store.load_latest(dims, &ExpertSelection::All)?.ok_or("checkpoint vanished")?;
-        load.push(loaded.report.bytes as f64 / 1e9 / loaded.report.seconds);
+        fresh_load.push(loaded.report.bytes as f64 / 1e9 / loaded.report.seconds);
+        drop(loaded);
         for (file, into) in [(&dd_file, &mut dd_read), (&zero_file, &mut zero_read)] {
             drop_cache_file(file)?;
             let start = Instant::now();
@@ -180,7 +207,15 @@ fn checkpoint_bench(
             into.push((mib << 20) as f64 / 1e9 / start.elapsed().as_secs_f64());
         }
     }
+    let rounds: Vec<String> = (0..load.len())
+        .map(|i| format!("{:.2}/{:.2}/{:.2}/{:.2}", load[i], dd_shards[i], fresh_load[i], dd_read[i]))
+        .collect();
+    println!(
+        "load rounds (GB/s: in place / dd of the shard files / fresh memory / dd of a separate file): {}",
+        rounds.join(", ")
+    );
     let (save, dd_write, load, dd_read) = (median(save), median(dd_write), median(load), median(dd_read));
+    let dd_shards = median(dd_shards);
     println!(
         "| checkpoint save GB/s ({:.0} MB, {shards} shards, XXH3-128 + fsync; median of {ROUNDS}) | {save:.2} | dd conv=fsync, random data {dd_write:.2} | {:.2}x |",
         bytes as f64 / 1e6,
@@ -192,8 +227,17 @@ fn checkpoint_bench(
         median(save_secs)
     );
     println!(
-        "| checkpoint load GB/s (cold, XXH3-128 verified; median of {ROUNDS}) | {load:.2} | dd iflag=direct, random data {dd_read:.2} | {:.2}x |",
+        "| checkpoint load GB/s (cold cache, XXH3-128 verified, restored into the running trainer; median of {ROUNDS}) | {load:.2} | dd iflag=direct of the same shard files {dd_shards:.2} | {:.2}x |",
+        load / dd_shards
+    );
+    println!(
+        "| checkpoint load GB/s (as above) vs dd of a separate random file of the same size | {load:.2} | dd iflag=direct, random data {dd_read:.2} | {:.2}x |",
         load / dd_read
+    );
+    let fresh_load = median(fresh_load);
+    println!(
+        "| checkpoint load GB/s into fresh memory (a new process; page faults included) | {fresh_load:.2} | dd iflag=direct of the same shard files {dd_shards:.2} | {:.2}x |",
+        fresh_load / dd_shards
     );
     println!(
         "| dd of a zero-filled file (write fsync / read direct GB/s; not the reference) | - | {:.2} / {:.2} | - |",
@@ -221,6 +265,32 @@ fn run(cmd: &str, args: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
         return Err(format!("{cmd} failed: {}", String::from_utf8_lossy(&out.stderr)).into());
     }
     Ok(())
+}
+
+/// Runs dd and returns the copy time it reports itself ("..., 0.0123 s, ..."), which leaves out
+/// starting the process (a tenth of a second over a checkpoint's ~100 files).
+fn dd_seconds(args: &[&str]) -> Result<f64, Box<dyn std::error::Error>> {
+    let out = Command::new("dd").args(args).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        return Err(format!("dd failed: {stderr}").into());
+    }
+    stderr
+        .lines()
+        .last()
+        .and_then(|line| line.split(", ").find_map(|part| part.strip_suffix(" s")?.parse::<f64>().ok()))
+        .ok_or_else(|| format!("no time in dd's report: {stderr}").into())
+}
+
+/// A checkpoint's shard files (dense first, then the experts in name order).
+fn shard_files(dir: &Path) -> Result<Vec<PathBuf>, Box<dyn std::error::Error>> {
+    let mut experts = std::fs::read_dir(dir.join("experts"))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<Vec<_>, _>>()?;
+    experts.sort();
+    let mut files = vec![dir.join("dense.safetensors")];
+    files.extend(experts);
+    Ok(files)
 }
 
 /// Drops a checkpoint's files from the page cache (`dd iflag=nocache count=0`), so the load is

@@ -329,8 +329,9 @@ impl MoeTransformer {
             if !specs.contains_key(&name) {
                 return Err(WorkerError::InvalidJob(format!("unknown parameter {name}")));
             }
-            let tensor = Tensor::from_vec(value.data, value.shape, &device)?;
-            params.insert(name, Var::from_tensor(&tensor)?);
+            // `Var::from_vec` takes the vector as the variable's storage; `Var::from_tensor`
+            // would copy it once more.
+            params.insert(name, Var::from_vec(value.data, value.shape, &device)?);
         }
         let head_dim = (dims.hidden_size / dims.heads) as usize;
         let rope = RopeTables::new(dims.seq_len as usize, head_dim, ROPE_THETA);
@@ -387,6 +388,17 @@ impl MoeTransformer {
             .ok_or_else(|| WorkerError::InvalidJob(format!("parameter {name} is not held")))?;
         let tensor = Tensor::from_vec(data, var.dims(), &self.device)?;
         var.set(&tensor)?;
+        Ok(())
+    }
+
+    /// Overwrites one parameter in place with little-endian f32 bytes (a checkpoint restored
+    /// into this model's existing memory). Parameters may be written from several threads.
+    pub fn overwrite_param(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let var = self
+            .params
+            .get(name)
+            .ok_or_else(|| WorkerError::InvalidJob(format!("parameter {name} is not held")))?;
+        var.as_tensor().inplace_op1(&ops::OverwriteF32(bytes))?;
         Ok(())
     }
 

@@ -9,7 +9,9 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, InplaceOp1, Layout, Result, Shape, Tensor, bail,
+};
 use rayon::prelude::*;
 
 /// Rows handed to one rayon task: enough work to amortise the task, few enough to balance.
@@ -20,6 +22,30 @@ pub(crate) fn f32s<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Re
     let CpuStorage::F32(data) = storage else { bail!("{op}: expects an f32 tensor") };
     let Some((start, end)) = layout.contiguous_offsets() else { bail!("{op}: expects a contiguous tensor") };
     Ok(&data[start..end])
+}
+
+/// Overwrites an f32 tensor's storage in place with little-endian f32 bytes (a checkpoint
+/// restored into a live model: no allocation, one copy). The byte count must match.
+pub(crate) struct OverwriteF32<'a>(pub &'a [u8]);
+
+impl InplaceOp1 for OverwriteF32<'_> {
+    fn name(&self) -> &'static str {
+        "overwrite-f32"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let CpuStorage::F32(data) = storage else { bail!("overwrite-f32: expects an f32 tensor") };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("overwrite-f32: expects a contiguous tensor")
+        };
+        let dst = &mut data[start..end];
+        if std::mem::size_of_val(dst) != self.0.len() {
+            bail!("overwrite-f32: {} bytes for {} values", self.0.len(), dst.len());
+        }
+        // Little-endian hosts only (checked at compile time by the checkpoint store).
+        bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(self.0);
+        Ok(())
+    }
 }
 
 /// The last dimension of a shape and the number of rows before it.

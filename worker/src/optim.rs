@@ -126,6 +126,12 @@ impl AdamW {
         Ok(())
     }
 
+    /// Every parameter's moments, for overwriting in place (a checkpoint restored into a live
+    /// trainer).
+    pub(crate) fn moments_mut(&mut self) -> impl Iterator<Item = (&String, &mut Moments)> {
+        self.moments.iter_mut()
+    }
+
     /// Drops the state of the routed experts not in `experts` (see
     /// [`MoeTransformer::retain_experts`]).
     pub fn retain_experts(&mut self, experts: &[ExpertId]) {

@@ -7,7 +7,8 @@
 //! the result — only the thread count of the CPU kernels could, and [`run_with_threads`] pins it.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use candle_core::Var;
@@ -16,7 +17,10 @@ use rayon::prelude::*;
 use ninelives_core::job::TrainingSpec;
 use ninelives_core::{ModelDims, TrainingJob};
 
-use crate::checkpoint::{DataCursor, LoadedCheckpoint, TrainingSnapshot};
+use crate::checkpoint::{
+    CheckpointManifest, CheckpointStore, DataCursor, LoadReport, LoadedCheckpoint, RestoreTarget, TensorPart,
+    TrainingSnapshot,
+};
 use crate::data::{Corpus, MicroBatch};
 use crate::error::{Result, WorkerError};
 use std::collections::BTreeMap;
@@ -162,28 +166,47 @@ impl Trainer {
         config.check()?;
         corpus.check_fits(config.dims.seq_len as usize)?;
         let cursor = loaded.manifest.data_cursor;
-        let incompatible =
-            |reason: String| WorkerError::IncompatibleCheckpoint { path: loaded.path.clone(), reason };
-        if cursor.seed != config.seed {
-            return Err(incompatible(format!("seed {} (the job uses {})", cursor.seed, config.seed)));
-        }
-        if cursor.global_batch_size != config.global_batch_size
-            || cursor.micro_batch_size != config.micro_batch_size
-        {
-            return Err(incompatible(format!(
-                "batch {}/{} (the job uses {}/{}); resuming would change the math",
-                cursor.global_batch_size,
-                cursor.micro_batch_size,
-                config.global_batch_size,
-                config.micro_batch_size
-            )));
-        }
+        check_cursor(&config, &cursor, &loaded.path)?;
         let model = MoeTransformer::from_values(config.dims, loaded.params)?;
         let mut optimizer = AdamW::new(&config.training, config.total_steps, &model);
         for (name, moments) in loaded.moments {
             optimizer.set_moments(&name, moments)?;
         }
         Ok(Self { config, corpus, model, optimizer, step: cursor.next_step })
+    }
+
+    /// Restores a checkpoint directory into this trainer's existing memory: parameters, Adam
+    /// moments and the step. The checkpoint must hold every parameter this trainer holds (the
+    /// dense ones and its experts); only those shards are read. Nothing is allocated per tensor,
+    /// which makes this the fast restore for a worker that is still running (see
+    /// [`CheckpointStore::restore_dir`]). After an error the trainer may hold a mix of states:
+    /// restore again (e.g. an older checkpoint) or drop it.
+    pub fn restore_dir(&mut self, store: &CheckpointStore, path: &Path) -> Result<LoadReport> {
+        let dims = self.config.dims;
+        let (manifest, report) = store.restore_dir(path, &dims, &self.live_state())?;
+        self.step = manifest.data_cursor.next_step;
+        Ok(report)
+    }
+
+    /// [`Trainer::restore_dir`] of the newest usable checkpoint, falling back past torn or
+    /// corrupt ones as [`CheckpointStore::load_latest`] does; `Ok(None)` (trainer untouched) when
+    /// the store holds no committed checkpoint.
+    pub fn restore_latest(&mut self, store: &CheckpointStore) -> Result<Option<LoadReport>> {
+        let dims = self.config.dims;
+        let Some((manifest, report)) = store.restore_latest(&dims, &self.live_state())? else {
+            return Ok(None);
+        };
+        self.step = manifest.data_cursor.next_step;
+        Ok(Some(report))
+    }
+
+    /// This trainer's parameters and moments as a [`RestoreTarget`].
+    fn live_state(&mut self) -> LiveState<'_> {
+        LiveState {
+            config: &self.config,
+            model: &self.model,
+            moments: self.optimizer.moments_mut().map(|(name, m)| (name.as_str(), Mutex::new(m))).collect(),
+        }
     }
 
     /// The configuration.
@@ -396,6 +419,70 @@ impl Trainer {
             params,
             moments,
         })
+    }
+}
+
+/// Refuses a checkpoint whose data cursor belongs to another job: another seed or batch split
+/// would change the math of every following step.
+fn check_cursor(config: &TrainerConfig, cursor: &DataCursor, path: &Path) -> Result<()> {
+    let incompatible =
+        |reason: String| WorkerError::IncompatibleCheckpoint { path: path.to_path_buf(), reason };
+    if cursor.seed != config.seed {
+        return Err(incompatible(format!("seed {} (the job uses {})", cursor.seed, config.seed)));
+    }
+    if cursor.global_batch_size != config.global_batch_size
+        || cursor.micro_batch_size != config.micro_batch_size
+    {
+        return Err(incompatible(format!(
+            "batch {}/{} (the job uses {}/{}); resuming would change the math",
+            cursor.global_batch_size,
+            cursor.micro_batch_size,
+            config.global_batch_size,
+            config.micro_batch_size
+        )));
+    }
+    Ok(())
+}
+
+/// A live trainer's memory as a [`RestoreTarget`]: parameters are overwritten through candle
+/// (each variable's storage lock), moments through one lock per parameter.
+struct LiveState<'a> {
+    config: &'a TrainerConfig,
+    model: &'a MoeTransformer,
+    moments: BTreeMap<&'a str, Mutex<&'a mut Moments>>,
+}
+
+impl RestoreTarget for LiveState<'_> {
+    fn held(&self) -> BTreeMap<String, usize> {
+        self.model.params().iter().map(|(name, var)| (name.clone(), var.elem_count())).collect()
+    }
+
+    fn check(&self, manifest: &CheckpointManifest, path: &Path) -> Result<()> {
+        check_cursor(self.config, &manifest.data_cursor, path)
+    }
+
+    fn overwrite(&self, name: &str, part: TensorPart, bytes: &[u8]) -> Result<()> {
+        let moment = match part {
+            TensorPart::Value => return self.model.overwrite_param(name, bytes),
+            TensorPart::AdamM | TensorPart::AdamV => part,
+        };
+        let slot = self
+            .moments
+            .get(name)
+            .ok_or_else(|| WorkerError::InvalidJob(format!("no optimizer state for {name}")))?;
+        let mut moments =
+            slot.lock().map_err(|_| WorkerError::InvalidJob("optimizer state lock poisoned".into()))?;
+        let dst = if moment == TensorPart::AdamM { &mut moments.m } else { &mut moments.v };
+        if std::mem::size_of_val(dst.as_slice()) != bytes.len() {
+            return Err(WorkerError::InvalidJob(format!(
+                "optimizer state of {name}: {} bytes for {} values",
+                bytes.len(),
+                dst.len()
+            )));
+        }
+        // Little-endian f32 bytes (the store refuses to build on big-endian hosts).
+        bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(bytes);
+        Ok(())
     }
 }
 

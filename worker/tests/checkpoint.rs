@@ -225,3 +225,88 @@ fn retention_keeps_the_newest_n_committed_checkpoints() {
     })
     .unwrap();
 }
+
+/// A trainer that has moved on (trained past the checkpoint) restored in place: the parameters,
+/// moments and step are the checkpoint's, so finishing reproduces the straight run.
+#[test]
+fn restoring_into_a_live_trainer_reproduces_the_straight_run() {
+    let dir = tempfile::tempdir().unwrap();
+    run_with_threads(2, || {
+        let expected = straight_digest();
+        let store = CheckpointStore::open(dir.path(), 3).unwrap();
+        train_and_save(&store);
+        let saved = store.load_latest(&tiny_config(STEPS).dims, &ExpertSelection::All).unwrap().unwrap();
+
+        // A live trainer that diverged: other seed-independent state, two steps past SPLIT.
+        let mut live = Trainer::new(tiny_config(STEPS), demo_corpus()).unwrap();
+        for _ in 0..SPLIT + 2 {
+            live.train_step().unwrap();
+        }
+        let report = live.restore_latest(&store).unwrap().unwrap();
+        assert!(report.skipped.is_empty());
+        assert_eq!(report.bytes, saved.report.bytes, "the same bytes as a load into fresh memory");
+        assert_eq!(live.step(), SPLIT);
+        assert_eq!(live.params_sha256().unwrap(), saved.manifest.params_sha256);
+        let snapshot = live.snapshot().unwrap();
+        assert_eq!(snapshot.moments, saved.moments, "Adam moments restored");
+        while live.step() < STEPS {
+            live.train_step().unwrap();
+        }
+        assert_eq!(live.params_sha256().unwrap(), expected);
+
+        // A worker holding only some experts restores only their shards, in place.
+        let dims = tiny_config(STEPS).dims;
+        let mine: Vec<ExpertId> = ExpertId::all(&dims).into_iter().filter(|id| id.expert % 2 == 1).collect();
+        // (Freshly initialised: a member holding a share cannot step alone.)
+        let mut share = Trainer::with_experts(tiny_config(STEPS), demo_corpus(), Some(&mine)).unwrap();
+        let report = share.restore_dir(&store, &store.step_dir(SPLIT)).unwrap();
+        assert!(report.bytes < saved.report.bytes, "only the held experts' shards are read");
+        let loaded = store.load_experts(&dims, &mine).unwrap().unwrap();
+        let restored = share.snapshot().unwrap();
+        assert_eq!(restored.params, loaded.params);
+        assert_eq!(restored.moments, loaded.moments);
+        assert_eq!(share.step(), SPLIT);
+    })
+    .unwrap();
+}
+
+/// Restoring in place falls back past a corrupt newest checkpoint (whatever of it was already
+/// written is overwritten by the previous one), and refuses another job's checkpoint before
+/// writing anything.
+#[test]
+fn restoring_in_place_falls_back_past_corruption_and_refuses_other_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    run_with_threads(2, || {
+        let store = CheckpointStore::open(dir.path(), 3).unwrap();
+        train_and_save(&store);
+        let dims = tiny_config(STEPS).dims;
+        let previous = store.load_dir(&store.step_dir(SPLIT / 2), &dims, &ExpertSelection::All).unwrap();
+        // Corrupt the last byte of the dense shard: the expert shards verify and are written
+        // first or concurrently, so the fallback has to overwrite them.
+        let shard = store.step_dir(SPLIT).join("dense.safetensors");
+        let mut bytes = std::fs::read(&shard).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        std::fs::write(&shard, bytes).unwrap();
+
+        let mut live = Trainer::new(tiny_config(STEPS), demo_corpus()).unwrap();
+        live.train_step().unwrap();
+        let report = live.restore_latest(&store).unwrap().unwrap();
+        assert_eq!(live.step(), SPLIT / 2, "fell back to the previous checkpoint");
+        assert_eq!(report.skipped.len(), 1);
+        assert!(report.skipped[0].1.contains("checksum mismatch (xxh3-128)"), "{:?}", report.skipped);
+        assert_eq!(live.params_sha256().unwrap(), previous.manifest.params_sha256);
+        assert_eq!(live.snapshot().unwrap().moments, previous.moments);
+
+        // Another job (another seed): refused before any tensor is written.
+        let mut config = tiny_config(STEPS);
+        config.seed += 1;
+        let mut other = Trainer::new(config, demo_corpus()).unwrap();
+        let before = other.params_sha256().unwrap();
+        let err = other.restore_dir(&store, &store.step_dir(SPLIT / 2)).unwrap_err();
+        assert!(err.to_string().contains("seed"), "{err}");
+        assert_eq!(other.params_sha256().unwrap(), before, "nothing was written");
+        assert_eq!(other.step(), 0);
+    })
+    .unwrap();
+}

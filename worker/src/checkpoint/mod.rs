@@ -17,6 +17,7 @@
 //! still loads); a torn or corrupt checkpoint is logged and the previous committed one is used.
 
 mod manifest;
+mod reader;
 mod store;
 
 pub use manifest::{
@@ -24,6 +25,6 @@ pub use manifest::{
     MANIFEST_FILE, OptimizerState, READABLE_VERSIONS, RngState, ShardContents, ShardEntry,
 };
 pub use store::{
-    BackgroundSaver, CheckpointStore, ExpertSelection, LoadReport, LoadedCheckpoint, SaveReport,
-    TrainingSnapshot,
+    BackgroundSaver, CheckpointStore, ExpertSelection, LoadReport, LoadedCheckpoint, RestoreTarget,
+    SaveReport, TensorPart, TrainingSnapshot,
 };

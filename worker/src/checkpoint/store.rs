@@ -1,10 +1,8 @@
 //! Writing, verifying, loading and retaining checkpoints.
 
-use std::cell::RefCell;
-use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, mpsc};
 use std::thread::JoinHandle;
@@ -17,6 +15,7 @@ use super::manifest::{
     ADAM_M_SUFFIX, ADAM_V_SUFFIX, CheckpointManifest, ChecksumKind, Checksummer, DataCursor, FORMAT_VERSION,
     MANIFEST_FILE, OptimizerState, READABLE_VERSIONS, RngState, ShardContents, ShardEntry,
 };
+use super::reader;
 use crate::error::{Result, WorkerError};
 use crate::model::{ExpertId, HostTensor, ParamOwner};
 use crate::optim::Moments;
@@ -34,13 +33,6 @@ const WRITE_THREADS: usize = 2;
 /// Threads that fsync and rename written shards (waiting on the disk), so the disk starts on the
 /// first shards while later ones are still being hashed and written.
 const SYNC_THREADS: usize = 2;
-/// Threads that read and verify shards: most of them wait on the disk, so more requests are in
-/// flight (on the bench VM's virtio disk 8 readers loaded at 2.1–2.4 GB/s, 4 at 1.5–2.4 GB/s).
-const READ_THREADS: usize = 8;
-/// Bytes per read request when loading (and the alignment unit of direct I/O).
-const READ_CHUNK: usize = 8 << 20;
-/// Alignment of buffers and request sizes for `O_DIRECT` reads.
-const DIRECT_ALIGN: usize = 4096;
 /// Name of the keyed RNG scheme (see `crate::rng`).
 pub const RNG_ALGORITHM: &str = "splitmix64-keyed(seed,name|step,sample)";
 
@@ -264,6 +256,38 @@ impl CheckpointStore {
         dims: &ModelDims,
         selection: &ExpertSelection,
     ) -> Result<Option<LoadedCheckpoint>> {
+        Ok(self.newest_usable(|path| self.load_dir(path, dims, selection))?.map(|(mut loaded, skipped)| {
+            loaded.report.skipped = skipped;
+            loaded
+        }))
+    }
+
+    /// Restores the newest committed checkpoint that verifies into `target`'s existing memory,
+    /// falling back past torn or corrupt ones (each logged) as [`CheckpointStore::load_latest`]
+    /// does. After an error `target` may hold a mix of checkpoints: restore again or rebuild it.
+    pub fn restore_latest(
+        &self,
+        dims: &ModelDims,
+        target: &(impl RestoreTarget + ?Sized),
+    ) -> Result<Option<(CheckpointManifest, LoadReport)>> {
+        Ok(self.newest_usable(|path| self.restore_dir(path, dims, target))?.map(
+            |((manifest, mut report), skipped)| {
+                report.skipped = skipped;
+                (manifest, report)
+            },
+        ))
+    }
+
+    /// Runs `use_dir` on the newest committed checkpoint, then on older ones while it fails with
+    /// anything but [`WorkerError::IncompatibleCheckpoint`]. `Ok(None)` when the directory holds
+    /// no committed checkpoint (none at all, or only torn ones: a writer killed before its first
+    /// commit leaves nothing that was ever a checkpoint, so training starts over, as the recovery
+    /// brain expects); an error when committed checkpoints exist but none is usable (never a
+    /// silent fresh start). Returns the result and the checkpoints skipped, with the reason.
+    fn newest_usable<T>(
+        &self,
+        mut use_dir: impl FnMut(&Path) -> Result<T>,
+    ) -> Result<Option<(T, Vec<Skipped>)>> {
         let list = self.list()?;
         if !list.iter().any(|(_, _, committed)| *committed) {
             for (step, path, _) in &list {
@@ -279,11 +303,8 @@ impl CheckpointStore {
                 skipped.push((path.clone(), reason));
                 continue;
             }
-            match self.load_dir(path, dims, selection) {
-                Ok(mut loaded) => {
-                    loaded.report.skipped = skipped;
-                    return Ok(Some(loaded));
-                }
+            match use_dir(path) {
+                Ok(done) => return Ok(Some((done, skipped))),
                 Err(err @ WorkerError::IncompatibleCheckpoint { .. }) => return Err(err),
                 Err(err) => {
                     tracing::warn!(
@@ -309,9 +330,7 @@ impl CheckpointStore {
         let manifest: CheckpointManifest =
             serde_json::from_slice(&text).map_err(|e| corrupt(format!("manifest does not parse: {e}")))?;
         let entries: Vec<&ShardEntry> = manifest.shards.iter().collect();
-        for r in
-            parallel_map(&entries, READ_THREADS, |entry| read_verified(path, entry).map(AlignedBuf::recycle))
-        {
+        for r in reader::read_verified(path, &entries, |_, _| Ok(())) {
             r?;
         }
         Ok(manifest)
@@ -338,7 +357,7 @@ impl CheckpointStore {
         self.load_latest(dims, &ExpertSelection::Only(experts.to_vec()))
     }
 
-    /// Loads and verifies one committed checkpoint directory.
+    /// Loads and verifies one committed checkpoint directory into fresh vectors.
     pub fn load_dir(
         &self,
         path: &Path,
@@ -346,50 +365,12 @@ impl CheckpointStore {
         selection: &ExpertSelection,
     ) -> Result<LoadedCheckpoint> {
         let started = Instant::now();
-        let corrupt = |reason: String| WorkerError::CorruptCheckpoint { path: path.to_path_buf(), reason };
-        let manifest_path = path.join(MANIFEST_FILE);
-        let text = fs::read(&manifest_path)
-            .map_err(|source| WorkerError::CheckpointIo { path: manifest_path.clone(), source })?;
-        let manifest: CheckpointManifest =
-            serde_json::from_slice(&text).map_err(|e| corrupt(format!("manifest does not parse: {e}")))?;
-        if !READABLE_VERSIONS.contains(&manifest.format_version) {
-            return Err(WorkerError::IncompatibleCheckpoint {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "format version {} (this worker reads {READABLE_VERSIONS:?})",
-                    manifest.format_version
-                ),
-            });
-        }
-        if manifest.model != *dims {
-            return Err(WorkerError::IncompatibleCheckpoint {
-                path: path.to_path_buf(),
-                reason: format!("written for model {:?}, the job trains {:?}", manifest.model, dims),
-            });
-        }
-        if manifest.rng.algorithm != RNG_ALGORITHM {
-            return Err(WorkerError::IncompatibleCheckpoint {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "RNG scheme {:?}, this worker uses {RNG_ALGORITHM:?}",
-                    manifest.rng.algorithm
-                ),
-            });
-        }
-        if let ExpertSelection::Only(ids) = selection {
-            for id in ids {
-                let wanted = ShardContents::Expert { layer: id.layer, expert: id.expert };
-                if !manifest.shards.iter().any(|s| s.contents == wanted) {
-                    return Err(corrupt(format!("no shard for {id}")));
-                }
-            }
-        }
-        let wanted: Vec<&ShardEntry> =
-            manifest.shards.iter().filter(|s| selection.wants(&s.contents)).collect();
-        let results = parallel_map(&wanted, READ_THREADS, |entry| read_shard(path, entry));
+        let (manifest, manifest_bytes) = read_manifest(path, dims)?;
+        let wanted = selected_shards(path, &manifest, selection)?;
+        let results = reader::read_verified(path, &wanted, decode_shard);
         let mut params = BTreeMap::new();
         let mut moments = BTreeMap::new();
-        let mut bytes = text.len() as u64;
+        let mut bytes = manifest_bytes;
         for r in results {
             let shard = r?;
             bytes += shard.bytes;
@@ -399,7 +380,189 @@ impl CheckpointStore {
         let report = LoadReport { bytes, seconds: started.elapsed().as_secs_f64(), skipped: Vec::new() };
         Ok(LoadedCheckpoint { path: path.to_path_buf(), manifest, params, moments, report })
     }
+
+    /// Restores one committed checkpoint directory into `target`'s existing memory: the dense
+    /// shard and the shards of the experts `target` holds, each verified before any of its
+    /// tensors is written. Every tensor `target` holds must be written exactly once. Nothing is
+    /// allocated per tensor, so a restore into a live trainer costs the read, the checksum and
+    /// one copy. After an error `target` may be partly overwritten.
+    pub fn restore_dir(
+        &self,
+        path: &Path,
+        dims: &ModelDims,
+        target: &(impl RestoreTarget + ?Sized),
+    ) -> Result<(CheckpointManifest, LoadReport)> {
+        let started = Instant::now();
+        let corrupt = |reason: String| WorkerError::CorruptCheckpoint { path: path.to_path_buf(), reason };
+        let (manifest, manifest_bytes) = read_manifest(path, dims)?;
+        target.check(&manifest, path)?;
+        let held: BTreeMap<String, usize> = target.held();
+        let experts: BTreeSet<ExpertId> = held
+            .keys()
+            .filter_map(|name| match ParamOwner::of(name) {
+                ParamOwner::Expert(id) => Some(id),
+                ParamOwner::Dense => None,
+            })
+            .collect();
+        let wanted = selected_shards(path, &manifest, &ExpertSelection::Only(experts.into_iter().collect()))?;
+        let written: Mutex<BTreeSet<(String, TensorPart)>> = Mutex::new(BTreeSet::new());
+        let results = reader::read_verified(path, &wanted, |shard, bytes| {
+            restore_shard(shard, bytes, &held, target, &written)
+        });
+        let mut bytes = manifest_bytes;
+        for r in results {
+            bytes += r?;
+        }
+        let written = written.into_inner().map_err(|_| corrupt("a restore thread panicked".into()))?;
+        for name in held.keys() {
+            for part in [TensorPart::Value, TensorPart::AdamM, TensorPart::AdamV] {
+                if !written.contains(&(name.clone(), part)) {
+                    return Err(corrupt(format!("{} of {name} is missing", part.describe())));
+                }
+            }
+        }
+        let report = LoadReport { bytes, seconds: started.elapsed().as_secs_f64(), skipped: Vec::new() };
+        Ok((manifest, report))
+    }
 }
+
+/// Reads a checkpoint's manifest and checks that this worker can use it (format, model, RNG
+/// scheme). Returns it and its size in bytes.
+fn read_manifest(path: &Path, dims: &ModelDims) -> Result<(CheckpointManifest, u64)> {
+    let corrupt = |reason: String| WorkerError::CorruptCheckpoint { path: path.to_path_buf(), reason };
+    let manifest_path = path.join(MANIFEST_FILE);
+    let text = fs::read(&manifest_path)
+        .map_err(|source| WorkerError::CheckpointIo { path: manifest_path.clone(), source })?;
+    let manifest: CheckpointManifest =
+        serde_json::from_slice(&text).map_err(|e| corrupt(format!("manifest does not parse: {e}")))?;
+    let incompatible =
+        |reason: String| WorkerError::IncompatibleCheckpoint { path: path.to_path_buf(), reason };
+    if !READABLE_VERSIONS.contains(&manifest.format_version) {
+        return Err(incompatible(format!(
+            "format version {} (this worker reads {READABLE_VERSIONS:?})",
+            manifest.format_version
+        )));
+    }
+    if manifest.model != *dims {
+        return Err(incompatible(format!(
+            "written for model {:?}, the job trains {:?}",
+            manifest.model, dims
+        )));
+    }
+    if manifest.rng.algorithm != RNG_ALGORITHM {
+        return Err(incompatible(format!(
+            "RNG scheme {:?}, this worker uses {RNG_ALGORITHM:?}",
+            manifest.rng.algorithm
+        )));
+    }
+    Ok((manifest, text.len() as u64))
+}
+
+/// The shards of `manifest` that `selection` wants; an error if a selected expert has none.
+fn selected_shards<'m>(
+    path: &Path,
+    manifest: &'m CheckpointManifest,
+    selection: &ExpertSelection,
+) -> Result<Vec<&'m ShardEntry>> {
+    if let ExpertSelection::Only(ids) = selection {
+        for id in ids {
+            let wanted = ShardContents::Expert { layer: id.layer, expert: id.expert };
+            if !manifest.shards.iter().any(|s| s.contents == wanted) {
+                return Err(WorkerError::CorruptCheckpoint {
+                    path: path.to_path_buf(),
+                    reason: format!("no shard for {id}"),
+                });
+            }
+        }
+    }
+    Ok(manifest.shards.iter().filter(|s| selection.wants(&s.contents)).collect())
+}
+
+/// Which tensor of a parameter a checkpoint key names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TensorPart {
+    /// The parameter's value.
+    Value,
+    /// Adam's first moment.
+    AdamM,
+    /// Adam's second moment.
+    AdamV,
+}
+
+impl TensorPart {
+    /// Splits a checkpoint key into the parameter name and the part.
+    pub fn of_key(key: &str) -> (&str, TensorPart) {
+        if let Some(name) = key.strip_suffix(ADAM_M_SUFFIX) {
+            (name, TensorPart::AdamM)
+        } else if let Some(name) = key.strip_suffix(ADAM_V_SUFFIX) {
+            (name, TensorPart::AdamV)
+        } else {
+            (key, TensorPart::Value)
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            TensorPart::Value => "the value",
+            TensorPart::AdamM => "Adam's first moment",
+            TensorPart::AdamV => "Adam's second moment",
+        }
+    }
+}
+
+/// Existing memory a checkpoint is restored into: a live trainer's parameters and optimizer
+/// moments. Restoring into it, instead of into fresh vectors, allocates nothing: fresh memory
+/// costs a page fault and a page clear per page, which on the bench VM was slower than the disk.
+pub trait RestoreTarget: Sync {
+    /// Every parameter held, with its number of values: the checkpoint must hold each of these
+    /// with both Adam moments (the dense shard and the shards of the held experts are read).
+    fn held(&self) -> BTreeMap<String, usize>;
+
+    /// Accepts or refuses a checkpoint by its manifest (already checked for format, model and RNG
+    /// scheme), before anything is written.
+    fn check(&self, manifest: &CheckpointManifest, path: &Path) -> Result<()>;
+
+    /// Overwrites one tensor with little-endian f32 `bytes` (called from several threads at once,
+    /// each tensor once). An error if the size differs.
+    fn overwrite(&self, name: &str, part: TensorPart, bytes: &[u8]) -> Result<()>;
+}
+
+/// Writes a verified shard's tensors into `target`; returns the shard's size.
+fn restore_shard(
+    path: &Path,
+    bytes: &[u8],
+    held: &BTreeMap<String, usize>,
+    target: &(impl RestoreTarget + ?Sized),
+    written: &Mutex<BTreeSet<(String, TensorPart)>>,
+) -> Result<u64> {
+    let corrupt = |reason: String| WorkerError::CorruptCheckpoint { path: path.to_path_buf(), reason };
+    let tensors = SafeTensors::deserialize(bytes).map_err(|e| corrupt(format!("not safetensors: {e}")))?;
+    for (key, view) in tensors.iter() {
+        if view.dtype() != Dtype::F32 {
+            return Err(corrupt(format!("tensor {key} is {:?}, expected F32", view.dtype())));
+        }
+        let (name, part) = TensorPart::of_key(key);
+        let Some(&numel) = held.get(name) else {
+            return Err(corrupt(format!("tensor {key} is not a parameter this worker holds")));
+        };
+        if view.data().len() != numel * 4 {
+            return Err(corrupt(format!(
+                "tensor {key} has {} bytes, the model needs {}",
+                view.data().len(),
+                numel * 4
+            )));
+        }
+        let first = written.lock().map(|mut w| w.insert((name.to_string(), part))).unwrap_or(false);
+        if !first {
+            return Err(corrupt(format!("tensor {key} appears twice")));
+        }
+        target.overwrite(name, part, view.data())?;
+    }
+    Ok(bytes.len() as u64)
+}
+
+/// A checkpoint passed over while looking for a usable one, and why.
+type Skipped = (PathBuf, String);
 
 /// Adam moments (m, v) of one parameter as they are found while reading a shard.
 type MomentPair = (Option<Vec<f32>>, Option<Vec<f32>>);
@@ -545,119 +708,6 @@ fn write_shard(
     Ok(WrittenShard { file, tmp, path, entry })
 }
 
-thread_local! {
-    /// Each reader thread's read buffer, reused from shard to shard: a fresh buffer costs a page
-    /// fault and a page clear per 4 KiB, as much CPU as hashing it.
-    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
-/// A buffer whose window `[start, start + len)` is aligned for direct I/O.
-struct AlignedBuf {
-    raw: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    /// Room for `len` bytes, rounded up to whole direct-I/O blocks, in this thread's reused
-    /// buffer (give it back with [`AlignedBuf::recycle`]).
-    fn new(len: usize) -> Self {
-        let room = len.next_multiple_of(DIRECT_ALIGN).max(DIRECT_ALIGN);
-        let mut raw = READ_BUF.with(|b| std::mem::take(&mut *b.borrow_mut()));
-        if raw.len() < room + DIRECT_ALIGN {
-            raw.resize(room + DIRECT_ALIGN, 0);
-        }
-        let misalign = raw.as_ptr() as usize % DIRECT_ALIGN;
-        let start = if misalign == 0 { 0 } else { DIRECT_ALIGN - misalign };
-        Self { raw, start, len }
-    }
-
-    /// The whole aligned window (including the rounding), for reading into.
-    fn window(&mut self) -> &mut [u8] {
-        let room = self.len.next_multiple_of(DIRECT_ALIGN).max(DIRECT_ALIGN);
-        &mut self.raw[self.start..self.start + room]
-    }
-
-    /// The file's bytes.
-    fn bytes(&self) -> &[u8] {
-        &self.raw[self.start..self.start + self.len]
-    }
-
-    /// Returns the buffer to this thread for the next shard.
-    fn recycle(self) {
-        READ_BUF.with(|b| *b.borrow_mut() = self.raw);
-    }
-}
-
-/// Reads `expected` bytes of `path` and checksums them chunk by chunk as they arrive. Reads
-/// bypass the page cache (`O_DIRECT`) where the file system allows it: a restore reads each
-/// byte once, so caching it only costs a copy. Returns the bytes and their checksum.
-fn read_hashed(path: &Path, expected: usize, kind: ChecksumKind) -> std::io::Result<(AlignedBuf, String)> {
-    match read_hashed_with(path, expected, kind, libc::O_DIRECT) {
-        Ok(done) => Ok(done),
-        // Not supported here (tmpfs, some overlays): read through the page cache.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => read_hashed_with(path, expected, kind, 0),
-        Err(e) => Err(e),
-    }
-}
-
-fn read_hashed_with(
-    path: &Path,
-    expected: usize,
-    kind: ChecksumKind,
-    flags: i32,
-) -> std::io::Result<(AlignedBuf, String)> {
-    let mut file = OpenOptions::new().read(true).custom_flags(flags).open(path)?;
-    // One block more than expected, so a longer (torn or wrong) file is noticed.
-    let mut buf = AlignedBuf::new(expected + 1);
-    let mut hasher = Checksummer::new(kind);
-    let mut filled = 0;
-    {
-        let window = buf.window();
-        while filled < window.len() {
-            let end = (filled + READ_CHUNK).min(window.len());
-            let n = file.read(&mut window[filled..end])?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&window[filled..filled + n]);
-            filled += n;
-            if flags != 0 && !n.is_multiple_of(DIRECT_ALIGN) {
-                // A short direct read ends at end of file; the next offset would be unaligned.
-                break;
-            }
-        }
-    }
-    buf.len = filled;
-    Ok((buf, hasher.finish()))
-}
-
-/// Reads a shard and checks its size and checksum against the manifest entry.
-fn read_verified(dir: &Path, entry: &ShardEntry) -> Result<AlignedBuf> {
-    let path = dir.join(&entry.file);
-    let corrupt = |reason: String| WorkerError::CorruptCheckpoint { path: path.clone(), reason };
-    let expected = usize::try_from(entry.bytes).map_err(|_| corrupt("shard size overflows".into()))?;
-    let (kind, recorded) =
-        entry.checksum().ok_or_else(|| corrupt("the manifest records no checksum for this shard".into()))?;
-    let (buf, found) =
-        read_hashed(&path, expected, kind).map_err(|e| corrupt(format!("shard unreadable: {e}")))?;
-    if buf.len != expected {
-        return Err(corrupt(format!(
-            "shard has {}{} bytes, the manifest says {} (torn write)",
-            buf.len,
-            if buf.len > expected { "+" } else { "" },
-            entry.bytes
-        )));
-    }
-    if found != recorded {
-        return Err(corrupt(format!(
-            "checksum mismatch ({}): manifest {recorded}, file {found}",
-            kind.name()
-        )));
-    }
-    Ok(buf)
-}
-
 /// Little-endian f32 bytes to values: one copy when aligned (the usual case: shards pad their
 /// header to 8 bytes and the read buffer is page-aligned), element by element otherwise.
 fn decode_f32(bytes: &[u8]) -> Vec<f32> {
@@ -667,12 +717,10 @@ fn decode_f32(bytes: &[u8]) -> Vec<f32> {
     }
 }
 
-fn read_shard(dir: &Path, entry: &ShardEntry) -> Result<ShardData> {
-    let path = dir.join(&entry.file);
-    let corrupt = |reason: String| WorkerError::CorruptCheckpoint { path: path.clone(), reason };
-    let buf = read_verified(dir, entry)?;
-    let tensors =
-        SafeTensors::deserialize(buf.bytes()).map_err(|e| corrupt(format!("not safetensors: {e}")))?;
+/// Decodes a verified shard's bytes into parameters and their Adam moments.
+fn decode_shard(path: &Path, bytes: &[u8]) -> Result<ShardData> {
+    let corrupt = |reason: String| WorkerError::CorruptCheckpoint { path: path.to_path_buf(), reason };
+    let tensors = SafeTensors::deserialize(bytes).map_err(|e| corrupt(format!("not safetensors: {e}")))?;
     let mut params = BTreeMap::new();
     let mut raw_moments: BTreeMap<String, MomentPair> = BTreeMap::new();
     for (key, view) in tensors.tensors() {
@@ -680,12 +728,12 @@ fn read_shard(dir: &Path, entry: &ShardEntry) -> Result<ShardData> {
             return Err(corrupt(format!("tensor {key} is {:?}, expected F32", view.dtype())));
         }
         let data = decode_f32(view.data());
-        if let Some(name) = key.strip_suffix(ADAM_M_SUFFIX) {
-            raw_moments.entry(name.to_string()).or_default().0 = Some(data);
-        } else if let Some(name) = key.strip_suffix(ADAM_V_SUFFIX) {
-            raw_moments.entry(name.to_string()).or_default().1 = Some(data);
-        } else {
-            params.insert(key, HostTensor { shape: view.shape().to_vec(), data });
+        match TensorPart::of_key(&key) {
+            (name, TensorPart::AdamM) => raw_moments.entry(name.to_string()).or_default().0 = Some(data),
+            (name, TensorPart::AdamV) => raw_moments.entry(name.to_string()).or_default().1 = Some(data),
+            (_, TensorPart::Value) => {
+                params.insert(key, HostTensor { shape: view.shape().to_vec(), data });
+            }
         }
     }
     let mut moments = BTreeMap::new();
@@ -697,10 +745,7 @@ fn read_shard(dir: &Path, entry: &ShardEntry) -> Result<ShardData> {
             _ => return Err(corrupt(format!("optimizer state of {name} is missing"))),
         }
     }
-    let bytes = buf.len as u64;
-    drop(tensors);
-    buf.recycle();
-    Ok(ShardData { bytes, params, moments })
+    Ok(ShardData { bytes: bytes.len() as u64, params, moments })
 }
 
 /// `path` with the temporary suffix.
