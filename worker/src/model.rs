@@ -391,14 +391,15 @@ impl MoeTransformer {
         Ok(())
     }
 
-    /// Overwrites one parameter in place with little-endian f32 bytes (a checkpoint restored
-    /// into this model's existing memory). Parameters may be written from several threads.
-    pub fn overwrite_param(&self, name: &str, bytes: &[u8]) -> Result<()> {
+    /// Overwrites bytes `[offset, offset + bytes.len())` of one parameter in place with
+    /// little-endian f32 data (a checkpoint restored into this model's existing memory, piece by
+    /// piece). Parameters may be written from several threads.
+    pub fn overwrite_param(&self, name: &str, offset: usize, bytes: &[u8]) -> Result<()> {
         let var = self
             .params
             .get(name)
             .ok_or_else(|| WorkerError::InvalidJob(format!("parameter {name} is not held")))?;
-        var.as_tensor().inplace_op1(&ops::OverwriteF32(bytes))?;
+        var.as_tensor().inplace_op1(&ops::OverwriteF32 { offset, bytes })?;
         Ok(())
     }
 

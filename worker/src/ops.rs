@@ -24,9 +24,15 @@ pub(crate) fn f32s<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Re
     Ok(&data[start..end])
 }
 
-/// Overwrites an f32 tensor's storage in place with little-endian f32 bytes (a checkpoint
-/// restored into a live model: no allocation, one copy). The byte count must match.
-pub(crate) struct OverwriteF32<'a>(pub &'a [u8]);
+/// Overwrites bytes `[offset, offset + len)` of an f32 tensor's storage in place with
+/// little-endian f32 bytes (a piece of a checkpoint restored into a live model: no allocation,
+/// one copy). The range must fit the tensor.
+pub(crate) struct OverwriteF32<'a> {
+    /// Byte offset into the tensor.
+    pub offset: usize,
+    /// The bytes.
+    pub bytes: &'a [u8],
+}
 
 impl InplaceOp1 for OverwriteF32<'_> {
     fn name(&self) -> &'static str {
@@ -38,12 +44,17 @@ impl InplaceOp1 for OverwriteF32<'_> {
         let Some((start, end)) = layout.contiguous_offsets() else {
             bail!("overwrite-f32: expects a contiguous tensor")
         };
-        let dst = &mut data[start..end];
-        if std::mem::size_of_val(dst) != self.0.len() {
-            bail!("overwrite-f32: {} bytes for {} values", self.0.len(), dst.len());
-        }
+        let dst = bytemuck::cast_slice_mut::<f32, u8>(&mut data[start..end]);
+        let Some(range) = dst.get_mut(self.offset..self.offset + self.bytes.len()) else {
+            bail!(
+                "overwrite-f32: bytes {}..+{} of a {}-byte tensor",
+                self.offset,
+                self.bytes.len(),
+                dst.len()
+            );
+        };
         // Little-endian hosts only (checked at compile time by the checkpoint store).
-        bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(self.0);
+        range.copy_from_slice(self.bytes);
         Ok(())
     }
 }

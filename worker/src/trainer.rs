@@ -461,9 +461,9 @@ impl RestoreTarget for LiveState<'_> {
         check_cursor(self.config, &manifest.data_cursor, path)
     }
 
-    fn overwrite(&self, name: &str, part: TensorPart, bytes: &[u8]) -> Result<()> {
+    fn overwrite(&self, name: &str, part: TensorPart, offset: usize, bytes: &[u8]) -> Result<()> {
         let moment = match part {
-            TensorPart::Value => return self.model.overwrite_param(name, bytes),
+            TensorPart::Value => return self.model.overwrite_param(name, offset, bytes),
             TensorPart::AdamM | TensorPart::AdamV => part,
         };
         let slot = self
@@ -473,15 +473,16 @@ impl RestoreTarget for LiveState<'_> {
         let mut moments =
             slot.lock().map_err(|_| WorkerError::InvalidJob("optimizer state lock poisoned".into()))?;
         let dst = if moment == TensorPart::AdamM { &mut moments.m } else { &mut moments.v };
-        if std::mem::size_of_val(dst.as_slice()) != bytes.len() {
-            return Err(WorkerError::InvalidJob(format!(
-                "optimizer state of {name}: {} bytes for {} values",
-                bytes.len(),
-                dst.len()
-            )));
-        }
         // Little-endian f32 bytes (the store refuses to build on big-endian hosts).
-        bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(bytes);
+        let dst = bytemuck::cast_slice_mut::<f32, u8>(dst);
+        let len = dst.len();
+        let range = dst.get_mut(offset..offset + bytes.len()).ok_or_else(|| {
+            WorkerError::InvalidJob(format!(
+                "optimizer state of {name}: bytes {offset}..+{} of {len}",
+                bytes.len()
+            ))
+        })?;
+        range.copy_from_slice(bytes);
         Ok(())
     }
 }

@@ -9,13 +9,12 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use ninelives_core::ModelDims;
-use safetensors::tensor::{Dtype, SafeTensors};
 
 use super::manifest::{
     ADAM_M_SUFFIX, ADAM_V_SUFFIX, CheckpointManifest, ChecksumKind, Checksummer, DataCursor, FORMAT_VERSION,
     MANIFEST_FILE, OptimizerState, READABLE_VERSIONS, RngState, ShardContents, ShardEntry,
 };
-use super::reader;
+use super::reader::{self, ShardSink, TensorSpan, VerifyOnly};
 use crate::error::{Result, WorkerError};
 use crate::model::{ExpertId, HostTensor, ParamOwner};
 use crate::optim::Moments;
@@ -330,7 +329,7 @@ impl CheckpointStore {
         let manifest: CheckpointManifest =
             serde_json::from_slice(&text).map_err(|e| corrupt(format!("manifest does not parse: {e}")))?;
         let entries: Vec<&ShardEntry> = manifest.shards.iter().collect();
-        for r in reader::read_verified(path, &entries, |_, _| Ok(())) {
+        for r in reader::read_verified(path, &entries, |_, _| VerifyOnly) {
             r?;
         }
         Ok(manifest)
@@ -367,7 +366,7 @@ impl CheckpointStore {
         let started = Instant::now();
         let (manifest, manifest_bytes) = read_manifest(path, dims)?;
         let wanted = selected_shards(path, &manifest, selection)?;
-        let results = reader::read_verified(path, &wanted, decode_shard);
+        let results = reader::read_verified(path, &wanted, FreshSink::new);
         let mut params = BTreeMap::new();
         let mut moments = BTreeMap::new();
         let mut bytes = manifest_bytes;
@@ -406,8 +405,13 @@ impl CheckpointStore {
             .collect();
         let wanted = selected_shards(path, &manifest, &ExpertSelection::Only(experts.into_iter().collect()))?;
         let written: Mutex<BTreeSet<(String, TensorPart)>> = Mutex::new(BTreeSet::new());
-        let results = reader::read_verified(path, &wanted, |shard, bytes| {
-            restore_shard(shard, bytes, &held, target, &written)
+        let results = reader::read_verified(path, &wanted, |shard, entry| RestoreSink {
+            path: shard.to_path_buf(),
+            bytes: entry.bytes,
+            held: &held,
+            target,
+            written: &written,
+            parts: Vec::new(),
         });
         let mut bytes = manifest_bytes;
         for r in results {
@@ -522,43 +526,58 @@ pub trait RestoreTarget: Sync {
     /// scheme), before anything is written.
     fn check(&self, manifest: &CheckpointManifest, path: &Path) -> Result<()>;
 
-    /// Overwrites one tensor with little-endian f32 `bytes` (called from several threads at once,
-    /// each tensor once). An error if the size differs.
-    fn overwrite(&self, name: &str, part: TensorPart, bytes: &[u8]) -> Result<()>;
+    /// Overwrites bytes `[offset, offset + bytes.len())` of one tensor with little-endian f32
+    /// data: a piece of a shard as it streams in (called from several threads at once; each byte
+    /// once). An error if the range does not fit the tensor.
+    fn overwrite(&self, name: &str, part: TensorPart, offset: usize, bytes: &[u8]) -> Result<()>;
 }
 
-/// Writes a verified shard's tensors into `target`; returns the shard's size.
-fn restore_shard(
-    path: &Path,
-    bytes: &[u8],
-    held: &BTreeMap<String, usize>,
-    target: &(impl RestoreTarget + ?Sized),
-    written: &Mutex<BTreeSet<(String, TensorPart)>>,
-) -> Result<u64> {
-    let corrupt = |reason: String| WorkerError::CorruptCheckpoint { path: path.to_path_buf(), reason };
-    let tensors = SafeTensors::deserialize(bytes).map_err(|e| corrupt(format!("not safetensors: {e}")))?;
-    for (key, view) in tensors.iter() {
-        if view.dtype() != Dtype::F32 {
-            return Err(corrupt(format!("tensor {key} is {:?}, expected F32", view.dtype())));
+/// Streams a shard's tensors into a [`RestoreTarget`]; yields the shard's size.
+struct RestoreSink<'a, T: ?Sized> {
+    path: PathBuf,
+    bytes: u64,
+    held: &'a BTreeMap<String, usize>,
+    target: &'a T,
+    written: &'a Mutex<BTreeSet<(String, TensorPart)>>,
+    /// Parameter and part of each tensor, in the shard's order.
+    parts: Vec<(String, TensorPart)>,
+}
+
+impl<T: RestoreTarget + ?Sized> ShardSink for RestoreSink<'_, T> {
+    type Output = u64;
+
+    fn begin(&mut self, tensors: &[TensorSpan]) -> Result<()> {
+        let corrupt = |reason: String| WorkerError::CorruptCheckpoint { path: self.path.clone(), reason };
+        for tensor in tensors {
+            let key = &tensor.key;
+            let (name, part) = TensorPart::of_key(key);
+            let Some(&numel) = self.held.get(name) else {
+                return Err(corrupt(format!("tensor {key} is not a parameter this worker holds")));
+            };
+            if tensor.len != numel * 4 {
+                return Err(corrupt(format!(
+                    "tensor {key} has {} bytes, the model needs {}",
+                    tensor.len,
+                    numel * 4
+                )));
+            }
+            let first = self.written.lock().map(|mut w| w.insert((name.to_string(), part))).unwrap_or(false);
+            if !first {
+                return Err(corrupt(format!("tensor {key} appears twice")));
+            }
+            self.parts.push((name.to_string(), part));
         }
-        let (name, part) = TensorPart::of_key(key);
-        let Some(&numel) = held.get(name) else {
-            return Err(corrupt(format!("tensor {key} is not a parameter this worker holds")));
-        };
-        if view.data().len() != numel * 4 {
-            return Err(corrupt(format!(
-                "tensor {key} has {} bytes, the model needs {}",
-                view.data().len(),
-                numel * 4
-            )));
-        }
-        let first = written.lock().map(|mut w| w.insert((name.to_string(), part))).unwrap_or(false);
-        if !first {
-            return Err(corrupt(format!("tensor {key} appears twice")));
-        }
-        target.overwrite(name, part, view.data())?;
+        Ok(())
     }
-    Ok(bytes.len() as u64)
+
+    fn piece(&mut self, index: usize, offset: usize, bytes: &[u8]) -> Result<()> {
+        let (name, part) = &self.parts[index];
+        self.target.overwrite(name, *part, offset, bytes)
+    }
+
+    fn finish(self) -> Result<u64> {
+        Ok(self.bytes)
+    }
 }
 
 /// A checkpoint passed over while looking for a usable one, and why.
@@ -708,44 +727,79 @@ fn write_shard(
     Ok(WrittenShard { file, tmp, path, entry })
 }
 
-/// Little-endian f32 bytes to values: one copy when aligned (the usual case: shards pad their
-/// header to 8 bytes and the read buffer is page-aligned), element by element otherwise.
-fn decode_f32(bytes: &[u8]) -> Vec<f32> {
-    match bytemuck::try_cast_slice::<u8, f32>(bytes) {
-        Ok(values) => values.to_vec(),
-        Err(_) => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+/// Streams a shard's tensors into fresh vectors.
+struct FreshSink {
+    path: PathBuf,
+    bytes: u64,
+    tensors: Vec<TensorSpan>,
+    values: Vec<Vec<f32>>,
+    /// The first bytes of a value split between two pieces (only if a tensor's data does not
+    /// start 4-byte aligned in the file; ours do).
+    carry: Vec<u8>,
+}
+
+impl FreshSink {
+    fn new(path: &Path, entry: &ShardEntry) -> Self {
+        Self { path: path.to_path_buf(), bytes: entry.bytes, tensors: vec![], values: vec![], carry: vec![] }
     }
 }
 
-/// Decodes a verified shard's bytes into parameters and their Adam moments.
-fn decode_shard(path: &Path, bytes: &[u8]) -> Result<ShardData> {
-    let corrupt = |reason: String| WorkerError::CorruptCheckpoint { path: path.to_path_buf(), reason };
-    let tensors = SafeTensors::deserialize(bytes).map_err(|e| corrupt(format!("not safetensors: {e}")))?;
-    let mut params = BTreeMap::new();
-    let mut raw_moments: BTreeMap<String, MomentPair> = BTreeMap::new();
-    for (key, view) in tensors.tensors() {
-        if view.dtype() != Dtype::F32 {
-            return Err(corrupt(format!("tensor {key} is {:?}, expected F32", view.dtype())));
-        }
-        let data = decode_f32(view.data());
-        match TensorPart::of_key(&key) {
-            (name, TensorPart::AdamM) => raw_moments.entry(name.to_string()).or_default().0 = Some(data),
-            (name, TensorPart::AdamV) => raw_moments.entry(name.to_string()).or_default().1 = Some(data),
-            (_, TensorPart::Value) => {
-                params.insert(key, HostTensor { shape: view.shape().to_vec(), data });
+impl ShardSink for FreshSink {
+    type Output = ShardData;
+
+    fn begin(&mut self, tensors: &[TensorSpan]) -> Result<()> {
+        // The reader checked that the header describes exactly the file's size, so this reserves
+        // no more than the file holds.
+        self.values = tensors.iter().map(|t| Vec::with_capacity(t.len / 4)).collect();
+        self.tensors = tensors.to_vec();
+        Ok(())
+    }
+
+    fn piece(&mut self, index: usize, _offset: usize, mut bytes: &[u8]) -> Result<()> {
+        let values = &mut self.values[index];
+        if !self.carry.is_empty() {
+            let take = (4 - self.carry.len()).min(bytes.len());
+            self.carry.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if let Ok(value) = <[u8; 4]>::try_from(self.carry.as_slice()) {
+                values.push(f32::from_le_bytes(value));
+                self.carry.clear();
             }
         }
-    }
-    let mut moments = BTreeMap::new();
-    for name in params.keys() {
-        match raw_moments.remove(name) {
-            Some((Some(m), Some(v))) => {
-                moments.insert(name.clone(), Moments { m, v });
-            }
-            _ => return Err(corrupt(format!("optimizer state of {name} is missing"))),
+        let whole = bytes.len() / 4 * 4;
+        match bytemuck::try_cast_slice::<u8, f32>(&bytes[..whole]) {
+            Ok(aligned) => values.extend_from_slice(aligned),
+            Err(_) => values
+                .extend(bytes[..whole].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
         }
+        self.carry.extend_from_slice(&bytes[whole..]);
+        Ok(())
     }
-    Ok(ShardData { bytes: bytes.len() as u64, params, moments })
+
+    fn finish(self) -> Result<ShardData> {
+        let corrupt = |reason: String| WorkerError::CorruptCheckpoint { path: self.path.clone(), reason };
+        let mut params = BTreeMap::new();
+        let mut raw_moments: BTreeMap<String, MomentPair> = BTreeMap::new();
+        for (tensor, data) in self.tensors.into_iter().zip(self.values) {
+            match TensorPart::of_key(&tensor.key) {
+                (name, TensorPart::AdamM) => raw_moments.entry(name.to_string()).or_default().0 = Some(data),
+                (name, TensorPart::AdamV) => raw_moments.entry(name.to_string()).or_default().1 = Some(data),
+                (_, TensorPart::Value) => {
+                    params.insert(tensor.key, HostTensor { shape: tensor.shape, data });
+                }
+            }
+        }
+        let mut moments = BTreeMap::new();
+        for name in params.keys() {
+            match raw_moments.remove(name) {
+                Some((Some(m), Some(v))) => {
+                    moments.insert(name.clone(), Moments { m, v });
+                }
+                _ => return Err(corrupt(format!("optimizer state of {name} is missing"))),
+            }
+        }
+        Ok(ShardData { bytes: self.bytes, params, moments })
+    }
 }
 
 /// `path` with the temporary suffix.

@@ -160,17 +160,32 @@ fn member_loop(
                     before_update = None;
                 }
                 Restore::Checkpoint { step } => {
-                    let loaded = store.load_dir(
-                        &store.step_dir(step),
-                        &config.dims,
-                        &ExpertSelection::Only(mine.clone()),
-                    )?;
-                    tracing::info!(
-                        step,
-                        bytes = loaded.report.bytes,
-                        "loaded checkpoint for generation {generation}"
-                    );
-                    *guard = Some(Trainer::from_checkpoint(config.clone(), corpus.clone(), loaded)?);
+                    let path = store.step_dir(step);
+                    match guard.as_mut().filter(|t| t.model().held_experts() == mine) {
+                        // A member that keeps its experts restores into the memory it has:
+                        // nothing to allocate, so the restore runs at the disk's speed.
+                        Some(trainer) => match trainer.restore_dir(store, &path) {
+                            Ok(report) => tracing::info!(
+                                step,
+                                bytes = report.bytes,
+                                "restored checkpoint in place for generation {generation}"
+                            ),
+                            Err(err) => {
+                                *guard = None; // partly overwritten: never train on it
+                                return Err(err);
+                            }
+                        },
+                        None => {
+                            let loaded =
+                                store.load_dir(&path, &config.dims, &ExpertSelection::Only(mine.clone()))?;
+                            tracing::info!(
+                                step,
+                                bytes = loaded.report.bytes,
+                                "loaded checkpoint for generation {generation}"
+                            );
+                            *guard = Some(Trainer::from_checkpoint(config.clone(), corpus.clone(), loaded)?);
+                        }
+                    }
                     before_update = None;
                 }
                 Restore::InMemory => {
