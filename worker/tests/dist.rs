@@ -265,3 +265,46 @@ fn a_reroute_that_drops_a_replica_continues_from_memory_bit_identically() {
         assert_eq!(after, Some(expected), "rank {rank} in generation 2 ({joined:?})");
     }
 }
+
+/// A `checkpoint{step}` generation that keeps every member's experts (what the restore tier
+/// publishes for the survivors of a worker crash): the members roll back into the memory they
+/// have (`Trainer::restore_dir`) and finish bit-identically to one process.
+#[test]
+fn a_checkpoint_generation_rolls_members_back_in_place_bit_identically() {
+    let etcd = EtcdServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Enough steps that the members are still training when the new generation appears.
+    let steps = 16;
+    let config = small_config(steps);
+    let link = Arc::new(Etcd::connect(&[etcd.endpoint()], job_keys("rollback")).unwrap());
+    // (rank, generation) -> the step the generation continues from, from the Joined events.
+    let joined = Arc::new(Mutex::new(BTreeMap::new()));
+    let published = Arc::new(Mutex::new(false));
+    let hook: Hook = {
+        let (link, joined, published) = (link.clone(), joined.clone(), published.clone());
+        Arc::new(move |rank, e| match e {
+            MemberEvent::Joined { generation, step, .. } => {
+                joined.lock().unwrap().insert((rank, *generation), *step);
+            }
+            // Once the checkpoint of step 2 is committed (training has moved on), publish what
+            // the operator would for a restore: the same members and experts, from step 2.
+            MemberEvent::Committed(done) if rank == 0 && done.step == 2 && !*published.lock().unwrap() => {
+                let mut next = link.plan().unwrap().unwrap();
+                next.placement.generation += 1;
+                next.restore = Restore::Checkpoint { step: 2 };
+                next.tier = "restore".into();
+                link.put(&link.keys().placement(), serde_json::to_vec(&next).unwrap(), None).unwrap();
+                *published.lock().unwrap() = true;
+            }
+            _ => {}
+        })
+    };
+    let setup = Setup { hook, ..Setup::new(2, 0) };
+    let digest = run_members(&etcd, "rollback", &setup, &config, &dir.path().join("rollback"));
+    assert!(*published.lock().unwrap(), "the restore generation was published");
+    assert_eq!(digest, single_process(&config, steps), "a rollback to a checkpoint changes no bit");
+    let joined = joined.lock().unwrap();
+    for rank in 0..2 {
+        assert_eq!(joined.get(&(rank, 2)), Some(&2), "rank {rank} continues from step 2 ({joined:?})");
+    }
+}
