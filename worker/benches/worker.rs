@@ -19,6 +19,8 @@ use ninelives_worker::{CheckpointStore, ExpertSelection, Trainer, TrainerConfig}
 const STEPS: u64 = 3;
 const GLOBAL_BATCH: u32 = 4;
 const MICRO_BATCH: u32 = 2;
+/// Parallel dd readers in the strongest load reference: as many as the checkpoint reader has.
+const DD_STREAMS: usize = 4;
 /// Save/load rounds (each against its own dd run); the medians are reported. The VM's disk
 /// switches between speeds from second to second, so a few rounds are needed for a median.
 const ROUNDS: u64 = 5;
@@ -133,7 +135,7 @@ fn checkpoint_bench(
     let random_file = dir.path().join("random.bin");
     let zero_file = dir.path().join("zero.bin");
     let (mut save, mut dd_write, mut load, mut dd_read) = (vec![], vec![], vec![], vec![]);
-    let (mut fresh_load, mut dd_shards) = (vec![], vec![]);
+    let (mut fresh_load, mut dd_shards, mut dd_shards_parallel) = (vec![], vec![], vec![]);
     let (mut zero_write, mut zero_read) = (vec![], vec![]);
     let (mut bytes, mut shards, mut save_secs) = (0, 0, vec![]);
     for round in 0..ROUNDS {
@@ -173,26 +175,22 @@ fn checkpoint_bench(
         }
 
         // A restore into the running trainer (what a surviving worker does): in place. Its
-        // reference: dd reading the same shard files, one after the other. Which of the two goes
-        // first alternates, so neither always finds the disk in the state the other left.
+        // references: dd reading the same shard files one after the other, and 4 dd processes
+        // reading them in parallel (our reader's concurrency). The order of the three rotates
+        // from round to round, so none always finds the disk in the state another left.
         let files = shard_files(&saved.path)?;
         let shard_bytes: u64 = files.iter().map(|f| f.metadata().map(|m| m.len()).unwrap_or(0)).sum();
-        for first in [round % 2 == 0, round % 2 == 1] {
+        for turn in 0..3 {
             drop_cache(&saved.path)?;
-            if first {
-                let restored = trainer.restore_dir(&store, &saved.path)?;
-                load.push(restored.bytes as f64 / 1e9 / restored.seconds);
-            } else {
-                let mut seconds = 0.0;
-                for file in &files {
-                    seconds += dd_seconds(&[
-                        &format!("if={}", file.display()),
-                        "of=/dev/null",
-                        "bs=1M",
-                        "iflag=direct",
-                    ])?;
+            match (turn + round) % 3 {
+                0 => {
+                    let restored = trainer.restore_dir(&store, &saved.path)?;
+                    load.push(restored.bytes as f64 / 1e9 / restored.seconds);
                 }
-                dd_shards.push(shard_bytes as f64 / 1e9 / seconds);
+                1 => dd_shards.push(shard_bytes as f64 / 1e9 / dd_files(&files)?),
+                _ => {
+                    dd_shards_parallel.push(shard_bytes as f64 / 1e9 / dd_files_parallel(&files, DD_STREAMS)?)
+                }
             }
         }
         // A load into fresh vectors (what a new process does first): every page is new.
@@ -208,14 +206,20 @@ fn checkpoint_bench(
         }
     }
     let rounds: Vec<String> = (0..load.len())
-        .map(|i| format!("{:.2}/{:.2}/{:.2}/{:.2}", load[i], dd_shards[i], fresh_load[i], dd_read[i]))
+        .map(|i| {
+            format!(
+                "{:.2}/{:.2}/{:.2}/{:.2}/{:.2}",
+                load[i], dd_shards_parallel[i], dd_shards[i], fresh_load[i], dd_read[i]
+            )
+        })
         .collect();
     println!(
-        "load rounds (GB/s: in place / dd of the shard files / fresh memory / dd of a separate file): {}",
+        "load rounds (GB/s: in place / {DD_STREAMS} dd in parallel over the shard files / one dd after the other / fresh memory / dd of a separate file): {}",
         rounds.join(", ")
     );
     let (save, dd_write, load, dd_read) = (median(save), median(dd_write), median(load), median(dd_read));
     let dd_shards = median(dd_shards);
+    let dd_shards_parallel = median(dd_shards_parallel);
     println!(
         "| checkpoint save GB/s ({:.0} MB, {shards} shards, XXH3-128 + fsync; median of {ROUNDS}) | {save:.2} | dd conv=fsync, random data {dd_write:.2} | {:.2}x |",
         bytes as f64 / 1e6,
@@ -227,7 +231,11 @@ fn checkpoint_bench(
         median(save_secs)
     );
     println!(
-        "| checkpoint load GB/s (cold cache, XXH3-128 verified, restored into the running trainer; median of {ROUNDS}) | {load:.2} | dd iflag=direct of the same shard files {dd_shards:.2} | {:.2}x |",
+        "| checkpoint load GB/s (cold cache, XXH3-128 verified, restored into the running trainer; median of {ROUNDS}) | {load:.2} | {DD_STREAMS} dd iflag=direct in parallel over the same shard files {dd_shards_parallel:.2} | {:.2}x |",
+        load / dd_shards_parallel
+    );
+    println!(
+        "| checkpoint load GB/s (as above) vs one dd after the other over the shard files | {load:.2} | dd iflag=direct of the same shard files {dd_shards:.2} | {:.2}x |",
         load / dd_shards
     );
     println!(
@@ -280,6 +288,32 @@ fn dd_seconds(args: &[&str]) -> Result<f64, Box<dyn std::error::Error>> {
         .last()
         .and_then(|line| line.split(", ").find_map(|part| part.strip_suffix(" s")?.parse::<f64>().ok()))
         .ok_or_else(|| format!("no time in dd's report: {stderr}").into())
+}
+
+/// Seconds for dd to read `files` one after the other (`bs=1M iflag=direct`), as dd reports them.
+fn dd_files(files: &[PathBuf]) -> Result<f64, Box<dyn std::error::Error>> {
+    let mut seconds = 0.0;
+    for file in files {
+        seconds += dd_seconds(&[&format!("if={}", file.display()), "of=/dev/null", "bs=1M", "iflag=direct"])?;
+    }
+    Ok(seconds)
+}
+
+/// Seconds for `streams` dd sequences running at once, each over every `streams`-th file: the
+/// slowest sequence's sum of dd's own times (process starts left out, which flatters dd).
+fn dd_files_parallel(files: &[PathBuf], streams: usize) -> Result<f64, Box<dyn std::error::Error>> {
+    let shares: Vec<Vec<PathBuf>> =
+        (0..streams).map(|k| files.iter().skip(k).step_by(streams).cloned().collect()).collect();
+    let times: Vec<Result<f64, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> =
+            shares.iter().map(|share| s.spawn(move || dd_files(share).map_err(|e| e.to_string()))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("dd thread panicked".into()))).collect()
+    });
+    let mut slowest: f64 = 0.0;
+    for t in times {
+        slowest = slowest.max(t?);
+    }
+    Ok(slowest)
 }
 
 /// A checkpoint's shard files (dense first, then the experts in name order).
