@@ -34,6 +34,14 @@ fn train_and_save(store: &CheckpointStore) {
     }
 }
 
+/// Flips the `mask` bits of one byte of a file, at `at(file length)`.
+fn flip_bits(path: &std::path::Path, at: fn(usize) -> usize, mask: u8) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let i = at(bytes.len());
+    bytes[i] ^= mask;
+    std::fs::write(path, bytes).unwrap();
+}
+
 fn finish(loaded: LoadedCheckpoint) -> String {
     let mut t = Trainer::from_checkpoint(tiny_config(STEPS), demo_corpus(), loaded).unwrap();
     assert_eq!(t.step(), SPLIT);
@@ -97,10 +105,7 @@ fn a_corrupt_newest_checkpoint_falls_back_to_the_previous_one() {
         let dims = tiny_config(STEPS).dims;
         // Flip one byte in the middle of one expert shard of the newest checkpoint.
         let shard = store.step_dir(SPLIT).join("experts/layer-0002-expert-00005.safetensors");
-        let mut bytes = std::fs::read(&shard).unwrap();
-        let mid = bytes.len() / 2;
-        bytes[mid] ^= 0x01;
-        std::fs::write(&shard, bytes).unwrap();
+        flip_bits(&shard, |len| len / 2, 0x01);
 
         let loaded = store.load_latest(&dims, &ExpertSelection::All).unwrap().unwrap();
         assert_eq!(loaded.manifest.step, SPLIT / 2, "fell back to the previous checkpoint");
@@ -153,10 +158,7 @@ fn format_1_checkpoints_with_sha256_still_load_and_are_verified() {
         assert_eq!(finish(loaded), expected, "resume from a format-1 checkpoint");
 
         let shard = store.step_dir(SPLIT).join("dense.safetensors");
-        let mut bytes = std::fs::read(&shard).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0x80;
-        std::fs::write(&shard, bytes).unwrap();
+        flip_bits(&shard, |len| len - 1, 0x80);
         let loaded = store.load_latest(&dims, &ExpertSelection::All).unwrap().unwrap();
         assert_eq!(loaded.manifest.step, SPLIT / 2, "the corrupt format-1 checkpoint is skipped");
         assert!(
@@ -284,10 +286,7 @@ fn restoring_in_place_falls_back_past_corruption_and_refuses_other_jobs() {
         // Corrupt the last byte of the dense shard: the expert shards verify and are written
         // first or concurrently, so the fallback has to overwrite them.
         let shard = store.step_dir(SPLIT).join("dense.safetensors");
-        let mut bytes = std::fs::read(&shard).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0x01;
-        std::fs::write(&shard, bytes).unwrap();
+        flip_bits(&shard, |len| len - 1, 0x01);
 
         let mut live = Trainer::new(tiny_config(STEPS), demo_corpus()).unwrap();
         live.train_step().unwrap();

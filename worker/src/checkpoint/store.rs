@@ -322,12 +322,7 @@ impl CheckpointStore {
     /// without decoding. Expert-parallel workers each read only their own shards, so the job
     /// agrees on a step that this check passed for before every worker loads its share.
     pub fn verify_dir(&self, path: &Path) -> Result<CheckpointManifest> {
-        let corrupt = |reason: String| WorkerError::CorruptCheckpoint { path: path.to_path_buf(), reason };
-        let manifest_path = path.join(MANIFEST_FILE);
-        let text = fs::read(&manifest_path)
-            .map_err(|source| WorkerError::CheckpointIo { path: manifest_path.clone(), source })?;
-        let manifest: CheckpointManifest =
-            serde_json::from_slice(&text).map_err(|e| corrupt(format!("manifest does not parse: {e}")))?;
+        let (manifest, _) = parse_manifest(path)?;
         let entries: Vec<&ShardEntry> = manifest.shards.iter().collect();
         for r in reader::read_verified(path, &entries, |_, _| VerifyOnly) {
             r?;
@@ -430,15 +425,23 @@ impl CheckpointStore {
     }
 }
 
-/// Reads a checkpoint's manifest and checks that this worker can use it (format, model, RNG
-/// scheme). Returns it and its size in bytes.
-fn read_manifest(path: &Path, dims: &ModelDims) -> Result<(CheckpointManifest, u64)> {
-    let corrupt = |reason: String| WorkerError::CorruptCheckpoint { path: path.to_path_buf(), reason };
+/// Reads and parses a checkpoint's manifest; returns it and its size in bytes.
+fn parse_manifest(path: &Path) -> Result<(CheckpointManifest, u64)> {
     let manifest_path = path.join(MANIFEST_FILE);
     let text = fs::read(&manifest_path)
         .map_err(|source| WorkerError::CheckpointIo { path: manifest_path.clone(), source })?;
     let manifest: CheckpointManifest =
-        serde_json::from_slice(&text).map_err(|e| corrupt(format!("manifest does not parse: {e}")))?;
+        serde_json::from_slice(&text).map_err(|e| WorkerError::CorruptCheckpoint {
+            path: path.to_path_buf(),
+            reason: format!("manifest does not parse: {e}"),
+        })?;
+    Ok((manifest, text.len() as u64))
+}
+
+/// Reads a checkpoint's manifest and checks that this worker can use it (format, model, RNG
+/// scheme). Returns it and its size in bytes.
+fn read_manifest(path: &Path, dims: &ModelDims) -> Result<(CheckpointManifest, u64)> {
+    let (manifest, bytes) = parse_manifest(path)?;
     let incompatible =
         |reason: String| WorkerError::IncompatibleCheckpoint { path: path.to_path_buf(), reason };
     if !READABLE_VERSIONS.contains(&manifest.format_version) {
@@ -459,7 +462,7 @@ fn read_manifest(path: &Path, dims: &ModelDims) -> Result<(CheckpointManifest, u
             manifest.rng.algorithm
         )));
     }
-    Ok((manifest, text.len() as u64))
+    Ok((manifest, bytes))
 }
 
 /// The shards of `manifest` that `selection` wants; an error if a selected expert has none.
