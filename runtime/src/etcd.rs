@@ -2,7 +2,7 @@
 
 use std::ffi::OsStr;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -29,10 +29,9 @@ pub fn locate(binary: &str, path: Option<&OsStr>) -> Option<PathBuf> {
     std::env::split_paths(path?).map(|dir| dir.join(binary)).find(|p| p.is_file())
 }
 
-/// A loopback TCP port that was free a moment ago.
-pub fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
+/// A loopback TCP port that was free a moment ago, below the ephemeral range (see
+/// [`ninelives_testkit::free_port`]).
+pub use ninelives_testkit::free_port;
 
 impl LocalEtcd {
     /// Starts the `etcd` found on `PATH` with its data under `dir`, on free loopback ports, and
