@@ -179,7 +179,7 @@ fn checkpoint_bench(
         // reading them in parallel (our reader's concurrency). The order of the three rotates
         // from round to round, so none always finds the disk in the state another left.
         let files = shard_files(&saved.path)?;
-        let shard_bytes: u64 = files.iter().map(|f| f.metadata().map(|m| m.len()).unwrap_or(0)).sum();
+        let shard_bytes = files.iter().map(|f| f.metadata().map(|m| m.len())).sum::<Result<u64, _>>()?;
         for turn in 0..3 {
             drop_cache(&saved.path)?;
             match (turn + round) % 3 {

@@ -24,6 +24,22 @@ pub(crate) fn f32s<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Re
     Ok(&data[start..end])
 }
 
+/// The contiguous f32 elements of a CPU tensor, mutably (an in-place op's target).
+fn f32s_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout, op: &str) -> Result<&'a mut [f32]> {
+    let CpuStorage::F32(data) = storage else { bail!("{op}: expects an f32 tensor") };
+    let Some((start, end)) = layout.contiguous_offsets() else { bail!("{op}: expects a contiguous tensor") };
+    Ok(&mut data[start..end])
+}
+
+/// Copies little-endian f32 `bytes` over bytes `[offset, offset + bytes.len())` of `dst` (a
+/// piece of a checkpoint restored in place). `None`, with nothing written, if the range does not
+/// fit. Little-endian hosts only (checked at compile time by the checkpoint store).
+pub(crate) fn overwrite_bytes(dst: &mut [f32], offset: usize, bytes: &[u8]) -> Option<()> {
+    let range = bytemuck::cast_slice_mut::<f32, u8>(dst).get_mut(offset..offset.checked_add(bytes.len())?)?;
+    range.copy_from_slice(bytes);
+    Some(())
+}
+
 /// Overwrites bytes `[offset, offset + len)` of an f32 tensor's storage in place with
 /// little-endian f32 bytes (a piece of a checkpoint restored into a live model: no allocation,
 /// one copy). The range must fit the tensor.
@@ -40,21 +56,11 @@ impl InplaceOp1 for OverwriteF32<'_> {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
-        let CpuStorage::F32(data) = storage else { bail!("overwrite-f32: expects an f32 tensor") };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("overwrite-f32: expects a contiguous tensor")
-        };
-        let dst = bytemuck::cast_slice_mut::<f32, u8>(&mut data[start..end]);
-        let Some(range) = dst.get_mut(self.offset..self.offset + self.bytes.len()) else {
-            bail!(
-                "overwrite-f32: bytes {}..+{} of a {}-byte tensor",
-                self.offset,
-                self.bytes.len(),
-                dst.len()
-            );
-        };
-        // Little-endian hosts only (checked at compile time by the checkpoint store).
-        range.copy_from_slice(self.bytes);
+        let dst = f32s_mut(storage, layout, "overwrite-f32")?;
+        let len = std::mem::size_of_val(dst);
+        if overwrite_bytes(dst, self.offset, self.bytes).is_none() {
+            bail!("overwrite-f32: bytes {}..+{} of a {len}-byte tensor", self.offset, self.bytes.len());
+        }
         Ok(())
     }
 }

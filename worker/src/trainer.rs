@@ -462,28 +462,23 @@ impl RestoreTarget for LiveState<'_> {
     }
 
     fn overwrite(&self, name: &str, part: TensorPart, offset: usize, bytes: &[u8]) -> Result<()> {
-        let moment = match part {
-            TensorPart::Value => return self.model.overwrite_param(name, offset, bytes),
-            TensorPart::AdamM | TensorPart::AdamV => part,
-        };
+        if part == TensorPart::Value {
+            return self.model.overwrite_param(name, offset, bytes);
+        }
         let slot = self
             .moments
             .get(name)
             .ok_or_else(|| WorkerError::InvalidJob(format!("no optimizer state for {name}")))?;
         let mut moments =
             slot.lock().map_err(|_| WorkerError::InvalidJob("optimizer state lock poisoned".into()))?;
-        let dst = if moment == TensorPart::AdamM { &mut moments.m } else { &mut moments.v };
-        // Little-endian f32 bytes (the store refuses to build on big-endian hosts).
-        let dst = bytemuck::cast_slice_mut::<f32, u8>(dst);
-        let len = dst.len();
-        let range = dst.get_mut(offset..offset + bytes.len()).ok_or_else(|| {
+        let dst = if part == TensorPart::AdamM { &mut moments.m } else { &mut moments.v };
+        let len = dst.len() * 4;
+        crate::ops::overwrite_bytes(dst, offset, bytes).ok_or_else(|| {
             WorkerError::InvalidJob(format!(
                 "optimizer state of {name}: bytes {offset}..+{} of {len}",
                 bytes.len()
             ))
-        })?;
-        range.copy_from_slice(bytes);
-        Ok(())
+        })
     }
 }
 

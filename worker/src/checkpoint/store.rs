@@ -376,10 +376,11 @@ impl CheckpointStore {
     }
 
     /// Restores one committed checkpoint directory into `target`'s existing memory: the dense
-    /// shard and the shards of the experts `target` holds, each verified before any of its
-    /// tensors is written. Every tensor `target` holds must be written exactly once. Nothing is
-    /// allocated per tensor, so a restore into a live trainer costs the read, the checksum and
-    /// one copy. After an error `target` may be partly overwritten.
+    /// shard and the shards of the experts `target` holds. Each shard is written piece by piece
+    /// as it streams in and counts only once its size and checksum match; every tensor `target`
+    /// holds must be written exactly once. Nothing is allocated per tensor, so a restore into a
+    /// live trainer costs the read, the checksum and one copy. After an error `target` may be
+    /// partly overwritten (also with bytes of a shard that then failed its checksum).
     pub fn restore_dir(
         &self,
         path: &Path,
