@@ -42,6 +42,18 @@ fn flip_bits(path: &std::path::Path, at: fn(usize) -> usize, mask: u8) {
     std::fs::write(path, bytes).unwrap();
 }
 
+/// Runs `test` on 2 kernel threads with a store (keep-last 3) holding the checkpoints that
+/// [`train_and_save`] commits.
+fn with_saved_store(test: impl FnOnce(&CheckpointStore) + Send) {
+    let dir = tempfile::tempdir().unwrap();
+    run_with_threads(2, || {
+        let store = CheckpointStore::open(dir.path(), 3).unwrap();
+        train_and_save(&store);
+        test(&store);
+    })
+    .unwrap();
+}
+
 fn finish(loaded: LoadedCheckpoint) -> String {
     let mut t = Trainer::from_checkpoint(tiny_config(STEPS), demo_corpus(), loaded).unwrap();
     assert_eq!(t.step(), SPLIT);
@@ -53,11 +65,8 @@ fn finish(loaded: LoadedCheckpoint) -> String {
 
 #[test]
 fn resume_and_restore_into_another_placement_reproduce_the_straight_run() {
-    let dir = tempfile::tempdir().unwrap();
-    run_with_threads(2, || {
+    with_saved_store(|store| {
         let expected = straight_digest();
-        let store = CheckpointStore::open(dir.path(), 3).unwrap();
-        train_and_save(&store);
         let dims = tiny_config(STEPS).dims;
 
         let full = store.load_latest(&dims, &ExpertSelection::All).unwrap().unwrap();
@@ -92,16 +101,12 @@ fn resume_and_restore_into_another_placement_reproduce_the_straight_run() {
         merged.params.extend(b.params);
         merged.moments.extend(b.moments);
         assert_eq!(finish(merged), expected, "restore into the even/odd placement");
-    })
-    .unwrap();
+    });
 }
 
 #[test]
 fn a_corrupt_newest_checkpoint_falls_back_to_the_previous_one() {
-    let dir = tempfile::tempdir().unwrap();
-    run_with_threads(2, || {
-        let store = CheckpointStore::open(dir.path(), 3).unwrap();
-        train_and_save(&store);
+    with_saved_store(|store| {
         let dims = tiny_config(STEPS).dims;
         // Flip one byte in the middle of one expert shard of the newest checkpoint.
         let shard = store.step_dir(SPLIT).join("experts/layer-0002-expert-00005.safetensors");
@@ -123,8 +128,7 @@ fn a_corrupt_newest_checkpoint_falls_back_to_the_previous_one() {
         assert_eq!(other.manifest.step, SPLIT);
         let (step, _) = store.newest_verified().unwrap().unwrap();
         assert_eq!(step, SPLIT / 2);
-    })
-    .unwrap();
+    });
 }
 
 /// Rewrites a committed checkpoint's manifest as format 1 wrote it: sha256 per shard.
@@ -145,11 +149,8 @@ fn downgrade_to_format_1(dir: &std::path::Path) {
 
 #[test]
 fn format_1_checkpoints_with_sha256_still_load_and_are_verified() {
-    let dir = tempfile::tempdir().unwrap();
-    run_with_threads(2, || {
+    with_saved_store(|store| {
         let expected = straight_digest();
-        let store = CheckpointStore::open(dir.path(), 3).unwrap();
-        train_and_save(&store);
         let dims = tiny_config(STEPS).dims;
         downgrade_to_format_1(&store.step_dir(SPLIT));
         downgrade_to_format_1(&store.step_dir(SPLIT / 2));
@@ -166,16 +167,12 @@ fn format_1_checkpoints_with_sha256_still_load_and_are_verified() {
             "{:?}",
             loaded.report.skipped
         );
-    })
-    .unwrap();
+    });
 }
 
 #[test]
 fn a_torn_checkpoint_without_manifest_is_ignored_and_nothing_usable_is_an_error() {
-    let dir = tempfile::tempdir().unwrap();
-    run_with_threads(2, || {
-        let store = CheckpointStore::open(dir.path(), 3).unwrap();
-        train_and_save(&store);
+    with_saved_store(|store| {
         let dims = tiny_config(STEPS).dims;
         // The writer died after the shards of step SPLIT but before its manifest.
         std::fs::remove_file(store.step_dir(SPLIT).join("manifest.json")).unwrap();
@@ -194,8 +191,7 @@ fn a_torn_checkpoint_without_manifest_is_ignored_and_nothing_usable_is_an_error(
         std::fs::write(store.step_dir(SPLIT / 2).join("manifest.json"), b"{ not json").unwrap();
         let err = store.load_latest(&dims, &ExpertSelection::All).unwrap_err();
         assert!(err.to_string().contains("no usable checkpoint"), "{err}");
-    })
-    .unwrap();
+    });
 }
 
 #[test]
@@ -232,11 +228,8 @@ fn retention_keeps_the_newest_n_committed_checkpoints() {
 /// moments and step are the checkpoint's, so finishing reproduces the straight run.
 #[test]
 fn restoring_into_a_live_trainer_reproduces_the_straight_run() {
-    let dir = tempfile::tempdir().unwrap();
-    run_with_threads(2, || {
+    with_saved_store(|store| {
         let expected = straight_digest();
-        let store = CheckpointStore::open(dir.path(), 3).unwrap();
-        train_and_save(&store);
         let saved = store.load_latest(&tiny_config(STEPS).dims, &ExpertSelection::All).unwrap().unwrap();
 
         // A live trainer that diverged: other seed-independent state, two steps past SPLIT.
@@ -244,7 +237,7 @@ fn restoring_into_a_live_trainer_reproduces_the_straight_run() {
         for _ in 0..SPLIT + 2 {
             live.train_step().unwrap();
         }
-        let report = live.restore_latest(&store).unwrap().unwrap();
+        let report = live.restore_latest(store).unwrap().unwrap();
         assert!(report.skipped.is_empty());
         assert_eq!(report.bytes, saved.report.bytes, "the same bytes as a load into fresh memory");
         assert_eq!(live.step(), SPLIT);
@@ -261,15 +254,14 @@ fn restoring_into_a_live_trainer_reproduces_the_straight_run() {
         let mine: Vec<ExpertId> = ExpertId::all(&dims).into_iter().filter(|id| id.expert % 2 == 1).collect();
         // (Freshly initialised: a member holding a share cannot step alone.)
         let mut share = Trainer::with_experts(tiny_config(STEPS), demo_corpus(), Some(&mine)).unwrap();
-        let report = share.restore_dir(&store, &store.step_dir(SPLIT)).unwrap();
+        let report = share.restore_dir(store, &store.step_dir(SPLIT)).unwrap();
         assert!(report.bytes < saved.report.bytes, "only the held experts' shards are read");
         let loaded = store.load_experts(&dims, &mine).unwrap().unwrap();
         let restored = share.snapshot().unwrap();
         assert_eq!(restored.params, loaded.params);
         assert_eq!(restored.moments, loaded.moments);
         assert_eq!(share.step(), SPLIT);
-    })
-    .unwrap();
+    });
 }
 
 /// Restoring in place falls back past a corrupt newest checkpoint (whatever of it was already
@@ -277,10 +269,7 @@ fn restoring_into_a_live_trainer_reproduces_the_straight_run() {
 /// writing anything.
 #[test]
 fn restoring_in_place_falls_back_past_corruption_and_refuses_other_jobs() {
-    let dir = tempfile::tempdir().unwrap();
-    run_with_threads(2, || {
-        let store = CheckpointStore::open(dir.path(), 3).unwrap();
-        train_and_save(&store);
+    with_saved_store(|store| {
         let dims = tiny_config(STEPS).dims;
         let previous = store.load_dir(&store.step_dir(SPLIT / 2), &dims, &ExpertSelection::All).unwrap();
         // Corrupt the last byte of the dense shard: the expert shards verify and are written
@@ -290,7 +279,7 @@ fn restoring_in_place_falls_back_past_corruption_and_refuses_other_jobs() {
 
         let mut live = Trainer::new(tiny_config(STEPS), demo_corpus()).unwrap();
         live.train_step().unwrap();
-        let report = live.restore_latest(&store).unwrap().unwrap();
+        let report = live.restore_latest(store).unwrap().unwrap();
         assert_eq!(live.step(), SPLIT / 2, "fell back to the previous checkpoint");
         assert_eq!(report.skipped.len(), 1);
         assert!(report.skipped[0].1.contains("checksum mismatch (xxh3-128)"), "{:?}", report.skipped);
@@ -302,10 +291,9 @@ fn restoring_in_place_falls_back_past_corruption_and_refuses_other_jobs() {
         config.seed += 1;
         let mut other = Trainer::new(config, demo_corpus()).unwrap();
         let before = other.params_sha256().unwrap();
-        let err = other.restore_dir(&store, &store.step_dir(SPLIT / 2)).unwrap_err();
+        let err = other.restore_dir(store, &store.step_dir(SPLIT / 2)).unwrap_err();
         assert!(err.to_string().contains("seed"), "{err}");
         assert_eq!(other.params_sha256().unwrap(), before, "nothing was written");
         assert_eq!(other.step(), 0);
-    })
-    .unwrap();
+    });
 }
