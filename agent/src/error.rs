@@ -1,20 +1,21 @@
 //! The agent's error type.
+//!
+//! It wraps the errors of the agent's leaf modules ([`FaultTableError`], [`ProbeError`]); those
+//! modules never depend on this one, so the crate's modules form no import cycle.
 
 use std::path::PathBuf;
 
 use thiserror::Error;
 
+use crate::faults::FaultTableError;
+use crate::probe::ProbeError;
+
 /// Everything that can stop the agent or one of its steps.
 #[derive(Debug, Error)]
 pub enum AgentError {
     /// The fault table file could not be read or parsed.
-    #[error("fault table {path}: {reason}")]
-    FaultTable {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
+    #[error(transparent)]
+    FaultTable(#[from] FaultTableError),
     /// The chips directory could not be prepared or read.
     #[error("chips directory {path}: {source}")]
     ChipsDir {
@@ -55,7 +56,7 @@ pub enum AgentError {
     },
     /// The chip probe could not list the chips.
     #[error("chip probe: {0}")]
-    Probe(#[from] crate::probe::ProbeError),
+    Probe(#[from] ProbeError),
     /// The admin endpoint could not be bound.
     #[error("admin endpoint: {0}")]
     Admin(std::io::Error),
@@ -73,7 +74,7 @@ impl AgentError {
     /// Short label for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            AgentError::FaultTable { .. } => "fault-table",
+            AgentError::FaultTable(_) => "fault-table",
             AgentError::ChipsDir { .. } => "chips-dir",
             AgentError::TlsFile { .. } => "tls-file",
             AgentError::Etcd { op, .. } => op,
@@ -84,5 +85,23 @@ impl AgentError {
             AgentError::Admin(_) => "admin",
             AgentError::Worker { .. } => "worker",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::faults::FaultTable;
+
+    #[test]
+    fn fault_table_errors_keep_their_message_and_label() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("faults.yaml");
+        std::fs::write(&path, "link-down: reboot-the-datacenter\n").unwrap();
+        let error = AgentError::from(FaultTable::load(&path).unwrap_err());
+        assert!(error.to_string().starts_with(&format!("fault table {}: ", path.display())), "{error}");
+        assert_eq!(error.metric_label(), "fault-table");
+        let missing = AgentError::from(FaultTable::load(&tmp.path().join("absent.yaml")).unwrap_err());
+        assert_eq!(missing.metric_label(), "fault-table");
     }
 }

@@ -14,7 +14,12 @@
 //! operator waits for the acks of all nodes before resuming training.
 //!
 //! The operator writes `control` before (or in the same transaction as) `placement`; a control
-//! record for a generation newer than the placement waits for its placement.
+//! record for a generation newer than the placement waits for its placement. A `timeoutSeconds`
+//! that is not a usable number of seconds ([`ControlRecord::apply_timeout`]) is reported as a
+//! malformed value and the default deadline applies.
+//!
+//! The crate ships no transport to the workers: whoever builds the [`JobBinding`]s supplies the
+//! [`LocalWorker`] implementations.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -24,7 +29,6 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, WatchOptions};
 use ninelives_core::keyspace::{JobKeys, Keyspace};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::error::AgentError;
@@ -83,9 +87,27 @@ pub struct ControlRecord {
     /// Experts to load, by node name.
     #[serde(default)]
     pub load_experts: BTreeMap<String, Vec<ExpertLoad>>,
-    /// Deadline for applying the generation on a node (default 120 s).
+    /// Deadline for applying the generation on a node (default 120 s). Untrusted: read it
+    /// through [`ControlRecord::apply_timeout`].
     #[serde(default)]
     pub timeout_seconds: Option<f64>,
+}
+
+impl ControlRecord {
+    /// The deadline for applying this generation: `timeoutSeconds`, or
+    /// [`DEFAULT_APPLY_TIMEOUT`] when absent.
+    ///
+    /// The value comes from etcd. Zero, negative, NaN, infinite and values too large for a
+    /// [`Duration`] are an error naming the value (the executor reports it as a malformed
+    /// value and applies the default), never a panic.
+    pub fn apply_timeout(&self) -> Result<Duration, String> {
+        let Some(seconds) = self.timeout_seconds else { return Ok(DEFAULT_APPLY_TIMEOUT) };
+        match Duration::try_from_secs_f64(seconds) {
+            Ok(limit) if !limit.is_zero() => Ok(limit),
+            Ok(_) => Err(format!("timeoutSeconds {seconds}: not a positive number of seconds")),
+            Err(e) => Err(format!("timeoutSeconds {seconds}: {e}")),
+        }
+    }
 }
 
 /// A command the agent sends to a local worker.
@@ -162,64 +184,13 @@ pub fn plan_commands(
 /// A boxed future, for the object-safe [`LocalWorker`].
 pub type WorkerFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
 
-/// A training worker process on this node that accepts commands.
+/// A training worker process on this node that accepts commands (its transport is the
+/// implementor's).
 pub trait LocalWorker: Send + Sync {
     /// Where it listens, for logs.
     fn endpoint(&self) -> String;
     /// Applies one command; resolves when the worker has finished it.
     fn apply<'a>(&'a self, command: &'a WorkerCommand) -> WorkerFuture<'a>;
-}
-
-/// A worker reached over loopback HTTP: `POST /ninelives/v1/command` with the
-/// [`WorkerCommand`] as JSON; the worker answers 2xx when the command is done, anything else
-/// (with a text body) when it failed.
-#[derive(Clone, Debug)]
-pub struct HttpWorker {
-    addr: String,
-}
-
-impl HttpWorker {
-    /// A worker at `http://HOST:PORT` (or bare `HOST:PORT`).
-    pub fn new(url: &str) -> Self {
-        Self { addr: url.trim_start_matches("http://").trim_end_matches('/').to_string() }
-    }
-
-    async fn post(&self, body: &[u8]) -> Result<(), String> {
-        let mut stream = tokio::net::TcpStream::connect(&self.addr).await.map_err(|e| e.to_string())?;
-        let head = format!(
-            "POST /ninelives/v1/command HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n\
-             content-length: {}\r\nconnection: close\r\n\r\n",
-            self.addr,
-            body.len()
-        );
-        stream.write_all(head.as_bytes()).await.map_err(|e| e.to_string())?;
-        stream.write_all(body).await.map_err(|e| e.to_string())?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&response);
-        let status = text.split_whitespace().nth(1).and_then(|s| s.parse::<u16>().ok());
-        match status {
-            Some(code) if (200..300).contains(&code) => Ok(()),
-            Some(code) => {
-                let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).trim();
-                Err(format!("HTTP {code}: {body}"))
-            }
-            None => Err("malformed HTTP response".into()),
-        }
-    }
-}
-
-impl LocalWorker for HttpWorker {
-    fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn apply<'a>(&'a self, command: &'a WorkerCommand) -> WorkerFuture<'a> {
-        Box::pin(async move {
-            let body = serde_json::to_vec(command).map_err(|e| e.to_string())?;
-            self.post(&body).await
-        })
-    }
 }
 
 /// A job with workers on this node.
@@ -316,7 +287,7 @@ impl Executor {
         let placement_key = self.keys.placement();
         let control_key = self.keys.control();
         let (_, revision) = self.read::<serde_json::Value>(&mut client, &placement_key).await?;
-        let from = WatchOptions::new().with_start_revision(revision + 1);
+        let from = WatchOptions::new().with_start_revision(revision.saturating_add(1));
         let mut placement_watch = client
             .watch(placement_key.as_str(), Some(from.clone()))
             .await
@@ -358,12 +329,14 @@ impl Executor {
         }
         let (control, _) = self.read::<ControlRecord>(client, &self.keys.control()).await?;
         let (kind, commands) = plan_commands(&self.node, generation, control.as_ref());
-        let limit = control
-            .as_ref()
-            .filter(|c| c.generation == generation)
-            .and_then(|c| c.timeout_seconds)
-            .filter(|s| s.is_finite() && *s > 0.0)
-            .map_or(DEFAULT_APPLY_TIMEOUT, Duration::from_secs_f64);
+        let limit = match control.as_ref().filter(|c| c.generation == generation) {
+            None => DEFAULT_APPLY_TIMEOUT,
+            Some(control) => control.apply_timeout().unwrap_or_else(|reason| {
+                let key = self.keys.control();
+                AgentEvent::MalformedValue { key: &key, reason: &reason }.emit(&self.metrics);
+                DEFAULT_APPLY_TIMEOUT
+            }),
+        };
 
         let started = Instant::now();
         let outcome = tokio::time::timeout(limit, self.apply_all(&commands)).await;
@@ -494,5 +467,22 @@ mod tests {
         let control: ControlRecord =
             serde_json::from_str(r#"{"generation":3,"restoreStep":100,"timeoutSeconds":30}"#).unwrap();
         assert_eq!(control.restore_step, Some(100));
+    }
+
+    #[test]
+    fn untrusted_timeouts_are_errors_not_panics() {
+        let with = |seconds: f64| ControlRecord { timeout_seconds: Some(seconds), ..Default::default() };
+        assert_eq!(ControlRecord::default().apply_timeout(), Ok(DEFAULT_APPLY_TIMEOUT));
+        assert_eq!(with(30.0).apply_timeout(), Ok(Duration::from_secs(30)));
+        assert_eq!(with(0.25).apply_timeout(), Ok(Duration::from_millis(250)));
+        for bad in [1e20, -1.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 0.0, 1e-12] {
+            let error = with(bad).apply_timeout().unwrap_err();
+            assert!(error.starts_with(&format!("timeoutSeconds {bad}: ")), "{bad}: {error}");
+        }
+        // The way such a value arrives: a control record in etcd that otherwise parses.
+        let control: ControlRecord =
+            serde_json::from_str(r#"{"generation":3,"restoreStep":100,"timeoutSeconds":1e20}"#).unwrap();
+        assert_eq!(control.restore_step, Some(100), "the rest of the record still applies");
+        assert!(control.apply_timeout().is_err());
     }
 }

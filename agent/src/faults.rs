@@ -16,12 +16,11 @@
 //! `ninelives_agent_unknown_fault_codes_total` metric and a warning log line.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ninelives_core::keyspace::ChipState;
 use serde::{Deserialize, Serialize};
-
-use crate::error::AgentError;
+use thiserror::Error;
 
 /// The code of a chip with no fault.
 pub const OK: &str = "ok";
@@ -99,6 +98,16 @@ pub struct Judgement {
     pub known: bool,
 }
 
+/// A fault table file that could not be read or parsed.
+#[derive(Debug, Error)]
+#[error("fault table {path}: {reason}")]
+pub struct FaultTableError {
+    /// The file.
+    pub path: PathBuf,
+    /// What is wrong.
+    pub reason: String,
+}
+
 /// Fault code → action, with the conservative default for unknown codes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FaultTable {
@@ -149,14 +158,12 @@ impl FaultTable {
     }
 
     /// Loads the defaults overridden by the YAML file at `path`.
-    pub fn load(path: &Path) -> Result<Self, AgentError> {
-        let text = std::fs::read_to_string(path).map_err(|source| AgentError::FaultTable {
-            path: path.to_path_buf(),
-            reason: source.to_string(),
-        })?;
+    pub fn load(path: &Path) -> Result<Self, FaultTableError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| FaultTableError { path: path.to_path_buf(), reason: source.to_string() })?;
         Self::default()
             .with_overrides_yaml(&text)
-            .map_err(|reason| AgentError::FaultTable { path: path.to_path_buf(), reason })
+            .map_err(|reason| FaultTableError { path: path.to_path_buf(), reason })
     }
 
     /// Every known code and its action, sorted by code (for docs and `--help`).

@@ -139,9 +139,15 @@ impl ChipProbe for DirProbe {
             Some("offline") => false,
             Some(other) => return Err(ProbeError { index, reason: format!("state: unknown {other:?}") }),
         };
+        // `NaN` and `inf` parse as f64 but are no temperature: a NaN would never trip the
+        // over-temperature threshold, so it is unreadable, not healthy.
+        let temperature_c: Option<f64> = parse_opt(&dir, "temperature_c").map_err(fail)?;
+        if let Some(t) = temperature_c.filter(|t| !t.is_finite()) {
+            return Err(ProbeError { index, reason: format!("temperature_c: not a finite number: {t}") });
+        }
         Ok(ChipReading {
             error_code,
-            temperature_c: parse_opt(&dir, "temperature_c").map_err(fail)?,
+            temperature_c,
             heartbeat: parse_opt(&dir, "heartbeat").map_err(fail)?,
             correctable_errors: parse_opt(&dir, "correctable_errors").map_err(fail)?,
             online,
@@ -205,6 +211,13 @@ mod tests {
         write_value(&probe.chip_dir(3), "heartbeat", "1").unwrap();
         write_value(&probe.chip_dir(3), "error_code", "two words").unwrap();
         assert!(probe.read(3).is_err(), "malformed code");
+        write_value(&probe.chip_dir(3), "error_code", "ok").unwrap();
+        for bad in ["NaN", "inf", "-inf"] {
+            write_value(&probe.chip_dir(3), "temperature_c", bad).unwrap();
+            assert!(probe.read(3).is_err(), "temperature {bad}");
+        }
+        write_value(&probe.chip_dir(3), "temperature_c", "-5.5").unwrap();
+        assert_eq!(probe.read(3).unwrap().temperature_c, Some(-5.5));
     }
 
     #[test]

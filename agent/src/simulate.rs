@@ -102,7 +102,8 @@ impl SimulatedAsic {
                 .ok()
                 .and_then(|t| t.trim().parse().ok())
                 .unwrap_or(0);
-            write_value(&chip, "heartbeat", &(beat + 1).to_string())?;
+            // The file may hold anything a test or an operator wrote; a counter wraps.
+            write_value(&chip, "heartbeat", &beat.wrapping_add(1).to_string())?;
         }
         Ok(())
     }
@@ -130,7 +131,7 @@ pub fn inject(dir: &Path, index: u32, fault: &Fault) -> std::io::Result<()> {
                 .ok()
                 .and_then(|t| t.trim().parse().ok())
                 .unwrap_or(0);
-            write_value(&chip, "correctable_errors", &(count + 1000).to_string())
+            write_value(&chip, "correctable_errors", &count.saturating_add(1000).to_string())
         }
         Fault::Recover => {
             match std::fs::remove_file(chip.join("sim_hang")) {
@@ -178,6 +179,19 @@ mod tests {
         sim.tick().unwrap();
         assert_eq!(probe.read(1).unwrap().heartbeat, Some(2));
         assert!(inject(tmp.path(), 9, &Fault::HbmEcc).is_err());
+    }
+
+    #[test]
+    fn counters_at_their_limit_do_not_overflow() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sim = SimulatedAsic::create(tmp.path(), 1).unwrap();
+        let probe = DirProbe::new(tmp.path());
+        write_value(&probe.chip_dir(0), "heartbeat", &u64::MAX.to_string()).unwrap();
+        write_value(&probe.chip_dir(0), "correctable_errors", &u64::MAX.to_string()).unwrap();
+        sim.tick().unwrap();
+        inject(tmp.path(), 0, &Fault::CorrectableBurst).unwrap();
+        let reading = probe.read(0).unwrap();
+        assert_eq!((reading.heartbeat, reading.correctable_errors), (Some(0), Some(u64::MAX)));
     }
 
     #[test]

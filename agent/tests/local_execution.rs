@@ -1,5 +1,5 @@
-//! Local execution against a real etcd: the agent relays a generation's commands to a worker
-//! listening on loopback HTTP and acknowledges the generation in etcd.
+//! Local execution against a real etcd: the agent relays a generation's commands to its local
+//! workers and acknowledges the generation in etcd.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -11,54 +11,41 @@ use std::time::Duration;
 
 use common::*;
 use ninelives_agent::exec::{
-    AckRecord, ControlRecord, ExpertLoad, ExpertSource, HttpWorker, JobBinding, WorkerCommand,
+    AckRecord, ControlRecord, ExpertLoad, ExpertSource, JobBinding, LocalWorker, WorkerCommand, WorkerFuture,
 };
 use ninelives_testkit::EtcdServer;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
-/// A worker control endpoint that records every command and answers after `delay`.
-async fn fake_worker(delay: Duration) -> (String, Arc<Mutex<Vec<WorkerCommand>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+/// A local worker that records every command and finishes each after `delay`.
+struct RecordingWorker {
+    delay: Duration,
+    seen: Arc<Mutex<Vec<WorkerCommand>>>,
+}
+
+impl LocalWorker for RecordingWorker {
+    fn endpoint(&self) -> String {
+        "recording-worker".into()
+    }
+
+    fn apply<'a>(&'a self, command: &'a WorkerCommand) -> WorkerFuture<'a> {
+        Box::pin(async move {
+            self.seen.lock().unwrap().push(command.clone());
+            tokio::time::sleep(self.delay).await;
+            Ok(())
+        })
+    }
+}
+
+/// The job `default/<name>` with one [`RecordingWorker`], and what that worker sees.
+fn recorded_job(name: &str, delay: Duration) -> (JobBinding, Arc<Mutex<Vec<WorkerCommand>>>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let record = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let record = record.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                // Read until the body announced by content-length is complete.
-                loop {
-                    let n = stream.read(&mut chunk).await.unwrap();
-                    buf.extend_from_slice(&chunk[..n]);
-                    let text = String::from_utf8_lossy(&buf).to_string();
-                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length: "))
-                            .and_then(|v| v.trim().parse().ok())
-                            .unwrap_or(0);
-                        if body.len() >= len {
-                            assert!(head.starts_with("POST /ninelives/v1/command "), "{head}");
-                            record.lock().unwrap().push(serde_json::from_str(body).unwrap());
-                            break;
-                        }
-                    }
-                    if n == 0 {
-                        return;
-                    }
-                }
-                tokio::time::sleep(delay).await;
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                    .await;
-            });
-        }
-    });
-    (url, seen)
+    let worker = RecordingWorker { delay, seen: seen.clone() };
+    let binding =
+        JobBinding { namespace: "default".into(), name: name.into(), workers: vec![Arc::new(worker)] };
+    (binding, seen)
+}
+
+fn metrics_text(agent: &ninelives_agent::Agent) -> String {
+    prometheus::TextEncoder::new().encode_to_string(&agent.metrics().registry().gather()).unwrap()
 }
 
 async fn wait_ack(observer: &mut etcd_client::Client, key: &str) -> AckRecord {
@@ -76,13 +63,9 @@ async fn wait_ack(observer: &mut etcd_client::Client, key: &str) -> AckRecord {
 async fn generations_are_relayed_to_the_worker_and_acknowledged() {
     let etcd = EtcdServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (url, seen) = fake_worker(Duration::ZERO).await;
+    let (binding, seen) = recorded_job("tiny", Duration::ZERO);
     let mut cfg = config(&etcd.endpoint(), "node-x", dir.path(), 2);
-    cfg.jobs = vec![JobBinding {
-        namespace: "default".into(),
-        name: "tiny".into(),
-        workers: vec![Arc::new(HttpWorker::new(&url))],
-    }];
+    cfg.jobs = vec![binding];
     let agent = start(cfg).await;
     let job = keys().job("default", "tiny");
     let mut observer = client(&etcd.endpoint()).await;
@@ -126,13 +109,9 @@ async fn generations_are_relayed_to_the_worker_and_acknowledged() {
 async fn a_slow_worker_is_reported_as_a_timeout() {
     let etcd = EtcdServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (url, _seen) = fake_worker(Duration::from_secs(30)).await;
+    let (binding, _seen) = recorded_job("slow", Duration::from_secs(30));
     let mut cfg = config(&etcd.endpoint(), "node-s", dir.path(), 2);
-    cfg.jobs = vec![JobBinding {
-        namespace: "default".into(),
-        name: "slow".into(),
-        workers: vec![Arc::new(HttpWorker::new(&url))],
-    }];
+    cfg.jobs = vec![binding];
     let agent = start(cfg).await;
     let job = keys().job("default", "slow");
     let mut observer = client(&etcd.endpoint()).await;
@@ -147,11 +126,38 @@ async fn a_slow_worker_is_reported_as_a_timeout() {
     let ack = wait_ack(&mut observer, &job.ack(4, "node-s")).await;
     assert_eq!((ack.kind.as_str(), ack.outcome.as_str()), ("restore", "timeout"));
     assert!(ack.seconds >= 1.0 && ack.seconds < 2.0, "{}", ack.seconds);
-    let metrics =
-        prometheus::TextEncoder::new().encode_to_string(&agent.metrics().registry().gather()).unwrap();
+    let metrics = metrics_text(&agent);
     assert!(
         metrics.contains(r#"ninelives_agent_apply_total{kind="restore",outcome="timeout"} 1"#),
         "{metrics}"
     );
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_timeout_is_reported_and_the_default_applies() {
+    let etcd = EtcdServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (binding, seen) = recorded_job("odd", Duration::ZERO);
+    let mut cfg = config(&etcd.endpoint(), "node-t", dir.path(), 2);
+    cfg.jobs = vec![binding];
+    let agent = start(cfg).await;
+    let job = keys().job("default", "odd");
+    let mut observer = client(&etcd.endpoint()).await;
+    // Untrusted input: a deadline no Duration can hold (it used to panic the executor).
+    let control = r#"{"generation":5,"restoreStep":100,"timeoutSeconds":1e20}"#;
+    observer.put(job.control(), control, None).await.unwrap();
+    observer.put(job.placement(), r#"{"generation":5}"#, None).await.unwrap();
+    let ack = wait_ack(&mut observer, &job.ack(5, "node-t")).await;
+    assert_eq!((ack.kind.as_str(), ack.outcome.as_str()), ("restore", "applied"));
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![
+            WorkerCommand::Restore { generation: 5, checkpoint_step: 100 },
+            WorkerCommand::Reroute { generation: 5 },
+        ]
+    );
+    let metrics = metrics_text(&agent);
+    assert!(metrics.contains("ninelives_agent_malformed_values_total 1"), "{metrics}");
     agent.shutdown().await;
 }

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use ninelives_agent::etcd::{EtcdConfig, EtcdSource, EtcdTls};
-use ninelives_agent::exec::{HttpWorker, JobBinding, LocalWorker};
 use ninelives_agent::faults::FaultTable;
 use ninelives_agent::probe::DirProbe;
 use ninelives_agent::simulate::{Fault, inject, request_clear};
@@ -97,9 +96,6 @@ pub struct RunArgs {
     /// Window of the flap count, in seconds.
     #[arg(long, default_value_t = 600)]
     flap_window_secs: u64,
-    /// A local worker: NAMESPACE/JOB=http://127.0.0.1:PORT (repeatable).
-    #[arg(long = "worker", value_name = "NS/JOB=URL")]
-    workers: Vec<String>,
 }
 
 pub fn run(command: AgentCommand) -> ExitCode {
@@ -150,12 +146,6 @@ fn fail(message: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn parse_worker(spec: &str) -> Result<(String, String, String), String> {
-    let (job, url) = spec.split_once('=').ok_or_else(|| format!("--worker {spec:?}: expected NS/JOB=URL"))?;
-    let (ns, name) = job.split_once('/').ok_or_else(|| format!("--worker {spec:?}: expected NS/JOB=URL"))?;
-    Ok((ns.to_string(), name.to_string(), url.to_string()))
-}
-
 async fn run_agent(args: RunArgs) -> Result<(), String> {
     let fault_table = match &args.fault_table {
         Some(path) => FaultTable::load(path).map_err(|e| e.to_string())?,
@@ -167,16 +157,6 @@ async fn run_agent(args: RunArgs) -> Result<(), String> {
         key: args.etcd_key.clone(),
     });
     let source = EtcdSource::Config(EtcdConfig { endpoints: args.etcd.clone(), tls });
-
-    let mut jobs: Vec<JobBinding> = Vec::new();
-    for spec in &args.workers {
-        let (namespace, name, url) = parse_worker(spec)?;
-        let worker: Arc<dyn LocalWorker> = Arc::new(HttpWorker::new(&url));
-        match jobs.iter_mut().find(|j| j.namespace == namespace && j.name == name) {
-            Some(job) => job.workers.push(worker),
-            None => jobs.push(JobBinding { namespace, name, workers: vec![worker] }),
-        }
-    }
 
     let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
     let kube = if args.kube || in_cluster {
@@ -199,7 +179,6 @@ async fn run_agent(args: RunArgs) -> Result<(), String> {
     config.fault_table = fault_table;
     config.metrics_addr = args.metrics_addr;
     config.kube = kube;
-    config.jobs = jobs;
 
     let agent = Agent::start(config).await.map_err(|e| e.to_string())?;
     if let Some(addr) = agent.admin_addr() {
