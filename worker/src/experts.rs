@@ -21,9 +21,26 @@ use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use crate::error::{Result, WorkerError};
-use crate::model::{ExpertCall, ExpertId};
 use crate::ops::{f32s, host_values, row_major};
-use crate::optim::Gradients;
+use crate::params::{ExpertId, Gradients, expert_prefix};
+
+/// One routed-expert evaluation inside a step: the unit of the expert-parallel all-to-all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ExpertCall {
+    /// Micro-batch index within the step.
+    pub micro: u32,
+    /// Layer.
+    pub layer: u32,
+    /// Routed expert within the layer.
+    pub expert: u32,
+}
+
+impl ExpertCall {
+    /// The expert evaluated.
+    pub fn expert_id(&self) -> ExpertId {
+        ExpertId::new(self.layer, self.expert)
+    }
+}
 
 /// Routed experts evaluated wherever they live (issue 7's all-to-all).
 ///
@@ -260,7 +277,7 @@ impl RemoteExperts for LocalExperts {
 /// Adds expert weight gradients to a gradient map under the parameter names.
 pub fn insert_expert_grads(into: &mut Gradients, grads: BTreeMap<ExpertId, ExpertGrads>) {
     for (id, [gate, up, down]) in grads {
-        let prefix = id.prefix();
+        let prefix = expert_prefix(id);
         into.insert(format!("{prefix}w_gate"), gate);
         into.insert(format!("{prefix}w_up"), up);
         into.insert(format!("{prefix}w_down"), down);

@@ -3,7 +3,9 @@
 //! The embedded training worker: a LongCat-style MoE transformer trained for real on CPU with
 //! candle, with expert-keyed checkpoints and bit-exact resume.
 //!
-//! - [`model`]: the transformer, its name-keyed parameters and [`ExpertId`];
+//! - [`params`]: the name-keyed parameter vocabulary shared by every module: [`ExpertId`], who
+//!   owns a parameter, its shape and initial value, host values and gradients by name;
+//! - [`model`]: the transformer over those parameters;
 //! - [`data`]: the byte corpus and sampling as a pure function of `(seed, step, sample)`;
 //! - [`experts`]: the routed experts of a layer as one fused op, and the SwiGLU kernels every
 //!   expert runs with, wherever it runs;
@@ -19,6 +21,7 @@ pub mod dist;
 pub mod error;
 pub mod experts;
 pub mod model;
+pub mod params;
 pub mod rng;
 
 pub use error::{Result, WorkerError};

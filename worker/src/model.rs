@@ -8,180 +8,37 @@
 //! The layer also yields the Switch-style load-balancing loss and the router z-loss.
 //!
 //! Parameters live in a name-keyed map. Experts are keyed by `(layer, expert)` in their names
-//! (`layers.{l}.experts.{e}.w_gate`), never by rank, so the same names work in every placement.
+//! (`layers.{l}.experts.{e}.w_gate`), never by rank, so the same names work in every placement;
+//! the names, their owners and their shapes are defined in [`crate::params`].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::sync::Arc;
 
 use candle_core::{D, DType, Device, Tensor, Var};
 use ninelives_core::ModelDims;
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::data::MicroBatch;
 use crate::error::{Result, WorkerError};
 use crate::experts::{ExpertWeights, LocalExperts, RoutedExpertsOp};
 use crate::ops::{self, RopeTables};
-use crate::rng::{KeyedStream, key, name_word};
 
-/// Standard deviation of weight initialisation (GPT-2 style).
-const INIT_STD: f64 = 0.02;
+// The parameter vocabulary lives in `params` and the expert-call types in `experts` (which the
+// model uses, and which must not use the model); re-exported here, where callers have always
+// found them.
+pub use crate::experts::{ExpertCall, RemoteExperts};
+pub use crate::params::{
+    ExpertId, HostTensor, ParamOwner, ParamSpec, all_experts, expert_prefix, hex, host_params_sha256,
+    le_bytes, param_specs,
+};
+
 /// RMSNorm epsilon.
 const NORM_EPS: f64 = 1e-5;
 /// Rotary-embedding base.
 const ROPE_THETA: f64 = 10_000.0;
 /// Additive score for masked attention positions; exp() of it is exactly 0 in f32.
 const MASKED: f32 = -1e9;
-
-/// One routed expert of one layer: the unit of expert placement, checkpoint sharding and
-/// load-time resharding.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct ExpertId {
-    /// Transformer layer.
-    pub layer: u32,
-    /// Routed-expert index within the layer.
-    pub expert: u32,
-}
-
-impl ExpertId {
-    /// Expert `expert` of layer `layer`.
-    pub fn new(layer: u32, expert: u32) -> Self {
-        Self { layer, expert }
-    }
-
-    /// Every routed expert of a model, in (layer, expert) order.
-    pub fn all(dims: &ModelDims) -> Vec<ExpertId> {
-        (0..dims.layers).flat_map(|l| (0..dims.routed_experts).map(move |e| ExpertId::new(l, e))).collect()
-    }
-
-    /// The parameter-name prefix of this expert's tensors.
-    pub fn prefix(&self) -> String {
-        format!("layers.{}.experts.{}.", self.layer, self.expert)
-    }
-}
-
-impl fmt::Display for ExpertId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "layer {} expert {}", self.layer, self.expert)
-    }
-}
-
-/// Who a parameter belongs to: the dense (data-parallel) part, or one routed expert.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ParamOwner {
-    /// Embeddings, attention, norms, routers, output head.
-    Dense,
-    /// A routed expert's SwiGLU weights.
-    Expert(ExpertId),
-}
-
-impl ParamOwner {
-    /// Parses the owner from a parameter name.
-    pub fn of(name: &str) -> Self {
-        let mut parts = name.split('.');
-        match (parts.next(), parts.next(), parts.next(), parts.next()) {
-            (Some("layers"), Some(l), Some("experts"), Some(e)) => match (l.parse(), e.parse()) {
-                (Ok(layer), Ok(expert)) => ParamOwner::Expert(ExpertId { layer, expert }),
-                _ => ParamOwner::Dense,
-            },
-            _ => ParamOwner::Dense,
-        }
-    }
-
-    /// Whether a worker holding only the routed experts `experts` keeps this parameter (dense
-    /// parameters are kept by every worker).
-    pub fn kept_with(self, experts: &[ExpertId]) -> bool {
-        match self {
-            ParamOwner::Dense => true,
-            ParamOwner::Expert(id) => experts.contains(&id),
-        }
-    }
-}
-
-/// How a parameter starts.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Init {
-    /// All ones (norm gains).
-    Ones,
-    /// N(0, std²).
-    Normal(f64),
-}
-
-/// Name, shape and initialisation of one parameter.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ParamSpec {
-    /// Full parameter name.
-    pub name: String,
-    /// Tensor shape (`[out, in]` for projections).
-    pub shape: Vec<usize>,
-    init: Init,
-}
-
-impl ParamSpec {
-    /// Elements in the tensor.
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-
-    /// Whether decoupled weight decay applies (matrices yes; norm gains no).
-    pub fn decays(&self) -> bool {
-        self.shape.len() >= 2
-    }
-
-    /// The deterministic initial value: a pure function of `(seed, name)`.
-    pub fn initial_value(&self, seed: u64) -> Vec<f32> {
-        match self.init {
-            Init::Ones => vec![1.0; self.numel()],
-            Init::Normal(std) => {
-                KeyedStream::new(key(&[seed, name_word(&self.name)])).normals(self.numel(), std)
-            }
-        }
-    }
-}
-
-/// A tensor's value on the host: the unit of snapshots, checkpoints and gradient exchange.
-#[derive(Clone, Debug, PartialEq)]
-pub struct HostTensor {
-    /// Shape.
-    pub shape: Vec<usize>,
-    /// Row-major elements.
-    pub data: Vec<f32>,
-}
-
-/// Every parameter of the model, in name order.
-pub fn param_specs(dims: &ModelDims) -> Vec<ParamSpec> {
-    let h = dims.hidden_size as usize;
-    let v = dims.vocab_size as usize;
-    let f = dims.expert_ffn_size as usize;
-    let experts = (dims.routed_experts + dims.zero_experts) as usize;
-    // Residual-branch outputs are scaled down with depth (GPT-2).
-    let out_std = INIT_STD / (2.0 * f64::from(dims.layers.max(1))).sqrt();
-    let mut specs = vec![
-        ParamSpec { name: "embed".into(), shape: vec![v, h], init: Init::Normal(INIT_STD) },
-        ParamSpec { name: "final_norm".into(), shape: vec![h], init: Init::Ones },
-        ParamSpec { name: "lm_head".into(), shape: vec![v, h], init: Init::Normal(INIT_STD) },
-    ];
-    for l in 0..dims.layers {
-        let p = |s: &str| format!("layers.{l}.{s}");
-        specs.push(ParamSpec { name: p("attn_norm"), shape: vec![h], init: Init::Ones });
-        specs.push(ParamSpec { name: p("wq"), shape: vec![h, h], init: Init::Normal(INIT_STD) });
-        specs.push(ParamSpec { name: p("wk"), shape: vec![h, h], init: Init::Normal(INIT_STD) });
-        specs.push(ParamSpec { name: p("wv"), shape: vec![h, h], init: Init::Normal(INIT_STD) });
-        specs.push(ParamSpec { name: p("wo"), shape: vec![h, h], init: Init::Normal(out_std) });
-        specs.push(ParamSpec { name: p("moe_norm"), shape: vec![h], init: Init::Ones });
-        specs.push(ParamSpec { name: p("router"), shape: vec![experts, h], init: Init::Normal(INIT_STD) });
-        for e in 0..dims.routed_experts {
-            let x = |s: &str| format!("layers.{l}.experts.{e}.{s}");
-            specs.push(ParamSpec { name: x("w_gate"), shape: vec![f, h], init: Init::Normal(INIT_STD) });
-            specs.push(ParamSpec { name: x("w_up"), shape: vec![f, h], init: Init::Normal(INIT_STD) });
-            specs.push(ParamSpec { name: x("w_down"), shape: vec![h, f], init: Init::Normal(out_std) });
-        }
-    }
-    specs.sort_by(|a, b| a.name.cmp(&b.name));
-    specs
-}
 
 /// Checks that the worker can run a model of these dimensions.
 pub fn check_dims(dims: &ModelDims) -> Result<()> {
@@ -241,26 +98,6 @@ pub struct ForwardOutput {
     /// weight gradients are taken from here.
     pub local_experts: Option<Arc<LocalExperts>>,
 }
-
-/// One routed-expert evaluation inside a step: the unit of the expert-parallel all-to-all.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ExpertCall {
-    /// Micro-batch index within the step.
-    pub micro: u32,
-    /// Layer.
-    pub layer: u32,
-    /// Routed expert within the layer.
-    pub expert: u32,
-}
-
-impl ExpertCall {
-    /// The expert evaluated.
-    pub fn expert_id(&self) -> ExpertId {
-        ExpertId::new(self.layer, self.expert)
-    }
-}
-
-pub use crate::experts::RemoteExperts;
 
 /// Where a forward pass gets its routed experts from.
 #[derive(Clone)]
@@ -428,7 +265,7 @@ impl MoeTransformer {
     /// One routed expert's weights (shared with the model's variables, not tracked by autograd):
     /// what an expert's owner computes with for a [`RemoteExperts::forward`].
     pub fn expert_weights(&self, id: ExpertId) -> Result<ExpertWeights> {
-        let prefix = id.prefix();
+        let prefix = expert_prefix(id);
         let get = |w: &str| self.param(&format!("{prefix}{w}")).map(Tensor::detach);
         Ok(ExpertWeights { w_gate: get("w_gate")?, w_up: get("w_up")?, w_down: get("w_down")? })
     }
@@ -662,48 +499,10 @@ fn block_sparse_mask(
     Ok(Tensor::from_vec(mask, (b, nh, t, t), device)?)
 }
 
-/// The little-endian bytes of f32 values (the layout of `params_sha256` and of checkpoints).
-pub fn le_bytes(values: &[f32]) -> &[u8] {
-    #[cfg(not(target_endian = "little"))]
-    compile_error!("parameter digests hash native f32 bytes and need a little-endian host");
-    bytemuck::cast_slice(values)
-}
-
-/// sha256 over host parameter values in name order, as little-endian f32 bytes: the same digest
-/// as [`MoeTransformer::params_sha256`] of a model holding them.
-pub fn host_params_sha256(values: &BTreeMap<String, HostTensor>) -> String {
-    let mut hasher = Sha256::new();
-    for value in values.values() {
-        hasher.update(le_bytes(&value.data));
-    }
-    hex(&hasher.finalize())
-}
-
-/// Lower-case hex of bytes.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use ninelives_core::job::ModelPreset;
-
-    #[test]
-    fn parameter_count_matches_the_core_dimensions() {
-        for preset in [ModelPreset::Tiny, ModelPreset::Small] {
-            let dims = ModelDims::preset(preset);
-            let total: u64 = param_specs(&dims).iter().map(|s| s.numel() as u64).sum();
-            assert_eq!(total, dims.total_params(), "{preset:?}");
-        }
-    }
-
-    #[test]
-    fn expert_names_parse_back_to_their_ids() {
-        assert_eq!(ParamOwner::of("layers.3.experts.7.w_gate"), ParamOwner::Expert(ExpertId::new(3, 7)));
-        assert_eq!(ParamOwner::of("layers.3.router"), ParamOwner::Dense);
-        assert_eq!(ParamOwner::of("embed"), ParamOwner::Dense);
-    }
 
     #[test]
     fn routing_takes_top_k_and_breaks_ties_low() {

@@ -12,7 +12,11 @@ use ninelives_core::job::{LearningRateSpec, ScheduleKind, TrainingSpec};
 use rayon::prelude::*;
 
 use crate::error::{Result, WorkerError};
-use crate::model::{ExpertId, MoeTransformer, ParamOwner, ParamSpec, param_specs};
+use crate::model::MoeTransformer;
+use crate::params::{ExpertId, ParamOwner, ParamSpec, param_specs};
+
+/// Gradients by parameter name (defined with the parameter names in [`crate::params`]).
+pub use crate::params::Gradients;
 
 /// The learning rate at a step.
 #[derive(Clone, Debug, PartialEq)]
@@ -53,9 +57,6 @@ pub struct Moments {
     /// Second moment (mean of squared gradients).
     pub v: Vec<f32>,
 }
-
-/// Gradients by parameter name (host vectors, flattened).
-pub type Gradients = BTreeMap<String, Vec<f32>>;
 
 /// What one optimizer update did.
 #[derive(Clone, Copy, Debug, PartialEq)]

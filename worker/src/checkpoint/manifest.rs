@@ -3,7 +3,7 @@
 use ninelives_core::ModelDims;
 use serde::{Deserialize, Serialize};
 
-use crate::model::ExpertId;
+use crate::params::ExpertId;
 
 /// Version of the on-disk layout this code writes: 2 checksums shards with XXH3-128.
 pub const FORMAT_VERSION: u32 = 2;
@@ -11,6 +11,9 @@ pub const FORMAT_VERSION: u32 = 2;
 pub const READABLE_VERSIONS: [u32; 2] = [1, 2];
 /// File name of the manifest inside a checkpoint directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
+/// Name of the keyed RNG scheme (see `crate::rng`), recorded in every manifest; a checkpoint
+/// written under another scheme is refused.
+pub const RNG_ALGORITHM: &str = "splitmix64-keyed(seed,name|step,sample)";
 /// Tensor-name suffix of Adam's first moment in a shard.
 pub const ADAM_M_SUFFIX: &str = ".adam_m";
 /// Tensor-name suffix of Adam's second moment in a shard.
@@ -198,7 +201,7 @@ impl Checksummer {
         use sha2::Digest;
         match self {
             Checksummer::Xxh3(h) => format!("{:032x}", h.digest128()),
-            Checksummer::Sha256(h) => crate::model::hex(&h.finalize()),
+            Checksummer::Sha256(h) => crate::params::hex(&h.finalize()),
         }
     }
 }

@@ -16,15 +16,27 @@
 //! Loading verifies every shard's checksum (XXH3-128 since format 2, sha256 in format 1, which
 //! still loads); a torn or corrupt checkpoint is logged and the previous committed one is used.
 
+//! Modules, by topic: `manifest` (the commit file and its format), `store` (the directory of
+//! checkpoints: layout, listing, retention, verification), `write` (writing and committing one),
+//! `restore` (reading one back, into fresh memory or a live trainer), `reader` (the verified
+//! streaming shard reader both use), `background` (the saver thread).
+
+mod background;
 mod manifest;
 mod reader;
+mod restore;
 mod store;
+mod write;
 
+// Shards hold the tensors' in-memory bytes as they are: safetensors is little-endian.
+#[cfg(not(target_endian = "little"))]
+compile_error!("checkpoint I/O writes f32 tensors as native bytes and needs a little-endian host");
+
+pub use background::BackgroundSaver;
 pub use manifest::{
     ADAM_M_SUFFIX, ADAM_V_SUFFIX, CheckpointManifest, ChecksumKind, Checksummer, DataCursor, FORMAT_VERSION,
     MANIFEST_FILE, OptimizerState, READABLE_VERSIONS, RngState, ShardContents, ShardEntry,
 };
-pub use store::{
-    BackgroundSaver, CheckpointStore, ExpertSelection, LoadReport, LoadedCheckpoint, RestoreTarget,
-    SaveReport, TensorPart, TrainingSnapshot,
-};
+pub use restore::{ExpertSelection, LoadReport, LoadedCheckpoint, RestoreTarget, TensorPart};
+pub use store::CheckpointStore;
+pub use write::{SaveReport, TrainingSnapshot};
