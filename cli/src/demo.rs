@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use clap::Args;
 use ninelives_core::fault_schedule::FaultSchedule;
-use ninelives_runtime::local::{LocalRunConfig, MetricsPlan, NAMESPACE, RunOutcome, node_names, run_local};
-use ninelives_runtime::metrics::RecoveryMetrics;
-use ninelives_runtime::processes::{WorkerLine, parse_worker_line};
-use ninelives_runtime::report::Report;
-use ninelives_runtime::{Supervisor, live};
+use ninelives_core::member_output::MemberLine;
+use ninelives_local::metrics::RecoveryMetrics;
+use ninelives_local::report::Report;
+use ninelives_local::{LocalRunConfig, MetricsPlan, NAMESPACE, RunOutcome, node_names, run_local};
+use ninelives_local::{Supervisor, live};
 use ninelives_telemetry::{AdminServer, Readiness};
 use ninelives_testkit::free_port;
 use ninelives_testkit::prometheus::{PrometheusServer, ScrapeTarget};
@@ -138,6 +138,10 @@ fn demo(args: DemoArgs) -> Result<ExitCode, String> {
         threads,
         deadline: Duration::from_secs(args.timeout_secs),
         metrics: observed.as_ref().map(|o| o.plan.clone()),
+        member_env: ninelives_worker::trainer::worker_env()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
     };
     let terminal = std::io::stdout().is_terminal();
     let mut shown = 0usize;
@@ -226,7 +230,7 @@ fn reference_digest(cfg: &LocalRunConfig, interrupted: &AtomicBool) -> Result<Op
         }
         match lines.recv_timeout(Duration::from_millis(100)) {
             Ok(line) => {
-                if let Some(WorkerLine::Digest(hex)) = parse_worker_line(&line) {
+                if let Some(MemberLine::Digest(hex)) = MemberLine::parse(&line) {
                     digest = Some(hex);
                 }
             }

@@ -10,11 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use ninelives_core::generation::worker_shape;
+use ninelives_core::member_output::{MemberLine, StepLine};
 use ninelives_worker::checkpoint::SaveReport;
 use ninelives_worker::data::Corpus;
 use ninelives_worker::dist::coordinator::Coordinator;
 use ninelives_worker::dist::member::{MemberEvent, MemberOptions, run_member};
-use ninelives_worker::dist::plan::worker_shape;
 use ninelives_worker::dist::rendezvous::Etcd;
 use ninelives_worker::metrics::WorkerMetrics;
 use ninelives_worker::trainer::run_with_threads;
@@ -231,7 +232,7 @@ fn train(args: TrainArgs) -> Result<(), Failure> {
             run_member(config, corpus, store, etcd, &options, |event| member_event(&event, &metrics))
         })??;
         if let Some(digest) = digest {
-            println!("params_sha256={digest}");
+            println!("{}", MemberLine::Digest(digest));
         }
         return Ok(());
     }
@@ -239,37 +240,47 @@ fn train(args: TrainArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// One stdout line per member event (the launcher relays them).
+/// One stdout line per member event (the launcher relays them), in the member line protocol.
 fn member_event(event: &MemberEvent<'_>, metrics: &WorkerMetrics) {
-    match event {
-        MemberEvent::Joined { generation, tier, step, members, experts } => {
-            println!(
-                "joined generation={generation} tier={tier} step={step} members={members:?} experts={experts}"
-            );
-        }
+    let line = match event {
+        MemberEvent::Joined { generation, tier, step, members, experts } => MemberLine::Joined {
+            generation: *generation,
+            tier: *tier,
+            step: *step,
+            members: members.to_vec(),
+            experts: *experts,
+        },
         MemberEvent::Step(r) => {
-            println!(
-                "step={} loss={:.4} tokens_per_s={:.0} lr={:.3e} grad_norm={:.3} balance={:.4} z={:.4}",
-                r.step, r.loss, r.tokens_per_second, r.lr, r.grad_norm, r.balance_loss, r.z_loss
-            );
-            metrics.step.set(r.step as i64);
+            metrics.step.set(i64::try_from(r.step).unwrap_or(i64::MAX));
             metrics.loss.set(r.loss);
             metrics.tokens_per_second.set(r.tokens_per_second);
             metrics.step_seconds.observe(r.seconds);
+            MemberLine::Step(StepLine {
+                step: r.step,
+                loss: r.loss,
+                tokens_per_s: r.tokens_per_second,
+                lr: r.lr,
+                grad_norm: r.grad_norm,
+                balance: r.balance_loss,
+                z: r.z_loss,
+            })
         }
         MemberEvent::Traffic { expert_bytes, collective_bytes, expert_payload_bytes } => {
-            println!(
-                "traffic expert_bytes={expert_bytes} collective_bytes={collective_bytes} a2a_payload_bytes={expert_payload_bytes}"
-            );
+            MemberLine::Traffic {
+                expert_bytes: *expert_bytes,
+                collective_bytes: *collective_bytes,
+                payload_bytes: *expert_payload_bytes,
+            }
         }
         MemberEvent::Aborted { generation, reason } => {
-            println!("aborted generation={generation} reason={reason}");
+            MemberLine::Aborted { generation: *generation, reason: (*reason).to_string() }
         }
         MemberEvent::Committed(done) => {
-            println!("committed step={}", done.step);
             committed(done, metrics);
+            MemberLine::Committed { step: done.step }
         }
-    }
+    };
+    println!("{line}");
 }
 
 /// Kills (SIGKILL) and reaps every child still running when dropped: no orphans.
@@ -457,17 +468,17 @@ fn train_loop(
     let mut last_saved = trainer.step();
     while trainer.step() < total {
         let report = trainer.train_step()?;
-        println!(
-            "step={} loss={:.4} tokens_per_s={:.0} lr={:.3e} grad_norm={:.3} balance={:.4} z={:.4}",
-            report.step,
-            report.loss,
-            report.tokens_per_second,
-            report.update.lr,
-            report.update.grad_norm,
-            report.balance_loss,
-            report.z_loss
-        );
-        metrics.step.set(report.step as i64);
+        let line = StepLine {
+            step: report.step,
+            loss: report.loss,
+            tokens_per_s: report.tokens_per_second,
+            lr: report.update.lr,
+            grad_norm: report.update.grad_norm,
+            balance: report.balance_loss,
+            z: report.z_loss,
+        };
+        println!("{}", MemberLine::Step(line));
+        metrics.step.set(i64::try_from(report.step).unwrap_or(i64::MAX));
         metrics.loss.set(report.loss);
         metrics.tokens_per_second.set(report.tokens_per_second);
         metrics.step_seconds.observe(report.seconds);
@@ -490,7 +501,7 @@ fn train_loop(
     if let Some(done) = saver.wait()? {
         committed(&done, metrics);
     }
-    println!("params_sha256={}", trainer.params_sha256()?);
+    println!("{}", MemberLine::Digest(trainer.params_sha256()?));
     Ok(())
 }
 

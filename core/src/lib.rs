@@ -8,9 +8,11 @@
 //! decision here is unit- and property-tested without a cluster.
 
 pub mod fault_schedule;
+pub mod generation;
 pub mod job;
 pub mod keyspace;
 pub mod manifest;
+pub mod member_output;
 pub mod model;
 pub mod placement;
 pub mod quantity;

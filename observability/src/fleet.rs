@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use ninelives_runtime::local::committed_checkpoints;
+use ninelives_local::committed_checkpoints;
 use ninelives_testkit::prometheus::{PrometheusServer, ScrapeTarget, Series, unix_now};
 use ninelives_testkit::{EtcdServer, free_port};
 
@@ -401,7 +401,7 @@ pub struct DemoRun {
     /// The Prometheus data and markers (faults and recoveries).
     pub fleet: FleetRun,
     /// The run's report.
-    pub report: ninelives_runtime::report::Report,
+    pub report: ninelives_local::report::Report,
     /// Why the job failed, if it did.
     pub failure: Option<String>,
 }
@@ -412,8 +412,8 @@ pub struct DemoRun {
 /// `dashboards/alerts.yaml`. Alerts are watched while it runs. Bounded: 15 minutes at most.
 pub fn demo(options: &DemoOptions, progress: &mut dyn FnMut(&str)) -> anyhow::Result<DemoRun> {
     use ninelives_core::fault_schedule::FaultSchedule;
-    use ninelives_runtime::local::{LocalRunConfig, MetricsPlan, NAMESPACE as JOB_NS, node_names, run_local};
-    use ninelives_runtime::metrics::RecoveryMetrics;
+    use ninelives_local::metrics::RecoveryMetrics;
+    use ninelives_local::{LocalRunConfig, MetricsPlan, NAMESPACE as JOB_NS, node_names, run_local};
     use ninelives_telemetry::{AdminServer, Readiness};
     use std::net::SocketAddr;
 
@@ -486,6 +486,8 @@ pub fn demo(options: &DemoOptions, progress: &mut dyn FnMut(&str)) -> anyhow::Re
         threads: 1,
         deadline: Duration::from_secs(900),
         metrics: Some(MetricsPlan { recovery, agents, workers, etcd }),
+        // Members set their own environment up (one re-exec each).
+        member_env: Vec::new(),
     };
     let start = unix_now();
     let mut shown = 0usize;

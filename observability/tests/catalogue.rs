@@ -81,7 +81,7 @@ fn worker() -> Registry {
 
 fn recovery() -> Registry {
     use ninelives_core::recovery::{Observation, RecoveryState};
-    use ninelives_runtime::metrics::{RecoveryMetrics, RecoveryObservation};
+    use ninelives_local::metrics::{RecoveryMetrics, RecoveryObservation};
     let metrics = RecoveryMetrics::new().expect("recovery metrics");
     let r = RecoveryObservation {
         tier: "reroute",

@@ -25,9 +25,9 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tracing::{info, warn};
 
 use crate::backoff::ObjectBackoff;
-use crate::driver::{Drivers, read_view};
+use crate::driver::{DriverEnv, Drivers, read_view};
 use crate::error::{Error, Result};
-use crate::etcd::EtcdConfig;
+use crate::etcd::{EtcdConfig, SharedEtcd};
 use crate::lifecycle::{JobEvent, Plan, Severity, plan_with};
 use crate::metrics::Metrics;
 use crate::resources::{
@@ -47,23 +47,17 @@ pub struct Context {
     pub client: Client,
     /// How worker pods are started.
     pub template: WorkerTemplate,
-    /// The coordination etcd.
-    pub etcd: EtcdConfig,
+    /// The coordination etcd (one client for the drivers and the reconciles' brain reads).
+    pub etcd: Arc<SharedEtcd>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// The recovery brain's metrics of every job this leader drives.
-    pub recovery: RecoveryMetrics,
     /// Per-object backoff of transient errors.
     pub backoff: ObjectBackoff,
     /// Event recorder.
     pub recorder: Recorder,
     /// The recovery brain's driver tasks ([`Recovery::Brain`]).
     pub drivers: Drivers,
-    /// Asks the controller to reconcile a job (the drivers' way to hand it pod and status work).
-    pub trigger: UnboundedSender<ObjectRef<TrainingJob>>,
     triggered: Mutex<Option<UnboundedReceiver<ObjectRef<TrainingJob>>>>,
-    /// One client of the coordination etcd for the drivers and the reconciles' brain reads.
-    etcd_client: Mutex<Option<etcd_client::Client>>,
 }
 
 impl Context {
@@ -78,40 +72,25 @@ impl Context {
     ) -> Self {
         let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(instance.into()) };
         let (trigger, triggered) = tokio::sync::mpsc::unbounded_channel();
-        Self {
-            drivers: Drivers::default(),
+        let recorder = Recorder::new(client.clone(), reporter);
+        let etcd = Arc::new(SharedEtcd::new(etcd));
+        let drivers = Drivers::new(DriverEnv {
+            client: client.clone(),
+            etcd: etcd.clone(),
+            recorder: recorder.clone(),
+            metrics: metrics.clone(),
+            recovery,
             trigger,
+        });
+        Self {
+            drivers,
             triggered: Mutex::new(Some(triggered)),
-            etcd_client: Mutex::new(None),
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder,
             client,
             template,
             etcd,
             metrics,
-            recovery,
             backoff: ObjectBackoff::new(Duration::from_secs(1), Duration::from_secs(60)),
-        }
-    }
-}
-
-impl Context {
-    /// The shared etcd client, connected on first use (it reconnects by itself after a
-    /// transient failure; [`Context::reconnect_etcd`] drops it after a failed request).
-    pub async fn etcd_client(&self) -> Result<etcd_client::Client> {
-        if let Some(client) = self.etcd_client.lock().ok().and_then(|c| c.clone()) {
-            return Ok(client);
-        }
-        let client = self.etcd.connect().await?;
-        if let Ok(mut shared) = self.etcd_client.lock() {
-            *shared = Some(client.clone());
-        }
-        Ok(client)
-    }
-
-    /// Makes the next [`Context::etcd_client`] connect afresh.
-    pub fn reconnect_etcd(&self) {
-        if let Ok(mut shared) = self.etcd_client.lock() {
-            *shared = None;
         }
     }
 }
@@ -194,12 +173,12 @@ async fn apply(job: &TrainingJob, ctx: &Arc<Context>) -> Result<Action> {
             let terminal = job.status.as_ref().and_then(|s| s.phase).is_some_and(|p| {
                 matches!(p, ninelives_core::job::JobPhase::Succeeded | ninelives_core::job::JobPhase::Failed)
             });
-            let view = read_view(ctx, &namespace, &name).await?;
+            let view = read_view(&ctx.etcd, &namespace, &name).await?;
             let finished = view.state.as_ref().is_some_and(|s| s.phase.is_terminal());
             if job.spec.suspend || terminal || finished {
                 ctx.drivers.stop(&key(job));
             } else {
-                ctx.drivers.ensure(ctx, job);
+                ctx.drivers.ensure(job);
             }
             Some(view)
         }
@@ -307,7 +286,7 @@ async fn cleanup(job: &TrainingJob, ctx: &Context) -> Result<Action> {
         // error that is retried under backoff until they are gone.
         return Err(Error::CleanupPending(existing.len()));
     }
-    let deleted = ctx.etcd.delete_job_keys(&namespace, &name).await?;
+    let deleted = ctx.etcd.config.delete_job_keys(&namespace, &name).await?;
     ctx.metrics.set_phase(&key(job), None);
     info!(job = %key(job), etcd_keys = deleted, "cleaned up");
     publish(

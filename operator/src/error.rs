@@ -77,6 +77,9 @@ pub enum Error {
     /// a decision the workers cannot carry out).
     #[error("recovery brain: {0}")]
     Brain(String),
+    /// A round of the job's control loop failed.
+    #[error("control loop: {0}")]
+    Control(#[from] ninelives_control::ControlError),
 }
 
 impl Error {
@@ -98,6 +101,11 @@ impl Error {
             Error::Io(_) => "io",
             Error::Metrics(_) => "metrics",
             Error::Brain(_) => "brain",
+            Error::Control(e) => match e.label() {
+                "etcd" => "etcd",
+                "node-table" => "read",
+                _ => "brain",
+            },
         }
     }
 }

@@ -1,6 +1,8 @@
-//! The operator's only etcd write: deleting a job's keys when the job is deleted.
+//! The coordination etcd as the operator reaches it: one shared client for the recovery
+//! drivers and the reconciles' reads, and the clean-up of a deleted job's keys.
 
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use etcd_client::{Certificate, Client, ConnectOptions, DeleteOptions, Identity, TlsOptions};
@@ -57,6 +59,40 @@ impl EtcdConfig {
             Ok(Ok(response)) => Ok(response.deleted()),
             Ok(Err(source)) => Err(Error::Etcd { prefix: root, source }),
             Err(_) => Err(Error::EtcdTimeout(TIMEOUT.as_secs())),
+        }
+    }
+}
+
+/// One client of the coordination etcd, connected on first use and shared by the drivers and
+/// the reconciles ([`SharedEtcd::reconnect`] drops it after a failed request).
+pub struct SharedEtcd {
+    /// How to reach etcd.
+    pub config: EtcdConfig,
+    client: Mutex<Option<Client>>,
+}
+
+impl SharedEtcd {
+    /// Not connected yet.
+    pub fn new(config: EtcdConfig) -> Self {
+        Self { config, client: Mutex::new(None) }
+    }
+
+    /// The shared client (it reconnects by itself after a transient failure).
+    pub async fn client(&self) -> Result<Client> {
+        if let Some(client) = self.client.lock().ok().and_then(|c| c.clone()) {
+            return Ok(client);
+        }
+        let client = self.config.connect().await?;
+        if let Ok(mut shared) = self.client.lock() {
+            *shared = Some(client.clone());
+        }
+        Ok(client)
+    }
+
+    /// Makes the next [`SharedEtcd::client`] connect afresh.
+    pub fn reconnect(&self) {
+        if let Ok(mut shared) = self.client.lock() {
+            *shared = None;
         }
     }
 }

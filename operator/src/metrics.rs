@@ -171,6 +171,15 @@ mod tests {
             Error::Io(std::io::Error::other("bind")),
             Error::Metrics(prometheus::Error::Msg("duplicate".into())),
             Error::Brain("x".into()),
+            Error::Control(ninelives_control::ControlError::Malformed {
+                key: "k".into(),
+                reason: "r".into(),
+            }),
+            Error::Control(ninelives_control::ControlError::Timeout { op: "read", seconds: 5 }),
+            Error::Control(ninelives_control::ControlError::Effect(ninelives_control::EffectError::new(
+                "node-table",
+                "forbidden",
+            ))),
         ]
     }
 
@@ -194,7 +203,8 @@ mod tests {
             | Error::ControllerStopped
             | Error::Io(_)
             | Error::Metrics(_)
-            | Error::Brain(_) => true,
+            | Error::Brain(_)
+            | Error::Control(_) => true,
         }
     }
 

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use common::{demo_corpus, tiny_config};
 use ninelives_worker::checkpoint::LoadedCheckpoint;
+use ninelives_worker::model::all_experts;
 use ninelives_worker::trainer::run_with_threads;
 use ninelives_worker::{CheckpointStore, ExpertId, ExpertSelection, Trainer};
 
@@ -76,7 +77,7 @@ fn resume_and_restore_into_another_placement_reproduce_the_straight_run() {
 
         // A different placement: two workers, one owning the even experts of every layer and the
         // other the odd ones, each loading only its own shards.
-        let all = ExpertId::all(&dims);
+        let all = all_experts(&dims);
         let (even, odd): (Vec<ExpertId>, Vec<ExpertId>) = all.iter().partition(|id| id.expert % 2 == 0);
         let a = store.load_experts(&dims, &even).unwrap().unwrap();
         let b = store.load_experts(&dims, &odd).unwrap().unwrap();
@@ -251,7 +252,7 @@ fn restoring_into_a_live_trainer_reproduces_the_straight_run() {
 
         // A worker holding only some experts restores only their shards, in place.
         let dims = tiny_config(STEPS).dims;
-        let mine: Vec<ExpertId> = ExpertId::all(&dims).into_iter().filter(|id| id.expert % 2 == 1).collect();
+        let mine: Vec<ExpertId> = all_experts(&dims).into_iter().filter(|id| id.expert % 2 == 1).collect();
         // (Freshly initialised: a member holding a share cannot step alone.)
         let mut share = Trainer::with_experts(tiny_config(STEPS), demo_corpus(), Some(&mine)).unwrap();
         let report = share.restore_dir(store, &store.step_dir(SPLIT)).unwrap();

@@ -12,12 +12,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ninelives_core::generation::{Restore, worker_shape};
 use ninelives_core::keyspace::{JobKeys, Keyspace};
 use ninelives_core::placement::PlacementShape;
 use ninelives_testkit::EtcdServer;
 use ninelives_worker::dist::coordinator::Coordinator;
 use ninelives_worker::dist::member::{MemberEvent, MemberOptions, run_member};
-use ninelives_worker::dist::plan::{Restore, worker_shape};
 use ninelives_worker::dist::rendezvous::Etcd;
 use ninelives_worker::trainer::run_with_threads;
 use ninelives_worker::{CheckpointStore, Trainer, TrainerConfig};
@@ -244,7 +244,7 @@ fn a_reroute_that_drops_a_replica_continues_from_memory_bit_identically() {
                 next.experts.get_mut(&member).unwrap().retain(|&e| e != expert);
                 next.placement.generation += 1;
                 next.restore = Restore::InMemory;
-                next.tier = "reroute".into();
+                next.tier = ninelives_core::generation::GenerationTier::Reroute;
                 next.check(layers, routed).unwrap();
                 link.put(&link.keys().placement(), serde_json::to_vec(&next).unwrap(), None).unwrap();
                 *dropped_from.lock().unwrap() = Some(member);
@@ -292,7 +292,7 @@ fn a_checkpoint_generation_rolls_members_back_in_place_bit_identically() {
                 let mut next = link.plan().unwrap().unwrap();
                 next.placement.generation += 1;
                 next.restore = Restore::Checkpoint { step: 2 };
-                next.tier = "restore".into();
+                next.tier = ninelives_core::generation::GenerationTier::Restore;
                 link.put(&link.keys().placement(), serde_json::to_vec(&next).unwrap(), None).unwrap();
                 *published.lock().unwrap() = true;
             }

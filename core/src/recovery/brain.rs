@@ -6,6 +6,7 @@ use thiserror::Error;
 
 use super::control::{AckOutcome, ControlRecord};
 use super::observe::Observation;
+use super::reasons::{JobFailure, Refusal, RungRefusal};
 use super::state::{
     ActiveRecovery, Attempt, BrainPhase, CompletedRecovery, Exclusion, HISTORY_LIMIT, RecoveryState, Rung,
     Trigger, TriggerKind,
@@ -160,10 +161,7 @@ pub enum Action {
     /// Every step is done.
     JobSucceeded,
     /// The job cannot continue.
-    FailJob {
-        /// Why (for the `Failed` condition).
-        reason: String,
-    },
+    FailJob(JobFailure),
 }
 
 /// The outcome of one decision.
@@ -401,21 +399,17 @@ impl Decider<'_> {
         Ok(())
     }
 
-    fn fail(&mut self, reason: String) {
+    fn fail(&mut self, failure: JobFailure) {
         self.st.phase = BrainPhase::Failed;
         self.st.active = None;
-        self.st.failure = Some(reason.clone());
-        self.actions.push(Action::FailJob { reason });
+        self.st.failure = Some(failure.clone());
+        self.actions.push(Action::FailJob(failure));
     }
 
     fn begin(&mut self, triggers: Vec<Trigger>, placement: Option<&Placement>) -> Result<(), BrainError> {
         if self.st.recoveries >= self.cfg.max_recoveries {
-            let what: Vec<String> = triggers.iter().map(ToString::to_string).collect();
-            self.fail(format!(
-                "{}: failurePolicy.maxRecoveries {} already used",
-                what.join(", "),
-                self.cfg.max_recoveries
-            ));
+            let triggers = triggers.iter().map(ToString::to_string).collect();
+            self.fail(JobFailure::MaxRecoveriesExceeded { triggers, max: self.cfg.max_recoveries });
             return Ok(());
         }
         self.st.recoveries += 1;
@@ -533,7 +527,7 @@ impl Decider<'_> {
         match rung.above().next() {
             Some(next) => self.attempt_from(next, placement),
             None => {
-                self.fail(format!("recovery ladder exhausted: {reason}"));
+                self.fail(JobFailure::LadderExhausted { last: reason });
                 Ok(())
             }
         }
@@ -586,13 +580,13 @@ impl Decider<'_> {
     /// the job when none does.
     fn attempt_from(&mut self, start: Rung, placement: Option<&Placement>) -> Result<(), BrainError> {
         let Some(base) = placement else {
-            self.fail("no placement published; cannot plan a recovery".into());
+            self.fail(JobFailure::NoPlacement);
             return Ok(());
         };
         let mut refused = Vec::new();
         for rung in Rung::LADDER.into_iter().filter(|r| *r >= start) {
             if !self.cfg.allowed.contains(&rung) {
-                refused.push(format!("{rung}: not in failurePolicy.allowedTiers"));
+                refused.push(RungRefusal { rung, refusal: Refusal::NotAllowed });
                 continue;
             }
             match self.try_rung(rung, base)? {
@@ -600,10 +594,10 @@ impl Decider<'_> {
                     self.publish(rung, published);
                     return Ok(());
                 }
-                Err(why) => refused.push(format!("{rung}: {why}")),
+                Err(refusal) => refused.push(RungRefusal { rung, refusal }),
             }
         }
-        self.fail(format!("no recovery applies ({})", refused.join("; ")));
+        self.fail(JobFailure::NoRecoveryApplies { refusals: refused });
         Ok(())
     }
 
@@ -638,7 +632,7 @@ impl Decider<'_> {
         FailedChips::from_chips(&self.cfg.shape, chips)
     }
 
-    fn try_rung(&self, rung: Rung, base: &Placement) -> Result<Result<Published, String>, BrainError> {
+    fn try_rung(&self, rung: Rung, base: &Placement) -> Result<Result<Published, Refusal>, BrainError> {
         let cfg = self.cfg;
         let down: BTreeSet<u32> = self.st.expected_ranks().filter(|&n| !self.alive(n)).collect();
         let missing: BTreeSet<u32> =
@@ -656,10 +650,10 @@ impl Decider<'_> {
         match rung {
             Rung::Reroute | Rung::Reshard | Rung::Restore => {
                 if let Some(n) = down.first() {
-                    return Ok(Err(format!("node {} is lost", names[*n as usize])));
+                    return Ok(Err(Refusal::NodeLost { node: names[*n as usize].clone() }));
                 }
                 if rung != Rung::Restore && !lost_state.is_empty() {
-                    return Ok(Err(format!("{} worker(s) lost their state", lost_state.len())));
+                    return Ok(Err(Refusal::WorkersLostState { count: lost_state.len() }));
                 }
                 if rung == Rung::Restore {
                     restart.extend(missing.iter().copied());
@@ -668,7 +662,7 @@ impl Decider<'_> {
             Rung::Replace => {
                 let suspects = self.suspects(&down, false);
                 if suspects.is_empty() {
-                    return Ok(Err("no lost or faulty node to replace".into()));
+                    return Ok(Err(Refusal::NothingToReplace));
                 }
                 let mut replaced_any = false;
                 for index in suspects {
@@ -693,22 +687,22 @@ impl Decider<'_> {
                     }
                 }
                 if !replaced_any {
-                    let why = if spares.is_empty() { "no spare node left" } else { "no spare node is alive" };
-                    return Ok(Err(why.into()));
+                    let why = if spares.is_empty() { Refusal::NoSpareLeft } else { Refusal::NoSpareAlive };
+                    return Ok(Err(why));
                 }
                 if dropped.len() >= names.len() {
-                    return Ok(Err("no node would be left".into()));
+                    return Ok(Err(Refusal::NoNodeLeft));
                 }
                 restart.extend(missing.iter().copied().filter(|r| !dropped.contains(r)));
             }
             Rung::Shrink => {
                 let suspects = self.suspects(&down, true);
                 if suspects.is_empty() {
-                    return Ok(Err("no lost or faulty node to drop".into()));
+                    return Ok(Err(Refusal::NothingToDrop));
                 }
                 dropped.extend(suspects.iter().copied());
                 if dropped.len() >= names.len() {
-                    return Ok(Err("no node would be left".into()));
+                    return Ok(Err(Refusal::NoNodeLeft));
                 }
                 for &n in &suspects {
                     pre_actions.push(Action::DropNode { index: n, node: names[n as usize].clone() });
@@ -724,10 +718,10 @@ impl Decider<'_> {
                 Tier::Infeasible { reason } => reason.to_string(),
                 other => format!("planner gave no placement (tier {})", other.as_str()),
             };
-            return Ok(Err(reason));
+            return Ok(Err(Refusal::Infeasible { reason }));
         };
         if rung == Rung::Reroute && *tier != Tier::Reroute {
-            return Ok(Err("an expert lost its last live replica".into()));
+            return Ok(Err(Refusal::LastReplicaLost));
         }
         placement.generation = self.st.generation + 1;
         let checkpoint_loads = plan.checkpoint_loads().next().is_some();

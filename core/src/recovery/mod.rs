@@ -33,6 +33,7 @@
 mod brain;
 pub mod control;
 mod observe;
+mod reasons;
 mod state;
 
 #[cfg(test)]
@@ -41,6 +42,7 @@ mod tests;
 pub use brain::{Action, BrainConfig, BrainError, DEFAULT_REJOIN_AFTER_SECONDS, Decision, decide};
 pub use control::{Ack, AckOutcome, ControlRecord, LoadSource, LocalLoad};
 pub use observe::{CheckpointRecord, MemberAck, NodeView, Observation, ProgressRecord};
+pub use reasons::{JobFailure, Refusal, RungRefusal};
 pub use state::{
     ActiveRecovery, Attempt, BrainPhase, CompletedRecovery, Exclusion, HISTORY_LIMIT, RecoveryState, Rung,
     STATE_VERSION, Trigger, TriggerKind,

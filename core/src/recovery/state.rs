@@ -336,7 +336,7 @@ pub struct RecoveryState {
     pub history: Vec<CompletedRecovery>,
     /// Why the job failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub failure: Option<String>,
+    pub failure: Option<super::reasons::JobFailure>,
 }
 
 /// JSON object keys must be strings: chips are keyed `"<node>/<chip>"`.

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use ninelives_core::placement::PlacementShape;
 
-use super::plan::{Decision, DistPlan, Restore, decide, initial_plan};
+use ninelives_core::generation::{DistPlan, Restore, initial_plan};
+
+use super::plan::{Decision, decide};
 use super::rendezvous::Etcd;
 use super::transport::POLL;
 use crate::checkpoint::CheckpointStore;
@@ -91,7 +93,7 @@ impl Coordinator {
             }
             None => Restore::Fresh,
         };
-        let plan = initial_plan(&self.shape, restore).map_err(WorkerError::Rendezvous)?;
+        let plan = initial_plan(&self.shape, restore).map_err(|e| WorkerError::Rendezvous(e.to_string()))?;
         self.publish(plan)
     }
 

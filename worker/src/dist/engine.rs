@@ -23,7 +23,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::plan::{DistPlan, micro_batch_owner, serving_replica};
+use ninelives_core::generation::DistPlan;
+
+use super::plan::{micro_batch_owner, serving_replica};
 use super::transport::{Collective, Shared, TcpCollective};
 use super::wire::{Dec, Enc, Malformed, Msg};
 use crate::checkpoint::{DataCursor, TrainingSnapshot};

@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::engine::{DistStepReport, HostState, Routing, gather_checkpoint, run_step};
-use super::plan::{Restore, agreed_step};
 use super::rendezvous::{Etcd, Session};
 use super::transport::{Collective, POLL, Shared, TcpCollective, serve};
 use crate::checkpoint::{BackgroundSaver, CheckpointStore, ExpertSelection, SaveReport};
@@ -15,6 +14,7 @@ use crate::data::Corpus;
 use crate::error::{Result, WorkerError};
 use crate::model::{ExpertId, ParamOwner};
 use crate::trainer::{Trainer, TrainerConfig};
+use ninelives_core::generation::{GenerationTier, Restore, agreed_step};
 
 /// How a member runs.
 #[derive(Clone, Debug)]
@@ -44,7 +44,7 @@ pub enum MemberEvent<'a> {
         /// Generation.
         generation: u64,
         /// Tier that produced it.
-        tier: &'a str,
+        tier: GenerationTier,
         /// The step training continues from.
         step: u64,
         /// Members.
@@ -274,7 +274,7 @@ fn member_loop(
         }
         events(MemberEvent::Joined {
             generation,
-            tier: &plan.tier,
+            tier: plan.tier,
             step: target,
             members: &plan.members,
             experts: held,

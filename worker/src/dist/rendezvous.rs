@@ -19,9 +19,9 @@ use ninelives_core::keyspace::JobKeys;
 use ninelives_core::recovery::{CheckpointRecord, ProgressRecord};
 use serde::{Deserialize, Serialize};
 
-use super::plan::DistPlan;
 use super::transport::Shared;
 use crate::error::{Result, WorkerError};
+use ninelives_core::generation::DistPlan;
 
 /// Longest one etcd request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ninelives_runtime::Supervisor;
+use ninelives_local::Supervisor;
 
 /// Whether a process exists and is not a zombie.
 fn alive(pid: u32) -> bool {

@@ -30,8 +30,8 @@ pub fn locate(binary: &str, path: Option<&OsStr>) -> Option<PathBuf> {
 }
 
 /// A loopback TCP port that was free a moment ago, below the ephemeral range (see
-/// [`ninelives_testkit::free_port`]).
-pub use ninelives_testkit::free_port;
+/// [`ninelives_telemetry::free_port`]).
+pub use ninelives_telemetry::free_port;
 
 impl LocalEtcd {
     /// Starts the `etcd` found on `PATH` with its data under `dir`, on free loopback ports, and

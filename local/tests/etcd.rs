@@ -4,8 +4,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use ninelives_runtime::etcd::locate;
-use ninelives_runtime::{LocalEtcd, RuntimeError, Supervisor};
+use ninelives_local::etcd::locate;
+use ninelives_local::{LocalEtcd, RuntimeError, Supervisor};
 
 #[test]
 fn starts_answers_and_dies_with_the_supervisor() {

@@ -58,13 +58,16 @@ pub struct MemberSpec {
     pub step_timeout_seconds: u64,
     /// Where it serves `/metrics` (none: it serves nothing).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Environment set for the process (the training worker's own, see
+    /// [`LocalRunConfig::member_env`](crate::local::LocalRunConfig::member_env)).
+    pub env: Vec<(String, String)>,
 }
 
 impl MemberSpec {
     /// `ninelives worker train MANIFEST --rank R --etcd URLS --steps N --checkpoint-dir D
     /// --checkpoint-every K --threads T --step-timeout-seconds S [--metrics-addr A]`.
     ///
-    /// Output contract (what [`parse_worker_line`] reads): a `joined generation=<g> ... step=<s>`
+    /// Output contract ([`ninelives_core::member_output::MemberLine`]): a `joined generation=<g> ... step=<s>`
     /// line per generation joined, one `step=<n> loss=<x> tokens_per_s=<y> ...` line per
     /// completed step, and a final `params_sha256=<hex>` on the generation's leader.
     pub fn command(&self, ninelives: &Path) -> Command {
@@ -78,54 +81,12 @@ impl MemberSpec {
             .args(["--checkpoint-every", &self.checkpoint_every.to_string()])
             .args(["--threads", &self.threads.to_string()])
             .args(["--step-timeout-seconds", &self.step_timeout_seconds.to_string()])
-            // Set up front, so the worker need not re-execute itself for it.
-            .envs(ninelives_worker::trainer::worker_env());
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(addr) = self.metrics_addr {
             cmd.args(["--metrics-addr", &addr.to_string()]);
         }
         cmd
     }
-}
-
-/// One meaningful line of worker output.
-#[derive(Clone, Debug, PartialEq)]
-pub enum WorkerLine {
-    /// A completed step.
-    Step {
-        /// The step.
-        step: u64,
-        /// Its loss.
-        loss: f64,
-        /// Throughput of the step.
-        tokens_per_s: f64,
-    },
-    /// A generation was joined; training continues from `step`.
-    Joined {
-        /// The generation.
-        generation: u64,
-        /// The step every member continues from.
-        step: u64,
-    },
-    /// The final parameter digest.
-    Digest(String),
-}
-
-/// Parses a worker stdout line; other lines (and malformed ones) give `None`.
-pub fn parse_worker_line(line: &str) -> Option<WorkerLine> {
-    let line = line.trim();
-    if let Some(hex) = line.strip_prefix("params_sha256=") {
-        let ok = hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit());
-        return ok.then(|| WorkerLine::Digest(hex.to_string()));
-    }
-    let field = |name: &str| line.split_whitespace().find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='));
-    if line.starts_with("joined ") {
-        let generation = field("generation")?.parse().ok()?;
-        return Some(WorkerLine::Joined { generation, step: field("step")?.parse().ok()? });
-    }
-    let step = field("step")?.parse().ok()?;
-    let loss: f64 = field("loss")?.parse().ok()?;
-    let tokens_per_s: f64 = field("tokens_per_s")?.parse().ok()?;
-    (loss.is_finite() && tokens_per_s.is_finite()).then_some(WorkerLine::Step { step, loss, tokens_per_s })
 }
 
 #[cfg(test)]
@@ -143,6 +104,7 @@ mod tests {
             threads: 1,
             step_timeout_seconds: 30,
             metrics_addr: Some(([127, 0, 0, 1], 9100).into()),
+            env: vec![("CANDLE_NUM_THREADS".into(), "1".into())],
         }
     }
 
@@ -177,10 +139,8 @@ mod tests {
                 "127.0.0.1:9100"
             ]
         );
-        let pinned = cmd.get_envs().any(|(k, v)| {
-            k == ninelives_worker::trainer::CANDLE_THREADS_ENV && v == Some(std::ffi::OsStr::new("1"))
-        });
-        assert!(pinned, "candle's elementwise pool is pinned for every member");
+        let env: Vec<_> = cmd.get_envs().collect();
+        assert_eq!(env, [(std::ffi::OsStr::new("CANDLE_NUM_THREADS"), Some(std::ffi::OsStr::new("1")))]);
     }
 
     #[test]
@@ -209,33 +169,5 @@ mod tests {
             args(&inject_command(Path::new("nl"), Path::new("/c"), 3, "ecc")),
             ["agent", "inject", "--chips-dir", "/c", "3", "ecc"]
         );
-    }
-
-    #[test]
-    fn worker_lines_parse_and_junk_does_not() {
-        assert_eq!(
-            parse_worker_line(
-                "step=26 loss=4.1234 tokens_per_s=9811 lr=3.000e-3 grad_norm=0.512 balance=1.0 z=0.1"
-            ),
-            Some(WorkerLine::Step { step: 26, loss: 4.1234, tokens_per_s: 9811.0 })
-        );
-        let hex = "ab".repeat(32);
-        assert_eq!(parse_worker_line(&format!("params_sha256={hex}")), Some(WorkerLine::Digest(hex)));
-        assert_eq!(
-            parse_worker_line("joined generation=3 tier=restore step=25 members=[0, 1, 2, 3] experts=40"),
-            Some(WorkerLine::Joined { generation: 3, step: 25 })
-        );
-        for junk in [
-            "",
-            "INFO resumed",
-            "step=x loss=1 tokens_per_s=1",
-            "step=1 loss=NaN tokens_per_s=1",
-            "params_sha256=xyz",
-            "steps=1 loss=1 tokens_per_s=1",
-            "joined generation=x step=1",
-            "joined generation=2",
-        ] {
-            assert_eq!(parse_worker_line(junk), None, "{junk}");
-        }
     }
 }

@@ -1,4 +1,4 @@
-//! # ninelives-runtime
+//! # ninelives-local
 //!
 //! The local-process runtime: what `ninelives demo` runs the whole system with, on one machine
 //! and without Kubernetes. The same recovery brain (`ninelives_core::recovery`) that the
@@ -15,13 +15,20 @@
 //! - [`report`]: `report.json` (recoveries, goodput, final loss, parameter comparison);
 //! - [`svg`]: hand-written SVG line charts with recoveries marked;
 //! - [`live`]: the live view, a pure function from state to text;
-//! - [`local`]: the driver that runs it all with the recovery brain (`ninelives demo`);
+//! - [`run`]: [`run_local`], a run of it all under the job's control loop (`ninelives demo`),
+//!   with its effects (`effects`), processes (`cluster`) and step-line tally (`training`);
 //! - [`metrics`]: the recovery and job metrics of whoever drives the brain.
+//!
+//! The stdout lines of members are formatted and parsed by
+//! [`ninelives_core::member_output`].
 
+mod cluster;
+mod effects;
 pub mod error;
 pub mod etcd;
 pub mod live;
-pub mod local;
+pub mod run;
+mod training;
 /// The recovery brain's metrics (they live in telemetry: the operator exports them too).
 pub use ninelives_telemetry::recovery as metrics;
 pub mod processes;
@@ -32,4 +39,7 @@ pub mod svg;
 pub use error::RuntimeError;
 pub use etcd::LocalEtcd;
 pub use processes::MemberSpec;
+pub use run::{
+    LocalRunConfig, MetricsPlan, NAMESPACE, RunOutcome, committed_checkpoints, node_names, run_local,
+};
 pub use supervisor::{ChildId, Supervisor};

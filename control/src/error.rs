@@ -1,0 +1,64 @@
+//! The control loop's errors, one variant per step.
+
+use ninelives_core::generation::GenerationError;
+use ninelives_core::recovery::BrainError;
+use thiserror::Error;
+
+use crate::effects::EffectError;
+
+/// Why a [`step`](crate::ControlLoop::step) did not complete. The job's state in the store is
+/// unchanged unless the error says otherwise; the adapter retries after a pause.
+#[derive(Debug, Error)]
+pub enum ControlError {
+    /// The store could not be read or written.
+    #[error("etcd {op} under {prefix}: {source}")]
+    Etcd {
+        /// What was being done (`read`, `publish`, `record`).
+        op: &'static str,
+        /// The keys concerned.
+        prefix: String,
+        /// The client's error.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// A store call did not answer within its deadline.
+    #[error("etcd {op} did not answer within {seconds} s")]
+    Timeout {
+        /// What was being done.
+        op: &'static str,
+        /// The deadline.
+        seconds: u64,
+    },
+    /// A value the brain needs cannot be read (the job is stuck, not restarted).
+    #[error("malformed {key}: {reason}")]
+    Malformed {
+        /// The key.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The brain refused its inputs.
+    #[error(transparent)]
+    Brain(#[from] BrainError),
+    /// The published generation cannot be turned into the members' agreement.
+    #[error("generation: {0}")]
+    Generation(#[from] GenerationError),
+    /// The generation could not be encoded.
+    #[error("encoding the generation: {0}")]
+    Encode(#[from] serde_json::Error),
+    /// An adapter could not carry out an effect.
+    #[error(transparent)]
+    Effect(#[from] EffectError),
+}
+
+impl ControlError {
+    /// A short stable label, for metrics and Events.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ControlError::Etcd { .. } | ControlError::Timeout { .. } => "etcd",
+            ControlError::Malformed { .. } => "malformed",
+            ControlError::Brain(_) | ControlError::Generation(_) | ControlError::Encode(_) => "brain",
+            ControlError::Effect(e) => e.effect,
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! Scenarios of the loop against an in-memory store: what the adapters see, what is written.
+
+#![allow(clippy::unwrap_used)] // a panic is the failure report
+
+use ninelives_core::generation::{DistPlan, GenerationTier, Restore};
+use ninelives_core::keyspace::Keyspace;
+use ninelives_core::placement::{ExpertLoad, PlacementShape, ReplanOptions};
+use ninelives_core::recovery::{BrainConfig, BrainPhase, CompletedRecovery, RecoveryState, Rung};
+
+use super::*;
+
+const NS: &str = "ml";
+const JOB: &str = "tiny";
+
+/// 4 nodes x 4 chips, 2 layers x 8 experts; `redundant` extra replicas per layer.
+fn brain(redundant: u32) -> BrainConfig {
+    let shape = PlacementShape {
+        layers: 2,
+        routed_experts: 8,
+        redundant_experts: redundant,
+        expert_state_bytes: 1 << 20,
+        nodes: 4,
+        chips_per_node: 4,
+        chip_memory_bytes: 4 << 20,
+        expert_parallel_size: 16,
+        nodes_per_rack: None,
+        min_healthy_fraction: 0.5,
+    };
+    BrainConfig {
+        load: ExpertLoad::uniform(&shape),
+        shape,
+        options: ReplanOptions::default(),
+        allowed: Rung::LADDER.into_iter().collect(),
+        recovery_timeout_s: 30.0,
+        apply_timeout_s: 30.0,
+        max_recoveries: 10,
+        total_steps: 300,
+        rejoin_after_s: 60.0,
+        peer_copies: true,
+    }
+    .for_expert_parallel()
+}
+
+fn identity() -> JobIdentity {
+    JobIdentity {
+        keys: Keyspace::default(),
+        namespace: NS.into(),
+        name: JOB.into(),
+        chips_per_node: 4,
+        min_healthy_fraction: 0.5,
+    }
+}
+
+fn names() -> Vec<String> {
+    (0..4).map(|i| format!("n{i}")).collect()
+}
+
+/// An adapter that writes down every effect.
+#[derive(Default)]
+struct Recorder {
+    table: Option<RecoveryState>,
+    log: Vec<String>,
+    recoveries: Vec<CompletedRecovery>,
+    plans: Vec<DistPlan>,
+    fail_start: bool,
+}
+
+impl Effects for Recorder {
+    async fn node_table(&mut self) -> Result<Option<RecoveryState>, EffectError> {
+        Ok(self.table.clone())
+    }
+    async fn published(&mut self, plan: &DistPlan) -> Result<(), EffectError> {
+        self.log.push(format!("published {} {}", plan.generation(), plan.tier));
+        self.plans.push(plan.clone());
+        Ok(())
+    }
+    async fn start_member(&mut self, rank: u32, node: &str, _: Option<u64>) -> Result<(), EffectError> {
+        if self.fail_start {
+            return Err(EffectError::new("start-member", "no such binary"));
+        }
+        self.log.push(format!("start {rank} on {node}"));
+        Ok(())
+    }
+    async fn record_recovery(&mut self, r: &CompletedRecovery) -> Result<(), EffectError> {
+        self.log.push(format!("recovered by {}", r.tier.as_str()));
+        self.recoveries.push(r.clone());
+        Ok(())
+    }
+    async fn phase_changed(&mut self, _: &RecoveryState, state: &RecoveryState) -> Result<(), EffectError> {
+        self.log.push(format!("phase {}", state.phase.as_str()));
+        Ok(())
+    }
+}
+
+/// The cluster around the loop: agents and members writing their keys.
+struct Cluster {
+    store: MemoryStore,
+    keys: Keyspace,
+}
+
+impl Cluster {
+    fn new() -> Self {
+        let keys = Keyspace::default();
+        let store = MemoryStore::new(keys.clone(), NS, JOB);
+        for n in names() {
+            store.put(keys.node_alive(&n), "{}");
+        }
+        Self { store, keys }
+    }
+    fn job(&self) -> ninelives_core::keyspace::JobKeys {
+        self.keys.job(NS, JOB)
+    }
+    fn join(&self, generation: u64, step: u64) {
+        for rank in 0..4 {
+            self.store.put(self.job().member(rank), "{}");
+            self.store.put(self.job().ack(generation, &rank.to_string()), format!(r#"{{"step":{step}}}"#));
+        }
+    }
+    fn fail_chip(&self, node: &str, chip: u32) {
+        let record = r#"{"state":"failed","code":"hbm-ecc-uncorrectable","since":1001.0}"#;
+        self.store.put(self.keys.chip(node, chip), record);
+    }
+}
+
+async fn ran<S: BrainStore>(lp: &mut ControlLoop<S>, fx: &mut Recorder, now: f64) -> Box<Round> {
+    match lp.step(fx, now).await.unwrap() {
+        Progress::Ran(round) => round,
+        other => panic!("expected a round, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_job_starts_and_a_chip_with_replicas_is_rerouted_without_a_rollback() {
+    let cluster = Cluster::new();
+    let mut lp = ControlLoop::new(brain(8), identity(), cluster.store.clone(), None);
+    let mut fx = Recorder::default();
+    assert_eq!(lp.step(&mut fx, 1000.0).await.unwrap(), Progress::NotStarted, "no node table yet");
+    assert!(cluster.store.get(&cluster.job().placement()).is_none());
+
+    fx.table = Some(RecoveryState::new(names(), vec![]));
+    let first = ran(&mut lp, &mut fx, 1000.0).await;
+    assert_eq!(first.published.len(), 1);
+    assert_eq!(
+        (first.published[0].tier, first.published[0].restore),
+        (GenerationTier::Initial, Restore::Fresh)
+    );
+    assert_eq!(
+        &fx.log[..5],
+        ["published 1 initial", "start 0 on n0", "start 1 on n1", "start 2 on n2", "start 3 on n3"]
+    );
+    // The record and the plan went into the store together.
+    let stored: DistPlan =
+        serde_json::from_slice(&cluster.store.get(&cluster.job().placement()).unwrap()).unwrap();
+    assert_eq!(stored, first.published[0]);
+    let record = RecoveryState::parse("r", &cluster.store.get(&cluster.job().recovery()).unwrap()).unwrap();
+    assert_eq!(record, first.state);
+
+    cluster.join(1, 0);
+    assert_eq!(ran(&mut lp, &mut fx, 1001.0).await.state.phase, BrainPhase::Running);
+
+    cluster.fail_chip("n1", 2);
+    let reroute = ran(&mut lp, &mut fx, 1002.0).await;
+    assert_eq!(reroute.state.phase, BrainPhase::Recovering);
+    assert_eq!(reroute.published[0].tier, GenerationTier::Reroute);
+    assert_eq!(reroute.published[0].restore, Restore::InMemory, "no rollback: every expert had a replica");
+
+    cluster.join(2, 7);
+    let settled = ran(&mut lp, &mut fx, 1003.0).await;
+    assert_eq!(settled.state.phase, BrainPhase::Running);
+    assert_eq!(fx.recoveries.len(), 1);
+    assert_eq!((fx.recoveries[0].tier, fx.recoveries[0].steps_lost), (Rung::Reroute, 0));
+    assert!(
+        fx.log.ends_with(&["recovered by reroute".to_string(), "phase Running".to_string()]),
+        "{:?}",
+        fx.log
+    );
+    // Quiet rounds write nothing.
+    let writes = cluster.store.history(&cluster.job().recovery()).len();
+    ran(&mut lp, &mut fx, 1004.0).await;
+    assert_eq!(cluster.store.history(&cluster.job().recovery()).len(), writes);
+}
+
+/// A store through which another writer changes the record between this loop's read and write
+/// (a deposed operator resumed after a pause, racing the new leader).
+struct Interloper(MemoryStore, String);
+
+impl BrainStore for Interloper {
+    async fn read(&mut self) -> Result<Snapshot, ControlError> {
+        self.0.read().await
+    }
+    async fn write(&mut self, puts: Vec<(String, String)>, revision: i64) -> Result<Written, ControlError> {
+        let newer = RecoveryState::new(names(), vec!["other-writer".into()]);
+        self.0.put(self.1.clone(), newer.to_json());
+        self.0.write(puts, revision).await
+    }
+}
+
+#[tokio::test]
+async fn a_writer_whose_read_is_stale_publishes_nothing() {
+    let cluster = Cluster::new();
+    let store = Interloper(cluster.store.clone(), cluster.job().recovery());
+    let mut lp = ControlLoop::new(brain(8), identity(), store, None);
+    let mut fx = Recorder { table: Some(RecoveryState::new(names(), vec![])), ..Default::default() };
+    assert_eq!(lp.step(&mut fx, 1000.0).await.unwrap(), Progress::Fenced);
+    assert!(cluster.store.get(&cluster.job().placement()).is_none(), "the stale writer published");
+    assert!(fx.log.is_empty(), "effects of an unapplied decision ran: {:?}", fx.log);
+    // The record is the other writer's, untouched.
+    let record = RecoveryState::parse("r", &cluster.store.get(&cluster.job().recovery()).unwrap()).unwrap();
+    assert_eq!(record.spares, ["other-writer"]);
+}
+
+#[tokio::test]
+async fn malformed_records_stop_the_job_without_writing() {
+    for key in [Cluster::new().job().placement(), Cluster::new().job().recovery()] {
+        let cluster = Cluster::new();
+        cluster.store.put(key.clone(), "{not json");
+        let mut lp = ControlLoop::new(brain(8), identity(), cluster.store.clone(), None);
+        let mut fx = Recorder { table: Some(RecoveryState::new(names(), vec![])), ..Default::default() };
+        let err = lp.step(&mut fx, 1000.0).await.unwrap_err();
+        assert!(matches!(&err, ControlError::Malformed { key: k, .. } if *k == key), "{err}");
+        assert_eq!(err.label(), "malformed");
+        assert!(fx.log.is_empty());
+        assert_eq!(cluster.store.history(&cluster.job().control()).len(), 0);
+    }
+}
+
+#[tokio::test]
+async fn an_effect_that_fails_is_reported_with_its_label_and_the_decision_stays_written() {
+    let cluster = Cluster::new();
+    let mut lp = ControlLoop::new(brain(8), identity(), cluster.store.clone(), None);
+    let mut fx =
+        Recorder { table: Some(RecoveryState::new(names(), vec![])), fail_start: true, ..Default::default() };
+    let err = lp.step(&mut fx, 1000.0).await.unwrap_err();
+    assert_eq!(err.label(), "start-member");
+    // The generation is committed; the next round does not publish it again.
+    assert!(cluster.store.get(&cluster.job().placement()).is_some());
+    fx.fail_start = false;
+    let next = ran(&mut lp, &mut fx, 1001.0).await;
+    assert!(next.published.is_empty());
+}
+
+#[tokio::test]
+async fn a_finished_job_is_left_alone() {
+    let cluster = Cluster::new();
+    let mut done = RecoveryState::new(names(), vec![]);
+    done.phase = BrainPhase::Succeeded;
+    cluster.store.put(cluster.job().recovery(), done.to_json());
+    let mut lp = ControlLoop::new(brain(8), identity(), cluster.store.clone(), None);
+    let mut fx = Recorder::default();
+    assert!(
+        matches!(lp.step(&mut fx, 1000.0).await.unwrap(), Progress::Finished(s) if s.phase == BrainPhase::Succeeded)
+    );
+    assert_eq!(cluster.store.history(&cluster.job().recovery()).len(), 1);
+}
+
+#[tokio::test]
+async fn the_etcd_store_reads_one_revision_and_fences_stale_writes() {
+    let etcd = ninelives_testkit::EtcdServer::start().unwrap();
+    let client = etcd_client::Client::connect([etcd.endpoint()], None).await.unwrap();
+    let keys = Keyspace::default();
+    let job = keys.job(NS, JOB);
+    let mut store = EtcdStore::new(client.clone(), keys.clone(), NS, JOB);
+    let mut other = client.clone();
+    other.put(keys.node_alive("n0"), "{}", None).await.unwrap();
+    other.put("/unrelated", "x", None).await.unwrap();
+    let empty = store.read().await.unwrap();
+    assert_eq!(empty.record_revision, 0);
+    assert_eq!(empty.kvs.len(), 1, "only node and job keys: {:?}", empty.kvs);
+    let Written::Committed { revision } =
+        store.write(vec![(job.recovery(), "{}".into()), (job.control(), "{}".into())], 0).await.unwrap()
+    else {
+        panic!("first write fenced")
+    };
+    assert_eq!(store.read().await.unwrap().record_revision, revision);
+    // A writer that still believes the record absent is fenced, and writes nothing.
+    assert_eq!(store.write(vec![(job.control(), "stale".into())], 0).await.unwrap(), Written::Fenced);
+    let control = other.get(job.control(), None).await.unwrap();
+    assert_eq!(control.kvs()[0].value(), b"{}");
+    // With the current revision the write goes through.
+    assert!(matches!(
+        store.write(vec![(job.control(), "new".into())], revision).await.unwrap(),
+        Written::Committed { .. }
+    ));
+}
