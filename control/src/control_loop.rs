@@ -57,7 +57,7 @@ pub enum Progress {
     /// Another writer changed the record since this round read it: nothing was applied.
     Fenced,
     /// The job reached a terminal phase (in an earlier round).
-    Finished(RecoveryState),
+    Finished(Box<RecoveryState>),
 }
 
 /// What a round read, parsed.
@@ -112,7 +112,7 @@ impl<S: BrainStore> ControlLoop<S> {
             },
         };
         if prior.phase.is_terminal() {
-            return Ok(Progress::Finished(prior));
+            return Ok(Progress::Finished(Box::new(prior)));
         }
         let decision = decide(&self.brain, &prior, &seen.observation, seen.placement.as_ref())?;
         let Some(published) = self.apply(&prior, &decision, seen.plan, seen.revision).await? else {

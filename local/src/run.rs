@@ -344,7 +344,7 @@ impl<'c> LocalRun<'c> {
                 self.obs = round.observation;
                 self.state = Some(round.state);
             }
-            Ok(Progress::Finished(state)) => self.state = Some(state),
+            Ok(Progress::Finished(state)) => self.state = Some(*state),
             Ok(Progress::NotStarted | Progress::Fenced) => {}
             Err(e) => self.fx.journal.note(format!("control loop: {e}")),
         }

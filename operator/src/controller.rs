@@ -21,7 +21,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use ninelives_core::TrainingJob;
 use ninelives_core::validate::{validate_name, validate_spec};
 use ninelives_telemetry::recovery::RecoveryMetrics;
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{info, warn};
 
 use crate::backoff::ObjectBackoff;

@@ -106,6 +106,45 @@ async fn ready(State(state): State<AdminState>) -> (StatusCode, &'static str) {
     }
 }
 
+/// Lowest port [`free_port`] hands out (above the well-known and most registered services).
+const FIRST_PORT: u32 = 20_000;
+
+/// Returns a TCP port on 127.0.0.1 that was free a moment ago, for a server started next.
+///
+/// Chosen below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`, usually from
+/// 32768), where the local ports of outgoing connections come from: a port picked by binding to
+/// port 0 lies in that range, and a scrape or client connection made before the server binds it
+/// could take it ("Address already in use", seen once in the live Prometheus test). Successive
+/// calls walk the range from a per-process offset, so one process never hands out a port twice
+/// and concurrent processes start far apart. Falls back to a kernel-chosen port when the range
+/// below is exhausted.
+pub fn free_port() -> std::io::Result<u16> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let below = ephemeral_start().saturating_sub(1);
+    if below > FIRST_PORT {
+        let span = below - FIRST_PORT;
+        let offset = std::process::id().wrapping_mul(7919) % span;
+        for _ in 0..span.min(4096) {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let port = FIRST_PORT + (offset + n) % span;
+            if let Ok(port) = u16::try_from(port)
+                && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            {
+                return Ok(port);
+            }
+        }
+    }
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// First port of the kernel's ephemeral range (32768 if it cannot be read).
+fn ephemeral_start() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,43 +195,4 @@ mod tests {
         stop.send(()).unwrap();
         task.await.unwrap().unwrap();
     }
-}
-
-/// Lowest port [`free_port`] hands out (above the well-known and most registered services).
-const FIRST_PORT: u32 = 20_000;
-
-/// Returns a TCP port on 127.0.0.1 that was free a moment ago, for a server started next.
-///
-/// Chosen below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`, usually from
-/// 32768), where the local ports of outgoing connections come from: a port picked by binding to
-/// port 0 lies in that range, and a scrape or client connection made before the server binds it
-/// could take it ("Address already in use", seen once in the live Prometheus test). Successive
-/// calls walk the range from a per-process offset, so one process never hands out a port twice
-/// and concurrent processes start far apart. Falls back to a kernel-chosen port when the range
-/// below is exhausted.
-pub fn free_port() -> std::io::Result<u16> {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let below = ephemeral_start().saturating_sub(1);
-    if below > FIRST_PORT {
-        let span = below - FIRST_PORT;
-        let offset = std::process::id().wrapping_mul(7919) % span;
-        for _ in 0..span.min(4096) {
-            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let port = FIRST_PORT + (offset + n) % span;
-            if let Ok(port) = u16::try_from(port)
-                && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
-            {
-                return Ok(port);
-            }
-        }
-    }
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// First port of the kernel's ephemeral range (32768 if it cannot be read).
-fn ephemeral_start() -> u32 {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32_768)
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use ninelives_core::TrainingJob;
-use ninelives_core::job::{JobCondition, JobPhase, TrainingJobStatus};
+use ninelives_core::job::{JobPhase, TrainingJobStatus};
 
 use k8s_openapi::jiff::Timestamp;
 use ninelives_core::recovery::{ProgressRecord, RecoveryState};

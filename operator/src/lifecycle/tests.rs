@@ -3,6 +3,7 @@
 use super::*;
 use crate::fixtures::{job, pods_in_phase, with_phase};
 use crate::resources::{WorkerTemplate, desired_pods};
+use ninelives_core::job::JobCondition;
 
 const T0: &str = "2026-01-01T00:00:00Z";
 const T1: &str = "2026-01-01T00:01:00Z";
