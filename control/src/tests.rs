@@ -170,7 +170,7 @@ async fn a_job_starts_and_a_chip_with_replicas_is_rerouted_without_a_rollback() 
     assert_eq!(fx.recoveries.len(), 1);
     assert_eq!((fx.recoveries[0].tier, fx.recoveries[0].steps_lost), (Rung::Reroute, 0));
     assert!(
-        fx.log.ends_with(&["recovered by reroute".to_string(), "phase Running".to_string()]),
+        fx.log.ends_with(&["recovered by reroute".to_string(), "phase running".to_string()]),
         "{:?}",
         fx.log
     );
