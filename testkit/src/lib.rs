@@ -23,7 +23,7 @@ pub mod prometheus;
 #[derive(Debug, Error)]
 pub enum TestkitError {
     /// The binary is not installed.
-    #[error("`{binary}` not found on PATH; install it with scripts/setup (Debian package {package})")]
+    #[error("`{binary}` not found on PATH; install it with `scripts/setup --e2e` (Debian package {package})")]
     Missing {
         /// Binary name.
         binary: &'static str,
