@@ -111,6 +111,19 @@ impl OperatorProcess {
         worker: &WorkerCommand,
         lease_seconds: u64,
     ) -> Result<Self> {
+        Self::start_with(plane, kubeconfig, lease_namespace, identity, worker, lease_seconds, &[])
+    }
+
+    /// [`OperatorProcess::start_as`] with `extra` operator flags.
+    pub fn start_with(
+        plane: &ControlPlane,
+        kubeconfig: &Path,
+        lease_namespace: &str,
+        identity: &str,
+        worker: &WorkerCommand,
+        lease_seconds: u64,
+        extra: &[&str],
+    ) -> Result<Self> {
         let bin = tools::ninelives()?;
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
         let log = plane.dir().join(format!("operator-{identity}.log"));
@@ -123,7 +136,12 @@ impl OperatorProcess {
             .arg(format!("--lease-duration-seconds={lease_seconds}"))
             .arg(format!("--identity={identity}"))
             .arg("--worker-image=local-process")
+            // Every pod of the test bed is a process of this host: checkpoint paths are one
+            // filesystem, and a fixed metrics port would collide between pods.
+            .arg("--shared-checkpoint-paths")
+            .arg("--worker-metrics-port=0")
             .args(worker.flags())
+            .args(extra)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
             .stdin(Stdio::null())

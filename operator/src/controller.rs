@@ -9,8 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::jiff::Timestamp;
+use kube::api::DynamicObject;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -24,6 +26,7 @@ use ninelives_telemetry::recovery::RecoveryMetrics;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{info, warn};
 
+use crate::admission::{Admission, ClaimLookup, checkpoint_violation, needs_claim};
 use crate::backoff::ObjectBackoff;
 use crate::driver::{DriverEnv, Drivers, read_view};
 use crate::error::{Error, Result};
@@ -31,7 +34,8 @@ use crate::etcd::{EtcdConfig, SharedEtcd};
 use crate::lifecycle::{JobEvent, Plan, Severity, plan_with};
 use crate::metrics::Metrics;
 use crate::resources::{
-    Assignment, Recovery, WorkerTemplate, assigned_pods, desired_pods, desired_service, job_selector,
+    Assignment, Recovery, WorkerTemplate, assigned_pods, desired_network_policy, desired_pods,
+    desired_service, job_selector,
 };
 
 /// Finalizer that keeps a deleted job until its pods, service and etcd keys are gone.
@@ -40,6 +44,9 @@ pub const FINALIZER: &str = "ninelives.io/cleanup";
 pub const FIELD_MANAGER: &str = "ninelives-operator";
 /// Periodic resync of a healthy job (pod events trigger reconciles in between).
 const RESYNC: Duration = Duration::from_secs(300);
+/// Re-check of a job refused for its checkpoint claim: creating or changing a PVC does not
+/// trigger a reconcile of the job.
+const CLAIM_RECHECK: Duration = Duration::from_secs(30);
 
 /// Shared state of the reconcilers.
 pub struct Context {
@@ -47,6 +54,8 @@ pub struct Context {
     pub client: Client,
     /// How worker pods are started.
     pub template: WorkerTemplate,
+    /// What the operator refuses beyond the core validator.
+    pub admission: Admission,
     /// The coordination etcd (one client for the drivers and the reconciles' brain reads).
     pub etcd: Arc<SharedEtcd>,
     /// Metrics.
@@ -65,6 +74,7 @@ impl Context {
     pub fn new(
         client: Client,
         template: WorkerTemplate,
+        admission: Admission,
         etcd: EtcdConfig,
         metrics: Arc<Metrics>,
         recovery: RecoveryMetrics,
@@ -88,6 +98,7 @@ impl Context {
             recorder,
             client,
             template,
+            admission,
             etcd,
             metrics,
             backoff: ObjectBackoff::new(Duration::from_secs(1), Duration::from_secs(60)),
@@ -156,18 +167,36 @@ fn error_policy(job: Arc<TrainingJob>, error: &Error, ctx: Arc<Context>) -> Acti
     Action::requeue(delay)
 }
 
-/// The validator's verdict: `Some(message)` when the job cannot run as specified.
-fn invalid_message(job: &TrainingJob) -> Option<String> {
+/// The validators' verdict: `Some(message)` when the job cannot run as specified (the core
+/// validator, the operator's allow-list, and whether its members can share its checkpoints).
+async fn invalid_message(job: &TrainingJob, ctx: &Context, namespace: &str) -> Result<Option<String>> {
     let mut violations: Vec<String> =
         validate_name(&job.name_any()).into_iter().map(|v| v.to_string()).collect();
     violations.extend(validate_spec(&job.spec).iter().map(ToString::to_string));
-    (!violations.is_empty()).then(|| violations.join("; "))
+    violations.extend(ctx.admission.allow_list.violations(job));
+    let claim = match needs_claim(job) {
+        Some(name) => {
+            let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
+            claims
+                .get_opt(name)
+                .await
+                .map_err(|source| Error::Read { what: "persistentvolumeclaim", source })?
+        }
+        None => None,
+    };
+    let lookup = match (&claim, needs_claim(job)) {
+        (Some(found), _) => ClaimLookup::Found(found),
+        (None, Some(_)) => ClaimLookup::Missing,
+        (None, None) => ClaimLookup::NotNeeded,
+    };
+    violations.extend(checkpoint_violation(job, lookup, ctx.admission.shared_checkpoint_paths));
+    Ok((!violations.is_empty()).then(|| violations.join("; ")))
 }
 
 async fn apply(job: &TrainingJob, ctx: &Arc<Context>) -> Result<Action> {
     let namespace = job.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
     let name = job.name_any();
-    let invalid = invalid_message(job);
+    let invalid = invalid_message(job, ctx, &namespace).await?;
     let brain = match (ctx.template.recovery, &invalid) {
         (Recovery::Brain, None) => {
             let terminal = job.status.as_ref().and_then(|s| s.phase).is_some_and(|p| {
@@ -206,6 +235,8 @@ async fn apply(job: &TrainingJob, ctx: &Arc<Context>) -> Result<Action> {
 
     if service {
         apply_service(job, ctx, &namespace).await?;
+        apply_network_policy(job, ctx, &namespace).await?;
+        apply_pod_group(job, ctx, &namespace).await?;
     }
     let params = PatchParams::apply(FIELD_MANAGER).force();
     for pod in &create {
@@ -235,8 +266,13 @@ async fn apply(job: &TrainingJob, ctx: &Arc<Context>) -> Result<Action> {
         publish(ctx, job, event).await;
     }
 
-    // Invalid specs wait for an edit; everything else is driven by pod and job watches.
-    Ok(if invalid.is_some() { Action::await_change() } else { Action::requeue(RESYNC) })
+    // Invalid specs wait for an edit (or for their claim to appear or change); everything else
+    // is driven by pod and job watches.
+    Ok(match (&invalid, needs_claim(job)) {
+        (Some(_), Some(_)) => Action::requeue(CLAIM_RECHECK),
+        (Some(_), None) => Action::await_change(),
+        (None, _) => Action::requeue(RESYNC),
+    })
 }
 
 async fn apply_service(job: &TrainingJob, ctx: &Context, namespace: &str) -> Result<()> {
@@ -251,6 +287,43 @@ async fn apply_service(job: &TrainingJob, ctx: &Context, namespace: &str) -> Res
         .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&service))
         .await
         .map_err(|source| Error::Apply { what: format!("service {name}"), source })?;
+    Ok(())
+}
+
+/// The job's NetworkPolicy, written only when missing or different.
+async fn apply_network_policy(job: &TrainingJob, ctx: &Context, namespace: &str) -> Result<()> {
+    let Some(desired) = desired_network_policy(job, &ctx.template)? else { return Ok(()) };
+    let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), namespace);
+    let name = job.name_any();
+    let current =
+        policies.get_opt(&name).await.map_err(|source| Error::Read { what: "networkpolicy", source })?;
+    if current.is_some_and(|c| c.spec == desired.spec) {
+        return Ok(());
+    }
+    policies
+        .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&desired))
+        .await
+        .map_err(|source| Error::Apply { what: format!("networkpolicy {name}"), source })?;
+    Ok(())
+}
+
+/// The job's PodGroup when its scheduler gang-schedules, written only when missing or
+/// different. Without the scheduler's CRD this fails, and the job's pods wait: a gang job
+/// scheduled pod by pod could deadlock half-placed.
+async fn apply_pod_group(job: &TrainingJob, ctx: &Context, namespace: &str) -> Result<()> {
+    let Some(gang) = crate::gang::scheduler(job, &ctx.template) else { return Ok(()) };
+    let desired = crate::gang::desired_pod_group(job, gang)?;
+    let groups: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), namespace, &gang.api_resource());
+    let name = job.name_any();
+    let current = groups.get_opt(&name).await.map_err(|source| Error::Read { what: "podgroup", source })?;
+    if current.is_some_and(|c| crate::gang::pod_group_matches(&c, &desired)) {
+        return Ok(());
+    }
+    groups
+        .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&desired))
+        .await
+        .map_err(|source| Error::Apply { what: format!("podgroup {name}"), source })?;
     Ok(())
 }
 
@@ -281,6 +354,15 @@ async fn cleanup(job: &TrainingJob, ctx: &Context) -> Result<Action> {
     }
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
     delete_ignoring_missing(&services, &name).await?;
+    if ctx.template.network_policy.is_some() {
+        let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
+        delete_ignoring_missing(&policies, &name).await?;
+    }
+    if let Some(gang) = crate::gang::scheduler(job, &ctx.template) {
+        let groups: Api<DynamicObject> =
+            Api::namespaced_with(ctx.client.clone(), &namespace, &gang.api_resource());
+        delete_ignoring_missing(&groups, &name).await?;
+    }
     if !existing.is_empty() {
         // `finalizer()` removes the finalizer on Ok, so waiting for terminating pods is an
         // error that is retried under backoff until they are gone.

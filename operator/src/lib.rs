@@ -24,6 +24,7 @@ use ninelives_telemetry::{AdminServer, Readiness};
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
+pub mod admission;
 pub mod backoff;
 pub mod controller;
 pub mod driver;
@@ -31,6 +32,7 @@ pub mod error;
 pub mod etcd;
 #[cfg(test)]
 mod fixtures;
+pub mod gang;
 pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
@@ -86,13 +88,45 @@ pub struct OperatorArgs {
     /// do not speak the rendezvous protocol).
     #[arg(long, default_value = "brain", value_parser = ["brain", "restart-pods"])]
     pub recovery: String,
+    /// Secret in each job's namespace with the etcd CA (`ca.crt`) and a client certificate
+    /// (`tls.crt`, `tls.key`) for the worker pods; mounted read-only. Unset: plain-text etcd.
+    #[arg(long)]
+    pub worker_etcd_tls_secret: Option<String>,
+    /// Port of the worker pods' /metrics (declared as container port `metrics`); 0 serves none.
+    #[arg(long, default_value_t = resources::DEFAULT_WORKER_METRICS_PORT)]
+    pub worker_metrics_port: u16,
+    /// Give every job a NetworkPolicy: worker port only from the same job's pods, metrics port
+    /// only from `--worker-metrics-namespace`.
+    #[arg(long)]
+    pub worker_network_policy: bool,
+    /// Namespace allowed to scrape worker metrics under `--worker-network-policy`.
+    #[arg(long)]
+    pub worker_metrics_namespace: Option<String>,
+    /// `schedulerName` that gets a Volcano PodGroup.
+    #[arg(long, default_value = gang::VOLCANO_SCHEDULER)]
+    pub volcano_scheduler_name: String,
+    /// `schedulerName` that gets a scheduler-plugins coscheduling PodGroup.
+    #[arg(long, default_value = gang::COSCHEDULING_SCHEDULER)]
+    pub coscheduling_scheduler_name: String,
+    /// Restrict the toleration keys jobs may request to this list (comma-separated; `*` stands
+    /// for a keyless toleration of every taint). Unset: any.
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_toleration_keys: Option<Vec<String>>,
+    /// Restrict the priority classes jobs may request to this list (comma-separated). Unset: any.
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_priority_classes: Option<Vec<String>>,
+    /// `checkpoint.path` is a filesystem every node shares, so multi-node jobs may use a path
+    /// instead of a ReadWriteMany PVC.
+    #[arg(long)]
+    pub shared_checkpoint_paths: bool,
     /// Seconds to let reconciles in flight finish after SIGTERM.
     #[arg(long, default_value_t = 20)]
     pub shutdown_grace_seconds: u64,
 }
 
 impl OperatorArgs {
-    fn template(&self) -> resources::WorkerTemplate {
+    /// How worker pods are built under these flags.
+    pub fn template(&self) -> resources::WorkerTemplate {
         let recovery = match self.recovery.as_str() {
             "restart-pods" => resources::Recovery::RestartPods,
             _ => resources::Recovery::Brain,
@@ -107,7 +141,28 @@ impl OperatorArgs {
             },
             args: if self.worker_args.is_empty() { default.args } else { self.worker_args.clone() },
             etcd_endpoints: self.etcd.clone(),
+            etcd_prefix: self.etcd_prefix.clone(),
+            etcd_tls_secret: self.worker_etcd_tls_secret.clone().filter(|s| !s.is_empty()),
+            metrics_port: (self.worker_metrics_port != 0).then_some(self.worker_metrics_port),
+            network_policy: self.worker_network_policy.then(|| resources::WorkerNetworkPolicy {
+                metrics_namespace: self.worker_metrics_namespace.clone().filter(|s| !s.is_empty()),
+            }),
+            gang: gang::GangSchedulers {
+                volcano: self.volcano_scheduler_name.clone(),
+                coscheduling: self.coscheduling_scheduler_name.clone(),
+            },
             ..default
+        }
+    }
+
+    /// What the operator refuses under these flags.
+    pub fn admission(&self) -> admission::Admission {
+        admission::Admission {
+            allow_list: admission::SchedulingAllowList {
+                toleration_keys: self.allowed_toleration_keys.clone(),
+                priority_classes: self.allowed_priority_classes.clone(),
+            },
+            shared_checkpoint_paths: self.shared_checkpoint_paths,
         }
     }
 
@@ -234,6 +289,7 @@ async fn lead_while_elected(
     let ctx = Arc::new(controller::Context::new(
         client,
         args.template(),
+        args.admission(),
         args.etcd_config(),
         metrics.clone(),
         recovery,

@@ -9,10 +9,16 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, EnvVar, EnvVarSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod,
-    PodAffinityTerm, PodAntiAffinity, PodSpec, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, Pod, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
+    SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
+    VolumeMount,
+};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use ninelives_core::TrainingJob;
 use ninelives_core::job::{API_VERSION, KIND};
@@ -32,6 +38,23 @@ pub const TEMPLATE_HASH_ANNOTATION: &str = "ninelives.io/template-hash";
 pub const CHECKPOINT_MOUNT: &str = "/var/lib/ninelives/checkpoints";
 /// Port the workers use among themselves (named on the headless Service).
 pub const WORKER_PORT: i32 = 29500;
+/// Default port of a worker's `/metrics` (the agent has 9102, the operator 8080).
+pub const DEFAULT_WORKER_METRICS_PORT: u16 = 9103;
+/// Where the etcd client Secret ([`WorkerTemplate::etcd_tls_secret`]) is mounted.
+pub const ETCD_TLS_MOUNT: &str = "/etc/ninelives/etcd";
+/// Where the job's transport key Secret ([`job_key_secret`]) is mounted when it exists.
+pub const JOB_KEY_MOUNT: &str = "/etc/ninelives/job-key";
+/// User and group worker containers run as (the image's non-root user; PSA `restricted`).
+pub const WORKER_UID: i64 = 65532;
+/// Kueue's queue label; copied from the job onto its pods and PodGroup.
+pub const KUEUE_QUEUE_LABEL: &str = "kueue.x-k8s.io/queue-name";
+
+/// Name of the Secret with the job's transport key material (`<job>-transport-key`). Every
+/// worker pod mounts it at [`JOB_KEY_MOUNT`] as an optional volume: pods start without it, and
+/// the component that creates per-job keys only has to create this Secret.
+pub fn job_key_secret(job: &str) -> String {
+    format!("{job}-transport-key")
+}
 
 /// Role of a worker pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,8 +98,21 @@ pub struct WorkerTemplate {
     pub args: Vec<String>,
     /// etcd endpoints handed to the workers (`NINELIVES_ETCD_ENDPOINTS`).
     pub etcd_endpoints: Vec<String>,
+    /// Prefix of the etcd keyspace (`NINELIVES_ETCD_PREFIX`), the operator's own.
+    pub etcd_prefix: String,
+    /// Secret, in the job's namespace, with the etcd CA (`ca.crt`) and a client certificate
+    /// (`tls.crt`, `tls.key`); mounted at [`ETCD_TLS_MOUNT`] and named to the worker through
+    /// `NINELIVES_ETCD_{CA,CERT,KEY}_FILE`. `None`: plain-text etcd.
+    pub etcd_tls_secret: Option<String>,
+    /// Port of the worker's `/metrics` (`NINELIVES_METRICS_ADDR`, container port `metrics`);
+    /// `None` serves none (the e2e node runner, where every pod shares one host's ports).
+    pub metrics_port: Option<u16>,
     /// Who handles failures.
     pub recovery: Recovery,
+    /// A NetworkPolicy per job ([`desired_network_policy`]); `None` creates none.
+    pub network_policy: Option<WorkerNetworkPolicy>,
+    /// Scheduler names that get a PodGroup ([`crate::gang`]).
+    pub gang: crate::gang::GangSchedulers,
     /// Command of spare pods under [`Recovery::Brain`]: they hold their node until the brain
     /// moves a rank there (a fresh worker pod is started then).
     pub standby_command: Vec<String>,
@@ -118,6 +154,11 @@ impl WorkerTemplate {
             command: vec!["ninelives".into()],
             args: args.iter().map(|a| (*a).to_string()).collect(),
             etcd_endpoints: Vec::new(),
+            etcd_prefix: ninelives_core::keyspace::DEFAULT_PREFIX.into(),
+            etcd_tls_secret: None,
+            metrics_port: Some(DEFAULT_WORKER_METRICS_PORT),
+            network_policy: None,
+            gang: crate::gang::GangSchedulers::default(),
             recovery,
             standby_command: vec!["sleep".into(), "infinity".into()],
         }
@@ -128,6 +169,68 @@ impl Default for WorkerTemplate {
     fn default() -> Self {
         Self::new(Recovery::RestartPods)
     }
+}
+
+/// Who may reach a job's worker pods ([`desired_network_policy`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkerNetworkPolicy {
+    /// Namespace whose pods may scrape the workers' metrics port (`kubernetes.io/metadata.name`);
+    /// `None`: no pod may (the metrics port is closed to the network).
+    pub metrics_namespace: Option<String>,
+}
+
+/// The NetworkPolicy of `job`: its worker port only from the same job's pods, its metrics port
+/// only from the monitoring namespace, nothing else in. Egress (etcd, peers) is left to the
+/// cluster's policy.
+pub fn desired_network_policy(job: &TrainingJob, template: &WorkerTemplate) -> Result<Option<NetworkPolicy>> {
+    let Some(policy) = &template.network_policy else { return Ok(None) };
+    let name = job.name_any();
+    let same_job = LabelSelector {
+        match_labels: Some(BTreeMap::from([(JOB_LABEL.to_string(), name.clone())])),
+        match_expressions: None,
+    };
+    let port = |port: IntOrString| NetworkPolicyPort {
+        port: Some(port),
+        protocol: Some("TCP".into()),
+        end_port: None,
+    };
+    let mut ingress = vec![NetworkPolicyIngressRule {
+        from: Some(vec![NetworkPolicyPeer {
+            pod_selector: Some(same_job.clone()),
+            ..NetworkPolicyPeer::default()
+        }]),
+        ports: Some(vec![port(IntOrString::Int(WORKER_PORT))]),
+    }];
+    if let (Some(namespace), Some(metrics)) = (&policy.metrics_namespace, template.metrics_port) {
+        ingress.push(NetworkPolicyIngressRule {
+            from: Some(vec![NetworkPolicyPeer {
+                namespace_selector: Some(LabelSelector {
+                    match_labels: Some(BTreeMap::from([(
+                        "kubernetes.io/metadata.name".to_string(),
+                        namespace.clone(),
+                    )])),
+                    match_expressions: None,
+                }),
+                ..NetworkPolicyPeer::default()
+            }]),
+            ports: Some(vec![port(IntOrString::Int(i32::from(metrics)))]),
+        });
+    }
+    Ok(Some(NetworkPolicy {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: job.namespace(),
+            labels: Some(job_labels(&name)),
+            owner_references: Some(vec![owner_reference(job)?]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(same_job),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(ingress),
+            egress: None,
+        }),
+    }))
 }
 
 /// Where the recovery brain wants each training rank, from its record in etcd: rank → node.
@@ -153,7 +256,8 @@ pub fn job_selector(job: &str) -> String {
     format!("{JOB_LABEL}={job}")
 }
 
-fn owner_reference(job: &TrainingJob) -> Result<OwnerReference> {
+/// The controller owner reference every child of `job` carries.
+pub fn owner_reference(job: &TrainingJob) -> Result<OwnerReference> {
     Ok(OwnerReference {
         api_version: API_VERSION.into(),
         kind: KIND.into(),
@@ -278,26 +382,73 @@ fn worker_pod(job: &TrainingJob, template: &WorkerTemplate, rank: u32, role: Rol
     let mut labels = job_labels(&name);
     labels.insert(RANK_LABEL.into(), rank.to_string());
     labels.insert(ROLE_LABEL.into(), role.as_str().into());
+    if let Some(queue) = job.labels().get(KUEUE_QUEUE_LABEL) {
+        labels.insert(KUEUE_QUEUE_LABEL.into(), queue.clone());
+    }
+    let mut annotations = BTreeMap::new();
+    match crate::gang::scheduler(job, template) {
+        Some(crate::gang::Gang::Volcano) => {
+            annotations.insert(crate::gang::VOLCANO_GROUP_ANNOTATION.to_string(), name.clone());
+        }
+        Some(crate::gang::Gang::Coscheduling) => {
+            labels.insert(crate::gang::COSCHEDULING_GROUP_LABEL.to_string(), name.clone());
+        }
+        None => {}
+    }
 
-    let (volumes, mounts) = match &spec.checkpoint.pvc {
-        Some(pvc) => (
-            Some(vec![Volume {
-                name: "checkpoints".into(),
-                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                    claim_name: pvc.claim_name.clone(),
-                    read_only: None,
-                }),
-                ..Volume::default()
-            }]),
-            Some(vec![VolumeMount {
-                name: "checkpoints".into(),
-                mount_path: CHECKPOINT_MOUNT.into(),
-                sub_path: pvc.sub_path.clone(),
-                ..VolumeMount::default()
-            }]),
-        ),
-        None => (None, None),
-    };
+    let mut volumes = Vec::new();
+    let mut mounts = Vec::new();
+    if let Some(pvc) = &spec.checkpoint.pvc {
+        volumes.push(Volume {
+            name: "checkpoints".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: pvc.claim_name.clone(),
+                read_only: None,
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "checkpoints".into(),
+            mount_path: CHECKPOINT_MOUNT.into(),
+            sub_path: pvc.sub_path.clone(),
+            ..VolumeMount::default()
+        });
+    }
+    let mut env_vars = vec![
+        env("NINELIVES_JOB", job_document(job)?),
+        env("NINELIVES_RANK", rank.to_string()),
+        env("NINELIVES_WORLD_SIZE", spec.topology.nodes.to_string()),
+        env("NINELIVES_ROLE", role.as_str()),
+        env("NINELIVES_ETCD_ENDPOINTS", template.etcd_endpoints.join(",")),
+        env("NINELIVES_ETCD_PREFIX", template.etcd_prefix.clone()),
+        env_field("NINELIVES_NODE", "spec.nodeName"),
+        env_field("NINELIVES_POD", "metadata.name"),
+        env_field("NINELIVES_NAMESPACE", "metadata.namespace"),
+        env_field("NINELIVES_POD_IP", "status.podIP"),
+    ];
+    if let Some(secret) = &template.etcd_tls_secret {
+        volumes.push(secret_volume("etcd-tls", secret, false));
+        mounts.push(read_only_mount("etcd-tls", ETCD_TLS_MOUNT));
+        env_vars.push(env("NINELIVES_ETCD_CA_FILE", format!("{ETCD_TLS_MOUNT}/ca.crt")));
+        env_vars.push(env("NINELIVES_ETCD_CERT_FILE", format!("{ETCD_TLS_MOUNT}/tls.crt")));
+        env_vars.push(env("NINELIVES_ETCD_KEY_FILE", format!("{ETCD_TLS_MOUNT}/tls.key")));
+    }
+    // Hook for per-job transport keys: optional, so pods start before (or without) the Secret.
+    volumes.push(secret_volume("job-key", &job_key_secret(&name), true));
+    mounts.push(read_only_mount("job-key", JOB_KEY_MOUNT));
+    let mut ports = vec![ContainerPort {
+        name: Some("worker".into()),
+        container_port: WORKER_PORT,
+        ..ContainerPort::default()
+    }];
+    if let Some(port) = template.metrics_port {
+        env_vars.push(env("NINELIVES_METRICS_ADDR", format!("0.0.0.0:{port}")));
+        ports.push(ContainerPort {
+            name: Some("metrics".into()),
+            container_port: i32::from(port),
+            ..ContainerPort::default()
+        });
+    }
 
     let standby = role == Role::Spare && template.recovery == Recovery::Brain;
     let container = Container {
@@ -305,19 +456,17 @@ fn worker_pod(job: &TrainingJob, template: &WorkerTemplate, rank: u32, role: Rol
         image: Some(spec.pod.image.clone().unwrap_or_else(|| template.image.clone())),
         command: Some(if standby { template.standby_command.clone() } else { template.command.clone() }),
         args: Some(if standby { Vec::new() } else { args }),
-        env: Some(vec![
-            env("NINELIVES_JOB", job_document(job)?),
-            env("NINELIVES_RANK", rank.to_string()),
-            env("NINELIVES_WORLD_SIZE", spec.topology.nodes.to_string()),
-            env("NINELIVES_ROLE", role.as_str()),
-            env("NINELIVES_ETCD_ENDPOINTS", template.etcd_endpoints.join(",")),
-            env_field("NINELIVES_NODE", "spec.nodeName"),
-            env_field("NINELIVES_POD", "metadata.name"),
-            env_field("NINELIVES_NAMESPACE", "metadata.namespace"),
-            env_field("NINELIVES_POD_IP", "status.podIP"),
-        ]),
+        env: Some(env_vars),
+        ports: Some(ports),
         resources: spec.pod.resources.clone(),
-        volume_mounts: mounts,
+        volume_mounts: Some(mounts),
+        // Pod Security Standards, `restricted` level.
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+            run_as_non_root: Some(true),
+            ..SecurityContext::default()
+        }),
         ..Container::default()
     };
 
@@ -328,7 +477,18 @@ fn worker_pod(job: &TrainingJob, template: &WorkerTemplate, rank: u32, role: Rol
         // restart it behind the operator's back.
         restart_policy: Some("Never".into()),
         containers: vec![container],
-        volumes,
+        volumes: Some(volumes),
+        // Workers never talk to the apiserver.
+        automount_service_account_token: Some(false),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(WORKER_UID),
+            run_as_group: Some(WORKER_UID),
+            // Checkpoint volumes become writable by the worker's group.
+            fs_group: Some(WORKER_UID),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+            ..PodSecurityContext::default()
+        }),
         node_selector: (!spec.pod.node_selector.is_empty()).then(|| spec.pod.node_selector.clone()),
         tolerations: (!spec.pod.tolerations.is_empty()).then(|| spec.pod.tolerations.clone()),
         scheduler_name: spec.pod.scheduler_name.clone(),
@@ -357,13 +517,38 @@ fn worker_pod(job: &TrainingJob, template: &WorkerTemplate, rank: u32, role: Rol
             name: Some(pod_name(&name, rank)),
             namespace: job.namespace(),
             labels: Some(labels),
-            annotations: Some(BTreeMap::from([(TEMPLATE_HASH_ANNOTATION.to_string(), hash)])),
+            annotations: Some({
+                annotations.insert(TEMPLATE_HASH_ANNOTATION.to_string(), hash);
+                annotations
+            }),
             owner_references: Some(vec![owner_reference(job)?]),
             ..ObjectMeta::default()
         },
         spec: Some(pod_spec),
         status: None,
     })
+}
+
+fn secret_volume(name: &str, secret: &str, optional: bool) -> Volume {
+    Volume {
+        name: name.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.into()),
+            optional: optional.then_some(true),
+            default_mode: Some(0o440),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+fn read_only_mount(name: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }
 }
 
 /// Hash of a pod spec; the job spec (minus `suspend`, which never reaches a running pod) is
@@ -489,6 +674,97 @@ mod tests {
         let mut suspended = base.clone();
         suspended.spec.suspend = true;
         assert_eq!(hash(&base), hash(&suspended), "resuming must not roll the pods");
+    }
+
+    #[test]
+    fn workers_run_restricted_without_a_token_and_declare_their_ports() {
+        let job = job("tiny").build();
+        let pod = &desired_pods(&job, &WorkerTemplate::default()).unwrap()[0];
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        let pod_sc = spec.security_context.as_ref().unwrap();
+        assert_eq!(pod_sc.run_as_non_root, Some(true));
+        assert_eq!(pod_sc.run_as_user, Some(WORKER_UID));
+        assert_eq!(pod_sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+        let container = &spec.containers[0];
+        let sc = container.security_context.as_ref().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_string()][..]));
+        let ports: Vec<_> = container
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.name.as_deref().unwrap(), p.container_port))
+            .collect();
+        assert_eq!(ports, [("worker", WORKER_PORT), ("metrics", 9103)]);
+        let env: BTreeMap<_, _> =
+            container.env.iter().flatten().map(|e| (e.name.as_str(), e.value.as_deref())).collect();
+        assert_eq!(env["NINELIVES_METRICS_ADDR"], Some("0.0.0.0:9103"));
+        assert_eq!(env["NINELIVES_ETCD_PREFIX"], Some("/ninelives/"));
+        assert!(!env.contains_key("NINELIVES_ETCD_CA_FILE"), "no TLS unless configured");
+        let quiet = WorkerTemplate { metrics_port: None, ..WorkerTemplate::default() };
+        let pod = &desired_pods(&job, &quiet).unwrap()[0];
+        let container = &pod.spec.as_ref().unwrap().containers[0];
+        assert_eq!(container.ports.as_ref().unwrap().len(), 1);
+        assert!(!container.env.iter().flatten().any(|e| e.name == "NINELIVES_METRICS_ADDR"));
+    }
+
+    #[test]
+    fn etcd_tls_secret_and_prefix_reach_the_worker_and_the_job_key_is_an_optional_mount() {
+        let job = job("tiny").build();
+        let template = WorkerTemplate {
+            etcd_prefix: "/team-a/".into(),
+            etcd_tls_secret: Some("etcd-client".into()),
+            ..WorkerTemplate::default()
+        };
+        let pod = &desired_pods(&job, &template).unwrap()[0];
+        let spec = pod.spec.as_ref().unwrap();
+        let volumes: BTreeMap<_, _> = spec.volumes.iter().flatten().map(|v| (v.name.as_str(), v)).collect();
+        let etcd = volumes["etcd-tls"].secret.as_ref().unwrap();
+        assert_eq!((etcd.secret_name.as_deref(), etcd.optional), (Some("etcd-client"), None));
+        let key = volumes["job-key"].secret.as_ref().unwrap();
+        assert_eq!((key.secret_name.as_deref(), key.optional), (Some("tiny-transport-key"), Some(true)));
+        let container = &spec.containers[0];
+        let mounts: BTreeMap<_, _> = container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| (m.name.as_str(), (m.mount_path.as_str(), m.read_only)))
+            .collect();
+        assert_eq!(mounts["etcd-tls"], (ETCD_TLS_MOUNT, Some(true)));
+        assert_eq!(mounts["job-key"], (JOB_KEY_MOUNT, Some(true)));
+        let env: BTreeMap<_, _> =
+            container.env.iter().flatten().map(|e| (e.name.as_str(), e.value.as_deref())).collect();
+        assert_eq!(env["NINELIVES_ETCD_PREFIX"], Some("/team-a/"));
+        assert_eq!(env["NINELIVES_ETCD_CA_FILE"], Some("/etc/ninelives/etcd/ca.crt"));
+        assert_eq!(env["NINELIVES_ETCD_CERT_FILE"], Some("/etc/ninelives/etcd/tls.crt"));
+        assert_eq!(env["NINELIVES_ETCD_KEY_FILE"], Some("/etc/ninelives/etcd/tls.key"));
+    }
+
+    #[test]
+    fn network_policy_admits_the_job_to_its_worker_port_and_monitoring_to_metrics() {
+        let job = job("tiny").build();
+        assert!(desired_network_policy(&job, &WorkerTemplate::default()).unwrap().is_none(), "opt-in");
+        let template = WorkerTemplate {
+            network_policy: Some(WorkerNetworkPolicy { metrics_namespace: Some("monitoring".into()) }),
+            ..WorkerTemplate::default()
+        };
+        let policy = desired_network_policy(&job, &template).unwrap().unwrap();
+        let spec = policy.spec.unwrap();
+        assert_eq!(spec.pod_selector.unwrap().match_labels.unwrap()[JOB_LABEL], "tiny");
+        assert_eq!(spec.policy_types.as_deref(), Some(&["Ingress".to_string()][..]));
+        let rules = spec.ingress.unwrap();
+        assert_eq!(rules.len(), 2);
+        let peer = &rules[0].from.as_ref().unwrap()[0];
+        assert_eq!(peer.pod_selector.as_ref().unwrap().match_labels.as_ref().unwrap()[JOB_LABEL], "tiny");
+        assert!(peer.namespace_selector.is_none(), "same namespace only");
+        assert_eq!(rules[0].ports.as_ref().unwrap()[0].port, Some(IntOrString::Int(WORKER_PORT)));
+        let monitoring = rules[1].from.as_ref().unwrap()[0].namespace_selector.as_ref().unwrap();
+        assert_eq!(monitoring.match_labels.as_ref().unwrap()["kubernetes.io/metadata.name"], "monitoring");
+        assert_eq!(rules[1].ports.as_ref().unwrap()[0].port, Some(IntOrString::Int(9103)));
+        let closed = WorkerTemplate { network_policy: Some(WorkerNetworkPolicy::default()), ..template };
+        let rules = desired_network_policy(&job, &closed).unwrap().unwrap().spec.unwrap().ingress.unwrap();
+        assert_eq!(rules.len(), 1, "no monitoring namespace: metrics closed");
     }
 
     #[test]
