@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod agent;
 mod demo;
+mod launch;
 mod plan;
 mod validate;
 mod worker;

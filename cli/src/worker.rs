@@ -1,20 +1,17 @@
 //! `ninelives worker train`: run a TrainingJob's training in this process (or, with `--rank`
-//! and `--etcd`, one member of an expert-parallel job); `ninelives worker launch`: start W
-//! members on this machine and coordinate them.
+//! and `--etcd`, one member of an expert-parallel job). `ninelives worker launch` (W members on
+//! this machine under the job's control loop) is in [`crate::launch`].
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use ninelives_core::generation::worker_shape;
 use ninelives_core::member_output::{MemberLine, StepLine};
 use ninelives_worker::checkpoint::SaveReport;
 use ninelives_worker::data::Corpus;
-use ninelives_worker::dist::coordinator::Coordinator;
 use ninelives_worker::dist::member::{MemberEvent, MemberOptions, run_member};
 use ninelives_worker::dist::rendezvous::Etcd;
 use ninelives_worker::metrics::WorkerMetrics;
@@ -30,41 +27,7 @@ pub enum WorkerCommand {
     Train(TrainArgs),
     /// Start W expert-parallel worker processes on this machine, coordinate them through etcd,
     /// and print the final digest.
-    Launch(LaunchArgs),
-}
-
-/// `ninelives worker launch` flags.
-#[derive(Args)]
-pub struct LaunchArgs {
-    /// TrainingJob manifest (a YAML file).
-    manifest: String,
-    /// Worker processes (each stands for one node).
-    #[arg(long)]
-    workers: u32,
-    /// etcd client URLs, comma-separated.
-    #[arg(long, value_delimiter = ',', required = true)]
-    etcd: Vec<String>,
-    /// Directory of committed checkpoints (shared by the workers).
-    #[arg(long)]
-    checkpoint_dir: PathBuf,
-    /// Train until this step. Default: spec.training.steps.
-    #[arg(long)]
-    steps: Option<u64>,
-    /// Commit a checkpoint every K steps. Default: spec.checkpoint.intervalSteps.
-    #[arg(long)]
-    checkpoint_every: Option<u64>,
-    /// Continue from the newest valid checkpoint in the checkpoint directory.
-    #[arg(long)]
-    resume: bool,
-    /// CPU threads per worker for the tensor kernels.
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
-    /// Train on this directory of text instead of spec.data.datasets.
-    #[arg(long)]
-    dataset: Option<PathBuf>,
-    /// Longest a worker waits inside a step for a live peer before abandoning the step.
-    #[arg(long, default_value_t = 60)]
-    step_timeout_seconds: u64,
+    Launch(crate::launch::LaunchArgs),
 }
 
 /// `ninelives worker train` flags. The manifest's values are the defaults; flags override.
@@ -120,7 +83,7 @@ pub fn run(cmd: WorkerCommand) -> ExitCode {
     ninelives_telemetry::init_tracing("info");
     let outcome = match cmd {
         WorkerCommand::Train(args) => pin_candle_pool().and_then(|()| train(args)),
-        WorkerCommand::Launch(args) => launch(args),
+        WorkerCommand::Launch(args) => crate::launch::launch(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -145,7 +108,8 @@ pub fn run(cmd: WorkerCommand) -> ExitCode {
     }
 }
 
-enum Failure {
+/// Why a worker command failed: bad input (exit 2) or the worker's own error.
+pub(crate) enum Failure {
     BadInput(String),
     Worker(WorkerError),
 }
@@ -175,7 +139,7 @@ fn pin_candle_pool() -> Result<(), Failure> {
     Ok(())
 }
 
-fn parse_job(source: &str) -> Result<ninelives_core::TrainingJob, Failure> {
+pub(crate) fn parse_job(source: &str) -> Result<ninelives_core::TrainingJob, Failure> {
     let text = read_manifest(source)?;
     ninelives_core::manifest::parse_job(&text).map_err(|violations| {
         let lines: Vec<String> = violations.iter().map(|v| format!("  {v}")).collect();
@@ -281,156 +245,6 @@ fn member_event(event: &MemberEvent<'_>, metrics: &WorkerMetrics) {
         }
     };
     println!("{line}");
-}
-
-/// Kills (SIGKILL) and reaps every child still running when dropped: no orphans.
-struct Children(Vec<(u32, Child)>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.0 {
-            if matches!(child.try_wait(), Ok(None)) {
-                let _ = child.kill();
-            }
-            let _ = child.wait();
-        }
-    }
-}
-
-fn launch(args: LaunchArgs) -> Result<(), Failure> {
-    let job = parse_job(&args.manifest)?;
-    let mut config = TrainerConfig::from_job(&job)?;
-    if let Some(steps) = args.steps {
-        config.total_steps = steps;
-    }
-    config.check()?;
-    if args.workers == 0 {
-        return Err(Failure::BadInput("--workers must be at least 1".into()));
-    }
-    let shape = ninelives_core::validate::JobShape::resolve(&job.spec).map_err(|violations| {
-        let lines: Vec<String> = violations.iter().map(|v| format!("  {v}")).collect();
-        Failure::BadInput(format!("manifest {} is invalid:\n{}", args.manifest, lines.join("\n")))
-    })?;
-    let base = ninelives_core::placement::PlacementShape::from_job(
-        &shape,
-        job.spec.failure_policy.min_healthy_fraction,
-    );
-    let shape = worker_shape(&base, args.workers);
-    let every = args.checkpoint_every.unwrap_or(job.spec.checkpoint.interval_steps).max(1);
-    let store = CheckpointStore::open(&args.checkpoint_dir, job.spec.checkpoint.keep_last.max(1) as usize)?;
-    let etcd = Arc::new(Etcd::connect(&args.etcd, job_keys(&job))?);
-    let mut coordinator = Coordinator::new(etcd, shape, store);
-    coordinator.reset()?;
-
-    let exe =
-        std::env::current_exe().map_err(|e| Failure::BadInput(format!("cannot find this binary: {e}")))?;
-    let (tx, lines) = std::sync::mpsc::channel::<(u32, String)>();
-    let mut children = Children(Vec::new());
-    for rank in 0..args.workers {
-        let mut cmd = Command::new(&exe);
-        cmd.args(["worker", "train", &args.manifest, "--rank", &rank.to_string()])
-            .arg("--etcd")
-            .arg(args.etcd.join(","))
-            .arg("--checkpoint-dir")
-            .arg(&args.checkpoint_dir)
-            .args(["--steps", &config.total_steps.to_string()])
-            .args(["--checkpoint-every", &every.to_string()])
-            .args(["--threads", &args.threads.to_string()])
-            .args(["--step-timeout-seconds", &args.step_timeout_seconds.to_string()])
-            // Set up front, so a worker need not re-execute itself for it.
-            .envs(ninelives_worker::trainer::worker_env())
-            .stdout(Stdio::piped());
-        if let Some(d) = &args.dataset {
-            cmd.arg("--dataset").arg(d);
-        }
-        let mut child =
-            cmd.spawn().map_err(|e| Failure::BadInput(format!("cannot start worker {rank}: {e}")))?;
-        println!("worker rank={rank} pid={}", child.id());
-        if let Some(out) = child.stdout.take() {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    if tx.send((rank, line)).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-        children.0.push((rank, child));
-    }
-    drop(tx);
-
-    coordinator.wait_registered(args.workers, Duration::from_secs(args.step_timeout_seconds.max(10)))?;
-    let first = coordinator.start(args.resume)?;
-    println!(
-        "generation={} tier={} members={:?} restore={:?}",
-        first.generation(),
-        first.tier,
-        first.members,
-        first.restore
-    );
-
-    let mut digest = None;
-    let mut finished = std::collections::BTreeSet::new();
-    let mut failed = std::collections::BTreeSet::new();
-    loop {
-        let first = lines.recv_timeout(Duration::from_millis(50)).ok();
-        for (rank, line) in first.into_iter().chain(lines.try_iter().collect::<Vec<_>>()) {
-            println!("[rank {rank}] {line}");
-            if let Some(d) = line.strip_prefix("params_sha256=") {
-                digest = Some(d.to_string());
-            } else if let Some(step) =
-                line.strip_prefix("committed step=").and_then(|s| s.trim().parse().ok())
-            {
-                coordinator.committed(step);
-            }
-        }
-        for (rank, child) in &mut children.0 {
-            if finished.contains(rank) || failed.contains(rank) {
-                continue;
-            }
-            match child.try_wait() {
-                Ok(Some(status)) if status.success() => {
-                    finished.insert(*rank);
-                }
-                Ok(Some(status)) => {
-                    println!("worker rank={rank} exited: {status}");
-                    failed.insert(*rank);
-                    coordinator.remove_member(*rank)?;
-                }
-                Ok(None) => {}
-                Err(e) => return Err(Failure::BadInput(format!("worker {rank}: {e}"))),
-            }
-        }
-        if finished.len() + failed.len() == children.0.len() {
-            break;
-        }
-        if finished.is_empty()
-            && let Some(plan) = coordinator.observe()?
-        {
-            println!(
-                "generation={} tier={} members={:?} restore={:?}",
-                plan.generation(),
-                plan.tier,
-                plan.members,
-                plan.restore
-            );
-        }
-    }
-    // Lines written just before the last exit.
-    for (rank, line) in lines.try_iter() {
-        println!("[rank {rank}] {line}");
-        if let Some(d) = line.strip_prefix("params_sha256=") {
-            digest = Some(d.to_string());
-        }
-    }
-    match digest {
-        Some(d) if !finished.is_empty() => {
-            println!("params_sha256={d}");
-            Ok(())
-        }
-        _ => Err(Failure::Worker(WorkerError::Rendezvous("the job ended without a final digest".into()))),
-    }
 }
 
 fn train_loop(

@@ -12,11 +12,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ninelives_core::generation::{Restore, worker_shape};
+use ninelives_core::generation::{Restore, initial_plan, worker_shape};
 use ninelives_core::keyspace::{JobKeys, Keyspace};
 use ninelives_core::placement::PlacementShape;
 use ninelives_testkit::EtcdServer;
-use ninelives_worker::dist::coordinator::Coordinator;
 use ninelives_worker::dist::member::{MemberEvent, MemberOptions, run_member};
 use ninelives_worker::dist::rendezvous::Etcd;
 use ninelives_worker::trainer::run_with_threads;
@@ -104,9 +103,8 @@ fn run_members(
     let workers = setup.workers;
     let store = CheckpointStore::open(dir, setup.keep_last).unwrap();
     let endpoints = vec![etcd.endpoint()];
-    let link = Arc::new(Etcd::connect(&endpoints, keys.clone()).unwrap());
-    let mut coordinator = Coordinator::new(link, worker_shape(&base, workers), store.clone());
-    coordinator.reset().unwrap();
+    let link = Etcd::connect(&endpoints, keys.clone()).unwrap();
+    link.delete(keys.root(), true).unwrap();
     let corpus = common::demo_corpus();
     let members: Vec<_> = (0..workers)
         .map(|rank| {
@@ -130,8 +128,9 @@ fn run_members(
             })
         })
         .collect();
-    coordinator.wait_registered(workers, Duration::from_secs(60)).unwrap();
-    coordinator.start(false).unwrap();
+    // What the control loop publishes first (members wait for it).
+    let first = initial_plan(&worker_shape(&base, workers), Restore::Fresh).unwrap();
+    link.put(&keys.placement(), serde_json::to_vec(&first).unwrap(), None).unwrap();
     let digests: Vec<Option<String>> = members.into_iter().map(|h| h.join().unwrap()).collect();
     assert!(digests[0].is_some(), "the leader reports the digest");
     assert!(digests[1..].iter().all(Option::is_none), "only the leader reports");

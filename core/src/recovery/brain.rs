@@ -377,8 +377,12 @@ impl Decider<'_> {
             None if self.st.generation == 0 => {
                 let p = initial_placement(&self.cfg.shape, &self.cfg.load)?;
                 self.st.generation = p.generation;
+                // A job that starts over committed checkpoints (a relaunch) resumes from the
+                // newest; a new job has none and starts from the seeded initial state.
+                let restore_step = self.obs.checkpoints.last().copied();
                 let control = ControlRecord {
                     generation: p.generation,
+                    restore_step,
                     timeout_seconds: Some(self.cfg.apply_timeout_s),
                     ..Default::default()
                 };
@@ -386,7 +390,7 @@ impl Decider<'_> {
                 let ranks: Vec<u32> = self.st.expected_ranks().collect();
                 for rank in ranks {
                     let node = self.st.node_names[rank as usize].clone();
-                    self.actions.push(Action::StartMember { rank, node, restore_step: None });
+                    self.actions.push(Action::StartMember { rank, node, restore_step });
                 }
             }
             // Published in the same transaction as the record, so it will be read next time.

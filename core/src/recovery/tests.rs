@@ -179,6 +179,23 @@ impl Sim {
 use crate::placement::ChipId;
 
 #[test]
+fn a_job_started_over_committed_checkpoints_resumes_from_the_newest() {
+    let mut sim = Sim::new(redundant(), 0);
+    sim.obs.checkpoints = BTreeSet::from([4, 8]);
+    let actions = sim.tick();
+    let Action::PublishPlacement { control, .. } = &actions[0] else { panic!("{actions:?}") };
+    assert_eq!(control.restore_step, Some(8));
+    assert!(
+        actions
+            .iter()
+            .all(|a| !matches!(a, Action::StartMember { restore_step, .. } if *restore_step != Some(8)))
+    );
+    let fresh = Sim::new(redundant(), 0).tick();
+    let Action::PublishPlacement { control, .. } = &fresh[0] else { panic!("{fresh:?}") };
+    assert_eq!(control.restore_step, None, "a new job starts from the seeded state");
+}
+
+#[test]
 fn start_publishes_generation_one_and_waits_for_every_member() {
     let mut sim = Sim::new(redundant(), 1);
     sim.joins = false;

@@ -98,8 +98,8 @@ pub fn run_member(
     let result = member_loop(&config, &corpus, &store, &etcd, &session, &shared, options, &mut events);
     shared.stop.store(true, Ordering::SeqCst);
     if result.is_err() {
-        // Leave at once so the coordinator replans without waiting for the lease to expire. A
-        // member that finished keeps its key until the lease runs out: the coordinator must not
+        // Leave at once so the control loop replans without waiting for the lease to expire. A
+        // member that finished keeps its key until the lease runs out: the control loop must not
         // mistake the end of the job for a loss.
         session.leave();
     }

@@ -2,7 +2,7 @@
 //! acknowledgements, and the watcher that tells a running step a newer generation exists.
 //!
 //! Keys (see `ninelives_core::keyspace`): `members/<rank>` (this worker's address, under its
-//! lease), `placement` ([`DistPlan`], written by the coordinator), `acks/<gen>/<rank>` (the step
+//! lease), `placement` ([`DistPlan`], written by the control loop), `acks/<gen>/<rank>` (the step
 //! a member has when it joins a generation). The generation's leader also reports for the
 //! recovery brain: `progress` ([`ProgressRecord`], after every step) and `checkpoints/<step>`
 //! ([`CheckpointRecord`], one per committed checkpoint still kept).
