@@ -23,6 +23,16 @@ struct Cli {
     command: Command,
 }
 
+/// Worker subcommands.
+#[derive(Subcommand)]
+enum WorkerCommand {
+    /// Train a TrainingJob in this process, printing one line per step and the final digest.
+    Train(worker::TrainArgs),
+    /// Start W expert-parallel worker processes on this machine, coordinate them through etcd,
+    /// and print the final digest.
+    Launch(launch::LaunchArgs),
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Print the TrainingJob CustomResourceDefinition as YAML.
@@ -64,7 +74,7 @@ enum Command {
     },
     /// The embedded training worker.
     #[command(subcommand)]
-    Worker(worker::WorkerCommand),
+    Worker(WorkerCommand),
     /// Run a whole job on this machine (etcd, agents on simulated chips, workers, the recovery
     /// brain) with injected faults, and report every recovery.
     Demo(Box<demo::DemoArgs>),
@@ -92,7 +102,8 @@ fn main() -> ExitCode {
             })
         }
         Command::Agent { command } => agent::run(command),
-        Command::Worker(cmd) => worker::run(cmd),
+        Command::Worker(WorkerCommand::Train(args)) => worker::train_command(args),
+        Command::Worker(WorkerCommand::Launch(args)) => worker::run(|| launch::launch(args)),
         Command::Demo(args) => demo::run(*args),
         Command::Operator(args) => ninelives_operator::main(*args),
     }

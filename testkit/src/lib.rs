@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+pub mod modules;
 pub mod prometheus;
 
 /// Why a dependency could not be started.

@@ -7,9 +7,10 @@ use thiserror::Error;
 use super::control::{AckOutcome, ControlRecord};
 use super::observe::Observation;
 use super::reasons::{JobFailure, Refusal, RungRefusal};
+use super::rung::Rung;
 use super::state::{
-    ActiveRecovery, Attempt, BrainPhase, CompletedRecovery, Exclusion, HISTORY_LIMIT, RecoveryState, Rung,
-    Trigger, TriggerKind,
+    ActiveRecovery, Attempt, BrainPhase, CompletedRecovery, Exclusion, HISTORY_LIMIT, RecoveryState, Trigger,
+    TriggerKind,
 };
 use crate::job::{RecoveryTier, TrainingJobSpec};
 use crate::placement::{

@@ -34,6 +34,7 @@ mod brain;
 pub mod control;
 mod observe;
 mod reasons;
+mod rung;
 mod state;
 
 #[cfg(test)]
@@ -43,7 +44,8 @@ pub use brain::{Action, BrainConfig, BrainError, DEFAULT_REJOIN_AFTER_SECONDS, D
 pub use control::{Ack, AckOutcome, ControlRecord, LoadSource, LocalLoad};
 pub use observe::{CheckpointRecord, MemberAck, NodeView, Observation, ProgressRecord};
 pub use reasons::{JobFailure, Refusal, RungRefusal};
+pub use rung::Rung;
 pub use state::{
-    ActiveRecovery, Attempt, BrainPhase, CompletedRecovery, Exclusion, HISTORY_LIMIT, RecoveryState, Rung,
+    ActiveRecovery, Attempt, BrainPhase, CompletedRecovery, Exclusion, HISTORY_LIMIT, RecoveryState,
     STATE_VERSION, Trigger, TriggerKind,
 };

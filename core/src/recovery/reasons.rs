@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::state::Rung;
+use super::rung::Rung;
 
 /// Why one rung of the ladder does not apply to a fault.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
