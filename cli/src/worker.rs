@@ -8,17 +8,27 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, Subcommand};
 use ninelives_core::member_output::{MemberLine, StepLine};
 use ninelives_worker::checkpoint::SaveReport;
 use ninelives_worker::data::Corpus;
 use ninelives_worker::dist::member::{MemberEvent, MemberOptions, run_member};
-use ninelives_worker::dist::rendezvous::Etcd;
+use ninelives_worker::dist::rendezvous::{Etcd, EtcdTlsFiles};
 use ninelives_worker::metrics::WorkerMetrics;
 use ninelives_worker::trainer::run_with_threads;
 use ninelives_worker::{
     BackgroundSaver, CheckpointStore, ExpertSelection, Trainer, TrainerConfig, WorkerError,
 };
+
+/// Worker subcommands.
+#[derive(Subcommand)]
+pub enum WorkerCommand {
+    /// Train a TrainingJob in this process, printing one line per step and the final digest.
+    Train(TrainArgs),
+    /// Start W expert-parallel worker processes on this machine, coordinate them through etcd,
+    /// and print the final digest.
+    Launch(crate::launch::LaunchArgs),
+}
 
 /// `ninelives worker train` flags. The manifest's values are the defaults; flags override.
 #[derive(Args)]
@@ -43,8 +53,8 @@ pub struct TrainArgs {
     /// CPU threads for the tensor kernels. Default: all available.
     #[arg(long)]
     threads: Option<usize>,
-    /// Serve /metrics, /live and /ready on this address.
-    #[arg(long)]
+    /// Serve /metrics, /live and /ready on this address (worker pods: set by the operator).
+    #[arg(long, env = "NINELIVES_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
     /// Train on this directory of text instead of spec.data.datasets.
     #[arg(long)]
@@ -66,17 +76,28 @@ pub struct TrainArgs {
     /// Longest a step waits for a live peer before it is abandoned (expert-parallel jobs).
     #[arg(long, default_value_t = 60)]
     step_timeout_seconds: u64,
-}
-
-/// `ninelives worker train`.
-pub fn train_command(args: TrainArgs) -> ExitCode {
-    run(|| pin_candle_pool().and_then(|()| train(args)))
+    /// Prefix of the etcd keyspace (worker pods: the operator's `--etcd-prefix`).
+    #[arg(long, env = "NINELIVES_ETCD_PREFIX", default_value = ninelives_core::keyspace::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// CA bundle (PEM) of etcd's serving certificate; enables TLS (use https:// endpoints).
+    #[arg(long, env = "NINELIVES_ETCD_CA_FILE")]
+    etcd_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd client-certificate authentication.
+    #[arg(long, env = "NINELIVES_ETCD_CERT_FILE", requires = "etcd_key_file")]
+    etcd_cert_file: Option<PathBuf>,
+    /// Key (PEM) of the etcd client certificate.
+    #[arg(long, env = "NINELIVES_ETCD_KEY_FILE", requires = "etcd_cert_file")]
+    etcd_key_file: Option<PathBuf>,
 }
 
 /// Runs a worker subcommand and maps its outcome to an exit code.
-pub fn run(command: impl FnOnce() -> Result<(), Failure>) -> ExitCode {
+pub fn run(cmd: WorkerCommand) -> ExitCode {
     ninelives_telemetry::init_tracing("info");
-    match command() {
+    let outcome = match cmd {
+        WorkerCommand::Train(args) => pin_candle_pool().and_then(|()| train(args)),
+        WorkerCommand::Launch(args) => crate::launch::launch(args),
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::BadInput(msg)) => {
             eprintln!("error: {msg}");
@@ -138,11 +159,11 @@ pub(crate) fn parse_job(source: &str) -> Result<ninelives_core::TrainingJob, Fai
     })
 }
 
-/// The etcd keys of a job: `jobs/<namespace>/<name>/` under the default prefix.
-fn job_keys(job: &ninelives_core::TrainingJob) -> ninelives_core::keyspace::JobKeys {
+/// The etcd keys of a job: `jobs/<namespace>/<name>/` under `prefix`.
+fn job_keys(job: &ninelives_core::TrainingJob, prefix: &str) -> ninelives_core::keyspace::JobKeys {
     let namespace = job.metadata.namespace.as_deref().unwrap_or("default");
     let name = job.metadata.name.as_deref().unwrap_or("job");
-    ninelives_core::keyspace::Keyspace::default().job(namespace, name)
+    ninelives_core::keyspace::Keyspace::new(prefix).job(namespace, name)
 }
 
 fn train(args: TrainArgs) -> Result<(), Failure> {
@@ -173,7 +194,12 @@ fn train(args: TrainArgs) -> Result<(), Failure> {
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let store = CheckpointStore::open(&checkpoint_dir, keep_last)?;
     if let Some(rank) = args.rank {
-        let etcd = Arc::new(Etcd::connect(&args.etcd, job_keys(&job))?);
+        let tls = EtcdTlsFiles {
+            ca: args.etcd_ca_file.clone(),
+            cert: args.etcd_cert_file.clone(),
+            key: args.etcd_key_file.clone(),
+        };
+        let etcd = Arc::new(Etcd::connect_tls(&args.etcd, job_keys(&job, &args.etcd_prefix), &tls)?);
         let options = MemberOptions {
             rank,
             listen: args.listen,

@@ -9,12 +9,12 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, PutOptions, TlsOptions};
 use ninelives_core::keyspace::JobKeys;
 use ninelives_core::recovery::{CheckpointRecord, ProgressRecord};
 use serde::{Deserialize, Serialize};
@@ -69,18 +69,66 @@ pub struct Etcd {
     keys: JobKeys,
 }
 
+/// PEM files for TLS to etcd (`https://` endpoints): the CA of etcd's serving certificate and,
+/// for client-certificate authentication, this worker's certificate and key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EtcdTlsFiles {
+    /// CA bundle of etcd's serving certificate.
+    pub ca: Option<PathBuf>,
+    /// Client certificate.
+    pub cert: Option<PathBuf>,
+    /// Key of the client certificate.
+    pub key: Option<PathBuf>,
+}
+
+impl EtcdTlsFiles {
+    /// Whether any file is set (TLS is used only then).
+    pub fn is_set(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+
+    fn options(&self) -> Result<TlsOptions> {
+        let read = |path: &Path| {
+            std::fs::read(path)
+                .map_err(|e| WorkerError::Rendezvous(format!("etcd TLS file {}: {e}", path.display())))
+        };
+        let mut tls = TlsOptions::new();
+        if let Some(ca) = &self.ca {
+            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?)),
+            (None, None) => {}
+            _ => {
+                return Err(WorkerError::Rendezvous(
+                    "etcd TLS needs both a client certificate and its key".into(),
+                ));
+            }
+        }
+        Ok(tls)
+    }
+}
+
 impl Etcd {
-    /// Connects to `endpoints`.
+    /// Connects to `endpoints` without TLS.
     pub fn connect(endpoints: &[String], keys: JobKeys) -> Result<Self> {
+        Self::connect_tls(endpoints, keys, &EtcdTlsFiles::default())
+    }
+
+    /// Connects to `endpoints`, with TLS when `tls` names any file.
+    pub fn connect_tls(endpoints: &[String], keys: JobKeys, tls: &EtcdTlsFiles) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("etcd")
             .enable_all()
             .build()
             .map_err(|e| WorkerError::Rendezvous(format!("runtime: {e}")))?;
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        if tls.is_set() {
+            options = options.with_tls(tls.options()?);
+        }
         let client = rt.block_on(within("connect", Client::connect(endpoints, Some(options))))?;
         Ok(Self { rt, client, keys })
     }
