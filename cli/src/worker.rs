@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Subcommand};
+use clap::Args;
 use ninelives_core::member_output::{MemberLine, StepLine};
 use ninelives_worker::checkpoint::SaveReport;
 use ninelives_worker::data::Corpus;
@@ -19,16 +19,6 @@ use ninelives_worker::trainer::run_with_threads;
 use ninelives_worker::{
     BackgroundSaver, CheckpointStore, ExpertSelection, Trainer, TrainerConfig, WorkerError,
 };
-
-/// Worker subcommands.
-#[derive(Subcommand)]
-pub enum WorkerCommand {
-    /// Train a TrainingJob in this process, printing one line per step and the final digest.
-    Train(TrainArgs),
-    /// Start W expert-parallel worker processes on this machine, coordinate them through etcd,
-    /// and print the final digest.
-    Launch(crate::launch::LaunchArgs),
-}
 
 /// `ninelives worker train` flags. The manifest's values are the defaults; flags override.
 #[derive(Args)]
@@ -90,14 +80,15 @@ pub struct TrainArgs {
     etcd_key_file: Option<PathBuf>,
 }
 
+/// `ninelives worker train`.
+pub fn train_command(args: TrainArgs) -> ExitCode {
+    run(|| pin_candle_pool().and_then(|()| train(args)))
+}
+
 /// Runs a worker subcommand and maps its outcome to an exit code.
-pub fn run(cmd: WorkerCommand) -> ExitCode {
+pub fn run(command: impl FnOnce() -> Result<(), Failure>) -> ExitCode {
     ninelives_telemetry::init_tracing("info");
-    let outcome = match cmd {
-        WorkerCommand::Train(args) => pin_candle_pool().and_then(|()| train(args)),
-        WorkerCommand::Launch(args) => crate::launch::launch(args),
-    };
-    match outcome {
+    match command() {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::BadInput(msg)) => {
             eprintln!("error: {msg}");

@@ -16,6 +16,8 @@ use ninelives_core::generation::{Restore, initial_plan, worker_shape};
 use ninelives_core::keyspace::{JobKeys, Keyspace};
 use ninelives_core::placement::PlacementShape;
 use ninelives_testkit::EtcdServer;
+use ninelives_worker::dist::auth::{JobAuth, JobKey};
+use ninelives_worker::dist::link::Security;
 use ninelives_worker::dist::member::{MemberEvent, MemberOptions, run_member};
 use ninelives_worker::dist::rendezvous::Etcd;
 use ninelives_worker::trainer::run_with_threads;
@@ -119,6 +121,10 @@ fn run_members(
                 step_timeout: Duration::from_secs(30),
                 join_timeout: Duration::from_secs(60),
                 checkpoint_every: 2,
+                security: Security::Authenticated(JobAuth::new(
+                    format!("test/{job}"),
+                    JobKey::from_bytes(b"a test job key of thirty-two bytes").unwrap(),
+                )),
             };
             std::thread::spawn(move || {
                 let etcd = Arc::new(Etcd::connect(&endpoints, keys).unwrap());

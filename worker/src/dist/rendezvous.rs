@@ -19,7 +19,7 @@ use ninelives_core::keyspace::JobKeys;
 use ninelives_core::recovery::{CheckpointRecord, ProgressRecord};
 use serde::{Deserialize, Serialize};
 
-use super::transport::Shared;
+use super::state::Shared;
 use crate::error::{Result, WorkerError};
 use ninelives_core::generation::DistPlan;
 
