@@ -25,6 +25,7 @@ fn brain(redundant: u32) -> BrainConfig {
         expert_parallel_size: 16,
         nodes_per_rack: None,
         min_healthy_fraction: 0.5,
+        pipeline_stages: 1,
     };
     BrainConfig {
         load: ExpertLoad::uniform(&shape),

@@ -1,32 +1,38 @@
-//! Placement planner benchmark on the LongCat-2.0 reference job (50,000 chips), Zipf-skewed load.
+//! Placement planner benchmark on the LongCat-2.0 reference job (50,000 chips), against DeepSeek's
+//! EPLB algorithm at equal memory.
 //!
-//! `cargo bench -p ninelives-core --bench placement [-- --zipf <s>] [-- --runs <n>]`
+//! `cargo bench -p ninelives-core --bench placement [-- --zipf <s>[,<s>...]] [-- --runs <n>]`
 //!
-//! Prints one table: the planner (default options, without rebalancing, and deferring lost
-//! redundancy) and a simple greedy baseline (incremental re-plan, and rebuild from scratch), for
-//! the initial placement and for re-plans after one chip, one node and one rack fail. Times are
-//! the median of `runs` runs.
+//! For each Zipf exponent (default 1.0 and 1.2) prints one table: the initial placement and the
+//! re-plans after one chip, one node and one rack fail, for ninelives (default options, and
+//! without rebalancing) and for EPLB (recomputed on the group's healthy chips). Columns: step
+//! inflation (Σ over layers of the most loaded chip / Σ of the mean chip, worst group of the
+//! job; what sets the step time), replicas per chip, planner time (median of `runs`), replicas
+//! moved and the lower bound (the replicas on the failed chips).
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::BTreeSet;
 use std::time::Instant;
 
 use ninelives_core::manifest::parse_job;
 use ninelives_core::placement::{
-    ChipId, ExpertId, ExpertLoad, FailedChips, Failure, GroupPlacement, LoadStats, Placement, PlacementShape,
-    Redundancy, ReplanOptions, Tier, initial_placement, replan,
+    ChipId, ExpertLoad, FailedChips, Failure, LoadStats, Placement, PlacementShape, ReplanOptions, Tier,
+    initial_placement, replan,
 };
 use ninelives_core::validate::JobShape;
 
 const MANIFEST: &str = include_str!("../../examples/longcat-2.0.yaml");
 
 fn main() {
-    let mut zipf = 1.0;
-    let mut runs = 7;
+    let mut exponents = vec![1.0, 1.2];
+    let mut runs = 5;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--zipf" => zipf = args.next().and_then(|v| v.parse().ok()).unwrap_or(zipf),
+            "--zipf" => {
+                if let Some(v) = args.next() {
+                    exponents = v.split(',').filter_map(|s| s.parse().ok()).collect();
+                }
+            }
             "--runs" => runs = args.next().and_then(|v| v.parse().ok()).unwrap_or(runs),
             _ => {} // cargo passes --bench
         }
@@ -39,85 +45,113 @@ fn main() {
         Ok(s) => PlacementShape::from_job(&s, job.spec.failure_policy.min_healthy_fraction),
         Err(v) => return eprintln!("examples/longcat-2.0.yaml is invalid: {v:?}"),
     };
-    let load = ExpertLoad::zipf(&shape, zipf, job.spec.data.seed);
+    for s in exponents {
+        let load = ExpertLoad::zipf(&shape, s, job.spec.data.seed);
+        table(&shape, &load, s, runs);
+    }
+}
+
+/// One table for one load.
+fn table(shape: &PlacementShape, load: &ExpertLoad, zipf: f64, runs: usize) {
+    let cpg = shape.chips_per_group() as usize;
+    let per_layer = shape.routed_experts as usize + shape.redundant_experts as usize;
     println!(
-        "LongCat-2.0: {} chips, {} groups of {}, {} layers x {} experts + {} redundant/layer, Zipf s={zipf}, median of {runs} runs",
+        "LongCat-2.0: {} chips, {} pipeline stages x {} groups of {} chips, {} layers x {} experts + {} redundant/layer, Zipf s={zipf}, median of {runs} runs",
         shape.chips(),
-        shape.groups(),
-        shape.expert_parallel_size,
+        shape.pipeline_stages,
+        shape.groups_per_stage(),
+        cpg,
         shape.layers,
         shape.routed_experts,
         shape.redundant_experts
     );
     println!();
     println!(
-        "| planner | scenario | tier | time (ms) | max/mean load | replicas min | experts moved | lower bound | moved / bound | bytes moved |"
+        "| planner | scenario | tier | step inflation | replicas/chip (max, mean) | time (ms) | replicas moved | lower bound | rebalance moves |"
     );
-    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
 
-    let (initial_ms, initial) = time(runs, || initial_placement(&shape, &load));
-    let Ok(initial) = initial else { return eprintln!("initial placement failed: {initial:?}") };
-    let stats = LoadStats::measure(&shape, &initial, &FailedChips::none(), &load);
-    row("ninelives", "initial", "-", initial_ms, &stats, None);
-    let (base_ms, base) = time(runs, || greedy_initial(&shape, &load, &FailedChips::none()));
-    let base_stats = LoadStats::measure(&shape, &base, &FailedChips::none(), &load);
-    row("greedy", "initial", "-", base_ms, &base_stats, None);
+    let (ms, initial) = time(runs, || initial_placement(shape, load));
+    let initial = match initial {
+        Ok(p) => p,
+        Err(e) => return eprintln!("initial placement failed: {e}"),
+    };
+    let stats = LoadStats::measure(shape, &initial, &FailedChips::none(), load);
+    let (max, mean) = per_chip(&initial, &FailedChips::none(), shape);
+    println!(
+        "| ninelives | initial | - | {:.4} | {max}, {mean:.1} | {ms:.1} | - | - | - |",
+        stats.step_inflation
+    );
 
-    // Failures in group 1 (nodes 125..250): a chip, a node, and the group's first rack.
+    // EPLB at equal memory: the same replicas per layer, one stage's table per call (all groups
+    // of a stage see the same load).
+    let (ms, eplb) = time(runs, || {
+        (0..shape.pipeline_stages)
+            .map(|st| eplb_stage(shape, load, st, per_layer * cpg, cpg))
+            .collect::<Vec<_>>()
+    });
+    let eplb_worst = eplb.iter().map(|p| p.inflation).fold(1.0, f64::max);
+    let eplb_per_chip =
+        eplb[0].chips.iter().map(|layers| layers.iter().map(Vec::len).sum::<usize>()).max().unwrap_or(0);
+    println!(
+        "| EPLB | initial | - | {eplb_worst:.4} | {eplb_per_chip}, {eplb_per_chip}.0 | {ms:.1} | - | - | - |"
+    );
+
+    // Failures in group 5 (nodes 125..150, pipeline stage 0): a chip, a node, and a rack.
+    let group = 5;
+    let first_node = group * shape.nodes_per_group();
+    let rack = shape.domain_of_node(first_node + 5);
     let scenarios = [
-        ("1 chip", vec![Failure::Chip(ChipId::new(130, 3))]),
-        ("1 node", vec![Failure::Node(130)]),
-        ("1 rack", vec![Failure::Rack(5)]),
+        ("1 chip", Failure::Chip(ChipId::new(first_node + 5, 3))),
+        ("1 node", Failure::Node(first_node + 5)),
+        ("1 rack", Failure::Rack(rack)),
     ];
-    for (name, failures) in scenarios {
-        let Ok(failed) = FailedChips::from_failures(&shape, &failures) else {
-            return eprintln!("bad failure");
+    for (name, failure) in scenarios {
+        let Ok(failed) = FailedChips::from_failures(shape, &[failure]) else {
+            return eprintln!("bad failure {failure}");
         };
-        // The state on the failed chips: what any plan that keeps every replica must move.
-        let on_failed: u64 = failed.iter().map(|c| initial.hosted(&shape, c).len() as u64).sum();
         let strict = ReplanOptions { rebalance_threshold: f64::INFINITY, ..ReplanOptions::default() };
-        let variants = [
-            ("ninelives", ReplanOptions::default()),
-            ("ninelives, no rebalance", strict.clone()),
-            ("ninelives, defer redundancy", ReplanOptions { redundancy: Redundancy::Defer, ..strict }),
-        ];
-        for (planner, options) in variants {
-            let (ms, out) = time(runs, || replan(&shape, &initial, &failed, &load, &options));
+        for (planner, options) in
+            [("ninelives", ReplanOptions::default()), ("ninelives, no rebalance", strict)]
+        {
+            let (ms, out) = time(runs, || replan(shape, &initial, &failed, load, &options));
             match out {
                 Ok(out) => {
-                    let plan = &out.plan;
-                    if options.redundancy == Redundancy::Restore && plan.lower_bound_experts != on_failed {
-                        eprintln!(
-                            "lower bound {} differs from the {on_failed} replicas on the failed chips",
-                            plan.lower_bound_experts
-                        );
-                    }
-                    let moved = (plan.experts_moved, plan.lower_bound_experts, plan.bytes_moved);
-                    row(planner, name, plan.tier.as_str(), ms, &plan.stats, Some(moved));
-                    if let Tier::Infeasible { reason } = &plan.tier {
+                    let p = &out.plan;
+                    let (max, mean) =
+                        out.placement.as_ref().map_or((0, 0.0), |next| per_chip(next, &failed, shape));
+                    println!(
+                        "| {planner} | {name} | {} | {:.4} | {max}, {mean:.1} | {ms:.1} | {} | {} | {} |",
+                        p.tier.as_str(),
+                        p.stats.step_inflation,
+                        p.experts_moved,
+                        p.lower_bound_experts,
+                        p.rebalance_moves
+                    );
+                    if let Tier::Infeasible { reason } = &p.tier {
                         println!("<!-- {name}: {reason} -->");
                     }
                 }
-                Err(e) => println!("| {planner} | {name} | error: {e} | | | | | | | |"),
+                Err(e) => println!("| {planner} | {name} | error: {e} | | | | | | |"),
             }
         }
-        let base_bound: u64 = failed.iter().map(|c| base.hosted(&shape, c).len() as u64).sum();
-        let (ms, next) = time(runs, || greedy_replan(&shape, &base, &failed));
-        let stats = LoadStats::measure(&shape, &next, &failed, &load);
-        let moved = moved_replicas(&base, &next);
-        row("greedy", name, "-", ms, &stats, Some((moved, base_bound, moved * shape.expert_state_bytes)));
-        let (ms, next) = time(runs, || greedy_initial(&shape, &load, &failed));
-        let stats = LoadStats::measure(&shape, &next, &failed, &load);
-        let moved = moved_replicas(&base, &next);
-        row(
-            "greedy, rebuild",
-            name,
-            "-",
-            ms,
-            &stats,
-            Some((moved, base_bound, moved * shape.expert_state_bytes)),
+        // EPLB recomputed on the group's healthy chips, same replicas per chip.
+        let healthy: Vec<usize> = (0..cpg).filter(|&c| !failed.contains(shape.chip_at(group, c))).collect();
+        let stage = shape.stage_of_group(group) as usize;
+        let replicas = per_layer * healthy.len() / cpg;
+        let (ms, next) = time(runs, || eplb_stage(shape, load, stage as u32, replicas, healthy.len()));
+        let before = &eplb[stage];
+        let lower: usize =
+            (0..cpg).filter(|c| !healthy.contains(c)).map(|c| distinct(&before.chips[c])).sum();
+        let moved: usize =
+            healthy.iter().enumerate().map(|(k, &c)| new_replicas(&before.chips[c], &next.chips[k])).sum();
+        // The other groups keep their placement; the job's step is set by the worst group.
+        let job_worst = eplb_worst.max(next.inflation);
+        println!(
+            "| EPLB, recomputed | {name} | - | {job_worst:.4} | {eplb_per_chip}, {eplb_per_chip}.0 | {ms:.1} | {moved} | {lower} | - |"
         );
     }
+    println!();
 }
 
 fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> (f64, T) {
@@ -133,102 +167,162 @@ fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> (f64, T) {
     (times[times.len() / 2], value)
 }
 
-fn row(planner: &str, scenario: &str, tier: &str, ms: f64, s: &LoadStats, moved: Option<(u64, u64, u64)>) {
-    let (moved, bound, ratio, bytes) = match moved {
-        Some((m, b, bytes)) => (
-            m.to_string(),
-            b.to_string(),
-            if b == 0 { "-".into() } else { format!("{:.2}", m as f64 / b as f64) },
-            format!("{:.1} GiB", bytes as f64 / f64::from(1u32 << 30)),
-        ),
-        None => ("-".into(), "-".into(), "-".into(), "-".into()),
-    };
-    println!(
-        "| {planner} | {scenario} | {tier} | {ms:.2} | {:.4} | {} | {moved} | {bound} | {ratio} | {bytes} |",
-        s.max_mean_load, s.replicas_min
-    );
+/// Most replicas on one healthy chip, and the mean over healthy chips.
+fn per_chip(p: &Placement, failed: &FailedChips, shape: &PlacementShape) -> (usize, f64) {
+    let (mut max, mut sum, mut n) = (0, 0usize, 0usize);
+    for g in &p.groups {
+        for (local, hosted) in g.chips.iter().enumerate() {
+            if failed.contains(shape.chip_at(g.index, local)) {
+                continue;
+            }
+            max = max.max(hosted.len());
+            sum += hosted.len();
+            n += 1;
+        }
+    }
+    (max, sum as f64 / n.max(1) as f64)
 }
 
-/// Replicas in `next` on a chip that did not hold that expert in `prev` (state that must move).
-fn moved_replicas(prev: &Placement, next: &Placement) -> u64 {
-    prev.groups
+/// EPLB's output for one group: per chip, per layer of the stage, the logical experts of its
+/// physical replicas (an expert may appear twice: EPLB does not keep replicas apart).
+struct EplbPlacement {
+    chips: Vec<Vec<Vec<usize>>>,
+    inflation: f64,
+}
+
+/// Distinct (layer, expert) pairs on a chip.
+fn distinct(chip: &[Vec<usize>]) -> usize {
+    chip.iter().map(|layer| layer.iter().collect::<BTreeSet<_>>().len()).sum()
+}
+
+/// Distinct replicas on `after` that `before` did not hold (state that must move).
+fn new_replicas(before: &[Vec<usize>], after: &[Vec<usize>]) -> usize {
+    before
         .iter()
-        .zip(&next.groups)
-        .flat_map(|(a, b)| a.chips.iter().zip(&b.chips))
-        .map(|(old, new)| new.iter().filter(|e| !old.contains(e)).count() as u64)
+        .zip(after)
+        .map(|(b, a)| {
+            let had: BTreeSet<_> = b.iter().collect();
+            a.iter().collect::<BTreeSet<_>>().difference(&had).count()
+        })
         .sum()
 }
 
-/// The baseline a first implementation would write: give the `redundant` hottest experts of each
-/// layer one extra replica, and deal replicas in expert order to the chip holding the fewest
-/// replicas (ties: lowest chip), skipping full chips and chips whose failure domain already holds
-/// the expert. It balances replica counts, not load.
-fn greedy_initial(shape: &PlacementShape, load: &ExpertLoad, failed: &FailedChips) -> Placement {
-    let slots = shape.slots_per_chip() as usize;
-    let mut groups = Vec::new();
-    for g in 0..shape.groups() {
-        let size = shape.chips_per_group() as usize;
-        let mut chips: Vec<Vec<ExpertId>> = vec![Vec::new(); size];
-        let domains = shape.local_domains(g);
-        // Min-heap of (replicas held, chip) over healthy chips.
-        let mut heap: BinaryHeap<Reverse<(usize, usize)>> =
-            (0..size).filter(|&c| !failed.contains(shape.chip_at(g, c))).map(|c| Reverse((0, c))).collect();
-        for layer in 0..shape.layers {
-            let row = &load.rows()[layer as usize];
-            let mut hot: Vec<u32> = (0..shape.routed_experts).collect();
-            hot.sort_by(|a, b| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b)));
-            hot.truncate(shape.redundant_experts as usize);
-            for e in 0..shape.routed_experts {
-                let expert = ExpertId::new(layer, e);
-                let mut used = Vec::new();
-                for _ in 0..if hot.contains(&e) { 2 } else { 1 } {
-                    let mut skipped = Vec::new();
-                    while let Some(Reverse((n, c))) = heap.pop() {
-                        if used.contains(&domains[c]) {
-                            skipped.push(Reverse((n, c)));
-                            continue;
-                        }
-                        chips[c].push(expert);
-                        used.push(domains[c]);
-                        if n + 1 < slots {
-                            heap.push(Reverse((n + 1, c)));
-                        }
-                        break;
-                    }
-                    heap.extend(skipped);
-                }
+/// EPLB (DeepSeek, `eplb.py`, from its published description) for the layers of one pipeline
+/// stage on `gpus` chips of 8-chip nodes, with `replicas` physical experts per layer.
+/// Hierarchical when the experts split into one expert group per node (pack groups to nodes,
+/// replicate the heaviest within each node, pack replicas to the node's chips); otherwise the
+/// global policy EPLB falls back to (replicate the heaviest over all chips, pack to chips).
+fn eplb_stage(
+    shape: &PlacementShape,
+    load: &ExpertLoad,
+    stage: u32,
+    replicas: usize,
+    gpus: usize,
+) -> EplbPlacement {
+    let layers = shape.stage_layers(stage);
+    let cpn = shape.chips_per_node as usize;
+    let nodes = gpus / cpn.max(1);
+    let routed = shape.routed_experts as usize;
+    let per_gpu = replicas / gpus.max(1);
+    let replicas = per_gpu * gpus; // EPLB needs a whole number of replicas per chip
+    let mut chips = vec![vec![Vec::new(); layers.len()]; gpus];
+    let (mut sum_max, mut sum_mean) = (0.0, 0.0);
+    for (l, layer) in layers.enumerate() {
+        let w = &load.rows()[layer as usize];
+        let hierarchical = nodes > 1 && gpus.is_multiple_of(cpn) && routed.is_multiple_of(nodes);
+        let assignment = if hierarchical {
+            eplb_hierarchical(w, replicas, nodes, gpus)
+        } else {
+            eplb_global(w, replicas, gpus)
+        };
+        let mut gpu_load = vec![0.0; gpus];
+        let mut count = vec![0u32; routed];
+        for experts in &assignment {
+            for &e in experts {
+                count[e] += 1;
             }
         }
-        groups.push(GroupPlacement { index: g, chips, pending: Vec::new() });
+        for (g, experts) in assignment.into_iter().enumerate() {
+            gpu_load[g] = experts.iter().map(|&e| w[e] / f64::from(count[e].max(1))).sum();
+            chips[g][l] = experts;
+        }
+        sum_max += gpu_load.iter().copied().fold(0.0, f64::max);
+        sum_mean += gpu_load.iter().sum::<f64>() / gpus.max(1) as f64;
     }
-    Placement { generation: 1, groups }
+    EplbPlacement { chips, inflation: if sum_mean > 0.0 { sum_max / sum_mean } else { 1.0 } }
 }
 
-/// The baseline's re-plan: each replica on a failed chip goes to the chip with the fewest
-/// replicas that can take it (minimal movement, but blind to load).
-fn greedy_replan(shape: &PlacementShape, prev: &Placement, failed: &FailedChips) -> Placement {
-    let slots = shape.slots_per_chip() as usize;
-    let mut next = prev.clone();
-    next.generation += 1;
-    for group in &mut next.groups {
-        let g = group.index;
-        let domains = shape.local_domains(g);
-        let up: Vec<bool> = (0..group.chips.len()).map(|l| !failed.contains(shape.chip_at(g, l))).collect();
-        let lost: Vec<ExpertId> = (0..group.chips.len())
-            .filter(|&c| !up[c])
-            .flat_map(|c| std::mem::take(&mut group.chips[c]))
+/// Global policy: replicate the heaviest experts to `replicas`, then balanced packing onto
+/// `gpus` chips with `replicas / gpus` replicas each. Returns the experts on each chip.
+fn eplb_global(w: &[f64], replicas: usize, gpus: usize) -> Vec<Vec<usize>> {
+    let counts = replicate(w, replicas);
+    let items: Vec<(f64, usize)> = counts
+        .iter()
+        .enumerate()
+        .flat_map(|(e, &c)| std::iter::repeat_n((w[e] / f64::from(c), e), c as usize))
+        .collect();
+    let packs = balanced_packing(&items.iter().map(|x| x.0).collect::<Vec<_>>(), gpus);
+    let mut out = vec![Vec::new(); gpus];
+    for (k, p) in packs.into_iter().enumerate() {
+        out[p].push(items[k].1);
+    }
+    out
+}
+
+/// Hierarchical policy: expert groups (one per node, consecutive experts) packed to nodes by
+/// weight, replicas of the heaviest experts within each node, balanced packing to its chips.
+fn eplb_hierarchical(w: &[f64], replicas: usize, nodes: usize, gpus: usize) -> Vec<Vec<usize>> {
+    let per_group = w.len() / nodes;
+    let group_weight: Vec<f64> =
+        (0..nodes).map(|g| w[g * per_group..(g + 1) * per_group].iter().sum()).collect();
+    let node_of_group = balanced_packing(&group_weight, nodes);
+    let gpus_per_node = gpus / nodes;
+    let mut out = vec![Vec::new(); gpus];
+    for node in 0..nodes {
+        let experts: Vec<usize> = (0..nodes)
+            .filter(|&g| node_of_group[g] == node)
+            .flat_map(|g| g * per_group..(g + 1) * per_group)
             .collect();
-        for expert in lost {
-            let chips = &mut group.chips;
-            let used: Vec<u32> =
-                (0..chips.len()).filter(|&c| chips[c].contains(&expert)).map(|c| domains[c]).collect();
-            let best = (0..chips.len())
-                .filter(|&c| up[c] && chips[c].len() < slots && !used.contains(&domains[c]))
-                .min_by_key(|&c| (chips[c].len(), c));
-            if let Some(c) = best {
-                chips[c].push(expert);
-            }
+        let local: Vec<f64> = experts.iter().map(|&e| w[e]).collect();
+        for (k, chip) in eplb_global(&local, replicas / nodes, gpus_per_node).into_iter().enumerate() {
+            out[node * gpus_per_node + k] = chip.into_iter().map(|i| experts[i]).collect();
         }
     }
-    next
+    out
+}
+
+/// EPLB's `replicate_experts`: every expert once, each extra replica to the expert with the
+/// highest load per replica.
+fn replicate(w: &[f64], replicas: usize) -> Vec<u32> {
+    let mut counts = vec![1u32; w.len()];
+    for _ in w.len()..replicas {
+        let best = (0..w.len()).max_by(|&a, &b| {
+            (w[a] / f64::from(counts[a])).total_cmp(&(w[b] / f64::from(counts[b]))).then(b.cmp(&a))
+        });
+        if let Some(e) = best {
+            counts[e] += 1;
+        }
+    }
+    counts
+}
+
+/// EPLB's `balanced_packing`: items heaviest first, each to the lightest pack that still has
+/// room, every pack taking exactly `items / packs`. Returns each item's pack.
+fn balanced_packing(weights: &[f64], packs: usize) -> Vec<usize> {
+    let per_pack = weights.len() / packs.max(1);
+    let mut order: Vec<usize> = (0..weights.len()).collect();
+    order.sort_by(|&a, &b| weights[b].total_cmp(&weights[a]).then(a.cmp(&b)));
+    let mut load = vec![0.0f64; packs];
+    let mut count = vec![0usize; packs];
+    let mut out = vec![0; weights.len()];
+    for i in order {
+        let p = (0..packs)
+            .filter(|&p| count[p] < per_pack)
+            .min_by(|&a, &b| load[a].total_cmp(&load[b]).then(a.cmp(&b)))
+            .unwrap_or(0);
+        out[i] = p;
+        load[p] += weights[i];
+        count[p] += 1;
+    }
+    out
 }

@@ -318,6 +318,7 @@ mod tests {
             expert_parallel_size: 1,
             nodes_per_rack: None,
             min_healthy_fraction: 0.25,
+            pipeline_stages: 1,
         };
         worker_shape(&base, workers)
     }

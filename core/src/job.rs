@@ -161,6 +161,7 @@ pub struct TopologySpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.expertParallelSize) || self.expertParallelSize >= 1").message("expertParallelSize must be at least 1").field_path(".expertParallelSize"))]
+#[x_kube(validation = Rule::new("!has(self.pipelineParallelSize) || self.pipelineParallelSize >= 1").message("pipelineParallelSize must be at least 1").field_path(".pipelineParallelSize"))]
 pub struct ParallelismSpec {
     /// Chips in one expert-parallel group (each group holds every expert once, plus redundant
     /// replicas). Defaults to every chip of the job. Must be whole nodes and divide the chip count.
@@ -170,6 +171,12 @@ pub struct ParallelismSpec {
     /// around failed chips without moving weights.
     #[serde(default)]
     pub redundant_experts: u32,
+    /// Pipeline stages: the layers are split into this many stages of consecutive layers, each
+    /// trained by its own share of the nodes (a chip hosts experts of its stage's layers only;
+    /// expert-parallel groups live within a stage). Defaults to 1. Must divide the layers and
+    /// the expert-parallel groups. The embedded CPU worker runs one stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline_parallel_size: Option<u32>,
 }
 
 /// Training data and batch geometry. The global batch is fixed; workers only change who computes

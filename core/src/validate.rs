@@ -58,6 +58,8 @@ pub struct JobShape {
     pub redundant_experts: u32,
     /// Consecutive nodes per rack, when racks are modelled.
     pub nodes_per_rack: Option<u32>,
+    /// Pipeline stages (consecutive layers each); 1 without pipeline parallelism.
+    pub pipeline_stages: u32,
 }
 
 impl JobShape {
@@ -76,9 +78,15 @@ impl JobShape {
         self.expert_parallel_size / self.chips_per_node.max(1)
     }
 
-    /// Expert replicas (routed + redundant, over all layers) one expert-parallel group hosts.
+    /// Layers of one pipeline stage.
+    pub fn layers_per_stage(&self) -> u32 {
+        self.model.layers / self.pipeline_stages.max(1)
+    }
+
+    /// Expert replicas (routed + redundant, over its stage's layers) one expert-parallel group
+    /// hosts.
     pub fn replicas_per_group(&self) -> u64 {
-        u64::from(self.model.layers)
+        u64::from(self.layers_per_stage())
             * (u64::from(self.model.routed_experts) + u64::from(self.redundant_experts))
     }
 
@@ -145,6 +153,34 @@ impl JobShape {
             ep_ok = false;
         }
 
+        let stages = spec.parallelism.pipeline_parallel_size.unwrap_or(1);
+        let pp_path = "spec.parallelism.pipelineParallelSize";
+        let mut pp_ok = stages >= 1;
+        if !pp_ok {
+            out.push(Violation::new(pp_path, "pipelineParallelSize must be at least 1"));
+        }
+        if let Some(m) = &model
+            && pp_ok
+            && m.layers > 0
+            && !m.layers.is_multiple_of(stages)
+        {
+            out.push(Violation::new(
+                pp_path,
+                format!("pipelineParallelSize {stages} does not divide the model's {} layers", m.layers),
+            ));
+            pp_ok = false;
+        }
+        if ep_ok && pp_ok && !(chips / u64::from(ep)).is_multiple_of(u64::from(stages)) {
+            out.push(Violation::new(
+                pp_path,
+                format!(
+                    "pipelineParallelSize {stages} does not divide the job's {} expert-parallel groups ({chips} chips / expertParallelSize {ep}): every stage needs whole groups",
+                    chips / u64::from(ep)
+                ),
+            ));
+            pp_ok = false;
+        }
+
         if spec.checkpoint.peer_copies >= topo.nodes {
             out.push(Violation::new(
                 "spec.checkpoint.peerCopies",
@@ -178,7 +214,7 @@ impl JobShape {
             out.push(Violation::new("spec.pod.image", "image must not be empty when set"));
         }
 
-        let (Some(model), Some(chip_memory_bytes), true) = (model, chip_memory_bytes, ep_ok) else {
+        let (Some(model), Some(chip_memory_bytes), true) = (model, chip_memory_bytes, ep_ok && pp_ok) else {
             return Err(out);
         };
         let shape = JobShape {
@@ -190,25 +226,27 @@ impl JobShape {
             expert_parallel_size: ep,
             redundant_experts: spec.parallelism.redundant_experts,
             nodes_per_rack: topo.nodes_per_rack,
+            pipeline_stages: stages,
         };
         shape.check_capacity(spec.failure_policy.min_healthy_fraction, &mut out);
         if out.is_empty() { Ok(shape) } else { Err(out) }
     }
 
-    /// Replica limits and chip memory, at full health and at `minHealthyFraction`.
+    /// Replica limits and chip memory per pipeline stage, at full health and at
+    /// `minHealthyFraction`.
     fn check_capacity(&self, min_healthy_fraction: f64, out: &mut Vec<Violation>) {
         let m = &self.model;
-        let group_nodes = u64::from(self.nodes_per_group());
+        let group_chips = u64::from(self.expert_parallel_size);
         let routed = u64::from(m.routed_experts);
         let redundant = u64::from(self.redundant_experts);
-        // Replicas of one expert must sit on distinct nodes, so a layer holds at most
-        // routed x group_nodes replicas.
-        if routed + redundant > routed * group_nodes {
+        // Replicas of one expert on one chip merge, so a layer holds at most routed x chips
+        // distinct replicas.
+        if routed + redundant > routed * group_chips {
             out.push(Violation::new(
                 "spec.parallelism.redundantExperts",
                 format!(
-                    "{redundant} redundant experts per layer need more replicas of some expert than the {group_nodes} nodes of an expert-parallel group can keep apart (at most {})",
-                    routed * group_nodes.saturating_sub(1)
+                    "{redundant} redundant experts per layer need more replicas of some expert than the {group_chips} chips of an expert-parallel group can hold apart (at most {})",
+                    routed * group_chips.saturating_sub(1)
                 ),
             ));
         }
@@ -219,8 +257,9 @@ impl JobShape {
             out.push(Violation::new(
                 "spec.topology.chipMemory",
                 format!(
-                    "expert state needs {} per chip ({per_chip} expert replicas x {}) but chips have {}",
+                    "expert state needs {} per chip ({per_chip} expert replicas of a stage's {} layers x {}) but chips have {}",
                     human_bytes(need),
+                    self.layers_per_stage(),
                     human_bytes(m.expert_state_bytes()),
                     human_bytes(self.chip_memory_bytes)
                 ),
@@ -237,7 +276,7 @@ impl JobShape {
             ));
             return;
         }
-        let degraded_per_chip = (u64::from(m.layers) * routed).div_ceil(healthy);
+        let degraded_per_chip = (u64::from(self.layers_per_stage()) * routed).div_ceil(healthy);
         let degraded_need = degraded_per_chip * m.expert_state_bytes();
         if degraded_need > self.chip_memory_bytes {
             out.push(Violation::new(

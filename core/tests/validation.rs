@@ -159,11 +159,57 @@ fn expert_parallel_size_cannot_exceed_the_chips() {
 }
 
 #[test]
-fn replicas_of_an_expert_need_distinct_nodes() {
+fn replicas_of_an_expert_need_distinct_chips() {
+    // Replicas of one expert on one chip merge: 8 experts x 32 chips hold at most 256 apart.
     assert_problem(
-        &[("/spec/parallelism/redundantExperts", json!(30))],
+        &[("/spec/parallelism/redundantExperts", json!(250))],
         "spec.parallelism.redundantExperts",
-        "30 redundant experts per layer need more replicas of some expert than the 4 nodes of an expert-parallel group can keep apart (at most 24)",
+        "250 redundant experts per layer need more replicas of some expert than the 32 chips of an expert-parallel group can hold apart (at most 248)",
+    );
+    // Hot experts may have more replicas than the group has nodes.
+    assert_eq!(
+        problems(&[("/spec/parallelism/redundantExperts", json!(30))]),
+        Vec::<(String, String)>::new()
+    );
+}
+
+#[test]
+fn pipeline_stages_divide_the_layers_and_the_groups() {
+    assert_problem(
+        &[("/spec/parallelism/pipelineParallelSize", json!(3))],
+        "spec.parallelism.pipelineParallelSize",
+        "pipelineParallelSize 3 does not divide the model's 4 layers",
+    );
+    assert_problem(
+        &[("/spec/parallelism/pipelineParallelSize", json!(2))],
+        "spec.parallelism.pipelineParallelSize",
+        "pipelineParallelSize 2 does not divide the job's 1 expert-parallel groups (32 chips / expertParallelSize 32): every stage needs whole groups",
+    );
+    assert_problem(
+        &[("/spec/parallelism/pipelineParallelSize", json!(0))],
+        "spec.parallelism.pipelineParallelSize",
+        "pipelineParallelSize must be at least 1",
+    );
+    let two_stages = [
+        ("/spec/parallelism/pipelineParallelSize", json!(2)),
+        ("/spec/parallelism/expertParallelSize", json!(16)),
+    ];
+    assert_eq!(problems(&two_stages), Vec::<(String, String)>::new());
+}
+
+#[test]
+fn chip_memory_is_checked_per_pipeline_stage() {
+    // Four stages of one 8-chip group each: a chip holds only its stage's layer, 10 replicas
+    // over 8 chips = 2 per chip (1.5 MiB), not the whole model's 40 / 8.
+    let four_stages = [
+        ("/spec/parallelism/pipelineParallelSize", json!(4)),
+        ("/spec/parallelism/expertParallelSize", json!(8)),
+        ("/spec/topology/chipMemory", json!("1Mi")),
+    ];
+    assert_problem(
+        &four_stages,
+        "spec.topology.chipMemory",
+        "expert state needs 1.5 MiB per chip (2 expert replicas of a stage's 1 layers x 768.0 KiB) but chips have 1.0 MiB",
     );
 }
 
@@ -172,7 +218,7 @@ fn experts_must_fit_in_chip_memory() {
     assert_problem(
         &[("/spec/topology/chipMemory", json!("1Mi"))],
         "spec.topology.chipMemory",
-        "expert state needs 1.5 MiB per chip (2 expert replicas x 768.0 KiB) but chips have 1.0 MiB",
+        "expert state needs 1.5 MiB per chip (2 expert replicas of a stage's 4 layers x 768.0 KiB) but chips have 1.0 MiB",
     );
 }
 

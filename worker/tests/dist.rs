@@ -101,6 +101,7 @@ fn run_members(
         expert_parallel_size: 1,
         nodes_per_rack: None,
         min_healthy_fraction: 0.25,
+        pipeline_stages: 1,
     };
     let workers = setup.workers;
     let store = CheckpointStore::open(dir, setup.keep_last).unwrap();

@@ -32,6 +32,7 @@ mod plan;
 mod replan;
 mod shape;
 mod types;
+mod work;
 
 #[cfg(test)]
 mod tests;

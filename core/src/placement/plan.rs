@@ -81,17 +81,29 @@ impl fmt::Display for Infeasibility {
 
 /// Load balance and redundancy of a placement, over healthy chips.
 ///
-/// Chip load is the sum over hosted replicas of `expert load / replicas of that expert in the
-/// group` (tokens split evenly over replicas); `maxMeanLoad` is the job's step-time inflation
-/// from imbalance (1.0 is perfect).
+/// A replica carries `expert load / replicas of that expert in the group` (tokens split evenly
+/// over replicas). Every MoE layer's all-to-all is a barrier, so a group's step takes, per layer,
+/// as long as that layer's most loaded chip: `stepInflation` is Σ over layers of the most loaded
+/// healthy chip's load in that layer, over Σ over layers of the mean healthy-chip load in that
+/// layer (1.0 is perfect), for the worst group. `maxMeanLoad` sums a chip's load over all its
+/// layers first and is kept as a secondary figure (it hides per-layer imbalance).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct LoadStats {
-    /// Highest chip load.
+    /// The objective: the worst group's Σ_layer max-chip load / Σ_layer mean-chip load.
+    #[serde(default = "one")]
+    pub step_inflation: f64,
+    /// The group with the highest step inflation.
+    #[serde(default)]
+    pub worst_group: u32,
+    /// The worst group's step inflation in each pipeline stage, in stage order.
+    #[serde(default)]
+    pub stage_step_inflation: Vec<f64>,
+    /// Highest chip load (summed over the chip's layers).
     pub max_chip_load: f64,
     /// Mean load over healthy chips.
     pub mean_chip_load: f64,
-    /// `maxChipLoad / meanChipLoad` (1.0 when there is no load).
+    /// `maxChipLoad / meanChipLoad` over the whole job (1.0 when there is no load).
     pub max_mean_load: f64,
     /// Fewest replicas (loaded or pending, on healthy chips) of any expert in any group.
     pub replicas_min: u32,
@@ -102,8 +114,47 @@ pub struct LoadStats {
     pub healthy_chips: u64,
 }
 
+fn one() -> f64 {
+    1.0
+}
+
+/// One group's per-layer figures: Σ_layer max and Σ_layer mean over its healthy chips.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct LayerBalance {
+    /// Σ over the group's layers of the most loaded healthy chip's load in that layer.
+    pub sum_max: f64,
+    /// Σ over the group's layers of the mean healthy-chip load in that layer.
+    pub sum_mean: f64,
+}
+
+impl LayerBalance {
+    /// `sum_max / sum_mean`, 1.0 without load.
+    pub fn inflation(&self) -> f64 {
+        if self.sum_mean > 0.0 { self.sum_max / self.sum_mean } else { 1.0 }
+    }
+
+    /// Measures per-layer loads `loads[layer][chip]` over the chips with `up[chip]`.
+    pub fn of(loads: &[Vec<f64>], up: &[bool]) -> Self {
+        let healthy = up.iter().filter(|u| **u).count();
+        if healthy == 0 {
+            return Self::default();
+        }
+        let mut out = Self::default();
+        for row in loads {
+            let (mut max, mut sum) = (0.0f64, 0.0f64);
+            for (&l, _) in row.iter().zip(up).filter(|(_, u)| **u) {
+                max = max.max(l);
+                sum += l;
+            }
+            out.sum_max += max;
+            out.sum_mean += sum / healthy as f64;
+        }
+        out
+    }
+}
+
 impl LoadStats {
-    /// Measures a placement. `O(replicas)`.
+    /// Measures a placement. `O(replicas + layers x chips)`.
     pub fn measure(
         shape: &PlacementShape,
         placement: &Placement,
@@ -114,14 +165,21 @@ impl LoadStats {
         let experts = shape.experts();
         let (mut max, mut sum, mut healthy) = (0.0f64, 0.0f64, 0u64);
         let (mut replicas_min, mut live_min) = (u32::MAX, u32::MAX);
+        let (mut worst, mut worst_group) = (f64::NEG_INFINITY, 0u32);
+        let mut stages = vec![f64::NEG_INFINITY; shape.pipeline_stages.max(1) as usize];
         let mut counts = vec![0u32; experts];
         let mut live = vec![0u32; experts];
         for g in &placement.groups {
-            counts.iter_mut().for_each(|c| *c = 0);
-            live.iter_mut().for_each(|c| *c = 0);
+            let range = shape.group_experts(g.index);
+            if range.end > experts {
+                continue; // a placement of another shape; `check` reports it
+            }
+            counts[range.clone()].iter_mut().for_each(|c| *c = 0);
+            live[range.clone()].iter_mut().for_each(|c| *c = 0);
             let pending: BTreeSet<_> = g.pending.iter().map(|m| (m.to, m.expert)).collect();
-            let up = |local: usize| !failed.contains(shape.chip_at(g.index, local));
-            for (local, hosted) in g.chips.iter().enumerate().filter(|(l, _)| up(*l)) {
+            let up: Vec<bool> =
+                (0..g.chips.len()).map(|l| !failed.contains(shape.chip_at(g.index, l))).collect();
+            for (local, hosted) in g.chips.iter().enumerate().filter(|(l, _)| up[*l]) {
                 let chip = shape.chip_at(g.index, local);
                 for &e in hosted {
                     let i = shape.expert_index(e);
@@ -131,21 +189,37 @@ impl LoadStats {
                     }
                 }
             }
-            replicas_min = replicas_min.min(counts.iter().copied().min().unwrap_or(0));
-            live_min = live_min.min(live.iter().copied().min().unwrap_or(0));
-            for (_, hosted) in g.chips.iter().enumerate().filter(|(l, _)| up(*l)) {
-                let chip_load: f64 = hosted
-                    .iter()
-                    .map(|&e| shape.expert_index(e))
-                    .map(|i| dense[i] / f64::from(counts[i]))
-                    .sum();
+            replicas_min = replicas_min.min(counts[range.clone()].iter().copied().min().unwrap_or(0));
+            live_min = live_min.min(live[range.clone()].iter().copied().min().unwrap_or(0));
+            let first = range.start / shape.routed_experts.max(1) as usize;
+            let mut layers = vec![vec![0.0; g.chips.len()]; shape.layers_per_stage() as usize];
+            for (local, hosted) in g.chips.iter().enumerate().filter(|(l, _)| up[*l]) {
+                let mut chip_load = 0.0;
+                for &e in hosted {
+                    let i = shape.expert_index(e);
+                    let w = dense[i] / f64::from(counts[i].max(1));
+                    chip_load += w;
+                    if let Some(row) = layers.get_mut((e.layer as usize).wrapping_sub(first)) {
+                        row[local] += w;
+                    }
+                }
                 max = max.max(chip_load);
                 sum += chip_load;
                 healthy += 1;
             }
+            let inflation = LayerBalance::of(&layers, &up).inflation();
+            if inflation > worst {
+                (worst, worst_group) = (inflation, g.index);
+            }
+            if let Some(s) = stages.get_mut(shape.stage_of_group(g.index) as usize) {
+                *s = s.max(inflation);
+            }
         }
         let mean = if healthy == 0 { 0.0 } else { sum / healthy as f64 };
         Self {
+            step_inflation: if worst.is_finite() { worst } else { 1.0 },
+            worst_group,
+            stage_step_inflation: stages.into_iter().map(|s| if s.is_finite() { s } else { 1.0 }).collect(),
             max_chip_load: max,
             mean_chip_load: mean,
             max_mean_load: if mean > 0.0 { max / mean } else { 1.0 },
@@ -178,6 +252,10 @@ pub struct RecoveryPlan {
     /// Spare replicas removed to make room for an expert that had lost every replica (chips
     /// full); their experts keep at least one replica.
     pub evicted: Vec<ExpertId>,
+    /// Replicas removed because every replica of their expert ended up in one failure domain
+    /// (where they protect nothing against that domain's loss); one replica stays.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged: Vec<ExpertId>,
     /// Replicas moved by this plan (`moves.len()`).
     pub experts_moved: u64,
     /// State bytes moved by this plan.

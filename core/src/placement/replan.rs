@@ -7,11 +7,12 @@ use serde::{Deserialize, Serialize};
 use super::error::PlanError;
 use super::health::FailedChips;
 use super::ids::ExpertId;
-use super::initial::Weight;
+use super::initial::{IMPROVE_STEPS_PER_CHIP, Weight};
 use super::load::ExpertLoad;
 use super::plan::{Infeasibility, LoadStats, RecoveryPlan, Tier};
 use super::shape::PlacementShape;
 use super::types::{GroupPlacement, Move, Placement, Source};
+use super::work::Work;
 
 /// What happens to replicas lost with a failed chip when their expert still has a live replica.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -34,9 +35,9 @@ pub struct ReplanOptions {
     pub redundancy: Redundancy,
     /// Rebalance every group, moving replicas off the most loaded chips even without failures.
     pub rebalance: bool,
-    /// A re-planned group whose max/mean chip load exceeds this is rebalanced too.
+    /// A re-planned group whose step inflation exceeds this is rebalanced too.
     pub rebalance_threshold: f64,
-    /// Rebalancing stops once a group's max/mean chip load is at or below this.
+    /// Rebalancing a layer stops once its max/mean chip load is at or below this.
     pub rebalance_target: f64,
 }
 
@@ -45,8 +46,8 @@ impl Default for ReplanOptions {
         Self {
             redundancy: Redundancy::Restore,
             rebalance: false,
-            rebalance_threshold: 1.10,
-            rebalance_target: 1.04,
+            rebalance_threshold: 1.05,
+            rebalance_target: 1.02,
         }
     }
 }
@@ -70,13 +71,16 @@ pub struct Replan {
 /// `options.rebalance`); the others are carried over unchanged.
 ///
 /// Within a group, every replica on a failed chip is re-created (see [`Redundancy`]) on the
-/// least-loaded healthy chip with memory left and a failure domain that does not yet hold the
-/// expert, hottest first, sourced from the lowest-numbered live replica, else the checkpoint.
-/// Nothing else moves unless a rebalance is requested or the group's max/mean load passes
-/// `options.rebalance_threshold`.
+/// healthy chip with the least load in the expert's layer that has memory left, does not hold
+/// the expert, and keeps the expert's replicas in two failure domains, hottest first, sourced
+/// from the lowest-numbered live replica, else the checkpoint. Nothing else moves unless a
+/// rebalance is requested or the group's step inflation passes `options.rebalance_threshold`;
+/// then each layer's most loaded chip sheds replicas (moves and swaps, from live peers) until the
+/// layer's max/mean reaches `options.rebalance_target` or no step lowers it.
 ///
 /// `O(c + r·C)` per re-planned group for `c` replicas in the group, `r` replicas lost and `C`
-/// chips per group, plus `O(total replicas)` to copy the placement and measure load.
+/// chips per group, plus the rebalance steps (each `O(C·k²)` for `k` replicas of a layer per
+/// chip) and `O(total replicas)` to copy the placement and measure load.
 pub fn replan(
     shape: &PlacementShape,
     current: &Placement,
@@ -115,6 +119,7 @@ pub fn replan(
 
     let mut groups: Vec<Option<GroupPlacement>> = vec![None; current.groups.len()];
     let (mut moves, mut carried, mut dropped, mut evicted) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut merged = Vec::new();
     let (mut lower_bound, mut rebalance_moves) = (0u64, 0u64);
     for &g in &touched {
         current.check_group(shape, g, &FailedChips::none())?;
@@ -124,6 +129,7 @@ pub fn replan(
                 carried.extend(p.carried);
                 dropped.extend(p.dropped);
                 evicted.extend(p.evicted);
+                merged.extend(p.merged);
                 lower_bound += p.lower_bound;
                 rebalance_moves += p.rebalance_moves;
                 groups[g as usize] = Some(p.group);
@@ -160,6 +166,7 @@ pub fn replan(
         carried,
         dropped,
         evicted,
+        merged,
         lower_bound_experts: lower_bound,
         lower_bound_bytes: lower_bound * bytes,
         rebalance_moves,
@@ -185,6 +192,7 @@ fn infeasible(
         carried: Vec::new(),
         dropped: Vec::new(),
         evicted: Vec::new(),
+        merged: Vec::new(),
         experts_moved: 0,
         bytes_moved: 0,
         lower_bound_experts: 0,
@@ -207,93 +215,100 @@ struct GroupPlan {
     carried: Vec<Move>,
     dropped: Vec<ExpertId>,
     evicted: Vec<ExpertId>,
+    merged: Vec<ExpertId>,
     lower_bound: u64,
     rebalance_moves: u64,
 }
 
-/// One group's working state while it is re-planned; chips are group-local indices.
-struct Work<'a> {
-    shape: &'a PlacementShape,
-    index: u32,
-    domains: Vec<u32>,
-    up: Vec<bool>,
-    slots: usize,
-    chips: Vec<Vec<ExpertId>>,
-    /// Healthy chips hosting each expert (dense order), loaded or pending.
-    hosts: Vec<Vec<u32>>,
-    /// (chip, expert) replicas listed but not loaded yet.
-    pending: BTreeSet<(usize, usize)>,
-    load: Vec<f64>,
+/// Frees a slot for an expert that lost every replica: removes the lightest replica of an
+/// expert that has another one (preferring one whose other replicas still span two failure
+/// domains), from the least-loaded healthy chip that hosts such a replica. Returns the chip and the evicted expert,
+/// or `None` when every replica is its expert's last.
+fn evict_spare(w: &mut Work<'_>, dense: &[f64]) -> Option<(usize, ExpertId)> {
+    let total = |w: &Work<'_>, c: usize| w.load.iter().map(|row| row[c]).sum::<f64>();
+    let (c, e) = (0..w.chips.len())
+        .filter(|&c| w.up[c])
+        .filter_map(|c| {
+            let e = w.chips[c]
+                .iter()
+                .map(|&e| w.shape.expert_index(e))
+                .filter(|&i| w.hosts[i].len() >= 2)
+                .min_by(|&a, &b| {
+                    (!keeps_spread(w, a, c))
+                        .cmp(&!keeps_spread(w, b, c))
+                        .then(Weight(w.share[a]).cmp(&Weight(w.share[b])))
+                        .then(a.cmp(&b))
+                })?;
+            Some((c, e))
+        })
+        .min_by(|a, b| Weight(total(w, a.0)).cmp(&Weight(total(w, b.0))).then(a.0.cmp(&b.0)))?;
+    let expert = w.shape.expert_at(e);
+    let l = w.layer_of(e);
+    w.load[l][c] -= w.share[e];
+    w.chips[c].retain(|&x| x != expert);
+    w.hosts[e].retain(|&h| h as usize != c);
+    w.reweigh(e, dense[e]);
+    let chip = w.shape.chip_at(w.index, c);
+    if w.pending.remove(&(c, e)) {
+        w.moves.retain(|m| !(m.to == chip && m.expert == expert));
+    }
+    let source = w.source(e);
+    for m in w.moves.iter_mut().filter(|m| m.expert == expert && m.source == Source::Peer(chip)) {
+        m.source = source;
+    }
+    Some((c, expert))
 }
 
-impl Work<'_> {
-    fn live_peer(&self, i: usize) -> Option<usize> {
-        self.hosts[i].iter().map(|&c| c as usize).filter(|&c| !self.pending.contains(&(c, i))).min()
+/// Replicas of one expert left in a single failure domain (the domain holding the others failed
+/// and no chip elsewhere could take the replacement, or redundancy is deferred) protect nothing
+/// against that domain's loss: keep one (loaded, lowest chip first) and drop the rest, listed in
+/// `merged`. Nothing moves.
+fn merge_unspread(w: &mut Work<'_>, dense: &[f64], merged: &mut Vec<ExpertId>) {
+    let used: BTreeSet<u32> =
+        (0..w.chips.len()).filter(|&c| !w.chips[c].is_empty()).map(|c| w.domains[c]).collect();
+    if used.len() < 2 {
+        return;
     }
-
-    fn source(&self, i: usize) -> Source {
-        self.live_peer(i).map_or(Source::Checkpoint, |c| Source::Peer(self.shape.chip_at(self.index, c)))
-    }
-
-    /// Least-loaded healthy chip with memory left whose domain holds no replica of expert `i`
-    /// (the replica on `leaving`, if any, does not count: it is the one being moved).
-    fn best_chip(&self, i: usize, leaving: Option<usize>) -> Option<usize> {
-        let used: Vec<u32> = self.hosts[i]
-            .iter()
-            .map(|&c| c as usize)
-            .filter(|&c| Some(c) != leaving)
-            .map(|c| self.domains[c])
-            .collect();
-        (0..self.chips.len())
-            .filter(|&c| self.up[c] && self.chips[c].len() < self.slots && !used.contains(&self.domains[c]))
-            .filter(|&c| Some(c) != leaving)
-            .min_by(|&a, &b| Weight(self.load[a]).cmp(&Weight(self.load[b])).then(a.cmp(&b)))
-    }
-
-    /// Frees a slot for an expert that lost every replica: removes the lightest replica of an
-    /// expert that has another one, from the least-loaded healthy chip that hosts such a replica.
-    /// Returns the chip and the evicted expert, or `None` when every replica is its expert's last.
-    fn evict_spare(&mut self, dense: &[f64], moves: &mut Vec<Move>) -> Option<(usize, ExpertId)> {
-        let weight = |i: usize, hosts: &[Vec<u32>]| dense[i] / hosts[i].len().max(1) as f64;
-        let (c, e) = (0..self.chips.len())
-            .filter(|&c| self.up[c])
-            .filter_map(|c| {
-                let e = self.chips[c]
-                    .iter()
-                    .map(|&e| self.shape.expert_index(e))
-                    .filter(|&i| self.hosts[i].len() >= 2)
-                    .min_by(|&a, &b| {
-                        Weight(weight(a, &self.hosts)).cmp(&Weight(weight(b, &self.hosts))).then(a.cmp(&b))
-                    })?;
-                Some((c, e))
-            })
-            .min_by(|a, b| Weight(self.load[a.0]).cmp(&Weight(self.load[b.0])).then(a.0.cmp(&b.0)))?;
-        let expert = self.shape.expert_at(e);
-        self.load[c] -= weight(e, &self.hosts);
-        self.chips[c].retain(|&x| x != expert);
-        self.hosts[e].retain(|&h| h as usize != c);
-        let chip = self.shape.chip_at(self.index, c);
-        if self.pending.remove(&(c, e)) {
-            moves.retain(|m| !(m.to == chip && m.expert == expert));
+    for i in w.shape.group_experts(w.index) {
+        let domains: BTreeSet<u32> = w.hosts[i].iter().map(|&c| w.domains[c as usize]).collect();
+        if w.hosts[i].len() < 2 || domains.len() >= 2 {
+            continue;
         }
-        let source = self.source(e);
-        for m in moves.iter_mut().filter(|m| m.expert == expert && m.source == Source::Peer(chip)) {
-            m.source = source;
-        }
-        Some((c, expert))
-    }
-
-    fn max_and_mean(&self) -> (usize, f64, f64) {
-        let (mut arg, mut max, mut sum, mut n) = (0, f64::NEG_INFINITY, 0.0, 0usize);
-        for (c, &l) in self.load.iter().enumerate().filter(|(c, _)| self.up[*c]) {
-            if l > max {
-                (arg, max) = (c, l);
+        let keep =
+            w.live_peer(i).unwrap_or_else(|| w.hosts[i].iter().map(|&c| c as usize).min().unwrap_or(0));
+        let expert = w.shape.expert_at(i);
+        let l = w.layer_of(i);
+        for c in w.hosts[i].clone().into_iter().map(|c| c as usize).filter(|&c| c != keep) {
+            w.load[l][c] -= w.share[i];
+            w.chips[c].retain(|&e| e != expert);
+            w.hosts[i].retain(|&h| h as usize != c);
+            let chip = w.shape.chip_at(w.index, c);
+            if w.pending.remove(&(c, i)) {
+                w.moves.retain(|m| !(m.to == chip && m.expert == expert));
             }
-            sum += l;
-            n += 1;
+            merged.push(expert);
         }
-        (arg, max.max(0.0), if n == 0 { 0.0 } else { sum / n as f64 })
+        w.reweigh(i, dense[i]);
     }
+}
+
+/// Whether expert `i`'s replicas other than the one on chip `c` still span two failure domains
+/// (or are a single replica).
+fn keeps_spread(w: &Work<'_>, i: usize, c: usize) -> bool {
+    let rest: BTreeSet<u32> =
+        w.hosts[i].iter().map(|&h| h as usize).filter(|&h| h != c).map(|h| w.domains[h]).collect();
+    w.hosts[i].len() <= 2 || rest.len() >= 2 || w.domain_count() < 2
+}
+
+/// The least-loaded healthy chip in expert `i`'s layer that may take a new replica of it.
+fn best_chip(w: &Work<'_>, i: usize) -> Option<usize> {
+    let l = w.layer_of(i);
+    (0..w.chips.len()).filter(|&c| w.allowed(i, c, None, false)).min_by(|&a, &b| {
+        Weight(w.load[l][a])
+            .cmp(&Weight(w.load[l][b]))
+            .then(w.chips[a].len().cmp(&w.chips[b].len()))
+            .then(a.cmp(&b))
+    })
 }
 
 fn replan_group(
@@ -305,19 +320,11 @@ fn replan_group(
 ) -> GroupOutcome {
     let index = group.index;
     let size = group.chips.len();
-    let experts = shape.experts();
-    let mut w = Work {
-        shape,
-        index,
-        domains: shape.local_domains(index),
-        up: (0..size).map(|l| !failed.contains(shape.chip_at(index, l))).collect(),
-        slots: shape.slots_per_chip() as usize,
-        chips: group.chips.clone(),
-        hosts: vec![Vec::new(); experts],
-        pending: group.pending.iter().map(|m| (shape.locate(m.to).1, shape.expert_index(m.expert))).collect(),
-        load: vec![0.0; size],
-    };
-    let mut requested = vec![0u32; experts];
+    let up = (0..size).map(|l| !failed.contains(shape.chip_at(index, l))).collect();
+    let mut w = Work::empty(shape, index, up, true);
+    w.chips = group.chips.clone();
+    w.pending = group.pending.iter().map(|m| (shape.locate(m.to).1, shape.expert_index(m.expert))).collect();
+    let mut requested = vec![0u32; shape.experts()];
     let mut lost: Vec<usize> = Vec::new();
     for (local, hosted) in w.chips.iter_mut().enumerate() {
         for &e in hosted.iter() {
@@ -330,9 +337,14 @@ fn replan_group(
         }
     }
     w.pending.retain(|&(c, _)| w.up[c]);
-    let weight = |i: usize, n: u32| dense[i] / f64::from(n.max(1));
-    for (local, hosted) in w.chips.iter().enumerate() {
-        w.load[local] = hosted.iter().map(|&e| shape.expert_index(e)).map(|i| weight(i, requested[i])).sum();
+    // While lost replicas are re-created, every replica weighs its share at the requested count.
+    for i in shape.group_experts(index) {
+        w.share[i] = dense[i] / f64::from(requested[i].max(1));
+        let l = w.layer_of(i);
+        for k in 0..w.hosts[i].len() {
+            let c = w.hosts[i][k] as usize;
+            w.load[l][c] += w.share[i];
+        }
     }
 
     let mut to_create = match options.redundancy {
@@ -349,18 +361,18 @@ fn replan_group(
     to_create.sort_by(|&a, &b| {
         (!w.hosts[a].is_empty())
             .cmp(&!w.hosts[b].is_empty())
-            .then(Weight(weight(b, requested[b])).cmp(&Weight(weight(a, requested[a]))))
+            .then(Weight(w.share[b]).cmp(&Weight(w.share[a])))
             .then(a.cmp(&b))
     });
 
-    let (mut moves, mut dropped, mut evicted) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut dropped, mut evicted) = (Vec::new(), Vec::new());
     for i in to_create {
         let expert = shape.expert_at(i);
-        let target = match w.best_chip(i, None) {
+        let target = match best_chip(&w, i) {
             Some(c) => Some(c),
             // An expert with no replica left outranks redundancy: make room by evicting a spare
             // replica of another expert.
-            None if w.hosts[i].is_empty() => w.evict_spare(dense, &mut moves).map(|(c, e)| {
+            None if w.hosts[i].is_empty() => evict_spare(&mut w, dense).map(|(c, e)| {
                 evicted.push(e);
                 c
             }),
@@ -378,16 +390,29 @@ fn replan_group(
             dropped.push(expert);
             continue;
         };
-        moves.push(Move { expert, to: shape.chip_at(index, c), source: w.source(i) });
-        w.chips[c].push(expert);
-        w.hosts[i].push(c as u32);
+        let source = w.source(i);
+        w.moves.push(Move { expert, to: shape.chip_at(index, c), source });
+        w.add(i, c);
         w.pending.insert((c, i));
-        w.load[c] += weight(i, requested[i]);
+    }
+
+    let mut merged = Vec::new();
+    merge_unspread(&mut w, dense, &mut merged);
+    // Merging freed memory: a replica dropped for lack of room may fit now.
+    if !merged.is_empty() {
+        dropped.retain(|&expert| {
+            let i = shape.expert_index(expert);
+            let Some(c) = best_chip(&w, i) else { return true };
+            let source = w.source(i);
+            w.moves.push(Move { expert, to: shape.chip_at(index, c), source });
+            w.add(i, c);
+            w.pending.insert((c, i));
+            false
+        });
     }
 
     // Earlier loads still outstanding: those onto failed chips were re-created above; the rest
     // keep their target and get a new source if theirs failed or is itself not loaded yet.
-    let mut carried = Vec::new();
     for m in &group.pending {
         let (to, i) = (shape.locate(m.to).1, shape.expert_index(m.expert));
         if !w.up[to] || !w.chips[to].contains(&m.expert) {
@@ -404,21 +429,22 @@ fn replan_group(
             }
             Source::Checkpoint => Source::Checkpoint,
         };
-        carried.push(Move { source, ..*m });
+        w.carried.push(Move { source, ..*m });
     }
 
     // Re-weigh with the replica counts actually achieved, then rebalance when asked or needed.
-    for (local, hosted) in w.chips.iter().enumerate() {
-        w.load[local] =
-            hosted.iter().map(|&e| shape.expert_index(e)).map(|i| weight(i, w.hosts[i].len() as u32)).sum();
+    for i in shape.group_experts(index) {
+        w.reweigh(i, dense[i]);
     }
-    let (_, max, mean) = w.max_and_mean();
     let mut rebalance_moves = 0;
-    if options.rebalance || (mean > 0.0 && max / mean > options.rebalance_threshold) {
-        rebalance_moves = rebalance(&mut w, dense, options.rebalance_target, &mut moves, &mut carried);
+    if options.rebalance || w.inflation() > options.rebalance_threshold {
+        for l in 0..w.load.len() {
+            rebalance_moves += w.improve_layer(l, options.rebalance_target, size * IMPROVE_STEPS_PER_CHIP);
+        }
     }
 
-    w.chips.iter_mut().for_each(|h| h.sort_unstable());
+    let Work { mut chips, mut moves, mut carried, .. } = w;
+    chips.iter_mut().for_each(|h| h.sort_unstable());
     moves.sort_unstable_by_key(|m| (m.to, m.expert));
     carried.sort_unstable_by_key(|m| (m.to, m.expert));
     let pending = {
@@ -427,80 +453,13 @@ fn replan_group(
         all
     };
     GroupOutcome::Planned(GroupPlan {
-        group: GroupPlacement { index, chips: w.chips, pending },
+        group: GroupPlacement { index, chips, pending },
         moves,
         carried,
         dropped,
         evicted,
+        merged,
         lower_bound,
         rebalance_moves,
     })
-}
-
-/// Moves replicas off the most loaded chip while that strictly lowers its load, until the
-/// group's max/mean load reaches `target`. Each step takes the replica whose move to its
-/// least-loaded eligible chip leaves the lower peak (a weight near half the gap), so hot
-/// replicas are not shuffled from one chip to the next. Each step lowers the sum of squared chip
-/// loads, so it terminates; it is also capped at four moves per chip. Returns the replicas moved.
-fn rebalance(
-    w: &mut Work<'_>,
-    dense: &[f64],
-    target: f64,
-    moves: &mut Vec<Move>,
-    carried: &mut [Move],
-) -> u64 {
-    let shape = w.shape;
-    let mut moved = 0u64;
-    for _ in 0..w.chips.len() * 4 {
-        let (from, max, mean) = w.max_and_mean();
-        if mean <= 0.0 || max / mean <= target {
-            break;
-        }
-        let mut candidates: Vec<usize> = w.chips[from].iter().map(|&e| shape.expert_index(e)).collect();
-        candidates.sort_unstable();
-        // Chips by load once per step; each candidate takes the first eligible one, which is
-        // what `best_chip` would return, without a scan per candidate.
-        let mut order: Vec<usize> = (0..w.chips.len()).filter(|&c| w.up[c] && c != from).collect();
-        order.sort_unstable_by(|&a, &b| Weight(w.load[a]).cmp(&Weight(w.load[b])).then(a.cmp(&b)));
-        let mut step: Option<(Weight, f64, usize, usize)> = None;
-        for i in candidates {
-            let wt = dense[i] / w.hosts[i].len().max(1) as f64;
-            let used: Vec<u32> =
-                w.hosts[i].iter().map(|&c| c as usize).filter(|&c| c != from).map(|c| w.domains[c]).collect();
-            let Some(&to) =
-                order.iter().find(|&&c| w.chips[c].len() < w.slots && !used.contains(&w.domains[c]))
-            else {
-                continue;
-            };
-            let peak = Weight((max - wt).max(w.load[to] + wt));
-            if peak.0 < max && step.is_none_or(|(best, ..)| peak < best) {
-                step = Some((peak, wt, i, to));
-            }
-        }
-        let step = step.map(|(_, wt, i, to)| (Weight(wt), i, to));
-        let Some((Weight(wt), i, to)) = step else { break };
-        let expert = shape.expert_at(i);
-        let (from_chip, to_chip) = (shape.chip_at(w.index, from), shape.chip_at(w.index, to));
-        w.chips[from].retain(|&e| e != expert);
-        w.chips[to].push(expert);
-        if let Some(h) = w.hosts[i].iter_mut().find(|c| **c as usize == from) {
-            *h = to as u32;
-        }
-        w.load[from] -= wt;
-        w.load[to] += wt;
-        if w.pending.remove(&(from, i)) {
-            // Not loaded yet: send the outstanding load to the new chip instead.
-            for m in
-                moves.iter_mut().chain(carried.iter_mut()).filter(|m| m.to == from_chip && m.expert == expert)
-            {
-                m.to = to_chip;
-            }
-        } else {
-            // The old replica serves as the source until the placement settles.
-            moves.push(Move { expert, to: to_chip, source: Source::Peer(from_chip) });
-            moved += 1;
-        }
-        w.pending.insert((to, i));
-    }
-    moved
 }

@@ -17,9 +17,11 @@ pub const MAX_GROUP_REPLICAS: u64 = 1 << 24;
 
 /// Everything the planner needs to know about a job, resolved and checked.
 ///
-/// Chips are grouped into expert-parallel groups of `expert_parallel_size` chips (whole,
-/// consecutive nodes). Each group hosts every routed expert of every layer at least once, plus
-/// `redundant_experts` extra replicas per layer; groups are planned independently.
+/// The layers are split into `pipeline_stages` stages of consecutive layers, and the chips into as
+/// many stages of consecutive nodes. Each stage's chips are grouped into expert-parallel groups of
+/// `expert_parallel_size` chips (whole, consecutive nodes). Each group hosts every routed expert
+/// of its stage's layers at least once, plus `redundant_experts` extra replicas per layer, and
+/// nothing of other stages; groups are planned independently.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PlacementShape {
@@ -43,6 +45,13 @@ pub struct PlacementShape {
     pub nodes_per_rack: Option<u32>,
     /// Fraction of the job's chips that must stay healthy; below it every plan is infeasible.
     pub min_healthy_fraction: f64,
+    /// Pipeline stages: consecutive layers, each on its own consecutive share of the nodes.
+    #[serde(default = "one_stage")]
+    pub pipeline_stages: u32,
+}
+
+fn one_stage() -> u32 {
+    1
 }
 
 impl PlacementShape {
@@ -60,6 +69,7 @@ impl PlacementShape {
             expert_parallel_size: job.expert_parallel_size,
             nodes_per_rack: job.nodes_per_rack,
             min_healthy_fraction,
+            pipeline_stages: job.pipeline_stages,
         }
     }
 
@@ -72,6 +82,7 @@ impl PlacementShape {
             ("nodes", u64::from(self.nodes)),
             ("chipsPerNode", u64::from(self.chips_per_node)),
             ("expertParallelSize", u64::from(self.expert_parallel_size)),
+            ("pipelineParallelSize", u64::from(self.pipeline_stages)),
             ("expertStateBytes", self.expert_state_bytes),
             ("chipMemoryBytes", self.chip_memory_bytes),
         ] {
@@ -96,9 +107,22 @@ impl PlacementShape {
                 self.chips()
             ));
         }
-        // Bounds that keep every allocation reasonable (LongCat-2.0 uses 1,000 and ~33,000).
-        let replicas =
-            u64::from(self.layers) * (u64::from(self.routed_experts) + u64::from(self.redundant_experts));
+        if !self.layers.is_multiple_of(self.pipeline_stages) {
+            return bad(format!(
+                "pipelineParallelSize {} does not divide the model's {} layers",
+                self.pipeline_stages, self.layers
+            ));
+        }
+        if !self.groups().is_multiple_of(self.pipeline_stages) {
+            return bad(format!(
+                "pipelineParallelSize {} does not divide the job's {} expert-parallel groups",
+                self.pipeline_stages,
+                self.groups()
+            ));
+        }
+        // Bounds that keep every allocation reasonable.
+        let replicas = u64::from(self.layers_per_stage())
+            * (u64::from(self.routed_experts) + u64::from(self.redundant_experts));
         if self.chips_per_group() > MAX_GROUP_CHIPS
             || replicas > MAX_GROUP_REPLICAS
             || self.chips() > MAX_CHIPS
@@ -142,9 +166,47 @@ impl PlacementShape {
         u64::from(self.expert_parallel_size)
     }
 
-    /// Logical experts (layers x routed experts).
+    /// Logical experts of the whole model (layers x routed experts).
     pub fn experts(&self) -> usize {
         self.layers as usize * self.routed_experts as usize
+    }
+
+    /// Layers per pipeline stage.
+    pub fn layers_per_stage(&self) -> u32 {
+        self.layers / self.pipeline_stages.max(1)
+    }
+
+    /// Logical experts one group hosts: its stage's layers x routed experts.
+    pub fn experts_per_group(&self) -> usize {
+        self.layers_per_stage() as usize * self.routed_experts as usize
+    }
+
+    /// Expert-parallel groups per pipeline stage.
+    pub fn groups_per_stage(&self) -> u32 {
+        self.groups() / self.pipeline_stages.max(1)
+    }
+
+    /// The pipeline stage of a group (groups are numbered stage-major).
+    pub fn stage_of_group(&self, group: u32) -> u32 {
+        group / self.groups_per_stage().max(1)
+    }
+
+    /// The layers of a pipeline stage.
+    pub fn stage_layers(&self, stage: u32) -> std::ops::Range<u32> {
+        let per = self.layers_per_stage();
+        stage * per..(stage + 1) * per
+    }
+
+    /// The layers whose experts a group hosts.
+    pub fn group_layers(&self, group: u32) -> std::ops::Range<u32> {
+        self.stage_layers(self.stage_of_group(group))
+    }
+
+    /// Dense indices (see [`PlacementShape::expert_index`]) of the experts a group hosts.
+    pub fn group_experts(&self, group: u32) -> std::ops::Range<usize> {
+        let layers = self.group_layers(group);
+        let r = self.routed_experts as usize;
+        layers.start as usize * r..layers.end as usize * r
     }
 
     /// Expert replicas one chip's memory holds.

@@ -1,6 +1,6 @@
 //! The published data: a versioned [`Placement`] and the [`Move`]s that realise it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -91,8 +91,10 @@ impl Placement {
     }
 
     /// Checks the placement belongs to `shape` and keeps the structural invariants: the right
-    /// groups and chips, known experts, no expert twice in one failure domain, chip memory, and
-    /// pending loads that name hosted replicas. Failed chips must host nothing.
+    /// groups and chips, known experts of the group's pipeline stage only, no expert twice on one
+    /// chip, every expert with two or more replicas spread over two failure domains (when the
+    /// group uses two), chip memory, and pending loads that name hosted replicas. Failed chips
+    /// must host nothing.
     /// Placements read from etcd are untrusted; the planner runs this on every group it touches.
     pub fn check(&self, shape: &PlacementShape, failed: &FailedChips) -> Result<(), PlanError> {
         shape.validate()?;
@@ -136,8 +138,11 @@ impl Placement {
             return bad(format!("group {group} is missing"));
         };
         let domains = shape.local_domains(group);
+        let layers = shape.group_layers(group);
         let slots = shape.slots_per_chip() as usize;
-        let mut seen: BTreeSet<(usize, u32)> = BTreeSet::new();
+        // Failure domains of each expert's replicas, and domains that host anything at all.
+        let mut spread: BTreeMap<ExpertId, (u32, BTreeSet<u32>)> = BTreeMap::new();
+        let mut used_domains: BTreeSet<u32> = BTreeSet::new();
         for (local, hosted) in g.chips.iter().enumerate() {
             let chip = shape.chip_at(group, local);
             if hosted.len() > slots {
@@ -149,14 +154,32 @@ impl Placement {
             if !hosted.is_empty() && failed.contains(chip) {
                 return bad(format!("failed chip {chip} still hosts replicas"));
             }
-            for &e in hosted {
+            if !hosted.is_empty() {
+                used_domains.insert(domains[local]);
+            }
+            for (k, &e) in hosted.iter().enumerate() {
                 if !shape.has_expert(e) {
                     return bad(format!("chip {chip} hosts unknown expert {e}"));
                 }
-                if !seen.insert((shape.expert_index(e), domains[local])) {
-                    return bad(format!("expert {e} has two replicas in the failure domain of chip {chip}"));
+                if !layers.contains(&e.layer) {
+                    return bad(format!(
+                        "chip {chip} of pipeline stage {} hosts {e} of another stage",
+                        shape.stage_of_group(group)
+                    ));
                 }
+                if hosted[..k].contains(&e) {
+                    return bad(format!("chip {chip} lists expert {e} twice"));
+                }
+                let entry = spread.entry(e).or_default();
+                entry.0 += 1;
+                entry.1.insert(domains[local]);
             }
+        }
+        // Replicas protect: an expert with two or more replicas spans two failure domains (when
+        // the group's replicas sit in two or more), so one domain's loss leaves it a replica.
+        let available = used_domains.len().min(2) as u32;
+        if let Some((e, _)) = spread.iter().find(|(_, (n, d))| (d.len() as u32) < (*n).min(available)) {
+            return bad(format!("expert {e} has every replica in one failure domain"));
         }
         for m in &g.pending {
             if !shape.has_chip(m.to) || shape.locate(m.to).0 != group {

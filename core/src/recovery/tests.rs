@@ -20,6 +20,7 @@ fn shape(redundant: u32, min_healthy: f64, nodes_per_rack: Option<u32>, nodes: u
         expert_parallel_size: nodes * 4,
         nodes_per_rack,
         min_healthy_fraction: min_healthy,
+        pipeline_stages: 1,
     }
 }
 
