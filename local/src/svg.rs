@@ -59,10 +59,7 @@ impl Chart {
     pub fn to_svg(&self) -> String {
         let (x0, x1) = range(self.points.iter().map(|p| p.0).chain(self.markers.iter().map(|m| m.x)));
         let (y0, y1) = range(self.points.iter().map(|p| p.1));
-        let pw = W - LEFT - RIGHT;
-        let ph = H - TOP - BOTTOM;
-        let sx = |x: f64| LEFT + (x - x0) / (x1 - x0) * pw;
-        let sy = |y: f64| TOP + ph - (y - y0) / (y1 - y0) * ph;
+        let frame = Frame { x0, x1, y0, y1, pw: W - LEFT - RIGHT, ph: H - TOP - BOTTOM };
         let mut out = String::new();
         let _ = writeln!(
             out,
@@ -75,7 +72,15 @@ impl Chart {
             W / 2.0,
             esc(&self.title)
         );
-        // Axes and ticks.
+        self.axes(&frame, &mut out);
+        self.series(&frame, &mut out);
+        out.push_str("</svg>\n");
+        out
+    }
+
+    /// Axes, ticks and labels.
+    fn axes(&self, f: &Frame, out: &mut String) {
+        let (pw, ph) = (f.pw, f.ph);
         let _ = writeln!(
             out,
             r#"<path d="M{LEFT} {TOP} V{} H{}" stroke="black" fill="none"/>"#,
@@ -83,12 +88,12 @@ impl Chart {
             LEFT + pw
         );
         for i in 0..=4 {
-            let f = f64::from(i) / 4.0;
-            let (xv, yv) = (x0 + f * (x1 - x0), y0 + f * (y1 - y0));
+            let t = f64::from(i) / 4.0;
+            let (xv, yv) = (f.x0 + t * (f.x1 - f.x0), f.y0 + t * (f.y1 - f.y0));
             let _ = writeln!(
                 out,
                 r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-                sx(xv),
+                f.sx(xv),
                 TOP + ph + 16.0,
                 tick(xv)
             );
@@ -96,9 +101,9 @@ impl Chart {
                 out,
                 r##"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text><path d="M{LEFT} {:.1} H{}" stroke="#eee"/>"##,
                 LEFT - 6.0,
-                sy(yv) + 4.0,
+                f.sy(yv) + 4.0,
                 tick(yv),
-                sy(yv),
+                f.sy(yv),
                 LEFT + pw
             );
         }
@@ -116,13 +121,16 @@ impl Chart {
             TOP + ph / 2.0,
             esc(&self.y_label)
         );
-        // Recovery markers under the series.
+    }
+
+    /// Recovery markers, then the series over them.
+    fn series(&self, f: &Frame, out: &mut String) {
         for m in &self.markers {
-            let x = sx(m.x);
+            let x = f.sx(m.x);
             let _ = writeln!(
                 out,
                 r#"<path d="M{x:.1} {TOP} V{:.1}" stroke="crimson" stroke-dasharray="4 3"/><text x="{:.1}" y="{:.1}" fill="crimson" transform="rotate(-90 {:.1} {:.1})">{}</text>"#,
-                TOP + ph,
+                TOP + f.ph,
                 x - 3.0,
                 TOP + 4.0,
                 x - 3.0,
@@ -132,7 +140,7 @@ impl Chart {
         }
         let mut d = String::new();
         for (i, (x, y)) in self.points.iter().filter(|p| p.0.is_finite() && p.1.is_finite()).enumerate() {
-            let _ = write!(d, "{}{:.1} {:.1} ", if i == 0 { "M" } else { "L" }, sx(*x), sy(*y));
+            let _ = write!(d, "{}{:.1} {:.1} ", if i == 0 { "M" } else { "L" }, f.sx(*x), f.sy(*y));
         }
         if !d.is_empty() {
             let _ = writeln!(
@@ -141,8 +149,26 @@ impl Chart {
                 d.trim_end()
             );
         }
-        out.push_str("</svg>\n");
-        out
+    }
+}
+
+/// The data ranges and the plot area they map onto.
+struct Frame {
+    x0: f64,
+    x1: f64,
+    y0: f64,
+    y1: f64,
+    pw: f64,
+    ph: f64,
+}
+
+impl Frame {
+    fn sx(&self, x: f64) -> f64 {
+        LEFT + (x - self.x0) / (self.x1 - self.x0) * self.pw
+    }
+
+    fn sy(&self, y: f64) -> f64 {
+        TOP + self.ph - (y - self.y0) / (self.y1 - self.y0) * self.ph
     }
 }
 
