@@ -236,6 +236,8 @@ struct Pending {
     job: ninelives_core::TrainingJob,
     template: Vec<std::ffi::OsString>,
     total_steps: u64,
+    /// The members' job key (issue 23): lives, and is removed, with the launch.
+    job_key: crate::worker::LaunchKey,
 }
 
 impl Pending {
@@ -266,7 +268,9 @@ impl Pending {
         if let Some(d) = &args.dataset {
             template.extend(["--dataset".into(), d.clone().into()]);
         }
-        Ok(Pending { args, job, template, total_steps: config.total_steps })
+        let job_key = crate::worker::LaunchKey::create()?;
+        template.extend(["--job-key-file".into(), job_key.path().into()]);
+        Ok(Pending { args, job, template, total_steps: config.total_steps, job_key })
     }
 }
 
@@ -358,7 +362,7 @@ impl Launch {
 impl Pending {
     /// Connects, clears what an earlier run left, registers the nodes, builds the loop and runs.
     async fn connect(self) -> Result<(), Failure> {
-        let Pending { args, job, template, total_steps } = self;
+        let Pending { args, job, template, total_steps, job_key: _job_key } = self;
         let namespace = job.metadata.namespace.clone().unwrap_or_else(|| NAMESPACE.into());
         let name = job.metadata.name.clone().unwrap_or_else(|| "job".into());
         let keys = Keyspace::default();

@@ -12,6 +12,8 @@ use clap::Args;
 use ninelives_core::member_output::{MemberLine, StepLine};
 use ninelives_worker::checkpoint::SaveReport;
 use ninelives_worker::data::Corpus;
+use ninelives_worker::dist::auth::{JobAuth, JobKey};
+use ninelives_worker::dist::link::Security;
 use ninelives_worker::dist::member::{MemberEvent, MemberOptions, run_member};
 use ninelives_worker::dist::rendezvous::{Etcd, EtcdTlsFiles};
 use ninelives_worker::metrics::WorkerMetrics;
@@ -66,6 +68,10 @@ pub struct TrainArgs {
     /// Longest a step waits for a live peer before it is abandoned (expert-parallel jobs).
     #[arg(long, default_value_t = 60)]
     step_timeout_seconds: u64,
+    /// The job's secret (a file of at least 32 bytes; worker pods: the job's Secret, mounted):
+    /// peers prove they hold it before any frame is accepted (expert-parallel jobs; required).
+    #[arg(long, env = "NINELIVES_JOB_KEY_FILE", requires = "rank")]
+    job_key_file: Option<PathBuf>,
     /// Prefix of the etcd keyspace (worker pods: the operator's `--etcd-prefix`).
     #[arg(long, env = "NINELIVES_ETCD_PREFIX", default_value = ninelives_core::keyspace::DEFAULT_PREFIX)]
     etcd_prefix: String,
@@ -83,6 +89,44 @@ pub struct TrainArgs {
 /// `ninelives worker train`.
 pub fn train_command(args: TrainArgs) -> ExitCode {
     run(|| pin_candle_pool().and_then(|()| train(args)))
+}
+
+/// The identity a job's members bind into their handshakes: the manifest's UID (a cluster's
+/// TrainingJob), else `namespace/name`.
+fn job_identity(job: &ninelives_core::TrainingJob) -> String {
+    match &job.metadata.uid {
+        Some(uid) => uid.clone(),
+        None => format!(
+            "{}/{}",
+            job.metadata.namespace.as_deref().unwrap_or("default"),
+            job.metadata.name.as_deref().unwrap_or("job")
+        ),
+    }
+}
+
+/// A fresh job key in a private temporary directory (removed when dropped): what
+/// `ninelives worker launch` gives its members with `--job-key-file`.
+pub(crate) struct LaunchKey {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl LaunchKey {
+    /// Creates the key file.
+    pub(crate) fn create() -> Result<Self, Failure> {
+        let dir = tempfile::Builder::new()
+            .prefix("ninelives-job-key")
+            .tempdir()
+            .map_err(|e| Failure::BadInput(format!("cannot create the job key directory: {e}")))?;
+        let path = dir.path().join("job-key");
+        JobKey::create_file(&path).map_err(|e| Failure::BadInput(e.to_string()))?;
+        Ok(Self { _dir: dir, path })
+    }
+
+    /// The key file.
+    pub(crate) fn path(&self) -> &std::path::Path {
+        &self.path
+    }
 }
 
 /// Runs a worker subcommand and maps its outcome to an exit code.
@@ -199,6 +243,13 @@ fn train(args: TrainArgs) -> Result<(), Failure> {
             step_timeout: Duration::from_secs(args.step_timeout_seconds.max(1)),
             join_timeout: Duration::from_secs(args.step_timeout_seconds.max(1) * 2),
             checkpoint_every: every,
+            security: {
+                let path = args.job_key_file.as_deref().ok_or_else(|| {
+                    Failure::BadInput("an expert-parallel member needs --job-key-file (or NINELIVES_JOB_KEY_FILE)".into())
+                })?;
+                let key = JobKey::from_file(path).map_err(|e| Failure::BadInput(e.to_string()))?;
+                Security::Authenticated(JobAuth::new(job_identity(&job), key))
+            },
         };
         let digest = run_with_threads(threads, || {
             run_member(config, corpus, store, etcd, &options, |event| member_event(&event, &metrics))

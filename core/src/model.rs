@@ -108,28 +108,50 @@ impl ModelDims {
         if missing.is_empty() { Ok(dims) } else { Err(missing) }
     }
 
-    /// Parameters of one routed SwiGLU expert (gate, up and down projections).
+    /// Parameters of one routed SwiGLU expert (gate, up and down projections); saturates at
+    /// `u64::MAX` for dimensions no machine holds (see [`ModelDims::checked_total_params`]).
     pub fn expert_params(&self) -> u64 {
-        3 * u64::from(self.hidden_size) * u64::from(self.expert_ffn_size)
+        self.checked_expert_params().unwrap_or(u64::MAX)
     }
 
-    /// Training-state bytes of one expert replica (see [`STATE_BYTES_PER_PARAM`]).
+    fn checked_expert_params(&self) -> Option<u64> {
+        3u64.checked_mul(u64::from(self.hidden_size))?.checked_mul(u64::from(self.expert_ffn_size))
+    }
+
+    /// Training-state bytes of one expert replica (see [`STATE_BYTES_PER_PARAM`]); saturating.
     pub fn expert_state_bytes(&self) -> u64 {
-        self.expert_params() * STATE_BYTES_PER_PARAM
+        self.expert_params().saturating_mul(STATE_BYTES_PER_PARAM)
     }
 
-    /// Parameters outside the routed experts: embeddings, attention, norms, routers.
+    /// Parameters outside the routed experts: embeddings, attention, norms, routers; saturating.
     pub fn dense_params(&self) -> u64 {
+        self.checked_dense_params().unwrap_or(u64::MAX)
+    }
+
+    fn checked_dense_params(&self) -> Option<u64> {
         let h = u64::from(self.hidden_size);
         let v = u64::from(self.vocab_size);
         let experts = u64::from(self.routed_experts) + u64::from(self.zero_experts);
-        let per_layer = 4 * h * h + 2 * h + h * experts;
-        2 * v * h + u64::from(self.layers) * per_layer + h
+        let per_layer =
+            h.checked_mul(h)?.checked_mul(4)?.checked_add(2 * h)?.checked_add(h.checked_mul(experts)?)?;
+        v.checked_mul(h)?
+            .checked_mul(2)?
+            .checked_add(u64::from(self.layers).checked_mul(per_layer)?)?
+            .checked_add(h)
     }
 
-    /// All parameters.
+    /// All parameters; saturating.
     pub fn total_params(&self) -> u64 {
-        self.dense_params() + u64::from(self.layers) * u64::from(self.routed_experts) * self.expert_params()
+        self.checked_total_params().unwrap_or(u64::MAX)
+    }
+
+    /// All parameters, `None` when the count overflows a `u64`: dimensions come from manifests,
+    /// so a product of them is never trusted to fit.
+    pub fn checked_total_params(&self) -> Option<u64> {
+        let routed = u64::from(self.layers)
+            .checked_mul(u64::from(self.routed_experts))?
+            .checked_mul(self.checked_expert_params()?)?;
+        self.checked_dense_params()?.checked_add(routed)
     }
 
     /// Parameters a token touches on average: dense parts plus the routed share of its top-k
@@ -137,7 +159,10 @@ impl ModelDims {
     pub fn active_params(&self) -> u64 {
         let all = u64::from(self.routed_experts) + u64::from(self.zero_experts);
         let routed_per_token = u64::from(self.top_k) * u64::from(self.routed_experts) / all.max(1);
-        self.dense_params() + u64::from(self.layers) * routed_per_token * self.expert_params()
+        u64::from(self.layers)
+            .saturating_mul(routed_per_token)
+            .saturating_mul(self.expert_params())
+            .saturating_add(self.dense_params())
     }
 }
 
@@ -164,6 +189,24 @@ mod tests {
         let dims = ModelDims::resolve(&spec).unwrap();
         assert_eq!(dims.layers, 2);
         assert_eq!(dims.hidden_size, 128);
+    }
+
+    #[test]
+    fn parameter_counts_of_absurd_dimensions_saturate_or_are_none() {
+        let huge = ModelDims {
+            layers: u32::MAX,
+            hidden_size: u32::MAX,
+            vocab_size: u32::MAX,
+            routed_experts: u32::MAX,
+            expert_ffn_size: u32::MAX,
+            ..ModelDims::preset(ModelPreset::Tiny)
+        };
+        assert_eq!(huge.checked_total_params(), None);
+        assert_eq!(huge.total_params(), u64::MAX);
+        assert_eq!(huge.expert_state_bytes(), u64::MAX);
+        assert_eq!(huge.active_params(), u64::MAX);
+        let tiny = ModelDims::preset(ModelPreset::Tiny);
+        assert_eq!(tiny.checked_total_params(), Some(tiny.total_params()));
     }
 
     #[test]

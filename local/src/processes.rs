@@ -3,8 +3,26 @@
 //! Everything here builds [`Command`]s or parses text; the [`Supervisor`](crate::Supervisor)
 //! runs them.
 
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// Writes a fresh job key to `path` (replacing an earlier run's): 32 bytes from the kernel's
+/// random source as 64 hex digits, readable by the owner only. Members prove they hold it to
+/// each other before any frame is accepted (`--job-key-file`; see the worker's `dist::auth`).
+pub fn create_job_key(path: &Path) -> std::io::Result<()> {
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()
+}
 
 /// A node agent on simulated chips: `ninelives agent run --node N --etcd URL --chips-dir DIR
 /// --simulate CHIPS --ttl TTL --etcd-prefix PREFIX`.
@@ -56,6 +74,8 @@ pub struct MemberSpec {
     pub threads: usize,
     /// Longest a step waits for a live peer before it is abandoned.
     pub step_timeout_seconds: u64,
+    /// The job's key ([`create_job_key`]).
+    pub job_key_file: PathBuf,
     /// Where it serves `/metrics` (none: it serves nothing).
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Environment set for the process (the training worker's own, see
@@ -65,7 +85,8 @@ pub struct MemberSpec {
 
 impl MemberSpec {
     /// `ninelives worker train MANIFEST --rank R --etcd URLS --steps N --checkpoint-dir D
-    /// --checkpoint-every K --threads T --step-timeout-seconds S [--metrics-addr A]`.
+    /// --checkpoint-every K --threads T --step-timeout-seconds S --job-key-file F
+    /// [--metrics-addr A]`.
     ///
     /// Output contract ([`ninelives_core::member_output::MemberLine`]): a `joined generation=<g> ... step=<s>`
     /// line per generation joined, one `step=<n> loss=<x> tokens_per_s=<y> ...` line per
@@ -81,6 +102,8 @@ impl MemberSpec {
             .args(["--checkpoint-every", &self.checkpoint_every.to_string()])
             .args(["--threads", &self.threads.to_string()])
             .args(["--step-timeout-seconds", &self.step_timeout_seconds.to_string()])
+            .arg("--job-key-file")
+            .arg(&self.job_key_file)
             .envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(addr) = self.metrics_addr {
             cmd.args(["--metrics-addr", &addr.to_string()]);
@@ -103,6 +126,7 @@ mod tests {
             checkpoint_every: 25,
             threads: 1,
             step_timeout_seconds: 30,
+            job_key_file: "/tmp/key".into(),
             metrics_addr: Some(([127, 0, 0, 1], 9100).into()),
             env: vec![("CANDLE_NUM_THREADS".into(), "1".into())],
         }
@@ -135,12 +159,28 @@ mod tests {
                 "1",
                 "--step-timeout-seconds",
                 "30",
+                "--job-key-file",
+                "/tmp/key",
                 "--metrics-addr",
                 "127.0.0.1:9100"
             ]
         );
         let env: Vec<_> = cmd.get_envs().collect();
         assert_eq!(env, [(std::ffi::OsStr::new("CANDLE_NUM_THREADS"), Some(std::ffi::OsStr::new("1")))]);
+    }
+
+    #[test]
+    fn job_keys_are_fresh_private_and_replace_an_old_one() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job-key");
+        create_job_key(&path).unwrap();
+        let first = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(first.len(), 64);
+        assert!(first.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        create_job_key(&path).unwrap();
+        assert_ne!(std::fs::read_to_string(&path).unwrap(), first);
     }
 
     #[test]

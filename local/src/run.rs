@@ -157,6 +157,9 @@ struct FaultClock {
 }
 
 /// One local run in progress.
+/// The job's key in the work directory, shared by its members (the operator's Secret, locally).
+const JOB_KEY_FILE: &str = "job-key";
+
 struct LocalRun<'c> {
     cfg: &'c LocalRunConfig,
     name: String,
@@ -182,6 +185,9 @@ impl<'c> LocalRun<'c> {
     async fn start(cfg: &'c LocalRunConfig) -> Result<Self, RuntimeError> {
         let t0 = Instant::now();
         let mut sup = Supervisor::new(cfg.work_dir.join("logs"))?;
+        let key = cfg.work_dir.join(JOB_KEY_FILE);
+        crate::processes::create_job_key(&key)
+            .map_err(|source| RuntimeError::Io { path: key.clone(), source })?;
         let etcd = match &cfg.metrics {
             Some(m) => LocalEtcd::start_with_metrics(&mut sup, &cfg.work_dir, m.etcd)?,
             None => LocalEtcd::start(&mut sup, &cfg.work_dir)?,
@@ -386,6 +392,7 @@ impl<'c> LocalRun<'c> {
             checkpoint_every: cfg.job.spec.checkpoint.interval_steps.max(1),
             threads: (cfg.threads / nodes).max(1),
             step_timeout_seconds: STEP_TIMEOUT_S,
+            job_key_file: cfg.work_dir.join(JOB_KEY_FILE),
             metrics_addr: cfg.metrics.as_ref().and_then(|m| m.workers.get(&rank).copied()),
             env: cfg.member_env.clone(),
         }

@@ -26,7 +26,8 @@ use std::time::Instant;
 use ninelives_core::generation::DistPlan;
 
 use super::plan::{micro_batch_owner, serving_replica};
-use super::transport::{Collective, Shared, TcpCollective};
+use super::state::Shared;
+use super::transport::{Collective, TcpCollective};
 use super::wire::{Dec, Enc, Malformed, Msg};
 use crate::checkpoint::{DataCursor, TrainingSnapshot};
 use crate::error::{Result, WorkerError};
@@ -105,7 +106,7 @@ impl RemoteExperts for Requester {
         let owner = self.owner(call)?;
         let generation = self.coll.generation();
         if owner == self.shared.rank {
-            return self.shared.service.forward(&self.shared, generation, self.step, call, rows, x);
+            return self.shared.service.forward(&self.shared.trainer, call, rows, x);
         }
         let values = x.len();
         let msg = Msg::Forward { generation, step: self.step, call, rows: rows as u32, data: x };
@@ -116,7 +117,7 @@ impl RemoteExperts for Requester {
         let owner = self.owner(call)?;
         let generation = self.coll.generation();
         if owner == self.shared.rank {
-            return self.shared.service.backward(&self.shared, generation, self.step, call, rows, dy);
+            return self.shared.service.backward(&self.shared.trainer, call, rows, dy);
         }
         let values = dy.len();
         let msg = Msg::Backward { generation, step: self.step, call, rows: rows as u32, data: dy };

@@ -7,8 +7,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::engine::{DistStepReport, HostState, Routing, gather_checkpoint, run_step};
+use super::link::{LinkConfig, MAX_CONNECTIONS, Security};
 use super::rendezvous::{Etcd, Session};
-use super::transport::{Collective, POLL, Shared, TcpCollective, serve};
+use super::state::{POLL, Shared};
+use super::transport::{Collective, TcpCollective, serve};
+use super::wire::frame_limit;
 use crate::checkpoint::{BackgroundSaver, CheckpointStore, ExpertSelection, SaveReport};
 use crate::data::Corpus;
 use crate::error::{Result, WorkerError};
@@ -34,6 +37,8 @@ pub struct MemberOptions {
     pub join_timeout: Duration,
     /// Commit a checkpoint every this many steps (and at the end).
     pub checkpoint_every: u64,
+    /// How peers prove they belong to the job ([`Security::Authenticated`] with the job's key).
+    pub security: Security,
 }
 
 /// What a member reports as it goes.
@@ -84,7 +89,12 @@ pub fn run_member(
     mut events: impl FnMut(MemberEvent<'_>),
 ) -> Result<Option<String>> {
     let rank = options.rank;
-    let shared = Shared::new(rank, options.step_timeout);
+    let frame_limit = frame_limit(&config).ok_or_else(|| {
+        WorkerError::InvalidJob("the model's largest message exceeds the transport's frame limit".into())
+    })?;
+    let link =
+        LinkConfig { security: options.security.clone(), frame_limit, max_connections: MAX_CONNECTIONS };
+    let shared = Shared::new(rank, options.step_timeout, link);
     let listener = TcpListener::bind(options.listen)
         .map_err(|e| WorkerError::Rendezvous(format!("cannot listen on {}: {e}", options.listen)))?;
     let local = listener.local_addr().map_err(|e| WorkerError::Rendezvous(e.to_string()))?;

@@ -3,6 +3,9 @@
 //! - [`plan`]: pure decisions — micro-batch and replica assignment (the generation protocol
 //!   itself, and every decision to publish one, belong to `ninelives-core` and the control loop);
 //! - [`wire`]: the length-prefixed binary frames workers exchange;
+//! - [`auth`]: the job key, the handshake proofs and the frame tags (pure);
+//! - [`link`]: one authenticated connection: the handshake and tagged frames;
+//! - [`state`]: what a member's threads share, with the bounded inbox of pushes;
 //! - [`transport`]: the [`transport::Collective`] trait and its TCP implementation, with
 //!   bounded waits that abandon a step when a peer is lost or a new generation appears;
 //! - [`service`]: the owner side of the expert all-to-all;
@@ -10,10 +13,13 @@
 //! - [`rendezvous`]: etcd membership, plan, acknowledgements, generation watch;
 //! - [`member`]: a member's life: join a generation, train, abort, rejoin.
 
+pub mod auth;
 pub mod engine;
+pub mod link;
 pub mod member;
 pub mod plan;
 pub mod rendezvous;
 pub mod service;
+pub mod state;
 pub mod transport;
 pub mod wire;

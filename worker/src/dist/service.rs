@@ -2,13 +2,13 @@
 //! and keeps the experts' weight gradients per (micro-batch, expert) for the ordered reduction.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
-use super::transport::Shared;
 use crate::error::{Result, WorkerError};
 use crate::experts::{SwigluSaved, insert_expert_grads, swiglu_backward, swiglu_forward};
 use crate::model::{ExpertCall, ExpertId};
 use crate::optim::Gradients;
+use crate::trainer::Trainer;
 
 /// Weight gradients of served expert calls, by (micro-batch, expert).
 pub type ServedGrads = BTreeMap<(u32, ExpertId), Gradients>;
@@ -41,18 +41,16 @@ impl ExpertService {
     /// Runs `call`'s expert on `x` (`[rows, hidden]`) and keeps the graph for the backward.
     pub fn forward(
         &self,
-        shared: &Shared,
-        _generation: u64,
-        _step: u64,
+        trainer: &RwLock<Option<Trainer>>,
         call: ExpertCall,
         rows: usize,
         x: Vec<f32>,
     ) -> Result<Vec<f32>> {
-        let guard = shared.trainer.read().map_err(|_| poisoned())?;
+        let guard = trainer.read().map_err(|_| poisoned())?;
         let trainer = guard.as_ref().ok_or_else(|| WorkerError::Aborted("no model loaded".into()))?;
         let model = trainer.model();
         let hidden = model.dims().hidden_size as usize;
-        if x.len() != rows * hidden {
+        if rows.checked_mul(hidden) != Some(x.len()) {
             return Err(WorkerError::Rendezvous(format!(
                 "expert request with {} values for {rows} rows of {hidden}",
                 x.len()
@@ -68,9 +66,7 @@ impl ExpertService {
     /// and keeps the weight gradients.
     pub fn backward(
         &self,
-        shared: &Shared,
-        _generation: u64,
-        _step: u64,
+        trainer: &RwLock<Option<Trainer>>,
         call: ExpertCall,
         rows: usize,
         dy: Vec<f32>,
@@ -82,10 +78,10 @@ impl ExpertService {
             .graphs
             .remove(&call)
             .ok_or_else(|| WorkerError::Aborted(format!("backward of {call:?} without its forward")))?;
-        if dy.len() != saved.rows() * saved.hidden() || saved.rows() != rows {
+        if saved.rows() != rows || rows.checked_mul(saved.hidden()) != Some(dy.len()) {
             return Err(WorkerError::Rendezvous(format!("output gradient of {call:?} has the wrong size")));
         }
-        let guard = shared.trainer.read().map_err(|_| poisoned())?;
+        let guard = trainer.read().map_err(|_| poisoned())?;
         let trainer = guard.as_ref().ok_or_else(|| WorkerError::Aborted("no model loaded".into()))?;
         let weights = trainer.model().expert_weights(call.expert_id())?;
         drop(guard);

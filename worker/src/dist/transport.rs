@@ -3,29 +3,31 @@
 //! Every worker listens on one TCP port (published in etcd under `members/<rank>`). For each
 //! generation, each worker opens one connection to every other member and uses it for its own
 //! requests (expert forward/backward, answered on the same connection) and for its pushes to
-//! that member (collective rounds). The accepting side runs one handler thread per connection:
-//! it answers expert requests from the [`ExpertService`] and forwards pushes to the inbox.
+//! that member (collective rounds). Every connection starts with the handshake of
+//! [`super::link`]: the peer proves it is the member of this job and generation it claims to be,
+//! and every later frame is tied to it. The accepting side runs one handler thread per
+//! connection (at most [`MAX_HANDSHAKES`] unauthenticated and [`max_connections`](super::link::LinkConfig::max_connections)
+//! authenticated ones at once): it answers expert requests from the [`ExpertService`] and
+//! buffers pushes in the bounded inbox.
 //!
 //! No wait is unbounded: reads time out every [`POLL`] and re-check whether the step must be
 //! abandoned (the process is stopping, etcd shows a newer generation, a member's connection
 //! closed, or the step deadline passed). A killed peer's sockets are closed by its kernel, so
 //! its death is seen at once as end-of-file.
+//!
+//! [`ExpertService`]: super::service::ExpertService
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::service::ExpertService;
-use super::wire::{FrameReader, Msg, ReadError, write_frame};
+use super::link::{Link, MAX_HANDSHAKES};
+pub use super::state::POLL;
+use super::state::{RoundState, Shared};
+use super::wire::{Msg, ReadError};
 use crate::error::{Result, WorkerError};
-use crate::trainer::Trainer;
-
-/// How often blocked reads and waits re-check for an abort.
-pub const POLL: Duration = Duration::from_millis(50);
 
 /// Collective operations one member of a generation needs. A vendor collective library
 /// (NCCL/HCCL class) could implement the same calls on real hardware.
@@ -46,184 +48,42 @@ pub trait Collective {
     ) -> Result<BTreeMap<u32, Vec<u8>>>;
 }
 
-/// What the handler threads tell the main thread.
-#[derive(Debug)]
-enum Inbound {
-    Push { generation: u64, step: u64, round: u8, from: u32, payload: Vec<u8> },
-    Lost { generation: u64, rank: u32 },
+/// Live inbound connections: handshakes in progress, and authenticated peers by (generation, rank).
+#[derive(Default)]
+struct Connections {
+    handshakes: AtomicUsize,
+    peers: Mutex<BTreeSet<(u64, u32)>>,
 }
 
-/// Which step the expert service may serve.
-#[derive(Debug, Default)]
-struct ServeState {
-    generation: u64,
-    /// `Some(step)` while the step runs.
-    step: Option<u64>,
-    /// Why the current generation's step was abandoned, if it was.
-    aborted: Option<String>,
-}
+/// Releases a handshake slot when dropped.
+struct HandshakeSlot<'a>(&'a AtomicUsize);
 
-/// Communication counters (bytes put on the wire by this worker).
-#[derive(Debug, Default)]
-pub struct Traffic {
-    /// Expert requests and their replies (the all-to-all).
-    pub expert_bytes: AtomicU64,
-    /// Collective rounds (gradient all-gather, norm partials, checkpoint gather).
-    pub collective_bytes: AtomicU64,
-    /// Token-activation payload that had to cross workers: rows × hidden × 4 bytes per
-    /// direction of each remote expert call (the all-to-all's analytical minimum).
-    pub expert_payload_bytes: AtomicU64,
-}
-
-/// State shared between the main thread, the handler threads and the etcd watcher.
-pub struct Shared {
-    /// This worker's rank.
-    pub rank: u32,
-    /// The training state, read while computing, written while updating.
-    pub trainer: RwLock<Option<Trainer>>,
-    /// Served expert calls of the current step.
-    pub service: ExpertService,
-    /// Bytes sent.
-    pub traffic: Traffic,
-    /// Newest generation seen in etcd (written by the watcher).
-    pub seen_generation: AtomicU64,
-    /// Set when the process is shutting down.
-    pub stop: AtomicBool,
-    /// Longest a step may wait for any one peer.
-    pub step_timeout: Duration,
-    state: Mutex<ServeState>,
-    changed: Condvar,
-    inbox_tx: Mutex<Sender<Inbound>>,
-    inbox_rx: Mutex<Receiver<Inbound>>,
-    pending: Mutex<Pending>,
-}
-
-/// Pushes received before the round that consumes them, and closed connections, by generation.
-#[derive(Debug, Default)]
-struct Pending {
-    pushes: BTreeMap<(u64, u64, u8, u32), Vec<u8>>,
-    lost: BTreeSet<(u64, u32)>,
-}
-
-impl Shared {
-    /// Fresh state for `rank`.
-    pub fn new(rank: u32, step_timeout: Duration) -> Arc<Self> {
-        let (tx, rx) = channel();
-        Arc::new(Self {
-            rank,
-            trainer: RwLock::new(None),
-            service: ExpertService::default(),
-            traffic: Traffic::default(),
-            seen_generation: AtomicU64::new(0),
-            stop: AtomicBool::new(false),
-            step_timeout,
-            state: Mutex::new(ServeState::default()),
-            changed: Condvar::new(),
-            inbox_tx: Mutex::new(tx),
-            inbox_rx: Mutex::new(rx),
-            pending: Mutex::new(Pending::default()),
-        })
-    }
-
-    fn lock_state(&self) -> Result<std::sync::MutexGuard<'_, ServeState>> {
-        self.state.lock().map_err(|_| WorkerError::Rendezvous("serve state lock poisoned".into()))
-    }
-
-    /// Starts serving `step` of `generation` (clears what an abandoned step left behind).
-    pub fn open_step(&self, generation: u64, step: u64) -> Result<()> {
-        let mut s = self.lock_state()?;
-        if s.generation != generation || s.step != Some(step) {
-            self.service.clear();
-        }
-        s.generation = generation;
-        s.step = Some(step);
-        s.aborted = None;
-        drop(s);
-        self.changed.notify_all();
-        Ok(())
-    }
-
-    /// Stops serving (between generations).
-    pub fn close(&self, generation: u64) -> Result<()> {
-        let mut s = self.lock_state()?;
-        if generation > s.generation {
-            // An abort belongs to its generation: a new one starts clean, or peers asking for its
-            // first step would be refused with the old generation's reason.
-            s.aborted = None;
-        }
-        s.generation = s.generation.max(generation);
-        s.step = None;
-        drop(s);
-        self.service.clear();
-        self.changed.notify_all();
-        Ok(())
-    }
-
-    /// Marks the step of `generation` abandoned, so pending requests are refused.
-    pub fn abort(&self, generation: u64, reason: &str) {
-        if let Ok(mut s) = self.state.lock()
-            && s.generation == generation
-            && s.aborted.is_none()
-        {
-            s.aborted = Some(reason.to_string());
-        }
-        self.changed.notify_all();
-    }
-
-    /// Why the step of `generation` must stop, if it must.
-    pub fn abort_reason(&self, generation: u64) -> Option<String> {
-        if self.stop.load(Ordering::SeqCst) {
-            return Some("the worker is stopping".into());
-        }
-        let seen = self.seen_generation.load(Ordering::SeqCst);
-        if seen > generation {
-            return Some(format!("generation {seen} was published"));
-        }
-        self.state.lock().ok().and_then(|s| if s.generation == generation { s.aborted.clone() } else { None })
-    }
-
-    /// Waits until `step` of `generation` is being served. `Err(reason)` when it never will be.
-    fn wait_serving(&self, generation: u64, step: u64) -> std::result::Result<(), String> {
-        let deadline = Instant::now() + self.step_timeout;
-        let Ok(mut s) = self.state.lock() else { return Err("state lock poisoned".into()) };
-        loop {
-            if self.stop.load(Ordering::SeqCst) {
-                return Err("the owner is stopping".into());
-            }
-            if s.generation > generation || (s.generation == generation && s.aborted.is_some()) {
-                return Err(format!("the owner left generation {generation}"));
-            }
-            if s.generation == generation {
-                match s.step {
-                    Some(current) if current == step => return Ok(()),
-                    Some(current) if current > step => return Err(format!("step {step} is over")),
-                    _ => {}
-                }
-            }
-            if Instant::now() >= deadline {
-                return Err(format!("timed out waiting to serve step {step}"));
-            }
-            s = match self.changed.wait_timeout(s, POLL) {
-                Ok((guard, _)) => guard,
-                Err(_) => return Err("state lock poisoned".into()),
-            };
-        }
+impl Drop for HandshakeSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 /// Accepts connections on `listener` and serves them, each on its own thread, until `stop`.
 pub fn serve(listener: TcpListener, shared: Arc<Shared>) -> Result<std::thread::JoinHandle<()>> {
     listener.set_nonblocking(true).map_err(|e| WorkerError::Rendezvous(format!("listener: {e}")))?;
+    let connections = Arc::new(Connections::default());
     std::thread::Builder::new()
         .name("peer-listener".into())
         .spawn(move || {
             while !shared.stop.load(Ordering::SeqCst) {
                 match listener.accept() {
-                    Ok((stream, _)) => {
-                        let shared = shared.clone();
+                    Ok((stream, from)) => {
+                        // Claimed before the thread starts, so a flood cannot overshoot the bound.
+                        if connections.handshakes.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKES {
+                            connections.handshakes.fetch_sub(1, Ordering::SeqCst);
+                            tracing::warn!(%from, "{MAX_HANDSHAKES} handshakes in progress; connection closed");
+                            continue;
+                        }
+                        let (shared, connections) = (shared.clone(), connections.clone());
                         let spawned = std::thread::Builder::new()
                             .name("peer-handler".into())
-                            .spawn(move || handle(stream, &shared));
+                            .spawn(move || handle(stream, from, &shared, &connections));
                         if let Err(e) = spawned {
                             tracing::warn!("cannot start a peer handler: {e}");
                         }
@@ -239,81 +99,103 @@ pub fn serve(listener: TcpListener, shared: Arc<Shared>) -> Result<std::thread::
         .map_err(|e| WorkerError::Rendezvous(format!("listener thread: {e}")))
 }
 
-fn handle(mut stream: TcpStream, shared: &Shared) {
+/// Authenticates one inbound connection, then serves it. `connections.handshakes` was claimed.
+fn handle(stream: TcpStream, from: SocketAddr, shared: &Shared, connections: &Connections) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(POLL));
-    let mut reader = FrameReader::new();
-    let mut peer: Option<(u64, u32)> = None;
-    let inbox = match shared.inbox_tx.lock() {
-        Ok(tx) => tx.clone(),
-        Err(_) => return,
+    let accepted = {
+        let _slot = HandshakeSlot(&connections.handshakes);
+        Link::accept(stream, &shared.link, shared.rank, shared.serving_generation(), &shared.stop)
     };
-    loop {
-        if shared.stop.load(Ordering::SeqCst) {
+    let mut link = match accepted {
+        Ok(link) => link,
+        Err(e) => {
+            tracing::warn!(%from, "peer connection refused: {e}");
             return;
         }
-        let msg = match reader.next(&mut stream) {
-            Ok(Some(msg)) => msg,
-            Ok(None) => continue,
-            Err(err) => {
-                if let Some((generation, rank)) = peer {
-                    tracing::debug!(rank, generation, "connection from rank {rank} ended: {err}");
-                    let _ = inbox.send(Inbound::Lost { generation, rank });
-                }
-                return;
-            }
-        };
-        let reply = match msg {
-            Msg::Hello { generation, rank } => {
-                peer = Some((generation, rank));
-                continue;
-            }
-            Msg::Push { generation, step, round, from, payload } => {
-                let _ = inbox.send(Inbound::Push { generation, step, round, from, payload });
-                continue;
-            }
-            Msg::Forward { generation, step, call, rows, data } => {
-                match shared.wait_serving(generation, step) {
-                    Ok(()) => {
-                        match shared.service.forward(shared, generation, step, call, rows as usize, data) {
-                            Ok(data) => Msg::Reply { data },
-                            Err(e) => Msg::Refused { reason: e.to_string() },
-                        }
-                    }
-                    Err(reason) => Msg::Refused { reason },
-                }
-            }
-            Msg::Backward { generation, step, call, rows, data } => {
-                match shared.wait_serving(generation, step) {
-                    Ok(()) => {
-                        match shared.service.backward(shared, generation, step, call, rows as usize, data) {
-                            Ok(data) => Msg::Reply { data },
-                            Err(e) => Msg::Refused { reason: e.to_string() },
-                        }
-                    }
-                    Err(reason) => Msg::Refused { reason },
-                }
-            }
-            Msg::Reply { .. } | Msg::Refused { .. } => Msg::Refused { reason: "unexpected reply".into() },
-        };
-        match write_frame(&mut stream, &reply) {
-            Ok(n) => {
-                shared.traffic.expert_bytes.fetch_add(n, Ordering::Relaxed);
-            }
-            Err(_) => {
-                if let Some((generation, rank)) = peer {
-                    let _ = inbox.send(Inbound::Lost { generation, rank });
-                }
-                return;
-            }
+    };
+    let key = (link.generation, link.peer);
+    {
+        let Ok(mut peers) = connections.peers.lock() else { return };
+        if peers.len() >= shared.link.max_connections || !peers.insert(key) {
+            tracing::warn!(%from, rank = link.peer, generation = link.generation,
+                "a duplicate connection, or too many connections; refused");
+            let _ = link.send(&Msg::Refused { reason: "too many connections".into() });
+            link.shutdown();
+            return;
         }
+    }
+    if let Err(reason) = serve_link(&mut link, shared) {
+        tracing::debug!(rank = link.peer, generation = link.generation, "connection ended: {reason}");
+        shared.deliver_lost(link.generation, link.peer);
+    }
+    link.shutdown();
+    if let Ok(mut peers) = connections.peers.lock() {
+        peers.remove(&key);
     }
 }
 
-struct Conn {
-    stream: TcpStream,
-    reader: FrameReader,
+/// Serves an authenticated connection until it ends (`Err(why)`) or the worker stops (`Ok`).
+fn serve_link(link: &mut Link, shared: &Shared) -> std::result::Result<(), String> {
+    link.set_poll(POLL).map_err(|e| e.to_string())?;
+    let (generation, peer) = (link.generation, link.peer);
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let msg = match link.recv() {
+            Ok(Some(msg)) => msg,
+            Ok(None) => continue,
+            Err(err) => return Err(err.to_string()),
+        };
+        let reply = match msg {
+            Msg::Push { generation: g, step, round, payload } if g == generation => {
+                // The sender is the connection's authenticated rank, whatever the frame says.
+                shared.deliver_push(generation, peer, step, round, payload).map_err(|e| e.to_string())?;
+                continue;
+            }
+            Msg::Forward { generation: g, step, call, rows, data } if g == generation => {
+                match shared.wait_serving(generation, step) {
+                    Ok(()) => match shared.service.forward(&shared.trainer, call, rows as usize, data) {
+                        Ok(data) => Msg::Reply { data },
+                        Err(e) => Msg::Refused { reason: e.to_string() },
+                    },
+                    Err(reason) => Msg::Refused { reason },
+                }
+            }
+            Msg::Backward { generation: g, step, call, rows, data } if g == generation => {
+                match shared.wait_serving(generation, step) {
+                    Ok(()) => match shared.service.backward(&shared.trainer, call, rows as usize, data) {
+                        Ok(data) => Msg::Reply { data },
+                        Err(e) => Msg::Refused { reason: e.to_string() },
+                    },
+                    Err(reason) => Msg::Refused { reason },
+                }
+            }
+            other => {
+                // A member never sends these here: the connection is not what it claims.
+                let reason =
+                    format!("unexpected {} on a generation {generation} connection", variant(&other));
+                let _ = link.send(&Msg::Refused { reason: reason.clone() });
+                return Err(reason);
+            }
+        };
+        let n = link.send(&reply).map_err(|e| e.to_string())?;
+        shared.traffic.expert_bytes.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+fn variant(msg: &Msg) -> &'static str {
+    match msg {
+        Msg::Hello { .. } => "Hello",
+        Msg::Challenge { .. } => "Challenge",
+        Msg::Proof { .. } => "Proof",
+        Msg::Forward { .. } => "Forward",
+        Msg::Backward { .. } => "Backward",
+        Msg::Reply { .. } => "Reply",
+        Msg::Refused { .. } => "Refused",
+        Msg::Push { .. } => "Push",
+    }
 }
 
 /// The TCP [`Collective`] of one member in one generation.
@@ -321,11 +203,12 @@ pub struct TcpCollective {
     shared: Arc<Shared>,
     generation: u64,
     members: Vec<u32>,
-    conns: BTreeMap<u32, Mutex<Conn>>,
+    conns: BTreeMap<u32, Mutex<Link>>,
 }
 
 impl TcpCollective {
-    /// Connects to every other member (`addrs` by rank) within `timeout`.
+    /// Connects to every other member (`addrs` by rank) within `timeout`, authenticating each
+    /// connection.
     pub fn connect(
         shared: Arc<Shared>,
         generation: u64,
@@ -342,7 +225,7 @@ impl TcpCollective {
                 .get(&rank)
                 .ok_or_else(|| WorkerError::Rendezvous(format!("no address published for rank {rank}")))?;
             let deadline = Instant::now() + timeout;
-            let mut stream = loop {
+            let stream = loop {
                 match TcpStream::connect_timeout(addr, timeout) {
                     Ok(s) => break s,
                     Err(e) if Instant::now() < deadline => {
@@ -358,9 +241,10 @@ impl TcpCollective {
             };
             let io = |e: std::io::Error| WorkerError::Aborted(format!("connection to rank {rank}: {e}"));
             stream.set_nodelay(true).map_err(io)?;
-            stream.set_read_timeout(Some(POLL)).map_err(io)?;
-            write_frame(&mut stream, &Msg::Hello { generation, rank: shared.rank }).map_err(io)?;
-            conns.insert(rank, Mutex::new(Conn { stream, reader: FrameReader::new() }));
+            let link = Link::connect(stream, &shared.link, generation, shared.rank, rank, &shared.stop)
+                .map_err(|e| WorkerError::Aborted(format!("connection to rank {rank} at {addr}: {e}")))?;
+            link.set_poll(POLL).map_err(io)?;
+            conns.insert(rank, Mutex::new(link));
         }
         Ok(Self { shared, generation, members: members.to_vec(), conns })
     }
@@ -387,47 +271,16 @@ impl TcpCollective {
     fn send(&self, peer: u32, msg: &Msg) -> Result<u64> {
         let conn = self.conns.get(&peer).ok_or_else(|| self.fail(format!("rank {peer} is not a peer")))?;
         let mut conn = conn.lock().map_err(|_| self.fail("connection lock poisoned".into()))?;
-        write_frame(&mut conn.stream, msg).map_err(|e| self.fail(format!("rank {peer} is gone: {e}")))
+        conn.send(msg).map_err(|e| self.fail(format!("rank {peer} is gone: {e}")))
     }
 
     /// Closes every outgoing connection, so peers waiting on us see the end at once.
     pub fn shutdown(&self) {
         for conn in self.conns.values() {
             if let Ok(c) = conn.lock() {
-                let _ = c.stream.shutdown(Shutdown::Both);
+                c.shutdown();
             }
         }
-    }
-
-    /// Moves what the handler threads received into the pending buffer (keeping newer
-    /// generations' pushes, dropping older ones). Returns whether anything arrived.
-    fn drain_inbox(&self, wait: Duration) -> Result<bool> {
-        let rx = self.shared.inbox_rx.lock().map_err(|_| self.fail("inbox lock poisoned".into()))?;
-        let first = match rx.recv_timeout(wait) {
-            Ok(m) => m,
-            Err(RecvTimeoutError::Timeout) => return Ok(false),
-            Err(RecvTimeoutError::Disconnected) => return Err(self.fail("inbox closed".into())),
-        };
-        let mut msgs = vec![first];
-        msgs.extend(rx.try_iter());
-        drop(rx);
-        let mut pending =
-            self.shared.pending.lock().map_err(|_| self.fail("pending lock poisoned".into()))?;
-        let current = self.generation;
-        pending.pushes.retain(|k, _| k.0 >= current);
-        pending.lost.retain(|k| k.0 >= current);
-        for m in msgs {
-            match m {
-                Inbound::Push { generation, step, round, from, payload } if generation >= current => {
-                    pending.pushes.insert((generation, step, round, from), payload);
-                }
-                Inbound::Lost { generation, rank } if generation >= current => {
-                    pending.lost.insert((generation, rank));
-                }
-                _ => {} // an older generation's leftovers
-            }
-        }
-        Ok(true)
     }
 }
 
@@ -444,13 +297,11 @@ impl Collective for TcpCollective {
         self.check_abort()?;
         let conn = self.conns.get(&peer).ok_or_else(|| self.fail(format!("rank {peer} is not a peer")))?;
         let mut conn = conn.lock().map_err(|_| self.fail("connection lock poisoned".into()))?;
-        let sent =
-            write_frame(&mut conn.stream, msg).map_err(|e| self.fail(format!("rank {peer} is gone: {e}")))?;
+        let sent = conn.send(msg).map_err(|e| self.fail(format!("rank {peer} is gone: {e}")))?;
         self.shared.traffic.expert_bytes.fetch_add(sent, Ordering::Relaxed);
         let deadline = Instant::now() + self.shared.step_timeout;
         loop {
-            let Conn { stream, reader } = &mut *conn;
-            match reader.next(stream) {
+            match conn.recv() {
                 Ok(Some(Msg::Reply { data })) => return Ok(data),
                 Ok(Some(Msg::Refused { reason })) => {
                     return Err(self.fail(format!("rank {peer} refused: {reason}")));
@@ -481,40 +332,34 @@ impl Collective for TcpCollective {
                 continue;
             }
             let payload = outgoing.remove(&peer).unwrap_or_default();
-            let msg = Msg::Push { generation: self.generation, step, round, from: self.shared.rank, payload };
+            let msg = Msg::Push { generation: self.generation, step, round, payload };
             let n = self.send(peer, &msg)?;
             self.shared.traffic.collective_bytes.fetch_add(n, Ordering::Relaxed);
         }
         let others: Vec<u32> = self.members.iter().copied().filter(|&r| r != self.shared.rank).collect();
         let g = self.generation;
         let deadline = Instant::now() + self.shared.step_timeout;
+        let mut inbox = self.shared.inbox().map_err(|e| self.fail(e.to_string()))?;
         loop {
-            {
-                let mut pending =
-                    self.shared.pending.lock().map_err(|_| self.fail("pending lock poisoned".into()))?;
-                if others.iter().all(|r| pending.pushes.contains_key(&(g, step, round, *r))) {
-                    return Ok(others
-                        .iter()
-                        .filter_map(|r| pending.pushes.remove(&(g, step, round, *r)).map(|p| (*r, p)))
-                        .collect());
+            match inbox.take_round(g, step, round, &others) {
+                RoundState::Complete(pushes) => return Ok(pushes),
+                RoundState::Lost(r) => {
+                    drop(inbox);
+                    return Err(self.fail(format!("rank {r} closed its connection during step {step}")));
                 }
-                let gone = others.iter().find(|r| {
-                    pending.lost.contains(&(g, **r)) && !pending.pushes.contains_key(&(g, step, round, **r))
-                });
-                if let Some(r) = gone {
-                    let reason = format!("rank {r} closed its connection during step {step}");
-                    drop(pending);
-                    return Err(self.fail(reason));
-                }
+                RoundState::Waiting => {}
             }
-            self.check_abort()?;
+            if let Some(reason) = self.shared.abort_reason(g) {
+                return Err(WorkerError::Aborted(reason));
+            }
             if Instant::now() >= deadline {
+                drop(inbox);
                 return Err(self.fail(format!(
                     "round {round} of step {step} incomplete after {:?}",
                     self.shared.step_timeout
                 )));
             }
-            self.drain_inbox(POLL)?;
+            inbox = self.shared.wait_arrival(inbox, POLL).map_err(|e| self.fail(e.to_string()))?;
         }
     }
 }
@@ -523,9 +368,4 @@ impl Drop for TcpCollective {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-/// Writes a frame, for callers outside this module (tests).
-pub fn send_frame(stream: &mut impl Write, msg: &Msg) -> std::io::Result<u64> {
-    write_frame(stream, msg)
 }

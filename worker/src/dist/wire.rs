@@ -1,25 +1,69 @@
 //! The wire format between workers: length-prefixed binary frames.
 //!
-//! A frame is `u32 length (LE) | u8 tag | fields`, every number little-endian, every float sent as
-//! its exact bits (so a tensor crosses the wire bit-for-bit). Frames larger than
-//! [`MAX_FRAME_BYTES`] are refused: a corrupt length must not make a worker allocate gigabytes.
+//! A frame is `u32 length (LE) | u8 tag | fields [| 32-byte frame tag]`, every number
+//! little-endian, every float sent as its exact bits (so a tensor crosses the wire bit-for-bit).
+//! The frame tag (see [`super::auth`]) follows the body once a connection is authenticated; the
+//! length counts it. A reader refuses a frame longer than its limit before reading it: a few hundred
+//! bytes until the handshake is done ([`HANDSHAKE_FRAME_BYTES`]), then [`frame_limit`] of the
+//! model, so a stranger cannot make a worker allocate more than that.
 
 use std::io::{ErrorKind, Read, Write};
 
+use super::auth::{FrameKey, Nonce, TAG_BYTES, Tag};
 use crate::model::ExpertCall;
+use crate::trainer::TrainerConfig;
 
-/// Largest frame accepted (a tiny step's dense gradients are ~1.3 MB per micro-batch).
+/// Largest frame read before a connection is authenticated (the handshake's frames are < 100 B).
+pub const HANDSHAKE_FRAME_BYTES: usize = 256;
+/// Largest frame any model may use: the length prefix is a `u32`, and no model of this CPU
+/// transport needs more (a bigger model must shard its checkpoint gather).
 pub const MAX_FRAME_BYTES: usize = 1 << 30;
+
+/// The largest frame `config`'s training can send, with room for framing: the biggest of an
+/// expert call (every token of a micro-batch to one expert), a collective round (every
+/// micro-batch's gradients of every parameter, names and lengths included) and the checkpoint
+/// gather (parameters and both moments). `None` when it overflows or exceeds [`MAX_FRAME_BYTES`].
+pub fn frame_limit(config: &TrainerConfig) -> Option<usize> {
+    let d = &config.dims;
+    let params = d.checked_total_params()?;
+    // Every tensor's name (< 128 bytes), shape and lengths: a generous 256 bytes each.
+    let tensors =
+        u64::from(d.layers).checked_mul(u64::from(d.routed_experts).checked_add(8)?.checked_mul(3)?)?;
+    let overhead = tensors.checked_add(16)?.checked_mul(256)?;
+    let micro = u64::try_from(config.micro_batches()).ok()?.max(3);
+    let collective = params.checked_mul(4)?.checked_add(overhead)?.checked_mul(micro)?;
+    let tokens = u64::from(config.micro_batch_size).checked_mul(u64::from(d.seq_len))?;
+    let expert_call = tokens.checked_mul(u64::from(d.hidden_size))?.checked_mul(4)?;
+    let limit = collective.max(expert_call).checked_add(4096)?;
+    usize::try_from(limit).ok().filter(|&l| l <= MAX_FRAME_BYTES)
+}
 
 /// One message between two workers.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Msg {
-    /// First frame of every connection: who is calling, in which generation.
+    /// First frame of every connection: who is calling, in which generation (a claim until the
+    /// handshake proves it).
     Hello {
         /// Placement generation the caller is in.
         generation: u64,
         /// The caller's rank.
         rank: u32,
+        /// The caller's fresh nonce.
+        nonce: Nonce,
+    },
+    /// The accepting member's answer to a [`Msg::Hello`]: who it is, its nonce, and its proof.
+    Challenge {
+        /// The accepting member's rank.
+        rank: u32,
+        /// Its fresh nonce.
+        nonce: Nonce,
+        /// Its proof of the job key over the handshake.
+        proof: Tag,
+    },
+    /// The caller's proof of the job key over the handshake; the connection is authenticated.
+    Proof {
+        /// The proof.
+        proof: Tag,
     },
     /// Run an expert's forward pass on `rows` tokens (`data` is `[rows, hidden]`).
     Forward {
@@ -57,7 +101,8 @@ pub enum Msg {
         /// Why.
         reason: String,
     },
-    /// One worker's contribution to a collective round of a step.
+    /// One worker's contribution to a collective round of a step. Its sender is the rank the
+    /// connection authenticated, never a field of the frame.
     Push {
         /// Generation.
         generation: u64,
@@ -65,8 +110,6 @@ pub enum Msg {
         step: u64,
         /// Round within the step.
         round: u8,
-        /// Sender's rank.
-        from: u32,
         /// Round-specific bytes (see `engine`).
         payload: Vec<u8>,
     },
@@ -78,6 +121,8 @@ const BACKWARD: u8 = 3;
 const REPLY: u8 = 4;
 const REFUSED: u8 = 5;
 const PUSH: u8 = 6;
+const CHALLENGE: u8 = 7;
+const PROOF: u8 = 8;
 
 /// A frame or payload that does not decode.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -117,6 +162,11 @@ impl Enc {
     /// Appends an f32 (exact bits).
     pub fn f32(&mut self, v: f32) -> &mut Self {
         self.u32(v.to_bits())
+    }
+    /// Appends bytes as they are (a fixed-size field).
+    pub fn raw(&mut self, b: &[u8]) -> &mut Self {
+        self.buf.extend_from_slice(b);
+        self
     }
     /// Appends a length-prefixed string.
     pub fn str(&mut self, s: &str) -> &mut Self {
@@ -187,6 +237,12 @@ impl<'a> Dec<'a> {
     pub fn f32(&mut self) -> Result<f32, Malformed> {
         Ok(f32::from_bits(self.u32()?))
     }
+    /// Reads a fixed-size field.
+    pub fn array<const N: usize>(&mut self) -> Result<[u8; N], Malformed> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
     /// Reads a length-prefixed string.
     pub fn str(&mut self) -> Result<String, Malformed> {
         let n = self.u32()? as usize;
@@ -226,8 +282,14 @@ impl Msg {
     pub fn encode(&self) -> Vec<u8> {
         let mut e = Enc::new();
         match self {
-            Msg::Hello { generation, rank } => {
-                e.u8(HELLO).u64(*generation).u32(*rank);
+            Msg::Hello { generation, rank, nonce } => {
+                e.u8(HELLO).u64(*generation).u32(*rank).raw(nonce);
+            }
+            Msg::Challenge { rank, nonce, proof } => {
+                e.u8(CHALLENGE).u32(*rank).raw(nonce).raw(proof);
+            }
+            Msg::Proof { proof } => {
+                e.u8(PROOF).raw(proof);
             }
             Msg::Forward { generation, step, call, rows, data } => {
                 e.u8(FORWARD).u64(*generation).u64(*step);
@@ -245,8 +307,8 @@ impl Msg {
             Msg::Refused { reason } => {
                 e.u8(REFUSED).str(reason);
             }
-            Msg::Push { generation, step, round, from, payload } => {
-                e.u8(PUSH).u64(*generation).u64(*step).u8(*round).u32(*from).bytes(payload);
+            Msg::Push { generation, step, round, payload } => {
+                e.u8(PUSH).u64(*generation).u64(*step).u8(*round).bytes(payload);
             }
         }
         e.finish()
@@ -256,7 +318,9 @@ impl Msg {
     pub fn decode(body: &[u8]) -> Result<Msg, Malformed> {
         let mut d = Dec::new(body);
         let msg = match d.u8()? {
-            HELLO => Msg::Hello { generation: d.u64()?, rank: d.u32()? },
+            HELLO => Msg::Hello { generation: d.u64()?, rank: d.u32()?, nonce: d.array()? },
+            CHALLENGE => Msg::Challenge { rank: d.u32()?, nonce: d.array()?, proof: d.array()? },
+            PROOF => Msg::Proof { proof: d.array()? },
             tag @ (FORWARD | BACKWARD) => {
                 let (generation, step) = (d.u64()?, d.u64()?);
                 let call = get_call(&mut d)?;
@@ -269,13 +333,7 @@ impl Msg {
             }
             REPLY => Msg::Reply { data: d.f32s()? },
             REFUSED => Msg::Refused { reason: d.str()? },
-            PUSH => Msg::Push {
-                generation: d.u64()?,
-                step: d.u64()?,
-                round: d.u8()?,
-                from: d.u32()?,
-                payload: d.bytes()?,
-            },
+            PUSH => Msg::Push { generation: d.u64()?, step: d.u64()?, round: d.u8()?, payload: d.bytes()? },
             other => return Err(Malformed(format!("unknown message tag {other}"))),
         };
         d.end()?;
@@ -283,12 +341,20 @@ impl Msg {
     }
 }
 
-/// Writes one frame. Returns the bytes put on the wire.
-pub fn write_frame(w: &mut impl Write, msg: &Msg) -> std::io::Result<u64> {
+/// Writes one frame, tagged with `seal` when the connection is authenticated. Returns the bytes
+/// put on the wire.
+pub fn write_frame(w: &mut impl Write, msg: &Msg, seal: Option<&mut FrameKey>) -> std::io::Result<u64> {
     let body = msg.encode();
-    let mut frame = Vec::with_capacity(body.len() + 4);
-    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    let tag = seal.map(|key| key.seal(&body));
+    let len = body.len() + tag.map_or(0, |t| t.len());
+    let prefix = u32::try_from(len)
+        .map_err(|_| std::io::Error::new(ErrorKind::InvalidInput, format!("a {len}-byte frame")))?;
+    let mut frame = Vec::with_capacity(len + 4);
+    frame.extend_from_slice(&prefix.to_le_bytes());
     frame.extend_from_slice(&body);
+    if let Some(tag) = tag {
+        frame.extend_from_slice(&tag);
+    }
     w.write_all(&frame)?;
     w.flush()?;
     Ok(frame.len() as u64)
@@ -296,9 +362,11 @@ pub fn write_frame(w: &mut impl Write, msg: &Msg) -> std::io::Result<u64> {
 
 /// Reads frames from a stream whose reads may time out, without losing a partially received
 /// frame: a timeout returns `Ok(None)` and the next call continues where this one stopped.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FrameReader {
     buf: Vec<u8>,
+    limit: usize,
+    open: Option<FrameKey>,
 }
 
 /// Why reading a frame stopped.
@@ -310,15 +378,32 @@ pub enum ReadError {
     /// Another I/O error.
     #[error("read failed: {0}")]
     Io(std::io::Error),
+    /// The frame is longer than this connection allows.
+    #[error("a frame of {len} bytes exceeds this connection's {limit}-byte limit")]
+    TooLarge {
+        /// Its length prefix.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The frame's tag does not verify: forged, replayed, reordered or corrupted.
+    #[error("a frame's tag does not verify")]
+    Forged,
     /// The bytes are not a frame.
     #[error(transparent)]
     Malformed(#[from] Malformed),
 }
 
 impl FrameReader {
-    /// A reader with an empty buffer.
-    pub fn new() -> Self {
-        Self::default()
+    /// A reader of untagged frames of at most `limit` bytes (a new connection's handshake).
+    pub fn new(limit: usize) -> Self {
+        Self { buf: Vec::new(), limit, open: None }
+    }
+
+    /// From now on every frame must carry `key`'s next tag, and may have up to `limit` bytes.
+    pub fn authenticate(&mut self, key: FrameKey, limit: usize) {
+        self.open = Some(key);
+        self.limit = limit;
     }
 
     /// The next whole frame, `Ok(None)` when the read timed out first.
@@ -328,7 +413,9 @@ impl FrameReader {
                 return Ok(Some(msg));
             }
             let mut chunk = [0u8; 64 * 1024];
-            match r.read(&mut chunk) {
+            // Never read past the frame in hand plus one prefix: the buffer stays within the limit.
+            let want = self.wanted().min(chunk.len());
+            match r.read(&mut chunk[..want]) {
                 Ok(0) => return Err(ReadError::Closed),
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return Ok(None),
@@ -346,20 +433,41 @@ impl FrameReader {
         }
     }
 
-    fn take_frame(&mut self) -> Result<Option<Msg>, Malformed> {
-        if self.buf.len() < 4 {
-            return Ok(None);
+    /// Bytes still missing from the frame being received (its prefix first), at least one.
+    fn wanted(&self) -> usize {
+        match self.prefix() {
+            None => 4 - self.buf.len(),
+            Some(len) => (4 + len).saturating_sub(self.buf.len()).max(1),
         }
-        let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
-        if len > MAX_FRAME_BYTES {
-            return Err(Malformed(format!("frame of {len} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")));
+    }
+
+    fn prefix(&self) -> Option<usize> {
+        let p: [u8; 4] = self.buf.get(..4)?.try_into().ok()?;
+        usize::try_from(u32::from_le_bytes(p)).ok()
+    }
+
+    fn take_frame(&mut self) -> Result<Option<Msg>, ReadError> {
+        let Some(len) = self.prefix() else { return Ok(None) };
+        if len > self.limit {
+            return Err(ReadError::TooLarge { len, limit: self.limit });
         }
         if self.buf.len() < 4 + len {
             return Ok(None);
         }
-        let msg = Msg::decode(&self.buf[4..4 + len]);
+        let frame = &self.buf[4..4 + len];
+        let body = match self.open.as_mut() {
+            None => frame,
+            Some(key) => {
+                let (body, tag) = frame.split_at(len.checked_sub(TAG_BYTES).ok_or(ReadError::Forged)?);
+                if !key.open(body, tag) {
+                    return Err(ReadError::Forged);
+                }
+                body
+            }
+        };
+        let msg = Msg::decode(body);
         self.buf.drain(..4 + len);
-        msg.map(Some)
+        Ok(Some(msg?))
     }
 }
 
@@ -370,7 +478,9 @@ mod tests {
     fn samples() -> Vec<Msg> {
         let call = ExpertCall { micro: 3, layer: 1, expert: 7 };
         vec![
-            Msg::Hello { generation: 9, rank: 2 },
+            Msg::Hello { generation: 9, rank: 2, nonce: [3; 32] },
+            Msg::Challenge { rank: 1, nonce: [4; 32], proof: [5; 32] },
+            Msg::Proof { proof: [6; 32] },
             Msg::Forward {
                 generation: 1,
                 step: 5,
@@ -381,7 +491,7 @@ mod tests {
             Msg::Backward { generation: 1, step: 5, call, rows: 1, data: vec![f32::NAN.copysign(-1.0)] },
             Msg::Reply { data: vec![] },
             Msg::Refused { reason: "generation 3 ended".into() },
-            Msg::Push { generation: 2, step: 0, round: 3, from: 1, payload: vec![0, 255, 7] },
+            Msg::Push { generation: 2, step: 0, round: 3, payload: vec![0, 255, 7] },
         ]
     }
 
@@ -399,7 +509,7 @@ mod tests {
     fn frames_survive_arbitrary_splits_and_timeouts() {
         let mut wire = Vec::new();
         for msg in samples() {
-            write_frame(&mut wire, &msg).unwrap();
+            write_frame(&mut wire, &msg, None).unwrap();
         }
         // A reader that delivers one byte per call and times out every other call.
         struct Trickle<'a> {
@@ -422,7 +532,7 @@ mod tests {
             }
         }
         let mut src = Trickle { data: &wire, at: 0, tick: false };
-        let mut reader = FrameReader::new();
+        let mut reader = FrameReader::new(1 << 20);
         let mut got = Vec::new();
         loop {
             match reader.next(&mut src) {
@@ -447,8 +557,39 @@ mod tests {
         let mut e = Enc::new();
         e.u8(REPLY).u32(u32::MAX);
         assert!(Msg::decode(&e.finish()).is_err());
-        let mut reader = FrameReader::new();
-        let huge = ((MAX_FRAME_BYTES + 1) as u32).to_le_bytes();
-        assert!(matches!(reader.next(&mut &huge[..]), Err(ReadError::Malformed(_))));
+        let mut reader = FrameReader::new(HANDSHAKE_FRAME_BYTES);
+        let huge = u32::MAX.to_le_bytes();
+        assert!(matches!(reader.next(&mut &huge[..]), Err(ReadError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn authenticated_frames_carry_the_senders_next_tag() {
+        use crate::dist::auth::{Handshake, JobAuth, JobKey, Side};
+        let auth = JobAuth::new("ns/job", JobKey::from_bytes(&[b'k'; 32]).unwrap());
+        let h =
+            Handshake { generation: 1, client: 0, server: 1, client_nonce: [1; 32], server_nonce: [2; 32] };
+        let mut send = auth.frame_key(Side::Client, &h);
+        let mut wire = Vec::new();
+        for msg in samples() {
+            write_frame(&mut wire, &msg, Some(&mut send)).unwrap();
+        }
+        let mut reader = FrameReader::new(HANDSHAKE_FRAME_BYTES);
+        reader.authenticate(auth.frame_key(Side::Client, &h), 1 << 20);
+        let mut src = &wire[..];
+        for msg in samples() {
+            assert_eq!(reader.next(&mut src).unwrap().unwrap().encode(), msg.encode());
+        }
+        // An untagged frame, and a tagged one whose body was changed, are refused.
+        let mut plain = Vec::new();
+        write_frame(&mut plain, &samples()[0], None).unwrap();
+        let mut reader = FrameReader::new(64);
+        reader.authenticate(auth.frame_key(Side::Client, &h), 1 << 20);
+        assert!(matches!(reader.next(&mut &plain[..]), Err(ReadError::Forged)));
+        let mut reader = FrameReader::new(64);
+        reader.authenticate(auth.frame_key(Side::Client, &h), 1 << 20);
+        let mut flipped = Vec::new();
+        write_frame(&mut flipped, &samples()[0], Some(&mut auth.frame_key(Side::Client, &h))).unwrap();
+        flipped[6] ^= 1;
+        assert!(matches!(reader.next(&mut &flipped[..]), Err(ReadError::Forged)));
     }
 }
