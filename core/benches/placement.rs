@@ -67,7 +67,7 @@ fn table(shape: &PlacementShape, load: &ExpertLoad, zipf: f64, runs: usize) {
     );
     println!();
     println!(
-        "| planner | scenario | tier | step inflation | replicas/chip (max, mean) | time (ms) | replicas moved | lower bound | rebalance moves |"
+        "| planner | scenario | tier | step inflation | replicas/chip (max, mean) | time, ms: median (min) | replicas moved | lower bound | rebalance moves |"
     );
     println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
 
@@ -79,22 +79,20 @@ fn table(shape: &PlacementShape, load: &ExpertLoad, zipf: f64, runs: usize) {
     let stats = LoadStats::measure(shape, &initial, &FailedChips::none(), load);
     let (max, mean) = per_chip(&initial, &FailedChips::none(), shape);
     println!(
-        "| ninelives | initial | - | {:.4} | {max}, {mean:.1} | {ms:.1} | - | - | - |",
+        "| ninelives | initial | - | {:.4} | {max}, {mean:.1} | {ms} | - | - | - |",
         stats.step_inflation
     );
 
     // EPLB at equal memory: the same replicas per layer, one stage's table per call (all groups
     // of a stage see the same load).
     let (ms, eplb) = time(runs, || {
-        (0..shape.pipeline_stages)
-            .map(|st| eplb_stage(shape, load, st, per_layer * cpg, cpg))
-            .collect::<Vec<_>>()
+        (0..shape.pipeline_stages).map(|st| eplb_stage(shape, load, st, per_layer, cpg)).collect::<Vec<_>>()
     });
     let eplb_worst = eplb.iter().map(|p| p.inflation).fold(1.0, f64::max);
     let eplb_per_chip =
         eplb[0].chips.iter().map(|layers| layers.iter().map(Vec::len).sum::<usize>()).max().unwrap_or(0);
     println!(
-        "| EPLB | initial | - | {eplb_worst:.4} | {eplb_per_chip}, {eplb_per_chip}.0 | {ms:.1} | - | - | - |"
+        "| EPLB | initial | - | {eplb_worst:.4} | {eplb_per_chip}, {eplb_per_chip}.0 | {ms} | - | - | - |"
     );
 
     // Failures in group 5 (nodes 125..150, pipeline stage 0): a chip, a node, and a rack.
@@ -121,7 +119,7 @@ fn table(shape: &PlacementShape, load: &ExpertLoad, zipf: f64, runs: usize) {
                     let (max, mean) =
                         out.placement.as_ref().map_or((0, 0.0), |next| per_chip(next, &failed, shape));
                     println!(
-                        "| {planner} | {name} | {} | {:.4} | {max}, {mean:.1} | {ms:.1} | {} | {} | {} |",
+                        "| {planner} | {name} | {} | {:.4} | {max}, {mean:.1} | {ms} | {} | {} | {} |",
                         p.tier.as_str(),
                         p.stats.step_inflation,
                         p.experts_moved,
@@ -148,13 +146,15 @@ fn table(shape: &PlacementShape, load: &ExpertLoad, zipf: f64, runs: usize) {
         // The other groups keep their placement; the job's step is set by the worst group.
         let job_worst = eplb_worst.max(next.inflation);
         println!(
-            "| EPLB, recomputed | {name} | - | {job_worst:.4} | {eplb_per_chip}, {eplb_per_chip}.0 | {ms:.1} | {moved} | {lower} | - |"
+            "| EPLB, recomputed | {name} | - | {job_worst:.4} | {eplb_per_chip}, {eplb_per_chip}.0 | {ms} | {moved} | {lower} | - |"
         );
     }
     println!();
 }
 
-fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> (f64, T) {
+/// Wall-clock time of `f`: "median (min)" over `runs` calls, and its last value. The minimum is
+/// the better estimate on a machine other builds share.
+fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> (Millis, T) {
     let started = Instant::now();
     let mut value = f();
     let mut times = vec![started.elapsed().as_secs_f64() * 1e3];
@@ -164,7 +164,19 @@ fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> (f64, T) {
         times.push(started.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(f64::total_cmp);
-    (times[times.len() / 2], value)
+    (Millis { median: times[times.len() / 2], min: times[0] }, value)
+}
+
+/// A timing: median and minimum in milliseconds.
+struct Millis {
+    median: f64,
+    min: f64,
+}
+
+impl std::fmt::Display for Millis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.1} ({:.1})", self.median, self.min)
+    }
 }
 
 /// Most replicas on one healthy chip, and the mean over healthy chips.

@@ -132,11 +132,12 @@ fn pack_group(shape: &PlacementShape, dense: &[f64], group: u32) -> Result<Vec<V
             // (so one domain's loss takes as few as possible), then the emptiest chip.
             let in_domain =
                 |c: usize| w.hosts[i].iter().filter(|&&h| w.domains[h as usize] == w.domains[c]).count();
-            let target = (0..size).filter(|&c| w.allowed(i, c, None, false)).min_by(|&a, &b| {
+            let eligible = w.eligible(i);
+            let target = (0..size).filter(|&c| eligible[c]).min_by(|&a, &b| {
                 Weight(w.load[l][a])
                     .cmp(&Weight(w.load[l][b]))
-                    .then(in_domain(a).cmp(&in_domain(b)))
-                    .then(w.chips[a].len().cmp(&w.chips[b].len()))
+                    .then_with(|| in_domain(a).cmp(&in_domain(b)))
+                    .then_with(|| w.chips[a].len().cmp(&w.chips[b].len()))
                     .then(a.cmp(&b))
             });
             match target {
@@ -155,7 +156,7 @@ fn pack_group(shape: &PlacementShape, dense: &[f64], group: u32) -> Result<Vec<V
         for e in 0..routed {
             w.reweigh(base + e, dense[base + e]);
         }
-        w.improve_layer(l, 1.0, size * IMPROVE_STEPS_PER_CHIP);
+        w.improve_layer(l, 1.0, size);
     }
     let mut chips = w.chips;
     chips.iter_mut().for_each(|h| h.sort_unstable());

@@ -47,7 +47,7 @@ impl Default for ReplanOptions {
             redundancy: Redundancy::Restore,
             rebalance: false,
             rebalance_threshold: 1.05,
-            rebalance_target: 1.02,
+            rebalance_target: 1.04,
         }
     }
 }
@@ -303,7 +303,8 @@ fn keeps_spread(w: &Work<'_>, i: usize, c: usize) -> bool {
 /// The least-loaded healthy chip in expert `i`'s layer that may take a new replica of it.
 fn best_chip(w: &Work<'_>, i: usize) -> Option<usize> {
     let l = w.layer_of(i);
-    (0..w.chips.len()).filter(|&c| w.allowed(i, c, None, false)).min_by(|&a, &b| {
+    let eligible = w.eligible(i);
+    (0..w.chips.len()).filter(|&c| eligible[c]).min_by(|&a, &b| {
         Weight(w.load[l][a])
             .cmp(&Weight(w.load[l][b]))
             .then(w.chips[a].len().cmp(&w.chips[b].len()))

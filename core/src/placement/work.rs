@@ -18,6 +18,8 @@ pub(crate) struct Work<'a> {
     pub first_layer: u32,
     /// Failure domain of each chip, renumbered from 0 within the group.
     pub domains: Vec<u32>,
+    /// Failure domains in the group.
+    domain_count: usize,
     /// Whether each chip is healthy.
     pub up: Vec<bool>,
     /// Replica slots per chip.
@@ -44,11 +46,13 @@ impl<'a> Work<'a> {
     /// An empty group: every chip healthy unless `up` says otherwise, nothing hosted.
     pub fn empty(shape: &'a PlacementShape, index: u32, up: Vec<bool>, record: bool) -> Self {
         let size = shape.chips_per_group() as usize;
+        let domains = shape.local_domains(index);
         Self {
             shape,
             index,
             first_layer: shape.group_layers(index).start,
-            domains: shape.local_domains(index),
+            domain_count: domains.iter().copied().max().map_or(0, |d| d as usize + 1),
+            domains,
             up,
             slots: shape.slots_per_chip() as usize,
             chips: vec![Vec::new(); size],
@@ -69,7 +73,7 @@ impl<'a> Work<'a> {
 
     /// Failure domains in the group.
     pub fn domain_count(&self) -> usize {
-        self.domains.iter().copied().max().map_or(0, |d| d as usize + 1)
+        self.domain_count
     }
 
     /// Adds a replica of expert `i` on chip `c`, carrying `share` load.
@@ -115,6 +119,32 @@ impl<'a> Work<'a> {
         }
         let spans = spans || first.is_some_and(|f| f != self.domains[to]);
         count < 2 || spans || self.domain_count() < 2
+    }
+
+    /// For every chip, whether a new replica of expert `i` may go there: what
+    /// [`Work::allowed`] says for each chip, in `O(chips + replicas)`.
+    pub fn eligible(&self, i: usize) -> Vec<bool> {
+        let mut hosted = vec![false; self.chips.len()];
+        let mut first = None;
+        let mut spans = false;
+        for &h in &self.hosts[i] {
+            hosted[h as usize] = true;
+            let d = self.domains[h as usize];
+            match first {
+                None => first = Some(d),
+                Some(f) if f != d => spans = true,
+                Some(_) => {}
+            }
+        }
+        let free_domain = spans || self.domain_count() < 2;
+        (0..self.chips.len())
+            .map(|c| {
+                self.up[c]
+                    && !hosted[c]
+                    && self.chips[c].len() < self.slots
+                    && (free_domain || first.is_none_or(|f| f != self.domains[c]))
+            })
+            .collect()
     }
 
     /// The lowest-numbered healthy chip holding a loaded replica of `i`.
@@ -168,8 +198,8 @@ impl<'a> Work<'a> {
         LayerBalance::of(&self.load, &self.up).inflation()
     }
 
-    /// Max over mean healthy-chip load in stage-local layer `l`, and the most loaded chip.
-    pub fn layer_peak(&self, l: usize) -> (usize, f64) {
+    /// The most loaded healthy chip of stage-local layer `l`, the layer's max/mean, and its mean.
+    pub fn layer_peak(&self, l: usize) -> (usize, f64, f64) {
         let (mut arg, mut max, mut sum, mut n) = (0, f64::NEG_INFINITY, 0.0, 0usize);
         for (c, &x) in self.load[l].iter().enumerate().filter(|(c, _)| self.up[*c]) {
             if x > max {
@@ -179,70 +209,86 @@ impl<'a> Work<'a> {
             n += 1;
         }
         let mean = if n == 0 { 0.0 } else { sum / n as f64 };
-        (arg, if mean > 0.0 { max / mean } else { 1.0 })
+        (arg, if mean > 0.0 { max / mean } else { 1.0 }, mean)
     }
 
     /// Lowers the most loaded chip of layer `l` by moving one of its replicas of that layer to
     /// another chip, or swapping it with a lighter replica of the same layer there, while the
-    /// layer's max/mean exceeds `target` and a step strictly lowers the peak. Each step takes the
-    /// option that leaves the lower of the two chips' new loads highest-first minimal, so it
-    /// terminates (the multiset of loads decreases lexicographically); `budget` caps the steps.
-    /// Returns the replicas whose loaded state moved.
+    /// layer's max/mean exceeds `target` and a step strictly lowers the peak (both chips end
+    /// below it, so each step removes a chip from the peak level and the loop terminates;
+    /// `budget` caps the steps). Candidate chips are tried least loaded first: the first one
+    /// that brings the peak to `target` takes the step (few moves), else the step leaving the
+    /// lowest new peak over all chips; a swap is taken only where it beats every option found
+    /// before it (single moves of a chip are tried first). Returns the replicas
+    /// whose loaded state moved.
     pub fn improve_layer(&mut self, l: usize, target: f64, budget: usize) -> u64 {
         let mut moved = 0;
-        let routed = self.shape.routed_experts as usize;
-        let layer_of = |e: ExpertId| e.layer as usize;
-        let layer = self.first_layer as usize + l;
+        let layer = self.first_layer + l as u32;
         for _ in 0..budget {
-            let (from, ratio) = self.layer_peak(l);
+            let (from, ratio, mean) = self.layer_peak(l);
             if ratio <= target {
                 break;
             }
-            let peak = self.load[l][from];
-            let mine: Vec<usize> = self.chips[from]
-                .iter()
-                .filter(|e| layer_of(**e) == layer)
-                .map(|&e| self.shape.expert_index(e))
-                .collect();
-            let mut best: Option<(Weight, usize, usize, Option<usize>)> = None;
-            for to in (0..self.chips.len()).filter(|&c| c != from && self.up[c]) {
-                let there = self.load[l][to];
-                if there >= peak {
-                    continue;
-                }
-                for &a in &mine {
-                    let wa = self.share[a];
-                    // Move a: both chips end below the old peak.
-                    let after = (peak - wa).max(there + wa);
-                    if after < peak - 1e-12
-                        && best.is_none_or(|b| Weight(after) < b.0)
-                        && self.allowed(a, to, Some(from), false)
-                    {
-                        best = Some((Weight(after), a, to, None));
-                    }
-                    for b in self.chips[to].iter().filter(|e| layer_of(**e) == layer) {
-                        let b = b.expert as usize + layer * routed;
-                        let wb = self.share[b];
-                        if wb >= wa {
-                            continue;
-                        }
-                        let after = (peak - wa + wb).max(there + wa - wb);
-                        if after < peak - 1e-12
-                            && best.is_none_or(|x| Weight(after) < x.0)
-                            && self.allowed(a, to, Some(from), true)
-                            && self.allowed(b, from, Some(to), true)
-                        {
-                            best = Some((Weight(after), a, to, Some(b)));
-                        }
-                    }
-                }
-            }
-            let Some((_, a, to, b)) = best else { break };
+            let Some((a, to, b)) = self.best_step(l, layer, from, target * mean) else { break };
             moved += u64::from(self.relocate(a, from, to));
             if let Some(b) = b {
                 moved += u64::from(self.relocate(b, to, from));
             }
         }
         moved
+    }
+
+    /// The step [`Work::improve_layer`] takes from chip `from`: (replica to move, chip, replica
+    /// to swap back), or `None` when no step lowers the peak.
+    fn best_step(
+        &self,
+        l: usize,
+        layer: u32,
+        from: usize,
+        goal: f64,
+    ) -> Option<(usize, usize, Option<usize>)> {
+        let peak = self.load[l][from];
+        let of_layer = |c: usize| -> Vec<usize> {
+            self.chips[c].iter().filter(|e| e.layer == layer).map(|&e| self.shape.expert_index(e)).collect()
+        };
+        let mine = of_layer(from);
+        let mut order: Vec<usize> =
+            (0..self.chips.len()).filter(|&c| c != from && self.up[c] && self.load[l][c] < peak).collect();
+        order
+            .sort_unstable_by(|&a, &b| Weight(self.load[l][a]).cmp(&Weight(self.load[l][b])).then(a.cmp(&b)));
+        let mut best: Option<(Weight, usize, usize, Option<usize>)> = None;
+        let bar = |best: &Option<(Weight, usize, usize, Option<usize>)>| best.map_or(peak - 1e-12, |b| b.0.0);
+        for to in order {
+            let there = self.load[l][to];
+            // Every option with this chip or a later (more loaded) one ends at `there` or above.
+            if there >= bar(&best) {
+                break;
+            }
+            for &a in &mine {
+                let wa = self.share[a];
+                let after = (peak - wa).max(there + wa);
+                if after < bar(&best) && self.allowed(a, to, Some(from), false) {
+                    best = Some((Weight(after), a, to, None));
+                }
+            }
+            for &a in &mine {
+                let wa = self.share[a];
+                for b in of_layer(to) {
+                    let wb = self.share[b];
+                    let after = (peak - wa + wb).max(there + wa - wb);
+                    if wb < wa
+                        && after < bar(&best)
+                        && self.allowed(a, to, Some(from), true)
+                        && self.allowed(b, from, Some(to), true)
+                    {
+                        best = Some((Weight(after), a, to, Some(b)));
+                    }
+                }
+            }
+            if best.is_some_and(|b| b.0.0 <= goal) {
+                break;
+            }
+        }
+        best.map(|(_, a, to, b)| (a, to, b))
     }
 }
