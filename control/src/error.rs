@@ -21,6 +21,17 @@ pub enum ControlError {
         #[source]
         source: etcd_client::Error,
     },
+    /// A user or role could not be set up (see [`crate::access`]).
+    #[error("etcd {op} of {name}: {source}")]
+    Access {
+        /// What was being done (`role-add`, `role-grant`, `user-add`, ...).
+        op: &'static str,
+        /// The user or role.
+        name: String,
+        /// The client's error.
+        #[source]
+        source: etcd_client::Error,
+    },
     /// A store call did not answer within its deadline.
     #[error("etcd {op} did not answer within {seconds} s")]
     Timeout {
@@ -56,6 +67,7 @@ impl ControlError {
     pub fn label(&self) -> &'static str {
         match self {
             ControlError::Etcd { .. } | ControlError::Timeout { .. } => "etcd",
+            ControlError::Access { .. } => "etcd-access",
             ControlError::Malformed { .. } => "malformed",
             ControlError::Brain(_) | ControlError::Generation(_) | ControlError::Encode(_) => "brain",
             ControlError::Effect(e) => e.effect,

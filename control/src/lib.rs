@@ -16,6 +16,7 @@
 //!
 //! The loop owns no timer and no clock: the adapter calls `step` with the time, at its own pace.
 
+pub mod access;
 mod control_loop;
 mod effects;
 mod error;

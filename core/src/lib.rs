@@ -7,6 +7,7 @@
 //! Binaries (operator, agent, worker, CLI) call into this crate and do the I/O around it, so every
 //! decision here is unit- and property-tested without a cluster.
 
+pub mod access;
 pub mod fault_schedule;
 pub mod generation;
 pub mod job;
