@@ -66,6 +66,10 @@ enum Command {
         /// Never rebalance, however unbalanced: move exactly the state of the failed chips.
         #[arg(long)]
         no_rebalance: bool,
+        /// Write the initial and the re-planned placement as JSON to FILE
+        /// (`{"shape", "load", "initial", "replanned"}`), so anyone can recompute the metrics.
+        #[arg(long, value_name = "FILE")]
+        placement_out: Option<PathBuf>,
     },
     /// The node agent: chip health, etcd presence, local execution of reshard and restore.
     Agent {
@@ -90,17 +94,25 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Validate { files } => validate::run(&files),
-        Command::Plan { manifest, fail, load, json, defer_redundancy, rebalance, no_rebalance } => {
-            plan::run(&plan::PlanArgs {
-                manifest,
-                fail,
-                load,
-                json,
-                defer_redundancy,
-                rebalance,
-                no_rebalance,
-            })
-        }
+        Command::Plan {
+            manifest,
+            fail,
+            load,
+            json,
+            defer_redundancy,
+            rebalance,
+            no_rebalance,
+            placement_out,
+        } => plan::run(&plan::PlanArgs {
+            manifest,
+            fail,
+            load,
+            json,
+            defer_redundancy,
+            rebalance,
+            no_rebalance,
+            placement_out,
+        }),
         Command::Agent { command } => agent::run(command),
         Command::Worker(WorkerCommand::Train(args)) => worker::train_command(args),
         Command::Worker(WorkerCommand::Launch(args)) => worker::run(|| launch::launch(args)),

@@ -1,8 +1,11 @@
-//! `ninelives plan MANIFEST [--fail ...] [--load zipf:<s> | --load FILE] [--json]`
+//! `ninelives plan MANIFEST [--fail ...] [--load zipf:<s> | --load FILE] [--json]
+//! [--placement-out FILE]`
 //!
 //! Plans the initial expert placement of a job, applies the given failures, and prints the
-//! recovery plan the operator would publish. `--load FILE` reads a JSON array with one array per
-//! layer of tokens routed to each routed expert: `[[120.0, 3.5, ...], ...]`.
+//! recovery plan the operator would publish, step inflation first (the objective: Σ over layers
+//! of the most loaded chip over Σ of the mean, worst group). `--load FILE` reads a JSON array
+//! with one array per layer of tokens routed to each routed expert: `[[120.0, 3.5, ...], ...]`.
+//! `--placement-out FILE` writes the shape, the load and both placements as JSON.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -12,7 +15,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use ninelives_core::manifest::parse_job;
 use ninelives_core::placement::{
-    ExpertLoad, FailedChips, Failure, PlacementShape, Redundancy, ReplanOptions, Source, Tier,
+    ExpertLoad, FailedChips, Failure, LoadStats, PlacementShape, Redundancy, ReplanOptions, Source, Tier,
     initial_placement, replan,
 };
 use ninelives_core::validate::{JobShape, human_bytes};
@@ -41,6 +44,8 @@ pub struct PlanArgs {
     pub rebalance: bool,
     /// Never rebalance.
     pub no_rebalance: bool,
+    /// Where to write the initial and re-planned placements as JSON.
+    pub placement_out: Option<PathBuf>,
 }
 
 /// Runs the command; every problem is a message and exit code 1.
@@ -93,6 +98,18 @@ fn plan(args: &PlanArgs) -> Result<()> {
     let replanned = replan(&shape, &initial, &failed, &load, &options)?;
     let plan_ms = started.elapsed().as_secs_f64() * 1e3;
     let plan = &replanned.plan;
+    if let Some(path) = &args.placement_out {
+        let value = json!({
+            "shape": shape,
+            "load": load,
+            "initial": initial,
+            "replanned": replanned.placement,
+            "failed": failed,
+        });
+        std::fs::write(path, serde_json::to_vec(&value)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let initial_stats = LoadStats::measure(&shape, &initial, &FailedChips::none(), &load);
     let mut out = std::io::stdout().lock();
     let reason = match &plan.tier {
         Tier::Infeasible { reason } => Some(reason.to_string()),
@@ -104,6 +121,11 @@ fn plan(args: &PlanArgs) -> Result<()> {
             "job": job.metadata.name,
             "tier": plan.tier.as_str(),
             "reason": reason,
+            "step_inflation": plan.stats.step_inflation,
+            "stage_step_inflation": plan.stats.stage_step_inflation,
+            "worst_group": plan.stats.worst_group,
+            "initial_step_inflation": initial_stats.step_inflation,
+            "initial_stage_step_inflation": initial_stats.stage_step_inflation,
             "generation": plan.generation,
             "initial_ms": initial_ms,
             "plan_ms": plan_ms,
@@ -116,6 +138,7 @@ fn plan(args: &PlanArgs) -> Result<()> {
             "rebalance_moves": plan.rebalance_moves,
             "dropped": plan.dropped.len(),
             "evicted": plan.evicted.len(),
+            "merged": plan.merged.len(),
             "max_mean_load": plan.stats.max_mean_load,
             "replicas_min": plan.stats.replicas_min,
             "live_replicas_min": plan.stats.live_replicas_min,
@@ -129,21 +152,29 @@ fn plan(args: &PlanArgs) -> Result<()> {
     let m = &shape;
     say!(
         out,
-        "{}: {} expert-parallel groups of {} chips, {} layers x {} routed experts (+{} redundant per layer), {} per replica",
+        "step inflation: initial {:.4}, after the failures {:.4} (worst group {}; per stage worst: {})",
+        initial_stats.step_inflation,
+        plan.stats.step_inflation,
+        plan.stats.worst_group,
+        stage_list(&plan.stats.stage_step_inflation)
+    );
+    say!(
+        out,
+        "{}: {} pipeline stages x {} expert-parallel groups of {} chips, {} layers x {} routed experts (+{} redundant per layer), {} per replica",
         job.metadata.name.as_deref().unwrap_or("job"),
-        m.groups(),
+        m.pipeline_stages,
+        m.groups_per_stage(),
         m.expert_parallel_size,
         m.layers,
         m.routed_experts,
         m.redundant_experts,
         human_bytes(m.expert_state_bytes)
     );
-    let initial_stats =
-        ninelives_core::placement::LoadStats::measure(m, &initial, &FailedChips::none(), &load);
     say!(
         out,
-        "initial placement: generation {} in {initial_ms:.1} ms, max/mean load {:.4}, replicas per expert >= {}",
+        "initial placement: generation {} in {initial_ms:.1} ms, step inflation {:.4}, max/mean chip load {:.4}, replicas per expert >= {}",
         initial.generation,
+        initial_stats.step_inflation,
         initial_stats.max_mean_load,
         initial_stats.replicas_min
     );
@@ -170,12 +201,14 @@ fn plan(args: &PlanArgs) -> Result<()> {
     );
     say!(
         out,
-        "  max/mean load {:.4}, replicas per expert >= {} (live >= {}), {} dropped, {} evicted",
+        "  step inflation {:.4}, max/mean chip load {:.4}, replicas per expert >= {} (live >= {}), {} dropped, {} evicted, {} merged",
+        plan.stats.step_inflation,
         plan.stats.max_mean_load,
         plan.stats.replicas_min,
         plan.stats.live_replicas_min,
         plan.dropped.len(),
-        plan.evicted.len()
+        plan.evicted.len(),
+        plan.merged.len()
     );
     const SHOWN: usize = 10;
     for mv in plan.moves.iter().take(SHOWN) {
@@ -189,6 +222,16 @@ fn plan(args: &PlanArgs) -> Result<()> {
         say!(out, "  ... and {} more (--json lists all)", plan.moves.len() - SHOWN);
     }
     Ok(())
+}
+
+/// Per-stage figures as `1.0123 1.0210 ...` (at most the first 12, then `...`).
+fn stage_list(stages: &[f64]) -> String {
+    const SHOWN: usize = 12;
+    let mut parts: Vec<String> = stages.iter().take(SHOWN).map(|s| format!("{s:.4}")).collect();
+    if stages.len() > SHOWN {
+        parts.push("...".into());
+    }
+    parts.join(" ")
 }
 
 /// `zipf:<s>` (seeded with the job's data seed) or a JSON load file.

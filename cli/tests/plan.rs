@@ -81,3 +81,46 @@ fn load_files_are_checked_against_the_model() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("load table has 1 layers"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn step_inflation_comes_first_and_the_placement_file_reproduces_it() {
+    use ninelives_core::placement::{ExpertLoad, FailedChips, LoadStats, Placement, PlacementShape};
+    let dir = std::env::temp_dir().join(format!("ninelives-plan-out-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("placement.json");
+    let args = [
+        "examples/tiny.yaml",
+        "--fail",
+        "chip:1/3",
+        "--load",
+        "zipf:1.2",
+        "--placement-out",
+        file.to_str().unwrap(),
+    ];
+    let out = plan(&[&args[..], &["--json"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reported = v["step_inflation"].as_f64().unwrap();
+    assert!(reported >= 1.0, "{v}");
+    assert_eq!(v["stage_step_inflation"].as_array().unwrap().len(), 1, "{v}");
+
+    // Anyone can recompute the figures from the file.
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let shape: PlacementShape = serde_json::from_value(saved["shape"].clone()).unwrap();
+    let load: ExpertLoad = serde_json::from_value(saved["load"].clone()).unwrap();
+    let failed: FailedChips = serde_json::from_value(saved["failed"].clone()).unwrap();
+    let initial: Placement = serde_json::from_value(saved["initial"].clone()).unwrap();
+    let next: Placement = serde_json::from_value(saved["replanned"].clone()).unwrap();
+    assert_eq!(next.generation, initial.generation + 1);
+    let stats = LoadStats::measure(&shape, &next, &failed, &load);
+    assert!((stats.step_inflation - reported).abs() < 1e-9, "{} vs {reported}", stats.step_inflation);
+    let first = LoadStats::measure(&shape, &initial, &FailedChips::none(), &load);
+    assert!((first.step_inflation - v["initial_step_inflation"].as_f64().unwrap()).abs() < 1e-9);
+
+    // The text output leads with the objective.
+    let out = plan(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("step inflation: initial "), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -47,9 +47,16 @@ pub struct TrainerConfig {
 }
 
 impl TrainerConfig {
-    /// The configuration a TrainingJob describes.
+    /// The configuration a TrainingJob describes. The embedded worker trains every layer in one
+    /// process group: a job asking for pipeline stages is refused with a message saying so (such
+    /// a manifest is still valid for planning with `ninelives plan`).
     pub fn from_job(job: &TrainingJob) -> Result<Self> {
         let spec = &job.spec;
+        if let Some(stages) = spec.parallelism.pipeline_parallel_size.filter(|&s| s > 1) {
+            return Err(WorkerError::InvalidJob(format!(
+                "spec.parallelism.pipelineParallelSize is {stages}, but the embedded worker runs a single pipeline stage (every layer in each worker); set it to 1 to train here (the planner, `ninelives plan`, handles {stages} stages)"
+            )));
+        }
         let dims = ModelDims::resolve(&spec.model).map_err(|missing| {
             WorkerError::InvalidJob(format!("model dimensions not set: {}", missing.join(", ")))
         })?;
@@ -555,6 +562,21 @@ mod tests {
         config.global_batch_size = 4;
         config.micro_batch_size = 2;
         config
+    }
+
+    #[test]
+    fn pipeline_stages_are_refused_with_a_clear_message() {
+        let mut job = ninelives_core::manifest::parse_job(include_str!("../../examples/tiny.yaml")).unwrap();
+        job.spec.parallelism.pipeline_parallel_size = Some(2);
+        let Err(WorkerError::InvalidJob(message)) = TrainerConfig::from_job(&job) else {
+            panic!("a two-stage job was accepted");
+        };
+        assert!(
+            message.contains("pipelineParallelSize is 2") && message.contains("single pipeline stage"),
+            "{message}"
+        );
+        job.spec.parallelism.pipeline_parallel_size = Some(1);
+        assert!(TrainerConfig::from_job(&job).is_ok());
     }
 
     #[test]
