@@ -53,7 +53,7 @@ fn helm_lint_passes_with_default_and_optional_features() {
         "--strict",
         &chart,
         "--set",
-        "etcd.tls.enabled=true,etcd.tls.secretName=etcd-client,metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true",
+        "etcd.tls.enabled=true,etcd.tls.secretName=c,etcd.tls.serverSecretName=s,etcd.tls.workerSecretName=c,metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true",
     ]);
 }
 
@@ -92,7 +92,7 @@ fn chart_renders_every_component_and_toggle() {
         kinds(&render(&["--set", "metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true"]));
     assert!(monitored.contains("ServiceMonitor") && monitored.contains("PodMonitor"));
 
-    let docs = documents(&render(&["--set", "etcd.tls.enabled=true,etcd.tls.secretName=etcd-client"]));
+    let docs = documents(&render(&["--set", ETCD_TLS]));
     let deployment = docs.iter().find(|d| d["kind"] == "Deployment").expect("deployment");
     assert_eq!(deployment["spec"]["replicas"], 2);
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
@@ -139,6 +139,73 @@ const USES: &[(&str, &str, &str, &str, &str)] = &[
         ".patch(&name, &PatchParams::apply(FIELD_MANAGER)",
     ),
     ("", "services", "delete", "operator/src/controller.rs", "delete_ignoring_missing(&services"),
+    ("networking.k8s.io", "networkpolicies", "get", "operator/src/controller.rs", "policies.get_opt(&name)"),
+    (
+        "networking.k8s.io",
+        "networkpolicies",
+        "create",
+        "operator/src/controller.rs",
+        "policies\n        .patch(&name",
+    ),
+    (
+        "networking.k8s.io",
+        "networkpolicies",
+        "patch",
+        "operator/src/controller.rs",
+        "policies\n        .patch(&name",
+    ),
+    (
+        "networking.k8s.io",
+        "networkpolicies",
+        "delete",
+        "operator/src/controller.rs",
+        "delete_ignoring_missing(&policies",
+    ),
+    ("", "persistentvolumeclaims", "get", "operator/src/controller.rs", "Api<PersistentVolumeClaim>"),
+    ("scheduling.volcano.sh", "podgroups", "get", "operator/src/controller.rs", "groups.get_opt(&name)"),
+    (
+        "scheduling.volcano.sh",
+        "podgroups",
+        "create",
+        "operator/src/controller.rs",
+        "groups\n        .patch(&name",
+    ),
+    (
+        "scheduling.volcano.sh",
+        "podgroups",
+        "patch",
+        "operator/src/controller.rs",
+        "groups\n        .patch(&name",
+    ),
+    (
+        "scheduling.volcano.sh",
+        "podgroups",
+        "delete",
+        "operator/src/controller.rs",
+        "delete_ignoring_missing(&groups",
+    ),
+    ("scheduling.x-k8s.io", "podgroups", "get", "operator/src/controller.rs", "groups.get_opt(&name)"),
+    (
+        "scheduling.x-k8s.io",
+        "podgroups",
+        "create",
+        "operator/src/controller.rs",
+        "groups\n        .patch(&name",
+    ),
+    (
+        "scheduling.x-k8s.io",
+        "podgroups",
+        "patch",
+        "operator/src/controller.rs",
+        "groups\n        .patch(&name",
+    ),
+    (
+        "scheduling.x-k8s.io",
+        "podgroups",
+        "delete",
+        "operator/src/controller.rs",
+        "delete_ignoring_missing(&groups",
+    ),
     ("events.k8s.io", "events", "create", "operator/src/controller.rs", "recorder.publish("),
     ("events.k8s.io", "events", "patch", "operator/src/controller.rs", "recorder.publish("),
     ("coordination.k8s.io", "leases", "get", "operator/src/leader.rs", "self.api.get_opt(&self.name)"),
@@ -208,12 +275,26 @@ fn every_rbac_rule_is_used_by_the_code_and_none_is_a_wildcard() {
     }
 }
 
+/// Values of the in-chart etcd with TLS, with the Secret names `scripts/etcd-certs` makes.
+const ETCD_TLS: &str = "etcd.tls.enabled=true,etcd.tls.serverSecretName=ninelives-etcd-server,\
+etcd.tls.secretName=ninelives-etcd-client,etcd.tls.workerSecretName=ninelives-etcd-client";
+
+/// The chart with the in-chart 3-member etcd and TLS everywhere passes the apiserver's
+/// server-side dry run, with the Secrets made by the chart's one-shot generator.
 #[test]
-fn rendered_chart_passes_server_side_dry_run() {
+fn rendered_chart_with_in_chart_etcd_and_tls_passes_server_side_dry_run() {
     let plane = ControlPlane::start().expect("control plane");
     plane.kubectl(&["create", "namespace", "ninelives-system"]).expect("namespace");
-    let rendered =
-        render(&["--include-crds", "--set", "etcd.tls.enabled=true,etcd.tls.secretName=etcd-client"]);
+    plane.kubectl(&["create", "namespace", "training"]).expect("namespace");
+    let certs = tempfile::tempdir().expect("tempdir");
+    let mut generator = Command::new(tools::repo_root().join("scripts/etcd-certs"));
+    generator.args(["ninelives", "ninelives-system"]).arg(certs.path()).arg("training");
+    run(generator, None).unwrap_or_else(|e| panic!("{e}"));
+    let secrets = certs.path().join("secrets.yaml").display().to_string();
+    let created = plane.kubectl(&["apply", "-f", &secrets]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(created.matches("secret/ninelives-etcd-").count(), 3, "{created}");
+
+    let rendered = render(&["--include-crds", "--set", ETCD_TLS]);
     let out = plane
         .kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], Some(&rendered))
         .unwrap_or_else(|e| panic!("{e}"));
@@ -221,9 +302,366 @@ fn rendered_chart_passes_server_side_dry_run() {
         "deployment.apps/ninelives-operator",
         "daemonset.apps/ninelives-agent",
         "poddisruptionbudget.policy/ninelives-operator",
+        "statefulset.apps/ninelives-etcd",
+        "service/ninelives-etcd-client",
+        "poddisruptionbudget.policy/ninelives-etcd",
+        "networkpolicy.networking.k8s.io/ninelives-etcd",
+        "validatingadmissionpolicy.admissionregistration.k8s.io/ninelives-agent-own-node",
+        "validatingadmissionpolicybinding.admissionregistration.k8s.io/ninelives-agent-own-node",
     ] {
         assert!(out.contains(object), "{object} missing from:\n{out}");
     }
+    let docs = documents(&rendered);
+    let etcd = docs.iter().find(|d| d["kind"] == "StatefulSet").expect("etcd StatefulSet");
+    assert_eq!(etcd["spec"]["replicas"], 3);
+    let args = etcd["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    for flag in ["--client-cert-auth=true", "--peer-client-cert-auth=true", "--listen-client-urls=https://"] {
+        assert!(args.contains(flag), "{flag} missing from {args}");
+    }
+    let operator = docs.iter().find(|d| d["kind"] == "Deployment").expect("deployment").to_string();
+    assert!(
+        operator.contains("--etcd=https://ninelives-etcd-client.ninelives-system.svc:2379"),
+        "{operator}"
+    );
+}
+
+#[test]
+fn etcd_defaults_are_coherent_and_incoherent_settings_are_refused() {
+    // Default: in-chart etcd, plain text, and every component pointed at it over http://.
+    let docs = documents(&render(&[]));
+    assert!(docs.iter().any(|d| d["kind"] == "StatefulSet"), "etcd is deployed by default");
+    let operator = docs.iter().find(|d| d["kind"] == "Deployment").expect("deployment").to_string();
+    assert!(operator.contains("--etcd=http://ninelives-etcd-client.ninelives-system.svc:2379"), "{operator}");
+    let external =
+        documents(&render(&["--set", "etcd.deploy=false,etcd.endpoints={http://etcd.example:2379}"]));
+    assert!(!external.iter().any(|d| d["kind"] == "StatefulSet"));
+    let chart = chart().display().to_string();
+    for (values, expected) in [
+        ("etcd.deploy=false", "etcd.endpoints is required"),
+        ("etcd.endpoints={https://etcd.example:2379}", "etcd.tls.enabled is false"),
+        (
+            "etcd.tls.enabled=true,etcd.tls.secretName=c,etcd.tls.workerSecretName=c",
+            "etcd.tls.serverSecretName",
+        ),
+        (
+            "etcd.tls.enabled=true,etcd.tls.secretName=c,etcd.tls.serverSecretName=s",
+            "etcd.tls.workerSecretName",
+        ),
+    ] {
+        let mut command = Command::new(tools::tool("helm").expect("helm"));
+        command.args(["template", "x", &chart, "--set", values]);
+        let err = run(command, None).expect_err(values).to_string();
+        assert!(err.contains(expected), "{values}: {err}");
+    }
+}
+
+/// The worker pods the chart's operator builds: its Deployment's flags parsed by the operator's
+/// own argument parser, the pods built by the operator's own code, then created for real in a
+/// namespace that enforces Pod Security `restricted`.
+#[test]
+fn worker_pods_from_the_charts_operator_carry_tls_prefix_metrics_and_pass_psa_restricted() {
+    use clap::Parser;
+    use ninelives_operator::OperatorArgs;
+    use ninelives_operator::resources::{ETCD_TLS_MOUNT, desired_pods};
+
+    #[derive(Parser)]
+    struct Operator {
+        #[command(flatten)]
+        args: OperatorArgs,
+    }
+
+    let docs = documents(&render(&["--set", &format!("{ETCD_TLS},etcd.prefix=/team-a/")]));
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").expect("deployment");
+    let argv: Vec<String> = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(|a| a.as_str().map(str::to_string))
+        .collect();
+    assert_eq!(argv[0], "operator");
+    let flags = Operator::try_parse_from(&argv).unwrap_or_else(|e| panic!("{e}\n{argv:?}")).args;
+    let manifest = serde_json::json!({
+        "apiVersion": "ninelives.io/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": { "name": "psa", "namespace": "training", "uid": "0b5e1c55-0000-4000-8000-000000000001" },
+        "spec": {
+            "model": { "preset": "tiny" },
+            "topology": { "nodes": 2, "chipsPerNode": 8, "spareNodes": 1, "chipMemory": "1Gi" },
+            "data": { "datasets": ["/data"], "globalBatchSize": 16, "microBatchSize": 4 },
+            "training": { "steps": 30, "learningRate": { "peak": 0.003 } },
+            "checkpoint": { "pvc": { "claimName": "checkpoints" }, "intervalSteps": 10 }
+        }
+    });
+    let job: ninelives_core::TrainingJob = serde_json::from_value(manifest).expect("job");
+    let pods = desired_pods(&job, &flags.template()).expect("pods");
+    for pod in &pods {
+        let spec = pod.spec.as_ref().expect("spec");
+        let container = &spec.containers[0];
+        let env: std::collections::BTreeMap<_, _> =
+            container.env.iter().flatten().map(|e| (e.name.as_str(), e.value.clone())).collect();
+        assert_eq!(env["NINELIVES_ETCD_PREFIX"].as_deref(), Some("/team-a/"));
+        assert_eq!(
+            env["NINELIVES_ETCD_ENDPOINTS"].as_deref(),
+            Some("https://ninelives-etcd-client.ninelives-system.svc:2379")
+        );
+        assert_eq!(env["NINELIVES_ETCD_CA_FILE"].as_deref(), Some("/etc/ninelives/etcd/ca.crt"));
+        assert_eq!(env["NINELIVES_METRICS_ADDR"].as_deref(), Some("0.0.0.0:9103"));
+        let mounts: Vec<&str> =
+            container.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
+        assert!(mounts.contains(&ETCD_TLS_MOUNT), "{mounts:?}");
+        let etcd_volume =
+            spec.volumes.iter().flatten().find(|v| v.name == "etcd-tls").expect("etcd-tls volume");
+        assert_eq!(
+            etcd_volume.secret.as_ref().and_then(|s| s.secret_name.as_deref()),
+            Some("ninelives-etcd-client")
+        );
+        assert!(
+            container
+                .ports
+                .iter()
+                .flatten()
+                .any(|p| p.name.as_deref() == Some("metrics") && p.container_port == 9103)
+        );
+    }
+
+    let plane = ControlPlane::start().expect("control plane");
+    plane.kubectl(&["create", "namespace", "training"]).expect("namespace");
+    plane
+        .kubectl(&[
+            "label",
+            "namespace",
+            "training",
+            "pod-security.kubernetes.io/enforce=restricted",
+            "pod-security.kubernetes.io/enforce-version=latest",
+        ])
+        .expect("label");
+    let pod_list = |pods: &[k8s_openapi::api::core::v1::Pod]| {
+        let items: Vec<Value> = pods
+            .iter()
+            .map(|p| {
+                let mut v = serde_json::to_value(p).expect("pod JSON");
+                v["apiVersion"] = "v1".into();
+                v["kind"] = "Pod".into();
+                // Owner references need the job to exist; admission is what is tested here.
+                v["metadata"].as_object_mut().expect("metadata").remove("ownerReferences");
+                v
+            })
+            .collect();
+        serde_json::json!({ "apiVersion": "v1", "kind": "List", "items": items }).to_string()
+    };
+    let created = plane
+        .kubectl_stdin(&["create", "-f", "-"], Some(&pod_list(&pods)))
+        .unwrap_or_else(|e| panic!("worker pods refused under PSA restricted: {e}"));
+    for name in ["psa-0", "psa-1", "psa-2"] {
+        assert!(created.contains(&format!("pod/{name} created")), "{created}");
+    }
+    // The namespace really enforces: the same pod without its securityContext is refused.
+    let mut bare = pods[0].clone();
+    bare.metadata.name = Some("bare".into());
+    if let Some(spec) = bare.spec.as_mut() {
+        spec.security_context = None;
+        spec.containers[0].security_context = None;
+    }
+    let err = plane.kubectl_stdin(&["create", "-f", "-"], Some(&pod_list(&[bare]))).expect_err("bare pod");
+    assert!(err.to_string().contains("violates PodSecurity \"restricted:latest\""), "{err}");
+}
+
+/// The agent's ClusterRole may patch any Node; the chart's ValidatingAdmissionPolicy narrows
+/// that to the Node named in the agent's token, on the e2e apiserver.
+#[test]
+fn agent_may_patch_only_its_own_node() {
+    let plane = ControlPlane::start().expect("control plane");
+    plane.kubectl(&["create", "namespace", "ninelives-system"]).expect("namespace");
+    let objects: Vec<String> = documents(&render(&[]))
+        .into_iter()
+        .filter(|d| {
+            matches!(
+                d["kind"].as_str(),
+                Some(
+                    "ServiceAccount"
+                        | "ClusterRole"
+                        | "ClusterRoleBinding"
+                        | "ValidatingAdmissionPolicy"
+                        | "ValidatingAdmissionPolicyBinding"
+                )
+            )
+        })
+        .map(|d| d.to_string())
+        .collect();
+    let list = format!("{{\"apiVersion\":\"v1\",\"kind\":\"List\",\"items\":[{}]}}", objects.join(","));
+    plane.kubectl_stdin(&["apply", "-f", "-"], Some(&list)).unwrap_or_else(|e| panic!("{e}"));
+    for node in ["node-a", "node-b"] {
+        let manifest =
+            format!("{{\"apiVersion\":\"v1\",\"kind\":\"Node\",\"metadata\":{{\"name\":\"{node}\"}}}}");
+        plane.kubectl_stdin(&["create", "-f", "-"], Some(&manifest)).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let agent = "--as=system:serviceaccount:ninelives-system:ninelives-agent";
+    let on_a = "--as-user-extra=authentication.kubernetes.io/node-name=node-a";
+    let patch = |extra: &[&str], node: &str, value: &str| {
+        let mut args = vec![agent];
+        args.extend_from_slice(extra);
+        let label = format!("ninelives.io/test={value}");
+        args.extend_from_slice(&["label", "--overwrite", "node", node, &label]);
+        plane.kubectl(&args)
+    };
+    // The policy takes effect once the apiserver has loaded it (asynchronously).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut attempt = 0u32;
+    let refused = loop {
+        // A new value each time: kubectl sends nothing when the label already has it.
+        attempt += 1;
+        match patch(&[on_a], "node-b", &format!("x{attempt}")) {
+            Err(e) => break e.to_string(),
+            Ok(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(500))
+            }
+            Ok(out) => panic!("the agent on node-a patched node-b: {out}"),
+        }
+    };
+    assert!(refused.contains("may only change its own Node, not node-b"), "{refused}");
+    patch(&[on_a], "node-a", "1").unwrap_or_else(|e| panic!("the agent may patch its own node: {e}"));
+    // The chip-health condition goes through nodes/status; kubectl would GET it first (not
+    // granted), so the PATCH is sent as the agent would send it, impersonated by the admin.
+    let kubeconfig: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(plane.kubeconfig()).expect("kubeconfig"))
+            .expect("YAML");
+    let cluster = &kubeconfig["clusters"][0]["cluster"];
+    let user = &kubeconfig["users"][0]["user"];
+    let file = |v: &Value| v.as_str().expect("path").to_string();
+    let status_patch = |node: &str| {
+        let mut curl = Command::new("curl");
+        curl.args(["-sS", "-X", "PATCH", "--cacert", &file(&cluster["certificate-authority"])])
+            .args(["--cert", &file(&user["client-certificate"]), "--key", &file(&user["client-key"])])
+            .args(["-H", "Content-Type: application/merge-patch+json"])
+            .args(["-H", "Impersonate-User: system:serviceaccount:ninelives-system:ninelives-agent"])
+            .args(["-H", "Impersonate-Extra-authentication.kubernetes.io%2Fnode-name: node-a"])
+            .args(["-d", r#"{"status":{"conditions":[{"type":"ChipHealthy","status":"False","reason":"Test","message":"x"}]}}"#])
+            .arg(format!("{}/api/v1/nodes/{node}/status", cluster["server"].as_str().expect("server")));
+        run(curl, None).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let other = status_patch("node-b");
+    assert!(other.contains("its own Node, not node-b") && other.contains("\"code\": 403"), "{other}");
+    let own = status_patch("node-a");
+    assert!(own.contains("ChipHealthy") && !own.contains("\"code\": 403"), "{own}");
+    let no_claim = patch(&[], "node-a", "2").expect_err("a token without a node claim");
+    assert!(no_claim.to_string().contains("its own Node"), "{no_claim}");
+    // The RBAC test above is unchanged: the agent may still patch nodes at all.
+    let labels =
+        plane.kubectl(&["get", "node", "node-a", "-o", "jsonpath={.metadata.labels}"]).expect("node");
+    assert!(labels.contains("\"ninelives.io/test\":\"1\""), "{labels}");
+}
+
+/// PodGroups for Volcano and the coscheduling plugin, created by the operator against their
+/// CRDs on the e2e apiserver, and a multi-node job on a ReadWriteOnce claim refused.
+#[tokio::test]
+async fn operator_creates_podgroups_and_refuses_an_unshared_checkpoint_claim() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, ListParams, PostParams};
+    use ninelives_core::TrainingJob;
+    use ninelives_core::job::JobPhase;
+    use ninelives_e2e::{OperatorProcess, WorkerCommand, wait_for};
+    use std::time::Duration;
+
+    let plane = ControlPlane::start().expect("control plane");
+    let crds = tools::repo_root().join("e2e/tests/fixtures/podgroup-crds.yaml").display().to_string();
+    plane.kubectl(&["apply", "-f", &crds]).unwrap_or_else(|e| panic!("{e}"));
+    plane
+        .kubectl(&[
+            "wait",
+            "--for=condition=established",
+            "--timeout=60s",
+            "crd/podgroups.scheduling.volcano.sh",
+            "crd/podgroups.scheduling.x-k8s.io",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let claim = r#"{"apiVersion":"v1","kind":"PersistentVolumeClaim","metadata":{"name":"ckpt-rwo","namespace":"default"},
+        "spec":{"accessModes":["ReadWriteOnce"],"resources":{"requests":{"storage":"1Gi"}}}}"#;
+    plane.kubectl_stdin(&["create", "-f", "-"], Some(claim)).unwrap_or_else(|e| panic!("{e}"));
+    let operator = OperatorProcess::start(&plane, "op-gang", &WorkerCommand::StandIn, 15).expect("operator");
+    let client = plane.client().await.expect("client");
+    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), "default");
+    let job = |name: &str, pod: Value, checkpoint: Value| -> TrainingJob {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "ninelives.io/v1alpha1",
+            "kind": "TrainingJob",
+            "metadata": { "name": name, "namespace": "default", "labels": { "kueue.x-k8s.io/queue-name": "team-a" } },
+            "spec": {
+                "model": { "preset": "tiny" },
+                "topology": { "nodes": 3, "chipsPerNode": 8, "spareNodes": 1, "chipMemory": "1Gi" },
+                "data": { "datasets": ["/usr/share/common-licenses"], "globalBatchSize": 16, "microBatchSize": 4 },
+                "training": { "steps": 30, "learningRate": { "peak": 0.003 } },
+                "checkpoint": checkpoint,
+                "pod": pod
+            }
+        }))
+        .expect("job")
+    };
+    let path =
+        |name: &str| serde_json::json!({ "path": format!("/tmp/ninelives-e2e/{name}"), "intervalSteps": 10 });
+    for manifest in [
+        job("gang-v", serde_json::json!({ "schedulerName": "volcano" }), path("gang-v")),
+        job("gang-c", serde_json::json!({ "schedulerName": "scheduler-plugins-scheduler" }), path("gang-c")),
+        job(
+            "rwo",
+            serde_json::json!({}),
+            serde_json::json!({ "pvc": { "claimName": "ckpt-rwo" }, "intervalSteps": 10 }),
+        ),
+    ] {
+        jobs.create(&PostParams::default(), &manifest).await.expect("create");
+    }
+    let timeout = Duration::from_secs(60);
+    for (resource, job) in
+        [("podgroups.scheduling.volcano.sh", "gang-v"), ("podgroups.scheduling.x-k8s.io", "gang-c")]
+    {
+        let group: Value = wait_for(&format!("{resource}/{job}"), timeout, || async {
+            let out = plane.kubectl(&["get", resource, job, "-o", "json"]).ok()?;
+            serde_json::from_str(&out).ok()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", operator.log_tail()));
+        assert_eq!(group["spec"]["minMember"], 3, "{group}");
+        assert_eq!(group["metadata"]["ownerReferences"][0]["name"], job);
+        assert_eq!(group["metadata"]["labels"]["kueue.x-k8s.io/queue-name"], "team-a");
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let of = |job: &'static str| {
+        let pods = pods.clone();
+        async move {
+            let list =
+                pods.list(&ListParams::default().labels(&format!("ninelives.io/job={job}"))).await.ok()?;
+            (list.items.len() == 4).then_some(list.items)
+        }
+    };
+    let volcano = wait_for("gang-v pods", timeout, || of("gang-v")).await.expect("gang-v pods");
+    assert!(volcano.iter().all(|p| {
+        p.metadata.annotations.as_ref().is_some_and(|a| a["scheduling.k8s.io/group-name"] == "gang-v")
+    }));
+    assert!(
+        volcano.iter().all(|p| p
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l["kueue.x-k8s.io/queue-name"] == "team-a"))
+    );
+    let cosched = wait_for("gang-c pods", timeout, || of("gang-c")).await.expect("gang-c pods");
+    assert!(
+        cosched.iter().all(|p| p
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l["scheduling.x-k8s.io/pod-group"] == "gang-c"))
+    );
+
+    let message = wait_for("rwo to be Invalid", timeout, || async {
+        let status = jobs.get("rwo").await.ok()?.status?;
+        (status.phase == Some(JobPhase::Invalid))
+            .then(|| status.conditions.iter().map(|c| c.message.clone()).collect::<Vec<_>>().join(" | "))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", operator.log_tail()));
+    assert!(message.contains("\"ckpt-rwo\" has access modes [ReadWriteOnce]"), "{message}");
+    assert!(message.contains("needs ReadWriteMany"), "{message}");
+    assert!(of("rwo").await.is_none(), "a refused job gets no pods");
 }
 
 /// The chart's RBAC is not just minimal but sufficient: the operator, authenticated as the

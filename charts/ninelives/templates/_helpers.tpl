@@ -33,8 +33,34 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 
+{{- define "ninelives.etcdSelector" -}}
+app.kubernetes.io/name: ninelives-etcd
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* etcd client URLs: the external endpoints, else the in-chart etcd's client Service. */}}
+{{- define "ninelives.etcdEndpoints" -}}
+{{- if .Values.etcd.endpoints -}}
+{{- join "," .Values.etcd.endpoints -}}
+{{- else if .Values.etcd.deploy -}}
+{{- printf "%s://%s-etcd-client.%s.svc:2379" (ternary "https" "http" .Values.etcd.tls.enabled) (include "ninelives.fullname" .) .Release.Namespace -}}
+{{- else -}}
+{{- fail "etcd.endpoints is required when etcd.deploy is false" -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "ninelives.etcdFlags" -}}
-- --etcd={{ join "," .Values.etcd.endpoints }}
+{{- if .Values.etcd.tls.enabled -}}
+{{- $_ := required "etcd.tls.secretName is required when etcd.tls.enabled" .Values.etcd.tls.secretName -}}
+{{- end -}}
+{{- $endpoints := include "ninelives.etcdEndpoints" . -}}
+{{- if and (contains "https://" $endpoints) (not .Values.etcd.tls.enabled) -}}
+{{- fail "etcd.endpoints are https:// but etcd.tls.enabled is false: enable TLS (etcd.tls.secretName) or use http://" -}}
+{{- end -}}
+{{- if and .Values.etcd.tls.enabled (contains "http://" $endpoints) -}}
+{{- fail "etcd.tls.enabled is true but etcd.endpoints are http://" -}}
+{{- end -}}
+- --etcd={{ $endpoints }}
 - --etcd-prefix={{ .Values.etcd.prefix }}
 {{- if .Values.etcd.tls.enabled }}
 - --etcd-ca-file=/etc/ninelives/etcd/{{ .Values.etcd.tls.caKey }}
