@@ -18,6 +18,7 @@ pub mod model;
 pub mod placement;
 pub mod quantity;
 pub mod recovery;
+pub mod simulate;
 pub mod validate;
 
 pub use job::{TrainingJob, TrainingJobSpec, TrainingJobStatus};
