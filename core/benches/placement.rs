@@ -109,9 +109,13 @@ fn table(shape: &PlacementShape, load: &ExpertLoad, zipf: f64, runs: usize) {
             return eprintln!("bad failure {failure}");
         };
         let strict = ReplanOptions { rebalance_threshold: f64::INFINITY, ..ReplanOptions::default() };
-        for (planner, options) in
-            [("ninelives", ReplanOptions::default()), ("ninelives, no rebalance", strict)]
-        {
+        let tight = ReplanOptions { rebalance_target: 1.02, ..ReplanOptions::default() };
+        let variants = [
+            ("ninelives", ReplanOptions::default()),
+            ("ninelives, target 1.02", tight),
+            ("ninelives, no rebalance", strict),
+        ];
+        for (planner, options) in variants {
             let (ms, out) = time(runs, || replan(shape, &initial, &failed, load, &options));
             match out {
                 Ok(out) => {

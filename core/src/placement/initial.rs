@@ -126,13 +126,14 @@ fn pack_group(shape: &PlacementShape, dense: &[f64], group: u32) -> Result<Vec<V
             })
             .collect();
         items.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut eligible = Vec::with_capacity(size);
         for &(share, i) in &items {
             w.share[i] = share.0;
             // Least load in the layer; among equals, the domain with fewest replicas of the expert
             // (so one domain's loss takes as few as possible), then the emptiest chip.
             let in_domain =
                 |c: usize| w.hosts[i].iter().filter(|&&h| w.domains[h as usize] == w.domains[c]).count();
-            let eligible = w.eligible(i);
+            w.eligible(i, &mut eligible);
             let target = (0..size).filter(|&c| eligible[c]).min_by(|&a, &b| {
                 Weight(w.load[l][a])
                     .cmp(&Weight(w.load[l][b]))

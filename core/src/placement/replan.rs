@@ -303,7 +303,8 @@ fn keeps_spread(w: &Work<'_>, i: usize, c: usize) -> bool {
 /// The least-loaded healthy chip in expert `i`'s layer that may take a new replica of it.
 fn best_chip(w: &Work<'_>, i: usize) -> Option<usize> {
     let l = w.layer_of(i);
-    let eligible = w.eligible(i);
+    let mut eligible = Vec::with_capacity(w.chips.len());
+    w.eligible(i, &mut eligible);
     (0..w.chips.len()).filter(|&c| eligible[c]).min_by(|&a, &b| {
         Weight(w.load[l][a])
             .cmp(&Weight(w.load[l][b]))

@@ -122,13 +122,11 @@ impl<'a> Work<'a> {
     }
 
     /// For every chip, whether a new replica of expert `i` may go there: what
-    /// [`Work::allowed`] says for each chip, in `O(chips + replicas)`.
-    pub fn eligible(&self, i: usize) -> Vec<bool> {
-        let mut hosted = vec![false; self.chips.len()];
+    /// [`Work::allowed`] says for each chip, in `O(chips + replicas)`, written into `out`.
+    pub fn eligible(&self, i: usize, out: &mut Vec<bool>) {
         let mut first = None;
         let mut spans = false;
         for &h in &self.hosts[i] {
-            hosted[h as usize] = true;
             let d = self.domains[h as usize];
             match first {
                 None => first = Some(d),
@@ -137,14 +135,15 @@ impl<'a> Work<'a> {
             }
         }
         let free_domain = spans || self.domain_count() < 2;
-        (0..self.chips.len())
-            .map(|c| {
-                self.up[c]
-                    && !hosted[c]
-                    && self.chips[c].len() < self.slots
-                    && (free_domain || first.is_none_or(|f| f != self.domains[c]))
-            })
-            .collect()
+        out.clear();
+        out.extend((0..self.chips.len()).map(|c| {
+            self.up[c]
+                && self.chips[c].len() < self.slots
+                && (free_domain || first.is_none_or(|f| f != self.domains[c]))
+        }));
+        for &h in &self.hosts[i] {
+            out[h as usize] = false;
+        }
     }
 
     /// The lowest-numbered healthy chip holding a loaded replica of `i`.
@@ -271,9 +270,10 @@ impl<'a> Work<'a> {
                     best = Some((Weight(after), a, to, None));
                 }
             }
+            let theirs = of_layer(to);
             for &a in &mine {
                 let wa = self.share[a];
-                for b in of_layer(to) {
+                for &b in &theirs {
                     let wb = self.share[b];
                     let after = (peak - wa + wb).max(there + wa - wb);
                     if wb < wa
