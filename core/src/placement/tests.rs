@@ -625,3 +625,44 @@ fn redundant_replicas_go_to_the_hottest_experts() {
         p.replicas_of(&s, 0, ExpertId::new(0, 3)).iter().map(|c| c.node).collect();
     assert_eq!(nodes.len(), 6);
 }
+
+#[test]
+fn each_layer_is_balanced_not_a_chips_sum() {
+    // Two one-chip nodes, two layers of four experts with loads 3, 1, 1, 1. Balancing each chip's
+    // sum could give {3, 1} + {1, 1} in layer 0 and the mirror in layer 1: equal sums, but every
+    // layer waits for a chip at 4 while the mean is 3. Per layer, {3} | {1, 1, 1} is exact.
+    let s = PlacementShape {
+        redundant_experts: 0,
+        chip_memory_bytes: 600,
+        ..shape((1, 2, 1, None), (2, 4, 0), 0)
+    };
+    let load = ExpertLoad::from_rows(vec![vec![3.0, 1.0, 1.0, 1.0], vec![1.0, 1.0, 3.0, 1.0]]);
+    let p = initial_placement(&s, &load).unwrap();
+    let stats = LoadStats::measure(&s, &p, &FailedChips::none(), &load);
+    assert!((stats.step_inflation - 1.0).abs() < 1e-12, "{stats:?} {:?}", p.groups[0].chips);
+    assert!((stats.max_mean_load - 1.0).abs() < 1e-12, "{stats:?}");
+}
+
+#[test]
+fn a_hot_expert_gets_more_replicas_than_there_are_failure_domains() {
+    // Two nodes of four chips: the old rule (one replica per node) capped any expert at 2.
+    let s = shape((4, 2, 1, None), (1, 8, 5), 4);
+    let mut row = vec![1.0; 8];
+    row[3] = 40.0;
+    let load = ExpertLoad::from_rows(vec![row]);
+    let p = initial_placement(&s, &load).unwrap();
+    let hosts = p.replicas_of(&s, 0, ExpertId::new(0, 3));
+    assert_eq!(hosts.len(), 6, "{hosts:?}");
+    let nodes: BTreeSet<u32> = hosts.iter().map(|c| c.node).collect();
+    assert_eq!(nodes.len(), 2, "replicas span both nodes: {hosts:?}");
+    // Losing either node leaves the hot expert a live replica: its state is never read back from
+    // the checkpoint.
+    let hot = ExpertId::new(0, 3);
+    for node in 0..2 {
+        let failed = FailedChips::from_failures(&s, &[Failure::Node(node)]).unwrap();
+        let out = replan(&s, &p, &failed, &load, &minimal()).unwrap();
+        assert!(out.plan.checkpoint_loads().all(|m| m.expert != hot), "node {node}: {:?}", out.plan.moves);
+        let next = out.placement.unwrap();
+        assert!(next.replicas_of(&s, 0, hot).iter().any(|c| c.node != node));
+    }
+}
