@@ -359,23 +359,6 @@ impl RecoveryTier {
     }
 }
 
-/// Retry pacing for failed recoveries and transient errors.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.initialSeconds > 0.0 && self.initialSeconds <= self.maxSeconds").message("backoff needs 0 < initialSeconds <= maxSeconds").field_path(".initialSeconds"))]
-pub struct BackoffSpec {
-    /// First delay.
-    pub initial_seconds: f64,
-    /// Cap on the delay.
-    pub max_seconds: f64,
-}
-
-impl Default for BackoffSpec {
-    fn default() -> Self {
-        Self { initial_seconds: 1.0, max_seconds: 60.0 }
-    }
-}
-
 /// What recovery may do, and when to give up.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -392,9 +375,6 @@ pub struct FailurePolicy {
     pub min_healthy_fraction: f64,
     /// Rungs of the recovery ladder the operator may use.
     pub allowed_tiers: Vec<RecoveryTier>,
-    /// Pacing of retries.
-    #[serde(default)]
-    pub backoff: BackoffSpec,
     /// A recovery not finished within this time is abandoned and escalated to the next tier.
     pub recovery_timeout_seconds: u32,
 }
@@ -406,7 +386,6 @@ impl Default for FailurePolicy {
             max_recoveries: 100,
             min_healthy_fraction: 0.75,
             allowed_tiers: RecoveryTier::ALL.to_vec(),
-            backoff: BackoffSpec::default(),
             recovery_timeout_seconds: 300,
         }
     }
