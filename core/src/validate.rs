@@ -86,8 +86,9 @@ impl JobShape {
     /// Expert replicas (routed + redundant, over its stage's layers) one expert-parallel group
     /// hosts.
     pub fn replicas_per_group(&self) -> u64 {
+        // Saturating: the counts come from a manifest (a saturated value fails every check).
         u64::from(self.layers_per_stage())
-            * (u64::from(self.model.routed_experts) + u64::from(self.redundant_experts))
+            .saturating_mul(u64::from(self.model.routed_experts) + u64::from(self.redundant_experts))
     }
 
     /// Resolves and checks a spec; every problem found is returned, not just the first.
@@ -252,7 +253,7 @@ impl JobShape {
         }
         let ep = u64::from(self.expert_parallel_size);
         let per_chip = self.replicas_per_group().div_ceil(ep);
-        let need = per_chip * m.expert_state_bytes();
+        let need = per_chip.saturating_mul(m.expert_state_bytes());
         if need > self.chip_memory_bytes {
             out.push(Violation::new(
                 "spec.topology.chipMemory",
@@ -277,7 +278,7 @@ impl JobShape {
             return;
         }
         let degraded_per_chip = (u64::from(self.layers_per_stage()) * routed).div_ceil(healthy);
-        let degraded_need = degraded_per_chip * m.expert_state_bytes();
+        let degraded_need = degraded_per_chip.saturating_mul(m.expert_state_bytes());
         if degraded_need > self.chip_memory_bytes {
             out.push(Violation::new(
                 path,
@@ -316,8 +317,9 @@ fn check_model(m: &ModelDims, out: &mut Vec<Violation>) {
             format!("hiddenSize {} is not divisible by heads {}", m.hidden_size, m.heads),
         ));
     }
-    let choices = m.routed_experts + m.zero_experts;
-    if m.top_k > choices {
+    // Widened: two counts from a manifest may overflow a u32 together.
+    let choices = u64::from(m.routed_experts) + u64::from(m.zero_experts);
+    if u64::from(m.top_k) > choices {
         out.push(Violation::new(
             p("topK"),
             format!("topK {} exceeds the {choices} experts a token can choose from ({} routed + {} zero-computation)", m.top_k, m.routed_experts, m.zero_experts),

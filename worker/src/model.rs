@@ -55,11 +55,28 @@ pub fn check_dims(dims: &ModelDims) -> Result<()> {
             dims.hidden_size, dims.heads
         ));
     }
-    if dims.top_k == 0 || dims.top_k > dims.routed_experts + dims.zero_experts {
+    if dims.top_k == 0
+        || u64::from(dims.top_k) > u64::from(dims.routed_experts) + u64::from(dims.zero_experts)
+    {
         return bad(format!("topK {} must be in 1..=routedExperts + zeroExperts", dims.top_k));
     }
     if dims.layers == 0 || dims.seq_len < 2 || dims.expert_ffn_size == 0 {
         return bad("layers, expertFfnSize must be positive and seqLen at least 2".into());
+    }
+    // Dimensions come from a manifest: every size the worker computes from them (parameter
+    // counts, parameters + gradients + moments in bytes, a micro-batch's activations) must fit,
+    // or a product would wrap in a release build.
+    let state_bytes = dims.checked_total_params().and_then(|p| p.checked_mul(16));
+    let activations = u64::from(dims.seq_len)
+        .checked_mul(u64::from(dims.hidden_size.max(dims.expert_ffn_size)))
+        .and_then(|x| x.checked_mul(u64::from(dims.layers)))
+        .and_then(|x| x.checked_mul(u64::from(dims.top_k) + 8));
+    let fits = |bytes: Option<u64>| bytes.and_then(|b| isize::try_from(b).ok()).is_some();
+    if !fits(state_bytes) || !fits(activations) {
+        return bad(format!(
+            "model dimensions too large for one process: {} layers x {} hidden x {} experts of {}",
+            dims.layers, dims.hidden_size, dims.routed_experts, dims.expert_ffn_size
+        ));
     }
     if let Some(sparse) = dims.sparse_attention
         && (sparse.block_size == 0 || !dims.seq_len.is_multiple_of(sparse.block_size))

@@ -109,7 +109,7 @@ pub fn param_specs(dims: &ModelDims) -> Vec<ParamSpec> {
     let h = dims.hidden_size as usize;
     let v = dims.vocab_size as usize;
     let f = dims.expert_ffn_size as usize;
-    let experts = (dims.routed_experts + dims.zero_experts) as usize;
+    let experts = dims.routed_experts as usize + dims.zero_experts as usize;
     // Residual-branch outputs are scaled down with depth (GPT-2).
     let out_std = INIT_STD / (2.0 * f64::from(dims.layers.max(1))).sqrt();
     let mut specs = vec![

@@ -360,7 +360,7 @@ fn encode_results(results: &[MicroBatchResult]) -> Vec<u8> {
     e.finish()
 }
 
-fn decode_results(bytes: &[u8]) -> Result<Vec<MicroBatchResult>, Malformed> {
+pub(super) fn decode_results(bytes: &[u8]) -> Result<Vec<MicroBatchResult>, Malformed> {
     let mut d = Dec::new(bytes);
     let n = d.u32()?;
     let mut out = Vec::new();
@@ -388,7 +388,7 @@ fn encode_expert_grads(list: &[(u32, &str, &[f32])]) -> Vec<u8> {
     e.finish()
 }
 
-fn decode_expert_grads(bytes: &[u8]) -> Result<Vec<(u32, String, Vec<f32>)>, Malformed> {
+pub(super) fn decode_expert_grads(bytes: &[u8]) -> Result<Vec<(u32, String, Vec<f32>)>, Malformed> {
     // A member with nothing for this peer sends an empty payload.
     if bytes.is_empty() {
         return Ok(Vec::new());
@@ -412,7 +412,7 @@ fn encode_partials(list: &[(String, f64)]) -> Vec<u8> {
     e.finish()
 }
 
-fn decode_partials(bytes: &[u8]) -> Result<Vec<(String, f64)>, Malformed> {
+pub(super) fn decode_partials(bytes: &[u8]) -> Result<Vec<(String, f64)>, Malformed> {
     let mut d = Dec::new(bytes);
     let n = d.u32()?;
     let mut out = Vec::new();
@@ -438,7 +438,7 @@ fn encode_state(params: &BTreeMap<String, HostTensor>, moments: &BTreeMap<String
     e.finish()
 }
 
-fn decode_state(bytes: &[u8]) -> Result<HostState, Malformed> {
+pub(super) fn decode_state(bytes: &[u8]) -> Result<HostState, Malformed> {
     let mut d = Dec::new(bytes);
     let n = d.u32()?;
     let mut params = BTreeMap::new();
@@ -449,7 +449,9 @@ fn decode_state(bytes: &[u8]) -> Result<HostState, Malformed> {
         let shape = (0..dims).map(|_| d.u32().map(|x| x as usize)).collect::<Result<Vec<_>, _>>()?;
         let data = d.f32s()?;
         let (m, v) = (d.f32s()?, d.f32s()?);
-        if shape.iter().product::<usize>() != data.len() || m.len() != data.len() || v.len() != data.len() {
+        // The shape comes from a peer: its product may overflow.
+        let elements = shape.iter().try_fold(1usize, |p, &d| p.checked_mul(d));
+        if elements != Some(data.len()) || m.len() != data.len() || v.len() != data.len() {
             return Err(Malformed(format!("tensor {name} has inconsistent sizes")));
         }
         moments.insert(name.clone(), Moments { m, v });

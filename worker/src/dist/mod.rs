@@ -15,6 +15,8 @@
 
 pub mod auth;
 pub mod engine;
+#[cfg(test)]
+mod fuzz;
 pub mod link;
 pub mod member;
 pub mod plan;

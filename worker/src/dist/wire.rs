@@ -406,6 +406,16 @@ impl FrameReader {
         self.limit = limit;
     }
 
+    /// Bytes held for the frame being received.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The largest frame accepted now.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// The next whole frame, `Ok(None)` when the read timed out first.
     pub fn next(&mut self, r: &mut impl Read) -> Result<Option<Msg>, ReadError> {
         loop {
