@@ -215,11 +215,9 @@ impl<'a> Work<'a> {
     /// another chip, or swapping it with a lighter replica of the same layer there, while the
     /// layer's max/mean exceeds `target` and a step strictly lowers the peak (both chips end
     /// below it, so each step removes a chip from the peak level and the loop terminates;
-    /// `budget` caps the steps). Candidate chips are tried least loaded first: the first one
-    /// that brings the peak to `target` takes the step (few moves), else the step leaving the
-    /// lowest new peak over all chips; a swap is taken only where it beats every option found
-    /// before it (single moves of a chip are tried first). Returns the replicas
-    /// whose loaded state moved.
+    /// `budget` caps the steps). Candidate chips are tried least loaded first: the first option
+    /// that brings the peak to `target` takes the step, else the option that lowers the peak
+    /// most per replica moved (a swap moves two). Returns the replicas whose loaded state moved.
     pub fn improve_layer(&mut self, l: usize, target: f64, budget: usize) -> u64 {
         let mut moved = 0;
         let layer = self.first_layer + l as u32;
@@ -255,19 +253,22 @@ impl<'a> Work<'a> {
             (0..self.chips.len()).filter(|&c| c != from && self.up[c] && self.load[l][c] < peak).collect();
         order
             .sort_unstable_by(|&a, &b| Weight(self.load[l][a]).cmp(&Weight(self.load[l][b])).then(a.cmp(&b)));
-        let mut best: Option<(Weight, usize, usize, Option<usize>)> = None;
-        let bar = |best: &Option<(Weight, usize, usize, Option<usize>)>| best.map_or(peak - 1e-12, |b| b.0.0);
+        // Score: how much the peak drops per replica moved (a swap moves two).
+        let mut best: Option<(Weight, f64, usize, usize, Option<usize>)> = None;
+        let score_of =
+            |best: &Option<(Weight, f64, usize, usize, Option<usize>)>| best.map_or(1e-12, |b| b.0.0);
         for to in order {
             let there = self.load[l][to];
-            // Every option with this chip or a later (more loaded) one ends at `there` or above.
-            if there >= bar(&best) {
+            // No option with this chip or a later (more loaded) one drops the peak below `there`.
+            if peak - there <= score_of(&best) {
                 break;
             }
             for &a in &mine {
                 let wa = self.share[a];
                 let after = (peak - wa).max(there + wa);
-                if after < bar(&best) && self.allowed(a, to, Some(from), false) {
-                    best = Some((Weight(after), a, to, None));
+                let score = peak - after;
+                if score > score_of(&best) && self.allowed(a, to, Some(from), false) {
+                    best = Some((Weight(score), after, a, to, None));
                 }
             }
             let theirs = of_layer(to);
@@ -276,19 +277,20 @@ impl<'a> Work<'a> {
                 for &b in &theirs {
                     let wb = self.share[b];
                     let after = (peak - wa + wb).max(there + wa - wb);
+                    let score = (peak - after) / 2.0;
                     if wb < wa
-                        && after < bar(&best)
+                        && score > score_of(&best)
                         && self.allowed(a, to, Some(from), true)
                         && self.allowed(b, from, Some(to), true)
                     {
-                        best = Some((Weight(after), a, to, Some(b)));
+                        best = Some((Weight(score), after, a, to, Some(b)));
                     }
                 }
             }
-            if best.is_some_and(|b| b.0.0 <= goal) {
+            if best.is_some_and(|b| b.1 <= goal) {
                 break;
             }
         }
-        best.map(|(_, a, to, b)| (a, to, b))
+        best.map(|(_, _, a, to, b)| (a, to, b))
     }
 }
