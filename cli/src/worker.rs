@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Args;
 use ninelives_core::member_output::{MemberLine, StepLine};
-use ninelives_worker::checkpoint::SaveReport;
+use ninelives_worker::checkpoint::{SaveOutcome, SaveReport};
 use ninelives_worker::data::Corpus;
 use ninelives_worker::dist::auth::{JobAuth, JobKey};
 use ninelives_worker::dist::link::Security;
@@ -302,6 +302,7 @@ fn member_event(event: &MemberEvent<'_>, metrics: &WorkerMetrics) {
             committed(done, metrics);
             MemberLine::Committed { step: done.step }
         }
+        MemberEvent::SaveFailed { step, error } => save_failed(*step, error, metrics),
     };
     println!("{line}");
 }
@@ -357,25 +358,56 @@ fn train_loop(
         metrics.step_seconds.observe(report.seconds);
         if report.step % every == 0 {
             let snapshot = trainer.snapshot()?;
-            if let Some(done) = saver.submit(snapshot)? {
-                committed(&done, metrics);
-            }
+            settle(saver.submit(snapshot)?, metrics);
             last_saved = report.step;
-        } else if let Some(done) = saver.poll()? {
-            committed(&done, metrics);
+        } else {
+            settle(saver.poll(), metrics);
         }
     }
-    // Always end on a committed checkpoint of the last step.
-    if last_saved != trainer.step()
-        && let Some(done) = saver.submit(trainer.snapshot()?)?
-    {
-        committed(&done, metrics);
-    }
-    if let Some(done) = saver.wait()? {
-        committed(&done, metrics);
+    // Always end on a committed checkpoint of the last step: a failed save of it is retried.
+    let mut attempts = 0;
+    let mut save_last = last_saved != trainer.step();
+    loop {
+        if save_last {
+            settle(saver.submit(trainer.snapshot()?)?, metrics);
+        }
+        match saver.wait() {
+            Some(SaveOutcome::Failed { step, error }) if step == trainer.step() => {
+                println!("{}", save_failed(step, &error, metrics));
+                attempts += 1;
+                if attempts >= FINAL_SAVE_ATTEMPTS {
+                    return Err(Failure::Worker(error));
+                }
+                std::thread::sleep(Duration::from_secs(1));
+                save_last = true;
+            }
+            outcome => {
+                settle(outcome, metrics);
+                break;
+            }
+        }
     }
     println!("{}", MemberLine::Digest(trainer.params_sha256()?));
     Ok(())
+}
+
+/// Attempts at the checkpoint a job ends on (space may come back on a full disk).
+const FINAL_SAVE_ATTEMPTS: u32 = 5;
+
+/// Reports how a background save ended; a failed one is counted and training goes on.
+fn settle(outcome: Option<SaveOutcome>, metrics: &WorkerMetrics) {
+    match outcome {
+        None => {}
+        Some(SaveOutcome::Committed(done)) => committed(&done, metrics),
+        Some(SaveOutcome::Failed { step, error }) => println!("{}", save_failed(step, &error, metrics)),
+    }
+}
+
+/// Counts and logs a failed save (cleaned up by the store; training continues); returns its line.
+fn save_failed(step: u64, error: &WorkerError, metrics: &WorkerMetrics) -> MemberLine {
+    metrics.checkpoint_save_failures_total.with_label_values(&[error.label()]).inc();
+    tracing::error!(step, "checkpoint save failed; training continues: {error}");
+    MemberLine::SaveFailed { step, reason: error.to_string() }
 }
 
 fn committed(report: &SaveReport, metrics: &WorkerMetrics) {

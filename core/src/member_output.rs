@@ -64,6 +64,13 @@ pub enum MemberLine {
         /// Its step.
         step: u64,
     },
+    /// A checkpoint save failed (and was cleaned up); training went on.
+    SaveFailed {
+        /// The step that was being saved.
+        step: u64,
+        /// Why.
+        reason: String,
+    },
     /// The final parameter digest (SHA-256, hex).
     Digest(String),
 }
@@ -88,6 +95,7 @@ impl fmt::Display for MemberLine {
                 write!(f, "aborted generation={generation} reason={reason}")
             }
             MemberLine::Committed { step } => write!(f, "committed step={step}"),
+            MemberLine::SaveFailed { step, reason } => write!(f, "save_failed step={step} reason={reason}"),
             MemberLine::Digest(hex) => write!(f, "params_sha256={hex}"),
         }
     }
@@ -124,6 +132,10 @@ impl MemberLine {
                 reason: line.split_once("reason=")?.1.to_string(),
             }),
             "committed" => Some(MemberLine::Committed { step: number("step")? }),
+            "save_failed" => Some(MemberLine::SaveFailed {
+                step: number("step")?,
+                reason: line.split_once("reason=")?.1.to_string(),
+            }),
             _ => Some(MemberLine::Step(StepLine {
                 step: number("step")?,
                 loss: real("loss")?,
@@ -170,6 +182,10 @@ mod tests {
             MemberLine::Traffic { expert_bytes: 10, collective_bytes: 20, payload_bytes: 5 },
             MemberLine::Aborted { generation: 4, reason: "peer 2 lost: connection reset".into() },
             MemberLine::Committed { step: 50 },
+            MemberLine::SaveFailed {
+                step: 60,
+                reason: "checkpoint I/O on /c: No space left on device".into(),
+            },
             MemberLine::Digest("ab".repeat(32)),
         ];
         for line in lines {
@@ -191,6 +207,7 @@ mod tests {
             "joined generation=2 tier=sideways step=1 members=[0] experts=1",
             "joined generation=2 tier=initial step=1 members=[0, x] experts=1",
             "committed step=",
+            "save_failed step=3",
         ] {
             assert_eq!(MemberLine::parse(junk), None, "{junk}");
         }

@@ -96,6 +96,12 @@ impl EtcdServer {
         self.spawn()
     }
 
+    /// The etcd process id while it runs: for tests that pause it (`kill -STOP`) and resume it
+    /// (`kill -CONT`), as a stalled disk or a long GC pause would.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the server is currently running.
     pub fn is_running(&self) -> bool {
         self.child.is_some()

@@ -85,6 +85,17 @@ pub enum WorkerError {
     /// Rendezvous through etcd or the peer connections failed.
     #[error("rendezvous: {0}")]
     Rendezvous(String),
+    /// An etcd request failed or did not answer within its deadline.
+    #[error("etcd {op}: {reason}")]
+    Etcd {
+        /// The request (`get`, `put`, `lease-grant`, ...).
+        op: &'static str,
+        /// What the client or server said.
+        reason: String,
+        /// Whether trying again may succeed (unreachable, paused, timed out, no leader) rather
+        /// than never (permission denied, bad argument): a member waits out the first kind.
+        transient: bool,
+    },
 }
 
 impl WorkerError {
@@ -105,7 +116,15 @@ impl WorkerError {
             WorkerError::ThreadPool(_) => "thread_pool",
             WorkerError::Aborted(_) => "aborted",
             WorkerError::Rendezvous(_) => "rendezvous",
+            WorkerError::Etcd { .. } => "etcd",
         }
+    }
+}
+
+impl WorkerError {
+    /// Whether this is an etcd error that trying again may cure.
+    pub fn is_transient_etcd(&self) -> bool {
+        matches!(self, WorkerError::Etcd { transient: true, .. })
     }
 }
 

@@ -23,6 +23,9 @@ pub struct WorkerMetrics {
     pub checkpoint_load_seconds: Histogram,
     /// Checkpoint bytes written (`op="save"`) and read (`op="load"`).
     pub checkpoint_bytes_total: IntCounterVec,
+    /// Checkpoint saves that failed (training went on), by the error's label
+    /// (`checkpoint_io` for a full disk or an I/O error).
+    pub checkpoint_save_failures_total: IntCounterVec,
 }
 
 impl WorkerMetrics {
@@ -51,6 +54,17 @@ impl WorkerMetrics {
             Opts::new("ninelives_checkpoint_bytes_total", "Checkpoint bytes written or read"),
             &["op"],
         )?;
+        let checkpoint_save_failures_total = IntCounterVec::new(
+            Opts::new(
+                "ninelives_checkpoint_save_failures_total",
+                "Checkpoint saves that failed (disk full, I/O error); training continued",
+            ),
+            &["reason"],
+        )?;
+        // Series exist from the start at 0, so `rate()` over them reads 0 in a healthy run.
+        for reason in ["checkpoint_io", "checkpoint_writer"] {
+            checkpoint_save_failures_total.with_label_values(&[reason]);
+        }
         registry.register(Box::new(step.clone()))?;
         registry.register(Box::new(loss.clone()))?;
         registry.register(Box::new(tokens_per_second.clone()))?;
@@ -58,6 +72,7 @@ impl WorkerMetrics {
         registry.register(Box::new(checkpoint_save_seconds.clone()))?;
         registry.register(Box::new(checkpoint_load_seconds.clone()))?;
         registry.register(Box::new(checkpoint_bytes_total.clone()))?;
+        registry.register(Box::new(checkpoint_save_failures_total.clone()))?;
         Ok(Self {
             registry,
             step,
@@ -67,6 +82,7 @@ impl WorkerMetrics {
             checkpoint_save_seconds,
             checkpoint_load_seconds,
             checkpoint_bytes_total,
+            checkpoint_save_failures_total,
         })
     }
 }

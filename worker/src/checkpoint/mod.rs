@@ -32,7 +32,7 @@ mod write;
 #[cfg(not(target_endian = "little"))]
 compile_error!("checkpoint I/O writes f32 tensors as native bytes and needs a little-endian host");
 
-pub use background::BackgroundSaver;
+pub use background::{BackgroundSaver, SaveOutcome};
 pub use manifest::{
     ADAM_M_SUFFIX, ADAM_V_SUFFIX, CheckpointManifest, ChecksumKind, Checksummer, DataCursor, FORMAT_VERSION,
     MANIFEST_FILE, OptimizerState, READABLE_VERSIONS, RngState, ShardContents, ShardEntry,

@@ -2,8 +2,10 @@
 //! keep-last-N retention, verification against the manifest, and the search for the newest
 //! usable checkpoint. Writing is in `write`, reading back in `restore`.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use super::manifest::{CheckpointManifest, MANIFEST_FILE, ShardEntry};
 use super::reader::{self, VerifyOnly};
@@ -17,6 +19,9 @@ const STEP_PREFIX: &str = "step-";
 pub struct CheckpointStore {
     dir: PathBuf,
     keep_last: usize,
+    /// Steps retention must keep whatever their age (shared by the store's clones, so the
+    /// background saver honours what the member loop protects).
+    protected: Arc<Mutex<BTreeSet<u64>>>,
 }
 
 impl CheckpointStore {
@@ -24,7 +29,21 @@ impl CheckpointStore {
     pub fn open(dir: impl Into<PathBuf>, keep_last: usize) -> Result<Self> {
         let dir = dir.into();
         fs::create_dir_all(&dir).map_err(|source| WorkerError::CheckpointIo { path: dir.clone(), source })?;
-        Ok(Self { dir, keep_last: keep_last.max(1) })
+        Ok(Self { dir, keep_last: keep_last.max(1), protected: Arc::default() })
+    }
+
+    /// Makes retention keep the checkpoints of `steps` (replacing the previous set): the ones a
+    /// restore of the current or the previous generation may still read, which a save racing
+    /// with that restore must not delete.
+    pub fn protect(&self, steps: impl IntoIterator<Item = u64>) {
+        if let Ok(mut protected) = self.protected.lock() {
+            *protected = steps.into_iter().collect();
+        }
+    }
+
+    /// The steps [`CheckpointStore::protect`] set.
+    pub fn protected(&self) -> BTreeSet<u64> {
+        self.protected.lock().map(|p| p.clone()).unwrap_or_default()
     }
 
     /// The directory.
@@ -62,14 +81,18 @@ impl CheckpointStore {
     }
 
     /// Deletes committed checkpoints beyond the newest `keep_last`, and torn (uncommitted)
-    /// directories older than the newest committed one. Returns what it removed.
+    /// directories older than the newest committed one; never a [protected](Self::protect)
+    /// step. Returns what it removed.
     pub fn retain(&self) -> Result<Vec<PathBuf>> {
         let list = self.list()?;
+        let protected = self.protected();
         let newest_committed = list.iter().find(|(_, _, c)| *c).map(|(s, _, _)| *s);
         let mut kept = 0;
         let mut removed = Vec::new();
         for (step, path, committed) in list {
-            let drop = if committed {
+            let drop = if protected.contains(&step) {
+                false
+            } else if committed {
                 kept += 1;
                 kept > self.keep_last
             } else {
@@ -142,13 +165,22 @@ impl CheckpointStore {
 
     /// The newest committed checkpoint whose every shard verifies, logging each one skipped.
     pub fn newest_verified(&self) -> Result<Option<(u64, PathBuf)>> {
-        for (step, path, committed) in self.list()? {
-            if !committed {
+        self.verified_at_or_before(u64::MAX)
+    }
+
+    /// The newest committed checkpoint of `step` or older whose every shard verifies, logging
+    /// each one skipped: where a restore to `step` goes when that checkpoint is corrupt or gone.
+    /// Every member reads the same directory, so every member picks the same one.
+    pub fn verified_at_or_before(&self, step: u64) -> Result<Option<(u64, PathBuf)>> {
+        for (found, path, committed) in self.list()? {
+            if !committed || found > step {
                 continue;
             }
             match self.verify_dir(&path) {
-                Ok(_) => return Ok(Some((step, path))),
-                Err(err) => tracing::warn!(step, "{err}; falling back to the previous committed checkpoint"),
+                Ok(_) => return Ok(Some((found, path))),
+                Err(err) => {
+                    tracing::warn!(step = found, "{err}; falling back to the previous committed checkpoint");
+                }
             }
         }
         Ok(None)

@@ -64,9 +64,54 @@ pub struct SaveReport {
 impl CheckpointStore {
     /// Writes `snapshot` as a committed checkpoint, then applies retention. Synchronous; see
     /// [`BackgroundSaver`](super::BackgroundSaver) for the non-blocking path.
+    ///
+    /// A save that fails (a full disk, an I/O error) removes what it wrote, so the failure costs
+    /// neither space nor a torn directory, and returns the error: the caller reports it and
+    /// trains on. A failed retention after the commit is logged, not returned: the checkpoint is
+    /// committed.
     pub fn save(&self, snapshot: &TrainingSnapshot) -> Result<SaveReport> {
         let started = Instant::now();
         let dir = self.step_dir(snapshot.step);
+        // Training replayed after a rollback reaches the same state again: a committed copy that
+        // verifies is kept rather than deleted and rewritten (a rewrite that failed half-way, on
+        // a full disk, would lose a committed checkpoint a restore may need).
+        if dir.join(MANIFEST_FILE).is_file()
+            && let Ok(existing) = self.verify_dir(&dir)
+            && existing.step == snapshot.step
+            && existing.params_sha256 == snapshot.params_sha256
+        {
+            tracing::info!(step = snapshot.step, "the checkpoint of this state is committed already; kept");
+            let removed = self.retain().unwrap_or_default();
+            let seconds = started.elapsed().as_secs_f64();
+            return Ok(SaveReport { step: snapshot.step, path: dir, bytes: 0, seconds, removed });
+        }
+        let (bytes, seconds) = match self.write_committed(snapshot, &dir, started) {
+            Ok(done) => done,
+            Err(err) => {
+                if let Err(e) = fs::remove_dir_all(&dir)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(path = %dir.display(), "cannot remove a failed save: {e}");
+                }
+                return Err(err);
+            }
+        };
+        let removed = self.retain().unwrap_or_else(|e| {
+            tracing::warn!(step = snapshot.step, "retention after the commit failed: {e}");
+            Vec::new()
+        });
+        Ok(SaveReport { step: snapshot.step, path: dir, bytes, seconds, removed })
+    }
+
+    /// Writes and commits `snapshot` into `dir`; returns its bytes and the seconds since
+    /// `started`.
+    fn write_committed(
+        &self,
+        snapshot: &TrainingSnapshot,
+        dir: &Path,
+        started: Instant,
+    ) -> Result<(u64, f64)> {
+        let dir = dir.to_path_buf();
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| WorkerError::CheckpointIo { path, source }
@@ -115,9 +160,7 @@ impl CheckpointStore {
         write_durable(&dir.join(MANIFEST_FILE), &text)?;
         fsync_dir(&dir)?;
         let bytes = manifest.shards.iter().map(|s| s.bytes).sum::<u64>() + text.len() as u64;
-        let seconds = started.elapsed().as_secs_f64();
-        let removed = self.retain()?;
-        Ok(SaveReport { step: snapshot.step, path: dir, bytes, seconds, removed })
+        Ok((bytes, started.elapsed().as_secs_f64()))
     }
 }
 

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use super::engine::{DistStepReport, HostState, Routing, gather_checkpoint, run_step};
 use super::link::{LinkConfig, MAX_CONNECTIONS, Security};
-use super::rendezvous::{Etcd, Session};
+use super::rendezvous::{Backoff, Etcd, Session};
 use super::state::{POLL, Shared};
 use super::transport::{Collective, TcpCollective, serve};
 use super::wire::frame_limit;
-use crate::checkpoint::{BackgroundSaver, CheckpointStore, ExpertSelection, SaveReport};
+use crate::checkpoint::{BackgroundSaver, CheckpointStore, ExpertSelection, SaveOutcome, SaveReport};
 use crate::data::Corpus;
 use crate::error::{Result, WorkerError};
 use crate::model::{ExpertId, ParamOwner};
@@ -77,6 +77,73 @@ pub enum MemberEvent<'a> {
     },
     /// The leader committed a checkpoint.
     Committed(&'a SaveReport),
+    /// A checkpoint save of the leader failed (a full disk, an I/O error). It was cleaned up and
+    /// training went on; the next save starts over.
+    SaveFailed {
+        /// The step that was being saved.
+        step: u64,
+        /// Why.
+        error: &'a WorkerError,
+    },
+}
+
+/// Longest the end of the job waits for buffered etcd writes (the final progress and checkpoint
+/// records) to be delivered.
+const FLUSH_LIMIT: Duration = Duration::from_secs(10);
+/// Attempts at the final checkpoint, the one the job ends on (space may come back on a full disk).
+const FINAL_SAVE_ATTEMPTS: u32 = 5;
+/// Pause between attempts at the final checkpoint.
+const FINAL_SAVE_PAUSE: Duration = Duration::from_secs(1);
+
+/// A wait that an etcd outage does not use up: the deadline runs only while etcd answers, and
+/// starts over in full once it answers again after failing. A member waits out an outage of any
+/// length rather than giving up on a generation the control loop may still be publishing.
+struct Patience {
+    limit: Duration,
+    deadline: Instant,
+    backoff: Backoff,
+    failing: bool,
+}
+
+impl Patience {
+    fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            deadline: Instant::now() + limit,
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
+            failing: false,
+        }
+    }
+
+    /// Whether the wait is over (never while etcd fails).
+    fn expired(&self) -> bool {
+        !self.failing && Instant::now() >= self.deadline
+    }
+
+    /// Passes an etcd read's answer through: `Some` when etcd answered; `None` after a transient
+    /// failure (logged once per outage, then a pause with backoff); an error for a permanent one.
+    fn read<T>(&mut self, what: &str, result: Result<T>) -> Result<Option<T>> {
+        match result {
+            Ok(value) => {
+                if self.failing {
+                    self.failing = false;
+                    self.deadline = Instant::now() + self.limit;
+                    tracing::info!("etcd answers again ({what})");
+                }
+                self.backoff.reset();
+                Ok(Some(value))
+            }
+            Err(e) if e.is_transient_etcd() => {
+                if !self.failing {
+                    self.failing = true;
+                    tracing::warn!("{what}: {e}; waiting for etcd");
+                }
+                std::thread::sleep(self.backoff.next_delay());
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// Runs one member until the job's last step; returns the final `params_sha256` on the leader.
@@ -100,10 +167,10 @@ pub fn run_member(
     let local = listener.local_addr().map_err(|e| WorkerError::Rendezvous(e.to_string()))?;
     let addr = advertised_addr(local, options.advertise.as_deref())?;
     let _listener = serve(listener, shared.clone())?;
-    let session = Session::start(etcd.clone(), rank, options.ttl_seconds)?;
-    session.register(addr)?;
+    // Registration, like every etcd write, is retried in the background until etcd answers.
+    let session = Session::start(etcd.clone(), rank, options.ttl_seconds, addr)?;
     session.watch_generation(shared.clone());
-    tracing::info!(rank, %addr, "registered");
+    tracing::info!(rank, %addr, "registering");
 
     let result = member_loop(&config, &corpus, &store, &etcd, &session, &shared, options, &mut events);
     shared.stop.store(true, Ordering::SeqCst);
@@ -131,16 +198,18 @@ fn member_loop(
     let mut joined = 0u64;
     let mut before_update: Option<(u64, HostState)> = None;
     let mut saver = BackgroundSaver::new(store.clone());
+    // The checkpoint the previous generation restored from (retention keeps it).
+    let mut previous_restore: Option<u64> = None;
     loop {
         // Wait for a generation newer than the last one joined.
-        let deadline = Instant::now() + options.join_timeout;
+        let mut patience = Patience::new(options.join_timeout);
         let plan = loop {
-            if let Some(plan) = etcd.plan()?
+            if let Some(Some(plan)) = patience.read("reading the plan", etcd.plan())?
                 && plan.generation() > joined
             {
                 break plan;
             }
-            if Instant::now() >= deadline {
+            if patience.expired() {
                 return Err(WorkerError::Rendezvous(format!(
                     "no generation after {joined} within {:?}",
                     options.join_timeout
@@ -169,8 +238,26 @@ fn member_loop(
                     *guard = Some(Trainer::with_experts(config.clone(), corpus.clone(), Some(&mine))?);
                     before_update = None;
                 }
-                Restore::Checkpoint { step } => {
-                    let path = store.step_dir(step);
+                Restore::Checkpoint { step: wanted } => {
+                    // Every member reads the same directory, so all fall back to the same step.
+                    let (step, path) = store.verified_at_or_before(wanted)?.ok_or_else(|| {
+                        WorkerError::NoUsableCheckpoint {
+                            dir: store.dir().to_path_buf(),
+                            tried: store.list().map_or(0, |l| l.len()),
+                        }
+                    })?;
+                    if step != wanted {
+                        tracing::warn!(
+                            generation,
+                            wanted,
+                            step,
+                            "the checkpoint to restore is corrupt or missing; restoring the newest older one"
+                        );
+                    }
+                    // Neither this restore's checkpoint nor the previous one's may be deleted by
+                    // a save while a member may still read it.
+                    store.protect([step].into_iter().chain(previous_restore));
+                    previous_restore = Some(step);
                     match guard.as_mut().filter(|t| t.model().held_experts() == mine) {
                         // A member that keeps its experts restores into the memory it has:
                         // nothing to allocate, so the restore runs at the disk's speed.
@@ -238,16 +325,17 @@ fn member_loop(
             .ok()
             .and_then(|g| g.as_ref().map(|t| t.model().held_experts().len()))
             .unwrap_or(0);
-        session.ack(generation, my_step)?;
+        session.ack(generation, my_step);
 
         // The generation barrier: every member acknowledged.
-        let deadline = Instant::now() + options.join_timeout;
+        let mut patience = Patience::new(options.join_timeout);
         let acks = loop {
-            let acks = etcd.acks(generation)?;
-            if plan.members.iter().all(|r| acks.contains_key(r)) {
+            if let Some(acks) = patience.read("reading acknowledgements", etcd.acks(generation))?
+                && plan.members.iter().all(|r| acks.contains_key(r))
+            {
                 break Some(acks);
             }
-            if shared.seen_generation.load(Ordering::SeqCst) > generation || Instant::now() >= deadline {
+            if shared.seen_generation.load(Ordering::SeqCst) > generation || patience.expired() {
                 break None;
             }
             std::thread::sleep(POLL);
@@ -290,7 +378,26 @@ fn member_loop(
             experts: held,
         });
 
-        let addrs = etcd.members()?.into_iter().map(|(r, m)| (r, m.addr)).collect();
+        // Every member's address (a member re-registering after an outage is back shortly).
+        let mut patience = Patience::new(options.join_timeout);
+        let addrs = loop {
+            if let Some(members) = patience.read("reading member addresses", etcd.members())? {
+                let addrs: BTreeMap<u32, SocketAddr> =
+                    members.into_iter().map(|(r, m)| (r, m.addr)).collect();
+                if plan.members.iter().all(|r| addrs.contains_key(r)) {
+                    break Some(addrs);
+                }
+            }
+            if shared.seen_generation.load(Ordering::SeqCst) > generation || patience.expired() {
+                break None;
+            }
+            std::thread::sleep(POLL);
+        };
+        let Some(addrs) = addrs else {
+            let reason = "a member of the generation has no registered address";
+            events(MemberEvent::Aborted { generation, reason });
+            continue;
+        };
         let coll = match TcpCollective::connect(
             shared.clone(),
             generation,
@@ -308,7 +415,6 @@ fn member_loop(
         let routing = Arc::new(Routing::new(plan));
         let total = config.total_steps;
         let outcome: Result<Option<String>> = (|| {
-            let mut last_saved = None;
             loop {
                 let step =
                     shared.trainer.read().ok().and_then(|g| g.as_ref().map(Trainer::step)).unwrap_or(0);
@@ -318,11 +424,9 @@ fn member_loop(
                 let counters = traffic(shared);
                 let report = run_step(shared, &coll, &routing, &mut before_update)?;
                 events(MemberEvent::Step(&report));
-                if routing.plan.leader() == Some(rank)
-                    && let Err(e) = etcd.put_progress(report.step, report.loss)
-                {
-                    // The brain tolerates a late record; training must not stop for it.
-                    tracing::warn!(step = report.step, "cannot report progress: {e}");
+                if routing.plan.leader() == Some(rank) {
+                    // Buffered: the brain tolerates a late record, training never waits for etcd.
+                    session.report_progress(generation, report.step, report.loss);
                 }
                 let after = traffic(shared);
                 events(MemberEvent::Traffic {
@@ -330,29 +434,24 @@ fn member_loop(
                     collective_bytes: after.1 - counters.1,
                     expert_payload_bytes: after.2 - counters.2,
                 });
-                if report.step % options.checkpoint_every.max(1) == 0 || report.step == total {
-                    if let Some(gathered) = gather_checkpoint(shared, &coll, &routing)?
-                        && let Some(done) = saver.submit(gathered.snapshot)?
-                    {
-                        committed(etcd, &done, events);
+                // The last step's checkpoint is written below, in the foreground.
+                if report.step % options.checkpoint_every.max(1) == 0 && report.step < total {
+                    if let Some(gathered) = gather_checkpoint(shared, &coll, &routing)? {
+                        let previous = saver.submit(gathered.snapshot)?;
+                        settle(session, generation, previous, events);
                     }
-                    last_saved = Some(report.step);
-                } else if let Some(done) = saver.poll()? {
-                    committed(etcd, &done, events);
+                } else {
+                    settle(session, generation, saver.poll(), events);
                 }
             }
             // The end: every member has the final state; the leader writes and reports it.
             let step = shared.trainer.read().ok().and_then(|g| g.as_ref().map(Trainer::step)).unwrap_or(0);
-            if last_saved != Some(step)
-                && let Some(gathered) = gather_checkpoint(shared, &coll, &routing)?
-                && let Some(done) = saver.submit(gathered.snapshot)?
-            {
-                committed(etcd, &done, events);
+            let last = gather_checkpoint(shared, &coll, &routing)?;
+            settle(session, generation, saver.wait(), events);
+            if let Some(gathered) = last {
+                save_final(store, session, generation, &gathered.snapshot, events)?;
             }
             let mut digest = None;
-            if let Some(done) = saver.wait()? {
-                committed(etcd, &done, events);
-            }
             if routing.plan.leader() == Some(rank) {
                 let newest = store.list()?.into_iter().find(|(_, _, committed)| *committed);
                 if let Some((s, path, _)) = newest
@@ -363,6 +462,11 @@ fn member_loop(
             }
             // Everyone waits for the leader's commit before leaving (a final barrier).
             coll.exchange(step, 5, BTreeMap::new())?;
+            if !session.flush(FLUSH_LIMIT) {
+                tracing::warn!(
+                    "etcd did not take the last progress and checkpoint records within {FLUSH_LIMIT:?}"
+                );
+            }
             Ok(digest)
         })();
         match outcome {
@@ -417,18 +521,66 @@ pub fn in_memory_change(held: &[ExpertId], mine: &[ExpertId]) -> InMemoryChange 
     if dropped.is_empty() { InMemoryChange::Same } else { InMemoryChange::Drop(dropped) }
 }
 
-/// Reports a committed checkpoint: its record in etcd for the recovery brain, the deletion of
-/// the records of the checkpoints retention removed, then the event. A failed write is logged,
-/// never fatal: the brain tolerates a late record, and training must not stop for it.
-fn committed(etcd: &Etcd, done: &SaveReport, events: &mut impl FnMut(MemberEvent<'_>)) {
-    if let Err(e) = etcd.put_checkpoint(done.step, &done.path) {
-        tracing::warn!(step = done.step, "cannot record the committed checkpoint: {e}");
+/// Reports how a background save ended: a commit is recorded for the recovery brain; a failure
+/// (the save removed what it wrote) is reported and training goes on.
+fn settle(
+    session: &Session,
+    generation: u64,
+    outcome: Option<SaveOutcome>,
+    events: &mut impl FnMut(MemberEvent<'_>),
+) {
+    match outcome {
+        None => {}
+        Some(SaveOutcome::Committed(done)) => committed(session, generation, &done, events),
+        Some(SaveOutcome::Failed { step, error }) => {
+            tracing::error!(step, "checkpoint save failed; training continues: {error}");
+            events(MemberEvent::SaveFailed { step, error: &error });
+        }
     }
+}
+
+/// Writes the checkpoint the job ends on, retrying a failed save ([`FINAL_SAVE_ATTEMPTS`] in
+/// all): without it the job has no final state to report.
+fn save_final(
+    store: &CheckpointStore,
+    session: &Session,
+    generation: u64,
+    snapshot: &crate::checkpoint::TrainingSnapshot,
+    events: &mut impl FnMut(MemberEvent<'_>),
+) -> Result<()> {
+    let mut attempt = 1;
+    loop {
+        match store.save(snapshot) {
+            Ok(done) => {
+                committed(session, generation, &done, events);
+                return Ok(());
+            }
+            Err(error) => {
+                tracing::error!(step = snapshot.step, attempt, "final checkpoint save failed: {error}");
+                events(MemberEvent::SaveFailed { step: snapshot.step, error: &error });
+                if attempt >= FINAL_SAVE_ATTEMPTS {
+                    return Err(error);
+                }
+            }
+        }
+        attempt += 1;
+        std::thread::sleep(FINAL_SAVE_PAUSE);
+    }
+}
+
+/// Reports a committed checkpoint: its record for the recovery brain, the deletion of the
+/// records of the checkpoints retention removed (both buffered: the brain tolerates a late
+/// record, and training never waits for etcd), then the event.
+fn committed(
+    session: &Session,
+    generation: u64,
+    done: &SaveReport,
+    events: &mut impl FnMut(MemberEvent<'_>),
+) {
+    session.record_checkpoint(generation, done.step, &done.path);
     for step in done.removed.iter().filter_map(|p| CheckpointStore::step_of(p)) {
-        if step != done.step
-            && let Err(e) = etcd.delete_checkpoint(step)
-        {
-            tracing::warn!(step, "cannot delete the record of a removed checkpoint: {e}");
+        if step != done.step {
+            session.forget_checkpoint(step);
         }
     }
     events(MemberEvent::Committed(done));

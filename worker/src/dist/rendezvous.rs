@@ -10,14 +10,17 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, PutOptions, TlsOptions};
+use etcd_client::{
+    Certificate, Client, ConnectOptions, GetOptions, Identity, PutOptions, TlsOptions, Txn, TxnOp,
+};
 use ninelives_core::keyspace::JobKeys;
 use ninelives_core::recovery::{CheckpointRecord, ProgressRecord};
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 
 use super::state::Shared;
 use crate::error::{Result, WorkerError};
@@ -46,19 +49,64 @@ pub struct MemberRecord {
 pub struct Ack {
     /// Updates the member has applied.
     pub step: u64,
+    /// The generation acknowledged (also in the key; absent in values written before it was
+    /// added).
+    #[serde(default)]
+    pub generation: u64,
 }
 
-fn etcd_err(op: &str) -> impl Fn(etcd_client::Error) -> WorkerError + '_ {
-    move |e| WorkerError::Rendezvous(format!("etcd {op}: {e}"))
+/// A member's write for the recovery brain (core's [`ProgressRecord`] or [`CheckpointRecord`])
+/// stamped with the generation it was made in: a buffered write replayed after a newer
+/// generation was published is recognisably stale. Serialized flat, so core's record types
+/// (which ignore fields they do not know) read it unchanged.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Stamped<T> {
+    /// The record.
+    #[serde(flatten)]
+    pub record: T,
+    /// Generation the member was in when it wrote the record.
+    pub generation: u64,
+}
+
+/// gRPC codes after which the same request can never succeed (InvalidArgument, NotFound,
+/// AlreadyExists, PermissionDenied, FailedPrecondition, OutOfRange, Unimplemented,
+/// Unauthenticated); every other failure (unreachable, paused, no leader, timed out) may pass.
+const PERMANENT_GRPC_CODES: [i32; 8] = [3, 5, 6, 7, 9, 11, 12, 16];
+
+fn etcd_err(op: &'static str) -> impl Fn(etcd_client::Error) -> WorkerError {
+    move |e| {
+        let transient = match &e {
+            etcd_client::Error::GRpcStatus(status) => {
+                !PERMANENT_GRPC_CODES.contains(&i32::from(status.code()))
+            }
+            etcd_client::Error::IoError(_)
+            | etcd_client::Error::TransportError(_)
+            | etcd_client::Error::LeaseKeepAliveError(_)
+            | etcd_client::Error::WatchError(_) => true,
+            _ => false,
+        };
+        WorkerError::Etcd { op, reason: e.to_string(), transient }
+    }
 }
 
 async fn within<T>(
-    op: &str,
+    op: &'static str,
     fut: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
 ) -> Result<T> {
-    match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+    within_for(op, REQUEST_TIMEOUT, fut).await
+}
+
+/// Every etcd request has a deadline: a paused or partitioned etcd costs at most `limit`.
+async fn within_for<T>(
+    op: &'static str,
+    limit: Duration,
+    fut: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, fut).await {
         Ok(r) => r.map_err(etcd_err(op)),
-        Err(_) => Err(WorkerError::Rendezvous(format!("etcd {op} timed out after {REQUEST_TIMEOUT:?}"))),
+        Err(_) => {
+            Err(WorkerError::Etcd { op, reason: format!("no answer within {limit:?}"), transient: true })
+        }
     }
 }
 
@@ -183,13 +231,6 @@ impl Etcd {
         }
     }
 
-    /// Reports the last completed step and its loss at `progress`.
-    pub fn put_progress(&self, step: u64, loss: f64) -> Result<()> {
-        let record = ProgressRecord { step, loss: Some(loss) };
-        let value = serde_json::to_vec(&record).map_err(|e| WorkerError::Rendezvous(e.to_string()))?;
-        self.put(&self.keys.progress(), value, None)
-    }
-
     /// The reported progress, if any (a value that does not parse is an error).
     pub fn progress(&self) -> Result<Option<ProgressRecord>> {
         let key = self.keys.progress();
@@ -199,18 +240,6 @@ impl Etcd {
                 .map(Some)
                 .map_err(|e| WorkerError::Rendezvous(format!("malformed value at {key}: {e}"))),
         }
-    }
-
-    /// Records the checkpoint committed at `step` in `location` under `checkpoints/<step>`.
-    pub fn put_checkpoint(&self, step: u64, location: &Path) -> Result<()> {
-        let record = CheckpointRecord { step, location: Some(location.display().to_string()) };
-        let value = serde_json::to_vec(&record).map_err(|e| WorkerError::Rendezvous(e.to_string()))?;
-        self.put(&self.keys.checkpoint(step), value, None)
-    }
-
-    /// Deletes the record of the checkpoint of `step` (retention removed it).
-    pub fn delete_checkpoint(&self, step: u64) -> Result<()> {
-        self.delete(&self.keys.checkpoint(step), false)
     }
 
     /// Checkpoint records by step (malformed values, or a step differing from the key's, are
@@ -261,58 +290,211 @@ impl Etcd {
     }
 }
 
-/// One member's session: its lease (kept alive in the background) and registration.
+/// Shortest pause before trying etcd again after a failure.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest pause between attempts: an outage of any length is retried at least this often.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Most buffered writes sent in one transaction (etcd allows 128 operations by default).
+const MAX_OPS_PER_TXN: usize = 64;
+/// How often an idle writer re-checks whether the session ended.
+const IDLE_PERIOD: Duration = Duration::from_millis(500);
+
+/// Exponential backoff with jitter: each pause is drawn uniformly from the upper half of the
+/// current bound, which doubles up to its cap. The jitter keeps thousands of members that lost
+/// etcd at the same moment from coming back at the same moment.
+#[derive(Debug)]
+pub struct Backoff {
+    current: Duration,
+    min: Duration,
+    max: Duration,
+    seed: std::hash::RandomState,
+    draws: u64,
+}
+
+impl Backoff {
+    /// Pauses from `min` (after a success) growing to `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self { current: min, min, max: max.max(min), seed: std::hash::RandomState::new(), draws: 0 }
+    }
+
+    /// After a success: the next failure waits the shortest pause again.
+    pub fn reset(&mut self) {
+        self.current = self.min;
+    }
+
+    /// The next pause, in `[bound / 2, bound]`; the bound then doubles (up to the cap).
+    pub fn next_delay(&mut self) -> Duration {
+        use std::hash::BuildHasher;
+        let bound = self.current;
+        self.current = bound.saturating_mul(2).min(self.max);
+        self.draws += 1;
+        // 53 random bits as a fraction in [0, 1).
+        let fraction = (self.seed.hash_one(self.draws) >> 11) as f64 / (1u64 << 53) as f64;
+        bound.mul_f64(0.5 + 0.5 * fraction)
+    }
+}
+
+/// Which key a buffered write goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Slot {
+    /// `acks/<generation>/<rank>`.
+    Ack(u64),
+    /// `checkpoints/<step>`.
+    Checkpoint(u64),
+    /// `progress`.
+    Progress,
+}
+
+/// Writes for the recovery brain that are not in etcd yet, latest wins per key: only the newest
+/// progress matters, and a checkpoint record's put and delete supersede each other.
+#[derive(Debug, Default)]
+struct Outbox {
+    /// By key: `Some(value)` to put, `None` to delete.
+    pending: BTreeMap<Slot, Option<Vec<u8>>>,
+    /// A batch is being written (so [`Session::flush`] waits for it).
+    in_flight: bool,
+}
+
+impl Outbox {
+    /// Takes up to `limit` writes, acknowledgements first (members wait on them).
+    fn take(&mut self, limit: usize) -> Vec<(Slot, Option<Vec<u8>>)> {
+        let slots: Vec<Slot> = self.pending.keys().take(limit).copied().collect();
+        let batch: Vec<_> =
+            slots.into_iter().filter_map(|s| self.pending.remove(&s).map(|v| (s, v))).collect();
+        self.in_flight = !batch.is_empty();
+        batch
+    }
+
+    /// Puts back a batch that failed, except where a newer write to the same key was queued.
+    fn put_back(&mut self, batch: Vec<(Slot, Option<Vec<u8>>)>) {
+        for (slot, value) in batch {
+            self.pending.entry(slot).or_insert(value);
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.pending.is_empty() && !self.in_flight
+    }
+}
+
+/// One member's session with etcd: its registration under a lease that is kept alive and, once
+/// lost (an etcd outage longer than the TTL, a revoked lease, a failed-over endpoint), granted
+/// anew with the key put back; and the writes it buffers for the recovery brain. Nothing here
+/// blocks training: every write is queued and delivered by a background task that retries with
+/// backoff until etcd answers.
 pub struct Session {
     etcd: Arc<Etcd>,
     rank: u32,
-    lease: i64,
+    lease: Arc<AtomicI64>,
+    registrations: Arc<AtomicU64>,
+    outbox: Arc<Mutex<Outbox>>,
+    wake: Arc<Notify>,
+    stop: Arc<AtomicBool>,
 }
 
 impl Session {
-    /// Grants a lease of `ttl` seconds and keeps it alive every `ttl / 3`.
-    pub fn start(etcd: Arc<Etcd>, rank: u32, ttl: i64) -> Result<Self> {
-        let mut c = etcd.client.clone();
-        let lease = etcd.rt.block_on(within("lease-grant", c.lease_grant(ttl.max(1), None)))?.id();
-        let period = Duration::from_secs_f64(ttl.max(1) as f64 / 3.0);
-        let mut c = etcd.client.clone();
-        etcd.rt.spawn(async move {
-            let Ok(Ok((mut keeper, mut stream))) =
-                tokio::time::timeout(REQUEST_TIMEOUT, c.lease_keep_alive(lease)).await
-            else {
-                tracing::error!("cannot keep lease {lease} alive");
-                return;
-            };
-            loop {
-                if keeper.keep_alive().await.is_err() {
-                    tracing::warn!("lease keep-alive failed");
-                }
-                match tokio::time::timeout(REQUEST_TIMEOUT, stream.message()).await {
-                    Ok(Ok(Some(r))) if r.ttl() > 0 => {}
-                    _ => {
-                        tracing::error!("lease {lease} lost; membership will expire");
-                        return;
-                    }
-                }
-                tokio::time::sleep(period).await;
-            }
-        });
-        Ok(Self { etcd, rank, lease })
-    }
-
-    /// Publishes this member's address under its lease.
-    pub fn register(&self, addr: SocketAddr) -> Result<()> {
-        let record = MemberRecord { rank: self.rank, addr, pid: std::process::id() };
+    /// Registers `addr` as `members/<rank>` under a lease of `ttl` seconds and starts the
+    /// background tasks. Returns at once: registration is retried like every other write.
+    pub fn start(etcd: Arc<Etcd>, rank: u32, ttl: i64, addr: SocketAddr) -> Result<Self> {
+        let record = MemberRecord { rank, addr, pid: std::process::id() };
         let value = serde_json::to_vec(&record).map_err(|e| WorkerError::Rendezvous(e.to_string()))?;
-        self.etcd.put(&self.etcd.keys.member(self.rank), value, Some(self.lease))
+        let session = Self {
+            etcd: etcd.clone(),
+            rank,
+            lease: Arc::new(AtomicI64::new(0)),
+            registrations: Arc::new(AtomicU64::new(0)),
+            outbox: Arc::new(Mutex::new(Outbox::default())),
+            wake: Arc::new(Notify::new()),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let registration = Registration {
+            client: etcd.client.clone(),
+            key: etcd.keys.member(rank),
+            value,
+            ttl: ttl.max(1),
+            lease: session.lease.clone(),
+            registrations: session.registrations.clone(),
+            stop: session.stop.clone(),
+        };
+        etcd.rt.spawn(registration.run());
+        let writer = Writer {
+            client: etcd.client.clone(),
+            keys: etcd.keys.clone(),
+            rank,
+            outbox: session.outbox.clone(),
+            wake: session.wake.clone(),
+            stop: session.stop.clone(),
+        };
+        etcd.rt.spawn(writer.run());
+        Ok(session)
     }
 
-    /// Acknowledges joining `generation` at `step`.
-    pub fn ack(&self, generation: u64, step: u64) -> Result<()> {
-        let value = serde_json::to_vec(&Ack { step }).map_err(|e| WorkerError::Rendezvous(e.to_string()))?;
-        self.etcd.put(&self.etcd.keys.ack(generation, &self.rank.to_string()), value, None)
+    /// How many times `members/<rank>` was written (1 after the first registration; more after
+    /// each recovery from a lost lease or an etcd error).
+    pub fn registrations(&self) -> u64 {
+        self.registrations.load(Ordering::SeqCst)
     }
 
-    /// Polls the plan's generation into `shared.seen_generation` until the process stops.
+    /// The lease currently held, if one was granted.
+    pub fn lease(&self) -> Option<i64> {
+        Some(self.lease.load(Ordering::SeqCst)).filter(|&l| l != 0)
+    }
+
+    fn queue(&self, slot: Slot, value: Option<Vec<u8>>) {
+        if let Ok(mut outbox) = self.outbox.lock() {
+            outbox.pending.insert(slot, value);
+        }
+        self.wake.notify_one();
+    }
+
+    fn queue_json(&self, slot: Slot, value: &impl Serialize) {
+        match serde_json::to_vec(value) {
+            Ok(bytes) => self.queue(slot, Some(bytes)),
+            Err(e) => tracing::warn!(?slot, "cannot encode a record for etcd: {e}"),
+        }
+    }
+
+    /// Reports the last completed step of `generation` and its loss at `progress` (buffered;
+    /// only the newest report is kept).
+    pub fn report_progress(&self, generation: u64, step: u64, loss: f64) {
+        let record = ProgressRecord { step, loss: Some(loss) };
+        self.queue_json(Slot::Progress, &Stamped { record, generation });
+    }
+
+    /// Records the checkpoint committed at `step` in `location`, under `checkpoints/<step>`
+    /// (buffered).
+    pub fn record_checkpoint(&self, generation: u64, step: u64, location: &Path) {
+        let record = CheckpointRecord { step, location: Some(location.display().to_string()) };
+        self.queue_json(Slot::Checkpoint(step), &Stamped { record, generation });
+    }
+
+    /// Deletes the record of the checkpoint of `step` (retention removed it; buffered).
+    pub fn forget_checkpoint(&self, step: u64) {
+        self.queue(Slot::Checkpoint(step), None);
+    }
+
+    /// Acknowledges joining `generation` at `step` (buffered: the generation barrier waits until
+    /// every member's acknowledgement is in etcd).
+    pub fn ack(&self, generation: u64, step: u64) {
+        self.queue_json(Slot::Ack(generation), &Ack { step, generation });
+    }
+
+    /// Waits up to `limit` for every buffered write to reach etcd; whether they all did.
+    pub fn flush(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.outbox.lock().map_or(true, |o| o.is_idle()) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Polls the plan's generation into `shared.seen_generation` until the process stops. A
+    /// failed read is retried at the next period: the watcher outlives any outage.
     pub fn watch_generation(&self, shared: Arc<Shared>) {
         let mut c = self.etcd.client.clone();
         let key = self.etcd.keys.placement();
@@ -322,7 +504,7 @@ impl Session {
                 generation: u64,
             }
             while !shared.stop.load(Ordering::SeqCst) {
-                if let Ok(Ok(resp)) = tokio::time::timeout(REQUEST_TIMEOUT, c.get(key.as_str(), None)).await
+                if let Ok(resp) = within("get", c.get(key.as_str(), None)).await
                     && let Some(kv) = resp.kvs().first()
                     && let Ok(h) = serde_json::from_slice::<Header>(kv.value())
                 {
@@ -333,11 +515,270 @@ impl Session {
         });
     }
 
-    /// Leaves at once (revokes the lease, deleting the membership key).
+    /// Leaves at once: stops re-registering and revokes the lease, deleting the membership key.
     pub fn leave(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let Some(lease) = self.lease() else { return };
         let mut c = self.etcd.client.clone();
-        if let Err(e) = self.etcd.rt.block_on(within("lease-revoke", c.lease_revoke(self.lease))) {
-            tracing::warn!("{e}");
+        if let Err(e) = self.etcd.rt.block_on(within("lease-revoke", c.lease_revoke(lease))) {
+            tracing::warn!(rank = self.rank, "{e}");
         }
+    }
+}
+
+impl Drop for Session {
+    /// The tasks stop; the membership key stays until its lease expires (a finished member is
+    /// not a lost one).
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+}
+
+/// The task that keeps `members/<rank>` in etcd.
+struct Registration {
+    client: Client,
+    key: String,
+    value: Vec<u8>,
+    ttl: i64,
+    lease: Arc<AtomicI64>,
+    registrations: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+/// Why keeping a lease alive ended.
+enum KeepAlive {
+    /// The session ended.
+    Stopped,
+    /// etcd says the lease is gone (it expired during an outage, or was revoked).
+    Expired,
+    /// etcd did not answer, or the stream broke (the lease may still exist).
+    Failed(WorkerError),
+}
+
+impl Registration {
+    async fn run(mut self) {
+        let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
+        let mut current: Option<i64> = None;
+        while !self.stop.load(Ordering::SeqCst) {
+            let lease = match current {
+                Some(lease) => lease,
+                None => match within("lease-grant", self.client.lease_grant(self.ttl, None)).await {
+                    Ok(granted) => granted.id(),
+                    Err(e) => {
+                        tracing::warn!("cannot grant the membership lease ({e}); retrying");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                        continue;
+                    }
+                },
+            };
+            current = Some(lease);
+            self.lease.store(lease, Ordering::SeqCst);
+            let put = PutOptions::new().with_lease(lease);
+            if let Err(e) =
+                within("put", self.client.put(self.key.as_str(), self.value.clone(), Some(put))).await
+            {
+                if !e.is_transient_etcd() {
+                    current = None; // "lease not found": it expired; take a new one
+                }
+                tracing::warn!("cannot register at {} ({e}); retrying", self.key);
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                // Left while registering: take the key back out.
+                let _ = within("lease-revoke", self.client.lease_revoke(lease)).await;
+                return;
+            }
+            if self.registrations.fetch_add(1, Ordering::SeqCst) > 0 {
+                tracing::info!(key = %self.key, lease, "re-registered");
+            }
+            backoff.reset();
+            match self.keep_alive(lease).await {
+                KeepAlive::Stopped => return,
+                KeepAlive::Expired => {
+                    tracing::warn!(lease, "membership lease expired; granting a new one and re-registering");
+                    current = None;
+                }
+                KeepAlive::Failed(e) => {
+                    tracing::warn!(lease, "keeping the membership lease alive failed ({e}); re-registering");
+                }
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    }
+
+    /// Renews `lease` every `ttl / 3` until it is lost, etcd fails, or the session ends.
+    async fn keep_alive(&mut self, lease: i64) -> KeepAlive {
+        let period = Duration::from_secs_f64(self.ttl as f64 / 3.0);
+        // An answer later than the TTL is no better than none.
+        let limit = REQUEST_TIMEOUT.min(Duration::from_secs(self.ttl.unsigned_abs()));
+        let (mut keeper, mut stream) =
+            match within_for("lease-keepalive", limit, self.client.lease_keep_alive(lease)).await {
+                Ok(pair) => pair,
+                Err(e) => return KeepAlive::Failed(e),
+            };
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return KeepAlive::Stopped;
+            }
+            if let Err(e) = within_for("lease-keepalive", limit, keeper.keep_alive()).await {
+                return KeepAlive::Failed(e);
+            }
+            match within_for("lease-keepalive", limit, stream.message()).await {
+                Ok(Some(r)) if r.ttl() > 0 => {}
+                Ok(Some(_)) => return KeepAlive::Expired,
+                Ok(None) => {
+                    let reason = "the keep-alive stream ended".into();
+                    return KeepAlive::Failed(WorkerError::Etcd {
+                        op: "lease-keepalive",
+                        reason,
+                        transient: true,
+                    });
+                }
+                Err(e) => return KeepAlive::Failed(e),
+            }
+            tokio::time::sleep(period).await;
+        }
+    }
+}
+
+/// The task that delivers a session's buffered writes.
+struct Writer {
+    client: Client,
+    keys: JobKeys,
+    rank: u32,
+    outbox: Arc<Mutex<Outbox>>,
+    wake: Arc<Notify>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Writer {
+    fn key(&self, slot: Slot) -> String {
+        match slot {
+            Slot::Ack(generation) => self.keys.ack(generation, &self.rank.to_string()),
+            Slot::Checkpoint(step) => self.keys.checkpoint(step),
+            Slot::Progress => self.keys.progress(),
+        }
+    }
+
+    async fn run(mut self) {
+        let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
+        let mut failing_since: Option<Instant> = None;
+        loop {
+            let batch = match self.outbox.lock() {
+                Ok(mut outbox) => outbox.take(MAX_OPS_PER_TXN),
+                Err(_) => return,
+            };
+            if batch.is_empty() {
+                if self.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let _ = tokio::time::timeout(IDLE_PERIOD, self.wake.notified()).await;
+                continue;
+            }
+            let ops: Vec<TxnOp> = batch
+                .iter()
+                .map(|(slot, value)| match value {
+                    Some(v) => TxnOp::put(self.key(*slot), v.clone(), None),
+                    None => TxnOp::delete(self.key(*slot), None),
+                })
+                .collect();
+            let result = within("txn", self.client.txn(Txn::new().and_then(ops))).await;
+            let failed = match (result, self.outbox.lock()) {
+                (Ok(_), Ok(mut outbox)) => {
+                    outbox.in_flight = false;
+                    None
+                }
+                (Err(e), Ok(mut outbox)) => {
+                    outbox.in_flight = false;
+                    outbox.put_back(batch);
+                    Some(e)
+                }
+                (_, Err(_)) => return,
+            };
+            match failed {
+                None => {
+                    if let Some(since) = failing_since.take() {
+                        tracing::info!(
+                            "etcd answers again; buffered writes delivered after {:?}",
+                            since.elapsed()
+                        );
+                    }
+                    backoff.reset();
+                }
+                Some(e) => {
+                    if failing_since.is_none() {
+                        failing_since = Some(Instant::now());
+                        tracing::warn!(
+                            "cannot write to etcd ({e}); progress, checkpoint records and acknowledgements are buffered"
+                        );
+                    }
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
+        let delays: Vec<Duration> = (0..6).map(|_| b.next_delay()).collect();
+        for (d, bound) in delays.iter().zip([100u64, 200, 400, 800, 800, 800]) {
+            let bound = Duration::from_millis(bound);
+            assert!(*d >= bound / 2 && *d <= bound, "{d:?} outside [{:?}, {bound:?}]", bound / 2);
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+        let spread: std::collections::BTreeSet<Duration> = (0..20)
+            .map(|_| {
+                b.reset();
+                b.next_delay()
+            })
+            .collect();
+        assert!(spread.len() > 1, "jittered");
+    }
+
+    #[test]
+    fn the_outbox_keeps_the_newest_write_per_key_and_acks_go_first() {
+        let mut o = Outbox::default();
+        o.pending.insert(Slot::Progress, Some(b"1".to_vec()));
+        o.pending.insert(Slot::Checkpoint(4), Some(b"c4".to_vec()));
+        o.pending.insert(Slot::Ack(2), Some(b"a2".to_vec()));
+        let batch = o.take(2);
+        assert_eq!(batch.iter().map(|b| b.0).collect::<Vec<_>>(), [Slot::Ack(2), Slot::Checkpoint(4)]);
+        assert!(!o.is_idle());
+        // While the batch is in flight, retention deletes checkpoint 4's record.
+        o.pending.insert(Slot::Checkpoint(4), None);
+        o.put_back(batch); // the batch failed
+        o.in_flight = false;
+        assert_eq!(o.pending[&Slot::Checkpoint(4)], None, "the newer delete wins over the failed put");
+        assert_eq!(o.pending[&Slot::Ack(2)], Some(b"a2".to_vec()), "a failed write is retried");
+        assert_eq!(o.take(10).len(), 3);
+    }
+
+    #[test]
+    fn stamped_records_read_as_core_records() {
+        let stamped = Stamped { record: ProgressRecord { step: 7, loss: Some(1.5) }, generation: 3 };
+        let bytes = serde_json::to_vec(&stamped).unwrap();
+        let plain: ProgressRecord = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(plain, stamped.record);
+        assert_eq!(serde_json::from_slice::<Stamped<ProgressRecord>>(&bytes).unwrap(), stamped);
+        let ck = Stamped {
+            record: CheckpointRecord { step: 4, location: Some("/c/step-4".into()) },
+            generation: 2,
+        };
+        let plain: CheckpointRecord = serde_json::from_slice(&serde_json::to_vec(&ck).unwrap()).unwrap();
+        assert_eq!(plain, ck.record);
+        let ack: ninelives_core::recovery::MemberAck =
+            serde_json::from_slice(&serde_json::to_vec(&Ack { step: 5, generation: 9 }).unwrap()).unwrap();
+        assert_eq!(ack.step, 5);
+        assert_eq!(serde_json::from_slice::<Ack>(br#"{"step":5}"#).unwrap(), Ack { step: 5, generation: 0 });
     }
 }

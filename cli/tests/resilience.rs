@@ -1,0 +1,637 @@
+//! Members of an expert-parallel job (real `ninelives worker train --rank` processes, a real
+//! etcd, real TCP) through control-plane and worker faults (issue 19), without a control loop:
+//! the test publishes the first generation and checks what the members do on their own.
+//!
+//! - etcd paused (SIGSTOP) for 15 s mid-run: members keep stepping, re-register under new
+//!   leases once etcd is back, and end bit-identical to one process;
+//! - one member of a 3-member etcd cluster killed mid-run: members fail over to the others;
+//! - one worker paused (SIGSTOP) for less than the step timeout: no step is abandoned;
+//! - the checkpoint filesystem (a small tmpfs; mounting needs root/CAP_SYS_ADMIN) is full for a
+//!   save: the save fails and is cleaned up, training goes on, the next save commits.
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ninelives_core::generation::{Restore, initial_plan, worker_shape};
+use ninelives_core::keyspace::{JobKeys, Keyspace};
+use ninelives_core::placement::PlacementShape;
+use ninelives_core::recovery::ProgressRecord;
+use ninelives_testkit::EtcdServer;
+use ninelives_worker::dist::auth::JobKey;
+use ninelives_worker::dist::rendezvous::{Etcd, Stamped};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ninelives");
+/// The step timeout the members run with.
+const STEP_TIMEOUT_SECONDS: u64 = 20;
+
+/// A small MoE (2 layers × 4 routed experts), `nodes` one-chip nodes, checkpoints every
+/// `interval` steps.
+fn manifest(dir: &Path, name: &str, nodes: u32, steps: u64, interval: u64) -> String {
+    let text = format!(
+        r#"apiVersion: ninelives.io/v1alpha1
+kind: TrainingJob
+metadata:
+  name: {name}
+spec:
+  model:
+    layers: 2
+    hiddenSize: 64
+    heads: 2
+    vocabSize: 256
+    routedExperts: 4
+    zeroExperts: 1
+    topK: 2
+    expertFfnSize: 64
+    seqLen: 32
+  topology:
+    nodes: {nodes}
+    chipsPerNode: 1
+    chipMemory: 1Gi
+  parallelism:
+    expertParallelSize: {nodes}
+  data:
+    datasets: [/usr/share/common-licenses]
+    globalBatchSize: 8
+    microBatchSize: 2
+    seed: 7
+  training:
+    steps: {steps}
+    learningRate:
+      peak: 0.003
+      min: 0.0003
+      warmupSteps: 2
+      schedule: cosine
+    adamw:
+      beta1: 0.9
+      beta2: 0.95
+      epsilon: 1.0e-8
+      weightDecay: 0.1
+    gradClip: 1.0
+  checkpoint:
+    path: {ckpt}
+    intervalSteps: {interval}
+    keepLast: 3
+  failurePolicy:
+    heartbeatTtlSeconds: 3
+    maxRecoveries: 20
+    minHealthyFraction: 0.5
+    allowedTiers: [reroute, reshard, restore, replace]
+    recoveryTimeoutSeconds: 60
+"#,
+        ckpt = dir.join("overridden").display()
+    );
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+fn job_keys(name: &str) -> JobKeys {
+    Keyspace::default().job("default", name)
+}
+
+fn digest_of(stdout: &str) -> String {
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("params_sha256="))
+        .unwrap_or_else(|| panic!("no digest in:\n{stdout}"));
+    line["params_sha256=".len()..].to_string()
+}
+
+/// One process's digest after the manifest's steps: the uninterrupted reference.
+fn single(manifest: &str, checkpoints: &Path) -> String {
+    let out = Command::new(BIN)
+        .args(["worker", "train", manifest, "--threads", "1"])
+        .arg("--checkpoint-dir")
+        .arg(checkpoints)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    digest_of(&stdout)
+}
+
+/// One member process, its stdout lines with arrival times, its stderr in a file.
+struct Member {
+    rank: u32,
+    child: Child,
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
+    log: PathBuf,
+}
+
+impl Member {
+    fn spawn(
+        manifest: &str,
+        rank: u32,
+        endpoints: &[String],
+        checkpoints: &Path,
+        key: &Path,
+        dir: &Path,
+    ) -> Self {
+        let log = dir.join(format!("rank-{rank}.log"));
+        let mut child = Command::new(BIN)
+            .args(["worker", "train", manifest, "--rank", &rank.to_string(), "--threads", "1"])
+            .arg("--etcd")
+            .arg(endpoints.join(","))
+            .arg("--checkpoint-dir")
+            .arg(checkpoints)
+            .arg("--job-key-file")
+            .arg(key)
+            .args(["--step-timeout-seconds", &STEP_TIMEOUT_SECONDS.to_string()])
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push((Instant::now(), line));
+            }
+        });
+        Self { rank, child, lines, log }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The newest completed step reported.
+    fn step(&self) -> u64 {
+        self.lines.lock().unwrap().iter().rev().find_map(|(_, l)| step_of(l)).unwrap_or(0)
+    }
+
+    /// Steps completed in `[from, to)`.
+    fn steps_between(&self, from: Instant, to: Instant) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(at, l)| *at >= from && *at < to && step_of(l).is_some())
+            .count()
+    }
+
+    fn text(&self) -> String {
+        let lines = self.lines.lock().unwrap();
+        lines.iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>().join("\n")
+    }
+
+    fn report(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
+        format!(
+            "--- rank {} stdout:\n{}\n--- rank {} log tail:\n{}",
+            self.rank,
+            self.text(),
+            self.rank,
+            tail.join("\n")
+        )
+    }
+
+    /// Waits (bounded) until the member reported `step`.
+    fn wait_step(&self, step: u64, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.step() < step {
+            assert!(
+                Instant::now() < deadline,
+                "rank {} not at step {step} within {limit:?}\n{}",
+                self.rank,
+                self.report()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (bounded) for a stdout line matching `pred`.
+    fn wait_line(&self, what: &str, limit: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(line) = self.lines.lock().unwrap().iter().map(|(_, l)| l).find(|l| pred(l)) {
+                return line.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rank {}: no {what} within {limit:?}\n{}",
+                self.rank,
+                self.report()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (bounded) for the process to exit successfully; returns its stdout.
+    fn finish(&mut self, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100)); // the reader drains the pipe
+                assert!(status.success(), "rank {} failed ({status})\n{}", self.rank, self.report());
+                return self.text();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rank {} still running after {limit:?}\n{}",
+                self.rank,
+                self.report()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn step_of(line: &str) -> Option<u64> {
+    line.strip_prefix("step=")?.split_whitespace().next()?.parse().ok()
+}
+
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
+    assert!(status.success(), "kill {sig} {pid}");
+}
+
+/// A job of `nodes` members: its key file, the members, and the first generation published.
+struct Job {
+    name: String,
+    members: Vec<Member>,
+}
+
+impl Job {
+    fn start(
+        manifest: &str,
+        name: &str,
+        nodes: u32,
+        endpoints: &[String],
+        checkpoints: &Path,
+        dir: &Path,
+    ) -> Self {
+        let key = dir.join(format!("{name}.key"));
+        JobKey::create_file(&key).unwrap();
+        let keys = job_keys(name);
+        let etcd = Etcd::connect(endpoints, keys.clone()).unwrap();
+        etcd.delete(keys.root(), true).unwrap();
+        let members: Vec<Member> =
+            (0..nodes).map(|rank| Member::spawn(manifest, rank, endpoints, checkpoints, &key, dir)).collect();
+        // What the control loop would publish first (the members wait for it).
+        let base = PlacementShape {
+            layers: 2,
+            routed_experts: 4,
+            redundant_experts: 0,
+            expert_state_bytes: 1 << 20,
+            nodes: 1,
+            chips_per_node: 1,
+            chip_memory_bytes: 1 << 30,
+            expert_parallel_size: 1,
+            nodes_per_rack: None,
+            min_healthy_fraction: 0.25,
+            pipeline_stages: 1,
+        };
+        let plan = initial_plan(&worker_shape(&base, nodes), Restore::Fresh).unwrap();
+        etcd.put(&keys.placement(), serde_json::to_vec(&plan).unwrap(), None).unwrap();
+        Self { name: name.to_string(), members }
+    }
+
+    /// Waits for every member; returns the leader's digest after checking nothing was aborted.
+    fn finish(&mut self, limit: Duration) -> String {
+        let outs: Vec<String> = self.members.iter_mut().map(|m| m.finish(limit)).collect();
+        for (rank, out) in outs.iter().enumerate() {
+            assert!(!out.contains("aborted generation="), "rank {rank} abandoned a step:\n{out}");
+        }
+        digest_of(&outs[0])
+    }
+}
+
+/// `members/<rank>` → the lease it is held under.
+fn member_leases(endpoint: &str, keys: &JobKeys) -> BTreeMap<u32, i64> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut c = etcd_client::Client::connect([endpoint], None).await.unwrap();
+        let prefix = keys.members();
+        let resp = tokio::time::timeout(
+            Duration::from_secs(5),
+            c.get(prefix.as_str(), Some(etcd_client::GetOptions::new().with_prefix())),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        resp.kvs()
+            .iter()
+            .filter_map(|kv| {
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                Some((key.strip_prefix(&prefix)?.parse().ok()?, kv.lease()))
+            })
+            .collect()
+    })
+}
+
+#[test]
+fn members_keep_training_through_a_15_second_etcd_pause_and_re_register() {
+    const STEPS: u64 = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start().unwrap();
+    let m = manifest(dir.path(), "paused-etcd", 3, STEPS, 250);
+    let expected = std::thread::scope(|s| {
+        let reference = s.spawn(|| single(&m, &dir.path().join("single")));
+        let mut job =
+            Job::start(&m, "paused-etcd", 3, &[etcd.endpoint()], &dir.path().join("ckpt"), dir.path());
+        let keys = job_keys(&job.name);
+        job.members[0].wait_step(20, Duration::from_secs(30));
+        let before = member_leases(&etcd.endpoint(), &keys);
+        assert_eq!(before.len(), 3, "every member registered: {before:?}");
+
+        let etcd_pid = etcd.pid().unwrap();
+        signal(etcd_pid, "-STOP");
+        let paused = Instant::now();
+        let step_at_pause = job.members[0].step();
+        std::thread::sleep(Duration::from_secs(15));
+        let resumed = Instant::now();
+        let step_at_resume = job.members[0].step();
+        signal(etcd_pid, "-CONT");
+        for member in &job.members {
+            let during = member.steps_between(paused, resumed);
+            assert!(
+                during >= 20,
+                "rank {} made only {during} steps while etcd was paused\n{}",
+                member.rank,
+                member.report()
+            );
+        }
+        assert!(step_at_resume < STEPS, "training outlasts the pause (at step {step_at_resume} of {STEPS})");
+        eprintln!("etcd paused 15 s: rank 0 went from step {step_at_pause} to {step_at_resume}");
+
+        // etcd revoked the expired leases on resuming; every member is back under a new one.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let after = loop {
+            let now = member_leases(&etcd.endpoint(), &keys);
+            if now.len() == 3 && now.iter().all(|(rank, lease)| before.get(rank) != Some(lease)) {
+                break now;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "members not re-registered under new leases: {before:?} -> {now:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        eprintln!(
+            "re-registered {:.1} s after etcd resumed: {before:?} -> {after:?}",
+            resumed.elapsed().as_secs_f64()
+        );
+
+        let digest = job.finish(Duration::from_secs(90));
+        // The leader's progress, buffered through the outage, is in etcd with its generation.
+        let link = Etcd::connect(&[etcd.endpoint()], keys.clone()).unwrap();
+        let progress: Stamped<ProgressRecord> =
+            serde_json::from_slice(&link.get(&keys.progress()).unwrap().unwrap()).unwrap();
+        assert_eq!((progress.record.step, progress.generation), (STEPS, 1));
+        let expected = reference.join().unwrap();
+        assert_eq!(digest, expected, "bit-identical to the uninterrupted single process");
+        expected
+    });
+    assert_eq!(expected.len(), 64);
+}
+
+#[test]
+fn a_worker_paused_for_less_than_the_step_timeout_costs_no_abort() {
+    const STEPS: u64 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start().unwrap();
+    let m = manifest(dir.path(), "paused-worker", 3, STEPS, 100);
+    std::thread::scope(|s| {
+        let reference = s.spawn(|| single(&m, &dir.path().join("single")));
+        let mut job =
+            Job::start(&m, "paused-worker", 3, &[etcd.endpoint()], &dir.path().join("ckpt"), dir.path());
+        job.members[0].wait_step(10, Duration::from_secs(30));
+        let keys = job_keys(&job.name);
+        let before = member_leases(&etcd.endpoint(), &keys);
+        let paused = job.members[1].pid();
+        signal(paused, "-STOP");
+        let at = job.members[0].step();
+        std::thread::sleep(Duration::from_secs(5)); // longer than the lease TTL (3 s), shorter than the step timeout
+        let stalled = job.members[0].step();
+        signal(paused, "-CONT");
+        assert!(stalled <= at + 1, "the others wait for the paused peer (steps {at} -> {stalled})");
+        job.members[0].wait_step(stalled + 5, Duration::from_secs(STEP_TIMEOUT_SECONDS));
+        // Its lease expired while it was stopped; it registered again under a new one.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while member_leases(&etcd.endpoint(), &keys).get(&1).is_none_or(|l| before.get(&1) == Some(l)) {
+            assert!(
+                Instant::now() < deadline,
+                "rank 1 not re-registered after its pause\n{}",
+                job.members[1].report()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let digest = job.finish(Duration::from_secs(60));
+        assert_eq!(digest, reference.join().unwrap(), "bit-identical to the uninterrupted single process");
+    });
+}
+
+/// A 3-member etcd cluster on loopback (Debian's etcd), killed on drop.
+struct EtcdCluster {
+    members: Vec<Option<Child>>,
+    clients: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let peers: Vec<String> = ports.iter().map(|(_, p)| format!("http://127.0.0.1:{p}")).collect();
+        let clients: Vec<String> = ports.iter().map(|(c, _)| format!("http://127.0.0.1:{c}")).collect();
+        let initial: Vec<String> = peers.iter().enumerate().map(|(i, p)| format!("e{i}={p}")).collect();
+        let members = (0..3)
+            .map(|i| {
+                let log = std::fs::File::create(dir.path().join(format!("e{i}.log"))).unwrap();
+                Some(
+                    Command::new("etcd")
+                        .arg(format!("--name=e{i}"))
+                        .arg(format!("--data-dir={}", dir.path().join(format!("e{i}")).display()))
+                        .arg(format!("--listen-client-urls={}", clients[i]))
+                        .arg(format!("--advertise-client-urls={}", clients[i]))
+                        .arg(format!("--listen-peer-urls={}", peers[i]))
+                        .arg(format!("--initial-advertise-peer-urls={}", peers[i]))
+                        .arg(format!("--initial-cluster={}", initial.join(",")))
+                        .arg("--initial-cluster-state=new")
+                        .arg("--log-level=warn")
+                        .arg("--unsafe-no-fsync")
+                        .stdout(log.try_clone().unwrap())
+                        .stderr(log)
+                        .spawn()
+                        .unwrap(),
+                )
+            })
+            .collect();
+        let cluster = Self { members, clients, _dir: dir };
+        for c in &cluster.clients {
+            let addr = c.trim_start_matches("http://").parse().unwrap();
+            assert!(
+                ninelives_testkit::wait_healthy(
+                    addr,
+                    "/health",
+                    "\"health\":\"true\"",
+                    Duration::from_secs(30)
+                ),
+                "etcd member {c} not healthy"
+            );
+        }
+        cluster
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn members_fail_over_when_one_etcd_of_three_is_killed() {
+    const STEPS: u64 = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = EtcdCluster::start();
+    let endpoints = cluster.clients.clone();
+    let m = manifest(dir.path(), "failover", 2, STEPS, 100);
+    std::thread::scope(|s| {
+        let reference = s.spawn(|| single(&m, &dir.path().join("single")));
+        let mut job = Job::start(&m, "failover", 2, &endpoints, &dir.path().join("ckpt"), dir.path());
+        let keys = job_keys(&job.name);
+        job.members[0].wait_step(10, Duration::from_secs(30));
+        // The first endpoint: every member's client may be using it.
+        cluster.kill(0);
+        let killed = Instant::now();
+        // Through the survivors: the membership stays and progress keeps arriving.
+        let link = Etcd::connect(&endpoints[1..], keys.clone()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let progress: Option<Stamped<ProgressRecord>> =
+                link.get(&keys.progress()).unwrap().map(|v| serde_json::from_slice(&v).unwrap());
+            let step = job.members[0].step();
+            if killed.elapsed() > Duration::from_secs(5)
+                && let Some(p) = &progress
+                && p.record.step + 20 >= step
+                && step > 0
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "progress stopped reaching etcd after the kill: {progress:?} vs step {step}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let leases = member_leases(&endpoints[1], &keys);
+        assert_eq!(leases.len(), 2, "both members still registered: {leases:?}");
+        let digest = job.finish(Duration::from_secs(60));
+        assert_eq!(digest, reference.join().unwrap(), "bit-identical to the uninterrupted single process");
+    });
+}
+
+/// A small tmpfs mounted for the test (needs root or CAP_SYS_ADMIN), unmounted on drop.
+struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(path: PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "this test fills a real filesystem: it mounts a tmpfs, which needs root or CAP_SYS_ADMIN ({})",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { path }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// Fills the filesystem of `dir` with one file until it has no space left.
+fn fill(file: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(file).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    loop {
+        match f.write_all(&chunk) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+            Err(e) => panic!("filling {}: {e}", file.display()),
+        }
+    }
+    let _ = f.sync_all();
+}
+
+#[test]
+fn a_full_checkpoint_disk_fails_one_save_and_training_goes_on() {
+    const STEPS: u64 = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start().unwrap();
+    let m = manifest(dir.path(), "full-disk", 2, STEPS, 10);
+    let disk = Tmpfs::mount(dir.path().join("disk"), "16m");
+    let checkpoints = disk.path.join("ckpt");
+    std::fs::create_dir_all(&checkpoints).unwrap();
+    let ballast = disk.path.join("ballast");
+    fill(&ballast);
+    std::thread::scope(|s| {
+        let reference = s.spawn(|| single(&m, &dir.path().join("single")));
+        let mut job = Job::start(&m, "full-disk", 2, &[etcd.endpoint()], &checkpoints, dir.path());
+        // The first save (step 10) finds the disk full.
+        let failed = job.members[0]
+            .wait_line("failed save", Duration::from_secs(60), |l| l.starts_with("save_failed step="));
+        assert!(failed.starts_with("save_failed step=10 ") && failed.contains("No space left"), "{failed}");
+        let leftovers: Vec<_> =
+            std::fs::read_dir(&checkpoints).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(
+            !leftovers.iter().any(|f| f == "step-0000000010"),
+            "the failed save was cleaned up: {leftovers:?}"
+        );
+        std::fs::remove_file(&ballast).unwrap(); // space is back
+        job.members[0].wait_line("next commit", Duration::from_secs(60), |l| l == "committed step=20");
+        let digest = job.finish(Duration::from_secs(60));
+        assert_eq!(digest, reference.join().unwrap(), "bit-identical to the uninterrupted single process");
+        let out = job.members[0].text();
+        assert_eq!(out.lines().filter(|l| l.starts_with("save_failed")).count(), 1, "{out}");
+        // The etcd records name the committed checkpoints only.
+        let keys = job_keys(&job.name);
+        let link = Etcd::connect(&[etcd.endpoint()], keys).unwrap();
+        let recorded: Vec<u64> = link.checkpoints().unwrap().into_keys().collect();
+        assert_eq!(recorded, [20, 30, 40], "keepLast 3, step 10 never committed");
+    });
+}
