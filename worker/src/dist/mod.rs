@@ -6,6 +6,7 @@
 //! - [`auth`]: the job key, the handshake proofs and the frame tags (pure);
 //! - [`link`]: one authenticated connection: the handshake and tagged frames;
 //! - [`state`]: what a member's threads share, with the bounded inbox of pushes;
+//! - [`socket`]: deadlines on peer sockets (write timeout, TCP user timeout, keepalive);
 //! - [`transport`]: the [`transport::Collective`] trait and its TCP implementation, with
 //!   bounded waits that abandon a step when a peer is lost or a new generation appears;
 //! - [`service`]: the owner side of the expert all-to-all;
@@ -22,6 +23,7 @@ pub mod member;
 pub mod plan;
 pub mod rendezvous;
 pub mod service;
+pub mod socket;
 pub mod state;
 pub mod transport;
 pub mod wire;

@@ -5,7 +5,12 @@
 //! lease), `placement` ([`DistPlan`], written by the control loop), `acks/<gen>/<rank>` (the step
 //! a member has when it joins a generation). The generation's leader also reports for the
 //! recovery brain: `progress` ([`ProgressRecord`], after every step) and `checkpoints/<step>`
-//! ([`CheckpointRecord`], one per committed checkpoint still kept).
+//! ([`CheckpointRecord`], one per committed checkpoint still kept), each [`Stamped`] with the
+//! generation it was written in.
+//!
+//! The control plane is not the data plane: a [`Session`] never makes training wait for etcd.
+//! Its writes are buffered and delivered in the background (newest wins per key), its lease is
+//! re-granted and its key put back after any failure, and every request has a deadline.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -103,6 +103,9 @@ pub fn serve(listener: TcpListener, shared: Arc<Shared>) -> Result<std::thread::
 fn handle(stream: TcpStream, from: SocketAddr, shared: &Shared, connections: &Connections) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_nodelay(true);
+    if let Err(e) = super::socket::set_deadlines(&stream, shared.step_timeout) {
+        tracing::warn!(%from, "cannot set deadlines on a peer connection: {e}");
+    }
     let accepted = {
         let _slot = HandshakeSlot(&connections.handshakes);
         Link::accept(stream, &shared.link, shared.rank, shared.serving_generation(), &shared.stop)
@@ -241,6 +244,7 @@ impl TcpCollective {
             };
             let io = |e: std::io::Error| WorkerError::Aborted(format!("connection to rank {rank}: {e}"));
             stream.set_nodelay(true).map_err(io)?;
+            super::socket::set_deadlines(&stream, shared.step_timeout).map_err(io)?;
             let link = Link::connect(stream, &shared.link, generation, shared.rank, rank, &shared.stop)
                 .map_err(|e| WorkerError::Aborted(format!("connection to rank {rank} at {addr}: {e}")))?;
             link.set_poll(POLL).map_err(io)?;
