@@ -298,3 +298,35 @@ fn restoring_in_place_falls_back_past_corruption_and_refuses_other_jobs() {
         assert_eq!(other.step(), 0);
     });
 }
+
+/// Retention never deletes a protected checkpoint (one a restore of the current or previous
+/// generation may read), and a save of a state that is committed already keeps that copy.
+#[test]
+fn retention_spares_protected_checkpoints_and_a_committed_state_is_not_rewritten() {
+    let dir = tempfile::tempdir().unwrap();
+    run_with_threads(2, || {
+        let store = CheckpointStore::open(dir.path(), 2).unwrap();
+        store.protect([1]);
+        let mut t = Trainer::new(tiny_config(5), demo_corpus()).unwrap();
+        let mut snapshots = BTreeMap::new();
+        for _ in 0..5 {
+            t.train_step().unwrap();
+            let snapshot = t.snapshot().unwrap();
+            store.save(&snapshot).unwrap();
+            snapshots.insert(t.step(), snapshot);
+        }
+        let steps: Vec<u64> = store.list().unwrap().into_iter().map(|(s, _, _)| s).collect();
+        assert_eq!(steps, vec![5, 4, 1], "keep-last 2, and the protected step 1");
+        store.protect([]);
+        // Saving step 4's state again (training replayed after a rollback) writes nothing.
+        let again = store.save(&snapshots[&4]).unwrap();
+        assert_eq!(again.bytes, 0, "the committed copy is kept");
+        assert_eq!(again.removed, vec![store.step_dir(1)], "unprotected, step 1 goes");
+        store.verify_dir(&store.step_dir(4)).unwrap();
+        // A corrupt committed copy is rewritten.
+        flip_bits(&store.step_dir(4).join("dense.safetensors"), |n| n / 2, 0x10);
+        assert!(store.save(&snapshots[&4]).unwrap().bytes > 0);
+        store.verify_dir(&store.step_dir(4)).unwrap();
+    })
+    .unwrap();
+}

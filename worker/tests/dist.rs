@@ -314,3 +314,51 @@ fn a_checkpoint_generation_rolls_members_back_in_place_bit_identically() {
         assert_eq!(joined.get(&(rank, 2)), Some(&2), "rank {rank} continues from step 2 ({joined:?})");
     }
 }
+
+/// A restore generation whose checkpoint turns out corrupt (a flipped byte in its dense shard):
+/// every member falls back to the newest older committed checkpoint, the same one, and the job
+/// still ends bit-identical to one process (the corrupt step is trained and saved again).
+#[test]
+fn a_restore_to_a_corrupt_checkpoint_falls_back_to_the_previous_one() {
+    let etcd = EtcdServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 16;
+    let config = small_config(steps);
+    let checkpoints = dir.path().join("corrupt");
+    let link = Arc::new(Etcd::connect(&[etcd.endpoint()], job_keys("corrupt")).unwrap());
+    let joined = Arc::new(Mutex::new(BTreeMap::new()));
+    let published = Arc::new(Mutex::new(false));
+    let hook: Hook = {
+        let (link, joined, published, checkpoints) =
+            (link.clone(), joined.clone(), published.clone(), checkpoints.clone());
+        Arc::new(move |rank, e| match e {
+            MemberEvent::Joined { generation, step, .. } => {
+                joined.lock().unwrap().insert((rank, *generation), *step);
+            }
+            MemberEvent::Committed(done) if rank == 0 && done.step == 4 && !*published.lock().unwrap() => {
+                let shard = CheckpointStore::open(&checkpoints, 10).unwrap().step_dir(4).join("dense.safetensors");
+                let mut bytes = std::fs::read(&shard).unwrap();
+                let middle = bytes.len() / 2;
+                bytes[middle] ^= 0x40;
+                std::fs::write(&shard, bytes).unwrap();
+                let mut next = link.plan().unwrap().unwrap();
+                next.placement.generation += 1;
+                next.restore = Restore::Checkpoint { step: 4 };
+                next.tier = ninelives_core::generation::GenerationTier::Restore;
+                link.put(&link.keys().placement(), serde_json::to_vec(&next).unwrap(), None).unwrap();
+                *published.lock().unwrap() = true;
+            }
+            _ => {}
+        })
+    };
+    let setup = Setup { hook, ..Setup::new(2, 0) };
+    let digest = run_members(&etcd, "corrupt", &setup, &config, &checkpoints);
+    assert!(*published.lock().unwrap(), "the restore generation was published");
+    let joined = joined.lock().unwrap();
+    for rank in 0..2 {
+        assert_eq!(joined.get(&(rank, 2)), Some(&2), "rank {rank} fell back to step 2 ({joined:?})");
+    }
+    assert_eq!(digest, single_process(&config, steps), "the fallback changes no bit");
+    let store = CheckpointStore::open(&checkpoints, 10).unwrap();
+    store.verify_dir(&store.step_dir(4)).expect("step 4 was saved again, intact");
+}
