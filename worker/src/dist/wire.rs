@@ -1,15 +1,15 @@
 //! The wire format between workers: length-prefixed binary frames.
 //!
-//! A frame is `u32 length (LE) | u8 tag | fields [| 32-byte frame tag]`, every number
+//! A frame is `u32 length (LE) | u8 tag | fields [| 16-byte frame tag]`, every number
 //! little-endian, every float sent as its exact bits (so a tensor crosses the wire bit-for-bit).
-//! The frame tag (see [`super::auth`]) follows the body once a connection is authenticated; the
-//! length counts it. A reader refuses a frame longer than its limit before reading it: a few hundred
+//! Once a connection is authenticated the body is encrypted and the AES-GCM tag follows it (see
+//! [`super::auth`]); the length counts it. A reader refuses a frame longer than its limit before reading it: a few hundred
 //! bytes until the handshake is done ([`HANDSHAKE_FRAME_BYTES`]), then [`frame_limit`] of the
 //! model, so a stranger cannot make a worker allocate more than that.
 
 use std::io::{ErrorKind, Read, Write};
 
-use super::auth::{FrameKey, Nonce, TAG_BYTES, Tag};
+use super::auth::{FRAME_TAG_BYTES, FrameKey, Nonce, Tag};
 use crate::model::ExpertCall;
 use crate::trainer::TrainerConfig;
 
@@ -344,8 +344,8 @@ impl Msg {
 /// Writes one frame, tagged with `seal` when the connection is authenticated. Returns the bytes
 /// put on the wire.
 pub fn write_frame(w: &mut impl Write, msg: &Msg, seal: Option<&mut FrameKey>) -> std::io::Result<u64> {
-    let body = msg.encode();
-    let tag = seal.map(|key| key.seal(&body));
+    let mut body = msg.encode();
+    let tag = seal.map(|key| key.seal(&mut body));
     let len = body.len() + tag.map_or(0, |t| t.len());
     let prefix = u32::try_from(len)
         .map_err(|_| std::io::Error::new(ErrorKind::InvalidInput, format!("a {len}-byte frame")))?;
@@ -464,15 +464,15 @@ impl FrameReader {
         if self.buf.len() < 4 + len {
             return Ok(None);
         }
-        let frame = &self.buf[4..4 + len];
+        let frame = &mut self.buf[4..4 + len];
         let body = match self.open.as_mut() {
-            None => frame,
+            None => &frame[..],
             Some(key) => {
-                let (body, tag) = frame.split_at(len.checked_sub(TAG_BYTES).ok_or(ReadError::Forged)?);
-                if !key.open(body, tag) {
+                if len < FRAME_TAG_BYTES {
                     return Err(ReadError::Forged);
                 }
-                body
+                let n = key.open(frame).ok_or(ReadError::Forged)?;
+                &frame[..n]
             }
         };
         let msg = Msg::decode(body);
