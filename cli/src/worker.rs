@@ -245,7 +245,9 @@ fn train(args: TrainArgs) -> Result<(), Failure> {
             checkpoint_every: every,
             security: {
                 let path = args.job_key_file.as_deref().ok_or_else(|| {
-                    Failure::BadInput("an expert-parallel member needs --job-key-file (or NINELIVES_JOB_KEY_FILE)".into())
+                    Failure::BadInput(
+                        "an expert-parallel member needs --job-key-file (or NINELIVES_JOB_KEY_FILE)".into(),
+                    )
                 })?;
                 let key = JobKey::from_file(path).map_err(|e| Failure::BadInput(e.to_string()))?;
                 Security::Authenticated(JobAuth::new(job_identity(&job), key))

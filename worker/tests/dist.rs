@@ -336,7 +336,8 @@ fn a_restore_to_a_corrupt_checkpoint_falls_back_to_the_previous_one() {
                 joined.lock().unwrap().insert((rank, *generation), *step);
             }
             MemberEvent::Committed(done) if rank == 0 && done.step == 4 && !*published.lock().unwrap() => {
-                let shard = CheckpointStore::open(&checkpoints, 10).unwrap().step_dir(4).join("dense.safetensors");
+                let shard =
+                    CheckpointStore::open(&checkpoints, 10).unwrap().step_dir(4).join("dense.safetensors");
                 let mut bytes = std::fs::read(&shard).unwrap();
                 let middle = bytes.len() / 2;
                 bytes[middle] ^= 0x40;

@@ -22,8 +22,7 @@ pub fn set_deadlines(stream: &TcpStream, step_timeout: Duration) -> std::io::Res
     stream.set_write_timeout(Some(step_timeout.max(Duration::from_millis(1))))?;
     let socket = SockRef::from(stream);
     let probe = Duration::from_secs((step_timeout.as_secs() / 4).max(1));
-    let keepalive =
-        TcpKeepalive::new().with_time(probe).with_interval(probe).with_retries(KEEPALIVE_PROBES);
+    let keepalive = TcpKeepalive::new().with_time(probe).with_interval(probe).with_retries(KEEPALIVE_PROBES);
     socket.set_tcp_keepalive(&keepalive)?;
     #[cfg(any(target_os = "linux", target_os = "android"))]
     socket.set_tcp_user_timeout(Some(step_timeout))?;
@@ -58,10 +57,11 @@ mod tests {
             }
             assert!(started.elapsed() < Duration::from_secs(10), "writes never blocked");
         };
+        assert!(matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut), "{err}");
         assert!(
-            matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
-            "{err}"
+            started.elapsed() < Duration::from_secs(5),
+            "the full buffer was found in {:?}",
+            started.elapsed()
         );
-        assert!(started.elapsed() < Duration::from_secs(5), "the full buffer was found in {:?}", started.elapsed());
     }
 }
