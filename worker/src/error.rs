@@ -99,6 +99,11 @@ pub enum WorkerError {
 }
 
 impl WorkerError {
+    /// Whether this is an etcd error that trying again may cure.
+    pub fn is_transient_etcd(&self) -> bool {
+        matches!(self, WorkerError::Etcd { transient: true, .. })
+    }
+
     /// A short label for metrics and events.
     pub fn label(&self) -> &'static str {
         match self {
@@ -118,13 +123,6 @@ impl WorkerError {
             WorkerError::Rendezvous(_) => "rendezvous",
             WorkerError::Etcd { .. } => "etcd",
         }
-    }
-}
-
-impl WorkerError {
-    /// Whether this is an etcd error that trying again may cure.
-    pub fn is_transient_etcd(&self) -> bool {
-        matches!(self, WorkerError::Etcd { transient: true, .. })
     }
 }
 
