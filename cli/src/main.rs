@@ -9,6 +9,7 @@ mod agent;
 mod demo;
 mod launch;
 mod plan;
+mod simulate;
 mod validate;
 mod worker;
 
@@ -71,6 +72,9 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         placement_out: Option<PathBuf>,
     },
+    /// Simulate days of training under a seeded fault trace with the real recovery brain and
+    /// compare recovery policies (ETTR, goodput, steps lost, time per tier).
+    Simulate(simulate::SimulateArgs),
     /// The node agent: chip health, etcd presence, local execution of reshard and restore.
     Agent {
         #[command(subcommand)]
@@ -114,6 +118,7 @@ fn main() -> ExitCode {
             placement_out,
         }),
         Command::Agent { command } => agent::run(command),
+        Command::Simulate(args) => simulate::run(&args),
         Command::Worker(WorkerCommand::Train(args)) => worker::train_command(args),
         Command::Worker(WorkerCommand::Launch(args)) => worker::run(|| launch::launch(args)),
         Command::Demo(args) => demo::run(*args),

@@ -10,13 +10,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::SimError;
 use super::cluster::{Applied, Cluster};
 use super::model::{GB, Policy, Recovery, SaveMode, SimParams, StateSizes};
-use super::outcome::{PolicyOutcome, TierTime};
+use super::outcome::PolicyOutcome;
 use super::trace::Fault;
 use super::training::Training;
 use crate::fault_schedule::FaultKind;
 use crate::job::TrainingJobSpec;
 use crate::keyspace::ChipState;
-use crate::recovery::{BrainPhase, CompletedRecovery};
+use crate::recovery::{BrainPhase, CompletedRecovery, Rung};
 
 /// What the agents publish for a chip fault, and for a flapping chip once quarantined.
 const CHIP_CODE: &str = "hbm-ecc-uncorrectable";
@@ -89,9 +89,8 @@ pub fn simulate_policy(
 ) -> Result<PolicyOutcome, SimError> {
     params.validate()?;
     let spec = super::model::policy_spec(spec, policy);
-    let job = crate::validate::JobShape::resolve(&spec).map_err(|v| {
-        SimError::Spec(v.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
-    })?;
+    let job = crate::validate::JobShape::resolve(&spec)
+        .map_err(|v| SimError::Spec(v.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")))?;
     let sizes = StateSizes::of(&job);
     let (cluster, peer_copies) = match policy.recovery {
         Recovery::CheckpointRestart => (None, false),
@@ -228,7 +227,10 @@ impl Run<'_> {
         let change = match (f.kind, f.chip) {
             (FaultKind::Node, _) => {
                 self.down.insert(name.clone());
-                self.push(f.at + repair, Event::Visible { change: Change::SpareBack(name.clone()), halting: false });
+                self.push(
+                    f.at + repair,
+                    Event::Visible { change: Change::SpareBack(name.clone()), halting: false },
+                );
                 Change::NodeLost(name)
             }
             (FaultKind::Worker, _) => Change::WorkerLost(name),
@@ -249,8 +251,13 @@ impl Run<'_> {
     fn schedule_chip_life(&mut self, at: f64, node: u32, name: &str, chip: u32, flaps: bool) {
         let faults = &self.params.faults;
         let (half, onsets, repair) = (faults.flap_half_period_s, faults.flap_onsets, faults.repair_s);
-        let healthy =
-            |since: f64| Change::Chip { node: name.to_string(), chip, state: ChipState::Healthy, code: "ok", since };
+        let healthy = |since: f64| Change::Chip {
+            node: name.to_string(),
+            chip,
+            state: ChipState::Healthy,
+            code: "ok",
+            since,
+        };
         if flaps {
             for i in 1..onsets.max(1) {
                 let back = at + f64::from(2 * i - 1) * half;
@@ -264,7 +271,8 @@ impl Run<'_> {
     fn on_onset(&mut self, at: f64, node: u32, chip: u32, last: bool) -> Result<(), SimError> {
         let name = self.node_name(node);
         let halting = self.interrupts(FaultKind::Chip, node, Some(chip));
-        let (state, code) = if last { (ChipState::Quarantined, FLAP_CODE) } else { (ChipState::Failed, CHIP_CODE) };
+        let (state, code) =
+            if last { (ChipState::Quarantined, FLAP_CODE) } else { (ChipState::Failed, CHIP_CODE) };
         if halting {
             self.interrupt(at, FaultKind::Flap, node)?;
         }
@@ -319,7 +327,9 @@ impl Run<'_> {
         }
         let Some(cluster) = self.cluster.as_mut() else { return Ok(()) };
         match change {
-            Change::Chip { node, chip, state, code, since } => cluster.set_chip(&node, chip, state, code, since),
+            Change::Chip { node, chip, state, code, since } => {
+                cluster.set_chip(&node, chip, state, code, since)
+            }
             Change::NodeLost(node) => cluster.node_lost(&node),
             Change::WorkerLost(node) => cluster.worker_lost(&node),
             Change::SpareBack(node) => cluster.spare_back(&node),
@@ -397,7 +407,7 @@ impl Run<'_> {
 
     fn schedule_attempt(&mut self, at: f64, applied: &Applied) {
         let Some(active) = self.cluster.as_ref().and_then(|c| c.active()).cloned() else { return };
-        let duration = self.attempt_s(applied, active.rollback_to);
+        let duration = self.attempt_s(applied, active.rung, active.rollback_to);
         let done = at + duration;
         self.push(done, Event::Resume(active.generation));
         if done > active.deadline {
@@ -422,7 +432,8 @@ impl Run<'_> {
     fn snapshot_lag_s(&self) -> f64 {
         let c = &self.params.costs;
         let host = self.sizes.bytes_per_chip() / (c.snapshot_gbps * GB);
-        let wire = self.sizes.expert_bytes_per_chip() * f64::from(self.sizes.chips_per_node) / (c.link_gbps * GB);
+        let wire =
+            self.sizes.expert_bytes_per_chip() * f64::from(self.sizes.chips_per_node) / (c.link_gbps * GB);
         host.max(wire)
     }
 
@@ -435,8 +446,9 @@ impl Run<'_> {
         k.max(self.last_resume.floor()).min(progress.floor()).max(0.0)
     }
 
-    /// How long an attempt takes from publication until every member joined.
-    fn attempt_s(&self, applied: &Applied, rollback: Option<u64>) -> f64 {
+    /// How long an attempt takes from publication until every member joined. A reroute's loads
+    /// (re-created redundancy) run in the background: training routes around them.
+    fn attempt_s(&self, applied: &Applied, rung: Rung, rollback: Option<u64>) -> f64 {
         let c = &self.params.costs;
         let s = &self.sizes;
         let peer_ok = self.peer_ok();
@@ -452,7 +464,8 @@ impl Run<'_> {
         };
         // Expert loads, per node in parallel: from live replicas over the link; checkpoint
         // sources come from the buddy's copy with peer copies, else from storage.
-        let loads = applied.published.as_ref().map_or(0.0, |control| {
+        let waited = applied.published.as_ref().filter(|_| rung != Rung::Reroute);
+        let loads = waited.map_or(0.0, |control| {
             control.load_experts.values().fold(0.0_f64, |worst, loads| {
                 let from_disk = loads
                     .iter()
@@ -464,14 +477,17 @@ impl Run<'_> {
             })
         });
         // A new or restarted member needs the node's dense state too (from any member).
-        let newcomer = if applied.spares + applied.restarted > 0 { s.dense_bytes_per_chip * cpn / link } else { 0.0 };
+        let newcomer =
+            if applied.spares + applied.restarted > 0 { s.dense_bytes_per_chip * cpn / link } else { 0.0 };
         // A rollback: every member restores the whole state, from host memory or storage.
         let progress = self.episode_progress();
         let reload = match rollback {
             Some(step) if peer_ok && self.snapshot_step(progress).max(step as f64) < progress.floor() => {
                 s.bytes_per_chip() / (c.snapshot_gbps * GB)
             }
-            Some(step) if !peer_ok && (step as f64) < progress.floor() => s.bytes_per_chip() / (c.read_gbps * GB),
+            Some(step) if !peer_ok && (step as f64) < progress.floor() => {
+                s.bytes_per_chip() / (c.read_gbps * GB)
+            }
             _ => 0.0,
         };
         c.commit_s + start + loads.max(newcomer).max(reload)
@@ -503,7 +519,7 @@ impl Run<'_> {
         if let Some(ep) = self.episode.take() {
             let visible = ep.visible_at.unwrap_or(at).min(at);
             self.out.detection_s += visible - ep.halted_at;
-            let t = self.out.tiers.entry(tier.to_string()).or_insert_with(TierTime::default);
+            let t = self.out.tiers.entry(tier.to_string()).or_default();
             t.count += 1;
             t.seconds += at - visible;
             let lost = (ep.progress - to).max(0.0);

@@ -97,7 +97,8 @@ pub fn simulate(spec: &TrainingJobSpec, policies: &[Policy], params: &SimParams)
     let job = JobShape::resolve(spec)
         .map_err(|v| SimError::Spec(v.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")))?;
     let trace = trace_for(spec, params);
-    let outcomes = policies.iter().map(|p| simulate_policy(spec, p, params, &trace)).collect::<Result<_, _>>()?;
+    let outcomes =
+        policies.iter().map(|p| simulate_policy(spec, p, params, &trace)).collect::<Result<_, _>>()?;
     Ok(Report { params: params.clone(), sizes: StateSizes::of(&job), faults: count_kinds(&trace), outcomes })
 }
 

@@ -132,7 +132,13 @@ impl Costs {
 
 /// The step time of a job from its arithmetic: `6 × active parameters × tokens per step /
 /// (chips × chip FLOP/s × MFU)`, tokens per step = global batch × `train_seq_len`.
-pub fn derived_step_s(job: &JobShape, global_batch: u64, train_seq_len: u64, chip_tflops: f64, mfu: f64) -> f64 {
+pub fn derived_step_s(
+    job: &JobShape,
+    global_batch: u64,
+    train_seq_len: u64,
+    chip_tflops: f64,
+    mfu: f64,
+) -> f64 {
     let tokens = global_batch as f64 * train_seq_len as f64;
     let flops = 6.0 * job.model.active_params() as f64 * tokens;
     flops / (job.chips() as f64 * chip_tflops * 1e12 * mfu)
@@ -242,29 +248,33 @@ impl Policy {
     /// The policies `ninelives simulate` compares by default: the checkpoint-restart baseline
     /// and ninelives without and with peer copies at the manifest's settings, then variants
     /// with every expert replicated twice (`redundant` = the routed experts) and with a 4×
-    /// shorter checkpoint interval (`interval`/4).
+    /// shorter (without peer copies) or 4× longer (with them) checkpoint interval.
     pub fn defaults(routed_experts: u32, interval: u64) -> Vec<Policy> {
         let restart = Recovery::CheckpointRestart;
         let no_peer = Recovery::Ninelives { peer_copies: false };
         let peer = Recovery::Ninelives { peer_copies: true };
-        let short = (interval / 4).max(1);
-        let with = |mut p: Policy, redundant: Option<u32>, iv: Option<u64>| {
-            p.redundant_experts = redundant;
-            p.interval_steps = iv;
-            p
+        let (short, long) = ((interval / 4).max(1), interval.saturating_mul(4));
+        let variant = |name: &str, recovery, redundant: Option<u32>, iv: Option<u64>| Policy {
+            name: name.to_string(),
+            recovery,
+            redundant_experts: redundant,
+            interval_steps: iv,
         };
+        let x2 = Some(routed_experts);
         vec![
             Policy::new("checkpoint-restart", restart),
-            with(Policy::new(&format!("checkpoint-restart, interval {short}"), restart), None, Some(short)),
+            variant(&format!("checkpoint-restart, interval {short}"), restart, None, Some(short)),
             Policy::new("ninelives, no peer copies", no_peer),
-            with(Policy::new(&format!("ninelives, no peer copies, interval {short}"), no_peer), None, Some(short)),
+            variant(&format!("ninelives, no peer copies, interval {short}"), no_peer, None, Some(short)),
+            variant("ninelives, no peer copies, every expert x2", no_peer, x2, None),
             Policy::new("ninelives, peer copies", peer),
-            with(
-                Policy::new("ninelives, no peer copies, every expert x2", no_peer),
-                Some(routed_experts),
-                None,
+            variant("ninelives, peer copies, every expert x2", peer, x2, None),
+            variant(
+                &format!("ninelives, peer copies, every expert x2, interval {long}"),
+                peer,
+                x2,
+                Some(long),
             ),
-            with(Policy::new("ninelives, peer copies, every expert x2", peer), Some(routed_experts), None),
         ]
     }
 }

@@ -21,10 +21,16 @@ fn hand_params() -> SimParams {
     costs.job_restart_s = 50.0;
     costs.spare_start_s = 4.0;
     costs.worker_start_s = 3.0;
-    for rate in [&mut costs.read_gbps, &mut costs.write_gbps, &mut costs.snapshot_gbps, &mut costs.link_gbps] {
+    for rate in [&mut costs.read_gbps, &mut costs.write_gbps, &mut costs.snapshot_gbps, &mut costs.link_gbps]
+    {
         *rate = 1e15;
     }
-    let faults = FaultModel { mean_interval_s: BTreeMap::new(), repair_s: 1e9, flap_onsets: 3, flap_half_period_s: 10.0 };
+    let faults = FaultModel {
+        mean_interval_s: BTreeMap::new(),
+        repair_s: 1e9,
+        flap_onsets: 3,
+        flap_half_period_s: 10.0,
+    };
     SimParams { horizon_s: 1000.0, seed: 1, costs, faults, peer_interval_steps: 1, samples: 4 }
 }
 
@@ -142,13 +148,19 @@ fn wall_time_adds_up_and_runs_are_deterministic_on_a_random_trace() {
             + o.detection_s
             + o.recovery_s()
             + o.dead_s;
-        assert!((spent - params.horizon_s).abs() < 1e-3, "{}: {spent} s accounted of {}", o.policy.name, params.horizon_s);
+        assert!(
+            (spent - params.horizon_s).abs() < 1e-3,
+            "{}: {spent} s accounted of {}",
+            o.policy.name,
+            params.horizon_s
+        );
         assert!(o.ettr > 0.0 && o.ettr < 1.0, "{}: {}", o.policy.name, o.ettr);
         assert!(!o.tiers.contains_key("unhandled"), "{}: {:?}", o.policy.name, o.tiers);
         assert!(o.job_failed.is_none(), "{}: {:?}", o.policy.name, o.job_failed);
     }
     let again = simulate(&spec, &policies, &params).map(|r| r.outcomes);
     assert_eq!(again.as_ref().ok(), Some(&report.outcomes));
-    let by_name = |n: &str| report.outcomes.iter().find(|o| o.policy.name == n).map(|o| o.ettr).unwrap_or(0.0);
+    let by_name =
+        |n: &str| report.outcomes.iter().find(|o| o.policy.name == n).map(|o| o.ettr).unwrap_or(0.0);
     assert!(by_name("ninelives, peer copies") > by_name("checkpoint-restart"));
 }

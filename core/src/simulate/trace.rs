@@ -23,7 +23,13 @@ pub struct Fault {
 /// Draws the faults of `model` over `horizon_s` seconds on `nodes` × `chips_per_node` chips,
 /// deterministically from `seed`, in time order. Each kind is a Poisson process; targets are
 /// uniform.
-pub fn generate(model: &FaultModel, horizon_s: f64, nodes: u32, chips_per_node: u32, seed: u64) -> Vec<Fault> {
+pub fn generate(
+    model: &FaultModel,
+    horizon_s: f64,
+    nodes: u32,
+    chips_per_node: u32,
+    seed: u64,
+) -> Vec<Fault> {
     let mut rng = SplitMix64::new(seed);
     let mut faults = Vec::new();
     for (&kind, &mean) in &model.mean_interval_s {
