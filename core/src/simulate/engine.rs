@@ -516,7 +516,9 @@ impl Run<'_> {
         if disk_rollback {
             self.out.disk_rollbacks += 1;
         }
+        let mut carried = BTreeSet::new();
         if let Some(ep) = self.episode.take() {
+            carried.clone_from(&ep.lost_hosts);
             let visible = ep.visible_at.unwrap_or(at).min(at);
             self.out.detection_s += visible - ep.halted_at;
             let t = self.out.tiers.entry(tier.to_string()).or_default();
@@ -529,8 +531,12 @@ impl Run<'_> {
         self.training.resume(at, to);
         self.last_resume = to;
         if self.unseen > 0 && self.cluster.is_some() {
-            // A fault the brain has not seen yet already stopped training again.
+            // A fault the brain has not seen yet already stopped training again; the hosts it
+            // may have taken stay counted for the buddy check.
             self.halt(at);
+            if let Some(ep) = self.episode.as_mut() {
+                ep.lost_hosts = carried;
+            }
         }
     }
 
