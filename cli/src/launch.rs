@@ -20,7 +20,9 @@ use ninelives_control::{ControlLoop, EffectError, Effects, EtcdStore, JobIdentit
 use ninelives_core::generation::{DistPlan, worker_shape};
 use ninelives_core::keyspace::{JobKeys, Keyspace};
 use ninelives_core::member_output::MemberLine;
-use ninelives_core::recovery::{BrainConfig, BrainPhase, CheckpointRecord, CompletedRecovery, RecoveryState};
+use ninelives_core::recovery::{
+    BrainConfig, BrainPhase, CheckpointRecord, CompletedRecovery, OutagePolicy, RecoveryState,
+};
 use ninelives_worker::{CheckpointStore, TrainerConfig, WorkerError};
 
 use crate::worker::{Failure, parse_job};
@@ -323,7 +325,7 @@ impl Launch {
         match self.control.step(&mut self.fx, unix_now()).await {
             Ok(Progress::Ran(round)) => round.state.phase,
             Ok(Progress::Finished(state)) => state.phase,
-            Ok(Progress::NotStarted | Progress::Fenced) => phase,
+            Ok(Progress::NotStarted | Progress::Fenced | Progress::Frozen(_)) => phase,
             Err(e) => {
                 tracing::warn!(error = %e, "control round failed; retrying");
                 phase
@@ -446,7 +448,8 @@ fn control_loop(
         min_healthy_fraction: job.spec.failure_policy.min_healthy_fraction,
     };
     let store = EtcdStore::new(client, keys.clone(), namespace, name);
-    Ok(ControlLoop::new(brain, identity, store, None))
+    let ttl = f64::from(job.spec.failure_policy.heartbeat_ttl_seconds.max(1));
+    Ok(ControlLoop::new(brain, identity, store, None).with_outage_policy(OutagePolicy::for_ttl(ttl)))
 }
 
 /// With `--resume`: the newest checkpoint that verifies becomes the job's committed checkpoint

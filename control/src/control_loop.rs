@@ -5,12 +5,16 @@ use std::fmt;
 use ninelives_core::generation::{DistPlan, from_published_generation, generation_writes};
 use ninelives_core::keyspace::{JobKeys, Keyspace};
 use ninelives_core::placement::Placement;
-use ninelives_core::recovery::{Action, BrainConfig, Decision, Observation, RecoveryState, decide};
+use ninelives_core::recovery::{
+    Action, BrainConfig, Decision, Observation, Outage, OutageGuard, OutagePolicy, RecoveryState, Verdict,
+    decide,
+};
 use ninelives_telemetry::recovery::RecoveryMetrics;
 use tracing::{debug, info};
 
 use crate::effects::Effects;
 use crate::error::ControlError;
+use crate::event::OutageEvent;
 use crate::store::{BrainStore, Snapshot, Written};
 
 /// Which job a loop drives, and the figures its gauges need.
@@ -58,7 +62,12 @@ pub enum Progress {
     Fenced,
     /// The job reached a terminal phase (in an earlier round).
     Finished(Box<RecoveryState>),
+    /// The control plane is degraded: nothing was decided (see [`OutageGuard`]).
+    Frozen(Box<Outage>),
 }
+
+/// The outage policy's TTL until a driver sets the job's own.
+const DEFAULT_TTL_S: f64 = 10.0;
 
 /// What a round read, parsed.
 struct Seen {
@@ -78,6 +87,10 @@ pub struct ControlLoop<S> {
     store: S,
     metrics: Option<RecoveryMetrics>,
     newest_checkpoint: Option<u64>,
+    outage_policy: OutagePolicy,
+    guard: OutageGuard,
+    /// The outage cause last reported to the adapter (`None`: healthy).
+    reported: Option<&'static str>,
 }
 
 impl<S: BrainStore> ControlLoop<S> {
@@ -87,7 +100,16 @@ impl<S: BrainStore> ControlLoop<S> {
             m.job_started(&job.namespace, &job.name);
         }
         let job_keys = job.keys.job(&job.namespace, &job.name);
-        Self { brain, job, job_keys, store, metrics, newest_checkpoint: None }
+        let outage_policy = OutagePolicy::for_ttl(DEFAULT_TTL_S);
+        let (guard, reported) = (OutageGuard::default(), None);
+        Self { brain, job, job_keys, store, metrics, newest_checkpoint: None, outage_policy, guard, reported }
+    }
+
+    /// Judges control-plane outages with `policy` (default: [`OutagePolicy::for_ttl`] of 10 s;
+    /// drivers pass the job's heartbeat TTL).
+    pub fn with_outage_policy(mut self, policy: OutagePolicy) -> Self {
+        self.outage_policy = policy;
+        self
     }
 
     /// The job.
@@ -103,8 +125,17 @@ impl<S: BrainStore> ControlLoop<S> {
     /// One round at time `now` (unix seconds).
     #[tracing::instrument(name = "control_step", skip_all, fields(job = %self.job))]
     pub async fn step<E: Effects>(&mut self, effects: &mut E, now: f64) -> Result<Progress, ControlError> {
-        let seen = self.observe(now).await?;
-        let prior = match seen.record {
+        let seen = match self.observe(now).await {
+            Ok(seen) => seen,
+            Err(e) => {
+                if e.is_unreachable() {
+                    let verdict = self.guard.read_failed(&self.outage_policy, now, &e.to_string());
+                    self.report_outage(effects, &verdict).await?;
+                }
+                return Err(e);
+            }
+        };
+        let mut prior = match seen.record {
             Some(record) => record,
             None => match effects.node_table().await? {
                 Some(first) => first,
@@ -114,14 +145,55 @@ impl<S: BrainStore> ControlLoop<S> {
         if prior.phase.is_terminal() {
             return Ok(Progress::Finished(Box::new(prior)));
         }
+        let original = prior.clone();
+        let nodes: Vec<String> = prior.expected_nodes().chain(prior.spares.iter().cloned()).collect();
+        let verdict = self.guard.observed(&self.outage_policy, &nodes, &seen.observation, now);
+        self.report_outage(effects, &verdict).await?;
+        match verdict {
+            Verdict::Act => {}
+            Verdict::Freeze(outage) => return Ok(Progress::Frozen(Box::new(outage))),
+            // No deadline counted while decisions were frozen.
+            Verdict::Resume { frozen_s, .. } => prior.postpone(frozen_s),
+        }
         let decision = decide(&self.brain, &prior, &seen.observation, seen.placement.as_ref())?;
-        let Some(published) = self.apply(&prior, &decision, seen.plan, seen.revision).await? else {
+        let Some(published) = self.apply(&original, &decision, seen.plan, seen.revision).await? else {
             return Ok(Progress::Fenced);
         };
         self.dispatch(effects, &prior, &decision, &published).await?;
         self.gauges(&decision.state, &seen.observation, now);
         let round = Round { prior, state: decision.state, observation: seen.observation, published };
         Ok(Progress::Ran(Box::new(round)))
+    }
+
+    /// Tells the adapter (and the log and metrics) when the control plane became degraded, its
+    /// cause changed, or it is healthy again.
+    async fn report_outage<E: Effects>(
+        &mut self,
+        effects: &mut E,
+        verdict: &Verdict,
+    ) -> Result<(), ControlError> {
+        let now_reported = match verdict {
+            Verdict::Freeze(o) => Some(o.cause.reason()),
+            Verdict::Act | Verdict::Resume { .. } => None,
+        };
+        if now_reported == self.reported {
+            return Ok(());
+        }
+        self.reported = now_reported;
+        let outage = match verdict {
+            Verdict::Freeze(o) => Some(o),
+            _ => None,
+        };
+        OutageEvent {
+            outage,
+            frozen_s: (match verdict {
+                Verdict::Resume { frozen_s, .. } => Some(*frozen_s),
+                _ => None,
+            }),
+        }
+        .emit(&self.job.namespace, &self.job.name, self.metrics.as_ref());
+        effects.control_plane(outage).await?;
+        Ok(())
     }
 
     /// Reads and parses the job's keys. The record and the placement are untrusted input:

@@ -3,7 +3,7 @@
 use std::future::Future;
 
 use ninelives_core::generation::DistPlan;
-use ninelives_core::recovery::{CompletedRecovery, RecoveryState};
+use ninelives_core::recovery::{CompletedRecovery, Outage, RecoveryState};
 use thiserror::Error;
 
 /// An effect the adapter could not carry out.
@@ -87,6 +87,17 @@ pub trait Effects: Send {
         state: &RecoveryState,
     ) -> impl Future<Output = Result<(), EffectError>> + Send {
         let _ = (prior, state);
+        async { Ok(()) }
+    }
+
+    /// The control plane became degraded (`Some`: decisions are frozen; also when its cause
+    /// changes) or healthy again (`None`). The operator sets its `ControlPlaneDegraded`
+    /// condition and records an Event.
+    fn control_plane(
+        &mut self,
+        outage: Option<&Outage>,
+    ) -> impl Future<Output = Result<(), EffectError>> + Send {
+        let _ = outage;
         async { Ok(()) }
     }
 }

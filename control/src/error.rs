@@ -63,6 +63,12 @@ pub enum ControlError {
 }
 
 impl ControlError {
+    /// Whether the store did not answer (an outage), as opposed to answering with something
+    /// wrong.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, ControlError::Etcd { .. } | ControlError::Timeout { .. })
+    }
+
     /// A short stable label, for metrics and Events.
     pub fn label(&self) -> &'static str {
         match self {

@@ -1,8 +1,9 @@
-//! One typed event per completed recovery: the log line and the metric together.
+//! Typed events — a completed recovery, a control-plane outage — each emitting its log line and
+//! its metric together.
 
-use ninelives_core::recovery::{CompletedRecovery, Rung, TriggerKind};
+use ninelives_core::recovery::{CompletedRecovery, Outage, Rung, TriggerKind};
 use ninelives_telemetry::recovery::{RecoveryMetrics, RecoveryObservation};
-use tracing::info;
+use tracing::{info, warn};
 
 /// A completed recovery as a runtime reports it. The operator reports the brain's own figures
 /// ([`RecoveryEvent::from_record`]); the local runtime reports what its processes measured.
@@ -75,6 +76,33 @@ impl RecoveryEvent {
                     steps_lost: self.steps_lost,
                 },
             );
+        }
+    }
+}
+
+/// The control plane became degraded (`outage`), or healthy again after `frozen_s` seconds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OutageEvent<'a> {
+    /// The outage in progress; `None` when it ended.
+    pub outage: Option<&'a Outage>,
+    /// How long decisions were frozen, when it ended.
+    pub frozen_s: Option<f64>,
+}
+
+impl OutageEvent<'_> {
+    /// Logs the change for job `namespace/name` and records it in `metrics`.
+    pub fn emit(&self, namespace: &str, name: &str, metrics: Option<&RecoveryMetrics>) {
+        let job = format!("{namespace}/{name}");
+        match self.outage {
+            Some(o) => {
+                warn!(%job, reason = o.cause.reason(), "control plane degraded: {}; decisions frozen", o.cause)
+            }
+            None => {
+                info!(%job, frozen_s = self.frozen_s.unwrap_or(0.0), "control plane healthy again; deciding")
+            }
+        }
+        if let Some(m) = metrics {
+            m.control_plane(namespace, name, self.outage.map(|o| o.cause.reason()));
         }
     }
 }

@@ -32,7 +32,7 @@ pub use control_loop::{ControlLoop, JobIdentity, Progress, Round};
 pub use effects::{EffectError, Effects};
 pub use error::ControlError;
 pub use etcd::EtcdStore;
-pub use event::RecoveryEvent;
+pub use event::{OutageEvent, RecoveryEvent};
 pub use memory::MemoryStore;
 pub use store::{BrainStore, Snapshot, Written};
 

@@ -6,7 +6,9 @@ use std::collections::BTreeSet;
 use ninelives_control::{EffectError, Effects};
 use ninelives_core::fault_schedule::{FaultKind, ScheduledFault};
 use ninelives_core::generation::DistPlan;
-use ninelives_core::recovery::{BrainPhase, CompletedRecovery, RecoveryState, TriggerKind};
+use ninelives_core::recovery::{BrainPhase, CompletedRecovery, Outage, RecoveryState, TriggerKind};
+
+use crate::report::OutageEntry;
 
 /// A fault as injected, for matching it to the recovery it caused.
 #[derive(Clone, Debug)]
@@ -51,6 +53,8 @@ pub(crate) struct LocalEffects {
     pub resuming: Vec<Resuming>,
     /// Why the job failed, once it did.
     pub failure: Option<String>,
+    /// Control-plane outages, oldest first.
+    pub outages: Vec<OutageEntry>,
 }
 
 impl LocalEffects {
@@ -62,6 +66,7 @@ impl LocalEffects {
             injected: Vec::new(),
             resuming: Vec::new(),
             failure: None,
+            outages: Vec::new(),
         }
     }
 }
@@ -101,6 +106,24 @@ impl Effects for LocalEffects {
             r.generation
         ));
         self.resuming.push(Resuming { record: r.clone(), trigger, detect_s });
+        Ok(())
+    }
+
+    async fn control_plane(&mut self, outage: Option<&Outage>) -> Result<(), EffectError> {
+        let open = self.outages.last_mut().filter(|o| o.frozen_s.is_none());
+        match (outage, open) {
+            (Some(o), None) => {
+                self.journal.note(format!("control plane degraded: {}; decisions frozen", o.cause));
+                let reason = o.cause.reason().to_string();
+                self.outages.push(OutageEntry { reason, at_s: self.journal.t, frozen_s: None });
+            }
+            (Some(o), Some(_)) => self.journal.note(format!("control plane still degraded: {}", o.cause)),
+            (None, Some(open)) => {
+                open.frozen_s = Some(self.journal.t - open.at_s);
+                self.journal.note("control plane healthy again; deciding");
+            }
+            (None, None) => {}
+        }
         Ok(())
     }
 

@@ -62,6 +62,20 @@ pub struct Report {
     pub reference_sha256: Option<String>,
     /// The faults injected, as written in the schedule.
     pub faults: Vec<String>,
+    /// Control-plane outages the brain rode out without deciding.
+    #[serde(default)]
+    pub control_plane_outages: Vec<OutageEntry>,
+}
+
+/// One control-plane outage, as the run saw it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct OutageEntry {
+    /// `StoreUnreachable` or `MassDisappearance` (the first cause seen).
+    pub reason: String,
+    /// Seconds after the run started that decisions froze.
+    pub at_s: f64,
+    /// How long decisions stayed frozen (`null`: still frozen when the run ended).
+    pub frozen_s: Option<f64>,
 }
 
 /// Productive step time over wall time.
@@ -215,6 +229,7 @@ mod tests {
             params_sha256: None,
             reference_sha256: None,
             faults: vec!["chip:1/3@5".into()],
+            control_plane_outages: Vec::new(),
         };
         let samples: Vec<Sample> = (0..=10).map(|i| s(i as f64, i)).collect();
         let written = report.write(dir.path(), &samples).expect("write");

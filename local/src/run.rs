@@ -33,7 +33,7 @@ use ninelives_core::fault_schedule::{
     FLAP_HALF_PERIOD_S, FLAP_ONSETS, FaultKind, FaultSchedule, ScheduledFault,
 };
 use ninelives_core::keyspace::{JobKeys, Keyspace};
-use ninelives_core::recovery::{BrainConfig, BrainPhase, Observation, RecoveryState};
+use ninelives_core::recovery::{BrainConfig, BrainPhase, Observation, OutagePolicy, RecoveryState};
 
 use crate::cluster::{AgentPlan, Cluster};
 use crate::effects::{Injected, LocalEffects};
@@ -178,6 +178,8 @@ struct LocalRun<'c> {
     entries: Vec<crate::report::RecoveryEntry>,
     state: Option<RecoveryState>,
     obs: Observation,
+    /// The last control-loop error journaled.
+    last_error: Option<String>,
 }
 
 impl<'c> LocalRun<'c> {
@@ -225,8 +227,10 @@ impl<'c> LocalRun<'c> {
         };
         let store = EtcdStore::new(client.clone(), keys.clone(), NAMESPACE, &name);
         let metrics = cfg.metrics.as_ref().map(|m| m.recovery.clone());
+        let ttl = f64::from(cfg.job.spec.failure_policy.heartbeat_ttl_seconds.max(1));
         Ok(Self {
-            control: ControlLoop::new(brain, job, store, metrics),
+            control: ControlLoop::new(brain, job, store, metrics)
+                .with_outage_policy(OutagePolicy::for_ttl(ttl)),
             fx: LocalEffects::new(RecoveryState::new(names, spares)),
             job_keys: keys.job(NAMESPACE, &name),
             start_unix: unix_now() - t0.elapsed().as_secs_f64(),
@@ -241,6 +245,7 @@ impl<'c> LocalRun<'c> {
             entries: Vec::new(),
             state: None,
             obs: Observation::default(),
+            last_error: None,
         })
     }
 
@@ -345,14 +350,26 @@ impl<'c> LocalRun<'c> {
     /// The control loop's round. An error is journaled and the next round tries again (the
     /// run's deadline bounds a store that stays unreachable).
     async fn decide(&mut self, now: f64) {
-        match self.control.step(&mut self.fx, now).await {
+        let outcome = self.control.step(&mut self.fx, now).await;
+        if outcome.is_ok() {
+            self.last_error = None;
+        }
+        match outcome {
             Ok(Progress::Ran(round)) => {
                 self.obs = round.observation;
                 self.state = Some(round.state);
             }
             Ok(Progress::Finished(state)) => self.state = Some(*state),
-            Ok(Progress::NotStarted | Progress::Fenced) => {}
-            Err(e) => self.fx.journal.note(format!("control loop: {e}")),
+            Ok(Progress::NotStarted | Progress::Fenced | Progress::Frozen(_)) => {}
+            Err(e) => {
+                // Once per distinct error: an outage repeats the same one every round.
+                let text = e.to_string();
+                if self.last_error.as_deref() != Some(text.as_str()) {
+                    self.fx.journal.note(format!("control loop: {text}"));
+                    self.last_error = Some(text);
+                }
+                return;
+            }
         }
     }
 
@@ -494,6 +511,7 @@ impl<'c> LocalRun<'c> {
             params_sha256: tr.digest,
             reference_sha256: None,
             faults: self.cfg.schedule.faults().iter().map(ToString::to_string).collect(),
+            control_plane_outages: self.fx.outages,
         };
         RunOutcome { report, samples: tr.samples, failure: self.fx.failure, interrupted }
     }

@@ -91,6 +91,7 @@ impl Context {
             metrics: metrics.clone(),
             recovery,
             trigger,
+            control_plane: Mutex::default(),
         });
         Self {
             drivers,
@@ -202,7 +203,8 @@ async fn apply(job: &TrainingJob, ctx: &Arc<Context>) -> Result<Action> {
             let terminal = job.status.as_ref().and_then(|s| s.phase).is_some_and(|p| {
                 matches!(p, ninelives_core::job::JobPhase::Succeeded | ninelives_core::job::JobPhase::Failed)
             });
-            let view = read_view(&ctx.etcd, &namespace, &name).await?;
+            let mut view = read_view(&ctx.etcd, &namespace, &name).await?;
+            view.control_plane = ctx.drivers.env().control_plane(&key(job));
             let finished = view.state.as_ref().is_some_and(|s| s.phase.is_terminal());
             if job.spec.suspend || terminal || finished {
                 ctx.drivers.stop(&key(job));

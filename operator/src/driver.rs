@@ -28,7 +28,9 @@ use ninelives_control::{
 };
 use ninelives_core::TrainingJob;
 use ninelives_core::keyspace::Keyspace;
-use ninelives_core::recovery::{BrainConfig, CompletedRecovery, ProgressRecord, RecoveryState};
+use ninelives_core::recovery::{
+    BrainConfig, CompletedRecovery, Outage, OutagePolicy, ProgressRecord, RecoveryState,
+};
 use ninelives_telemetry::recovery::RecoveryMetrics;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
@@ -36,7 +38,7 @@ use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::etcd::SharedEtcd;
-use crate::lifecycle::BrainView;
+use crate::lifecycle::{BrainView, ControlPlaneNote};
 use crate::metrics::Metrics;
 use crate::resources::{RANK_LABEL, ROLE_LABEL, Role, job_selector};
 
@@ -59,6 +61,15 @@ pub struct DriverEnv {
     pub recovery: RecoveryMetrics,
     /// Asks the controller to reconcile a job.
     pub trigger: UnboundedSender<ObjectRef<TrainingJob>>,
+    /// Jobs whose driver freezes decisions (a control-plane outage), by `namespace/name`.
+    pub control_plane: Mutex<HashMap<String, ControlPlaneNote>>,
+}
+
+impl DriverEnv {
+    /// Why the driver of `namespace/name` freezes its decisions, if it does.
+    pub fn control_plane(&self, key: &str) -> Option<ControlPlaneNote> {
+        self.control_plane.lock().ok().and_then(|notes| notes.get(key).cloned())
+    }
 }
 
 /// The running driver tasks, by `namespace/name`.
@@ -106,7 +117,14 @@ impl Drivers {
             spares: job.spec.topology.spare_nodes,
             reconcile: false,
         };
-        tasks.insert(key, tokio::spawn(drive(self.env.clone(), brain, identity, effects)));
+        let ttl = f64::from(job.spec.failure_policy.heartbeat_ttl_seconds.max(1));
+        let outage = OutagePolicy::for_ttl(ttl);
+        tasks.insert(key, tokio::spawn(drive(self.env.clone(), brain, identity, outage, effects)));
+    }
+
+    /// What every driver shares.
+    pub fn env(&self) -> &DriverEnv {
+        &self.env
     }
 
     /// Stops the driver of `namespace/name` (job deleted, suspended or finished).
@@ -129,7 +147,13 @@ impl Drivers {
 }
 
 /// Runs the job's loop until the brain finishes with the job.
-async fn drive(env: Arc<DriverEnv>, brain: BrainConfig, job: JobIdentity, mut effects: KubeEffects) {
+async fn drive(
+    env: Arc<DriverEnv>,
+    brain: BrainConfig,
+    job: JobIdentity,
+    outage: OutagePolicy,
+    mut effects: KubeEffects,
+) {
     let client = loop {
         match env.etcd.client().await {
             Ok(c) => break c,
@@ -140,7 +164,8 @@ async fn drive(env: Arc<DriverEnv>, brain: BrainConfig, job: JobIdentity, mut ef
         }
     };
     let store = EtcdStore::new(client, job.keys.clone(), &job.namespace, &job.name);
-    let mut control = ControlLoop::new(brain, job, store, Some(env.recovery.clone()));
+    let mut control =
+        ControlLoop::new(brain, job, store, Some(env.recovery.clone())).with_outage_policy(outage);
     loop {
         let pause = match control.step(&mut effects, unix_now()).await {
             Ok(Progress::Finished(_)) => None,
@@ -151,7 +176,7 @@ async fn drive(env: Arc<DriverEnv>, brain: BrainConfig, job: JobIdentity, mut ef
                 }
                 (!round.state.phase.is_terminal()).then_some(POLL)
             }
-            Ok(Progress::NotStarted | Progress::Fenced) => Some(POLL),
+            Ok(Progress::NotStarted | Progress::Fenced | Progress::Frozen(_)) => Some(POLL),
             Err(e) => {
                 warn!(job = %control.job(), error = %e, "recovery driver");
                 env.metrics.reconcile_failed(Error::from(e).label());
@@ -271,6 +296,44 @@ impl Effects for KubeEffects {
         self.reconcile = true;
         Ok(())
     }
+
+    /// The `ControlPlaneDegraded` condition (written by the next reconcile that can read the
+    /// record) and an Event now (the apiserver may well be reachable while etcd is not).
+    async fn control_plane(&mut self, outage: Option<&Outage>) -> Result<(), EffectError> {
+        let key = format!("{}/{}", self.namespace, self.name);
+        let note =
+            outage.map(|o| ControlPlaneNote { reason: o.cause.reason(), message: o.cause.to_string() });
+        if let Ok(mut notes) = self.env.control_plane.lock() {
+            match &note {
+                Some(n) => notes.insert(key, n.clone()),
+                None => notes.remove(&key),
+            };
+        }
+        let (type_, reason, text) = match &note {
+            Some(n) => (
+                EventType::Warning,
+                "ControlPlaneDegraded",
+                format!("{}; recovery decisions frozen", n.message),
+            ),
+            None => (
+                EventType::Normal,
+                "ControlPlaneHealthy",
+                "the control plane is healthy again; deciding".into(),
+            ),
+        };
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(text),
+            action: "Observe".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.env.recorder.publish(&event, &self.object).await {
+            warn!(error = %e, "recording the control-plane event");
+        }
+        self.reconcile = true;
+        Ok(())
+    }
 }
 
 /// The brain's record and progress as the reconcile needs them (two reads).
@@ -289,5 +352,5 @@ pub async fn read_view(etcd: &SharedEtcd, namespace: &str, name: &str) -> Result
     // A malformed progress record only hides the step from the status.
     let progress =
         progress.kvs().first().and_then(|kv| serde_json::from_slice::<ProgressRecord>(kv.value()).ok());
-    Ok(BrainView { state, progress })
+    Ok(BrainView { state, progress, control_plane: None })
 }

@@ -44,6 +44,8 @@ pub struct RecoveryMetrics {
     phase: GaugeVec,
     checkpoint_step: GaugeVec,
     checkpoint_time: GaugeVec,
+    control_plane_degraded: GaugeVec,
+    control_plane_outages: CounterVec,
 }
 
 /// One completed recovery, as measured.
@@ -168,8 +170,33 @@ impl RecoveryMetrics {
                 "Commit time of the newest committed checkpoint (unix seconds).",
                 &[],
             )?,
+            control_plane_degraded: gauge(
+                &r,
+                "ninelives_control_plane_degraded",
+                "1 while the brain freezes decisions because the control plane is degraded.",
+                &[],
+            )?,
+            control_plane_outages: counter(
+                &r,
+                "ninelives_control_plane_outages_total",
+                "Control-plane outages the brain rode out without deciding, by cause.",
+                &["reason"],
+            )?,
             registry: r,
         })
+    }
+
+    /// Records that the control plane became degraded (`reason`: the cause's CamelCase reason)
+    /// or, with `None`, that it is healthy again.
+    pub fn control_plane(&self, ns: &str, job: &str, reason: Option<&str>) {
+        let degraded = self.control_plane_degraded.with_label_values(&[ns, job]);
+        match reason {
+            Some(reason) => {
+                degraded.set(1.0);
+                self.control_plane_outages.with_label_values(&[ns, job, reason]).inc();
+            }
+            None => degraded.set(0.0),
+        }
     }
 
     /// Creates every recovery series of a job at zero (each tier, trigger): a series that first
@@ -183,6 +210,10 @@ impl RecoveryMetrics {
             self.resume.with_label_values(&[ns, job, tier]);
         }
         self.steps_lost.with_label_values(&[ns, job]);
+        self.control_plane_degraded.with_label_values(&[ns, job]).set(0.0);
+        for reason in ["StoreUnreachable", "MassDisappearance"] {
+            self.control_plane_outages.with_label_values(&[ns, job, reason]);
+        }
     }
 
     /// Records a completed recovery.

@@ -362,6 +362,19 @@ impl RecoveryState {
     pub fn expected_ranks(&self) -> impl Iterator<Item = u32> + '_ {
         (0..self.node_names.len() as u32).filter(|r| !self.dropped.contains(r))
     }
+
+    /// Names of the nodes of [`RecoveryState::expected_ranks`].
+    pub fn expected_nodes(&self) -> impl Iterator<Item = String> + '_ {
+        self.expected_ranks().filter_map(|r| self.node_names.get(r as usize).cloned())
+    }
+
+    /// Moves the active recovery's deadline `seconds` later: time during which decisions were
+    /// frozen (a control-plane outage) does not count against an attempt.
+    pub fn postpone(&mut self, seconds: f64) {
+        if let Some(active) = self.active.as_mut() {
+            active.deadline += seconds;
+        }
+    }
 }
 
 #[cfg(test)]

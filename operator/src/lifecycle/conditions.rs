@@ -2,10 +2,11 @@
 
 use ninelives_core::job::{JobCondition, JobPhase};
 
-use super::{Detail, JobEvent, Severity};
+use super::{ControlPlaneNote, Detail, JobEvent, Severity};
 
 /// Condition types, always all present, in this order.
-pub const CONDITION_TYPES: [&str; 5] = ["Ready", "Suspended", "Invalid", "Succeeded", "Failed"];
+pub const CONDITION_TYPES: [&str; 6] =
+    ["Ready", "Suspended", "Invalid", "Succeeded", "Failed", "ControlPlaneDegraded"];
 
 pub(super) fn transition_event(
     prior: Option<JobPhase>,
@@ -44,6 +45,7 @@ pub(super) fn conditions(
     phase: JobPhase,
     nodes: u32,
     detail: &Detail,
+    control_plane: Option<&ControlPlaneNote>,
     generation: Option<i64>,
     now: &str,
 ) -> Vec<JobCondition> {
@@ -66,6 +68,10 @@ pub(super) fn conditions(
                 ("Failed", JobPhase::Failed) => {
                     (true, detail.failed.unwrap_or("RecoveryFailed"), detail.text.clone())
                 }
+                ("ControlPlaneDegraded", _) => match control_plane {
+                    Some(note) => (true, note.reason, note.message.clone()),
+                    None => (false, "ControlPlaneHealthy", String::new()),
+                },
                 _ => (false, phase_name(phase), String::new()),
             };
             let status = if on { "True" } else { "False" }.to_string();

@@ -161,6 +161,17 @@ pub struct BrainView {
     pub state: Option<RecoveryState>,
     /// Progress reported by the lead member.
     pub progress: Option<ProgressRecord>,
+    /// The control plane as the job's driver sees it: `Some` while it freezes decisions.
+    pub control_plane: Option<ControlPlaneNote>,
+}
+
+/// Why a job's driver froze its decisions (the `ControlPlaneDegraded` condition).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ControlPlaneNote {
+    /// CamelCase reason (`StoreUnreachable`, `MassDisappearance`).
+    pub reason: &'static str,
+    /// For people.
+    pub message: String,
 }
 
 /// Recoveries kept in `status.recentRecoveries`.
@@ -250,8 +261,16 @@ pub fn plan_with(
     status.observed_generation = job.metadata.generation;
     status.healthy_chips = running_workers.saturating_mul(chips);
     status.spare_chips = running_spares.saturating_mul(chips);
-    status.conditions =
-        conditions::conditions(&prior.conditions, phase, nodes, &detail, job.metadata.generation, now);
+    let control_plane = brain.and_then(|b| b.control_plane.as_ref());
+    status.conditions = conditions::conditions(
+        &prior.conditions,
+        phase,
+        nodes,
+        &detail,
+        control_plane,
+        job.metadata.generation,
+        now,
+    );
 
     let service = !matches!(phase, JobPhase::Invalid | JobPhase::Succeeded | JobPhase::Failed);
     let Changes { create, delete, events } = changes;

@@ -162,7 +162,11 @@ mod brain {
     }
 
     fn view(state: RecoveryState) -> BrainView {
-        BrainView { state: Some(state), progress: Some(ProgressRecord { step: 12, loss: Some(2.5) }) }
+        BrainView {
+            state: Some(state),
+            progress: Some(ProgressRecord { step: 12, loss: Some(2.5) }),
+            control_plane: None,
+        }
     }
 
     fn assigned(job: &TrainingJob, state: &RecoveryState) -> Vec<Pod> {
