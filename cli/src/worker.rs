@@ -72,6 +72,10 @@ pub struct TrainArgs {
     /// peers prove they hold it before any frame is accepted (expert-parallel jobs; required).
     #[arg(long, env = "NINELIVES_JOB_KEY_FILE", requires = "rank")]
     job_key_file: Option<PathBuf>,
+    /// The job's secret itself, from the environment only (worker pods: the operator sets it
+    /// from the job's `<job>-transport-key` Secret); `--job-key-file` wins when both are set.
+    #[arg(skip = std::env::var("NINELIVES_JOB_KEY").ok().filter(|k| !k.is_empty()))]
+    job_key_env: Option<String>,
     /// Prefix of the etcd keyspace (worker pods: the operator's `--etcd-prefix`).
     #[arg(long, env = "NINELIVES_ETCD_PREFIX", default_value = ninelives_core::keyspace::DEFAULT_PREFIX)]
     etcd_prefix: String,
@@ -244,12 +248,18 @@ fn train(args: TrainArgs) -> Result<(), Failure> {
             join_timeout: Duration::from_secs(args.step_timeout_seconds.max(1) * 2),
             checkpoint_every: every,
             security: {
-                let path = args.job_key_file.as_deref().ok_or_else(|| {
-                    Failure::BadInput(
-                        "an expert-parallel member needs --job-key-file (or NINELIVES_JOB_KEY_FILE)".into(),
-                    )
-                })?;
-                let key = JobKey::from_file(path).map_err(|e| Failure::BadInput(e.to_string()))?;
+                let key = match (args.job_key_file.as_deref(), args.job_key_env.as_deref()) {
+                    (Some(path), _) => JobKey::from_file(path),
+                    (None, Some(text)) => JobKey::from_bytes(text.as_bytes()),
+                    (None, None) => {
+                        return Err(Failure::BadInput(
+                            "an expert-parallel member needs --job-key-file (or NINELIVES_JOB_KEY_FILE, \
+                             or the key in NINELIVES_JOB_KEY)"
+                                .into(),
+                        ));
+                    }
+                };
+                let key = key.map_err(|e| Failure::BadInput(e.to_string()))?;
                 Security::Authenticated(JobAuth::new(job_identity(&job), key))
             },
         };

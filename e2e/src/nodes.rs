@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Binding, Container, Node, NodeCondition, NodeStatus, ObjectReference, Pod};
+use k8s_openapi::api::core::v1::{
+    Binding, Container, Node, NodeCondition, NodeStatus, ObjectReference, Pod, Secret,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
@@ -282,10 +284,34 @@ impl Runtime {
         Ok(())
     }
 
+    /// The values of the container's `secretKeyRef` variables, by variable name (a missing
+    /// Secret or key leaves the variable unset, as a kubelet would refuse to start it).
+    async fn secret_values(&self, pod: &Pod, container: &Container) -> BTreeMap<String, String> {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
+        let mut out = BTreeMap::new();
+        for var in container.env.iter().flatten() {
+            let Some(selector) = var.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()) else {
+                continue;
+            };
+            let Ok(Some(secret)) = secrets.get_opt(&selector.name).await else { continue };
+            let from_data = secret.data.as_ref().and_then(|d| d.get(&selector.key)).map(|b| b.0.clone());
+            let from_text = secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(&selector.key))
+                .map(|t| t.clone().into_bytes());
+            if let Some(value) = from_data.or(from_text).and_then(|b| String::from_utf8(b).ok()) {
+                out.insert(var.name.clone(), value);
+            }
+        }
+        out
+    }
+
     async fn launch(&self, api: Api<Pod>, pod: Pod, node: &str) -> Result<()> {
         let spec = pod.spec.clone().unwrap_or_default();
         let Some(container) = spec.containers.first().cloned() else { return Ok(()) };
-        let env = resolve_env(&pod, &container, node);
+        let secrets = self.secret_values(&pod, &container).await;
+        let env = resolve_env(&pod, &container, node, &secrets);
         let expand = |s: &String| expand_vars(s, &env);
         let mut words: Vec<String> = container.command.iter().flatten().map(expand).collect();
         words.extend(container.args.iter().flatten().map(expand));
@@ -403,10 +429,20 @@ async fn report(api: &Api<Pod>, pod: &str, container: &str, outcome: Outcome) {
     }
 }
 
-/// The container's environment with downward-API `fieldRef`s resolved.
-fn resolve_env(pod: &Pod, container: &Container, node: &str) -> BTreeMap<String, String> {
+/// The container's environment with downward-API `fieldRef`s and `secretKeyRef`s (`secrets`:
+/// values by variable name, read by the kubelet's part) resolved.
+fn resolve_env(
+    pod: &Pod,
+    container: &Container,
+    node: &str,
+    secrets: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     for var in container.env.iter().flatten() {
+        if let Some(value) = secrets.get(&var.name) {
+            env.insert(var.name.clone(), value.clone());
+            continue;
+        }
         let value = match (&var.value, var.value_from.as_ref().and_then(|v| v.field_ref.as_ref())) {
             (Some(value), _) => expand_vars(value, &env),
             (None, Some(field)) => match field.field_path.as_str() {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::DynamicObject;
@@ -237,6 +237,7 @@ async fn apply(job: &TrainingJob, ctx: &Arc<Context>) -> Result<Action> {
 
     if service {
         apply_service(job, ctx, &namespace).await?;
+        apply_job_key(job, ctx, &namespace).await?;
         apply_network_policy(job, ctx, &namespace).await?;
         apply_pod_group(job, ctx, &namespace).await?;
     }
@@ -293,6 +294,38 @@ async fn apply_service(job: &TrainingJob, ctx: &Context, namespace: &str) -> Res
 }
 
 /// The job's NetworkPolicy, written only when missing or different.
+/// Creates the job's transport key Secret once (random, 32 bytes as 64 hex digits), owned by
+/// the job so it goes with it. Never rewritten: members of a running generation hold the key.
+async fn apply_job_key(job: &TrainingJob, ctx: &Context, namespace: &str) -> Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let name = crate::resources::job_key_secret(&job.name_any());
+    if secrets.get_opt(&name).await.map_err(|source| Error::Read { what: "secret", source })?.is_some() {
+        return Ok(());
+    }
+    let mut bytes = [0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").map_err(Error::Io)?, &mut bytes)
+        .map_err(Error::Io)?;
+    let key: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(namespace.to_string()),
+            owner_references: job.controller_owner_ref(&()).map(|o| vec![o]),
+            labels: Some([(crate::resources::JOB_LABEL.to_string(), job.name_any())].into()),
+            ..Default::default()
+        },
+        string_data: Some([(crate::resources::JOB_KEY_DATA.to_string(), key)].into()),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    };
+    match secrets.create(&kube::api::PostParams::default(), &secret).await {
+        // Another replica or reconcile created it first: theirs is the key.
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(source) => Err(Error::Apply { what: format!("secret {name}"), source }),
+    }
+}
+
 async fn apply_network_policy(job: &TrainingJob, ctx: &Context, namespace: &str) -> Result<()> {
     let Some(desired) = desired_network_policy(job, &ctx.template)? else { return Ok(()) };
     let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), namespace);

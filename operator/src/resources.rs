@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ObjectFieldSelector,
     PersistentVolumeClaimVolumeSource, Pod, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
-    SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
-    VolumeMount,
+    SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort,
+    ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
@@ -42,16 +42,16 @@ pub const WORKER_PORT: i32 = 29500;
 pub const DEFAULT_WORKER_METRICS_PORT: u16 = 9103;
 /// Where the etcd client Secret ([`WorkerTemplate::etcd_tls_secret`]) is mounted.
 pub const ETCD_TLS_MOUNT: &str = "/etc/ninelives/etcd";
-/// Where the job's transport key Secret ([`job_key_secret`]) is mounted when it exists.
-pub const JOB_KEY_MOUNT: &str = "/etc/ninelives/job-key";
+/// The data key of the job's transport key Secret ([`job_key_secret`]).
+pub const JOB_KEY_DATA: &str = "job-key";
 /// User and group worker containers run as (the image's non-root user; PSA `restricted`).
 pub const WORKER_UID: i64 = 65532;
 /// Kueue's queue label; copied from the job onto its pods and PodGroup.
 pub const KUEUE_QUEUE_LABEL: &str = "kueue.x-k8s.io/queue-name";
 
-/// Name of the Secret with the job's transport key material (`<job>-transport-key`). Every
-/// worker pod mounts it at [`JOB_KEY_MOUNT`] as an optional volume: pods start without it, and
-/// the component that creates per-job keys only has to create this Secret.
+/// Name of the Secret with the job's transport key (`<job>-transport-key`, data key
+/// [`JOB_KEY_DATA`]), created by the operator before the job's pods; every worker pod gets it
+/// as `NINELIVES_JOB_KEY` (peers prove they hold it before any frame is accepted).
 pub fn job_key_secret(job: &str) -> String {
     format!("{job}-transport-key")
 }
@@ -433,9 +433,18 @@ fn worker_pod(job: &TrainingJob, template: &WorkerTemplate, rank: u32, role: Rol
         env_vars.push(env("NINELIVES_ETCD_CERT_FILE", format!("{ETCD_TLS_MOUNT}/tls.crt")));
         env_vars.push(env("NINELIVES_ETCD_KEY_FILE", format!("{ETCD_TLS_MOUNT}/tls.key")));
     }
-    // Hook for per-job transport keys: optional, so pods start before (or without) the Secret.
-    volumes.push(secret_volume("job-key", &job_key_secret(&name), true));
-    mounts.push(read_only_mount("job-key", JOB_KEY_MOUNT));
+    env_vars.push(EnvVar {
+        name: "NINELIVES_JOB_KEY".into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: job_key_secret(&name),
+                key: JOB_KEY_DATA.into(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+    });
     let mut ports = vec![ContainerPort {
         name: Some("worker".into()),
         container_port: WORKER_PORT,
@@ -710,7 +719,7 @@ mod tests {
     }
 
     #[test]
-    fn etcd_tls_secret_and_prefix_reach_the_worker_and_the_job_key_is_an_optional_mount() {
+    fn etcd_tls_secret_and_prefix_reach_the_worker_and_the_job_key_comes_from_its_secret() {
         let job = job("tiny").build();
         let template = WorkerTemplate {
             etcd_prefix: "/team-a/".into(),
@@ -722,8 +731,6 @@ mod tests {
         let volumes: BTreeMap<_, _> = spec.volumes.iter().flatten().map(|v| (v.name.as_str(), v)).collect();
         let etcd = volumes["etcd-tls"].secret.as_ref().unwrap();
         assert_eq!((etcd.secret_name.as_deref(), etcd.optional), (Some("etcd-client"), None));
-        let key = volumes["job-key"].secret.as_ref().unwrap();
-        assert_eq!((key.secret_name.as_deref(), key.optional), (Some("tiny-transport-key"), Some(true)));
         let container = &spec.containers[0];
         let mounts: BTreeMap<_, _> = container
             .volume_mounts
@@ -732,7 +739,10 @@ mod tests {
             .map(|m| (m.name.as_str(), (m.mount_path.as_str(), m.read_only)))
             .collect();
         assert_eq!(mounts["etcd-tls"], (ETCD_TLS_MOUNT, Some(true)));
-        assert_eq!(mounts["job-key"], (JOB_KEY_MOUNT, Some(true)));
+        let key = container.env.iter().flatten().find(|e| e.name == "NINELIVES_JOB_KEY").unwrap();
+        let selector = key.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+        assert_eq!((selector.name.as_str(), selector.key.as_str()), ("tiny-transport-key", JOB_KEY_DATA));
+        assert_eq!(key.value, None, "the key never appears in the pod spec");
         let env: BTreeMap<_, _> =
             container.env.iter().flatten().map(|e| (e.name.as_str(), e.value.as_deref())).collect();
         assert_eq!(env["NINELIVES_ETCD_PREFIX"], Some("/team-a/"));
