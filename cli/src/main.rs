@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum WorkerCommand {
     /// Train a TrainingJob in this process, printing one line per step and the final digest.
-    Train(worker::TrainArgs),
+    Train(Box<worker::TrainArgs>),
     /// Start W expert-parallel worker processes on this machine, coordinate them through etcd,
     /// and print the final digest.
     Launch(launch::LaunchArgs),
@@ -74,7 +74,7 @@ enum Command {
     },
     /// Simulate days of training under a seeded fault trace with the real recovery brain and
     /// compare recovery policies (ETTR, goodput, steps lost, time per tier).
-    Simulate(simulate::SimulateArgs),
+    Simulate(Box<simulate::SimulateArgs>),
     /// The node agent: chip health, etcd presence, local execution of reshard and restore.
     Agent {
         #[command(subcommand)]
@@ -119,7 +119,7 @@ fn main() -> ExitCode {
         }),
         Command::Agent { command } => agent::run(command),
         Command::Simulate(args) => simulate::run(&args),
-        Command::Worker(WorkerCommand::Train(args)) => worker::train_command(args),
+        Command::Worker(WorkerCommand::Train(args)) => worker::train_command(*args),
         Command::Worker(WorkerCommand::Launch(args)) => worker::run(|| launch::launch(args)),
         Command::Demo(args) => demo::run(*args),
         Command::Operator(args) => ninelives_operator::main(*args),

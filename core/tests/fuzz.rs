@@ -116,9 +116,12 @@ fn serde_parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, serde_json::Error
     serde_json::from_slice(bytes)
 }
 
+/// A decoder under test: bytes in, the value or why not.
+type Parser<T> = dyn Fn(&[u8]) -> Result<T, String>;
+
 /// A decoder under test: its parse, what consumes an accepted value, and a valid seed.
 struct Target<T> {
-    parse: Box<dyn Fn(&[u8]) -> Result<T, String>>,
+    parse: Box<Parser<T>>,
     consume: Box<dyn Fn(&T)>,
     seed: Vec<u8>,
 }

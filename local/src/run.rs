@@ -368,7 +368,6 @@ impl<'c> LocalRun<'c> {
                     self.fx.journal.note(format!("control loop: {text}"));
                     self.last_error = Some(text);
                 }
-                return;
             }
         }
     }
