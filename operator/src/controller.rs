@@ -346,13 +346,13 @@ async fn apply_network_policy(job: &TrainingJob, ctx: &Context, namespace: &str)
 /// different. Without the scheduler's CRD this fails, and the job's pods wait: a gang job
 /// scheduled pod by pod could deadlock half-placed.
 async fn apply_pod_group(job: &TrainingJob, ctx: &Context, namespace: &str) -> Result<()> {
-    let Some(gang) = crate::gang::scheduler(job, &ctx.template) else { return Ok(()) };
-    let desired = crate::gang::desired_pod_group(job, gang)?;
+    let Some(gang) = crate::resources::gang::scheduler(job, &ctx.template) else { return Ok(()) };
+    let desired = crate::resources::gang::desired_pod_group(job, gang)?;
     let groups: Api<DynamicObject> =
         Api::namespaced_with(ctx.client.clone(), namespace, &gang.api_resource());
     let name = job.name_any();
     let current = groups.get_opt(&name).await.map_err(|source| Error::Read { what: "podgroup", source })?;
-    if current.is_some_and(|c| crate::gang::pod_group_matches(&c, &desired)) {
+    if current.is_some_and(|c| crate::resources::gang::pod_group_matches(&c, &desired)) {
         return Ok(());
     }
     groups
@@ -393,7 +393,7 @@ async fn cleanup(job: &TrainingJob, ctx: &Context) -> Result<Action> {
         let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
         delete_ignoring_missing(&policies, &name).await?;
     }
-    if let Some(gang) = crate::gang::scheduler(job, &ctx.template) {
+    if let Some(gang) = crate::resources::gang::scheduler(job, &ctx.template) {
         let groups: Api<DynamicObject> =
             Api::namespaced_with(ctx.client.clone(), &namespace, &gang.api_resource());
         delete_ignoring_missing(&groups, &name).await?;

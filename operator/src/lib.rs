@@ -32,7 +32,7 @@ pub mod error;
 pub mod etcd;
 #[cfg(test)]
 mod fixtures;
-pub mod gang;
+pub use resources::gang;
 pub mod leader;
 pub mod lifecycle;
 pub mod metrics;

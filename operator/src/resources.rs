@@ -6,6 +6,7 @@
 //! never touches a pod that already matches — which is what lets a restarted or newly elected
 //! operator take over without disturbing training in flight.
 
+pub mod gang;
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
@@ -111,8 +112,8 @@ pub struct WorkerTemplate {
     pub recovery: Recovery,
     /// A NetworkPolicy per job ([`desired_network_policy`]); `None` creates none.
     pub network_policy: Option<WorkerNetworkPolicy>,
-    /// Scheduler names that get a PodGroup ([`crate::gang`]).
-    pub gang: crate::gang::GangSchedulers,
+    /// Scheduler names that get a PodGroup ([`crate::resources::gang`]).
+    pub gang: crate::resources::gang::GangSchedulers,
     /// Command of spare pods under [`Recovery::Brain`]: they hold their node until the brain
     /// moves a rank there (a fresh worker pod is started then).
     pub standby_command: Vec<String>,
@@ -158,7 +159,7 @@ impl WorkerTemplate {
             etcd_tls_secret: None,
             metrics_port: Some(DEFAULT_WORKER_METRICS_PORT),
             network_policy: None,
-            gang: crate::gang::GangSchedulers::default(),
+            gang: crate::resources::gang::GangSchedulers::default(),
             recovery,
             standby_command: vec!["sleep".into(), "infinity".into()],
         }
@@ -386,12 +387,12 @@ fn worker_pod(job: &TrainingJob, template: &WorkerTemplate, rank: u32, role: Rol
         labels.insert(KUEUE_QUEUE_LABEL.into(), queue.clone());
     }
     let mut annotations = BTreeMap::new();
-    match crate::gang::scheduler(job, template) {
-        Some(crate::gang::Gang::Volcano) => {
-            annotations.insert(crate::gang::VOLCANO_GROUP_ANNOTATION.to_string(), name.clone());
+    match crate::resources::gang::scheduler(job, template) {
+        Some(crate::resources::gang::Gang::Volcano) => {
+            annotations.insert(crate::resources::gang::VOLCANO_GROUP_ANNOTATION.to_string(), name.clone());
         }
-        Some(crate::gang::Gang::Coscheduling) => {
-            labels.insert(crate::gang::COSCHEDULING_GROUP_LABEL.to_string(), name.clone());
+        Some(crate::resources::gang::Gang::Coscheduling) => {
+            labels.insert(crate::resources::gang::COSCHEDULING_GROUP_LABEL.to_string(), name.clone());
         }
         None => {}
     }

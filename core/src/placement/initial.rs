@@ -1,7 +1,7 @@
 //! The initial placement: per layer, EPLB-style replication of the hottest experts, then
 //! balanced, failure-domain-aware, memory-aware packing of the replicas onto each group's chips.
 
-use std::cmp::{Ordering, Reverse};
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 
 use super::error::PlanError;
@@ -9,25 +9,7 @@ use super::ids::ExpertId;
 use super::load::ExpertLoad;
 use super::shape::PlacementShape;
 use super::types::{GroupPlacement, Placement};
-use super::work::Work;
-
-/// An `f64` with a total order (`total_cmp`), so heaps and sorts are deterministic.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) struct Weight(pub f64);
-
-impl Eq for Weight {}
-
-impl PartialOrd for Weight {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Weight {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.0.total_cmp(&other.0)
-    }
-}
+use super::work::{Weight, Work};
 
 /// The first placement of a job, generation 1, on an all-healthy topology (a job starts on the
 /// nodes the scheduler gave it; chips that fail later are handled by

@@ -7,11 +7,12 @@ use serde::{Deserialize, Serialize};
 use super::error::PlanError;
 use super::health::FailedChips;
 use super::ids::ExpertId;
-use super::initial::{IMPROVE_STEPS_PER_CHIP, Weight};
+use super::initial::IMPROVE_STEPS_PER_CHIP;
 use super::load::ExpertLoad;
 use super::plan::{Infeasibility, LoadStats, RecoveryPlan, Tier};
 use super::shape::PlacementShape;
 use super::types::{GroupPlacement, Move, Placement, Source};
+use super::work::Weight;
 use super::work::Work;
 
 /// What happens to replicas lost with a failed chip when their expert still has a live replica.

@@ -4,7 +4,6 @@
 use std::collections::BTreeSet;
 
 use super::ids::ExpertId;
-use super::initial::Weight;
 use super::plan::LayerBalance;
 use super::shape::PlacementShape;
 use super::types::{Move, Source};
@@ -292,5 +291,23 @@ impl<'a> Work<'a> {
             }
         }
         best.map(|(_, _, a, to, b)| (a, to, b))
+    }
+}
+
+/// An `f64` with a total order (`total_cmp`), so heaps and sorts are deterministic.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Weight(pub f64);
+
+impl Eq for Weight {}
+
+impl PartialOrd for Weight {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Weight {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
     }
 }
