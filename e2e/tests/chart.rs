@@ -124,6 +124,8 @@ const USES: &[(&str, &str, &str, &str, &str)] = &[
     ("", "pods", "create", "operator/src/controller.rs", "pods.patch(&pod_name"),
     ("", "pods", "delete", "operator/src/controller.rs", "api.delete(name"),
     ("", "services", "get", "operator/src/controller.rs", "services.get_opt(&name)"),
+    ("", "secrets", "get", "operator/src/controller.rs", "secrets.get_opt(&name)"),
+    ("", "secrets", "create", "operator/src/controller.rs", "secrets.create("),
     (
         "",
         "services",
