@@ -95,6 +95,7 @@ fn recovery() -> Registry {
     metrics.brain("ml", "big", &state, &Observation::default(), 8, 0.5);
     metrics.progress("ml", "big", 10, Some(2.5), Some(0.9));
     metrics.checkpoint("ml", "big", 10, 1.0e9);
+    metrics.control_plane("ml", "big", Some("MassDisappearance"));
     metrics.registry.clone()
 }
 
@@ -162,6 +163,8 @@ fn labels_are_bounded_no_step_token_or_time_labels() {
         "phase",
         "tier",
         "trigger",
+        // Closed sets: a save failure's cause (`no-space`, `io`, ...), an outage's cause.
+        "reason",
         "tj_namespace",
         "trainingjob",
         "job",
