@@ -11,6 +11,8 @@ use crate::report::{RecoveryEntry, Sample};
 pub(crate) struct Training {
     /// Every step line taken, in order.
     pub samples: Vec<Sample>,
+    /// The generation each sample was taken under (parallel to `samples`).
+    generations: Vec<u64>,
     /// (generation, step) of the newest step line taken: members print every step, and after a
     /// rollback the steps start lower again under a newer generation.
     newest: (u64, u64),
@@ -30,6 +32,7 @@ impl Training {
             MemberLine::Step(s) if (generation, s.step) > self.newest => {
                 self.newest = (generation, s.step);
                 self.samples.push(Sample { t, step: s.step, loss: s.loss, tokens_per_s: s.tokens_per_s });
+                self.generations.push(generation);
                 self.last_step = s.step;
                 self.last_loss = Some(s.loss);
                 self.last_tps = Some(s.tokens_per_s);
@@ -45,7 +48,12 @@ impl Training {
     pub fn resumed(&self, r: &Resuming, start_unix: f64) -> Option<RecoveryEntry> {
         let unix = |s: &Sample| start_unix + s.t;
         let samples = &self.samples;
-        let i = samples.iter().position(|s| unix(s) >= r.record.resumed_at)?;
+        // The first step of the generation that resumed: a step line of the old generation may
+        // be read only after the brain saw the recovery complete, and it resumed nothing.
+        let i = samples
+            .iter()
+            .zip(&self.generations)
+            .position(|(s, &g)| g >= r.record.generation && unix(s) >= r.record.resumed_at)?;
         let first = samples[i];
         // Work thrown away: the newest step reached before the fault was detected, minus the
         // step training went on from. Split at detection, not at completion: a restore is
@@ -121,5 +129,41 @@ mod tests {
         assert!(tr.resumed(&early, 1000.0).is_none(), "not resumed yet");
         tr.take(2, &format!("params_sha256={}", "0f".repeat(32)), 18.0);
         assert_eq!(tr.digest.as_deref(), Some("0f".repeat(32).as_str()));
+    }
+
+    #[test]
+    fn an_old_generations_step_read_late_does_not_count_as_the_resume() {
+        let mut tr = Training::default();
+        for s in 1..=12 {
+            tr.take(1, &step(s), f64::from(u32::try_from(s).unwrap()));
+        }
+        // Generation 2 restarts from step 0; a member's step 13 of generation 1 is read only
+        // after the brain recorded the recovery complete (t = 12.9 > resumed_at).
+        tr.take(1, &step(13), 12.9);
+        for (t, s) in [(13.0, 1), (13.5, 2)] {
+            tr.take(2, &step(s), t);
+        }
+        let record = CompletedRecovery {
+            id: 1,
+            kind: TriggerKind::Chip,
+            trigger: "chip node-1/3".into(),
+            triggers: vec![],
+            tier: Rung::Reshard,
+            plan_tier: "reshard".into(),
+            fault_at: None,
+            detected_at: 1000.0 + 12.2,
+            resumed_at: 1000.0 + 12.8,
+            detect_s: None,
+            resume_s: 0.6,
+            steps_lost: 12,
+            rollback_to: None,
+            generation: 2,
+            escalations: 0,
+            experts_moved: 0,
+        };
+        let r = Resuming { record, trigger: "chip:1/3".into(), detect_s: Some(0.1) };
+        let entry = tr.resumed(&r, 1000.0).unwrap();
+        assert_eq!(entry.steps_lost, 12, "rolled back to step 0");
+        assert!((entry.resume_s - 0.8).abs() < 1e-9, "{}", entry.resume_s);
     }
 }
