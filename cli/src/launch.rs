@@ -462,7 +462,11 @@ async fn resume_record(
 ) -> Result<(), Failure> {
     let store = CheckpointStore::open(&args.checkpoint_dir, job.spec.checkpoint.keep_last.max(1) as usize)?;
     let Some((step, _)) = store.newest_verified()? else { return Ok(()) };
-    let record = CheckpointRecord { step, location: Some(store.step_dir(step).display().to_string()) };
+    let record = CheckpointRecord {
+        step,
+        location: Some(store.step_dir(step).display().to_string()),
+        generation: None,
+    };
     let value = serde_json::to_string(&record).map_err(|e| Failure::BadInput(e.to_string()))?;
     client.put(keys.checkpoint(step), value, None).await.map_err(etcd_failure("resume record"))?;
     Ok(())

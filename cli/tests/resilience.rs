@@ -25,7 +25,7 @@ use ninelives_core::placement::PlacementShape;
 use ninelives_core::recovery::ProgressRecord;
 use ninelives_testkit::EtcdServer;
 use ninelives_worker::dist::auth::JobKey;
-use ninelives_worker::dist::rendezvous::{Etcd, Stamped};
+use ninelives_worker::dist::rendezvous::Etcd;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ninelives");
 /// The step timeout the members run with.
@@ -395,9 +395,9 @@ fn members_keep_training_through_a_15_second_etcd_pause_and_re_register() {
         let digest = job.finish(Duration::from_secs(90));
         // The leader's progress, buffered through the outage, is in etcd with its generation.
         let link = Etcd::connect(&[etcd.endpoint()], keys.clone()).unwrap();
-        let progress: Stamped<ProgressRecord> =
+        let progress: ProgressRecord =
             serde_json::from_slice(&link.get(&keys.progress()).unwrap().unwrap()).unwrap();
-        assert_eq!((progress.record.step, progress.generation), (STEPS, 1));
+        assert_eq!((progress.step, progress.generation), (STEPS, Some(1)));
         let expected = reference.join().unwrap();
         assert_eq!(digest, expected, "bit-identical to the uninterrupted single process");
         expected
@@ -534,7 +534,7 @@ fn members_fail_over_when_one_etcd_of_three_is_killed() {
         loop {
             // The survivors elect a new leader right after the kill: this test's own read may
             // meet "leader changed" like any client, and retries (bounded by the deadline).
-            let progress: Option<Stamped<ProgressRecord>> = match link.get(&keys.progress()) {
+            let progress: Option<ProgressRecord> = match link.get(&keys.progress()) {
                 Ok(value) => value.map(|v| serde_json::from_slice(&v).unwrap()),
                 Err(e) if e.is_transient_etcd() => None,
                 Err(e) => panic!("reading progress through the survivors: {e}"),
@@ -542,7 +542,7 @@ fn members_fail_over_when_one_etcd_of_three_is_killed() {
             let step = job.members[0].step();
             if killed.elapsed() > Duration::from_secs(5)
                 && let Some(p) = &progress
-                && p.record.step + 20 >= step
+                && p.step + 20 >= step
                 && step > 0
             {
                 break;

@@ -32,6 +32,15 @@ pub enum Restore {
     /// Keep the in-memory state (reroute): members agree on the lowest step any of them
     /// reached and the ones ahead roll their last update back.
     InMemory,
+    /// Roll back to the in-memory peer snapshot of `step` (no disk read): every surviving member
+    /// restores its own host-memory snapshot of `step`; an expert a member gains is copied from
+    /// its previous owner's snapshot if that member survives, else from a buddy's copy; dense and
+    /// replicated parameters come from any surviving member. The brain picks `step` only when
+    /// the members' [`PeerRecord`](crate::recovery::PeerRecord)s cover every expert at it.
+    Peer {
+        /// Snapshot step.
+        step: u64,
+    },
 }
 
 /// Why a generation was published: the first one, a rung of the recovery ladder, or the brain
@@ -136,6 +145,17 @@ pub struct DistPlan {
     pub restore: Restore,
     /// Why this generation exists.
     pub tier: GenerationTier,
+    /// The members that keep a host-memory copy of each member's training state
+    /// ([`crate::peer::buddies`]); empty without peer copies.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub buddies: BTreeMap<u32, Vec<u32>>,
+    /// Members snapshot their state to their buddies every this many steps (≥ 1).
+    #[serde(default = "default_peer_interval")]
+    pub peer_interval_steps: u64,
+}
+
+fn default_peer_interval() -> u64 {
+    1
 }
 
 impl DistPlan {
@@ -218,6 +238,8 @@ pub fn initial_plan(shape: &PlacementShape, restore: Restore) -> Result<DistPlan
         restore,
         tier: GenerationTier::Initial,
         placement,
+        buddies: BTreeMap::new(),
+        peer_interval_steps: default_peer_interval(),
     })
 }
 
@@ -257,7 +279,15 @@ pub fn from_brain(
             Restore::InMemory
         }
     };
-    Ok(DistPlan { placement: placement.clone(), members, experts, restore, tier })
+    Ok(DistPlan {
+        placement: placement.clone(),
+        members,
+        experts,
+        restore,
+        tier,
+        buddies: BTreeMap::new(),
+        peer_interval_steps: default_peer_interval(),
+    })
 }
 
 /// [`from_brain`] for a generation the brain just published, with the members (the ranks it

@@ -323,10 +323,18 @@ pub struct CheckpointSpec {
     /// restored without rolling back.
     #[serde(default)]
     pub peer_copies: u32,
+    /// With peer copies, members refresh them every this many steps (1: every step, so a
+    /// failure between steps loses nothing).
+    #[serde(default = "default_peer_interval_steps")]
+    pub peer_interval_steps: u64,
 }
 
 fn default_keep_last() -> u32 {
     3
+}
+
+fn default_peer_interval_steps() -> u64 {
+    1
 }
 
 /// A rung of the recovery ladder, cheapest first.

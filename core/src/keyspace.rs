@@ -138,6 +138,16 @@ impl JobKeys {
     pub fn progress(&self) -> String {
         format!("{}progress", self.root)
     }
+
+    /// Prefix of the members' in-memory peer snapshot records.
+    pub fn peers(&self) -> String {
+        format!("{}peers/", self.root)
+    }
+
+    /// What one member's host memory holds for a peer restore ([`PeerRecord`](crate::recovery::PeerRecord)).
+    pub fn peer(&self, rank: u32) -> String {
+        format!("{}peers/{rank}", self.root)
+    }
 }
 
 /// Health of one chip as published in etcd.

@@ -15,6 +15,7 @@ pub mod keyspace;
 pub mod manifest;
 pub mod member_output;
 pub mod model;
+pub mod peer;
 pub mod placement;
 pub mod quantity;
 pub mod recovery;

@@ -191,6 +191,12 @@ impl JobShape {
                 ),
             ));
         }
+        if spec.checkpoint.peer_interval_steps == 0 {
+            out.push(Violation::new(
+                "spec.checkpoint.peerIntervalSteps",
+                "peerIntervalSteps must be at least 1 (snapshot every step or every few)".to_string(),
+            ));
+        }
         let mut seen = Vec::new();
         for (i, tier) in spec.failure_policy.allowed_tiers.iter().enumerate() {
             if seen.contains(tier) {

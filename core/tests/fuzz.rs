@@ -177,11 +177,16 @@ fn control() -> Target<ControlRecord> {
 }
 
 fn progress() -> Target<ProgressRecord> {
-    target(serde_parse::<ProgressRecord>, |_| {}, &ProgressRecord { step: 12, loss: Some(2.5) })
+    target(
+        serde_parse::<ProgressRecord>,
+        |_| {},
+        &ProgressRecord { step: 12, loss: Some(2.5), generation: Some(3) },
+    )
 }
 
 fn checkpoint() -> Target<CheckpointRecord> {
-    let seed = CheckpointRecord { step: 40, location: Some("/ckpt/step-000000000040".into()) };
+    let seed =
+        CheckpointRecord { step: 40, location: Some("/ckpt/step-000000000040".into()), generation: None };
     target(serde_parse::<CheckpointRecord>, |_| {}, &seed)
 }
 

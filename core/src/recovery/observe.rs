@@ -26,6 +26,10 @@ pub struct ProgressRecord {
     /// Loss at that step.
     #[serde(default)]
     pub loss: Option<f64>,
+    /// The generation the writer had joined (absent from writers that predate it); a write of
+    /// an older generation than the brain's is stale and ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
 }
 
 /// A committed checkpoint at `jobs/<ns>/<job>/checkpoints/<step>`.
@@ -37,6 +41,9 @@ pub struct CheckpointRecord {
     /// Where it is.
     #[serde(default)]
     pub location: Option<String>,
+    /// The generation the writer had joined (see [`ProgressRecord::generation`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
 }
 
 /// A worker's acknowledgement of a generation at `jobs/<ns>/<job>/acks/<gen>/<rank>`: the
@@ -48,6 +55,26 @@ pub struct CheckpointRecord {
 pub struct MemberAck {
     /// Updates the member has applied.
     pub step: u64,
+    /// The generation acknowledged (must equal the key's; absent from older writers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+}
+
+/// What one member's host memory holds for a peer restore, at `jobs/<ns>/<job>/peers/<rank>`
+/// (written by the member, latest wins). A step is listed only once it is complete: the member
+/// keeps its own snapshot of it and every buddy acknowledged its copy (two-phase), so every
+/// member agrees which steps are restorable.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerRecord {
+    /// The generation whose buddies made the copies.
+    pub generation: u64,
+    /// Steps of this member's own complete snapshots (dense, its experts, optimizer moments,
+    /// data position), ascending.
+    pub own: Vec<u64>,
+    /// Copies of other members' state held here: rank → steps, ascending.
+    #[serde(default)]
+    pub holds: BTreeMap<u32, Vec<u64>>,
 }
 
 /// Everything one decision looks at.
@@ -67,6 +94,8 @@ pub struct Observation {
     pub acks: BTreeMap<u64, BTreeMap<String, Ack>>,
     /// Ranks whose worker acknowledged each generation itself ([`MemberAck`]).
     pub joined: BTreeMap<u64, BTreeSet<u32>>,
+    /// The members' peer snapshot records, by rank.
+    pub peers: BTreeMap<u32, PeerRecord>,
 }
 
 impl Observation {
@@ -119,6 +148,14 @@ impl Observation {
                         bad.push(malformed(key, &format!("record says step {} under key step {s}", r.step)))
                     }
                     (Err(_), _) => bad.push(malformed(key, "checkpoint step is not a number")),
+                    (_, Err(e)) => bad.push(malformed(key, &e.to_string())),
+                }
+            } else if let Some(rank) = rest.strip_prefix("peers/") {
+                match (rank.parse::<u32>(), serde_json::from_slice::<PeerRecord>(value)) {
+                    (Ok(r), Ok(record)) => {
+                        obs.peers.insert(r, record);
+                    }
+                    (Err(_), _) => bad.push(malformed(key, "rank is not a number")),
                     (_, Err(e)) => bad.push(malformed(key, &e.to_string())),
                 }
             } else if rest == "progress" {

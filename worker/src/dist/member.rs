@@ -285,6 +285,11 @@ fn member_loop(
                     }
                     before_update = None;
                 }
+                Restore::Peer { step } => {
+                    return Err(WorkerError::Rendezvous(format!(
+                        "generation {generation} restores peer snapshot {step}, which this member does not keep yet"
+                    )));
+                }
                 Restore::InMemory => {
                     let trainer = guard.as_mut().ok_or_else(|| {
                         WorkerError::Rendezvous(

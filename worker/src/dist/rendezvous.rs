@@ -5,8 +5,8 @@
 //! lease), `placement` ([`DistPlan`], written by the control loop), `acks/<gen>/<rank>` (the step
 //! a member has when it joins a generation). The generation's leader also reports for the
 //! recovery brain: `progress` ([`ProgressRecord`], after every step) and `checkpoints/<step>`
-//! ([`CheckpointRecord`], one per committed checkpoint still kept), each [`Stamped`] with the
-//! generation it was written in.
+//! ([`CheckpointRecord`], one per committed checkpoint still kept), each carrying the
+//! generation it was written in, so a buffered write replayed late is recognisably stale.
 //!
 //! The control plane is not the data plane: a [`Session`] never makes training wait for etcd.
 //! Its writes are buffered and delivered in the background (newest wins per key), its lease is
@@ -57,19 +57,6 @@ pub struct Ack {
     /// The generation acknowledged (also in the key; absent in values written before it was
     /// added).
     #[serde(default)]
-    pub generation: u64,
-}
-
-/// A member's write for the recovery brain (core's [`ProgressRecord`] or [`CheckpointRecord`])
-/// stamped with the generation it was made in: a buffered write replayed after a newer
-/// generation was published is recognisably stale. Serialized flat, so core's record types
-/// (which ignore fields they do not know) read it unchanged.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-pub struct Stamped<T> {
-    /// The record.
-    #[serde(flatten)]
-    pub record: T,
-    /// Generation the member was in when it wrote the record.
     pub generation: u64,
 }
 
@@ -462,15 +449,19 @@ impl Session {
     /// Reports the last completed step of `generation` and its loss at `progress` (buffered;
     /// only the newest report is kept).
     pub fn report_progress(&self, generation: u64, step: u64, loss: f64) {
-        let record = ProgressRecord { step, loss: Some(loss) };
-        self.queue_json(Slot::Progress, &Stamped { record, generation });
+        let record = ProgressRecord { step, loss: Some(loss), generation: Some(generation) };
+        self.queue_json(Slot::Progress, &record);
     }
 
     /// Records the checkpoint committed at `step` in `location`, under `checkpoints/<step>`
     /// (buffered).
     pub fn record_checkpoint(&self, generation: u64, step: u64, location: &Path) {
-        let record = CheckpointRecord { step, location: Some(location.display().to_string()) };
-        self.queue_json(Slot::Checkpoint(step), &Stamped { record, generation });
+        let record = CheckpointRecord {
+            step,
+            location: Some(location.display().to_string()),
+            generation: Some(generation),
+        };
+        self.queue_json(Slot::Checkpoint(step), &record);
     }
 
     /// Deletes the record of the checkpoint of `step` (retention removed it; buffered).
@@ -769,21 +760,10 @@ mod tests {
     }
 
     #[test]
-    fn stamped_records_read_as_core_records() {
-        let stamped = Stamped { record: ProgressRecord { step: 7, loss: Some(1.5) }, generation: 3 };
-        let bytes = serde_json::to_vec(&stamped).unwrap();
-        let plain: ProgressRecord = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(plain, stamped.record);
-        assert_eq!(serde_json::from_slice::<Stamped<ProgressRecord>>(&bytes).unwrap(), stamped);
-        let ck = Stamped {
-            record: CheckpointRecord { step: 4, location: Some("/c/step-4".into()) },
-            generation: 2,
-        };
-        let plain: CheckpointRecord = serde_json::from_slice(&serde_json::to_vec(&ck).unwrap()).unwrap();
-        assert_eq!(plain, ck.record);
+    fn acks_read_as_core_member_acks() {
         let ack: ninelives_core::recovery::MemberAck =
             serde_json::from_slice(&serde_json::to_vec(&Ack { step: 5, generation: 9 }).unwrap()).unwrap();
-        assert_eq!(ack.step, 5);
+        assert_eq!((ack.step, ack.generation), (5, Some(9)));
         assert_eq!(serde_json::from_slice::<Ack>(br#"{"step":5}"#).unwrap(), Ack { step: 5, generation: 0 });
     }
 }
