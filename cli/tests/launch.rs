@@ -13,69 +13,8 @@ use std::time::{Duration, Instant};
 
 use ninelives_testkit::EtcdServer;
 
-const BIN: &str = env!("CARGO_BIN_EXE_ninelives");
-
-/// A small MoE (2 layers × 4 routed experts) on 4 one-chip nodes, 4 micro-batches per step: the
-/// failure tests train it for 6 steps (the exactness test uses `examples/tiny.yaml` itself).
-fn manifest(dir: &Path, name: &str, redundant: u32) -> String {
-    let text = format!(
-        r#"apiVersion: ninelives.io/v1alpha1
-kind: TrainingJob
-metadata:
-  name: {name}
-spec:
-  model:
-    layers: 2
-    hiddenSize: 64
-    heads: 2
-    vocabSize: 256
-    routedExperts: 4
-    zeroExperts: 1
-    topK: 2
-    expertFfnSize: 64
-    seqLen: 32
-  topology:
-    nodes: 4
-    chipsPerNode: 1
-    chipMemory: 1Gi
-  parallelism:
-    expertParallelSize: 4
-    redundantExperts: {redundant}
-  data:
-    datasets: [/usr/share/common-licenses]
-    globalBatchSize: 8
-    microBatchSize: 2
-    seed: 7
-  training:
-    steps: 8
-    learningRate:
-      peak: 0.003
-      min: 0.0003
-      warmupSteps: 2
-      schedule: cosine
-    adamw:
-      beta1: 0.9
-      beta2: 0.95
-      epsilon: 1.0e-8
-      weightDecay: 0.1
-    gradClip: 1.0
-  checkpoint:
-    path: {ckpt}
-    intervalSteps: 2
-    keepLast: 10
-  failurePolicy:
-    heartbeatTtlSeconds: 3
-    maxRecoveries: 20
-    minHealthyFraction: 0.5
-    allowedTiers: [reroute, reshard, restore, replace]
-    recoveryTimeoutSeconds: 60
-"#,
-        ckpt = dir.join("overridden-by-checkpoint-dir").display()
-    );
-    let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, text).unwrap();
-    path.to_string_lossy().into_owned()
-}
+mod common;
+use common::{BIN, SmallJob, digest_of};
 
 fn launch(manifest: &str, workers: u32, etcd: &EtcdServer, checkpoints: &Path, steps: u32) -> Command {
     let mut cmd = Command::new(BIN);
@@ -86,27 +25,6 @@ fn launch(manifest: &str, workers: u32, etcd: &EtcdServer, checkpoints: &Path, s
         .env("NO_COLOR", "1")
         .env("RUST_LOG", "warn");
     cmd
-}
-
-fn single(manifest: &str, checkpoints: &Path, steps: u32) -> String {
-    let out = Command::new(BIN)
-        .args(["worker", "train", manifest, "--steps", &steps.to_string(), "--threads", "1"])
-        .arg("--checkpoint-dir")
-        .arg(checkpoints)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    digest_of(&stdout)
-}
-
-fn digest_of(stdout: &str) -> String {
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with("params_sha256="))
-        .unwrap_or_else(|| panic!("no digest in:\n{stdout}"));
-    line["params_sha256=".len()..].to_string()
 }
 
 /// Runs a launch to completion, returning its stdout.
@@ -201,7 +119,7 @@ fn four_workers_train_bit_identically_to_one() {
     );
     assert_eq!(digest_of(&four), digest_of(&one), "4 workers == 1 worker");
     // The W-worker checkpoint is an ordinary checkpoint: a single process resumes from it.
-    let single_digest = single(&m, &dir.path().join("single"), 4);
+    let single_digest = common::single(&m, &dir.path().join("single"), Some(4));
     assert_eq!(digest_of(&one), single_digest, "launch --workers 1 == worker train");
 }
 
@@ -209,8 +127,8 @@ fn four_workers_train_bit_identically_to_one() {
 fn kill_9_mid_step_aborts_drops_the_node_restores_from_the_checkpoint_and_stays_exact() {
     let etcd = EtcdServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let m = manifest(dir.path(), "reshard", 0);
-    let expected = single(&m, &dir.path().join("single"), 6);
+    let m = SmallJob::named("reshard").write(dir.path());
+    let expected = common::single(&m, &dir.path().join("single"), Some(6));
 
     let mut job = Running::start(&mut launch(&m, 4, &etcd, &dir.path().join("ckpt"), 6));
     // The leader records a checkpoint in etcd before it prints the line: the brain knows it.
@@ -237,8 +155,8 @@ fn losing_a_replicated_worker_continues_in_memory_and_stays_exact() {
     let etcd = EtcdServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     // Every expert twice, on two different workers.
-    let m = manifest(dir.path(), "reroute", 4);
-    let expected = single(&m, &dir.path().join("single"), 6);
+    let m = SmallJob { redundant: 4, ..SmallJob::named("reroute") }.write(dir.path());
+    let expected = common::single(&m, &dir.path().join("single"), Some(6));
 
     let mut job = Running::start(&mut launch(&m, 4, &etcd, &dir.path().join("ckpt"), 6));
     job.wait_for("step 3", Duration::from_secs(120), |l| l.starts_with("[rank 0] step=3 "));

@@ -13,7 +13,6 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -23,99 +22,17 @@ use ninelives_core::generation::{Restore, initial_plan, worker_shape};
 use ninelives_core::keyspace::{JobKeys, Keyspace};
 use ninelives_core::placement::PlacementShape;
 use ninelives_core::recovery::ProgressRecord;
-use ninelives_testkit::EtcdServer;
+use ninelives_testkit::{EtcdCluster, EtcdServer};
 use ninelives_worker::dist::auth::JobKey;
 use ninelives_worker::dist::rendezvous::Etcd;
 
-const BIN: &str = env!("CARGO_BIN_EXE_ninelives");
+mod common;
+use common::{BIN, SmallJob, digest_of};
 /// The step timeout the members run with.
 const STEP_TIMEOUT_SECONDS: u64 = 20;
 
-/// A small MoE (2 layers × 4 routed experts), `nodes` one-chip nodes, checkpoints every
-/// `interval` steps.
-fn manifest(dir: &Path, name: &str, nodes: u32, steps: u64, interval: u64) -> String {
-    let text = format!(
-        r#"apiVersion: ninelives.io/v1alpha1
-kind: TrainingJob
-metadata:
-  name: {name}
-spec:
-  model:
-    layers: 2
-    hiddenSize: 64
-    heads: 2
-    vocabSize: 256
-    routedExperts: 4
-    zeroExperts: 1
-    topK: 2
-    expertFfnSize: 64
-    seqLen: 32
-  topology:
-    nodes: {nodes}
-    chipsPerNode: 1
-    chipMemory: 1Gi
-  parallelism:
-    expertParallelSize: {nodes}
-  data:
-    datasets: [/usr/share/common-licenses]
-    globalBatchSize: 8
-    microBatchSize: 2
-    seed: 7
-  training:
-    steps: {steps}
-    learningRate:
-      peak: 0.003
-      min: 0.0003
-      warmupSteps: 2
-      schedule: cosine
-    adamw:
-      beta1: 0.9
-      beta2: 0.95
-      epsilon: 1.0e-8
-      weightDecay: 0.1
-    gradClip: 1.0
-  checkpoint:
-    path: {ckpt}
-    intervalSteps: {interval}
-    keepLast: 3
-  failurePolicy:
-    heartbeatTtlSeconds: 3
-    maxRecoveries: 20
-    minHealthyFraction: 0.5
-    allowedTiers: [reroute, reshard, restore, replace]
-    recoveryTimeoutSeconds: 60
-"#,
-        ckpt = dir.join("overridden").display()
-    );
-    let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, text).unwrap();
-    path.to_string_lossy().into_owned()
-}
-
 fn job_keys(name: &str) -> JobKeys {
     Keyspace::default().job("default", name)
-}
-
-fn digest_of(stdout: &str) -> String {
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with("params_sha256="))
-        .unwrap_or_else(|| panic!("no digest in:\n{stdout}"));
-    line["params_sha256=".len()..].to_string()
-}
-
-/// One process's digest after the manifest's steps: the uninterrupted reference.
-fn single(manifest: &str, checkpoints: &Path) -> String {
-    let out = Command::new(BIN)
-        .args(["worker", "train", manifest, "--threads", "1"])
-        .arg("--checkpoint-dir")
-        .arg(checkpoints)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    digest_of(&stdout)
 }
 
 /// One member process, its stdout lines with arrival times, its stderr in a file.
@@ -344,9 +261,11 @@ fn members_keep_training_through_a_15_second_etcd_pause_and_re_register() {
     const STEPS: u64 = 1000;
     let dir = tempfile::tempdir().unwrap();
     let etcd = EtcdServer::start().unwrap();
-    let m = manifest(dir.path(), "paused-etcd", 3, STEPS, 250);
+    let m =
+        SmallJob { nodes: 3, steps: STEPS, interval: 250, keep_last: 3, ..SmallJob::named("paused-etcd") }
+            .write(dir.path());
     let expected = std::thread::scope(|s| {
-        let reference = s.spawn(|| single(&m, &dir.path().join("single")));
+        let reference = s.spawn(|| common::single(&m, &dir.path().join("single"), None));
         let mut job =
             Job::start(&m, "paused-etcd", 3, &[etcd.endpoint()], &dir.path().join("ckpt"), dir.path());
         let keys = job_keys(&job.name);
@@ -410,9 +329,11 @@ fn a_worker_paused_for_less_than_the_step_timeout_costs_no_abort() {
     const STEPS: u64 = 300;
     let dir = tempfile::tempdir().unwrap();
     let etcd = EtcdServer::start().unwrap();
-    let m = manifest(dir.path(), "paused-worker", 3, STEPS, 100);
+    let m =
+        SmallJob { nodes: 3, steps: STEPS, interval: 100, keep_last: 3, ..SmallJob::named("paused-worker") }
+            .write(dir.path());
     std::thread::scope(|s| {
-        let reference = s.spawn(|| single(&m, &dir.path().join("single")));
+        let reference = s.spawn(|| common::single(&m, &dir.path().join("single"), None));
         let mut job =
             Job::start(&m, "paused-worker", 3, &[etcd.endpoint()], &dir.path().join("ckpt"), dir.path());
         job.members[0].wait_step(10, Duration::from_secs(30));
@@ -441,87 +362,16 @@ fn a_worker_paused_for_less_than_the_step_timeout_costs_no_abort() {
     });
 }
 
-/// A 3-member etcd cluster on loopback (Debian's etcd), killed on drop.
-struct EtcdCluster {
-    members: Vec<Option<Child>>,
-    clients: Vec<String>,
-    _dir: tempfile::TempDir,
-}
-
-impl EtcdCluster {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
-        let peers: Vec<String> = ports.iter().map(|(_, p)| format!("http://127.0.0.1:{p}")).collect();
-        let clients: Vec<String> = ports.iter().map(|(c, _)| format!("http://127.0.0.1:{c}")).collect();
-        let initial: Vec<String> = peers.iter().enumerate().map(|(i, p)| format!("e{i}={p}")).collect();
-        let members = (0..3)
-            .map(|i| {
-                let log = std::fs::File::create(dir.path().join(format!("e{i}.log"))).unwrap();
-                Some(
-                    Command::new("etcd")
-                        .arg(format!("--name=e{i}"))
-                        .arg(format!("--data-dir={}", dir.path().join(format!("e{i}")).display()))
-                        .arg(format!("--listen-client-urls={}", clients[i]))
-                        .arg(format!("--advertise-client-urls={}", clients[i]))
-                        .arg(format!("--listen-peer-urls={}", peers[i]))
-                        .arg(format!("--initial-advertise-peer-urls={}", peers[i]))
-                        .arg(format!("--initial-cluster={}", initial.join(",")))
-                        .arg("--initial-cluster-state=new")
-                        .arg("--log-level=warn")
-                        .arg("--unsafe-no-fsync")
-                        .stdout(log.try_clone().unwrap())
-                        .stderr(log)
-                        .spawn()
-                        .unwrap(),
-                )
-            })
-            .collect();
-        let cluster = Self { members, clients, _dir: dir };
-        for c in &cluster.clients {
-            let addr = c.trim_start_matches("http://").parse().unwrap();
-            assert!(
-                ninelives_testkit::wait_healthy(
-                    addr,
-                    "/health",
-                    "\"health\":\"true\"",
-                    Duration::from_secs(30)
-                ),
-                "etcd member {c} not healthy"
-            );
-        }
-        cluster
-    }
-
-    fn kill(&mut self, i: usize) {
-        if let Some(mut child) = self.members[i].take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for EtcdCluster {
-    fn drop(&mut self) {
-        for i in 0..self.members.len() {
-            self.kill(i);
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[test]
 fn members_fail_over_when_one_etcd_of_three_is_killed() {
     const STEPS: u64 = 400;
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = EtcdCluster::start();
-    let endpoints = cluster.clients.clone();
-    let m = manifest(dir.path(), "failover", 2, STEPS, 100);
+    let mut cluster = EtcdCluster::start().unwrap();
+    let endpoints = cluster.endpoints().to_vec();
+    let m = SmallJob { nodes: 2, steps: STEPS, interval: 100, keep_last: 3, ..SmallJob::named("failover") }
+        .write(dir.path());
     std::thread::scope(|s| {
-        let reference = s.spawn(|| single(&m, &dir.path().join("single")));
+        let reference = s.spawn(|| common::single(&m, &dir.path().join("single"), None));
         let mut job = Job::start(&m, "failover", 2, &endpoints, &dir.path().join("ckpt"), dir.path());
         let keys = job_keys(&job.name);
         job.members[0].wait_step(10, Duration::from_secs(30));
@@ -608,14 +458,15 @@ fn a_full_checkpoint_disk_fails_one_save_and_training_goes_on() {
     const STEPS: u64 = 40;
     let dir = tempfile::tempdir().unwrap();
     let etcd = EtcdServer::start().unwrap();
-    let m = manifest(dir.path(), "full-disk", 2, STEPS, 10);
+    let m = SmallJob { nodes: 2, steps: STEPS, interval: 10, keep_last: 3, ..SmallJob::named("full-disk") }
+        .write(dir.path());
     let disk = Tmpfs::mount(dir.path().join("disk"), "16m");
     let checkpoints = disk.path.join("ckpt");
     std::fs::create_dir_all(&checkpoints).unwrap();
     let ballast = disk.path.join("ballast");
     fill(&ballast);
     std::thread::scope(|s| {
-        let reference = s.spawn(|| single(&m, &dir.path().join("single")));
+        let reference = s.spawn(|| common::single(&m, &dir.path().join("single"), None));
         let mut job = Job::start(&m, "full-disk", 2, &[etcd.endpoint()], &checkpoints, dir.path());
         // The first save (step 10) finds the disk full.
         let failed = job.members[0]

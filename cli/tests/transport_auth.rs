@@ -9,7 +9,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -20,75 +19,10 @@ use ninelives_worker::dist::link::HANDSHAKE_TIMEOUT;
 use ninelives_worker::dist::rendezvous::Etcd;
 use ninelives_worker::dist::wire::{FrameReader, Msg, ReadError, write_frame};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ninelives");
+mod common;
+use common::{BIN, SmallJob, digest_of};
 // Long enough (a few tens of milliseconds a step) that the members outlive every attack.
 const STEPS: u32 = 400;
-
-/// A small MoE (2 layers × 4 routed experts) on 2 one-chip nodes.
-fn manifest(dir: &Path) -> String {
-    let text = format!(
-        r#"apiVersion: ninelives.io/v1alpha1
-kind: TrainingJob
-metadata:
-  name: attacked
-spec:
-  model:
-    layers: 2
-    hiddenSize: 64
-    heads: 2
-    vocabSize: 256
-    routedExperts: 4
-    zeroExperts: 1
-    topK: 2
-    expertFfnSize: 64
-    seqLen: 32
-  topology:
-    nodes: 2
-    chipsPerNode: 1
-    chipMemory: 1Gi
-  parallelism:
-    expertParallelSize: 2
-  data:
-    datasets: [/usr/share/common-licenses]
-    globalBatchSize: 8
-    microBatchSize: 2
-    seed: 7
-  training:
-    steps: {STEPS}
-    learningRate:
-      peak: 0.003
-      min: 0.0003
-      warmupSteps: 2
-      schedule: cosine
-    adamw:
-      beta1: 0.9
-      beta2: 0.95
-      epsilon: 1.0e-8
-      weightDecay: 0.1
-    gradClip: 1.0
-  checkpoint:
-    path: {ckpt}
-    intervalSteps: 100
-    keepLast: 10
-  failurePolicy:
-    heartbeatTtlSeconds: 3
-    maxRecoveries: 20
-    minHealthyFraction: 0.5
-    allowedTiers: [reroute, reshard, restore, replace]
-    recoveryTimeoutSeconds: 60
-"#,
-        ckpt = dir.join("unused").display()
-    );
-    let path = dir.join("attacked.yaml");
-    std::fs::write(&path, text).unwrap();
-    path.to_string_lossy().into_owned()
-}
-
-fn digest_of(stdout: &str) -> String {
-    let line =
-        stdout.lines().rev().find(|l| l.contains("params_sha256=")).unwrap_or_else(|| panic!("{stdout}"));
-    line[line.find("params_sha256=").unwrap() + "params_sha256=".len()..].to_string()
-}
 
 /// Connects with short timeouts (the worker must answer or close promptly).
 fn dial(addr: SocketAddr) -> TcpStream {
@@ -175,7 +109,8 @@ fn attack(addr: SocketAddr) {
 fn strangers_are_refused_and_training_is_unaffected() {
     let etcd = EtcdServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let m = manifest(dir.path());
+    let m = SmallJob { nodes: 2, steps: u64::from(STEPS), interval: 100, ..SmallJob::named("attacked") }
+        .write(dir.path());
 
     let single = Command::new(BIN)
         .args(["worker", "train", &m, "--threads", "1"])

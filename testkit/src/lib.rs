@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+pub mod cluster;
 pub mod modules;
 pub mod prometheus;
 
@@ -46,6 +47,7 @@ pub enum TestkitError {
     },
 }
 
+pub use cluster::EtcdCluster;
 pub use ninelives_telemetry::free_port;
 
 /// Finds `binary` on `PATH`.
