@@ -91,16 +91,7 @@ pub struct Link {
 }
 
 fn expected(what: &'static str, got: &Msg) -> LinkError {
-    let got = match got {
-        Msg::Hello { .. } => "Hello",
-        Msg::Challenge { .. } => "Challenge",
-        Msg::Proof { .. } => "Proof",
-        Msg::Forward { .. } => "Forward",
-        Msg::Backward { .. } => "Backward",
-        Msg::Reply { .. } => "Reply",
-        Msg::Refused { .. } => "Refused",
-        Msg::Push { .. } => "Push",
-    };
+    let got = got.name();
     LinkError::Unexpected { expected: what, got: got.into() }
 }
 

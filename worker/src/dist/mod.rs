@@ -12,6 +12,7 @@
 //! - [`service`]: the owner side of the expert all-to-all;
 //! - [`engine`]: one training step, identical in math for one worker and for many;
 //! - [`rendezvous`]: etcd membership, plan, acknowledgements, generation watch;
+//! - [`peer`]: in-memory peer snapshots (own and buddies' copies), pure;
 //! - [`member`]: a member's life: join a generation, train, abort, rejoin.
 
 pub mod auth;
@@ -20,6 +21,7 @@ pub mod engine;
 mod fuzz;
 pub mod link;
 pub mod member;
+pub mod peer;
 pub mod plan;
 pub mod rendezvous;
 pub mod service;

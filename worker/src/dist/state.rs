@@ -8,6 +8,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use super::link::LinkConfig;
+use super::peer::PeerStore;
 use super::service::ExpertService;
 use crate::error::{Result, WorkerError};
 use crate::trainer::Trainer;
@@ -180,6 +181,8 @@ pub struct Shared {
     pub step_timeout: Duration,
     /// How connections are authenticated and bounded.
     pub link: LinkConfig,
+    /// In-memory peer snapshots: own, and copies held for buddies (kept across generations).
+    pub peers: Mutex<PeerStore>,
     state: Mutex<ServeState>,
     changed: Condvar,
     inbox: Mutex<Inbox>,
@@ -198,6 +201,7 @@ impl Shared {
             stop: AtomicBool::new(false),
             step_timeout,
             link,
+            peers: Mutex::new(PeerStore::default()),
             state: Mutex::new(ServeState::default()),
             changed: Condvar::new(),
             inbox: Mutex::new(Inbox::default()),

@@ -23,7 +23,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::engine::{decode_state, encode_state};
 use super::link::{Link, MAX_HANDSHAKES};
+use super::peer::Snapshot;
 pub use super::state::POLL;
 use super::state::{RoundState, Shared};
 use super::wire::{Msg, ReadError};
@@ -175,6 +177,29 @@ fn serve_link(link: &mut Link, shared: &Shared) -> std::result::Result<(), Strin
                     Err(reason) => Msg::Refused { reason },
                 }
             }
+            Msg::PeerCopy { generation: g, step, payload } if g == generation => {
+                // Kept for the connection's authenticated rank; a refused copy ends the connection.
+                let (params, moments) = decode_state(&payload).map_err(|e| e.to_string())?;
+                let copy = Snapshot { step, params, moments };
+                shared.peers.lock().map_err(|_| "peer store lock poisoned".to_string())?.hold(peer, copy).map_err(
+                    |e| {
+                        let _ = link.send(&Msg::Refused { reason: e.to_string() });
+                        e.to_string()
+                    },
+                )?;
+                Msg::PeerAck { step }
+            }
+            Msg::PeerFetch { generation: g, step, dense, experts } if g == generation => {
+                let found = shared
+                    .peers
+                    .lock()
+                    .map_err(|_| "peer store lock poisoned".to_string())?
+                    .find(step, dense, &experts);
+                match found {
+                    Some(s) => Msg::PeerState { step, payload: encode_state(&s.params, &s.moments) },
+                    None => Msg::Refused { reason: format!("rank {} keeps nothing of step {step}", shared.rank) },
+                }
+            }
             other => {
                 // A member never sends these here: the connection is not what it claims.
                 let reason =
@@ -189,16 +214,7 @@ fn serve_link(link: &mut Link, shared: &Shared) -> std::result::Result<(), Strin
 }
 
 fn variant(msg: &Msg) -> &'static str {
-    match msg {
-        Msg::Hello { .. } => "Hello",
-        Msg::Challenge { .. } => "Challenge",
-        Msg::Proof { .. } => "Proof",
-        Msg::Forward { .. } => "Forward",
-        Msg::Backward { .. } => "Backward",
-        Msg::Reply { .. } => "Reply",
-        Msg::Refused { .. } => "Refused",
-        Msg::Push { .. } => "Push",
-    }
+    msg.name()
 }
 
 /// The TCP [`Collective`] of one member in one generation.
@@ -276,6 +292,65 @@ impl TcpCollective {
         let conn = self.conns.get(&peer).ok_or_else(|| self.fail(format!("rank {peer} is not a peer")))?;
         let mut conn = conn.lock().map_err(|_| self.fail("connection lock poisoned".into()))?;
         conn.send(msg).map_err(|e| self.fail(format!("rank {peer} is gone: {e}")))
+    }
+
+    /// Sends `snapshot` (a copy for `peer` to keep) and waits for its acknowledgement, within the
+    /// step timeout. Returns the bytes sent. Holds the connection meanwhile, so it runs beside
+    /// the step's local compute (a background thread), never inside a request of the step.
+    pub fn send_copy(&self, peer: u32, snapshot: &Snapshot) -> std::result::Result<u64, String> {
+        let msg = Msg::PeerCopy {
+            generation: self.generation,
+            step: snapshot.step,
+            payload: encode_state(&snapshot.params, &snapshot.moments),
+        };
+        let answer = self.request(peer, &msg)?;
+        match answer {
+            (Msg::PeerAck { step }, n) if step == snapshot.step => Ok(n),
+            (other, _) => Err(format!("rank {peer} answered a copy with {}", variant(&other))),
+        }
+    }
+
+    /// Asks `peer` for what it keeps of `step` (see [`Msg::PeerFetch`]). `Ok(None)`: it has
+    /// nothing of that step.
+    pub fn fetch(
+        &self,
+        peer: u32,
+        step: u64,
+        dense: bool,
+        experts: &[crate::model::ExpertId],
+    ) -> std::result::Result<Option<Snapshot>, String> {
+        let msg = Msg::PeerFetch { generation: self.generation, step, dense, experts: experts.to_vec() };
+        match self.request(peer, &msg)? {
+            (Msg::PeerState { step: s, payload }, _) if s == step => {
+                let (params, moments) =
+                    decode_state(&payload).map_err(|e| format!("rank {peer} sent a malformed state: {e}"))?;
+                Ok(Some(Snapshot { step, params, moments }))
+            }
+            (Msg::Refused { .. }, _) => Ok(None),
+            (other, _) => Err(format!("rank {peer} answered a fetch with {}", variant(&other))),
+        }
+    }
+
+    /// One request and its answer on `peer`'s connection, within the step timeout; does not
+    /// abandon the step on failure (the caller decides).
+    fn request(&self, peer: u32, msg: &Msg) -> std::result::Result<(Msg, u64), String> {
+        let conn = self.conns.get(&peer).ok_or_else(|| format!("rank {peer} is not a peer"))?;
+        let mut conn = conn.lock().map_err(|_| "connection lock poisoned".to_string())?;
+        let sent = conn.send(msg).map_err(|e| format!("rank {peer} is gone: {e}"))?;
+        let deadline = Instant::now() + self.shared.step_timeout;
+        loop {
+            match conn.recv() {
+                Ok(Some(answer)) => return Ok((answer, sent)),
+                Ok(None) => {}
+                Err(e) => return Err(format!("rank {peer}: {e}")),
+            }
+            if self.shared.stop.load(Ordering::SeqCst) {
+                return Err("stopping".into());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("rank {peer} did not answer within {:?}", self.shared.step_timeout));
+            }
+        }
     }
 
     /// Closes every outgoing connection, so peers waiting on us see the end at once.

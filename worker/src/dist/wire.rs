@@ -10,7 +10,7 @@
 use std::io::{ErrorKind, Read, Write};
 
 use super::auth::{FRAME_TAG_BYTES, FrameKey, Nonce, Tag};
-use crate::model::ExpertCall;
+use crate::model::{ExpertCall, ExpertId};
 use crate::trainer::TrainerConfig;
 
 /// Largest frame read before a connection is authenticated (the handshake's frames are < 100 B).
@@ -113,6 +113,40 @@ pub enum Msg {
         /// Round-specific bytes (see `engine`).
         payload: Vec<u8>,
     },
+    /// The sender's peer snapshot copy (its experts' parameters and moments at `step`) for this
+    /// member to keep; answered by [`Msg::PeerAck`]. The owner is the connection's rank.
+    PeerCopy {
+        /// Generation.
+        generation: u64,
+        /// Step of the snapshot.
+        step: u64,
+        /// Tensors ([`super::engine`]'s state encoding).
+        payload: Vec<u8>,
+    },
+    /// The copy of `step` is kept.
+    PeerAck {
+        /// Step.
+        step: u64,
+    },
+    /// Asks for the state of `step` this member keeps (own snapshot or held copies): the dense
+    /// parameters when `dense`, and `experts`; answered by [`Msg::PeerState`] or [`Msg::Refused`].
+    PeerFetch {
+        /// Generation.
+        generation: u64,
+        /// Step.
+        step: u64,
+        /// Whether the dense parameters are wanted.
+        dense: bool,
+        /// Routed experts wanted.
+        experts: Vec<ExpertId>,
+    },
+    /// What the member has of a [`Msg::PeerFetch`] (possibly only part of it).
+    PeerState {
+        /// Step.
+        step: u64,
+        /// Tensors ([`super::engine`]'s state encoding).
+        payload: Vec<u8>,
+    },
 }
 
 const HELLO: u8 = 1;
@@ -123,6 +157,10 @@ const REFUSED: u8 = 5;
 const PUSH: u8 = 6;
 const CHALLENGE: u8 = 7;
 const PROOF: u8 = 8;
+const PEER_COPY: u8 = 9;
+const PEER_ACK: u8 = 10;
+const PEER_FETCH: u8 = 11;
+const PEER_STATE: u8 = 12;
 
 /// A frame or payload that does not decode.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -278,6 +316,24 @@ fn get_call(d: &mut Dec<'_>) -> Result<ExpertCall, Malformed> {
 }
 
 impl Msg {
+    /// The variant's name (for errors and logs).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Msg::Hello { .. } => "Hello",
+            Msg::Challenge { .. } => "Challenge",
+            Msg::Proof { .. } => "Proof",
+            Msg::Forward { .. } => "Forward",
+            Msg::Backward { .. } => "Backward",
+            Msg::Reply { .. } => "Reply",
+            Msg::Refused { .. } => "Refused",
+            Msg::Push { .. } => "Push",
+            Msg::PeerCopy { .. } => "PeerCopy",
+            Msg::PeerAck { .. } => "PeerAck",
+            Msg::PeerFetch { .. } => "PeerFetch",
+            Msg::PeerState { .. } => "PeerState",
+        }
+    }
+
     /// The frame body (without the length prefix).
     pub fn encode(&self) -> Vec<u8> {
         let mut e = Enc::new();
@@ -310,6 +366,21 @@ impl Msg {
             Msg::Push { generation, step, round, payload } => {
                 e.u8(PUSH).u64(*generation).u64(*step).u8(*round).bytes(payload);
             }
+            Msg::PeerCopy { generation, step, payload } => {
+                e.u8(PEER_COPY).u64(*generation).u64(*step).bytes(payload);
+            }
+            Msg::PeerAck { step } => {
+                e.u8(PEER_ACK).u64(*step);
+            }
+            Msg::PeerFetch { generation, step, dense, experts } => {
+                e.u8(PEER_FETCH).u64(*generation).u64(*step).u8(u8::from(*dense)).u32(experts.len() as u32);
+                for x in experts {
+                    e.u32(x.layer).u32(x.expert);
+                }
+            }
+            Msg::PeerState { step, payload } => {
+                e.u8(PEER_STATE).u64(*step).bytes(payload);
+            }
         }
         e.finish()
     }
@@ -334,6 +405,26 @@ impl Msg {
             REPLY => Msg::Reply { data: d.f32s()? },
             REFUSED => Msg::Refused { reason: d.str()? },
             PUSH => Msg::Push { generation: d.u64()?, step: d.u64()?, round: d.u8()?, payload: d.bytes()? },
+            PEER_COPY => Msg::PeerCopy { generation: d.u64()?, step: d.u64()?, payload: d.bytes()? },
+            PEER_ACK => Msg::PeerAck { step: d.u64()? },
+            PEER_FETCH => {
+                let (generation, step) = (d.u64()?, d.u64()?);
+                let dense = match d.u8()? {
+                    0 => false,
+                    1 => true,
+                    other => return Err(Malformed(format!("dense flag {other}"))),
+                };
+                let n = d.u32()? as usize;
+                // Each expert takes 8 bytes: a count the frame cannot hold is refused up front.
+                if n.checked_mul(8).is_none_or(|b| b > body.len()) {
+                    return Err(Malformed(format!("{n} experts in a {}-byte frame", body.len())));
+                }
+                let experts = (0..n)
+                    .map(|_| Ok(ExpertId::new(d.u32()?, d.u32()?)))
+                    .collect::<Result<Vec<_>, Malformed>>()?;
+                Msg::PeerFetch { generation, step, dense, experts }
+            }
+            PEER_STATE => Msg::PeerState { step: d.u64()?, payload: d.bytes()? },
             other => return Err(Malformed(format!("unknown message tag {other}"))),
         };
         d.end()?;
@@ -502,7 +593,45 @@ mod tests {
             Msg::Reply { data: vec![] },
             Msg::Refused { reason: "generation 3 ended".into() },
             Msg::Push { generation: 2, step: 0, round: 3, payload: vec![0, 255, 7] },
+            Msg::PeerCopy { generation: 4, step: 12, payload: vec![1, 2, 3] },
+            Msg::PeerAck { step: 12 },
+            Msg::PeerFetch { generation: 4, step: 12, dense: true, experts: vec![ExpertId::new(1, 3)] },
+            Msg::PeerState { step: 12, payload: vec![9; 5] },
         ]
+    }
+
+    #[test]
+    fn forged_peer_fetches_are_refused_before_allocating() {
+        // A count of experts the frame cannot hold.
+        let mut e = Enc::new();
+        e.u8(PEER_FETCH).u64(1).u64(2).u8(0).u32(u32::MAX);
+        assert!(Msg::decode(&e.finish()).is_err());
+        // A flag that is not a bool.
+        let mut e = Enc::new();
+        e.u8(PEER_FETCH).u64(1).u64(2).u8(7).u32(0);
+        assert!(Msg::decode(&e.finish()).is_err());
+        // A copy whose payload length runs past the frame.
+        let mut e = Enc::new();
+        e.u8(PEER_COPY).u64(1).u64(2).u32(1 << 30).raw(&[0; 8]);
+        assert!(Msg::decode(&e.finish()).is_err());
+        // Every truncation of every peer message is an error, never a panic.
+        for msg in samples().into_iter().skip(8) {
+            let body = msg.encode();
+            for cut in 0..body.len() {
+                assert!(Msg::decode(&body[..cut]).is_err(), "{msg:?} cut at {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_oversized_peer_copy_is_refused_from_its_length_prefix() {
+        let msg = Msg::PeerCopy { generation: 1, step: 1, payload: vec![0; 4096] };
+        let mut bytes = Vec::new();
+        write_frame(&mut bytes, &msg, None).unwrap();
+        let mut reader = FrameReader::new(1024);
+        let err = reader.next(&mut &bytes[..]).unwrap_err();
+        assert!(matches!(err, ReadError::TooLarge { limit: 1024, .. }), "{err:?}");
+        assert!(reader.buffered() <= 8, "the body was never buffered");
     }
 
     #[test]
