@@ -423,7 +423,10 @@ pub(super) fn decode_partials(bytes: &[u8]) -> Result<Vec<(String, f64)>, Malfor
     Ok(out)
 }
 
-pub(super) fn encode_state(params: &BTreeMap<String, HostTensor>, moments: &BTreeMap<String, Moments>) -> Vec<u8> {
+pub(super) fn encode_state(
+    params: &BTreeMap<String, HostTensor>,
+    moments: &BTreeMap<String, Moments>,
+) -> Vec<u8> {
     let mut e = Enc::new();
     e.u32(params.len() as u32);
     for (name, p) in params {

@@ -55,8 +55,18 @@ impl Snapshot {
         };
         Snapshot {
             step: self.step,
-            params: self.params.iter().filter(|(n, _)| keep(n)).map(|(n, t)| (n.clone(), t.clone())).collect(),
-            moments: self.moments.iter().filter(|(n, _)| keep(n)).map(|(n, m)| (n.clone(), m.clone())).collect(),
+            params: self
+                .params
+                .iter()
+                .filter(|(n, _)| keep(n))
+                .map(|(n, t)| (n.clone(), t.clone()))
+                .collect(),
+            moments: self
+                .moments
+                .iter()
+                .filter(|(n, _)| keep(n))
+                .map(|(n, m)| (n.clone(), m.clone()))
+                .collect(),
         }
     }
 
@@ -189,7 +199,8 @@ impl PeerStore {
     pub fn find(&self, step: u64, dense: bool, experts: &[ExpertId]) -> Option<Snapshot> {
         let mut out = Snapshot { step, ..Snapshot::default() };
         let mut missing: Vec<ExpertId> = experts.to_vec();
-        let sources = self.own_at(step).into_iter().chain(self.held.values().filter_map(|c| c.get(&step).cloned()));
+        let sources =
+            self.own_at(step).into_iter().chain(self.held.values().filter_map(|c| c.get(&step).cloned()));
         let mut first = true;
         for source in sources {
             let own_dense = dense && first && self.own.contains_key(&step);
