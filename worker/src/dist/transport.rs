@@ -181,12 +181,15 @@ fn serve_link(link: &mut Link, shared: &Shared) -> std::result::Result<(), Strin
                 // Kept for the connection's authenticated rank; a refused copy ends the connection.
                 let (params, moments) = decode_state(&payload).map_err(|e| e.to_string())?;
                 let copy = Snapshot { step, params, moments };
-                shared.peers.lock().map_err(|_| "peer store lock poisoned".to_string())?.hold(peer, copy).map_err(
-                    |e| {
+                shared
+                    .peers
+                    .lock()
+                    .map_err(|_| "peer store lock poisoned".to_string())?
+                    .hold(peer, copy)
+                    .map_err(|e| {
                         let _ = link.send(&Msg::Refused { reason: e.to_string() });
                         e.to_string()
-                    },
-                )?;
+                    })?;
                 Msg::PeerAck { step }
             }
             Msg::PeerFetch { generation: g, step, dense, experts } if g == generation => {
@@ -197,7 +200,9 @@ fn serve_link(link: &mut Link, shared: &Shared) -> std::result::Result<(), Strin
                     .find(step, dense, &experts);
                 match found {
                     Some(s) => Msg::PeerState { step, payload: encode_state(&s.params, &s.moments) },
-                    None => Msg::Refused { reason: format!("rank {} keeps nothing of step {step}", shared.rank) },
+                    None => {
+                        Msg::Refused { reason: format!("rank {} keeps nothing of step {step}", shared.rank) }
+                    }
                 }
             }
             other => {
