@@ -68,6 +68,10 @@ pub struct TrainArgs {
     /// Longest a step waits for a live peer before it is abandoned (expert-parallel jobs).
     #[arg(long, default_value_t = 60)]
     step_timeout_seconds: u64,
+    /// TTL of the member's registration lease (expert-parallel jobs). Default: the longer of the
+    /// job's heartbeat TTL and the step timeout, so a pause the peers ride out is not a loss.
+    #[arg(long, requires = "rank")]
+    membership_ttl_seconds: Option<u64>,
     /// The job's secret (a file of at least 32 bytes; worker pods: the job's Secret, mounted):
     /// peers prove they hold it before any frame is accepted (expert-parallel jobs; required).
     #[arg(long, env = "NINELIVES_JOB_KEY_FILE", requires = "rank")]

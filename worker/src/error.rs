@@ -96,6 +96,15 @@ pub enum WorkerError {
         /// than never (permission denied, bad argument): a member waits out the first kind.
         transient: bool,
     },
+    /// A peer restore needs state of `step` that neither this member's memory nor any reachable
+    /// member holds (the brain then falls back to a disk checkpoint).
+    #[error("no peer snapshot of step {step} holds {missing}")]
+    NoPeerSnapshot {
+        /// The step to restore.
+        step: u64,
+        /// What is missing (this member's own snapshot, the dense parameters, experts).
+        missing: String,
+    },
 }
 
 impl WorkerError {
@@ -122,6 +131,7 @@ impl WorkerError {
             WorkerError::Aborted(_) => "aborted",
             WorkerError::Rendezvous(_) => "rendezvous",
             WorkerError::Etcd { .. } => "etcd",
+            WorkerError::NoPeerSnapshot { .. } => "peer_snapshot_missing",
         }
     }
 }

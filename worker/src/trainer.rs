@@ -182,6 +182,25 @@ impl Trainer {
         Ok(Self { config, corpus, model, optimizer, step: cursor.next_step })
     }
 
+    /// A trainer continuing at `step` from parameters and moments held in host memory (a peer
+    /// snapshot): the dense parameters and the experts given, nothing read from disk.
+    pub fn from_host_state(
+        config: TrainerConfig,
+        corpus: Arc<Corpus>,
+        params: BTreeMap<String, HostTensor>,
+        moments: BTreeMap<String, Moments>,
+        step: u64,
+    ) -> Result<Self> {
+        config.check()?;
+        corpus.check_fits(config.dims.seq_len as usize)?;
+        let model = MoeTransformer::from_values(config.dims, params)?;
+        let mut optimizer = AdamW::new(&config.training, config.total_steps, &model);
+        for (name, m) in moments {
+            optimizer.set_moments(&name, m)?;
+        }
+        Ok(Self { config, corpus, model, optimizer, step })
+    }
+
     /// Restores a checkpoint directory into this trainer's existing memory: parameters, Adam
     /// moments and the step. The checkpoint must hold every parameter this trainer holds (the
     /// dense ones and its experts); only those shards are read. Nothing is allocated per tensor,

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::engine::{DistStepReport, HostState, Routing, gather_checkpoint, run_step};
+use super::peer::{PeerStore, Snapshot};
 use super::link::{LinkConfig, MAX_CONNECTIONS, Security};
 use super::rendezvous::{Backoff, Etcd, Session};
 use super::state::{POLL, Shared};
@@ -17,7 +18,11 @@ use crate::data::Corpus;
 use crate::error::{Result, WorkerError};
 use crate::model::{ExpertId, ParamOwner};
 use crate::trainer::{Trainer, TrainerConfig};
-use ninelives_core::generation::{GenerationTier, Restore, agreed_step};
+use ninelives_core::generation::{DistPlan, GenerationTier, Restore, agreed_step};
+use ninelives_core::recovery::PeerRecord;
+use std::collections::BTreeSet;
+use std::sync::MutexGuard;
+use std::sync::atomic::AtomicU64;
 
 /// How a member runs.
 #[derive(Clone, Debug)]
@@ -74,6 +79,19 @@ pub enum MemberEvent<'a> {
         generation: u64,
         /// Why.
         reason: &'a str,
+    },
+    /// A peer snapshot was taken (its copies go to the buddies in the background).
+    PeerSnapshot {
+        /// Step of the snapshot.
+        step: u64,
+        /// Host memory of this member's own snapshots kept, bytes.
+        own_bytes: u64,
+        /// Host memory of the copies held for other members, bytes.
+        held_bytes: u64,
+        /// Bytes of copies this member has put on the wire so far (framing included).
+        sent_bytes: u64,
+        /// Steps of its own snapshots that are complete (every buddy acknowledged).
+        complete: &'a [u64],
     },
     /// The leader committed a checkpoint.
     Committed(&'a SaveReport),
@@ -200,6 +218,11 @@ fn member_loop(
     let mut saver = BackgroundSaver::new(store.clone());
     // The checkpoint the previous generation restored from (retention keeps it).
     let mut previous_restore: Option<u64> = None;
+    // The previous generation's plan (who held which expert: where a gained expert comes from).
+    let mut previous_plan: Option<DistPlan> = None;
+    // The peer record last published.
+    let mut published: Option<PeerRecord> = None;
+    let peer_sent = Arc::new(AtomicU64::new(0));
     loop {
         // Wait for a generation newer than the last one joined.
         let mut patience = Patience::new(options.join_timeout);
@@ -228,6 +251,13 @@ fn member_loop(
             )));
         }
         let mine = plan.experts_of(rank).to_vec();
+        // Copies this member keeps in this generation: of the members it is a buddy of.
+        let keeps_for: BTreeSet<u32> =
+            plan.buddies.iter().filter(|(_, b)| b.contains(&rank)).map(|(r, _)| *r).collect();
+        peers(shared)?.begin(generation, keeps_for);
+        // A peer restore that needs state from other members (fetched once connected).
+        let mut pending_peer: Option<(u64, Option<Arc<Snapshot>>)> = None;
+        let mut peer_step: Option<u64> = None;
 
         // Obtain the generation's state.
         {
@@ -286,9 +316,43 @@ fn member_loop(
                     before_update = None;
                 }
                 Restore::Peer { step } => {
-                    return Err(WorkerError::Rendezvous(format!(
-                        "generation {generation} restores peer snapshot {step}, which this member does not keep yet"
-                    )));
+                    let own = peers(shared)?.own_at(step);
+                    let wanted: BTreeSet<ExpertId> = mine.iter().copied().collect();
+                    match (guard.as_mut(), own) {
+                        // A member that keeps its experts restores its own snapshot in place.
+                        (Some(trainer), Some(own))
+                            if trainer.model().held_experts() == mine && own.experts() == wanted =>
+                        {
+                            let bytes = own.bytes();
+                            if let Err(err) =
+                                trainer.restore_host_state(own.params.clone(), own.moments.clone(), step)
+                            {
+                                *guard = None; // partly overwritten: never train on it
+                                return Err(err);
+                            }
+                            tracing::info!(
+                                generation,
+                                step,
+                                bytes,
+                                "restored from peer memory in place (own snapshot); no checkpoint read"
+                            );
+                        }
+                        // A member that trained without keeping this step cannot rejoin at it.
+                        (Some(_), None) => {
+                            return Err(WorkerError::NoPeerSnapshot {
+                                step,
+                                missing: format!("rank {rank}'s own snapshot"),
+                            });
+                        }
+                        // Gained experts, or no state at all (a replacement): fetched from the
+                        // other members once connected. The old state is never trained on.
+                        (_, own) => {
+                            *guard = None;
+                            pending_peer = Some((step, own));
+                        }
+                    }
+                    peer_step = Some(step);
+                    before_update = None;
                 }
                 Restore::InMemory => {
                     let trainer = guard.as_mut().ok_or_else(|| {
@@ -322,14 +386,16 @@ fn member_loop(
                 }
             }
         }
-        let my_step = shared.trainer.read().ok().and_then(|g| g.as_ref().map(Trainer::step)).unwrap_or(0);
+        let my_step = peer_step.unwrap_or_else(|| {
+            shared.trainer.read().ok().and_then(|g| g.as_ref().map(Trainer::step)).unwrap_or(0)
+        });
         // What the restore left in memory (equal to `mine` on every path), as reported.
         let held = shared
             .trainer
             .read()
             .ok()
             .and_then(|g| g.as_ref().map(|t| t.model().held_experts().len()))
-            .unwrap_or(0);
+            .unwrap_or(if pending_peer.is_some() { mine.len() } else { 0 });
         session.ack(generation, my_step);
 
         // The generation barrier: every member acknowledged.
@@ -417,8 +483,23 @@ fn member_loop(
             }
             Err(e) => return Err(e),
         };
+        if let Some((step, own)) = pending_peer.take() {
+            let fetched =
+                restore_from_peers(config, corpus, shared, &coll, &plan, previous_plan.as_ref(), &mine, step, own);
+            match fetched {
+                Ok(()) => {}
+                Err(WorkerError::Aborted(reason)) => {
+                    events(MemberEvent::Aborted { generation, reason: &reason });
+                    coll.shutdown();
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        previous_plan = Some(plan.clone());
         let routing = Arc::new(Routing::new(plan));
         let total = config.total_steps;
+        let mut sender: Option<std::thread::JoinHandle<()>> = None;
         let outcome: Result<Option<String>> = (|| {
             loop {
                 let step =
@@ -439,6 +520,27 @@ fn member_loop(
                     collective_bytes: after.1 - counters.1,
                     expert_payload_bytes: after.2 - counters.2,
                 });
+                let plan = &routing.plan;
+                if !plan.buddies.is_empty() && report.step % plan.peer_interval_steps.max(1) == 0 {
+                    // One send in flight: the previous copies go out before the next are taken.
+                    if let Some(previous) = sender.take() {
+                        let _ = previous.join();
+                    }
+                    let buddies = plan.buddies.get(&rank).cloned().unwrap_or_default();
+                    sender = snapshot(shared, &coll, report.step, buddies, &peer_sent)?;
+                    let store = peers(shared)?;
+                    let (own_bytes, held_bytes) = store.bytes();
+                    let complete = store.complete();
+                    drop(store);
+                    events(MemberEvent::PeerSnapshot {
+                        step: report.step,
+                        own_bytes,
+                        held_bytes,
+                        sent_bytes: peer_sent.load(Ordering::Relaxed),
+                        complete: &complete,
+                    });
+                }
+                publish_peers(session, shared, &mut published)?;
                 // The last step's checkpoint is written below, in the foreground.
                 if report.step % options.checkpoint_every.max(1) == 0 && report.step < total {
                     if let Some(gathered) = gather_checkpoint(shared, &coll, &routing)? {
@@ -467,6 +569,10 @@ fn member_loop(
             }
             // Everyone waits for the leader's commit before leaving (a final barrier).
             coll.exchange(step, 5, BTreeMap::new())?;
+            if let Some(last) = sender.take() {
+                let _ = last.join();
+            }
+            publish_peers(session, shared, &mut published)?;
             if !session.flush(FLUSH_LIMIT) {
                 tracing::warn!(
                     "etcd did not take the last progress and checkpoint records within {FLUSH_LIMIT:?}"
@@ -480,12 +586,158 @@ fn member_loop(
                 tracing::warn!(generation, "step aborted: {reason}");
                 events(MemberEvent::Aborted { generation, reason: &reason });
                 coll.shutdown();
+                // Copies in flight end with the connections (unacknowledged: never complete).
+                if let Some(last) = sender.take() {
+                    let _ = last.join();
+                }
                 shared.close(generation)?;
                 // A save in flight continues; it commits or stays torn (and ignored).
             }
             Err(e) => return Err(e),
         }
     }
+}
+
+fn peers(shared: &Shared) -> Result<MutexGuard<'_, PeerStore>> {
+    shared.peers.lock().map_err(|_| WorkerError::Rendezvous("peer store lock poisoned".into()))
+}
+
+/// Takes this member's snapshot of `step` into its peer store and sends the experts' part to
+/// each of `buddies` on a background thread (overlapped with the next step's compute); each
+/// buddy's acknowledgement is recorded as it comes. Returns the thread.
+fn snapshot(
+    shared: &Arc<Shared>,
+    coll: &Arc<TcpCollective>,
+    step: u64,
+    buddies: Vec<u32>,
+    sent: &Arc<AtomicU64>,
+) -> Result<Option<std::thread::JoinHandle<()>>> {
+    let (params, moments) = {
+        let guard = shared.trainer.read().map_err(|_| WorkerError::Rendezvous("lock poisoned".into()))?;
+        let trainer = guard.as_ref().ok_or_else(|| WorkerError::Rendezvous("no trainer".into()))?;
+        trainer.host_state()?
+    };
+    let own = peers(shared)?.add_own(Snapshot { step, params, moments }, &buddies);
+    if buddies.is_empty() {
+        return Ok(None);
+    }
+    let (shared, coll, sent) = (shared.clone(), coll.clone(), sent.clone());
+    let handle = std::thread::Builder::new()
+        .name("peer-copy".into())
+        .spawn(move || {
+            let copy = own.experts_only();
+            for buddy in buddies {
+                match coll.send_copy(buddy, &copy) {
+                    Ok(n) => {
+                        sent.fetch_add(n, Ordering::Relaxed);
+                        if let Ok(mut store) = shared.peers.lock() {
+                            store.acked(step, buddy);
+                        }
+                    }
+                    Err(e) => tracing::warn!(step, buddy, "peer copy not acknowledged: {e}"),
+                }
+            }
+        })
+        .map_err(|e| WorkerError::Rendezvous(format!("peer copy thread: {e}")))?;
+    Ok(Some(handle))
+}
+
+/// Writes this member's [`PeerRecord`] to `peers/<rank>` when it changed (buffered).
+fn publish_peers(session: &Session, shared: &Shared, published: &mut Option<PeerRecord>) -> Result<()> {
+    let record = peers(shared)?.record();
+    if published.as_ref() != Some(&record) {
+        session.record_peers(&record);
+        *published = Some(record);
+    }
+    Ok(())
+}
+
+/// Builds this member's state of `step` for a peer restore: its own snapshot (`own`, if it has
+/// one) for the dense parameters and the experts it kept, and the rest fetched from the other
+/// members: gained experts from their previous holders first (a member whose chip failed
+/// still has its host memory), then from anyone holding a copy; the dense parameters (a
+/// replacement has none) from any member. Nothing is read from disk.
+#[allow(clippy::too_many_arguments)]
+fn restore_from_peers(
+    config: &TrainerConfig,
+    corpus: &Arc<Corpus>,
+    shared: &Shared,
+    coll: &TcpCollective,
+    plan: &DistPlan,
+    previous: Option<&DistPlan>,
+    mine: &[ExpertId],
+    step: u64,
+    own: Option<Arc<Snapshot>>,
+) -> Result<()> {
+    let rank = shared.rank;
+    let mut state = own.as_ref().map_or(Snapshot { step, ..Snapshot::default() }, |o| o.select(true, Some(mine)));
+    let mut need_dense = own.is_none();
+    let missing = |state: &Snapshot| -> Vec<ExpertId> {
+        let have = state.experts();
+        mine.iter().filter(|e| !have.contains(e)).copied().collect()
+    };
+    let order = fetch_order(rank, &plan.members, previous, &missing(&state));
+    let mut from: BTreeMap<u32, u64> = BTreeMap::new();
+    for peer in order {
+        let want = missing(&state);
+        if want.is_empty() && !need_dense {
+            break;
+        }
+        let part = coll.fetch(peer, step, need_dense, &want).map_err(|e| WorkerError::Aborted(format!("peer restore: {e}")))?;
+        let Some(part) = part else { continue };
+        // Only what was asked for, whatever the peer sent.
+        let part = part.select(need_dense, Some(&want));
+        if part.params.is_empty() {
+            continue;
+        }
+        need_dense &= !part.has_dense();
+        from.insert(peer, part.bytes());
+        state.merge(part);
+    }
+    let want = missing(&state);
+    if need_dense || !want.is_empty() {
+        let mut what = Vec::new();
+        if need_dense {
+            what.push("the dense parameters".to_string());
+        }
+        if !want.is_empty() {
+            what.push(format!("experts {want:?}"));
+        }
+        return Err(WorkerError::NoPeerSnapshot { step, missing: what.join(" and ") });
+    }
+    let bytes = state.bytes();
+    let trainer = Trainer::from_host_state(config.clone(), corpus.clone(), state.params, state.moments, step)?;
+    *shared.trainer.write().map_err(|_| WorkerError::Rendezvous("lock poisoned".into()))? = Some(trainer);
+    tracing::info!(
+        generation = coll.generation(),
+        step,
+        bytes,
+        own = own.is_some(),
+        fetched_from = ?from,
+        "restored from peer memory; no checkpoint read"
+    );
+    Ok(())
+}
+
+/// Whom a peer restore asks, in order: the previous holders of the `missing` experts that are
+/// still members, then every other member by rank.
+pub fn fetch_order(rank: u32, members: &[u32], previous: Option<&DistPlan>, missing: &[ExpertId]) -> Vec<u32> {
+    let mut order: Vec<u32> = Vec::new();
+    if let Some(prev) = previous {
+        for &e in missing {
+            for h in prev.holders(e) {
+                if h != rank && members.contains(&h) && !order.contains(&h) {
+                    order.push(h);
+                }
+            }
+        }
+    }
+    for &m in members {
+        if m != rank && !order.contains(&m) {
+            order.push(m);
+        }
+    }
+    order
 }
 
 /// The address registered for peers: `advertise` (an IP, or a name resolved here) with the

@@ -335,6 +335,8 @@ enum Slot {
     Checkpoint(u64),
     /// `progress`.
     Progress,
+    /// `peers/<rank>`.
+    Peer,
 }
 
 /// Writes for the recovery brain that are not in etcd yet, latest wins per key: only the newest
@@ -473,6 +475,12 @@ impl Session {
     /// every member's acknowledgement is in etcd).
     pub fn ack(&self, generation: u64, step: u64) {
         self.queue_json(Slot::Ack(generation), &Ack { step, generation });
+    }
+
+    /// Publishes what this member's host memory holds for a peer restore at `peers/<rank>`
+    /// (buffered, latest wins).
+    pub fn record_peers(&self, record: &ninelives_core::recovery::PeerRecord) {
+        self.queue_json(Slot::Peer, record);
     }
 
     /// Waits up to `limit` for every buffered write to reach etcd; whether they all did.
@@ -655,6 +663,7 @@ impl Writer {
             Slot::Ack(generation) => self.keys.ack(generation, &self.rank.to_string()),
             Slot::Checkpoint(step) => self.keys.checkpoint(step),
             Slot::Progress => self.keys.progress(),
+            Slot::Peer => self.keys.peer(self.rank),
         }
     }
 

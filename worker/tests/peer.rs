@@ -1,0 +1,284 @@
+//! In-memory peer copies (issue 21) with members as threads of this process, a real etcd and
+//! real authenticated TCP: a `Restore::Peer` generation rolls members back to a snapshot held in
+//! host memory — an expert moved off a member whose chip failed, a lost member replaced by a
+//! fresh one — and the job ends bit-identical to one process, without reading a checkpoint.
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use ninelives_core::generation::{DistPlan, GenerationTier, Restore, initial_plan, worker_shape};
+use ninelives_core::keyspace::{JobKeys, Keyspace};
+use ninelives_core::placement::PlacementShape;
+use ninelives_core::recovery::PeerRecord;
+use ninelives_testkit::EtcdServer;
+use ninelives_worker::dist::auth::{JobAuth, JobKey};
+use ninelives_worker::dist::link::Security;
+use ninelives_worker::dist::member::{MemberEvent, MemberOptions, run_member};
+use ninelives_worker::dist::rendezvous::Etcd;
+use ninelives_worker::error::WorkerError;
+use ninelives_worker::trainer::run_with_threads;
+use ninelives_worker::{CheckpointStore, Trainer, TrainerConfig};
+
+/// A small MoE: 2 layers × 4 routed experts, 4 micro-batches per step.
+fn small_config(steps: u64) -> TrainerConfig {
+    let mut config = common::tiny_config(steps);
+    config.dims.layers = 2;
+    config.dims.hidden_size = 64;
+    config.dims.heads = 2;
+    config.dims.routed_experts = 4;
+    config.dims.zero_experts = 1;
+    config.dims.expert_ffn_size = 64;
+    config.dims.seq_len = 32;
+    config.global_batch_size = 8;
+    config.micro_batch_size = 2;
+    config
+}
+
+type Hook = Arc<dyn Fn(u32, &MemberEvent<'_>) + Send + Sync>;
+type Outcome = Result<Option<String>, WorkerError>;
+
+/// Everything the members of one run share.
+#[derive(Clone)]
+struct Run {
+    endpoint: String,
+    keys: JobKeys,
+    config: TrainerConfig,
+    store: CheckpointStore,
+    hook: Arc<Mutex<Option<Hook>>>,
+}
+
+impl Run {
+    fn new(etcd: &EtcdServer, job: &str, config: &TrainerConfig, dir: &Path) -> Self {
+        let keys = Keyspace::default().job("test", job);
+        let link = Etcd::connect(&[etcd.endpoint()], keys.clone()).unwrap();
+        link.delete(keys.root(), true).unwrap();
+        Self {
+            endpoint: etcd.endpoint(),
+            keys,
+            config: config.clone(),
+            store: CheckpointStore::open(dir, 10).unwrap(),
+            hook: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    fn link(&self) -> Etcd {
+        Etcd::connect(std::slice::from_ref(&self.endpoint), self.keys.clone()).unwrap()
+    }
+
+    /// Starts member `rank` on a thread.
+    fn spawn(&self, rank: u32) -> JoinHandle<Outcome> {
+        let run = self.clone();
+        let options = MemberOptions {
+            rank,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise: None,
+            ttl_seconds: 3,
+            step_timeout: Duration::from_secs(30),
+            join_timeout: Duration::from_secs(60),
+            // Checkpoints only at the end: a peer restore must not need one.
+            checkpoint_every: 1000,
+            security: Security::Authenticated(JobAuth::new(
+                "test/peer".to_string(),
+                JobKey::from_bytes(b"a test job key of thirty-two bytes").unwrap(),
+            )),
+        };
+        std::thread::spawn(move || {
+            let etcd = Arc::new(Etcd::connect(&[run.endpoint.clone()], run.keys.clone()).unwrap());
+            let hook = run.hook.clone();
+            let corpus = common::demo_corpus();
+            run_with_threads(1, || {
+                run_member(run.config.clone(), corpus, run.store.clone(), etcd, &options, |e| {
+                    let h = hook.lock().unwrap().clone();
+                    if let Some(h) = h {
+                        h(rank, &e);
+                    }
+                })
+            })
+            .unwrap()
+        })
+    }
+
+    /// The first generation: `workers` members, each with one buddy.
+    fn first_plan(&self, workers: u32) -> DistPlan {
+        let base = PlacementShape {
+            layers: self.config.dims.layers,
+            routed_experts: self.config.dims.routed_experts,
+            redundant_experts: 0,
+            expert_state_bytes: 1 << 20,
+            nodes: 1,
+            chips_per_node: 1,
+            chip_memory_bytes: 1 << 30,
+            expert_parallel_size: 1,
+            nodes_per_rack: None,
+            min_healthy_fraction: 0.25,
+            pipeline_stages: 1,
+        };
+        let mut plan = initial_plan(&worker_shape(&base, workers), Restore::Fresh).unwrap();
+        plan.buddies = ninelives_core::peer::buddies(&plan.members, 1, None);
+        plan.peer_interval_steps = 1;
+        plan
+    }
+
+    fn publish(&self, plan: &DistPlan) {
+        self.link().put(&self.keys.placement(), serde_json::to_vec(plan).unwrap(), None).unwrap();
+    }
+}
+
+/// The single-process trainer's digest after `steps` steps.
+fn single_process(config: &TrainerConfig, steps: u64) -> String {
+    let mut single = Trainer::new(config.clone(), common::demo_corpus()).unwrap();
+    run_with_threads(1, || {
+        for _ in 0..steps {
+            single.train_step().unwrap();
+        }
+        single.params_sha256().unwrap()
+    })
+    .unwrap()
+}
+
+/// The peer records members published.
+fn peer_records(run: &Run) -> BTreeMap<u32, PeerRecord> {
+    run.link()
+        .get_prefix(&run.keys.peers())
+        .unwrap()
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.rsplit('/').next()?.parse().ok()?, serde_json::from_slice(&v).ok()?)))
+        .collect()
+}
+
+/// Publishes `next(plan, step)` as generation 2 once rank 0 took its snapshot of `at`, then
+/// holds rank 0 (so no member completes another step) until every member saw it.
+fn publish_at(run: &Run, at: u64, next: impl Fn(DistPlan) -> DistPlan + Send + Sync + 'static) -> Arc<Mutex<bool>> {
+    let published = Arc::new(Mutex::new(false));
+    let hook: Hook = {
+        let (run, published) = (run.clone(), published.clone());
+        Arc::new(move |rank, e| {
+            if let MemberEvent::PeerSnapshot { step, .. } = e
+                && rank == 0
+                && *step == at
+                && !*published.lock().unwrap()
+            {
+                let current = run.link().plan().unwrap().unwrap();
+                let mut plan = next(current);
+                plan.placement.generation += 1;
+                run.publish(&plan);
+                *published.lock().unwrap() = true;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    *run.hook.lock().unwrap() = Some(hook);
+    published
+}
+
+fn no_checkpoint_before_the_end(dir: &Path, steps: u64) {
+    let store = CheckpointStore::open(dir, 10).unwrap();
+    let saved: Vec<u64> = store.list().unwrap().into_iter().map(|(s, _, _)| s).collect();
+    assert_eq!(saved, [steps], "only the final checkpoint exists: the restore read none");
+}
+
+/// (b) A member's chip fails while the member lives: one of its experts moves to another
+/// member, everyone rolls back to the snapshot of the step before; the moved expert comes from
+/// the previous owner's host memory.
+#[test]
+fn an_expert_moved_off_a_failed_chip_is_restored_from_peer_memory_bit_identically() {
+    let etcd = EtcdServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 8;
+    let config = small_config(steps);
+    let run = Run::new(&etcd, "moved", &config, dir.path());
+    let (layers, routed) = (config.dims.layers, config.dims.routed_experts);
+    let published = publish_at(&run, 3, move |mut plan| {
+        let expert = plan.experts[&2][0];
+        plan.experts.get_mut(&2).unwrap().retain(|&e| e != expert);
+        plan.experts.get_mut(&1).unwrap().push(expert);
+        plan.experts.get_mut(&1).unwrap().sort();
+        plan.restore = Restore::Peer { step: 2 };
+        plan.tier = GenerationTier::Reshard;
+        plan.check(layers, routed).unwrap();
+        plan
+    });
+    let members: Vec<_> = (0..3).map(|r| run.spawn(r)).collect();
+    run.publish(&run.first_plan(3));
+    let outcomes: Vec<Outcome> = members.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(*published.lock().unwrap(), "the peer generation was published");
+    let digest = outcomes.into_iter().map(Result::unwrap).next().unwrap().expect("the leader's digest");
+    assert_eq!(digest, single_process(&config, steps), "a peer restore changes no bit");
+    no_checkpoint_before_the_end(dir.path(), steps);
+    let records = peer_records(&run);
+    assert_eq!(records.len(), 3, "{records:?}");
+    assert!(records.values().all(|r| r.generation == 2 && !r.own.is_empty()), "{records:?}");
+}
+
+/// (a) A member is lost (its thread leaves, its memory with it) and a fresh member on a spare
+/// takes its experts: they come from the buddy's copy, the dense parameters from a survivor.
+#[test]
+fn a_replacement_member_is_filled_from_buddy_copies_bit_identically() {
+    let etcd = EtcdServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 8;
+    let config = small_config(steps);
+    let run = Run::new(&etcd, "replace", &config, dir.path());
+    let spare: Arc<Mutex<Option<JoinHandle<Outcome>>>> = Arc::new(Mutex::new(None));
+    let (layers, routed) = (config.dims.layers, config.dims.routed_experts);
+    let published = {
+        let (run2, spare) = (run.clone(), spare.clone());
+        publish_at(&run, 3, move |mut plan| {
+            // Rank 2 is gone; rank 3 (a fresh process on a spare) takes its experts.
+            let lost = plan.experts.remove(&2).unwrap();
+            plan.experts.insert(3, lost);
+            plan.members = vec![0, 1, 3];
+            plan.buddies = ninelives_core::peer::buddies(&plan.members, 1, None);
+            // Step 3's copies may not all be acknowledged yet; step 2's are.
+            plan.restore = Restore::Peer { step: 2 };
+            plan.tier = GenerationTier::Replace;
+            plan.check(layers, routed).unwrap();
+            *spare.lock().unwrap() = Some(run2.spawn(3));
+            plan
+        })
+    };
+    let members: Vec<_> = (0..3).map(|r| run.spawn(r)).collect();
+    run.publish(&run.first_plan(3));
+    let mut outcomes: Vec<Outcome> = members.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(*published.lock().unwrap(), "the peer generation was published");
+    let lost = outcomes.remove(2);
+    assert!(matches!(lost, Err(WorkerError::Rendezvous(_))), "rank 2 is no member any more: {lost:?}");
+    let replacement = spare.lock().unwrap().take().unwrap().join().unwrap();
+    assert_eq!(replacement.unwrap(), None, "the replacement finished (not the leader)");
+    let digest = outcomes.remove(0).unwrap().expect("the leader's digest");
+    assert_eq!(digest, single_process(&config, steps), "a replacement from peer copies changes no bit");
+    no_checkpoint_before_the_end(dir.path(), steps);
+}
+
+/// (c) A generation asking for a step nobody keeps fails every member's join with a clear
+/// error (the brain then falls back to a disk checkpoint).
+#[test]
+fn a_step_nobody_holds_fails_the_join_cleanly() {
+    let etcd = EtcdServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config(50);
+    let run = Run::new(&etcd, "missing", &config, dir.path());
+    publish_at(&run, 2, |mut plan| {
+        plan.restore = Restore::Peer { step: 1_000 };
+        plan.tier = GenerationTier::Restore;
+        plan
+    });
+    let members: Vec<_> = (0..2).map(|r| run.spawn(r)).collect();
+    run.publish(&run.first_plan(2));
+    for (rank, h) in members.into_iter().enumerate() {
+        match h.join().unwrap() {
+            Err(WorkerError::NoPeerSnapshot { step: 1_000, missing }) => {
+                assert!(missing.contains(&format!("rank {rank}")), "{missing}");
+            }
+            other => panic!("rank {rank}: {other:?}"),
+        }
+    }
+}
