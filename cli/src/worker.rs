@@ -247,7 +247,15 @@ fn train(args: TrainArgs) -> Result<(), Failure> {
             rank,
             listen: args.listen,
             advertise: args.advertise,
-            ttl_seconds: i64::from(job.spec.failure_policy.heartbeat_ttl_seconds.max(1)),
+            // The membership lease lasts as long as the step timeout: peers already wait that
+            // long for a slow member, so a pause shorter than it (GC, SIGSTOP, a stalled host)
+            // must not read as a lost worker and cost a restore. An exit is seen sooner: the
+            // driver deletes the key of a member that exits, and peers' sockets reset at once.
+            ttl_seconds: i64::try_from(args.membership_ttl_seconds.unwrap_or_else(|| {
+                u64::from(job.spec.failure_policy.heartbeat_ttl_seconds).max(args.step_timeout_seconds)
+            }))
+            .unwrap_or(i64::MAX)
+            .max(1),
             step_timeout: Duration::from_secs(args.step_timeout_seconds.max(1)),
             join_timeout: Duration::from_secs(args.step_timeout_seconds.max(1) * 2),
             checkpoint_every: every,

@@ -62,6 +62,9 @@ impl Member {
             .arg("--job-key-file")
             .arg(key)
             .args(["--step-timeout-seconds", &STEP_TIMEOUT_SECONDS.to_string()])
+            // The job's heartbeat TTL (3 s), shorter than the default (the step timeout), so the
+            // pauses below outlast the lease and re-registration is exercised.
+            .args(["--membership-ttl-seconds", "3"])
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())

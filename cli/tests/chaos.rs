@@ -1,0 +1,504 @@
+//! Chaos suite (issue 19): the whole job — `ninelives demo` with real etcd, agents, workers and
+//! the brain — under nemeses (etcd paused, a worker paused, a full checkpoint filesystem), with
+//! invariants checked from the recorded history of each run:
+//!
+//! - placement: every write of the placement key (read back from etcd's revision history, by
+//!   re-opening the demo's etcd data dir after the run) has a strictly greater generation than
+//!   the one before, so there is at most one content per generation number;
+//! - no step is committed twice with different parameters (every checkpoint manifest seen while
+//!   the run goes is remembered by step and `paramsSha256`);
+//! - no committed checkpoint is lost (every checkpoint record left in etcd has its directory);
+//! - the job ends `Succeeded` with parameters bit-identical to the uninterrupted reference
+//!   (`report.json` `params_match`), and the steps lost are counted from its recoveries.
+//!
+//! The short subset (etcd paused 10 s, a worker paused for less than the step timeout) runs in
+//! the test command; the rest is `#[ignore]`d and run by `scripts/chaos`, which turns the
+//! `CHAOS|` lines these tests print into the table in BENCHMARKS.md.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, EventType, WatchOptions};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ninelives");
+/// The demo's step timeout (`--step-timeout-seconds` it gives its workers).
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// The demo's job keys (local namespace `default`, job `tiny`, prefix `/ninelives/`).
+const JOB_ROOT: &str = "/ninelives/jobs/default/tiny/";
+
+fn manifest() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny.yaml")
+}
+
+/// Pids of the processes whose command line mentions `work` and `needle`.
+fn pids(work: &Path, needle: &str) -> Vec<u32> {
+    let dir = work.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmdline.contains(&dir) && cmdline.contains(needle) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap();
+    assert!(status.success(), "kill -{sig} {pid}");
+}
+
+/// Waits (bounded) until `file` contains `needle`.
+fn wait_for_line(file: &Path, needle: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(file).is_ok_and(|text| text.contains(needle)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{} never said {needle:?} within {timeout:?}", file.display());
+}
+
+/// Remembers the `paramsSha256` of every checkpoint manifest seen while the run goes (retention
+/// deletes old ones), and every step seen with two different digests.
+struct ManifestWatch {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<(BTreeMap<u64, String>, Vec<String>)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ManifestWatch {
+    fn start(dir: PathBuf) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen: Arc<Mutex<(BTreeMap<u64, String>, Vec<String>)>> = Arc::default();
+        let (s, v) = (stop.clone(), seen.clone());
+        let thread = std::thread::spawn(move || loop {
+            let last = s.load(Ordering::SeqCst);
+            for (step, sha) in manifests(&dir) {
+                let mut guard = v.lock().unwrap();
+                let (by_step, conflicts) = &mut *guard;
+                match by_step.get(&step) {
+                    Some(old) if *old != sha => conflicts.push(format!("step {step}: {old} then {sha}")),
+                    Some(_) => {}
+                    None => {
+                        by_step.insert(step, sha);
+                    }
+                }
+            }
+            if last {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        });
+        ManifestWatch { stop, seen, thread: Some(thread) }
+    }
+
+    fn finish(mut self) -> (BTreeMap<u64, String>, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// `(step, paramsSha256)` of every committed checkpoint in `dir` (a manifest is written last).
+fn manifests(dir: &Path) -> Vec<(u64, String)> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut out = Vec::new();
+    for e in entries.filter_map(Result::ok) {
+        let Some(step) = e.file_name().to_str().and_then(|n| n.strip_prefix("step-")?.parse::<u64>().ok()) else {
+            continue;
+        };
+        let Ok(bytes) = std::fs::read(e.path().join("manifest.json")) else { continue };
+        let Ok(json) = serde_json::from_slice::<serde_json::Value>(&bytes) else { continue };
+        if let Some(sha) = json["paramsSha256"].as_str() {
+            out.push((step, sha.to_owned()));
+        }
+    }
+    out
+}
+
+/// One write (put or delete) of a job key, in revision order.
+#[derive(Debug)]
+struct Write {
+    key: String,
+    value: Option<serde_json::Value>,
+}
+
+/// Every write under the job's keys, from etcd's revision history: the demo's etcd data dir is
+/// copied and opened by a fresh single-member etcd (`--force-new-cluster`), then watched from
+/// revision 1.
+fn history(etcd_data: &Path) -> Vec<Write> {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let status = Command::new("cp").arg("-a").arg(etcd_data).arg(&data).status().unwrap();
+    assert!(status.success(), "copy {}", etcd_data.display());
+    let client_port = ninelives_testkit::free_port().unwrap();
+    let peer_port = ninelives_testkit::free_port().unwrap();
+    let client_url = format!("http://127.0.0.1:{client_port}");
+    let peer_url = format!("http://127.0.0.1:{peer_port}");
+    let log = std::fs::File::create(tmp.path().join("etcd.log")).unwrap();
+    let mut etcd = Command::new("etcd")
+        .arg("--name=ninelives")
+        .arg(format!("--data-dir={}", data.display()))
+        .arg(format!("--listen-client-urls={client_url}"))
+        .arg(format!("--advertise-client-urls={client_url}"))
+        .arg(format!("--listen-peer-urls={peer_url}"))
+        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+        .arg("--force-new-cluster")
+        .arg("--log-level=warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let addr = ([127, 0, 0, 1], client_port).into();
+    let healthy = ninelives_testkit::wait_healthy(addr, "/health", "\"health\":\"true\"", Duration::from_secs(20));
+    let writes = healthy.then(|| {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(30), read_history(&client_url)).await.expect("history read in time")
+        })
+    });
+    let _ = etcd.kill();
+    let _ = etcd.wait();
+    writes.unwrap_or_else(|| panic!("etcd on the demo's data did not start: {}", tmp.path().display()))
+}
+
+async fn read_history(endpoint: &str) -> Vec<Write> {
+    let mut client = Client::connect([endpoint], None).await.unwrap();
+    let mut stream =
+        client.watch(JOB_ROOT, Some(WatchOptions::new().with_prefix().with_start_revision(1))).await.unwrap();
+    let mut writes = Vec::new();
+    // etcd sends the whole history at once; a quiet second after it means it is all here (the
+    // last revision may be outside the job's keys, so it cannot be waited for).
+    while let Ok(message) = tokio::time::timeout(Duration::from_secs(2), stream.message()).await {
+        let Some(resp) = message.unwrap() else { break };
+        assert!(!resp.canceled(), "history watch cancelled (compacted?): {}", resp.cancel_reason());
+        for event in resp.events() {
+            let Some(kv) = event.kv() else { continue };
+            let key = kv.key_str().unwrap().to_owned();
+            let value = match event.event_type() {
+                EventType::Put => Some(serde_json::from_slice(kv.value()).unwrap_or(serde_json::Value::Null)),
+                EventType::Delete => None,
+            };
+            writes.push(Write { key, value });
+        }
+    }
+    writes
+}
+
+/// Violations of the placement invariant: each write's generation strictly greater than the one
+/// before (so no generation number ever had two contents).
+fn placement_violations(writes: &[Write]) -> (Vec<u64>, Vec<String>) {
+    let key = format!("{JOB_ROOT}placement");
+    let mut generations = Vec::new();
+    let mut bad = Vec::new();
+    for w in writes.iter().filter(|w| w.key == key) {
+        match w.value.as_ref().and_then(|v| v["generation"].as_u64()) {
+            Some(g) => {
+                if let Some(&prev) = generations.last() {
+                    if g <= prev {
+                        bad.push(format!("placement generation {g} written after {prev}"));
+                    }
+                }
+                generations.push(g);
+            }
+            None => bad.push(format!("placement write without a generation: {:?}", w.value)),
+        }
+    }
+    if generations.is_empty() {
+        bad.push("no placement write in etcd's history".into());
+    }
+    (generations, bad)
+}
+
+/// Checkpoint records still in etcd at the end whose directory is gone (a committed checkpoint
+/// lost), given the history.
+fn lost_checkpoints(writes: &[Write], checkpoints: &Path) -> Vec<String> {
+    let prefix = format!("{JOB_ROOT}checkpoints/");
+    let mut live: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    for w in writes.iter().filter(|w| w.key.starts_with(&prefix)) {
+        match &w.value {
+            Some(v) => live.insert(w.key.clone(), v.clone()),
+            None => live.remove(&w.key),
+        };
+    }
+    let mut lost = Vec::new();
+    for (key, record) in live {
+        let Some(step) = record["step"].as_u64() else {
+            lost.push(format!("{key}: record without a step"));
+            continue;
+        };
+        if !checkpoints.join(format!("step-{step:010}")).join("manifest.json").is_file() {
+            lost.push(format!("checkpoint {step} recorded in etcd but not on disk"));
+        }
+    }
+    lost
+}
+
+/// What one chaos run yielded.
+struct Outcome {
+    report: serde_json::Value,
+    recoveries: usize,
+    steps_lost: u64,
+    generations: Vec<u64>,
+    violations: Vec<String>,
+    wall: Duration,
+    stdout: String,
+}
+
+/// A demo run in progress.
+struct Demo {
+    _dir: tempfile::TempDir,
+    work: PathBuf,
+    report_dir: PathBuf,
+    child: Child,
+    started: Instant,
+    manifests: ManifestWatch,
+}
+
+impl Demo {
+    /// Starts `ninelives demo --no-faults` for `steps` steps with `--work-dir` (so its children
+    /// can be found by command line). `prepare` runs on the work dir first (e.g. to mount a tmpfs).
+    fn start(steps: u64, prepare: impl FnOnce(&Path)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        prepare(&work);
+        let report_dir = dir.path().join("report");
+        let child = Command::new(BIN)
+            .arg("demo")
+            .arg("--manifest")
+            .arg(manifest())
+            .arg("--no-faults")
+            .args(["--steps", &steps.to_string(), "--threads", "2", "--timeout-secs", "900"])
+            .arg("--report")
+            .arg(&report_dir)
+            .arg("--work-dir")
+            .arg(&work)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let manifests = ManifestWatch::start(work.join("checkpoints"));
+        Demo { _dir: dir, work, report_dir, child, started: Instant::now(), manifests }
+    }
+
+    fn log(&self, name: &str) -> PathBuf {
+        self.work.join("logs").join(name)
+    }
+
+    /// Waits until rank 0 committed the checkpoint of `step`: training is under way.
+    fn wait_committed(&self, step: u64) {
+        wait_for_line(&self.log("worker-0.log"), &format!("checkpoint committed step={step} "), Duration::from_secs(120));
+    }
+
+    fn one_pid(&self, needle: &str) -> u32 {
+        let found = pids(&self.work, needle);
+        assert_eq!(found.len(), 1, "exactly one process matching {needle:?}: {found:?}");
+        found[0]
+    }
+
+    /// Waits for the demo to end and checks every invariant.
+    fn finish(self) -> Outcome {
+        let Demo { _dir, work, report_dir, child, started, manifests } = self;
+        let out = child.wait_with_output().unwrap();
+        let wall = started.elapsed();
+        let stdout = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let (_, conflicts) = manifests.finish();
+        let mut violations: Vec<String> = conflicts.into_iter().map(|c| format!("checkpoint rewritten: {c}")).collect();
+        if !out.status.success() {
+            violations.push(format!("demo exited {:?}", out.status.code()));
+        }
+        let report: serde_json::Value = std::fs::read(report_dir.join("report.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null);
+        if report["params_match"] != serde_json::Value::Bool(true) {
+            violations.push(format!("params_match is {}", report["params_match"]));
+        }
+        let writes = history(&work.join("etcd-data"));
+        let (generations, bad) = placement_violations(&writes);
+        violations.extend(bad);
+        violations.extend(lost_checkpoints(&writes, &work.join("checkpoints")));
+        let recoveries = report["recoveries"].as_array().map_or(0, Vec::len);
+        let steps_lost = report["recoveries"]
+            .as_array()
+            .map_or(0, |r| r.iter().filter_map(|e| e["steps_lost"].as_u64()).sum());
+        Outcome { report, recoveries, steps_lost, generations, violations, wall, stdout }
+    }
+}
+
+impl Outcome {
+    /// Prints the table row `scripts/chaos` collects and fails on any broken invariant.
+    fn row(&self, nemesis: &str, duration: &str) {
+        let held = if self.violations.is_empty() { "yes".to_owned() } else { format!("NO: {}", self.violations.join("; ")) };
+        println!(
+            "CHAOS| {nemesis} | {duration} | {} | {} | {} | {} | {held} | {:.0} s |",
+            self.recoveries,
+            self.steps_lost,
+            self.report["control_plane_outages"].as_array().map_or(0, Vec::len),
+            self.generations.len(),
+            self.wall.as_secs_f64()
+        );
+        assert!(self.violations.is_empty(), "invariants broken: {:?}\n{}", self.violations, self.stdout);
+    }
+
+    fn outages(&self) -> usize {
+        self.report["control_plane_outages"].as_array().map_or(0, Vec::len)
+    }
+}
+
+/// etcd SIGSTOPped for `pause` once training is under way, then SIGCONTed.
+fn etcd_pause(pause: Duration) -> Outcome {
+    // Enough steps (~5 a second) that training is still going when etcd comes back.
+    let steps = 150 + 5 * pause.as_secs();
+    let demo = Demo::start(steps, |_| {});
+    demo.wait_committed(25);
+    let etcd = demo.one_pid("etcd-data");
+    signal(etcd, "STOP");
+    std::thread::sleep(pause);
+    signal(etcd, "CONT");
+    demo.finish()
+}
+
+fn assert_etcd_pause_ridden_out(o: &Outcome, pause: Duration) {
+    o.row("etcd SIGSTOP", &format!("{} s", pause.as_secs()));
+    assert_eq!(o.recoveries, 0, "an etcd pause must cost no recovery: {}", o.report);
+    assert_eq!(o.steps_lost, 0);
+    assert_eq!(o.generations, vec![1], "no new generation during an etcd pause");
+    // A pause longer than the heartbeat TTL (3 s) must be seen as an outage, not node losses.
+    if pause > Duration::from_secs(3) {
+        assert!(o.outages() >= 1, "control_plane_outages recorded: {}", o.report);
+    }
+}
+
+/// Worker rank 1 SIGSTOPped for `pause` once training is under way.
+fn worker_pause(pause: Duration) -> Outcome {
+    let demo = Demo::start(150 + 5 * pause.as_secs(), |_| {});
+    demo.wait_committed(25);
+    let worker = demo.one_pid("--rank 1 ");
+    signal(worker, "STOP");
+    std::thread::sleep(pause);
+    signal(worker, "CONT");
+    demo.finish()
+}
+
+#[test]
+fn etcd_paused_10_s_costs_no_recovery() {
+    let pause = Duration::from_secs(10);
+    let o = etcd_pause(pause);
+    assert_etcd_pause_ridden_out(&o, pause);
+}
+
+#[test]
+fn a_worker_paused_for_less_than_the_step_timeout_costs_no_recovery() {
+    let pause = Duration::from_secs(10);
+    assert!(pause < STEP_TIMEOUT);
+    let o = worker_pause(pause);
+    o.row("worker SIGSTOP (< step timeout)", "10 s");
+    assert_eq!(o.recoveries, 0, "{}", o.report);
+    assert_eq!(o.steps_lost, 0);
+}
+
+#[test]
+#[ignore = "chaos suite: scripts/chaos"]
+fn etcd_paused_2_s() {
+    let pause = Duration::from_secs(2);
+    let o = etcd_pause(pause);
+    assert_etcd_pause_ridden_out(&o, pause);
+}
+
+#[test]
+#[ignore = "chaos suite: scripts/chaos"]
+fn etcd_paused_15_s() {
+    let pause = Duration::from_secs(15);
+    let o = etcd_pause(pause);
+    assert_etcd_pause_ridden_out(&o, pause);
+}
+
+#[test]
+#[ignore = "chaos suite: scripts/chaos"]
+fn etcd_paused_30_s() {
+    let pause = Duration::from_secs(30);
+    let o = etcd_pause(pause);
+    assert_etcd_pause_ridden_out(&o, pause);
+}
+
+#[test]
+#[ignore = "chaos suite: scripts/chaos"]
+fn a_worker_paused_past_the_step_timeout_costs_one_bounded_recovery() {
+    let pause = STEP_TIMEOUT + Duration::from_secs(15);
+    let o = worker_pause(pause);
+    o.row("worker SIGSTOP (> step timeout)", &format!("{} s", pause.as_secs()));
+    assert_eq!(o.recoveries, 1, "{}", o.report);
+    let detect = o.report["recoveries"][0]["detect_s"].as_f64();
+    let resume = o.report["recoveries"][0]["resume_s"].as_f64().unwrap();
+    // Bounded by the step timeout: found within it (plus a heartbeat) and resumed promptly.
+    if let Some(d) = detect {
+        assert!(d <= STEP_TIMEOUT.as_secs_f64() + 5.0, "detected after {d} s");
+    }
+    assert!(resume <= STEP_TIMEOUT.as_secs_f64() + 5.0, "resumed after {resume} s");
+}
+
+/// Mounts a tmpfs of `mib` MiB on `dir` (root with CAP_SYS_ADMIN; the suite runs as root here).
+fn mount_tmpfs(dir: &Path, mib: u64) {
+    std::fs::create_dir_all(dir).unwrap();
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount tmpfs on {} (needs root / CAP_SYS_ADMIN)", dir.display());
+}
+
+#[test]
+#[ignore = "chaos suite: scripts/chaos"]
+fn a_full_checkpoint_filesystem_fails_one_save_and_the_job_goes_on() {
+    // Three kept checkpoints of ~22 MB each fit in 96 MiB; a filler leaves too little for a
+    // fourth while it is in place.
+    let mut mount_point = None;
+    let demo = Demo::start(200, |work| {
+        let dir = work.join("checkpoints");
+        mount_tmpfs(&dir, 96);
+        mount_point = Some(dir);
+    });
+    let dir = mount_point.unwrap();
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(dir.clone());
+    demo.wait_committed(75);
+    // Fill what is left: the save at step 100 fails with ENOSPC.
+    let filler = dir.join("filler");
+    let _ = Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", filler.display()))
+        .args(["bs=1M", "count=200"])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    wait_for_line(&demo.log("worker-0.log"), "save_failed", Duration::from_secs(60));
+    std::fs::remove_file(&filler).unwrap();
+    let log = demo.log("worker-0.log");
+    let o = demo.finish();
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    o.row("checkpoint tmpfs full for one save", "1 save");
+    assert_eq!(o.recoveries, 0, "{}", o.report);
+    assert!(text.contains("checkpoint committed step=200 "), "the saves after the full disk commit");
+}
