@@ -154,13 +154,24 @@ fn peer_records(run: &Run) -> BTreeMap<u32, PeerRecord> {
         .collect()
 }
 
+/// (rank, generation) -> the step the member continued from.
+type Joined = Arc<Mutex<BTreeMap<(u32, u64), u64>>>;
+
 /// Publishes `next(plan, step)` as generation 2 once rank 0 took its snapshot of `at`, then
 /// holds rank 0 (so no member completes another step) until every member saw it.
-fn publish_at(run: &Run, at: u64, next: impl Fn(DistPlan) -> DistPlan + Send + Sync + 'static) -> Arc<Mutex<bool>> {
+fn publish_at(
+    run: &Run,
+    at: u64,
+    next: impl Fn(DistPlan) -> DistPlan + Send + Sync + 'static,
+) -> (Arc<Mutex<bool>>, Joined) {
     let published = Arc::new(Mutex::new(false));
+    let joined: Joined = Arc::default();
     let hook: Hook = {
-        let (run, published) = (run.clone(), published.clone());
+        let (run, published, joined) = (run.clone(), published.clone(), joined.clone());
         Arc::new(move |rank, e| {
+            if let MemberEvent::Joined { generation, step, .. } = e {
+                joined.lock().unwrap().insert((rank, *generation), *step);
+            }
             if let MemberEvent::PeerSnapshot { step, .. } = e
                 && rank == 0
                 && *step == at
@@ -176,7 +187,7 @@ fn publish_at(run: &Run, at: u64, next: impl Fn(DistPlan) -> DistPlan + Send + S
         })
     };
     *run.hook.lock().unwrap() = Some(hook);
-    published
+    (published, joined)
 }
 
 fn no_checkpoint_before_the_end(dir: &Path, steps: u64) {
@@ -196,7 +207,7 @@ fn an_expert_moved_off_a_failed_chip_is_restored_from_peer_memory_bit_identicall
     let config = small_config(steps);
     let run = Run::new(&etcd, "moved", &config, dir.path());
     let (layers, routed) = (config.dims.layers, config.dims.routed_experts);
-    let published = publish_at(&run, 3, move |mut plan| {
+    let (published, joined) = publish_at(&run, 3, move |mut plan| {
         let expert = plan.experts[&2][0];
         plan.experts.get_mut(&2).unwrap().retain(|&e| e != expert);
         plan.experts.get_mut(&1).unwrap().push(expert);
@@ -213,6 +224,10 @@ fn an_expert_moved_off_a_failed_chip_is_restored_from_peer_memory_bit_identicall
     let digest = outcomes.into_iter().map(Result::unwrap).next().unwrap().expect("the leader's digest");
     assert_eq!(digest, single_process(&config, steps), "a peer restore changes no bit");
     no_checkpoint_before_the_end(dir.path(), steps);
+    let joined = joined.lock().unwrap();
+    for rank in 0..3 {
+        assert_eq!(joined.get(&(rank, 2)), Some(&2), "rank {rank} continues from step 2 ({joined:?})");
+    }
     let records = peer_records(&run);
     assert_eq!(records.len(), 3, "{records:?}");
     assert!(records.values().all(|r| r.generation == 2 && !r.own.is_empty()), "{records:?}");
@@ -229,7 +244,7 @@ fn a_replacement_member_is_filled_from_buddy_copies_bit_identically() {
     let run = Run::new(&etcd, "replace", &config, dir.path());
     let spare: Arc<Mutex<Option<JoinHandle<Outcome>>>> = Arc::new(Mutex::new(None));
     let (layers, routed) = (config.dims.layers, config.dims.routed_experts);
-    let published = {
+    let (published, joined) = {
         let (run2, spare) = (run.clone(), spare.clone());
         publish_at(&run, 3, move |mut plan| {
             // Rank 2 is gone; rank 3 (a fresh process on a spare) takes its experts.
@@ -256,6 +271,10 @@ fn a_replacement_member_is_filled_from_buddy_copies_bit_identically() {
     let digest = outcomes.remove(0).unwrap().expect("the leader's digest");
     assert_eq!(digest, single_process(&config, steps), "a replacement from peer copies changes no bit");
     no_checkpoint_before_the_end(dir.path(), steps);
+    let joined = joined.lock().unwrap();
+    for rank in [0, 1, 3] {
+        assert_eq!(joined.get(&(rank, 2)), Some(&2), "rank {rank} continues from step 2 ({joined:?})");
+    }
 }
 
 /// (c) A generation asking for a step nobody keeps fails every member's join with a clear
