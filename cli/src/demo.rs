@@ -250,10 +250,16 @@ fn print_summary(report: &Report, failure: Option<&str>) {
         Some(reason) => println!("job FAILED: {reason}"),
         None => println!("job finished: {} steps in {:.1} s", report.steps, report.wall_s),
     }
-    println!("{:<14} {:<9} {:>9} {:>9} {:>10}", "trigger", "tier", "detect s", "resume s", "steps lost");
+    println!(
+        "{:<14} {:<9} {:>9} {:>9} {:>10} {:<10}",
+        "trigger", "tier", "detect s", "resume s", "steps lost", "source"
+    );
     for r in &report.recoveries {
         let detect = r.detect_s.map_or("-".to_string(), |d| format!("{d:.2}"));
-        println!("{:<14} {:<9} {:>9} {:>9.2} {:>10}", r.trigger, r.tier, detect, r.resume_s, r.steps_lost);
+        println!(
+            "{:<14} {:<9} {:>9} {:>9.2} {:>10} {:<10}",
+            r.trigger, r.tier, detect, r.resume_s, r.steps_lost, r.source
+        );
     }
     println!("goodput {:.3}", report.goodput);
     if let Some(loss) = report.final_loss {

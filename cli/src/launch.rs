@@ -197,12 +197,13 @@ impl Effects for LaunchEffects {
 
     async fn record_recovery(&mut self, r: &CompletedRecovery) -> Result<(), EffectError> {
         println!(
-            "recovered {} by {} (generation {}, plan {}, {} steps lost)",
+            "recovered {} by {} (generation {}, plan {}, {} steps lost, source {})",
             r.trigger,
             r.tier.as_str(),
             r.generation,
             r.plan_tier,
-            r.steps_lost
+            r.steps_lost,
+            r.source
         );
         Ok(())
     }
@@ -423,8 +424,9 @@ impl Pending {
     }
 }
 
-/// The job's loop: the brain of its spec on W one-node members, expert-parallel (members keep
-/// no copies of each other's experts), with every rung allowed (no spares: a lost worker is
+/// The job's loop: the brain of its spec on W one-node members, expert-parallel (a rollback
+/// comes from the members' peer snapshots with `checkpoint.peerCopies`, else from disk), with
+/// every rung allowed (no spares: a lost worker is
 /// dropped, never waited for).
 fn control_loop(
     job: &ninelives_core::TrainingJob,

@@ -242,8 +242,7 @@ impl<S: BrainStore> ControlLoop<S> {
         for action in &decision.actions {
             let Action::PublishPlacement { placement, control } = action else { continue };
             let state = &decision.state;
-            let plan =
-                from_published_generation(&self.brain.shape, state, placement, control, previous.as_ref())?;
+            let plan = from_published_generation(&self.brain, state, placement, control, previous.as_ref())?;
             let writes = generation_writes(&self.job_keys, &plan, control, state)?;
             match self.store.write(writes.to_vec(), revision).await? {
                 Written::Committed { revision: r } => revision = r,

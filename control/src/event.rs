@@ -1,7 +1,7 @@
 //! Typed events — a completed recovery, a control-plane outage — each emitting its log line and
 //! its metric together.
 
-use ninelives_core::recovery::{CompletedRecovery, Outage, Rung, TriggerKind};
+use ninelives_core::recovery::{CompletedRecovery, Outage, RestoreSource, Rung, TriggerKind};
 use ninelives_telemetry::recovery::{RecoveryMetrics, RecoveryObservation};
 use tracing::{info, warn};
 
@@ -23,6 +23,8 @@ pub struct RecoveryEvent {
     pub steps_lost: u64,
     /// The generation that resumed training.
     pub generation: u64,
+    /// Where the resumed state came from (memory, a peer snapshot, the disk checkpoint).
+    pub source: RestoreSource,
 }
 
 impl RecoveryEvent {
@@ -36,14 +38,20 @@ impl RecoveryEvent {
             resume_s: r.resume_s,
             steps_lost: r.steps_lost,
             generation: r.generation,
+            source: r.source,
         }
     }
 
     /// One sentence for logs and Events.
     pub fn note(&self) -> String {
         let detected = self.detect_s.map(|d| format!("detected in {d:.1} s, ")).unwrap_or_default();
+        let from = match self.source {
+            RestoreSource::Memory => "state kept in memory".to_string(),
+            RestoreSource::Peer { step } => format!("from peer memory at step {step}"),
+            RestoreSource::Checkpoint { step } => format!("from checkpoint {step}"),
+        };
         format!(
-            "{} recovered by {} in {:.1} s ({detected}{} steps lost, generation {})",
+            "{} recovered by {} in {:.1} s ({detected}{} steps lost, {from}, generation {})",
             self.trigger,
             self.tier.as_str(),
             self.resume_s,
@@ -60,6 +68,7 @@ impl RecoveryEvent {
             trigger = self.kind.as_str(),
             resume_s = self.resume_s,
             steps_lost = self.steps_lost,
+            source = self.source.as_str(),
             generation = self.generation,
             "{}",
             self.note()
@@ -74,6 +83,7 @@ impl RecoveryEvent {
                     detect_s: self.detect_s,
                     resume_s: self.resume_s,
                     steps_lost: self.steps_lost,
+                    source: self.source.as_str(),
                 },
             );
         }

@@ -38,6 +38,8 @@ fn brain(redundant: u32) -> BrainConfig {
         total_steps: 300,
         rejoin_after_s: 60.0,
         peer_copies: true,
+        peer_snapshots: 0,
+        peer_interval_steps: 1,
     }
     .for_expert_parallel()
 }

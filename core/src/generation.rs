@@ -16,7 +16,7 @@ use thiserror::Error;
 
 use crate::keyspace::JobKeys;
 use crate::placement::{self, ChipId, ExpertId, ExpertLoad, Placement, PlacementShape};
-use crate::recovery::{ControlRecord, RecoveryState, Rung};
+use crate::recovery::{BrainConfig, ControlRecord, RecoveryState, RestoreSource, Rung};
 
 /// Where the members of a generation get their state from before its first step.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,6 +205,35 @@ impl DistPlan {
     }
 }
 
+/// A job's in-memory peer copies (`checkpoint.peerCopies`, `.peerIntervalSteps`), which every
+/// generation's [`DistPlan`] carries so members snapshot from generation 1 on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCopies {
+    /// Buddies per member (0: off).
+    pub copies: u32,
+    /// Snapshot every this many steps (≥ 1).
+    pub interval_steps: u64,
+    /// Nodes per rack, so buddies sit in other racks when racks are given.
+    pub nodes_per_rack: Option<u32>,
+}
+
+impl Default for PeerCopies {
+    fn default() -> Self {
+        Self { copies: 0, interval_steps: default_peer_interval(), nodes_per_rack: None }
+    }
+}
+
+impl PeerCopies {
+    /// The peer copies the brain decides with.
+    pub fn of(config: &BrainConfig) -> Self {
+        Self {
+            copies: config.peer_snapshots,
+            interval_steps: config.peer_interval_steps.max(1),
+            nodes_per_rack: config.shape.nodes_per_rack,
+        }
+    }
+}
+
 /// The planner's shape for `workers` worker processes: the job's chips per node, one
 /// expert-parallel group spanning every worker (each expert must live somewhere in the job).
 pub fn worker_shape(base: &PlacementShape, workers: u32) -> PlacementShape {
@@ -247,25 +276,29 @@ pub fn initial_plan(shape: &PlacementShape, restore: Restore) -> Result<DistPlan
 ///
 /// `shape` is the job's own planner shape (a member stands for its node: it holds the experts of
 /// all its node's chips); `members` are the ranks the brain expects (dropped ones left out);
-/// `restore_step` is the brain's rollback (`Some(0)`: the seeded initial state). Without a
-/// rollback the members keep their memory, which works only when no member gains an expert it
-/// does not hold (a member can drop experts, not conjure them): anything else is an error the
-/// brain must not produce for expert-parallel workers (see
-/// [`BrainConfig::for_expert_parallel`](crate::recovery::BrainConfig::for_expert_parallel)).
+/// `rollback` is the brain's ([`RestoreSource::Checkpoint`] of step 0: the seeded initial state;
+/// [`RestoreSource::Peer`]: the members' in-memory snapshots). Without a rollback
+/// ([`RestoreSource::Memory`]) the members keep their memory, which works only when no member
+/// gains an expert it does not hold (a member can drop experts, not conjure them): anything else
+/// is an error the brain must not produce for expert-parallel workers (see
+/// [`BrainConfig::for_expert_parallel`]). `peers` gives every generation its buddies.
 pub fn from_brain(
     shape: &PlacementShape,
     placement: &Placement,
     members: Vec<u32>,
-    restore_step: Option<u64>,
+    rollback: RestoreSource,
     previous: Option<&DistPlan>,
     tier: GenerationTier,
+    peers: PeerCopies,
 ) -> Result<DistPlan, GenerationError> {
     let experts: BTreeMap<u32, Vec<ExpertId>> =
         experts_by_node(shape, placement).into_iter().filter(|(r, _)| members.contains(r)).collect();
-    let restore = match (restore_step, previous) {
-        (Some(0), _) | (None, None) => Restore::Fresh,
-        (Some(step), _) => Restore::Checkpoint { step },
-        (None, Some(before)) => {
+    let restore = match (rollback, previous) {
+        (RestoreSource::Checkpoint { step: 0 } | RestoreSource::Peer { step: 0 }, _)
+        | (RestoreSource::Memory, None) => Restore::Fresh,
+        (RestoreSource::Checkpoint { step }, _) => Restore::Checkpoint { step },
+        (RestoreSource::Peer { step }, _) => Restore::Peer { step },
+        (RestoreSource::Memory, Some(before)) => {
             for (rank, mine) in &experts {
                 let held = before.experts_of(*rank);
                 if let Some(missing) = mine.iter().find(|e| !held.contains(e)) {
@@ -279,22 +312,24 @@ pub fn from_brain(
             Restore::InMemory
         }
     };
+    let buddies = crate::peer::buddies(&members, peers.copies, peers.nodes_per_rack);
     Ok(DistPlan {
         placement: placement.clone(),
         members,
         experts,
         restore,
         tier,
-        buddies: BTreeMap::new(),
-        peer_interval_steps: default_peer_interval(),
+        buddies,
+        peer_interval_steps: peers.interval_steps.max(1),
     })
 }
 
 /// [`from_brain`] for a generation the brain just published, with the members (the ranks it
 /// expects), the rollback (its control record) and the tier (`initial` for generation 1, else
-/// the active recovery's rung, `settled` without one) read from the brain's own record.
+/// the active recovery's rung, `settled` without one) read from the brain's own record, and the
+/// peer copies of the brain's configuration.
 pub fn from_published_generation(
-    shape: &PlacementShape,
+    config: &BrainConfig,
     state: &RecoveryState,
     placement: &Placement,
     control: &ControlRecord,
@@ -305,7 +340,15 @@ pub fn from_published_generation(
         (Some(active), _) => active.rung.into(),
         (None, _) => GenerationTier::Settled,
     };
-    from_brain(shape, placement, state.expected_ranks().collect(), control.restore_step, previous, tier)
+    from_brain(
+        &config.shape,
+        placement,
+        state.expected_ranks().collect(),
+        control.source(),
+        previous,
+        tier,
+        PeerCopies::of(config),
+    )
 }
 
 /// The keys and values publishing a generation writes, to go in one etcd transaction:
@@ -367,18 +410,29 @@ mod tests {
     #[test]
     fn a_brain_generation_becomes_the_members_agreement() {
         let s = shape(4, 4);
+        let off = PeerCopies::default();
+        let ckpt = |step| RestoreSource::Checkpoint { step };
         let first = initial_plan(&s, Restore::Fresh).unwrap();
-        let gen1 =
-            from_brain(&s, &first.placement, vec![0, 1, 2, 3], None, None, GenerationTier::Initial).unwrap();
+        let gen1 = from_brain(
+            &s,
+            &first.placement,
+            vec![0, 1, 2, 3],
+            RestoreSource::Memory,
+            None,
+            GenerationTier::Initial,
+            off,
+        )
+        .unwrap();
         assert_eq!((gen1.restore, &gen1.experts), (Restore::Fresh, &first.experts));
         // A rollback: everyone loads the checkpoint, whatever moved.
         let mut next = first.placement.clone();
         next.generation = 2;
         let rolled =
-            from_brain(&s, &next, vec![0, 1, 3], Some(20), Some(&gen1), GenerationTier::Reshard).unwrap();
+            from_brain(&s, &next, vec![0, 1, 3], ckpt(20), Some(&gen1), GenerationTier::Reshard, off)
+                .unwrap();
         assert_eq!(rolled.restore, Restore::Checkpoint { step: 20 });
         assert!(rolled.experts_of(2).is_empty(), "a dropped rank holds nothing");
-        let restart = from_brain(&s, &next, vec![0], Some(0), None, GenerationTier::Restore).unwrap();
+        let restart = from_brain(&s, &next, vec![0], ckpt(0), None, GenerationTier::Restore, off).unwrap();
         assert_eq!(restart.restore, Restore::Fresh);
         // Without a rollback a member may lose a replica but not gain one.
         let lost = ExpertId::new(0, 0);
@@ -392,14 +446,77 @@ mod tests {
                 }
             }
         }
-        let kept =
-            from_brain(&s, &fewer, vec![0, 1, 2, 3], None, Some(&gen1), GenerationTier::Reroute).unwrap();
+        let kept = from_brain(
+            &s,
+            &fewer,
+            vec![0, 1, 2, 3],
+            RestoreSource::Memory,
+            Some(&gen1),
+            GenerationTier::Reroute,
+            off,
+        )
+        .unwrap();
         assert_eq!(kept.restore, Restore::InMemory);
         assert!(!kept.experts_of(rank).contains(&lost));
-        let gained =
-            from_brain(&s, &first.placement, vec![0, 1, 2, 3], None, Some(&kept), GenerationTier::Reroute);
+        let gained = from_brain(
+            &s,
+            &first.placement,
+            vec![0, 1, 2, 3],
+            RestoreSource::Memory,
+            Some(&kept),
+            GenerationTier::Reroute,
+            off,
+        );
         assert!(
             matches!(gained, Err(GenerationError::GainWithoutRollback { rank: r, expert, .. }) if r == rank && expert == lost)
+        );
+    }
+
+    #[test]
+    fn a_peer_rollback_restores_from_peers_and_every_generation_carries_the_buddies() {
+        let s = shape(4, 0);
+        let first = initial_plan(&s, Restore::Fresh).unwrap();
+        let peers = PeerCopies { copies: 1, interval_steps: 2, nodes_per_rack: None };
+        let gen1 = from_brain(
+            &s,
+            &first.placement,
+            vec![0, 1, 2, 3],
+            RestoreSource::Memory,
+            None,
+            GenerationTier::Initial,
+            peers,
+        )
+        .unwrap();
+        assert_eq!(gen1.buddies, crate::peer::buddies(&[0, 1, 2, 3], 1, None));
+        assert_eq!((gen1.buddies[&3].as_slice(), gen1.peer_interval_steps), (&[0][..], 2));
+        let mut next = first.placement.clone();
+        next.generation = 2;
+        let rolled = from_brain(
+            &s,
+            &next,
+            vec![0, 1, 2, 3],
+            RestoreSource::Peer { step: 41 },
+            Some(&gen1),
+            GenerationTier::Replace,
+            peers,
+        )
+        .unwrap();
+        assert_eq!(rolled.restore, Restore::Peer { step: 41 });
+        assert_eq!(rolled.buddies.len(), 4);
+        let dropped = from_brain(
+            &s,
+            &next,
+            vec![0, 2, 3],
+            RestoreSource::Peer { step: 41 },
+            Some(&gen1),
+            GenerationTier::Shrink,
+            peers,
+        )
+        .unwrap();
+        assert_eq!(
+            dropped.buddies,
+            crate::peer::buddies(&[0, 2, 3], 1, None),
+            "buddies among the members left"
         );
     }
 

@@ -488,6 +488,10 @@ pub struct RecoveryRecord {
     pub recovery_seconds: f64,
     /// Steps of work discarded (0 for reroute).
     pub steps_lost: u64,
+    /// Where the resumed state came from: `memory` (no rollback), `peer` (an in-memory peer
+    /// snapshot) or `checkpoint` (the disk checkpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     /// RFC 3339 time training resumed.
     pub time: String,
 }

@@ -21,6 +21,10 @@ pub struct RecoveryEntry {
     pub resume_s: f64,
     /// Completed steps discarded by a rollback.
     pub steps_lost: u64,
+    /// Where the resumed state came from: `memory` (no rollback), `peer` (an in-memory peer
+    /// snapshot, no disk read) or `checkpoint` (the disk checkpoint).
+    #[serde(default)]
+    pub source: String,
     /// Run time (seconds since start) training resumed, for the charts.
     pub at_s: f64,
 }
@@ -218,6 +222,7 @@ mod tests {
                 detect_s: Some(0.3),
                 resume_s: 0.8,
                 steps_lost: 0,
+                source: "memory".into(),
                 at_s: 2.0,
             }],
             goodput: 0.9,
@@ -240,7 +245,7 @@ mod tests {
         for key in ["recoveries", "goodput", "final_loss", "params_match", "max_abs_diff"] {
             assert!(json.get(key).is_some(), "{key}");
         }
-        for key in ["trigger", "tier", "detect_s", "resume_s", "steps_lost"] {
+        for key in ["trigger", "tier", "detect_s", "resume_s", "steps_lost", "source"] {
             assert!(json["recoveries"][0].get(key).is_some(), "{key}");
         }
         let svg = std::fs::read_to_string(dir.path().join("loss.svg")).expect("svg");

@@ -446,6 +446,7 @@ impl<'c> LocalRun<'c> {
                 resume_s: entry.resume_s,
                 steps_lost: entry.steps_lost,
                 generation: r.record.generation,
+                source: r.record.source,
             };
             event.emit(NAMESPACE, &self.name, metrics);
             self.entries.push(entry);

@@ -71,6 +71,7 @@ impl Training {
             detect_s: r.detect_s,
             resume_s: (unix(&first) - r.record.detected_at).max(0.0),
             steps_lost: before.saturating_sub(resumed_from),
+            source: r.record.source.as_str().to_string(),
             at_s: first.t,
         })
     }
@@ -79,7 +80,7 @@ impl Training {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use ninelives_core::recovery::{CompletedRecovery, Rung, TriggerKind};
+    use ninelives_core::recovery::{CompletedRecovery, RestoreSource, Rung, TriggerKind};
 
     use super::*;
 
@@ -116,13 +117,14 @@ mod tests {
             resume_s: 2.2,
             steps_lost: 2,
             rollback_to: Some(10),
+            source: RestoreSource::Peer { step: 10 },
             generation: 2,
             escalations: 0,
             experts_moved: 0,
         };
         let r = Resuming { record, trigger: "worker:1".into(), detect_s: Some(0.1) };
         let entry = tr.resumed(&r, 1000.0).unwrap();
-        assert_eq!((entry.steps_lost, entry.tier.as_str()), (2, "restore"));
+        assert_eq!((entry.steps_lost, entry.tier.as_str(), entry.source.as_str()), (2, "restore", "peer"));
         assert!((entry.resume_s - 2.2).abs() < 1e-9);
         let mut early = r.clone();
         early.record.resumed_at = 2000.0;
@@ -157,6 +159,7 @@ mod tests {
             resume_s: 0.6,
             steps_lost: 12,
             rollback_to: None,
+            source: RestoreSource::Checkpoint { step: 0 },
             generation: 2,
             escalations: 0,
             experts_moved: 0,

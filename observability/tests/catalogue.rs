@@ -89,6 +89,7 @@ fn recovery() -> Registry {
         detect_s: Some(0.1),
         resume_s: 1.0,
         steps_lost: 0,
+        source: "memory",
     };
     metrics.recovery("ml", "big", &r);
     let state = RecoveryState::new(vec!["node-0".into()], vec![]);

@@ -19,6 +19,9 @@ const PHASES: [&str; 5] = ["Pending", "Running", "Recovering", "Succeeded", "Fai
 /// Ladder rungs (`tier` label values).
 const TIERS: [&str; 5] = ["reroute", "reshard", "restore", "replace", "shrink"];
 
+/// `source` label values: where a recovery's resumed state came from.
+const SOURCES: [&str; 3] = ["memory", "peer", "checkpoint"];
+
 /// `trigger` label values.
 const TRIGGERS: [&str; 6] = ["chip", "node", "worker", "hang", "flap", "other"];
 
@@ -34,6 +37,7 @@ pub struct RecoveryMetrics {
     detection: HistogramVec,
     resume: HistogramVec,
     steps_lost: CounterVec,
+    sources: CounterVec,
     in_progress: GaugeVec,
     step: GaugeVec,
     loss: GaugeVec,
@@ -61,6 +65,9 @@ pub struct RecoveryObservation<'a> {
     pub resume_s: f64,
     /// Steps recomputed.
     pub steps_lost: u64,
+    /// Where the resumed state came from: `memory`, `peer`, `checkpoint` (anything else is
+    /// counted as `checkpoint`, the conservative reading).
+    pub source: &'a str,
 }
 
 /// The API phase name of a brain phase.
@@ -129,6 +136,12 @@ impl RecoveryMetrics {
                 "ninelives_recovery_steps_lost_total",
                 "Optimizer steps recomputed because of recoveries.",
                 &[],
+            )?,
+            sources: counter(
+                &r,
+                "ninelives_recovery_sources_total",
+                "Recoveries completed, by where the resumed state came from.",
+                &["source"],
             )?,
             in_progress: gauge(
                 &r,
@@ -210,6 +223,9 @@ impl RecoveryMetrics {
             self.resume.with_label_values(&[ns, job, tier]);
         }
         self.steps_lost.with_label_values(&[ns, job]);
+        for source in SOURCES {
+            self.sources.with_label_values(&[ns, job, source]);
+        }
         self.control_plane_degraded.with_label_values(&[ns, job]).set(0.0);
         for reason in ["StoreUnreachable", "MassDisappearance"] {
             self.control_plane_outages.with_label_values(&[ns, job, reason]);
@@ -229,6 +245,8 @@ impl RecoveryMetrics {
         self.resume.with_label_values(&[ns, job, r.tier]).observe(r.resume_s);
         // Touch the counter even at 0 so the series exists from the first recovery on.
         self.steps_lost.with_label_values(&[ns, job]).inc_by(r.steps_lost as f64);
+        let source = if SOURCES.contains(&r.source) { r.source } else { "checkpoint" };
+        self.sources.with_label_values(&[ns, job, source]).inc();
     }
 
     /// Sets the job's state from the brain's record and its observation of the cluster.
@@ -315,12 +333,19 @@ mod tests {
             detect_s: Some(0.2),
             resume_s: 2.5,
             steps_lost: 12,
+            source: "peer",
         };
         m.recovery("ml", "tiny", &r);
         m.recovery("ml", "tiny", &RecoveryObservation { trigger: "cosmic-ray", steps_lost: 3, ..r });
         let t = text(&m);
         assert!(t.contains(r#"ninelives_recoveries_total{tier="reshard",tj_namespace="ml",trainingjob="tiny",trigger="chip"} 1"#), "{t}");
         assert!(t.contains(r#"trigger="other"} 1"#), "{t}");
+        assert!(
+            t.contains(
+                r#"ninelives_recovery_sources_total{source="peer",tj_namespace="ml",trainingjob="tiny"} 2"#
+            ),
+            "{t}"
+        );
         assert!(
             t.contains(r#"ninelives_recovery_steps_lost_total{tj_namespace="ml",trainingjob="tiny"} 15"#),
             "{t}"

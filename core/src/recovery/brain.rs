@@ -9,8 +9,8 @@ use super::observe::Observation;
 use super::reasons::{JobFailure, Refusal, RungRefusal};
 use super::rung::Rung;
 use super::state::{
-    ActiveRecovery, Attempt, BrainPhase, CompletedRecovery, Exclusion, HISTORY_LIMIT, RecoveryState, Trigger,
-    TriggerKind,
+    ActiveRecovery, Attempt, BrainPhase, CompletedRecovery, Exclusion, HISTORY_LIMIT, RecoveryState,
+    RestoreSource, Trigger, TriggerKind,
 };
 use crate::job::{RecoveryTier, TrainingJobSpec};
 use crate::placement::{
@@ -48,6 +48,12 @@ pub struct BrainConfig {
     /// by agents). Expert-parallel worker processes cannot: for them every attempt that moves an
     /// expert or restarts a worker rolls the job back to the newest checkpoint.
     pub peer_copies: bool,
+    /// Copies of each member's training state kept in other members' host memory
+    /// (`checkpoint.peerCopies`). With at least one, an attempt that must roll back rolls back
+    /// to the newest complete peer snapshot the survivors cover, not to the disk checkpoint.
+    pub peer_snapshots: u32,
+    /// Members snapshot every this many steps (`checkpoint.peerIntervalSteps`, ≥ 1).
+    pub peer_interval_steps: u64,
 }
 
 impl BrainConfig {
@@ -80,11 +86,14 @@ impl BrainConfig {
             total_steps: spec.training.steps,
             rejoin_after_s: DEFAULT_REJOIN_AFTER_SECONDS,
             peer_copies: true,
+            peer_snapshots: spec.checkpoint.peer_copies,
+            peer_interval_steps: spec.checkpoint.peer_interval_steps.max(1),
         })
     }
 
     /// This configuration for expert-parallel worker processes (Kubernetes), which apply
-    /// generations themselves: no peer copies, and lost redundancy is not re-created and nothing
+    /// generations themselves: no live copies between chips (a rollback instead, from peer
+    /// snapshots when `peer_snapshots` allows, else from disk), and lost redundancy is not re-created and nothing
     /// rebalanced, so a reroute moves no expert and keeps every member's memory.
     #[must_use]
     pub fn for_expert_parallel(mut self) -> Self {
@@ -430,6 +439,7 @@ impl Decider<'_> {
             deadline: self.obs.now,
             step_at_detection: self.obs.step.unwrap_or(0),
             rollback_to: None,
+            rollback_from_peers: false,
             plan_tier: String::new(),
             experts_moved: 0,
             restarted: BTreeSet::new(),
@@ -555,6 +565,7 @@ impl Decider<'_> {
             resume_s: (now - active.detected_at).max(0.0),
             steps_lost: active.rollback_to.map_or(0, |r| active.step_at_detection.saturating_sub(r)),
             rollback_to: active.rollback_to,
+            source: RestoreSource::of(active.rollback_to, active.rollback_from_peers),
             generation: active.generation,
             escalations: u32::try_from(active.attempts.len().saturating_sub(1)).unwrap_or(u32::MAX),
             experts_moved: active.experts_moved,
@@ -750,14 +761,24 @@ impl Decider<'_> {
         let now = self.obs.now;
         let generation = p.placement.generation;
         let newest = self.obs.checkpoints.last().copied().unwrap_or(0);
-        let prior_rollback = self.st.active.as_ref().and_then(|a| a.rollback_to);
-        // Once an attempt rolled back, every later attempt rolls back to the same checkpoint:
-        // some nodes may already have restored it.
         let no_copies = !self.cfg.peer_copies && (!p.moves.is_empty() || !p.restart.is_empty());
-        let rollback =
-            prior_rollback.or((p.force_rollback || p.checkpoint_loads || no_copies).then_some(newest));
-        let checkpoint_step = rollback.unwrap_or(newest);
-        let control = ControlRecord::from_moves(
+        let needs_rollback = p.force_rollback || p.checkpoint_loads || no_copies;
+        let (survivors, lost) = self.survivors_and_lost(&p);
+        let covered = |step: u64| self.peer_snapshot_covers(step, &survivors, &lost);
+        let prior = self.st.active.as_ref().and_then(|a| a.rollback_to.map(|r| (r, a.rollback_from_peers)));
+        // Once an attempt rolled back, every later attempt rolls back to the same step from the
+        // same source: some members may already have restored it. A peer snapshot a new fault
+        // has since made unreachable (its last holder lost) gives way to a fresh choice.
+        let (rollback, from_peers) = match prior {
+            Some((step, false)) => (Some(step), false),
+            Some((step, true)) if covered(step) => (Some(step), true),
+            Some(_) => self.rollback_choice(newest, &survivors, &lost),
+            None if needs_rollback => self.rollback_choice(newest, &survivors, &lost),
+            None => (None, false),
+        };
+        // A checkpoint load (agents) still reads the disk checkpoint.
+        let checkpoint_step = if from_peers { newest } else { rollback.unwrap_or(newest) };
+        let mut control = ControlRecord::from_moves(
             generation,
             &p.moves,
             &p.node_names,
@@ -765,6 +786,7 @@ impl Decider<'_> {
             rollback,
             self.cfg.apply_timeout_s,
         );
+        control.from_peers = from_peers;
         self.st.generation = generation;
         self.st.node_names = p.node_names;
         self.st.spares = p.spares;
@@ -783,11 +805,82 @@ impl Decider<'_> {
             a.generation = generation;
             a.deadline = now + self.cfg.recovery_timeout_s;
             a.rollback_to = rollback;
+            a.rollback_from_peers = from_peers;
             a.plan_tier = p.plan_tier.to_string();
             a.experts_moved = p.moves.len() as u64;
             a.restarted.extend(restarted);
             a.attempts.push(Attempt { rung, generation, at: now, abandoned: None });
         }
+    }
+}
+
+impl Decider<'_> {
+    /// The previous generation's members split into those whose host memory survives the
+    /// attempt `p` and those whose memory is gone: their node is lost, their process is
+    /// (re)started, a spare takes their index, or they are dropped.
+    fn survivors_and_lost(&self, p: &Published) -> (BTreeSet<u32>, BTreeSet<u32>) {
+        let previous: BTreeSet<u32> = self.st.expected_ranks().collect();
+        let lost: BTreeSet<u32> = previous
+            .iter()
+            .copied()
+            .filter(|&r| !self.alive(r) || p.restart.contains(&r) || p.dropped.contains(&r))
+            .collect();
+        (previous.difference(&lost).copied().collect(), lost)
+    }
+
+    /// The rollback of an attempt that must roll back: the newest peer snapshot the survivors
+    /// cover when peer copies are on and it is not older than the newest checkpoint, else the
+    /// newest disk checkpoint.
+    fn rollback_choice(
+        &self,
+        newest: u64,
+        survivors: &BTreeSet<u32>,
+        lost: &BTreeSet<u32>,
+    ) -> (Option<u64>, bool) {
+        match self.newest_peer_snapshot(survivors, lost).filter(|&s| s >= newest) {
+            Some(step) => (Some(step), true),
+            None => (Some(newest), false),
+        }
+    }
+
+    /// The newest step every survivor holds its own complete snapshot of and every lost member
+    /// has a surviving holder of a copy of (the contract's brain rule); `None` without peer
+    /// copies or when no step is covered.
+    fn newest_peer_snapshot(&self, survivors: &BTreeSet<u32>, lost: &BTreeSet<u32>) -> Option<u64> {
+        if self.cfg.peer_snapshots == 0 || survivors.is_empty() {
+            return None;
+        }
+        let mut steps: Vec<u64> = survivors
+            .iter()
+            .filter_map(|r| self.peer_record(*r))
+            .flat_map(|rec| rec.own.iter().copied())
+            .collect();
+        steps.sort_unstable();
+        steps.dedup();
+        steps.into_iter().rev().find(|&s| self.peer_snapshot_covers(s, survivors, lost))
+    }
+
+    fn peer_snapshot_covers(&self, step: u64, survivors: &BTreeSet<u32>, lost: &BTreeSet<u32>) -> bool {
+        if self.cfg.peer_snapshots == 0 || survivors.is_empty() {
+            return false;
+        }
+        let owns = |r: &u32| self.peer_record(*r).is_some_and(|rec| rec.own.contains(&step));
+        let held = |l: &u32| {
+            survivors.iter().any(|h| {
+                self.peer_record(*h).is_some_and(|rec| rec.holds.get(l).is_some_and(|s| s.contains(&step)))
+            })
+        };
+        survivors.iter().all(owns) && lost.iter().all(held)
+    }
+
+    /// The peer record of `rank`, when it was written by a process that has not been restarted
+    /// since (a restarted member's record from before the restart lists memory that is gone).
+    fn peer_record(&self, rank: u32) -> Option<&super::observe::PeerRecord> {
+        let mut fresh_from = self.st.history.last().map_or(0, |r| r.generation);
+        if let Some(a) = self.st.active.as_ref().filter(|a| a.restarted.contains(&rank)) {
+            fresh_from = fresh_from.max(a.attempts.first().map_or(0, |t| t.generation));
+        }
+        self.obs.peers.get(&rank).filter(|rec| rec.generation >= fresh_from)
     }
 }
 

@@ -56,9 +56,13 @@ pub struct LocalLoad {
 pub struct ControlRecord {
     /// The generation these instructions belong to.
     pub generation: u64,
-    /// Roll the whole job back to this checkpoint step first (`0` = the seeded initial state).
+    /// Roll the whole job back to this step first (`0` = the seeded initial state): the disk
+    /// checkpoint of the step, or the in-memory peer snapshot with `from_peers`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_step: Option<u64>,
+    /// `restore_step` is an in-memory peer snapshot (no disk read), not a disk checkpoint.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_peers: bool,
     /// Experts to load, by node name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub load_experts: BTreeMap<String, Vec<LocalLoad>>,
@@ -98,7 +102,18 @@ impl ControlRecord {
                 source,
             });
         }
-        Self { generation, restore_step, load_experts, timeout_seconds: Some(timeout_seconds) }
+        Self {
+            generation,
+            restore_step,
+            from_peers: false,
+            load_experts,
+            timeout_seconds: Some(timeout_seconds),
+        }
+    }
+
+    /// Where this generation's members restore from.
+    pub fn source(&self) -> super::state::RestoreSource {
+        super::state::RestoreSource::of(self.restore_step, self.from_peers)
     }
 
     /// Experts to load, over all nodes.

@@ -49,5 +49,5 @@ pub use reasons::{JobFailure, Refusal, RungRefusal};
 pub use rung::Rung;
 pub use state::{
     ActiveRecovery, Attempt, BrainPhase, CompletedRecovery, Exclusion, HISTORY_LIMIT, RecoveryState,
-    STATE_VERSION, Trigger, TriggerKind,
+    RestoreSource, STATE_VERSION, Trigger, TriggerKind,
 };

@@ -58,6 +58,63 @@ impl TriggerKind {
     }
 }
 
+/// Where a recovery's members got the state they resumed from (the `source` of the record,
+/// the status, Events, metrics and the demo report).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase", tag = "from")]
+pub enum RestoreSource {
+    /// No rollback: every member kept its memory (a reroute).
+    #[default]
+    Memory,
+    /// Rolled back to the in-memory peer snapshot of `step` (no disk read).
+    Peer {
+        /// Snapshot step.
+        step: u64,
+    },
+    /// Rolled back to the committed disk checkpoint of `step` (`0`: the seeded initial state).
+    Checkpoint {
+        /// Checkpoint step.
+        step: u64,
+    },
+}
+
+impl RestoreSource {
+    /// The source of a rollback to `rollback_to` (`None`: no rollback), from peers or disk.
+    pub fn of(rollback_to: Option<u64>, from_peers: bool) -> Self {
+        match rollback_to {
+            None => RestoreSource::Memory,
+            Some(step) if from_peers => RestoreSource::Peer { step },
+            Some(step) => RestoreSource::Checkpoint { step },
+        }
+    }
+
+    /// Lower-case name (`memory`, `peer`, `checkpoint`): the metric label and report column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestoreSource::Memory => "memory",
+            RestoreSource::Peer { .. } => "peer",
+            RestoreSource::Checkpoint { .. } => "checkpoint",
+        }
+    }
+
+    /// The step rolled back to, if any.
+    pub fn step(self) -> Option<u64> {
+        match self {
+            RestoreSource::Memory => None,
+            RestoreSource::Peer { step } | RestoreSource::Checkpoint { step } => Some(step),
+        }
+    }
+}
+
+impl fmt::Display for RestoreSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.step() {
+            Some(step) => write!(f, "{}@{step}", self.as_str()),
+            None => f.write_str(self.as_str()),
+        }
+    }
+}
+
 /// One fault the brain saw.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -140,9 +197,12 @@ pub struct ActiveRecovery {
     pub deadline: f64,
     /// Last completed step when the fault was detected.
     pub step_at_detection: u64,
-    /// The checkpoint step the job rolls back to, when the attempt rolls back.
+    /// The step the job rolls back to, when the attempt rolls back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback_to: Option<u64>,
+    /// Whether `rollback_to` is an in-memory peer snapshot rather than a disk checkpoint.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rollback_from_peers: bool,
     /// The planner's tier for the published placement (`reroute` or `reshard`).
     pub plan_tier: String,
     /// Expert replicas the attempt loads.
@@ -191,9 +251,12 @@ pub struct CompletedRecovery {
     pub resume_s: f64,
     /// Completed steps discarded by a rollback (0 without one).
     pub steps_lost: u64,
-    /// The checkpoint rolled back to, if any.
+    /// The step rolled back to, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback_to: Option<u64>,
+    /// Where the resumed state came from: memory, a peer snapshot or a disk checkpoint.
+    #[serde(default)]
+    pub source: RestoreSource,
     /// The generation that resumed training.
     pub generation: u64,
     /// Rungs abandoned before this one succeeded.
@@ -211,6 +274,7 @@ impl CompletedRecovery {
             detection_seconds: self.detect_s.unwrap_or(0.0),
             recovery_seconds: self.resume_s,
             steps_lost: self.steps_lost,
+            source: Some(self.source.as_str().to_string()),
             time,
         }
     }

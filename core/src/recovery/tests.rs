@@ -36,6 +36,8 @@ fn config(shape: PlacementShape) -> BrainConfig {
         total_steps: 300,
         rejoin_after_s: 60.0,
         peer_copies: true,
+        peer_snapshots: 0,
+        peer_interval_steps: 1,
     }
 }
 
@@ -605,4 +607,156 @@ fn config_from_the_demo_manifest() {
     sim.kill_node("n3");
     sim.settle(3);
     assert_eq!(sim.recoveries()[0].tier, Rung::Replace);
+}
+
+/// Expert-parallel workers with one replica per expert and `k` peer copies.
+fn peers_on(k: u32) -> BrainConfig {
+    BrainConfig { peer_snapshots: k, ..single().for_expert_parallel() }
+}
+
+impl Sim {
+    /// Every member of the current generation reports complete snapshots of `steps`, its own and
+    /// its buddies' copies (one buddy each, the next rank).
+    fn snapshots(&mut self, steps: &[u64]) {
+        let members: Vec<u32> = self.st.expected_ranks().collect();
+        let mut records: BTreeMap<u32, PeerRecord> = members
+            .iter()
+            .map(|&r| {
+                (r, PeerRecord { generation: self.st.generation, own: steps.to_vec(), ..Default::default() })
+            })
+            .collect();
+        for (rank, holders) in crate::peer::buddies(&members, 1, None) {
+            for h in holders {
+                if let Some(rec) = records.get_mut(&h) {
+                    rec.holds.insert(rank, steps.to_vec());
+                }
+            }
+        }
+        self.obs.peers = records;
+    }
+
+    fn published_control(actions: &[Action]) -> ControlRecord {
+        actions
+            .iter()
+            .find_map(|a| match a {
+                Action::PublishPlacement { control, .. } => Some(control.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no publish in {actions:?}"))
+    }
+}
+
+use std::collections::BTreeMap;
+
+#[test]
+fn a_chip_fault_with_buddies_rolls_back_to_the_newest_peer_snapshot() {
+    let mut sim = Sim::running(peers_on(1), 0);
+    sim.snapshots(&[58, 59]);
+    let chip = sim.busy_chip(2);
+    sim.chip("n2", chip, ChipState::Failed, "link-down");
+    let control = Sim::published_control(&sim.tick());
+    assert_eq!((control.restore_step, control.from_peers), (Some(59), true));
+    assert_eq!(control.source(), RestoreSource::Peer { step: 59 });
+    sim.tick();
+    let r = sim.recoveries()[0];
+    assert_eq!((r.tier, r.steps_lost, r.source), (Rung::Reshard, 1, RestoreSource::Peer { step: 59 }));
+    assert_eq!(r.to_status(String::new()).source.as_deref(), Some("peer"));
+}
+
+#[test]
+fn a_node_loss_with_a_surviving_buddy_restores_the_spare_from_peers() {
+    let mut sim = Sim::running(peers_on(1), 1);
+    sim.snapshots(&[59, 60]);
+    sim.kill_node("n2");
+    let actions = sim.tick();
+    assert!(actions.contains(&Action::StartMember { rank: 2, node: "s0".into(), restore_step: Some(60) }));
+    let control = Sim::published_control(&actions);
+    assert_eq!(control.source(), RestoreSource::Peer { step: 60 });
+    sim.tick();
+    let r = sim.recoveries()[0];
+    assert_eq!((r.tier, r.steps_lost, r.source), (Rung::Replace, 0, RestoreSource::Peer { step: 60 }));
+}
+
+#[test]
+fn a_member_lost_with_its_buddy_falls_back_to_the_disk_checkpoint() {
+    // Rank 3 holds rank 2's only copy: losing both nodes leaves rank 2's state nowhere in memory.
+    let mut sim = Sim::running(peers_on(1), 2);
+    sim.snapshots(&[59, 60]);
+    sim.kill_node("n2");
+    sim.kill_node("n3");
+    let control = Sim::published_control(&sim.tick());
+    assert_eq!((control.restore_step, control.from_peers), (Some(50), false));
+    sim.tick();
+    let r = sim.recoveries()[0];
+    assert_eq!((r.steps_lost, r.source), (10, RestoreSource::Checkpoint { step: 50 }));
+    // Two faults in different failure domains (a chip on n1, the whole of n3) are covered.
+    let mut sim = Sim::running(peers_on(1), 1);
+    sim.snapshots(&[59, 60]);
+    let chip = sim.busy_chip(1);
+    sim.chip("n1", chip, ChipState::Failed, "link-down");
+    sim.kill_node("n3");
+    let control = Sim::published_control(&sim.tick());
+    assert_eq!(control.source(), RestoreSource::Peer { step: 60 });
+}
+
+#[test]
+fn without_peer_records_or_copies_the_rollback_is_the_disk_checkpoint_as_before() {
+    for (k, records) in [(1, false), (0, true)] {
+        let mut sim = Sim::running(peers_on(k), 1);
+        if records {
+            sim.snapshots(&[59, 60]);
+        }
+        sim.kill_node("n2");
+        let control = Sim::published_control(&sim.tick());
+        assert_eq!(control.source(), RestoreSource::Checkpoint { step: 50 }, "k={k}");
+        sim.tick();
+        assert_eq!(sim.recoveries()[0].source, RestoreSource::Checkpoint { step: 50 });
+    }
+    // A snapshot older than the newest checkpoint is not worth it.
+    let mut sim = Sim::running(peers_on(1), 1);
+    sim.snapshots(&[40]);
+    sim.kill_node("n2");
+    assert_eq!(Sim::published_control(&sim.tick()).source(), RestoreSource::Checkpoint { step: 50 });
+}
+
+#[test]
+fn a_lost_worker_restarts_from_peers_and_a_stale_record_of_a_restarted_member_does_not_count() {
+    let mut sim = Sim::running(peers_on(1), 0);
+    sim.snapshots(&[59, 60]);
+    sim.obs.members.remove(&1);
+    let actions = sim.tick();
+    assert!(actions.contains(&Action::StartMember { rank: 1, node: "n1".into(), restore_step: Some(60) }));
+    sim.tick();
+    assert_eq!(sim.recoveries()[0].source, RestoreSource::Peer { step: 60 });
+    // Records written before that recovery's generation describe memory that may be gone.
+    sim.obs.step = Some(70);
+    sim.obs.members.remove(&2);
+    let control = Sim::published_control(&sim.tick());
+    assert_eq!(control.source(), RestoreSource::Checkpoint { step: 50 });
+}
+
+#[test]
+fn a_retried_recovery_keeps_its_peer_snapshot_unless_a_new_fault_loses_its_last_copy() {
+    let mut sim = Sim::running(peers_on(1), 2);
+    sim.snapshots(&[59, 60]);
+    sim.acks = false;
+    sim.joins = false;
+    sim.obs.members.remove(&1);
+    let first = Sim::published_control(&sim.tick());
+    assert_eq!(first.source(), RestoreSource::Peer { step: 60 });
+    // Newer snapshots appear while the attempt times out: the retry keeps step 60.
+    for rec in sim.obs.peers.values_mut() {
+        rec.own = vec![60, 61];
+        for steps in rec.holds.values_mut() {
+            *steps = vec![60, 61];
+        }
+    }
+    sim.later(31.0);
+    let retry = Sim::published_control(&sim.tick());
+    assert!(retry.generation > first.generation);
+    assert_eq!(retry.source(), RestoreSource::Peer { step: 60 });
+    // Rank 2 holds rank 1's only copy; losing its node too leaves only the disk.
+    sim.kill_node("n2");
+    let fallback = Sim::published_control(&sim.tick());
+    assert_eq!(fallback.source(), RestoreSource::Checkpoint { step: 50 });
 }

@@ -193,6 +193,7 @@ mod brain {
             deadline: 60.0,
             step_at_detection: 12,
             rollback_to: Some(10),
+            rollback_from_peers: false,
             plan_tier: "reshard".into(),
             experts_moved: 3,
             restarted: restarted.iter().copied().collect(),
