@@ -116,7 +116,8 @@ fn manifests(dir: &Path) -> Vec<(u64, String)> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
     let mut out = Vec::new();
     for e in entries.filter_map(Result::ok) {
-        let Some(step) = e.file_name().to_str().and_then(|n| n.strip_prefix("step-")?.parse::<u64>().ok()) else {
+        let Some(step) = e.file_name().to_str().and_then(|n| n.strip_prefix("step-")?.parse::<u64>().ok())
+        else {
             continue;
         };
         let Ok(bytes) = std::fs::read(e.path().join("manifest.json")) else { continue };
@@ -163,11 +164,14 @@ fn history(etcd_data: &Path) -> Vec<Write> {
         .spawn()
         .unwrap();
     let addr = ([127, 0, 0, 1], client_port).into();
-    let healthy = ninelives_testkit::wait_healthy(addr, "/health", "\"health\":\"true\"", Duration::from_secs(20));
+    let healthy =
+        ninelives_testkit::wait_healthy(addr, "/health", "\"health\":\"true\"", Duration::from_secs(20));
     let writes = healthy.then(|| {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(30), read_history(&client_url)).await.expect("history read in time")
+            tokio::time::timeout(Duration::from_secs(30), read_history(&client_url))
+                .await
+                .expect("history read in time")
         })
     });
     let _ = etcd.kill();
@@ -302,7 +306,11 @@ impl Demo {
 
     /// Waits until rank 0 committed the checkpoint of `step`: training is under way.
     fn wait_committed(&self, step: u64) {
-        wait_for_line(&self.log("worker-0.log"), &format!("checkpoint committed step={step} "), Duration::from_secs(120));
+        wait_for_line(
+            &self.log("worker-0.log"),
+            &format!("checkpoint committed step={step} "),
+            Duration::from_secs(120),
+        );
     }
 
     fn one_pid(&self, needle: &str) -> u32 {
@@ -316,9 +324,11 @@ impl Demo {
         let Demo { _dir, work, report_dir, child, started, manifests } = self;
         let out = child.wait_with_output().unwrap();
         let wall = started.elapsed();
-        let stdout = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let stdout =
+            format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         let (_, conflicts) = manifests.finish();
-        let mut violations: Vec<String> = conflicts.into_iter().map(|c| format!("checkpoint rewritten: {c}")).collect();
+        let mut violations: Vec<String> =
+            conflicts.into_iter().map(|c| format!("checkpoint rewritten: {c}")).collect();
         if !out.status.success() {
             violations.push(format!("demo exited {:?}", out.status.code()));
         }
@@ -344,7 +354,11 @@ impl Demo {
 impl Outcome {
     /// Prints the table row `scripts/chaos` collects and fails on any broken invariant.
     fn row(&self, nemesis: &str, duration: &str) {
-        let held = if self.violations.is_empty() { "yes".to_owned() } else { format!("NO: {}", self.violations.join("; ")) };
+        let held = if self.violations.is_empty() {
+            "yes".to_owned()
+        } else {
+            format!("NO: {}", self.violations.join("; "))
+        };
         println!(
             "CHAOS| {nemesis} | {duration} | {} | {} | {} | {} | {held} | {:.0} s |",
             self.recoveries,
