@@ -498,7 +498,8 @@ fn a_full_checkpoint_filesystem_fails_one_save_and_the_job_goes_on() {
     }
     let _unmount = Unmount(dir.clone());
     demo.wait_committed(75);
-    // Fill what is left: the save at step 100 fails with ENOSPC.
+    // Fill what is left: the next save fails with ENOSPC (the worker logs
+    // "checkpoint save failed; training continues").
     let filler = dir.join("filler");
     let _ = Command::new("dd")
         .arg("if=/dev/zero")
@@ -507,7 +508,7 @@ fn a_full_checkpoint_filesystem_fails_one_save_and_the_job_goes_on() {
         .stderr(Stdio::null())
         .status()
         .unwrap();
-    wait_for_line(&demo.log("worker-0.log"), "save_failed", Duration::from_secs(60));
+    wait_for_line(&demo.log("worker-0.log"), "checkpoint save failed", Duration::from_secs(90));
     std::fs::remove_file(&filler).unwrap();
     let log = demo.log("worker-0.log");
     let o = demo.finish();
