@@ -62,13 +62,23 @@ pub struct EtcdServer {
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    /// Extra command-line flags (e.g. `--max-request-bytes` for the scale run).
+    extra: Vec<String>,
 }
 
 impl EtcdServer {
     /// Starts etcd and waits until `/health` answers.
     pub fn start() -> Result<Self, TestkitError> {
+        Self::start_with_args(&[])
+    }
+
+    /// Starts etcd with extra flags (kept across [`EtcdServer::restart`]), e.g.
+    /// `--max-request-bytes=...` or `--quota-backend-bytes=...` for the scale run.
+    pub fn start_with_args(extra: &[&str]) -> Result<Self, TestkitError> {
         let dir = tempfile::Builder::new().prefix("ninelives-etcd-").tempdir()?;
-        let mut server = EtcdServer { child: None, dir, client_port: free_port()?, peer_port: free_port()? };
+        let extra = extra.iter().map(ToString::to_string).collect();
+        let mut server =
+            EtcdServer { child: None, dir, client_port: free_port()?, peer_port: free_port()?, extra };
         server.spawn()?;
         Ok(server)
     }
@@ -126,6 +136,7 @@ impl EtcdServer {
             .arg("--log-level=warn")
             // Tests write fast; don't let fsync latency of a busy CI disk dominate.
             .arg("--unsafe-no-fsync")
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

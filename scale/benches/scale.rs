@@ -1,0 +1,134 @@
+//! The scale run (issue 22 item 3).
+//!
+//! ```text
+//! cargo bench -p ninelives-scale --bench scale -- [--nodes 500,1000,2000,6250] [--faults 5]
+//!     [--idle-secs 10] [--round-ms 200] [--etcd-arg --max-request-bytes=67108864]
+//!     [--manifest examples/longcat-2.0.yaml]
+//! ```
+//!
+//! Per node count: real etcd, the agents, the simulated members and the real control loop at
+//! the reference layout scaled to N nodes; prints a markdown table per run.
+
+#![allow(missing_docs)]
+
+use ninelives_scale::{Kind, Options, Report, percentile, run};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut nodes = vec![500u32];
+    let mut faults = 5usize;
+    let mut idle = 10u64;
+    let mut round = 200u64;
+    let mut etcd_args = Vec::new();
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let mut manifest = format!("{root}/examples/longcat-2.0.yaml");
+    let mut i = 0;
+    while i < args.len() {
+        let value = args.get(i + 1).cloned().unwrap_or_default();
+        match args[i].as_str() {
+            "--nodes" => nodes = value.split(',').filter_map(|v| v.parse().ok()).collect(),
+            "--faults" => faults = value.parse().unwrap_or(faults),
+            "--idle-secs" => idle = value.parse().unwrap_or(idle),
+            "--round-ms" => round = value.parse().unwrap_or(round),
+            "--etcd-arg" => etcd_args.push(value),
+            "--manifest" => manifest = value,
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    let Ok(runtime) = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() else {
+        eprintln!("no runtime");
+        std::process::exit(1);
+    };
+    let mut reports = Vec::new();
+    for n in nodes {
+        let mut o = Options::for_nodes(&manifest, n);
+        o.faults_per_kind = faults;
+        o.idle = std::time::Duration::from_secs(idle);
+        o.round = std::time::Duration::from_millis(round);
+        o.etcd_args = etcd_args.clone();
+        match runtime.block_on(run(&o)) {
+            Ok(r) => reports.push(r),
+            Err(e) => eprintln!("{n} nodes: harness error: {e}"),
+        }
+    }
+    print_tables(&reports, &etcd_args);
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or("–".into(), |s| format!("{:.0}", s * 1e3))
+}
+
+fn print_tables(reports: &[Report], etcd_args: &[String]) {
+    println!("\netcd flags: {etcd_args:?}");
+    println!(
+        "| nodes | chips | gen 1 joined | idle round wall ms | loop CPU ms/round | read ms | keys read/round | bytes read/round | placement value | recovery record | largest value written | largest txn | idle etcd req/s | idle etcd MB/s | etcd DB MB | RSS MB | broke |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    for r in reports {
+        println!(
+            "| {} | {} | {} s | {:.1} | {:.1} | {:.1} | {} | {:.2} MB | {:.2} MB | {:.1} KB | {:.2} MB | {:.2} MB | {:.0} | {:.1} | {:.1} | {:.0} | {} |",
+            r.nodes,
+            r.chips,
+            r.first_generation_s.map_or("–".into(), |s| format!("{s:.1}")),
+            r.idle_round_ms,
+            r.idle_cpu_ms,
+            r.idle_read_ms,
+            r.read_keys,
+            r.read_bytes as f64 / 1e6,
+            r.placement_bytes as f64 / 1e6,
+            r.record_bytes as f64 / 1e3,
+            r.largest_write as f64 / 1e6,
+            r.largest_txn as f64 / 1e6,
+            r.idle_etcd_rps,
+            r.idle_etcd_bps / 1e6,
+            r.db_bytes / 1e6,
+            r.rss_bytes as f64 / 1e6,
+            r.broke.clone().unwrap_or_else(|| "no".into()).replace('|', "/"),
+        );
+    }
+    println!(
+        "\n| nodes | fault | n | visible→detected p50/p99/max ms | visible→committed p50/p99/max | visible→all acked p50/p99/max | visible→completed p50/p99/max | etcd requests/failure | etcd MB/failure | tiers |"
+    );
+    println!("|---:|---|---:|---|---|---|---|---:|---:|---|");
+    for r in reports {
+        for kind in [Kind::Chip, Kind::Node, Kind::Rack, Kind::Flap] {
+            let f: Vec<_> = r.faults.iter().filter(|f| f.kind == kind).collect();
+            if f.is_empty() {
+                continue;
+            }
+            let col = |get: fn(&ninelives_scale::FaultResult) -> Option<f64>| {
+                let v: Vec<f64> = f.iter().filter_map(|x| get(x)).collect();
+                format!(
+                    "{}/{}/{} ({} of {})",
+                    ms(percentile(&v, 50.0)),
+                    ms(percentile(&v, 99.0)),
+                    ms(percentile(&v, 100.0)),
+                    v.len(),
+                    f.len()
+                )
+            };
+            let req = f.iter().map(|x| x.requests).sum::<f64>() / f.len() as f64;
+            let mb = f.iter().map(|x| x.bytes).sum::<f64>() / f.len() as f64 / 1e6;
+            let mut tiers: Vec<String> = f.iter().flat_map(|x| x.tiers.clone()).collect();
+            tiers.sort();
+            tiers.dedup();
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.1} | {} |",
+                r.nodes,
+                kind.as_str(),
+                f.len(),
+                col(|x| x.detected),
+                col(|x| x.committed),
+                col(|x| x.acked),
+                col(|x| x.completed),
+                req,
+                mb,
+                tiers.join(", ")
+            );
+        }
+    }
+}

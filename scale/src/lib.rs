@@ -1,0 +1,995 @@
+//! # ninelives-scale
+//!
+//! The scale run of issue 22: one real etcd, `N` in-process node agents (the agent bench's
+//! in-memory probes), lightweight simulated members that speak the generation protocol
+//! (register at `members/<rank>` under a lease, read the `DistPlan` at `placement`, ack
+//! `acks/<gen>/<rank>` with core's [`MemberAck`], report progress and checkpoint records; no
+//! training), and the real [`ControlLoop`] over [`EtcdStore`] driving the job, at the reference
+//! layout (`examples/longcat-2.0.yaml`) scaled to `N` nodes. Chip, node, rack and flapping-chip
+//! faults are injected one at a time; each is timed from the moment it is visible in etcd to
+//! the brain's detection, the committed generation and the last member's ack, and its etcd
+//! traffic is measured from etcd's own counters.
+//!
+//! The loop runs on its own OS thread (a current-thread runtime) so its CPU time is its own.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, EventType, PutOptions, Txn, TxnOp, WatchOptions};
+use ninelives_agent::etcd::EtcdSource;
+use ninelives_agent::faults;
+use ninelives_agent::probe::{ChipProbe, ChipReading, ProbeError};
+use ninelives_agent::{Agent, AgentConfig};
+use ninelives_control::{
+    BrainStore, ControlError, ControlLoop, EffectError, Effects, EtcdStore, JobIdentity, Progress, Snapshot,
+    Written,
+};
+use ninelives_core::generation::{DistPlan, Restore};
+use ninelives_core::keyspace::{JobKeys, Keyspace};
+use ninelives_core::recovery::{
+    BrainConfig, BrainPhase, CheckpointRecord, MemberAck, OutagePolicy, ProgressRecord, RecoveryState,
+};
+use ninelives_testkit::{EtcdServer, http_get};
+use tokio::sync::mpsc;
+
+mod probe;
+pub use probe::{Probe, probe};
+
+const NS: &str = "scale";
+const JOB: &str = "longcat";
+/// Members' acks, registrations and checkpoint records go in transactions of at most this many
+/// puts (etcd's default `--max-txn-ops` is 128).
+const TXN_OPS: usize = 100;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The reference manifest (its topology is scaled to `nodes`).
+    pub manifest: String,
+    /// Nodes of the job (a multiple of stages x group nodes: 250 at the reference layout).
+    pub nodes: u32,
+    /// Spare nodes (agents too).
+    pub spares: u32,
+    /// Faults of each kind: chip, node, rack (5 nodes), flapping chip.
+    pub faults_per_kind: usize,
+    /// The loop's round period.
+    pub round: Duration,
+    /// Idle window measured before the faults (per-round cost with nothing changing).
+    pub idle: Duration,
+    /// Extra etcd flags (the documented workaround: `--max-request-bytes=...`).
+    pub etcd_args: Vec<String>,
+    /// Longest wait for one fault's recovery to complete.
+    pub fault_timeout: Duration,
+    /// Agents started per batch (as a DaemonSet rolls out).
+    pub batch: usize,
+}
+
+impl Options {
+    /// Defaults for `nodes` nodes.
+    pub fn for_nodes(manifest: &str, nodes: u32) -> Self {
+        Self {
+            manifest: manifest.to_string(),
+            nodes,
+            spares: (nodes / 100).max(8),
+            faults_per_kind: 5,
+            round: Duration::from_millis(200),
+            idle: Duration::from_secs(10),
+            etcd_args: Vec::new(),
+            fault_timeout: Duration::from_secs(60),
+            batch: 500,
+        }
+    }
+}
+
+/// A fault kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// One chip reports an uncorrectable error.
+    Chip,
+    /// One node's agent leaves (lease revoked: the `alive` key vanishes at once; a crash would
+    /// add the TTL before it is visible).
+    Node,
+    /// The five nodes of one rack leave together.
+    Rack,
+    /// One chip faults, clears, faults again (3 onsets, 1 s apart).
+    Flap,
+}
+
+impl Kind {
+    /// Its name in the tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Chip => "chip",
+            Kind::Node => "node",
+            Kind::Rack => "rack",
+            Kind::Flap => "flapping chip",
+        }
+    }
+}
+
+/// One injected fault, timed (seconds from the fault becoming visible in etcd).
+#[derive(Clone, Debug)]
+pub struct FaultResult {
+    /// Which kind.
+    pub kind: Kind,
+    /// Visible → the round that saw it finished reading.
+    pub detected: Option<f64>,
+    /// Visible → its first generation committed.
+    pub committed: Option<f64>,
+    /// Visible → every member of the last generation of the recovery acked.
+    pub acked: Option<f64>,
+    /// Visible → the brain completed the recovery.
+    pub completed: Option<f64>,
+    /// Injection → visible (the agent's poll and write).
+    pub inject_to_visible: Option<f64>,
+    /// etcd gRPC messages received between injection and completion.
+    pub requests: f64,
+    /// etcd bytes received + sent between injection and completion.
+    pub bytes: f64,
+    /// Generations published.
+    pub generations: usize,
+    /// Tiers published.
+    pub tiers: Vec<String>,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+}
+
+/// The result of one run.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// Nodes.
+    pub nodes: u32,
+    /// Chips.
+    pub chips: u32,
+    /// Agents' start-up.
+    pub startup_s: f64,
+    /// Start → generation 1 acked by every member.
+    pub first_generation_s: Option<f64>,
+    /// Idle window: rounds, mean round wall ms, mean loop CPU ms per round.
+    pub idle_rounds: u64,
+    /// Mean round wall time while idle.
+    pub idle_round_ms: f64,
+    /// Mean loop-thread CPU per round while idle.
+    pub idle_cpu_ms: f64,
+    /// Mean read (one txn) wall time while idle.
+    pub idle_read_ms: f64,
+    /// Bytes returned by one read (the job prefix + nodes prefix).
+    pub read_bytes: u64,
+    /// Keys returned by one read.
+    pub read_keys: u64,
+    /// Of which: the placement value.
+    pub placement_bytes: u64,
+    /// Of which: the recovery record.
+    pub record_bytes: u64,
+    /// etcd gRPC requests/s and bytes/s during the idle window (all clients).
+    pub idle_etcd_rps: f64,
+    /// etcd bytes/s (received + sent) during the idle window.
+    pub idle_etcd_bps: f64,
+    /// Largest value the loop wrote.
+    pub largest_write: u64,
+    /// Largest transaction the loop wrote (sum of values).
+    pub largest_txn: u64,
+    /// etcd DB size at the end.
+    pub db_bytes: f64,
+    /// Process RSS at the end (agents, members and the loop in one process).
+    pub rss_bytes: u64,
+    /// Loop thread CPU over the whole run, seconds.
+    pub loop_cpu_s: f64,
+    /// Faults.
+    pub faults: Vec<FaultResult>,
+    /// Where it broke, if it did.
+    pub broke: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chips
+
+/// In-memory chips of one node: a heartbeat from the clock, a fault flag per chip.
+struct MemProbe {
+    started: Instant,
+    faulty: Vec<AtomicBool>,
+}
+
+impl MemProbe {
+    fn new(chips: u32) -> Self {
+        Self { started: Instant::now(), faulty: (0..chips).map(|_| AtomicBool::new(false)).collect() }
+    }
+    fn set(&self, chip: u32, faulty: bool) {
+        if let Some(f) = self.faulty.get(chip as usize) {
+            f.store(faulty, Ordering::Relaxed);
+        }
+    }
+}
+
+impl ChipProbe for MemProbe {
+    fn discover(&self) -> Result<Vec<u32>, ProbeError> {
+        Ok((0..u32::try_from(self.faulty.len()).unwrap_or(0)).collect())
+    }
+    fn read(&self, index: u32) -> Result<ChipReading, ProbeError> {
+        let beat = u64::try_from(self.started.elapsed().as_millis() / 50).unwrap_or(u64::MAX);
+        let mut reading = ChipReading::healthy(beat);
+        if self.faulty.get(index as usize).is_some_and(|f| f.load(Ordering::Relaxed)) {
+            reading.error_code = faults::HBM_ECC_UNCORRECTABLE.to_string();
+        }
+        Ok(reading)
+    }
+    fn take_clear_request(&self, _index: u32) -> bool {
+        false
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The loop's store, metered
+
+/// Per-round figures the metered store keeps.
+#[derive(Default)]
+struct Meter {
+    reads: u64,
+    read_ns: u64,
+    read_bytes: u64,
+    read_keys: u64,
+    placement_bytes: u64,
+    record_bytes: u64,
+    largest_write: u64,
+    largest_txn: u64,
+    /// When the last read returned.
+    last_read_done: Option<Instant>,
+    /// When each committed write returned, with the number of puts.
+    commits: Vec<Instant>,
+}
+
+/// [`EtcdStore`] with every read and write measured.
+struct Metered {
+    inner: EtcdStore,
+    meter: Arc<Mutex<Meter>>,
+    placement_key: String,
+    record_key: String,
+}
+
+impl BrainStore for Metered {
+    async fn read(&mut self) -> Result<Snapshot, ControlError> {
+        let t = Instant::now();
+        let snapshot = self.inner.read().await?;
+        let mut m = self.meter.lock().unwrap_or_else(|e| e.into_inner());
+        m.reads += 1;
+        m.read_ns += u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        m.read_keys = snapshot.kvs.len() as u64;
+        m.read_bytes = snapshot.kvs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
+        m.placement_bytes = snapshot.value(&self.placement_key).map_or(0, |v| v.len() as u64);
+        m.record_bytes = snapshot.value(&self.record_key).map_or(0, |v| v.len() as u64);
+        m.last_read_done = Some(Instant::now());
+        Ok(snapshot)
+    }
+
+    async fn write(&mut self, puts: Vec<(String, String)>, revision: i64) -> Result<Written, ControlError> {
+        let largest = puts.iter().map(|(_, v)| v.len() as u64).max().unwrap_or(0);
+        let total = puts.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>();
+        {
+            let mut m = self.meter.lock().unwrap_or_else(|e| e.into_inner());
+            m.largest_write = m.largest_write.max(largest);
+            m.largest_txn = m.largest_txn.max(total);
+        }
+        let written = self.inner.write(puts, revision).await?;
+        if let Written::Committed { .. } = written {
+            self.meter.lock().unwrap_or_else(|e| e.into_inner()).commits.push(Instant::now());
+        }
+        Ok(written)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Effects: members are started through the member pool
+
+struct ScaleEffects {
+    table: RecoveryState,
+    start: mpsc::UnboundedSender<u32>,
+}
+
+impl Effects for ScaleEffects {
+    async fn node_table(&mut self) -> Result<Option<RecoveryState>, EffectError> {
+        Ok(Some(self.table.clone()))
+    }
+    async fn start_member(&mut self, rank: u32, _: &str, _: Option<u64>) -> Result<(), EffectError> {
+        self.start.send(rank).map_err(|e| EffectError::new("start-member", e.to_string()))
+    }
+}
+
+/// What a round of the loop reports to the harness.
+#[derive(Clone, Debug)]
+struct RoundNote {
+    read_done: Option<Instant>,
+    published: Vec<(u64, String, Option<Instant>)>,
+    phase: BrainPhase,
+    active: bool,
+    completed: usize,
+    wall: Duration,
+    cpu_ns: u64,
+    error: Option<String>,
+}
+
+/// CPU time of the calling thread, ns (`/proc/thread-self/schedstat`, first field).
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Resident set size of this process, bytes.
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).map(|kb| kb * 1024)
+            })
+        })
+        .unwrap_or(0)
+}
+
+/// Runs the loop on its own thread every `round` until `stop`; notes go to `notes`.
+fn spawn_loop(
+    mut control: ControlLoop<Metered>,
+    mut effects: ScaleEffects,
+    meter: Arc<Mutex<Meter>>,
+    round: Duration,
+    stop: Arc<AtomicBool>,
+    notes: mpsc::UnboundedSender<RoundNote>,
+    cpu_total: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        rt.block_on(async move {
+            let cpu0 = thread_cpu_ns();
+            while !stop.load(Ordering::Relaxed) {
+                let (t, c) = (Instant::now(), thread_cpu_ns());
+                let commits_before = meter.lock().unwrap_or_else(|e| e.into_inner()).commits.len();
+                let result = control.step(&mut effects, ninelives_control::unix_now()).await;
+                let (read_done, commits) = {
+                    let m = meter.lock().unwrap_or_else(|e| e.into_inner());
+                    (m.last_read_done, m.commits.get(commits_before..).map(<[_]>::to_vec).unwrap_or_default())
+                };
+                let mut note = RoundNote {
+                    read_done,
+                    published: Vec::new(),
+                    phase: BrainPhase::Starting,
+                    active: false,
+                    completed: 0,
+                    wall: t.elapsed(),
+                    cpu_ns: thread_cpu_ns().saturating_sub(c),
+                    error: None,
+                };
+                match result {
+                    Ok(Progress::Ran(r)) => {
+                        note.published = r
+                            .published
+                            .iter()
+                            .enumerate()
+                            .map(|(i, p)| (p.generation(), p.tier.to_string(), commits.get(i).copied()))
+                            .collect();
+                        note.phase = r.state.phase;
+                        note.active = r.state.active.is_some();
+                        note.completed = r.state.history.len();
+                    }
+                    Ok(Progress::Finished(s)) => note.phase = s.phase,
+                    Ok(other) => note.error = Some(format!("{other:?}").chars().take(200).collect()),
+                    Err(e) => note.error = Some(e.to_string().chars().take(400).collect()),
+                }
+                cpu_total.store(thread_cpu_ns().saturating_sub(cpu0), Ordering::Relaxed);
+                if notes.send(note).is_err() {
+                    return;
+                }
+                tokio::time::sleep(round.saturating_sub(t.elapsed())).await;
+            }
+        });
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Members
+
+/// Shared view of the member pool.
+#[derive(Default)]
+struct PoolState {
+    /// Ranks whose member is down (its node left): not registered, not acking.
+    down: BTreeSet<u32>,
+    /// When the last ack of each generation was written.
+    acked: HashMap<u64, Instant>,
+    /// Placement values read (one read stands for every member's read).
+    plan_bytes: u64,
+    error: Option<String>,
+}
+
+/// The simulated members: one lease for all, registrations and acks in batched transactions.
+/// One watch on `placement` stands for every member's watch; the bytes every member would read
+/// are `plan_bytes × members` (reported, not performed).
+async fn member_pool(
+    mut client: Client,
+    job: JobKeys,
+    mut starts: mpsc::UnboundedReceiver<u32>,
+    state: Arc<Mutex<PoolState>>,
+    stop: Arc<AtomicBool>,
+) {
+    let fail = |state: &Arc<Mutex<PoolState>>, e: String| {
+        state.lock().unwrap_or_else(|p| p.into_inner()).error.get_or_insert(e);
+    };
+    let lease = match client.lease_grant(30, None).await {
+        Ok(l) => l.id(),
+        Err(e) => return fail(&state, format!("member lease: {e}")),
+    };
+    let Ok((mut keeper, mut keep_stream)) = client.lease_keep_alive(lease).await else {
+        return fail(&state, "member keepalive".into());
+    };
+    let watch = client.watch(job.placement(), Some(WatchOptions::new())).await;
+    let Ok(mut plans) = watch else { return fail(&state, "placement watch".into()) };
+    let mut registered: BTreeSet<u32> = BTreeSet::new();
+    let mut plan: Option<DistPlan> = None;
+    let mut step: u64 = 0;
+    let mut acked_ranks: BTreeSet<u32> = BTreeSet::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut last_step = Instant::now();
+    let mut last_keepalive = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let mut pending_starts = Vec::new();
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some(rank) = starts.recv() => pending_starts.push(rank),
+            msg = plans.message() => {
+                let Ok(Some(msg)) = msg else { return fail(&state, "placement watch ended".into()) };
+                for e in msg.events() {
+                    if e.event_type() != EventType::Put { continue }
+                    let Some(kv) = e.kv() else { continue };
+                    state.lock().unwrap_or_else(|p| p.into_inner()).plan_bytes = kv.value().len() as u64;
+                    match serde_json::from_slice::<DistPlan>(kv.value()) {
+                        Ok(p) => { plan = Some(p); acked_ranks.clear(); }
+                        Err(e) => fail(&state, format!("placement unreadable: {e}")),
+                    }
+                }
+            }
+        }
+        while let Ok(rank) = starts.try_recv() {
+            pending_starts.push(rank);
+        }
+        let down = state.lock().unwrap_or_else(|p| p.into_inner()).down.clone();
+        // Members of nodes that left are gone: their keys too.
+        let gone: Vec<u32> = registered.intersection(&down).copied().collect();
+        if !gone.is_empty() {
+            let ops = gone.iter().map(|r| TxnOp::delete(job.member(*r), None)).collect::<Vec<_>>();
+            for chunk in ops.chunks(TXN_OPS) {
+                if let Err(e) = client.txn(Txn::new().and_then(chunk.to_vec())).await {
+                    fail(&state, format!("member delete: {e}"));
+                }
+            }
+            for r in gone {
+                registered.remove(&r);
+            }
+        }
+        // Start (register) the members the brain asked for.
+        let new: Vec<u32> = pending_starts.into_iter().filter(|r| !registered.contains(r)).collect();
+        if !new.is_empty() {
+            let value = |r: u32| format!(r#"{{"rank":{r},"addr":"127.0.0.1:0","pid":0}}"#);
+            let ops = new
+                .iter()
+                .map(|r| TxnOp::put(job.member(*r), value(*r), Some(PutOptions::new().with_lease(lease))))
+                .collect::<Vec<_>>();
+            for chunk in ops.chunks(TXN_OPS) {
+                if let Err(e) = client.txn(Txn::new().and_then(chunk.to_vec())).await {
+                    fail(&state, format!("member register: {e}"));
+                }
+            }
+            registered.extend(new);
+            {
+                let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+                s.down.retain(|r| !registered.contains(r));
+            }
+        }
+        // Ack the generation in force for every registered member of it not yet acked.
+        if let Some(p) = &plan {
+            let g = p.generation();
+            let restore_step = match p.restore {
+                Restore::Checkpoint { step } | Restore::Peer { step } => step,
+                Restore::Fresh => 0,
+                Restore::InMemory => step,
+            };
+            let todo: Vec<u32> = p
+                .members
+                .iter()
+                .copied()
+                .filter(|r| registered.contains(r) && !acked_ranks.contains(r))
+                .collect();
+            if !todo.is_empty() {
+                let ack = MemberAck { step: restore_step, generation: Some(g) };
+                let Ok(value) = serde_json::to_string(&ack) else { continue };
+                let ops = todo.iter().map(|r| TxnOp::put(job.ack(g, &r.to_string()), value.clone(), None));
+                let ops = ops.collect::<Vec<_>>();
+                let mut ok = true;
+                for chunk in ops.chunks(TXN_OPS) {
+                    if let Err(e) = client.txn(Txn::new().and_then(chunk.to_vec())).await {
+                        fail(&state, format!("ack: {e}"));
+                        ok = false;
+                        break;
+                    }
+                }
+                if ok {
+                    acked_ranks.extend(todo);
+                    step = restore_step;
+                    if p.members.iter().all(|r| acked_ranks.contains(r)) {
+                        state.lock().unwrap_or_else(|p| p.into_inner()).acked.insert(g, Instant::now());
+                    }
+                }
+            }
+            // Progress once a second (one step), a checkpoint record every 10 steps, only
+            // while the whole generation is joined.
+            if p.members.iter().all(|r| acked_ranks.contains(r)) && last_step.elapsed() >= Duration::from_secs(1)
+            {
+                last_step = Instant::now();
+                step += 1;
+                let progress = ProgressRecord { step, loss: Some(2.0), generation: Some(g) };
+                let mut ops = Vec::new();
+                if let Ok(v) = serde_json::to_string(&progress) {
+                    ops.push(TxnOp::put(job.progress(), v, None));
+                }
+                if step % 10 == 0 {
+                    let record = CheckpointRecord { step, location: None, generation: Some(g) };
+                    if let Ok(v) = serde_json::to_string(&record) {
+                        ops.push(TxnOp::put(job.checkpoint(step), v, None));
+                    }
+                }
+                if let Err(e) = client.txn(Txn::new().and_then(ops)).await {
+                    fail(&state, format!("progress: {e}"));
+                }
+            }
+        }
+        if last_keepalive.elapsed() >= Duration::from_secs(5) {
+            last_keepalive = Instant::now();
+            if keeper.keep_alive().await.is_err() || keep_stream.message().await.is_err() {
+                return fail(&state, "member keepalive failed".into());
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// etcd's own counters
+
+#[derive(Clone, Copy, Default)]
+struct Counters {
+    requests: f64,
+    bytes: f64,
+    db: f64,
+}
+
+fn counters(addr: SocketAddr) -> Counters {
+    let text = http_get(addr, "/metrics").unwrap_or_default();
+    let sum = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum()
+    };
+    Counters {
+        requests: sum("grpc_server_msg_received_total"),
+        bytes: sum("etcd_network_client_grpc_received_bytes_total")
+            + sum("etcd_network_client_grpc_sent_bytes_total"),
+        db: sum("etcd_mvcc_db_total_size_in_bytes"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run
+
+/// A failure of the harness itself (not of the system under test).
+#[derive(Debug)]
+pub struct ScaleError(pub String);
+
+impl std::fmt::Display for ScaleError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for ScaleError {}
+
+fn err(what: &str) -> impl Fn(String) -> ScaleError + '_ {
+    move |e| ScaleError(format!("{what}: {e}"))
+}
+
+fn node_name(i: u32) -> String {
+    format!("node-{i:05}")
+}
+
+/// Runs the scale run on the caller's multi-thread runtime.
+pub async fn run(o: &Options) -> Result<Report, ScaleError> {
+    let text = std::fs::read_to_string(&o.manifest).map_err(|e| err("manifest")(e.to_string()))?;
+    let mut job = ninelives_core::manifest::parse_job(&text).map_err(|v| err("manifest")(format!("{v:?}")))?;
+    job.spec.topology.nodes = o.nodes;
+    job.spec.topology.spare_nodes = o.spares;
+    let brain = BrainConfig::from_spec(&job.spec).map_err(|e| err("brain")(e.to_string()))?.for_expert_parallel();
+    let chips = job.spec.topology.chips_per_node;
+    let ttl = i64::from(job.spec.failure_policy.heartbeat_ttl_seconds.max(1));
+    let rack = job.spec.topology.nodes_per_rack.unwrap_or(1);
+    let mut report = Report { nodes: o.nodes, chips: o.nodes * chips, ..Report::default() };
+
+    let args: Vec<&str> = o.etcd_args.iter().map(String::as_str).collect();
+    let etcd = EtcdServer::start_with_args(&args).map_err(|e| err("etcd")(e.to_string()))?;
+    let addr: SocketAddr =
+        etcd.endpoint().trim_start_matches("http://").parse().map_err(|e: std::net::AddrParseError| err("addr")(e.to_string()))?;
+    let keys = Keyspace::new("/scale/");
+    let job_keys = keys.job(NS, JOB);
+    let connect = || async { Client::connect([etcd.endpoint()], None).await.map_err(|e| err("connect")(e.to_string())) };
+
+    // Agents, on a pool of connections, in batches.
+    let mut pool = Vec::new();
+    for _ in 0..16 {
+        pool.push(connect().await?);
+    }
+    let total = o.nodes + o.spares;
+    let started = Instant::now();
+    let mut agents: Vec<Option<Agent>> = Vec::new();
+    let mut probes = Vec::new();
+    for n in 0..total {
+        let probe = Arc::new(MemProbe::new(chips));
+        let source = EtcdSource::Shared(Box::new(pool[n as usize % pool.len()].clone()));
+        let mut config = AgentConfig::new(&node_name(n), source, probe.clone());
+        config.keys = keys.clone();
+        config.ttl = ttl;
+        config.poll_interval = Duration::from_millis(100);
+        agents.push(Some(Agent::start(config).await.map_err(|e| err("agent")(e.to_string()))?));
+        probes.push(probe);
+        if agents.len() % o.batch == 0 || agents.len() == total as usize {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while agents.iter().flatten().any(|a| !a.is_ready()) {
+                if Instant::now() > deadline {
+                    return Err(ScaleError("agents not ready within 120 s".into()));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    report.startup_s = started.elapsed().as_secs_f64();
+    eprintln!("[{} nodes] {} agents ready in {:.1} s", o.nodes, total, report.startup_s);
+
+    // Watch the node keys: when each fault becomes visible.
+    let visible: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let mut watch_client = connect().await?;
+    let mut node_events = watch_client
+        .watch(keys.nodes(), Some(WatchOptions::new().with_prefix()))
+        .await
+        .map_err(|e| err("watch")(e.to_string()))?;
+    let vis = visible.clone();
+    let watcher = tokio::spawn(async move {
+        while let Ok(Some(msg)) = node_events.message().await {
+            let now = Instant::now();
+            let mut v = vis.lock().unwrap_or_else(|p| p.into_inner());
+            for e in msg.events() {
+                let Some(kv) = e.kv() else { continue };
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                let faulty = e.event_type() == EventType::Delete
+                    || String::from_utf8_lossy(kv.value()).contains("\"failed\"");
+                if faulty {
+                    v.entry(key).or_insert(now);
+                }
+            }
+        }
+    });
+
+    // Members and the loop.
+    let pool_state: Arc<Mutex<PoolState>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (start_tx, start_rx) = mpsc::unbounded_channel();
+    let members = tokio::spawn(member_pool(connect().await?, job_keys.clone(), start_rx, pool_state.clone(), stop.clone()));
+    let meter: Arc<Mutex<Meter>> = Arc::default();
+    let store = Metered {
+        inner: EtcdStore::new(connect().await?, keys.clone(), NS, JOB),
+        meter: meter.clone(),
+        placement_key: job_keys.placement(),
+        record_key: job_keys.recovery(),
+    };
+    let identity = JobIdentity {
+        keys: keys.clone(),
+        namespace: NS.into(),
+        name: JOB.into(),
+        chips_per_node: chips,
+        min_healthy_fraction: job.spec.failure_policy.min_healthy_fraction,
+    };
+    let control = ControlLoop::new(brain, identity, store, None).with_outage_policy(OutagePolicy::for_ttl(ttl as f64));
+    let table = RecoveryState::new((0..o.nodes).map(node_name).collect(), (o.nodes..total).map(node_name).collect());
+    let effects = ScaleEffects { table, start: start_tx };
+    let (note_tx, mut notes) = mpsc::unbounded_channel();
+    let cpu_total = Arc::new(AtomicU64::new(0));
+    let loop_thread = spawn_loop(control, effects, meter.clone(), o.round, stop.clone(), note_tx, cpu_total.clone());
+
+    let t0 = Instant::now();
+    let mut last_error: Option<String> = None;
+    let mut last = None::<RoundNote>;
+    let mut first_error: Option<Instant> = None;
+    // Generation 1 joined and the phase running.
+    let deadline = t0 + Duration::from_secs(120 + u64::from(o.nodes) / 50);
+    loop {
+        let note = tokio::time::timeout(Duration::from_secs(10), notes.recv()).await;
+        let Ok(Some(note)) = note else {
+            report.broke = Some("the loop stopped reporting".into());
+            break;
+        };
+        if let Some(e) = &note.error {
+            if last_error.as_deref() != Some(e) {
+                eprintln!("[{} nodes] loop: {e}", o.nodes);
+            }
+            last_error = Some(e.clone());
+        }
+        // A loop that fails every round for 15 s (etcd refusing the generation) will not
+        // recover by waiting: that is where this scale breaks.
+        match (&note.error, first_error) {
+            (Some(_), None) => first_error = Some(Instant::now()),
+            (None, _) => first_error = None,
+            _ => {}
+        }
+        if first_error.is_some_and(|t| t.elapsed() > Duration::from_secs(15)) {
+            report.broke = Some(format!("generation 1 never committed: {}", last_error.clone().unwrap_or_default()));
+            break;
+        }
+        let running = note.phase == BrainPhase::Running;
+        last = Some(note);
+        if running {
+            report.first_generation_s = Some(t0.elapsed().as_secs_f64());
+            break;
+        }
+        if Instant::now() > deadline {
+            let pool_err = pool_state.lock().unwrap_or_else(|p| p.into_inner()).error.clone();
+            report.broke = Some(format!(
+                "generation 1 not joined within {:.0} s: loop error {:?}; member error {:?}",
+                deadline.duration_since(t0).as_secs_f64(),
+                last_error,
+                pool_err
+            ));
+            break;
+        }
+    }
+    let _ = last;
+    eprintln!("[{} nodes] generation 1: {:?} s; broke: {:?}", o.nodes, report.first_generation_s, report.broke);
+
+    if report.broke.is_none() {
+        // Idle: nothing changes; the loop's per-round cost and etcd's load.
+        while notes.try_recv().is_ok() {}
+        let c0 = counters(addr);
+        let idle_start = Instant::now();
+        let (mut rounds, mut wall, mut cpu) = (0u64, 0f64, 0f64);
+        let r0 = meter.lock().unwrap_or_else(|p| p.into_inner()).read_ns;
+        let reads0 = meter.lock().unwrap_or_else(|p| p.into_inner()).reads;
+        while idle_start.elapsed() < o.idle {
+            if let Ok(Some(n)) = tokio::time::timeout(Duration::from_secs(10), notes.recv()).await {
+                rounds += 1;
+                wall += n.wall.as_secs_f64() * 1e3;
+                cpu += n.cpu_ns as f64 / 1e6;
+            }
+        }
+        let c1 = counters(addr);
+        let secs = idle_start.elapsed().as_secs_f64();
+        {
+            let m = meter.lock().unwrap_or_else(|p| p.into_inner());
+            report.idle_read_ms = (m.read_ns - r0) as f64 / 1e6 / (m.reads - reads0).max(1) as f64;
+            report.read_bytes = m.read_bytes;
+            report.read_keys = m.read_keys;
+            report.placement_bytes = m.placement_bytes;
+            report.record_bytes = m.record_bytes;
+        }
+        report.idle_rounds = rounds;
+        report.idle_round_ms = wall / rounds.max(1) as f64;
+        report.idle_cpu_ms = cpu / rounds.max(1) as f64;
+        report.idle_etcd_rps = (c1.requests - c0.requests) / secs;
+        report.idle_etcd_bps = (c1.bytes - c0.bytes) / secs;
+        eprintln!(
+            "[{} nodes] idle: {rounds} rounds, {:.1} ms/round wall, {:.1} ms CPU, read {:.1} ms, {} keys {} B (placement {} B), etcd {:.0} req/s {:.0} B/s",
+            o.nodes,
+            report.idle_round_ms,
+            report.idle_cpu_ms,
+            report.idle_read_ms,
+            report.read_keys,
+            report.read_bytes,
+            report.placement_bytes,
+            report.idle_etcd_rps,
+            report.idle_etcd_bps
+        );
+
+        // Faults, one at a time, each on a node not touched before.
+        let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ u64::from(o.nodes);
+        let mut next = |m: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % m.max(1)
+        };
+        let mut used: BTreeSet<u32> = BTreeSet::new();
+        let racks = o.nodes / rack.max(1);
+        let plan = [Kind::Chip, Kind::Node, Kind::Rack, Kind::Flap];
+        for i in 0..o.faults_per_kind * plan.len() {
+            let kind = plan[i % plan.len()];
+            // Choose targets.
+            let targets: Vec<u32> = loop {
+                let t: Vec<u32> = if kind == Kind::Rack {
+                    let r = u32::try_from(next(u64::from(racks))).unwrap_or(0);
+                    (r * rack..(r + 1) * rack).collect()
+                } else {
+                    vec![u32::try_from(next(u64::from(o.nodes))).unwrap_or(0)]
+                };
+                if t.iter().all(|n| !used.contains(n)) {
+                    break t;
+                }
+            };
+            used.extend(&targets);
+            let chip = u32::try_from(next(u64::from(chips))).unwrap_or(0);
+            let watch_keys: Vec<String> = match kind {
+                Kind::Chip | Kind::Flap => vec![keys.chip(&node_name(targets[0]), chip)],
+                Kind::Node | Kind::Rack => targets.iter().map(|n| keys.node_alive(&node_name(*n))).collect(),
+            };
+            while notes.try_recv().is_ok() {}
+            let before = counters(addr);
+            let injected = Instant::now();
+            let completed_before =
+                last_completed(&mut notes).await.unwrap_or(0);
+            match kind {
+                Kind::Chip => probes[targets[0] as usize].set(chip, true),
+                Kind::Flap => {
+                    let probe = probes[targets[0] as usize].clone();
+                    tokio::spawn(async move {
+                        for onset in 0..3 {
+                            probe.set(chip, true);
+                            tokio::time::sleep(Duration::from_millis(600)).await;
+                            if onset < 2 {
+                                probe.set(chip, false);
+                                tokio::time::sleep(Duration::from_millis(600)).await;
+                            }
+                        }
+                    });
+                }
+                Kind::Node | Kind::Rack => {
+                    {
+                        let mut s = pool_state.lock().unwrap_or_else(|p| p.into_inner());
+                        s.down.extend(&targets);
+                    }
+                    let mut stopping = Vec::new();
+                    for n in &targets {
+                        if let Some(a) = agents.get_mut(*n as usize).and_then(Option::take) {
+                            stopping.push(tokio::spawn(a.shutdown()));
+                        }
+                    }
+                    for s in stopping {
+                        let _ = s.await;
+                    }
+                }
+            }
+            let result = time_fault(kind, &watch_keys, &visible, &mut notes, &pool_state, injected, completed_before, o.fault_timeout).await;
+            let after = counters(addr);
+            let mut result = result;
+            result.requests = after.requests - before.requests;
+            result.bytes = after.bytes - before.bytes;
+            eprintln!(
+                "[{} nodes] {} fault {}: visible+{:?} detected {:?} committed {:?} acked {:?} completed {:?} tiers {:?} req {:.0} bytes {:.0} {}",
+                o.nodes,
+                kind.as_str(),
+                i / plan.len(),
+                result.inject_to_visible,
+                result.detected,
+                result.committed,
+                result.acked,
+                result.completed,
+                result.tiers,
+                result.requests,
+                result.bytes,
+                result.error.clone().unwrap_or_default()
+            );
+            let broken = result.error.is_some() && result.committed.is_none();
+            report.faults.push(result);
+            if broken {
+                report.broke = Some(format!("{} fault not recovered: {:?}", kind.as_str(), last_error));
+                break;
+            }
+        }
+    }
+
+    {
+        let m = meter.lock().unwrap_or_else(|p| p.into_inner());
+        report.largest_write = m.largest_write;
+        report.largest_txn = m.largest_txn;
+        if report.placement_bytes == 0 {
+            report.placement_bytes = m.placement_bytes;
+        }
+    }
+    report.db_bytes = counters(addr).db;
+    report.rss_bytes = rss_bytes();
+    stop.store(true, Ordering::Relaxed);
+    report.loop_cpu_s = cpu_total.load(Ordering::Relaxed) as f64 / 1e9;
+    drop(notes);
+    let _ = tokio::task::spawn_blocking(move || loop_thread.join()).await;
+    members.abort();
+    watcher.abort();
+    for a in agents.into_iter().flatten() {
+        a.shutdown().await;
+    }
+    drop(pool);
+    Ok(report)
+}
+
+/// The number of completed recoveries as of the latest round.
+async fn last_completed(notes: &mut mpsc::UnboundedReceiver<RoundNote>) -> Option<usize> {
+    tokio::time::timeout(Duration::from_secs(5), notes.recv()).await.ok().flatten().map(|n| n.completed)
+}
+
+/// Follows the loop's rounds until the recovery of this fault completes.
+#[allow(clippy::too_many_arguments)]
+async fn time_fault(
+    kind: Kind,
+    watch_keys: &[String],
+    visible: &Mutex<HashMap<String, Instant>>,
+    notes: &mut mpsc::UnboundedReceiver<RoundNote>,
+    pool: &Mutex<PoolState>,
+    injected: Instant,
+    completed_before: usize,
+    timeout: Duration,
+) -> FaultResult {
+    let mut r = FaultResult {
+        kind,
+        detected: None,
+        committed: None,
+        acked: None,
+        completed: None,
+        inject_to_visible: None,
+        requests: 0.0,
+        bytes: 0.0,
+        generations: 0,
+        tiers: Vec::new(),
+        error: None,
+    };
+    let mut gens: BTreeMap<u64, Option<Instant>> = BTreeMap::new();
+    let (mut detected, mut completed) = (None, None);
+    let mut last_error = None;
+    let deadline = injected + timeout;
+    while completed.is_none() && Instant::now() < deadline {
+        let Ok(Some(note)) = tokio::time::timeout(Duration::from_secs(10), notes.recv()).await else { break };
+        if note.error.is_some() {
+            last_error = note.error.clone();
+        }
+        if detected.is_none() && (note.active || !note.published.is_empty()) {
+            detected = note.read_done;
+        }
+        for (g, _, at) in &note.published {
+            gens.insert(*g, *at);
+            r.tiers.push(note.published.iter().find(|p| p.0 == *g).map(|p| p.1.clone()).unwrap_or_default());
+        }
+        if note.completed > completed_before && !note.active {
+            completed = Some(Instant::now());
+        }
+    }
+    // The fault became visible when the first of its keys changed.
+    let seen = {
+        let v = visible.lock().unwrap_or_else(|p| p.into_inner());
+        watch_keys.iter().filter_map(|k| v.get(k).copied()).filter(|t| *t >= injected).min()
+    };
+    let base = seen.unwrap_or(injected);
+    let since = |t: Option<Instant>| t.map(|t| t.saturating_duration_since(base).as_secs_f64());
+    r.inject_to_visible = seen.map(|t| t.duration_since(injected).as_secs_f64());
+    r.detected = since(detected);
+    r.committed = since(gens.values().flatten().min().copied());
+    r.generations = gens.len();
+    if let Some((&g, _)) = gens.iter().next_back() {
+        r.acked = since(pool.lock().unwrap_or_else(|p| p.into_inner()).acked.get(&g).copied());
+    }
+    r.completed = since(completed);
+    if completed.is_none() {
+        r.error = Some(format!("not completed within {:.0} s (last loop error: {last_error:?})", timeout.as_secs_f64()));
+    }
+    r
+}
+
+/// p-th percentile (nearest rank) of `values`.
+pub fn percentile(values: &[f64], p: f64) -> Option<f64> {
+    let mut v: Vec<f64> = values.to_vec();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v.get(rank.clamp(1, v.len()) - 1).copied()
+}
