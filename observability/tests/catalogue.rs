@@ -166,6 +166,8 @@ fn labels_are_bounded_no_step_token_or_time_labels() {
         "trigger",
         // Closed sets: a save failure's cause (`no-space`, `io`, ...), an outage's cause.
         "reason",
+        // Closed set: where a recovery's state came from (`memory`, `peer`, `checkpoint`).
+        "source",
         "tj_namespace",
         "trainingjob",
         "job",
