@@ -327,6 +327,8 @@ fn member_event(event: &MemberEvent<'_>, metrics: &WorkerMetrics) {
             MemberLine::Committed { step: done.step }
         }
         MemberEvent::SaveFailed { step, error } => save_failed(*step, error, metrics),
+        // Logged by the member (tracing); no line of the launcher's protocol.
+        MemberEvent::PeerSnapshot { .. } => return,
     };
     println!("{line}");
 }

@@ -91,7 +91,7 @@ impl Run {
             )),
         };
         std::thread::spawn(move || {
-            let etcd = Arc::new(Etcd::connect(&[run.endpoint.clone()], run.keys.clone()).unwrap());
+            let etcd = Arc::new(Etcd::connect(std::slice::from_ref(&run.endpoint), run.keys.clone()).unwrap());
             let hook = run.hook.clone();
             let corpus = common::demo_corpus();
             run_with_threads(1, || {
@@ -299,5 +299,67 @@ fn a_step_nobody_holds_fails_the_join_cleanly() {
             }
             other => panic!("rank {rank}: {other:?}"),
         }
+    }
+}
+
+/// Cost of peer copies (BENCHMARKS.md "Peer copies: cost"): `workers` members train
+/// `examples/tiny.yaml` for `steps` steps with one buddy each and without; prints host memory,
+/// bytes on the wire per step against the analytical minimum, and the mean step time.
+/// `cargo test -p ninelives-worker --test peer -- --ignored --nocapture peer_copy_cost`
+#[test]
+#[ignore = "a measurement, minutes long"]
+fn peer_copy_cost() {
+    let steps = 12;
+    let workers = 3;
+    let config = common::tiny_config(steps);
+    let etcd = EtcdServer::start().unwrap();
+    // Expert state (parameters + two moments) per member: the copy's analytical minimum.
+    let expert_bytes: usize = ninelives_worker::params::param_specs(&config.dims)
+        .iter()
+        .filter(|s| s.name.contains(".experts."))
+        .map(|s| s.shape.iter().product::<usize>() * 12)
+        .sum();
+    let per_member = expert_bytes as f64 / f64::from(workers);
+    for (round, copies) in [(0, false), (1, true), (2, false), (3, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let run = Run::new(&etcd, &format!("cost{round}"), &config, dir.path());
+        let seconds = Arc::new(Mutex::new(Vec::new()));
+        let last = Arc::new(Mutex::new(BTreeMap::new()));
+        let hook: Hook = {
+            let (seconds, last) = (seconds.clone(), last.clone());
+            Arc::new(move |rank, e| match e {
+                // Step 1 pays for start-up; the rest is the steady state.
+                MemberEvent::Step(r) if rank == 0 && r.step > 1 => seconds.lock().unwrap().push(r.seconds),
+                MemberEvent::PeerSnapshot { own_bytes, held_bytes, sent_bytes, .. } => {
+                    last.lock().unwrap().insert(rank, (*own_bytes, *held_bytes, *sent_bytes));
+                }
+                _ => {}
+            })
+        };
+        *run.hook.lock().unwrap() = Some(hook);
+        let members: Vec<_> = (0..workers).map(|r| run.spawn(r)).collect();
+        let mut plan = run.first_plan(workers);
+        if !copies {
+            plan.buddies.clear();
+        }
+        run.publish(&plan);
+        for h in members {
+            h.join().unwrap().unwrap();
+        }
+        let s = seconds.lock().unwrap();
+        let mean = s.iter().sum::<f64>() / s.len() as f64;
+        let last = last.lock().unwrap();
+        let n = last.len().max(1) as f64;
+        let own = last.values().map(|v| v.0 as f64).sum::<f64>() / n;
+        let held = last.values().map(|v| v.1 as f64).sum::<f64>() / n;
+        let sent = last.values().map(|v| v.2 as f64).sum::<f64>() / n / steps as f64;
+        println!(
+            "copies={copies} step_ms={:.1} own_MiB={:.2} held_MiB={:.2} wire_per_step_KiB={:.1} minimum_KiB={:.1}",
+            mean * 1e3,
+            own / 1048576.0,
+            held / 1048576.0,
+            sent / 1024.0,
+            per_member / 1024.0
+        );
     }
 }

@@ -7,8 +7,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::engine::{DistStepReport, HostState, Routing, gather_checkpoint, run_step};
-use super::peer::{PeerStore, Snapshot};
 use super::link::{LinkConfig, MAX_CONNECTIONS, Security};
+use super::peer::{PeerStore, Snapshot};
 use super::rendezvous::{Backoff, Etcd, Session};
 use super::state::{POLL, Shared};
 use super::transport::{Collective, TcpCollective, serve};
@@ -484,8 +484,17 @@ fn member_loop(
             Err(e) => return Err(e),
         };
         if let Some((step, own)) = pending_peer.take() {
-            let fetched =
-                restore_from_peers(config, corpus, shared, &coll, &plan, previous_plan.as_ref(), &mine, step, own);
+            let fetched = restore_from_peers(
+                config,
+                corpus,
+                shared,
+                &coll,
+                &plan,
+                previous_plan.as_ref(),
+                &mine,
+                step,
+                own,
+            );
             match fetched {
                 Ok(()) => {}
                 Err(WorkerError::Aborted(reason)) => {
@@ -670,7 +679,8 @@ fn restore_from_peers(
     own: Option<Arc<Snapshot>>,
 ) -> Result<()> {
     let rank = shared.rank;
-    let mut state = own.as_ref().map_or(Snapshot { step, ..Snapshot::default() }, |o| o.select(true, Some(mine)));
+    let mut state =
+        own.as_ref().map_or(Snapshot { step, ..Snapshot::default() }, |o| o.select(true, Some(mine)));
     let mut need_dense = own.is_none();
     let missing = |state: &Snapshot| -> Vec<ExpertId> {
         let have = state.experts();
@@ -683,7 +693,9 @@ fn restore_from_peers(
         if want.is_empty() && !need_dense {
             break;
         }
-        let part = coll.fetch(peer, step, need_dense, &want).map_err(|e| WorkerError::Aborted(format!("peer restore: {e}")))?;
+        let part = coll
+            .fetch(peer, step, need_dense, &want)
+            .map_err(|e| WorkerError::Aborted(format!("peer restore: {e}")))?;
         let Some(part) = part else { continue };
         // Only what was asked for, whatever the peer sent.
         let part = part.select(need_dense, Some(&want));
@@ -706,7 +718,8 @@ fn restore_from_peers(
         return Err(WorkerError::NoPeerSnapshot { step, missing: what.join(" and ") });
     }
     let bytes = state.bytes();
-    let trainer = Trainer::from_host_state(config.clone(), corpus.clone(), state.params, state.moments, step)?;
+    let trainer =
+        Trainer::from_host_state(config.clone(), corpus.clone(), state.params, state.moments, step)?;
     *shared.trainer.write().map_err(|_| WorkerError::Rendezvous("lock poisoned".into()))? = Some(trainer);
     tracing::info!(
         generation = coll.generation(),
@@ -721,7 +734,12 @@ fn restore_from_peers(
 
 /// Whom a peer restore asks, in order: the previous holders of the `missing` experts that are
 /// still members, then every other member by rank.
-pub fn fetch_order(rank: u32, members: &[u32], previous: Option<&DistPlan>, missing: &[ExpertId]) -> Vec<u32> {
+pub fn fetch_order(
+    rank: u32,
+    members: &[u32],
+    previous: Option<&DistPlan>,
+    missing: &[ExpertId],
+) -> Vec<u32> {
     let mut order: Vec<u32> = Vec::new();
     if let Some(prev) = previous {
         for &e in missing {
