@@ -22,6 +22,7 @@ fn main() {
     let mut etcd_args = Vec::new();
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let mut manifest = format!("{root}/examples/longcat-2.0.yaml");
+    let mut probe: Vec<u32> = Vec::new();
     let mut i = 0;
     while i < args.len() {
         let value = args.get(i + 1).cloned().unwrap_or_default();
@@ -32,6 +33,7 @@ fn main() {
             "--round-ms" => round = value.parse().unwrap_or(round),
             "--etcd-arg" => etcd_args.push(value),
             "--manifest" => manifest = value,
+            "--probe" => probe = value.split(',').filter_map(|v| v.parse().ok()).collect(),
             _ => {
                 i += 1;
                 continue;
@@ -39,10 +41,39 @@ fn main() {
         }
         i += 2;
     }
-    let Ok(runtime) = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() else {
+    let Ok(runtime) = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
+    else {
         eprintln!("no runtime");
         std::process::exit(1);
     };
+    if !probe.is_empty() {
+        println!(
+            "| nodes | first decide s | placement value MB | control KB | record KB | publish txn s | keys read/round | MB read/round | read wall ms | read CPU ms | parse CPU ms | decide CPU ms | etcd DB MB |"
+        );
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for n in &probe {
+            match ninelives_scale::probe(&manifest, *n, (*n / 100).max(8), 10) {
+                Ok(p) => println!(
+                    "| {} | {:.2} | {:.2} | {:.1} | {:.1} | {:.2} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |",
+                    p.nodes,
+                    p.first_decide_s,
+                    p.placement_bytes as f64 / 1e6,
+                    p.control_bytes as f64 / 1e3,
+                    p.record_bytes as f64 / 1e3,
+                    p.publish_s,
+                    p.read_keys,
+                    p.read_bytes as f64 / 1e6,
+                    p.read_ms,
+                    p.read_cpu_ms,
+                    p.parse_cpu_ms,
+                    p.decide_cpu_ms,
+                    p.db_bytes / 1e6
+                ),
+                Err(e) => println!("| {n} | probe failed: {e} |"),
+            }
+        }
+        return;
+    }
     let mut reports = Vec::new();
     for n in nodes {
         let mut o = Options::for_nodes(&manifest, n);

@@ -523,7 +523,8 @@ async fn member_pool(
             }
             // Progress once a second (one step), a checkpoint record every 10 steps, only
             // while the whole generation is joined.
-            if p.members.iter().all(|r| acked_ranks.contains(r)) && last_step.elapsed() >= Duration::from_secs(1)
+            if p.members.iter().all(|r| acked_ranks.contains(r))
+                && last_step.elapsed() >= Duration::from_secs(1)
             {
                 last_step = Instant::now();
                 step += 1;
@@ -603,10 +604,12 @@ fn node_name(i: u32) -> String {
 /// Runs the scale run on the caller's multi-thread runtime.
 pub async fn run(o: &Options) -> Result<Report, ScaleError> {
     let text = std::fs::read_to_string(&o.manifest).map_err(|e| err("manifest")(e.to_string()))?;
-    let mut job = ninelives_core::manifest::parse_job(&text).map_err(|v| err("manifest")(format!("{v:?}")))?;
+    let mut job =
+        ninelives_core::manifest::parse_job(&text).map_err(|v| err("manifest")(format!("{v:?}")))?;
     job.spec.topology.nodes = o.nodes;
     job.spec.topology.spare_nodes = o.spares;
-    let brain = BrainConfig::from_spec(&job.spec).map_err(|e| err("brain")(e.to_string()))?.for_expert_parallel();
+    let brain =
+        BrainConfig::from_spec(&job.spec).map_err(|e| err("brain")(e.to_string()))?.for_expert_parallel();
     let chips = job.spec.topology.chips_per_node;
     let ttl = i64::from(job.spec.failure_policy.heartbeat_ttl_seconds.max(1));
     let rack = job.spec.topology.nodes_per_rack.unwrap_or(1);
@@ -614,11 +617,16 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
 
     let args: Vec<&str> = o.etcd_args.iter().map(String::as_str).collect();
     let etcd = EtcdServer::start_with_args(&args).map_err(|e| err("etcd")(e.to_string()))?;
-    let addr: SocketAddr =
-        etcd.endpoint().trim_start_matches("http://").parse().map_err(|e: std::net::AddrParseError| err("addr")(e.to_string()))?;
+    let addr: SocketAddr = etcd
+        .endpoint()
+        .trim_start_matches("http://")
+        .parse()
+        .map_err(|e: std::net::AddrParseError| err("addr")(e.to_string()))?;
     let keys = Keyspace::new("/scale/");
     let job_keys = keys.job(NS, JOB);
-    let connect = || async { Client::connect([etcd.endpoint()], None).await.map_err(|e| err("connect")(e.to_string())) };
+    let connect = || async {
+        Client::connect([etcd.endpoint()], None).await.map_err(|e| err("connect")(e.to_string()))
+    };
 
     // Agents, on a pool of connections, in batches.
     let mut pool = Vec::new();
@@ -679,7 +687,13 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
     let pool_state: Arc<Mutex<PoolState>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let (start_tx, start_rx) = mpsc::unbounded_channel();
-    let members = tokio::spawn(member_pool(connect().await?, job_keys.clone(), start_rx, pool_state.clone(), stop.clone()));
+    let members = tokio::spawn(member_pool(
+        connect().await?,
+        job_keys.clone(),
+        start_rx,
+        pool_state.clone(),
+        stop.clone(),
+    ));
     let meter: Arc<Mutex<Meter>> = Arc::default();
     let store = Metered {
         inner: EtcdStore::new(connect().await?, keys.clone(), NS, JOB),
@@ -694,12 +708,15 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
         chips_per_node: chips,
         min_healthy_fraction: job.spec.failure_policy.min_healthy_fraction,
     };
-    let control = ControlLoop::new(brain, identity, store, None).with_outage_policy(OutagePolicy::for_ttl(ttl as f64));
-    let table = RecoveryState::new((0..o.nodes).map(node_name).collect(), (o.nodes..total).map(node_name).collect());
+    let control =
+        ControlLoop::new(brain, identity, store, None).with_outage_policy(OutagePolicy::for_ttl(ttl as f64));
+    let table =
+        RecoveryState::new((0..o.nodes).map(node_name).collect(), (o.nodes..total).map(node_name).collect());
     let effects = ScaleEffects { table, start: start_tx };
     let (note_tx, mut notes) = mpsc::unbounded_channel();
     let cpu_total = Arc::new(AtomicU64::new(0));
-    let loop_thread = spawn_loop(control, effects, meter.clone(), o.round, stop.clone(), note_tx, cpu_total.clone());
+    let loop_thread =
+        spawn_loop(control, effects, meter.clone(), o.round, stop.clone(), note_tx, cpu_total.clone());
 
     let t0 = Instant::now();
     let mut last_error: Option<String> = None;
@@ -727,7 +744,8 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
             _ => {}
         }
         if first_error.is_some_and(|t| t.elapsed() > Duration::from_secs(15)) {
-            report.broke = Some(format!("generation 1 never committed: {}", last_error.clone().unwrap_or_default()));
+            report.broke =
+                Some(format!("generation 1 never committed: {}", last_error.clone().unwrap_or_default()));
             break;
         }
         let running = note.phase == BrainPhase::Running;
@@ -748,7 +766,10 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
         }
     }
     let _ = last;
-    eprintln!("[{} nodes] generation 1: {:?} s; broke: {:?}", o.nodes, report.first_generation_s, report.broke);
+    eprintln!(
+        "[{} nodes] generation 1: {:?} s; broke: {:?}",
+        o.nodes, report.first_generation_s, report.broke
+    );
 
     if report.broke.is_none() {
         // Idle: nothing changes; the loop's per-round cost and etcd's load.
@@ -827,8 +848,7 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
             while notes.try_recv().is_ok() {}
             let before = counters(addr);
             let injected = Instant::now();
-            let completed_before =
-                last_completed(&mut notes).await.unwrap_or(0);
+            let completed_before = last_completed(&mut notes).await.unwrap_or(0);
             match kind {
                 Kind::Chip => probes[targets[0] as usize].set(chip, true),
                 Kind::Flap => {
@@ -860,7 +880,17 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
                     }
                 }
             }
-            let result = time_fault(kind, &watch_keys, &visible, &mut notes, &pool_state, injected, completed_before, o.fault_timeout).await;
+            let result = time_fault(
+                kind,
+                &watch_keys,
+                &visible,
+                &mut notes,
+                &pool_state,
+                injected,
+                completed_before,
+                o.fault_timeout,
+            )
+            .await;
             let after = counters(addr);
             let mut result = result;
             result.requests = after.requests - before.requests;
@@ -973,14 +1003,30 @@ async fn time_fault(
     r.detected = since(detected);
     r.committed = since(gens.values().flatten().min().copied());
     r.generations = gens.len();
-    if let Some((&g, _)) = gens.iter().next_back() {
+    // The recovery's own generations (the `settled` one that follows completion is not
+    // part of the recovery's critical path).
+    if let Some(g) = generation_of_recovery(&gens, &r.tiers) {
         r.acked = since(pool.lock().unwrap_or_else(|p| p.into_inner()).acked.get(&g).copied());
     }
     r.completed = since(completed);
     if completed.is_none() {
-        r.error = Some(format!("not completed within {:.0} s (last loop error: {last_error:?})", timeout.as_secs_f64()));
+        r.error = Some(format!(
+            "not completed within {:.0} s (last loop error: {last_error:?})",
+            timeout.as_secs_f64()
+        ));
     }
     r
+}
+
+/// The last generation of a recovery that is not the `settled` one.
+fn generation_of_recovery(gens: &BTreeMap<u64, Option<Instant>>, tiers: &[String]) -> Option<u64> {
+    let keys: Vec<u64> = gens.keys().copied().collect();
+    keys.iter()
+        .zip(tiers)
+        .filter(|(_, t)| t.as_str() != "settled")
+        .map(|(g, _)| *g)
+        .next_back()
+        .or(keys.last().copied())
 }
 
 /// p-th percentile (nearest rank) of `values`.

@@ -22,7 +22,7 @@ use ninelives_core::placement::Placement;
 use ninelives_core::recovery::{Action, BrainConfig, MemberAck, Observation, RecoveryState, decide};
 use ninelives_testkit::EtcdServer;
 
-use crate::{MemProbe, NS, JOB, ScaleError, TXN_OPS, node_name, thread_cpu_ns};
+use crate::{JOB, MemProbe, NS, ScaleError, TXN_OPS, node_name, thread_cpu_ns};
 
 /// What one probe measured.
 #[derive(Clone, Debug, Default)]
@@ -59,13 +59,16 @@ pub struct Probe {
 pub fn probe(manifest: &str, nodes: u32, spares: u32, rounds: u32) -> Result<Probe, ScaleError> {
     let err = |what: &'static str| move |e: String| ScaleError(format!("{what}: {e}"));
     let text = std::fs::read_to_string(manifest).map_err(|e| err("manifest")(e.to_string()))?;
-    let mut job = ninelives_core::manifest::parse_job(&text).map_err(|v| err("manifest")(format!("{v:?}")))?;
+    let mut job =
+        ninelives_core::manifest::parse_job(&text).map_err(|v| err("manifest")(format!("{v:?}")))?;
     job.spec.topology.nodes = nodes;
     job.spec.topology.spare_nodes = spares;
-    let brain = BrainConfig::from_spec(&job.spec).map_err(|e| err("brain")(e.to_string()))?.for_expert_parallel();
+    let brain =
+        BrainConfig::from_spec(&job.spec).map_err(|e| err("brain")(e.to_string()))?.for_expert_parallel();
     let chips = job.spec.topology.chips_per_node;
-    let etcd = EtcdServer::start_with_args(&["--max-request-bytes=268435456", "--quota-backend-bytes=8589934592"])
-        .map_err(|e| err("etcd")(e.to_string()))?;
+    let etcd =
+        EtcdServer::start_with_args(&["--max-request-bytes=268435456", "--quota-backend-bytes=8589934592"])
+            .map_err(|e| err("etcd")(e.to_string()))?;
     let keys = Keyspace::new("/scale/");
     let job_keys = keys.job(NS, JOB);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -75,7 +78,9 @@ pub fn probe(manifest: &str, nodes: u32, spares: u32, rounds: u32) -> Result<Pro
         .map_err(|e| err("runtime")(e.to_string()))?;
     let mut out = Probe { nodes, ..Probe::default() };
     runtime.block_on(async {
-        let connect = || async { Client::connect([etcd.endpoint()], None).await.map_err(|e| err("connect")(e.to_string())) };
+        let connect = || async {
+            Client::connect([etcd.endpoint()], None).await.map_err(|e| err("connect")(e.to_string()))
+        };
         let mut pool = Vec::new();
         for _ in 0..16 {
             pool.push(connect().await?);
@@ -122,8 +127,10 @@ pub fn probe(manifest: &str, nodes: u32, spares: u32, rounds: u32) -> Result<Pro
         // The first generation, as the loop would publish it.
         let kvs = read(&mut kv).await?;
         let now = ninelives_control::unix_now();
-        let (obs, _) = Observation::from_kvs(&keys, NS, JOB, now, kvs.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
-        let state0 = RecoveryState::new((0..nodes).map(node_name).collect(), (nodes..total).map(node_name).collect());
+        let (obs, _) =
+            Observation::from_kvs(&keys, NS, JOB, now, kvs.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
+        let state0 =
+            RecoveryState::new((0..nodes).map(node_name).collect(), (nodes..total).map(node_name).collect());
         let t = Instant::now();
         let decision = decide(&brain, &state0, &obs, None).map_err(|e| err("decide")(e.to_string()))?;
         out.first_decide_s = t.elapsed().as_secs_f64();
@@ -135,7 +142,8 @@ pub fn probe(manifest: &str, nodes: u32, spares: u32, rounds: u32) -> Result<Pro
         };
         let plan = from_published_generation(&brain, &decision.state, placement, control, None)
             .map_err(|e| err("plan")(e.to_string()))?;
-        let writes = generation_writes(&job_keys, &plan, control, &decision.state).map_err(|e| err("writes")(e.to_string()))?;
+        let writes = generation_writes(&job_keys, &plan, control, &decision.state)
+            .map_err(|e| err("writes")(e.to_string()))?;
         for (k, v) in writes.iter() {
             if *k == job_keys.placement() {
                 out.placement_bytes = v.len() as u64;
@@ -152,10 +160,15 @@ pub fn probe(manifest: &str, nodes: u32, spares: u32, rounds: u32) -> Result<Pro
         // Every member registered and acked.
         let mut c = client.clone();
         let lease = c.lease_grant(600, None).await.map_err(|e| err("lease")(e.to_string()))?.id();
-        let ack = serde_json::to_string(&MemberAck { step: 0, generation: Some(plan.generation()) }).unwrap_or_default();
+        let ack = serde_json::to_string(&MemberAck { step: 0, generation: Some(plan.generation()) })
+            .unwrap_or_default();
         let mut ops = Vec::new();
         for r in 0..nodes {
-            ops.push(TxnOp::put(job_keys.member(r), format!(r#"{{"rank":{r},"addr":"127.0.0.1:0","pid":0}}"#), Some(PutOptions::new().with_lease(lease))));
+            ops.push(TxnOp::put(
+                job_keys.member(r),
+                format!(r#"{{"rank":{r},"addr":"127.0.0.1:0","pid":0}}"#),
+                Some(PutOptions::new().with_lease(lease)),
+            ));
             ops.push(TxnOp::put(job_keys.ack(plan.generation(), &r.to_string()), ack.clone(), None));
         }
         for chunk in ops.chunks(TXN_OPS) {
@@ -167,17 +180,25 @@ pub fn probe(manifest: &str, nodes: u32, spares: u32, rounds: u32) -> Result<Pro
         let endpoint = etcd.endpoint();
         let (keys2, job_keys2, brain2) = (keys.clone(), job_keys.clone(), brain.clone());
         let measured = std::thread::spawn(move || -> Result<(f64, f64, f64, f64, u64, u64), ScaleError> {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| ScaleError(e.to_string()))?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| ScaleError(e.to_string()))?;
             rt.block_on(async move {
-                let client = Client::connect([endpoint], None).await.map_err(|e| ScaleError(e.to_string()))?;
+                let client =
+                    Client::connect([endpoint], None).await.map_err(|e| ScaleError(e.to_string()))?;
                 let mut kv = client.kv_client().max_decoding_message_size(1 << 30);
-                let (mut wall, mut rcpu, mut pcpu, mut dcpu, mut nkeys, mut nbytes) = (0.0, 0.0, 0.0, 0.0, 0, 0);
+                let (mut wall, mut rcpu, mut pcpu, mut dcpu, mut nkeys, mut nbytes) =
+                    (0.0, 0.0, 0.0, 0.0, 0, 0);
                 for _ in 0..rounds {
                     let (t, c) = (Instant::now(), thread_cpu_ns());
-                    let r = kv.txn(Txn::new().and_then(vec![
-                        TxnOp::get(job_keys2.root(), Some(GetOptions::new().with_prefix())),
-                        TxnOp::get(keys2.nodes(), Some(GetOptions::new().with_prefix())),
-                    ])).await.map_err(|e| ScaleError(e.to_string()))?;
+                    let r = kv
+                        .txn(Txn::new().and_then(vec![
+                            TxnOp::get(job_keys2.root(), Some(GetOptions::new().with_prefix())),
+                            TxnOp::get(keys2.nodes(), Some(GetOptions::new().with_prefix())),
+                        ]))
+                        .await
+                        .map_err(|e| ScaleError(e.to_string()))?;
                     let mut kvs = Vec::new();
                     for op in r.op_responses() {
                         let TxnOpResponse::Get(get) = op else { continue };
@@ -191,17 +212,27 @@ pub fn probe(manifest: &str, nodes: u32, spares: u32, rounds: u32) -> Result<Pro
                     nkeys = kvs.len() as u64;
                     nbytes = kvs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
                     let now = ninelives_control::unix_now();
-                    let (obs, _) = Observation::from_kvs(&keys2, NS, JOB, now, kvs.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
+                    let (obs, _) = Observation::from_kvs(
+                        &keys2,
+                        NS,
+                        JOB,
+                        now,
+                        kvs.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+                    );
                     let pk = job_keys2.placement();
-                    let bytes = kvs.iter().find(|(k, _)| *k == pk).map(|(_, v)| v.as_slice()).unwrap_or_default();
-                    let placement: Placement = serde_json::from_slice(bytes).map_err(|e| ScaleError(e.to_string()))?;
+                    let bytes =
+                        kvs.iter().find(|(k, _)| *k == pk).map(|(_, v)| v.as_slice()).unwrap_or_default();
+                    let placement: Placement =
+                        serde_json::from_slice(bytes).map_err(|e| ScaleError(e.to_string()))?;
                     let _plan: Option<DistPlan> = serde_json::from_slice(bytes).ok();
                     let rk = job_keys2.recovery();
-                    let rb = kvs.iter().find(|(k, _)| *k == rk).map(|(_, v)| v.as_slice()).unwrap_or_default();
+                    let rb =
+                        kvs.iter().find(|(k, _)| *k == rk).map(|(_, v)| v.as_slice()).unwrap_or_default();
                     let record = RecoveryState::parse(&rk, rb).map_err(|e| ScaleError(e.to_string()))?;
                     let c2 = thread_cpu_ns();
                     pcpu += (c2 - c1) as f64 / 1e6;
-                    let _ = decide(&brain2, &record, &obs, Some(&placement)).map_err(|e| ScaleError(e.to_string()))?;
+                    let _ = decide(&brain2, &record, &obs, Some(&placement))
+                        .map_err(|e| ScaleError(e.to_string()))?;
                     dcpu += (thread_cpu_ns() - c2) as f64 / 1e6;
                 }
                 let n = f64::from(rounds.max(1));
@@ -213,8 +244,13 @@ pub fn probe(manifest: &str, nodes: u32, spares: u32, rounds: u32) -> Result<Pro
             .await
             .map_err(|e| ScaleError(e.to_string()))?
             .map_err(|_| ScaleError("probe thread panicked".into()))??;
-        (out.read_ms, out.read_cpu_ms, out.parse_cpu_ms, out.decide_cpu_ms, out.read_keys, out.read_bytes) = (w, r, p, d, k, b);
-        let addr = etcd.endpoint().trim_start_matches("http://").parse().map_err(|e: std::net::AddrParseError| ScaleError(e.to_string()))?;
+        (out.read_ms, out.read_cpu_ms, out.parse_cpu_ms, out.decide_cpu_ms, out.read_keys, out.read_bytes) =
+            (w, r, p, d, k, b);
+        let addr = etcd
+            .endpoint()
+            .trim_start_matches("http://")
+            .parse()
+            .map_err(|e: std::net::AddrParseError| ScaleError(e.to_string()))?;
         out.db_bytes = crate::counters(addr).db;
         for a in agents {
             a.shutdown().await;
