@@ -81,23 +81,25 @@ impl ManifestWatch {
         let stop = Arc::new(AtomicBool::new(false));
         let seen: Arc<Mutex<(BTreeMap<u64, String>, Vec<String>)>> = Arc::default();
         let (s, v) = (stop.clone(), seen.clone());
-        let thread = std::thread::spawn(move || loop {
-            let last = s.load(Ordering::SeqCst);
-            for (step, sha) in manifests(&dir) {
-                let mut guard = v.lock().unwrap();
-                let (by_step, conflicts) = &mut *guard;
-                match by_step.get(&step) {
-                    Some(old) if *old != sha => conflicts.push(format!("step {step}: {old} then {sha}")),
-                    Some(_) => {}
-                    None => {
-                        by_step.insert(step, sha);
+        let thread = std::thread::spawn(move || {
+            loop {
+                let last = s.load(Ordering::SeqCst);
+                for (step, sha) in manifests(&dir) {
+                    let mut guard = v.lock().unwrap();
+                    let (by_step, conflicts) = &mut *guard;
+                    match by_step.get(&step) {
+                        Some(old) if *old != sha => conflicts.push(format!("step {step}: {old} then {sha}")),
+                        Some(_) => {}
+                        None => {
+                            by_step.insert(step, sha);
+                        }
                     }
                 }
+                if last {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
             }
-            if last {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
         });
         ManifestWatch { stop, seen, thread: Some(thread) }
     }

@@ -91,7 +91,8 @@ impl Run {
             )),
         };
         std::thread::spawn(move || {
-            let etcd = Arc::new(Etcd::connect(std::slice::from_ref(&run.endpoint), run.keys.clone()).unwrap());
+            let etcd =
+                Arc::new(Etcd::connect(std::slice::from_ref(&run.endpoint), run.keys.clone()).unwrap());
             let hook = run.hook.clone();
             let corpus = common::demo_corpus();
             run_with_threads(1, || {
