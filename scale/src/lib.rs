@@ -533,7 +533,7 @@ async fn member_pool(
                 if let Ok(v) = serde_json::to_string(&progress) {
                     ops.push(TxnOp::put(job.progress(), v, None));
                 }
-                if step % 10 == 0 {
+                if step.is_multiple_of(10) {
                     let record = CheckpointRecord { step, location: None, generation: Some(g) };
                     if let Ok(v) = serde_json::to_string(&record) {
                         ops.push(TxnOp::put(job.checkpoint(step), v, None));
@@ -646,7 +646,7 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
         config.poll_interval = Duration::from_millis(100);
         agents.push(Some(Agent::start(config).await.map_err(|e| err("agent")(e.to_string()))?));
         probes.push(probe);
-        if agents.len() % o.batch == 0 || agents.len() == total as usize {
+        if agents.len().is_multiple_of(o.batch) || agents.len() == total as usize {
             let deadline = Instant::now() + Duration::from_secs(120);
             while agents.iter().flatten().any(|a| !a.is_ready()) {
                 if Instant::now() > deadline {

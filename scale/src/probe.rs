@@ -94,7 +94,7 @@ pub fn probe(manifest: &str, nodes: u32, spares: u32, rounds: u32) -> Result<Pro
             config.keys = keys.clone();
             config.ttl = 5;
             agents.push(Agent::start(config).await.map_err(|e| err("agent")(e.to_string()))?);
-            if agents.len() % 500 == 0 || agents.len() == total as usize {
+            if agents.len().is_multiple_of(500) || agents.len() == total as usize {
                 let deadline = Instant::now() + Duration::from_secs(120);
                 while agents.iter().any(|a| !a.is_ready()) && Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(50)).await;
