@@ -68,18 +68,21 @@ fn wait_for_line(file: &Path, needle: &str, timeout: Duration) {
     panic!("{} never said {needle:?} within {timeout:?}", file.display());
 }
 
+/// Digest by checkpoint step, and every step seen with two different digests.
+type Digests = Arc<Mutex<(BTreeMap<u64, String>, Vec<String>)>>;
+
 /// Remembers the `paramsSha256` of every checkpoint manifest seen while the run goes (retention
 /// deletes old ones), and every step seen with two different digests.
 struct ManifestWatch {
     stop: Arc<AtomicBool>,
-    seen: Arc<Mutex<(BTreeMap<u64, String>, Vec<String>)>>,
+    seen: Digests,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ManifestWatch {
     fn start(dir: PathBuf) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let seen: Arc<Mutex<(BTreeMap<u64, String>, Vec<String>)>> = Arc::default();
+        let seen: Digests = Arc::default();
         let (s, v) = (stop.clone(), seen.clone());
         let thread = std::thread::spawn(move || {
             loop {
@@ -213,10 +216,10 @@ fn placement_violations(writes: &[Write]) -> (Vec<u64>, Vec<String>) {
     for w in writes.iter().filter(|w| w.key == key) {
         match w.value.as_ref().and_then(|v| v["generation"].as_u64()) {
             Some(g) => {
-                if let Some(&prev) = generations.last() {
-                    if g <= prev {
-                        bad.push(format!("placement generation {g} written after {prev}"));
-                    }
+                if let Some(&prev) = generations.last()
+                    && g <= prev
+                {
+                    bad.push(format!("placement generation {g} written after {prev}"));
                 }
                 generations.push(g);
             }
