@@ -23,21 +23,6 @@ use ninelives_worker::dist::rendezvous::Etcd;
 use ninelives_worker::trainer::run_with_threads;
 use ninelives_worker::{CheckpointStore, Trainer, TrainerConfig};
 
-/// A small MoE: 2 layers × 4 routed experts, 4 micro-batches per step.
-fn small_config(steps: u64) -> TrainerConfig {
-    let mut config = common::tiny_config(steps);
-    config.dims.layers = 2;
-    config.dims.hidden_size = 64;
-    config.dims.heads = 2;
-    config.dims.routed_experts = 4;
-    config.dims.zero_experts = 1;
-    config.dims.expert_ffn_size = 64;
-    config.dims.seq_len = 32;
-    config.global_batch_size = 8;
-    config.micro_batch_size = 2;
-    config
-}
-
 /// Called with every member's events (rank first); runs on the member's thread.
 type Hook = Arc<dyn Fn(u32, &MemberEvent<'_>) + Send + Sync>;
 
@@ -160,7 +145,7 @@ fn single_process(config: &TrainerConfig, steps: u64) -> String {
 fn members_train_bit_identically_to_one_process() {
     let etcd = EtcdServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = small_config(3);
+    let config = common::small_config(3);
 
     let expected = single_process(&config, 3);
 
@@ -177,7 +162,7 @@ fn members_train_bit_identically_to_one_process() {
 fn the_leader_reports_progress_and_the_kept_checkpoints_in_etcd() {
     let etcd = EtcdServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = small_config(5);
+    let config = common::small_config(5);
     let link = Arc::new(Etcd::connect(&[etcd.endpoint()], job_keys("records")).unwrap());
     // Listening on every interface, as in a pod, peers must be told a reachable address.
     let registered = Arc::new(Mutex::new(BTreeMap::new()));
@@ -224,7 +209,7 @@ fn a_reroute_that_drops_a_replica_continues_from_memory_bit_identically() {
     let etcd = EtcdServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let steps = 6;
-    let config = small_config(steps);
+    let config = common::small_config(steps);
     let link = Arc::new(Etcd::connect(&[etcd.endpoint()], job_keys("subset")).unwrap());
     // (rank, generation) -> experts held, from the Joined events.
     let joined = Arc::new(Mutex::new(BTreeMap::new()));
@@ -281,7 +266,7 @@ fn a_checkpoint_generation_rolls_members_back_in_place_bit_identically() {
     let dir = tempfile::tempdir().unwrap();
     // Enough steps that the members are still training when the new generation appears.
     let steps = 16;
-    let config = small_config(steps);
+    let config = common::small_config(steps);
     let link = Arc::new(Etcd::connect(&[etcd.endpoint()], job_keys("rollback")).unwrap());
     // (rank, generation) -> the step the generation continues from, from the Joined events.
     let joined = Arc::new(Mutex::new(BTreeMap::new()));
@@ -323,7 +308,7 @@ fn a_restore_to_a_corrupt_checkpoint_falls_back_to_the_previous_one() {
     let etcd = EtcdServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let steps = 16;
-    let config = small_config(steps);
+    let config = common::small_config(steps);
     let checkpoints = dir.path().join("corrupt");
     let link = Arc::new(Etcd::connect(&[etcd.endpoint()], job_keys("corrupt")).unwrap());
     let joined = Arc::new(Mutex::new(BTreeMap::new()));

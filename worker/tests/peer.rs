@@ -27,21 +27,6 @@ use ninelives_worker::error::WorkerError;
 use ninelives_worker::trainer::run_with_threads;
 use ninelives_worker::{CheckpointStore, Trainer, TrainerConfig};
 
-/// A small MoE: 2 layers × 4 routed experts, 4 micro-batches per step.
-fn small_config(steps: u64) -> TrainerConfig {
-    let mut config = common::tiny_config(steps);
-    config.dims.layers = 2;
-    config.dims.hidden_size = 64;
-    config.dims.heads = 2;
-    config.dims.routed_experts = 4;
-    config.dims.zero_experts = 1;
-    config.dims.expert_ffn_size = 64;
-    config.dims.seq_len = 32;
-    config.global_batch_size = 8;
-    config.micro_batch_size = 2;
-    config
-}
-
 type Hook = Arc<dyn Fn(u32, &MemberEvent<'_>) + Send + Sync>;
 type Outcome = Result<Option<String>, WorkerError>;
 
@@ -205,7 +190,7 @@ fn an_expert_moved_off_a_failed_chip_is_restored_from_peer_memory_bit_identicall
     let etcd = EtcdServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let steps = 8;
-    let config = small_config(steps);
+    let config = common::small_config(steps);
     let run = Run::new(&etcd, "moved", &config, dir.path());
     let (layers, routed) = (config.dims.layers, config.dims.routed_experts);
     let (published, joined) = publish_at(&run, 3, move |mut plan| {
@@ -241,7 +226,7 @@ fn a_replacement_member_is_filled_from_buddy_copies_bit_identically() {
     let etcd = EtcdServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let steps = 8;
-    let config = small_config(steps);
+    let config = common::small_config(steps);
     let run = Run::new(&etcd, "replace", &config, dir.path());
     let spare: Arc<Mutex<Option<JoinHandle<Outcome>>>> = Arc::new(Mutex::new(None));
     let (layers, routed) = (config.dims.layers, config.dims.routed_experts);
@@ -284,7 +269,7 @@ fn a_replacement_member_is_filled_from_buddy_copies_bit_identically() {
 fn a_step_nobody_holds_fails_the_join_cleanly() {
     let etcd = EtcdServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = small_config(50);
+    let config = common::small_config(50);
     let run = Run::new(&etcd, "missing", &config, dir.path());
     publish_at(&run, 2, |mut plan| {
         plan.restore = Restore::Peer { step: 1_000 };

@@ -25,3 +25,18 @@ pub fn tiny_config(steps: u64) -> TrainerConfig {
 pub fn demo_corpus() -> Arc<Corpus> {
     Arc::new(Corpus::load(&[DEMO_TEXT]).expect("demo text is readable"))
 }
+
+/// A small MoE: 2 layers × 4 routed experts, 4 micro-batches per step.
+pub fn small_config(steps: u64) -> TrainerConfig {
+    let mut config = tiny_config(steps);
+    config.dims.layers = 2;
+    config.dims.hidden_size = 64;
+    config.dims.heads = 2;
+    config.dims.routed_experts = 4;
+    config.dims.zero_experts = 1;
+    config.dims.expert_ffn_size = 64;
+    config.dims.seq_len = 32;
+    config.global_batch_size = 8;
+    config.micro_batch_size = 2;
+    config
+}
