@@ -28,11 +28,11 @@ use ninelives_core::generation::DistPlan;
 use super::plan::{micro_batch_owner, serving_replica};
 use super::state::Shared;
 use super::transport::{Collective, TcpCollective};
-use super::wire::{Dec, Enc, Malformed, Msg};
+use super::wire::{Dec, Enc, HostState, Malformed, Msg, decode_state, encode_state};
 use crate::checkpoint::{DataCursor, TrainingSnapshot};
 use crate::error::{Result, WorkerError};
 use crate::model::{ExpertCall, ExpertId, ExpertSource, HostTensor, ParamOwner, RemoteExperts};
-use crate::optim::{AdamW, Gradients, Moments};
+use crate::optim::{AdamW, Gradients};
 use crate::trainer::MicroBatchResult;
 
 /// Round numbers within a step.
@@ -43,9 +43,6 @@ const ROUND_CHECKPOINT: u8 = 4;
 
 /// One expert weight gradient of one micro-batch, borrowed for encoding.
 type ExpertGradRef<'a> = (u32, &'a str, &'a [f32]);
-
-/// Parameters and optimizer moments of one worker, on the host.
-pub type HostState = (BTreeMap<String, HostTensor>, BTreeMap<String, Moments>);
 
 /// The routing view of one generation.
 pub struct Routing {
@@ -423,50 +420,10 @@ pub(super) fn decode_partials(bytes: &[u8]) -> Result<Vec<(String, f64)>, Malfor
     Ok(out)
 }
 
-pub(super) fn encode_state(
-    params: &BTreeMap<String, HostTensor>,
-    moments: &BTreeMap<String, Moments>,
-) -> Vec<u8> {
-    let mut e = Enc::new();
-    e.u32(params.len() as u32);
-    for (name, p) in params {
-        e.str(name).u32(p.shape.len() as u32);
-        for &d in &p.shape {
-            e.u32(d as u32);
-        }
-        e.f32s(&p.data);
-        let (m, v) = moments.get(name).map_or((&[][..], &[][..]), |m| (&m.m[..], &m.v[..]));
-        e.f32s(m).f32s(v);
-    }
-    e.finish()
-}
-
-pub(super) fn decode_state(bytes: &[u8]) -> Result<HostState, Malformed> {
-    let mut d = Dec::new(bytes);
-    let n = d.u32()?;
-    let mut params = BTreeMap::new();
-    let mut moments = BTreeMap::new();
-    for _ in 0..n {
-        let name = d.str()?;
-        let dims = d.u32()?;
-        let shape = (0..dims).map(|_| d.u32().map(|x| x as usize)).collect::<Result<Vec<_>, _>>()?;
-        let data = d.f32s()?;
-        let (m, v) = (d.f32s()?, d.f32s()?);
-        // The shape comes from a peer: its product may overflow.
-        let elements = shape.iter().try_fold(1usize, |p, &d| p.checked_mul(d));
-        if elements != Some(data.len()) || m.len() != data.len() || v.len() != data.len() {
-            return Err(Malformed(format!("tensor {name} has inconsistent sizes")));
-        }
-        moments.insert(name.clone(), Moments { m, v });
-        params.insert(name, HostTensor { shape, data });
-    }
-    d.end()?;
-    Ok((params, moments))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::optim::Moments;
 
     #[test]
     fn payloads_round_trip() {

@@ -9,7 +9,8 @@ use std::io::{ErrorKind, Read};
 use proptest::prelude::*;
 
 use super::auth::{Handshake, JobAuth, JobKey, Side};
-use super::engine::{decode_expert_grads, decode_partials, decode_results, decode_state};
+use super::engine::{decode_expert_grads, decode_partials, decode_results};
+use super::wire::decode_state;
 use super::wire::{FrameReader, HANDSHAKE_FRAME_BYTES, Msg, ReadError, write_frame};
 use crate::model::ExpertCall;
 

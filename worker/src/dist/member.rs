@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::engine::{DistStepReport, HostState, Routing, gather_checkpoint, run_step};
+use super::engine::{DistStepReport, Routing, gather_checkpoint, run_step};
 use super::link::{LinkConfig, MAX_CONNECTIONS, Security};
 use super::peer::{PeerStore, Snapshot};
 use super::rendezvous::{Backoff, Etcd, Session};
 use super::state::{POLL, Shared};
 use super::transport::{Collective, TcpCollective, serve};
-use super::wire::frame_limit;
+use super::wire::{HostState, frame_limit};
 use crate::checkpoint::{BackgroundSaver, CheckpointStore, ExpertSelection, SaveOutcome, SaveReport};
 use crate::data::Corpus;
 use crate::error::{Result, WorkerError};

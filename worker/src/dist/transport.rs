@@ -23,12 +23,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::engine::{decode_state, encode_state};
 use super::link::{Link, MAX_HANDSHAKES};
 use super::peer::Snapshot;
 pub use super::state::POLL;
 use super::state::{RoundState, Shared};
-use super::wire::{Msg, ReadError};
+use super::wire::{Msg, ReadError, decode_state, encode_state};
 use crate::error::{Result, WorkerError};
 
 /// Collective operations one member of a generation needs. A vendor collective library

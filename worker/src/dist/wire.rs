@@ -10,7 +10,10 @@
 use std::io::{ErrorKind, Read, Write};
 
 use super::auth::{FRAME_TAG_BYTES, FrameKey, Nonce, Tag};
-use crate::model::{ExpertCall, ExpertId};
+use std::collections::BTreeMap;
+
+use crate::model::{ExpertCall, ExpertId, HostTensor};
+use crate::optim::Moments;
 use crate::trainer::TrainerConfig;
 
 /// Largest frame read before a connection is authenticated (the handshake's frames are < 100 B).
@@ -570,6 +573,53 @@ impl FrameReader {
         self.buf.drain(..4 + len);
         Ok(Some(msg?))
     }
+}
+
+/// Parameters and optimizer moments of one worker, on the host.
+pub type HostState = (BTreeMap<String, HostTensor>, BTreeMap<String, Moments>);
+
+/// A member's full state (parameters and optimizer moments) as bytes: the checkpoint gather
+/// and the peer copies send it.
+pub(crate) fn encode_state(
+    params: &BTreeMap<String, HostTensor>,
+    moments: &BTreeMap<String, Moments>,
+) -> Vec<u8> {
+    let mut e = Enc::new();
+    e.u32(params.len() as u32);
+    for (name, p) in params {
+        e.str(name).u32(p.shape.len() as u32);
+        for &d in &p.shape {
+            e.u32(d as u32);
+        }
+        e.f32s(&p.data);
+        let (m, v) = moments.get(name).map_or((&[][..], &[][..]), |m| (&m.m[..], &m.v[..]));
+        e.f32s(m).f32s(v);
+    }
+    e.finish()
+}
+
+/// Reads [`encode_state`]'s bytes, checking every size against the others (they come from a peer).
+pub(crate) fn decode_state(bytes: &[u8]) -> Result<HostState, Malformed> {
+    let mut d = Dec::new(bytes);
+    let n = d.u32()?;
+    let mut params = BTreeMap::new();
+    let mut moments = BTreeMap::new();
+    for _ in 0..n {
+        let name = d.str()?;
+        let dims = d.u32()?;
+        let shape = (0..dims).map(|_| d.u32().map(|x| x as usize)).collect::<Result<Vec<_>, _>>()?;
+        let data = d.f32s()?;
+        let (m, v) = (d.f32s()?, d.f32s()?);
+        // The shape comes from a peer: its product may overflow.
+        let elements = shape.iter().try_fold(1usize, |p, &d| p.checked_mul(d));
+        if elements != Some(data.len()) || m.len() != data.len() || v.len() != data.len() {
+            return Err(Malformed(format!("tensor {name} has inconsistent sizes")));
+        }
+        moments.insert(name.clone(), Moments { m, v });
+        params.insert(name, HostTensor { shape, data });
+    }
+    d.end()?;
+    Ok((params, moments))
 }
 
 #[cfg(test)]
