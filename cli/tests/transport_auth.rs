@@ -21,8 +21,9 @@ use ninelives_worker::dist::wire::{FrameReader, Msg, ReadError, write_frame};
 
 mod common;
 use common::{BIN, SmallJob, digest_of};
-// Long enough (a few tens of milliseconds a step) that the members outlive every attack.
-const STEPS: u32 = 400;
+// Long enough (a few tens of milliseconds a step, with the reference run beside it) that the
+// members outlive every attack; the test checks they did.
+const STEPS: u32 = 600;
 
 /// Connects with short timeouts (the worker must answer or close promptly).
 fn dial(addr: SocketAddr) -> TcpStream {
@@ -112,15 +113,16 @@ fn strangers_are_refused_and_training_is_unaffected() {
     let m = SmallJob { nodes: 2, steps: u64::from(STEPS), interval: 100, ..SmallJob::named("attacked") }
         .write(dir.path());
 
+    // The undisturbed reference runs beside the attacked job (it also slows that job down, which
+    // keeps its members alive through the attacks).
     let single = Command::new(BIN)
         .args(["worker", "train", &m, "--threads", "1"])
         .arg("--checkpoint-dir")
         .arg(dir.path().join("single"))
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    let single_out = String::from_utf8_lossy(&single.stdout).into_owned();
-    assert!(single.status.success(), "{single_out}\n{}", String::from_utf8_lossy(&single.stderr));
-    let expected = digest_of(&single_out);
 
     let mut child = Command::new(BIN)
         .args(["worker", "launch", &m, "--workers", "2", "--etcd", &etcd.endpoint()])
@@ -152,10 +154,8 @@ fn strangers_are_refused_and_training_is_unaffected() {
     let addrs: Vec<SocketAddr> = etcd_link.members().unwrap().values().map(|m| m.addr).collect();
     assert_eq!(addrs.len(), 2, "both members registered");
 
-    for &addr in &addrs {
-        attack(addr);
-    }
-    // An idle connection that never says anything, and a flood beyond the handshake bound.
+    // First (they take the handshake timeout): an idle connection that never says anything, and
+    // a flood beyond the handshake bound.
     let opened = Instant::now();
     let mut idle = dial(addrs[0]);
     let flood: Vec<TcpStream> = (0..80).map(|_| dial(addrs[1])).collect();
@@ -173,6 +173,11 @@ fn strangers_are_refused_and_training_is_unaffected() {
         })
         .count();
     assert!(closed_at_once >= 80 - 64, "only {closed_at_once} of 80 flooding connections were closed");
+    for &addr in &addrs {
+        attack(addr);
+    }
+    // Every check above ran against live members: a job that ended first would prove nothing.
+    assert!(child.try_wait().unwrap().is_none(), "the job ended before the attacks did; raise STEPS");
 
     let status = loop {
         while let Ok(line) = lines.try_recv() {
@@ -189,6 +194,10 @@ fn strangers_are_refused_and_training_is_unaffected() {
     }
     let all = seen.join("\n");
     assert!(status.success(), "{all}");
+    let single = single.wait_with_output().unwrap();
+    let single_out = String::from_utf8_lossy(&single.stdout).into_owned();
+    assert!(single.status.success(), "{single_out}\n{}", String::from_utf8_lossy(&single.stderr));
+    let expected = digest_of(&single_out);
     assert!(!all.contains("aborted"), "a step was abandoned:\n{all}");
     assert!(!all.contains("generation=2"), "a recovery happened:\n{all}");
     assert_eq!(
