@@ -223,6 +223,9 @@ fn member_loop(
     // The peer record last published.
     let mut published: Option<PeerRecord> = None;
     let peer_sent = Arc::new(AtomicU64::new(0));
+    // A peer restore not finished yet (its step, this member's own snapshot of it): a newer
+    // generation that keeps memory as it is continues it.
+    let mut unfinished_peer: Option<(u64, Option<Arc<Snapshot>>)> = None;
     loop {
         // Wait for a generation newer than the last one joined.
         let mut patience = Patience::new(options.join_timeout);
@@ -354,6 +357,18 @@ fn member_loop(
                     peer_step = Some(step);
                     before_update = None;
                 }
+                // The settled generation that follows a peer restore is published as soon as
+                // every member acknowledged it, possibly while this member still fetches its
+                // state: it continues the same restore (same step) instead of failing for lack
+                // of state, which the brain would see as a second failure.
+                Restore::InMemory if guard.is_none() && unfinished_peer.is_some() => {
+                    if let Some((step, own)) = unfinished_peer.clone() {
+                        tracing::info!(generation, step, "continuing the unfinished peer restore");
+                        pending_peer = Some((step, own));
+                        peer_step = Some(step);
+                    }
+                    before_update = None;
+                }
                 Restore::InMemory => {
                     let trainer = guard.as_mut().ok_or_else(|| {
                         WorkerError::Rendezvous(
@@ -386,6 +401,7 @@ fn member_loop(
                 }
             }
         }
+        unfinished_peer = pending_peer.clone();
         let my_step = peer_step.unwrap_or_else(|| {
             shared.trainer.read().ok().and_then(|g| g.as_ref().map(Trainer::step)).unwrap_or(0)
         });
@@ -496,7 +512,7 @@ fn member_loop(
                 own,
             );
             match fetched {
-                Ok(()) => {}
+                Ok(()) => unfinished_peer = None,
                 Err(WorkerError::Aborted(reason)) => {
                     events(MemberEvent::Aborted { generation, reason: &reason });
                     coll.shutdown();
