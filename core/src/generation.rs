@@ -351,20 +351,391 @@ pub fn from_published_generation(
     )
 }
 
-/// The keys and values publishing a generation writes, to go in one etcd transaction:
-/// `control`, `placement` (the members' plan) and `recovery` (the brain's record), so a
-/// restarted driver never sees a placement without its record.
+/// Largest value ninelives writes to etcd: well under etcd's default request limit (1.5 MiB), so
+/// a generation fits etcd at any scale.
+pub const MAX_VALUE_BYTES: usize = 512 * 1024;
+
+/// What the members' plan needs of the planner's shape to be stored per group and read back.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanLayout {
+    /// Nodes (member ranks) per expert-parallel group: rank `r` is in group `r / nodesPerGroup`.
+    pub nodes_per_group: u32,
+    /// Chips per node.
+    pub chips_per_node: u32,
+    /// Routed experts per layer: an expert is stored as `layer * routedExperts + expert`.
+    pub routed_experts: u32,
+}
+
+impl PlanLayout {
+    /// The layout of `shape`.
+    pub fn of(shape: &PlacementShape) -> Self {
+        Self {
+            nodes_per_group: shape.nodes_per_group(),
+            chips_per_node: shape.chips_per_node,
+            routed_experts: shape.routed_experts,
+        }
+    }
+}
+
+/// The commit record at the job's `placement` key: a generation becomes visible when this small
+/// value is written (last, in the control loop's fenced transaction), and it names the group
+/// values ([`GroupRecord`], at [`JobKeys::plan_group`]) that hold the rest. Members read it, then
+/// the groups they need; they never see half a generation. Its size grows with the groups and
+/// the member ranges, not with the experts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanRecord {
+    /// The rendezvous generation (first field, as every reader of `placement` expects).
+    pub generation: u64,
+    /// How group values are laid out.
+    pub layout: PlanLayout,
+    /// The content digest of each group's value, in group order.
+    pub groups: Vec<String>,
+    /// Live member ranks as ascending, disjoint, inclusive ranges.
+    pub members: Vec<[u32; 2]>,
+    /// How members obtain their state.
+    pub restore: Restore,
+    /// Why this generation exists.
+    pub tier: GenerationTier,
+    /// See [`DistPlan::peer_interval_steps`].
+    pub peer_interval_steps: u64,
+}
+
+/// One expert-parallel group of a stored plan: its chips' experts (compact: dense expert
+/// indices), pending loads, and the buddies of the group's member ranks.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupRecord {
+    /// Group index.
+    pub index: u32,
+    /// Per chip of the group (node-major), its experts as `layer * routedExperts + expert`.
+    pub chips: Vec<Vec<u32>>,
+    /// See [`crate::placement::GroupPlacement::pending`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<placement::Move>,
+    /// Buddies of this group's member ranks (see [`DistPlan::buddies`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub buddies: BTreeMap<u32, Vec<u32>>,
+}
+
+/// What a reader finds at the job's `placement` key.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PlacementValue {
+    /// A whole plan in the value (written by tests and tools; small jobs only).
+    Inline(Box<DistPlan>),
+    /// A commit record: the plan is in its group values.
+    Record(PlanRecord),
+}
+
+impl PlacementValue {
+    /// Parses the value at `placement` (untrusted input: an error, never a guess).
+    pub fn parse(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        #[derive(Deserialize)]
+        struct Format {
+            #[serde(default)]
+            layout: Option<serde::de::IgnoredAny>,
+        }
+        if serde_json::from_slice::<Format>(bytes)?.layout.is_some() {
+            Ok(PlacementValue::Record(serde_json::from_slice(bytes)?))
+        } else {
+            Ok(PlacementValue::Inline(Box::new(serde_json::from_slice(bytes)?)))
+        }
+    }
+
+    /// The generation it publishes.
+    pub fn generation(&self) -> u64 {
+        match self {
+            PlacementValue::Inline(plan) => plan.generation(),
+            PlacementValue::Record(record) => record.generation,
+        }
+    }
+}
+
+/// A stored plan that cannot be written or read back.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum StoredPlanError {
+    /// The plan's derived fields do not follow from its placement and layout (it would not read
+    /// back as itself).
+    #[error("the plan cannot be stored per group: {0}")]
+    NotStorable(String),
+    /// A value would exceed [`MAX_VALUE_BYTES`].
+    #[error("{key} would be {bytes} bytes, over the {MAX_VALUE_BYTES}-byte limit")]
+    TooLarge {
+        /// The key.
+        key: String,
+        /// Its value's size.
+        bytes: usize,
+    },
+    /// A group value does not match its commit record.
+    #[error("group {group}: {reason}")]
+    BadGroup {
+        /// The group.
+        group: u32,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Encoding failed.
+    #[error("encoding: {0}")]
+    Encode(String),
+}
+
+/// FNV-1a, 64 bits: names a group value by its content (not a security boundary: a writer able
+/// to forge values can write `placement` itself).
+fn digest(bytes: &[u8]) -> String {
+    let hash = bytes
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("{hash:016x}")
+}
+
+fn ranges(members: &[u32]) -> Vec<[u32; 2]> {
+    let mut out: Vec<[u32; 2]> = Vec::new();
+    for &r in members {
+        match out.last_mut() {
+            Some(last) if last[1].checked_add(1) == Some(r) => last[1] = r,
+            _ => out.push([r, r]),
+        }
+    }
+    out
+}
+
+impl PlanRecord {
+    /// The member ranks, ascending (ranges that are not ascending and disjoint are an error).
+    pub fn member_ranks(&self) -> Result<Vec<u32>, StoredPlanError> {
+        let mut out = Vec::new();
+        for &[first, last] in &self.members {
+            if first > last || out.last().is_some_and(|&prev| prev >= first) {
+                return Err(StoredPlanError::NotStorable(format!("member ranges {:?}", self.members)));
+            }
+            out.extend(first..=last);
+        }
+        Ok(out)
+    }
+
+    /// The group of member `rank`.
+    pub fn group_of(&self, rank: u32) -> u32 {
+        rank / self.layout.nodes_per_group.max(1)
+    }
+
+    /// The key of group `group`'s value (`None`: no such group).
+    pub fn group_key(&self, keys: &JobKeys, group: u32) -> Option<String> {
+        self.groups.get(group as usize).map(|d| keys.plan_group(group, d))
+    }
+
+    /// Every group value key, in group order.
+    pub fn group_keys(&self, keys: &JobKeys) -> Vec<String> {
+        (0..).zip(&self.groups).map(|(g, d)| keys.plan_group(g, d)).collect()
+    }
+
+    /// Parses and checks group `group`'s value as read from `key`.
+    pub fn parse_group(&self, group: u32, bytes: &[u8]) -> Result<GroupRecord, StoredPlanError> {
+        let bad = |reason: String| StoredPlanError::BadGroup { group, reason };
+        let expected = self.groups.get(group as usize).ok_or_else(|| bad("no such group".into()))?;
+        if digest(bytes) != *expected {
+            return Err(bad("content does not match the commit record's digest".into()));
+        }
+        let record: GroupRecord = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        if record.index != group {
+            return Err(bad(format!("value says it is group {}", record.index)));
+        }
+        let per_group = u64::from(self.layout.nodes_per_group) * u64::from(self.layout.chips_per_node);
+        if record.chips.len() as u64 != per_group {
+            return Err(bad(format!("{} chips, not {per_group}", record.chips.len())));
+        }
+        Ok(record)
+    }
+
+    fn expert(&self, dense: u32) -> ExpertId {
+        let r = self.layout.routed_experts.max(1);
+        ExpertId::new(dense / r, dense % r)
+    }
+
+    /// The group's placement as the planner's type.
+    pub fn group_placement(&self, group: &GroupRecord) -> placement::GroupPlacement {
+        placement::GroupPlacement {
+            index: group.index,
+            chips: group.chips.iter().map(|c| c.iter().map(|&e| self.expert(e)).collect()).collect(),
+            pending: group.pending.clone(),
+        }
+    }
+
+    /// The experts each given member holds, from its group's value (empty when it hosts none).
+    pub fn experts_of_group(&self, group: &GroupRecord, members: &[u32]) -> BTreeMap<u32, Vec<ExpertId>> {
+        let (npg, cpn) = (self.layout.nodes_per_group, self.layout.chips_per_node as usize);
+        let mut out = BTreeMap::new();
+        for &rank in members.iter().filter(|&&r| self.group_of(r) == group.index) {
+            let local = (rank % npg.max(1)) as usize;
+            let held: BTreeSet<ExpertId> =
+                group.chips.iter().skip(local * cpn).take(cpn).flatten().map(|&e| self.expert(e)).collect();
+            out.insert(rank, held.into_iter().collect());
+        }
+        out
+    }
+
+    /// The whole plan from every group's value, in group order.
+    pub fn assemble(&self, groups: &[GroupRecord]) -> Result<DistPlan, StoredPlanError> {
+        if groups.len() != self.groups.len() {
+            return Err(StoredPlanError::NotStorable(format!(
+                "{} group values for {} groups",
+                groups.len(),
+                self.groups.len()
+            )));
+        }
+        let members = self.member_ranks()?;
+        let mut experts = BTreeMap::new();
+        let mut buddies = BTreeMap::new();
+        let mut placed = Vec::with_capacity(groups.len());
+        for (g, group) in (0..).zip(groups) {
+            if group.index != g {
+                return Err(StoredPlanError::BadGroup {
+                    group: g,
+                    reason: format!("found group {}", group.index),
+                });
+            }
+            experts.extend(self.experts_of_group(group, &members));
+            buddies.extend(group.buddies.iter().map(|(r, b)| (*r, b.clone())));
+            placed.push(self.group_placement(group));
+        }
+        Ok(DistPlan {
+            placement: Placement { generation: self.generation, groups: placed },
+            members,
+            experts,
+            restore: self.restore,
+            tier: self.tier,
+            buddies,
+            peer_interval_steps: self.peer_interval_steps,
+        })
+    }
+}
+
+/// A plan split for storage: the commit record and every group's value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredPlan {
+    /// The value at `placement`.
+    pub record: PlanRecord,
+    /// Each group's (key, value), in group order.
+    pub groups: Vec<(String, String)>,
+}
+
+impl StoredPlan {
+    /// Splits `plan` (of a job with `shape`) into its commit record and group values. The plan
+    /// must read back as itself ([`PlanRecord::assemble`]); every value is checked against
+    /// [`MAX_VALUE_BYTES`].
+    pub fn split(keys: &JobKeys, plan: &DistPlan, shape: &PlacementShape) -> Result<Self, StoredPlanError> {
+        let layout = PlanLayout::of(shape);
+        let routed = layout.routed_experts;
+        let encode = |e: &ExpertId| {
+            (e.expert < routed)
+                .then(|| e.layer.checked_mul(routed).and_then(|l| l.checked_add(e.expert)))
+                .flatten()
+                .ok_or_else(|| StoredPlanError::NotStorable(format!("expert {e} outside the layout")))
+        };
+        let ngroups = u32::try_from(plan.placement.groups.len())
+            .map_err(|_| StoredPlanError::NotStorable("too many groups".into()))?;
+        let mut buddies: Vec<BTreeMap<u32, Vec<u32>>> = vec![BTreeMap::new(); ngroups as usize];
+        let npg = layout.nodes_per_group.max(1);
+        for (rank, b) in &plan.buddies {
+            let slot = buddies.get_mut((rank / npg) as usize).ok_or_else(|| {
+                StoredPlanError::NotStorable(format!("buddies of rank {rank} outside every group"))
+            })?;
+            slot.insert(*rank, b.clone());
+        }
+        let mut values = Vec::with_capacity(ngroups as usize);
+        let mut groups = Vec::with_capacity(ngroups as usize);
+        let mut records = Vec::with_capacity(ngroups as usize);
+        for (g, (group, buddies)) in (0..ngroups).zip(plan.placement.groups.iter().zip(buddies)) {
+            let chips = group
+                .chips
+                .iter()
+                .map(|c| c.iter().map(encode).collect::<Result<Vec<_>, _>>())
+                .collect::<Result<_, _>>()?;
+            let record = GroupRecord { index: group.index, chips, pending: group.pending.clone(), buddies };
+            let value = serde_json::to_string(&record).map_err(|e| StoredPlanError::Encode(e.to_string()))?;
+            let d = digest(value.as_bytes());
+            let key = keys.plan_group(g, &d);
+            if value.len() > MAX_VALUE_BYTES {
+                return Err(StoredPlanError::TooLarge { key, bytes: value.len() });
+            }
+            groups.push(d);
+            values.push((key, value));
+            records.push(record);
+        }
+        let record = PlanRecord {
+            generation: plan.generation(),
+            layout,
+            groups,
+            members: ranges(&plan.members),
+            restore: plan.restore,
+            tier: plan.tier,
+            peer_interval_steps: plan.peer_interval_steps,
+        };
+        let back = record.assemble(&records)?;
+        if back != *plan {
+            return Err(StoredPlanError::NotStorable(
+                "its members' experts or buddies do not follow from the placement and layout".into(),
+            ));
+        }
+        Ok(Self { record, groups: values })
+    }
+}
+
+/// What publishing a generation writes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationWrites {
+    /// The group values the previous commit record does not already name: written first (in
+    /// batches, outside the fence: unreferenced until the commit record names them).
+    pub groups: Vec<(String, String)>,
+    /// One transaction, guarded by the record's revision: `control`, `recovery` (the brain's
+    /// record, so a restarted driver never sees a generation without its record) and, last, the
+    /// commit record at `placement`.
+    pub commit: [(String, String); 3],
+    /// The commit record written.
+    pub record: PlanRecord,
+}
+
+/// The writes publishing generation `plan` (of a job with `shape`): its new group values and the
+/// fenced commit. `previous` is the commit record in force: groups it already names are not
+/// rewritten. Every value is at most [`MAX_VALUE_BYTES`].
 pub fn generation_writes(
     keys: &JobKeys,
     plan: &DistPlan,
+    shape: &PlacementShape,
     control: &ControlRecord,
     state: &RecoveryState,
-) -> serde_json::Result<[(String, String); 3]> {
-    Ok([
-        (keys.control(), serde_json::to_string(control)?),
-        (keys.placement(), serde_json::to_string(plan)?),
+    previous: Option<&PlanRecord>,
+) -> Result<GenerationWrites, StoredPlanError> {
+    let stored = StoredPlan::split(keys, plan, shape)?;
+    let kept: BTreeSet<String> =
+        previous.map(|p| p.group_keys(keys).into_iter().collect()).unwrap_or_default();
+    let groups = stored.groups.into_iter().filter(|(k, _)| !kept.contains(k)).collect();
+    let encode = |e: serde_json::Error| StoredPlanError::Encode(e.to_string());
+    let commit = [
+        (keys.control(), serde_json::to_string(control).map_err(encode)?),
         (keys.recovery(), state.to_json()),
-    ])
+        (keys.placement(), serde_json::to_string(&stored.record).map_err(encode)?),
+    ];
+    if let Some((key, value)) = commit.iter().find(|(_, v)| v.len() > MAX_VALUE_BYTES) {
+        return Err(StoredPlanError::TooLarge { key: key.clone(), bytes: value.len() });
+    }
+    Ok(GenerationWrites { groups, commit, record: stored.record })
+}
+
+/// Group value keys under [`JobKeys::plan_groups`] that `record` does not name: garbage once
+/// the generation in force no longer needs older ones (the control loop deletes them when a
+/// generation settles).
+pub fn unreferenced_groups<'k>(
+    keys: &JobKeys,
+    record: &PlanRecord,
+    existing: impl IntoIterator<Item = &'k str>,
+) -> Vec<String> {
+    let named: BTreeSet<String> = record.group_keys(keys).into_iter().collect();
+    let prefix = keys.plan_groups();
+    existing
+        .into_iter()
+        .filter(|k| k.starts_with(&prefix) && !named.contains(*k))
+        .map(str::to_string)
+        .collect()
 }
 
 /// The step members of an in-memory (reroute) generation continue from: the lowest step any
@@ -531,6 +902,168 @@ mod tests {
         let back: DistPlan = serde_json::from_str(&text).unwrap();
         assert_eq!(back, plan);
         assert_eq!(agreed_step(&[(0, 5), (2, 4)].into()), Some(4));
+    }
+
+    /// A shape of several expert-parallel groups (2 nodes each) and pipeline stages.
+    fn grouped(nodes: u32) -> PlacementShape {
+        PlacementShape {
+            layers: 4,
+            routed_experts: 6,
+            redundant_experts: 2,
+            expert_state_bytes: 1 << 20,
+            nodes,
+            chips_per_node: 2,
+            chip_memory_bytes: 8 << 20,
+            expert_parallel_size: 4,
+            nodes_per_rack: Some(1),
+            min_healthy_fraction: 0.5,
+            pipeline_stages: 2,
+        }
+    }
+
+    fn record_of(generation: u64) -> ControlRecord {
+        ControlRecord { generation, ..ControlRecord::default() }
+    }
+
+    fn state(nodes: u32) -> RecoveryState {
+        RecoveryState::new((0..nodes).map(|n| format!("n{n}")).collect(), vec![])
+    }
+
+    /// Reads back what `writes` stored, as a member would: the commit record, then every group.
+    fn read_back(keys: &JobKeys, store: &BTreeMap<String, String>) -> DistPlan {
+        let PlacementValue::Record(record) =
+            PlacementValue::parse(store[&keys.placement()].as_bytes()).unwrap()
+        else {
+            panic!("not a commit record")
+        };
+        let groups: Vec<GroupRecord> = (0..)
+            .zip(record.group_keys(keys))
+            .map(|(g, k)| record.parse_group(g, store[&k].as_bytes()).unwrap())
+            .collect();
+        record.assemble(&groups).unwrap()
+    }
+
+    fn apply(store: &mut BTreeMap<String, String>, writes: &GenerationWrites) {
+        store.extend(writes.groups.iter().cloned());
+        store.extend(writes.commit.iter().cloned());
+    }
+
+    #[test]
+    fn a_stored_plan_reads_back_bit_for_bit_and_a_replan_rewrites_only_changed_groups() {
+        let s = grouped(8);
+        let keys = crate::keyspace::Keyspace::default().job("ml", "g");
+        let peers = PeerCopies { copies: 1, interval_steps: 3, nodes_per_rack: Some(1) };
+        let first = initial_plan(&s, Restore::Fresh).unwrap();
+        assert_eq!(first.placement.groups.len(), 4);
+        let gen1 = from_brain(
+            &s,
+            &first.placement,
+            (0..8).collect(),
+            RestoreSource::Memory,
+            None,
+            GenerationTier::Initial,
+            peers,
+        )
+        .unwrap();
+        let mut store = BTreeMap::new();
+        let w1 = generation_writes(&keys, &gen1, &s, &record_of(1), &state(8), None).unwrap();
+        assert_eq!(w1.groups.len(), 4, "every group is new");
+        assert_eq!(
+            w1.commit.last().map(|(k, _)| k.clone()),
+            Some(keys.placement()),
+            "the commit record goes last"
+        );
+        apply(&mut store, &w1);
+        assert_eq!(read_back(&keys, &store), gen1);
+
+        // Node 5 (group 2) is dropped and its chips emptied: only group 2's value changes.
+        let mut next = first.placement.clone();
+        next.generation = 2;
+        for hosted in next.groups[2].chips.iter_mut().skip(2) {
+            hosted.clear();
+        }
+        let members = vec![0, 1, 2, 3, 4, 6, 7];
+        let gen2 = from_brain(
+            &s,
+            &next,
+            members,
+            RestoreSource::Checkpoint { step: 9 },
+            Some(&gen1),
+            GenerationTier::Shrink,
+            peers,
+        )
+        .unwrap();
+        let w2 = generation_writes(&keys, &gen2, &s, &record_of(2), &state(8), Some(&w1.record)).unwrap();
+        let rewritten: Vec<&str> = w2.groups.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(rewritten.len(), 1, "{rewritten:?}");
+        assert!(rewritten[0].starts_with(&format!("{}000002/", keys.plan_groups())));
+        assert_eq!(w2.record.members, [[0, 4], [6, 7]]);
+        apply(&mut store, &w2);
+        assert_eq!(read_back(&keys, &store), gen2);
+        // Generation 1's group 2 is garbage once generation 2 is in force, nothing else.
+        let garbage = unreferenced_groups(&keys, &w2.record, store.keys().map(String::as_str));
+        assert_eq!(garbage, [w1.record.group_key(&keys, 2).unwrap()]);
+    }
+
+    #[test]
+    fn group_values_that_do_not_match_their_record_are_refused() {
+        let s = grouped(4);
+        let keys = crate::keyspace::Keyspace::default().job("ml", "g");
+        let plan = initial_plan(&s, Restore::Fresh).unwrap();
+        let stored = StoredPlan::split(&keys, &plan, &s).unwrap();
+        let (_, value) = &stored.groups[1];
+        let record = &stored.record;
+        assert!(record.parse_group(1, value.as_bytes()).is_ok());
+        // Another group's value, a tampered value, a group the record does not have.
+        assert!(matches!(
+            record.parse_group(0, value.as_bytes()),
+            Err(StoredPlanError::BadGroup { group: 0, .. })
+        ));
+        let tampered = value.replacen('1', "2", 1);
+        assert!(record.parse_group(1, tampered.as_bytes()).is_err());
+        assert!(record.parse_group(9, value.as_bytes()).is_err());
+        // A plan whose experts do not follow from its placement cannot be stored.
+        let mut odd = plan.clone();
+        odd.experts.insert(0, vec![]);
+        assert!(matches!(StoredPlan::split(&keys, &odd, &s), Err(StoredPlanError::NotStorable(_))));
+        // Both formats parse at `placement`; the generation is on top of both.
+        let inline = serde_json::to_vec(&plan).unwrap();
+        assert!(matches!(PlacementValue::parse(&inline), Ok(PlacementValue::Inline(p)) if *p == plan));
+        let committed = serde_json::to_vec(record).unwrap();
+        assert_eq!(PlacementValue::parse(&committed).map(|v| v.generation()).ok(), Some(1));
+        assert!(PlacementValue::parse(b"{\"layout\":1}").is_err());
+    }
+
+    /// The reference layout (`examples/longcat-2.0.yaml`: 6,250 nodes, 50,000 chips, 250 groups)
+    /// with peer copies: every value a generation writes fits in 512 KiB.
+    #[test]
+    fn every_value_of_the_reference_layout_fits_in_512_kib() {
+        let text = include_str!("../../examples/longcat-2.0.yaml");
+        let job = crate::manifest::parse_job(text).unwrap();
+        let shape = crate::validate::JobShape::resolve(&job.spec).unwrap();
+        let s = PlacementShape::from_job(&shape, job.spec.failure_policy.min_healthy_fraction);
+        let keys = crate::keyspace::Keyspace::default().job("ml", "longcat");
+        let first = initial_plan(&s, Restore::Fresh).unwrap();
+        let peers = PeerCopies { copies: 1, interval_steps: 10, nodes_per_rack: s.nodes_per_rack };
+        let plan = from_brain(
+            &s,
+            &first.placement,
+            first.members.clone(),
+            RestoreSource::Memory,
+            None,
+            GenerationTier::Initial,
+            peers,
+        )
+        .unwrap();
+        let writes = generation_writes(&keys, &plan, &s, &record_of(1), &state(s.nodes), None).unwrap();
+        assert_eq!(writes.groups.len(), 250);
+        let largest = writes.groups.iter().chain(&writes.commit).map(|(_, v)| v.len()).max().unwrap();
+        assert!(largest <= MAX_VALUE_BYTES, "largest value {largest} bytes");
+        let record = &writes.commit[2].1;
+        assert!(record.len() < 16 * 1024, "commit record {} bytes", record.len());
+        let mut store = BTreeMap::new();
+        apply(&mut store, &writes);
+        assert_eq!(read_back(&keys, &store), plan);
     }
 
     #[test]

@@ -89,9 +89,22 @@ impl JobKeys {
         &self.root
     }
 
-    /// The placement generation in force (JSON).
+    /// The generation in force: the members' plan, or (as the control loop writes it) the small
+    /// commit record naming the plan's group values under [`JobKeys::plan_groups`].
     pub fn placement(&self) -> String {
         format!("{}placement", self.root)
+    }
+
+    /// Prefix of the stored plan's group values (see [`crate::generation::PlanRecord`]).
+    pub fn plan_groups(&self) -> String {
+        format!("{}groups/", self.root)
+    }
+
+    /// One group's value of the plan, named by its content (`digest`): a re-plan rewrites only
+    /// the groups whose content changed, and two writers of one generation never overwrite each
+    /// other's group values.
+    pub fn plan_group(&self, group: u32, digest: &str) -> String {
+        format!("{}groups/{group:06}/{digest}", self.root)
     }
 
     /// Prefix of worker membership keys.
@@ -224,6 +237,8 @@ mod tests {
         assert_eq!(job.member(3), "/nl/jobs/default/tiny/members/3");
         assert_eq!(job.ack(12, "n2"), "/nl/jobs/default/tiny/acks/12/n2");
         assert_eq!(job.checkpoint(50), "/nl/jobs/default/tiny/checkpoints/000000000050");
+        assert_eq!(job.plan_group(7, "ab12"), "/nl/jobs/default/tiny/groups/000007/ab12");
+        assert!(job.plan_group(7, "ab12").starts_with(&job.plan_groups()));
         assert_eq!(ks.parse_node_key("/nl/nodes/n1/chips/7"), Some(("n1", "chips/7")));
         assert_eq!(ks.parse_node_key("/nl/jobs/x"), None);
         assert_eq!(ks.parse_node_key("/other/nodes/n1/alive"), None);
