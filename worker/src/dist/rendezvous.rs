@@ -29,10 +29,14 @@ use tokio::sync::Notify;
 
 use super::state::Shared;
 use crate::error::{Result, WorkerError};
-use ninelives_core::generation::DistPlan;
+use ninelives_core::generation::{DistPlan, PlacementValue};
 
 /// Longest one etcd request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reads of the commit record and its groups before giving up when the groups keep vanishing.
+const PLAN_READ_ATTEMPTS: usize = 3;
+/// Group values read per request (each ≤ 512 KiB; the client decodes at most 4 MiB).
+const GROUPS_PER_READ: usize = 6;
 /// How often the watcher reads the plan's generation.
 const WATCH_PERIOD: Duration = Duration::from_millis(100);
 
@@ -212,15 +216,44 @@ impl Etcd {
         Ok(())
     }
 
-    /// The published plan, if any. A value that does not parse is an error (never a guess).
+    /// The published plan, if any: the value at `placement` (a whole plan, or the control loop's
+    /// commit record, whose group values are read after it). A value that does not parse is an
+    /// error (never a guess).
     pub fn plan(&self) -> Result<Option<DistPlan>> {
         let key = self.keys.placement();
-        match self.get(&key)? {
-            None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| WorkerError::Rendezvous(format!("malformed value at {key}: {e}"))),
+        // A newer generation that settled may collect the groups of the record just read: then
+        // the next read finds the newer record.
+        for _ in 0..PLAN_READ_ATTEMPTS {
+            let Some(bytes) = self.get(&key)? else { return Ok(None) };
+            let malformed = |e: String| WorkerError::Rendezvous(format!("malformed value at {key}: {e}"));
+            let record = match PlacementValue::parse(&bytes).map_err(|e| malformed(e.to_string()))? {
+                PlacementValue::Inline(plan) => return Ok(Some(*plan)),
+                PlacementValue::Record(record) => record,
+            };
+            let keys = record.group_keys(&self.keys);
+            let mut groups = Vec::with_capacity(keys.len());
+            // Few gets per request: each value may be 512 KiB, the client decodes at most 4 MiB.
+            for batch in keys.chunks(GROUPS_PER_READ) {
+                let ops = batch.iter().map(|k| TxnOp::get(k.as_str(), None)).collect::<Vec<_>>();
+                let mut c = self.client.clone();
+                let resp = self.rt.block_on(within("get", c.txn(Txn::new().and_then(ops))))?;
+                for op in resp.op_responses() {
+                    if let etcd_client::TxnOpResponse::Get(get) = op {
+                        groups.push(get.kvs().first().map(|kv| kv.value().to_vec()));
+                    }
+                }
+            }
+            if groups.iter().any(Option::is_none) {
+                continue;
+            }
+            let parsed = (0..)
+                .zip(groups.into_iter().flatten())
+                .map(|(g, bytes)| record.parse_group(g, &bytes))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .and_then(|groups| record.assemble(&groups));
+            return parsed.map(Some).map_err(|e| malformed(e.to_string()));
         }
+        Err(WorkerError::Rendezvous(format!("the group values named at {key} keep disappearing")))
     }
 
     /// The reported progress, if any (a value that does not parse is an error).
