@@ -2,7 +2,9 @@
 
 use std::fmt;
 
-use ninelives_core::generation::{DistPlan, from_published_generation, generation_writes};
+use ninelives_core::generation::{
+    DistPlan, PlacementValue, PlanRecord, from_published_generation, generation_writes, unreferenced_groups,
+};
 use ninelives_core::keyspace::{JobKeys, Keyspace};
 use ninelives_core::placement::Placement;
 use ninelives_core::recovery::{
@@ -72,11 +74,41 @@ const DEFAULT_TTL_S: f64 = 10.0;
 /// What a round read, parsed.
 struct Seen {
     observation: Observation,
-    placement: Option<Placement>,
-    /// The members' plan in force (the previous generation of the next one).
-    plan: Option<DistPlan>,
     record: Option<RecoveryState>,
     revision: i64,
+}
+
+/// The generation in force, as the loop last read or wrote it: read again from the store only
+/// when the commit record at `placement` changes.
+enum Current {
+    /// A whole plan in the `placement` value (written by tools and tests); the planner's part
+    /// is required, the members' part optional.
+    Inline { placement: Placement, plan: Option<DistPlan> },
+    /// A commit record and the plan assembled from its group values.
+    Stored { record: PlanRecord, plan: DistPlan },
+}
+
+impl Current {
+    fn placement(&self) -> &Placement {
+        match self {
+            Current::Inline { placement, .. } => placement,
+            Current::Stored { plan, .. } => &plan.placement,
+        }
+    }
+
+    fn plan(&self) -> Option<&DistPlan> {
+        match self {
+            Current::Inline { plan, .. } => plan.as_ref(),
+            Current::Stored { plan, .. } => Some(plan),
+        }
+    }
+
+    fn record(&self) -> Option<&PlanRecord> {
+        match self {
+            Current::Inline { .. } => None,
+            Current::Stored { record, .. } => Some(record),
+        }
+    }
 }
 
 /// One job's control loop.
@@ -91,6 +123,10 @@ pub struct ControlLoop<S> {
     guard: OutageGuard,
     /// The outage cause last reported to the adapter (`None`: healthy).
     reported: Option<&'static str>,
+    /// The generation in force (`None`: none yet, or not known since a failed write).
+    current: Option<Current>,
+    /// Whether group values of older generations may be left to collect.
+    collect: bool,
 }
 
 impl<S: BrainStore> ControlLoop<S> {
@@ -102,7 +138,19 @@ impl<S: BrainStore> ControlLoop<S> {
         let job_keys = job.keys.job(&job.namespace, &job.name);
         let outage_policy = OutagePolicy::for_ttl(DEFAULT_TTL_S);
         let (guard, reported) = (OutageGuard::default(), None);
-        Self { brain, job, job_keys, store, metrics, newest_checkpoint: None, outage_policy, guard, reported }
+        Self {
+            brain,
+            job,
+            job_keys,
+            store,
+            metrics,
+            newest_checkpoint: None,
+            outage_policy,
+            guard,
+            reported,
+            current: None,
+            collect: true,
+        }
     }
 
     /// Judges control-plane outages with `policy` (default: [`OutagePolicy::for_ttl`] of 10 s;
@@ -155,10 +203,12 @@ impl<S: BrainStore> ControlLoop<S> {
             // No deadline counted while decisions were frozen.
             Verdict::Resume { frozen_s, .. } => prior.postpone(frozen_s),
         }
-        let decision = decide(&self.brain, &prior, &seen.observation, seen.placement.as_ref())?;
-        let Some(published) = self.apply(&original, &decision, seen.plan, seen.revision).await? else {
+        let decision =
+            decide(&self.brain, &prior, &seen.observation, self.current.as_ref().map(Current::placement))?;
+        let Some((published, revision)) = self.apply(&original, &decision, seen.revision).await? else {
             return Ok(Progress::Fenced);
         };
+        self.collect_garbage(&decision.state, &seen.observation, revision).await?;
         self.dispatch(effects, &prior, &decision, &published).await?;
         self.gauges(&decision.state, &seen.observation, now);
         let round = Round { prior, state: decision.state, observation: seen.observation, published };
@@ -211,54 +261,121 @@ impl<S: BrainStore> ControlLoop<S> {
             debug!(key = %m.key, reason = %m.reason, "ignoring a malformed value");
         }
         let placement_key = self.job_keys.placement();
-        let (placement, plan) = match snapshot.value(&placement_key) {
-            None => (None, None),
-            Some(bytes) => {
-                let placement: Placement = serde_json::from_slice(bytes).map_err(|e| {
-                    ControlError::Malformed { key: placement_key.clone(), reason: e.to_string() }
-                })?;
-                (Some(placement), serde_json::from_slice::<DistPlan>(bytes).ok())
-            }
-        };
+        let malformed = |reason: String| ControlError::Malformed { key: placement_key.clone(), reason };
+        match snapshot.value(&placement_key) {
+            None => self.current = None,
+            Some(bytes) => match PlacementValue::parse(bytes) {
+                Ok(PlacementValue::Record(record)) => {
+                    if self.current.as_ref().and_then(Current::record) != Some(&record) {
+                        // A generation this loop did not write (a restart, another driver).
+                        self.current = None;
+                        let plan = self.read_groups(&record).await?;
+                        self.current = Some(Current::Stored { record, plan });
+                    }
+                }
+                // The planner's part is required, the members' part optional (older writers).
+                _ => {
+                    let placement: Placement =
+                        serde_json::from_slice(bytes).map_err(|e| malformed(e.to_string()))?;
+                    let plan = serde_json::from_slice::<DistPlan>(bytes).ok();
+                    self.current = Some(Current::Inline { placement, plan });
+                }
+            },
+        }
         let record_key = self.job_keys.recovery();
         let record = snapshot
             .value(&record_key)
             .map(|bytes| RecoveryState::parse(&record_key, bytes))
             .transpose()
             .map_err(|e| ControlError::Malformed { key: record_key.clone(), reason: e.reason })?;
-        Ok(Seen { observation, placement, plan, record, revision: snapshot.record_revision })
+        Ok(Seen { observation, record, revision: snapshot.record_revision })
     }
 
-    /// Writes the decision: each new generation with the record in one guarded transaction, or
-    /// the record alone when it changed. `None` when a guard failed (fenced).
+    /// The plan a commit record names, from its group values.
+    async fn read_groups(&mut self, record: &PlanRecord) -> Result<DistPlan, ControlError> {
+        let keys = record.group_keys(&self.job_keys);
+        let values = self.store.get_many(keys.clone()).await?;
+        let mut groups = Vec::with_capacity(keys.len());
+        for ((g, key), value) in (0..).zip(keys).zip(values) {
+            let bytes = value
+                .ok_or_else(|| ControlError::Malformed { key: key.clone(), reason: "missing".to_string() })?;
+            groups.push(record.parse_group(g, &bytes)?);
+        }
+        Ok(record.assemble(&groups)?)
+    }
+
+    /// Writes the decision: each new generation (its changed group values first, then the
+    /// commit record with the brain's record in one guarded transaction), or the record alone
+    /// when it changed. `None` when a guard failed (fenced); else what was published and the
+    /// record's revision.
     async fn apply(
         &mut self,
         prior: &RecoveryState,
         decision: &Decision,
-        mut previous: Option<DistPlan>,
         mut revision: i64,
-    ) -> Result<Option<Vec<DistPlan>>, ControlError> {
+    ) -> Result<Option<(Vec<DistPlan>, i64)>, ControlError> {
         let mut published = Vec::new();
         for action in &decision.actions {
             let Action::PublishPlacement { placement, control } = action else { continue };
             let state = &decision.state;
-            let plan = from_published_generation(&self.brain, state, placement, control, previous.as_ref())?;
-            let writes = generation_writes(&self.job_keys, &plan, control, state)?;
-            match self.store.write(writes.to_vec(), revision).await? {
+            // Until the commit lands, what is in force is unknown: read again next round.
+            let previous = self.current.take();
+            let plan = from_published_generation(
+                &self.brain,
+                state,
+                placement,
+                control,
+                previous.as_ref().and_then(Current::plan),
+            )?;
+            let previous_record = previous.as_ref().and_then(Current::record);
+            let writes =
+                generation_writes(&self.job_keys, &plan, &self.brain.shape, control, state, previous_record)?;
+            self.store.put_unguarded(writes.groups).await?;
+            match self.store.write(writes.commit.to_vec(), revision).await? {
                 Written::Committed { revision: r } => revision = r,
                 Written::Fenced => return Ok(None),
             }
             info!(generation = plan.generation(), tier = %plan.tier, restore = ?plan.restore, "published a generation");
-            previous = Some(plan.clone());
+            self.current = Some(Current::Stored { record: writes.record, plan: plan.clone() });
+            self.collect = true;
             published.push(plan);
         }
         if published.is_empty() && decision.state != *prior {
             let record = vec![(self.job_keys.recovery(), decision.state.to_json())];
-            if self.store.write(record, revision).await? == Written::Fenced {
-                return Ok(None);
+            match self.store.write(record, revision).await? {
+                Written::Committed { revision: r } => revision = r,
+                Written::Fenced => return Ok(None),
             }
         }
-        Ok(Some(published))
+        Ok(Some((published, revision)))
+    }
+
+    /// Once the generation in force has settled (no recovery active, every expected member
+    /// joined it), deletes the group values no commit record names any more (older generations,
+    /// a fenced writer's leftovers), guarded like every write.
+    async fn collect_garbage(
+        &mut self,
+        state: &RecoveryState,
+        obs: &Observation,
+        revision: i64,
+    ) -> Result<(), ControlError> {
+        let Some(record) = self.current.as_ref().and_then(Current::record) else { return Ok(()) };
+        let joined = obs.joined.get(&record.generation);
+        let settled =
+            state.active.is_none() && joined.is_some_and(|j| state.expected_ranks().all(|r| j.contains(&r)));
+        if !self.collect || !settled {
+            return Ok(());
+        }
+        let existing = self.store.list_keys(self.job_keys.plan_groups()).await?;
+        let garbage = unreferenced_groups(&self.job_keys, record, existing.iter().map(String::as_str));
+        if !garbage.is_empty() {
+            debug!(keys = garbage.len(), generation = record.generation, "collecting older group values");
+            if self.store.delete_guarded(garbage, revision).await? == Written::Fenced {
+                return Ok(());
+            }
+        }
+        self.collect = false;
+        Ok(())
     }
 
     /// Hands every action but the store writes to the adapter, in order.

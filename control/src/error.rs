@@ -1,6 +1,6 @@
 //! The control loop's errors, one variant per step.
 
-use ninelives_core::generation::GenerationError;
+use ninelives_core::generation::{GenerationError, StoredPlanError};
 use ninelives_core::recovery::BrainError;
 use thiserror::Error;
 
@@ -57,6 +57,9 @@ pub enum ControlError {
     /// The generation could not be encoded.
     #[error("encoding the generation: {0}")]
     Encode(#[from] serde_json::Error),
+    /// The generation cannot be stored in bounded values, or its stored values do not read back.
+    #[error("stored plan: {0}")]
+    StoredPlan(#[from] StoredPlanError),
     /// An adapter could not carry out an effect.
     #[error(transparent)]
     Effect(#[from] EffectError),
@@ -75,7 +78,10 @@ impl ControlError {
             ControlError::Etcd { .. } | ControlError::Timeout { .. } => "etcd",
             ControlError::Access { .. } => "etcd-access",
             ControlError::Malformed { .. } => "malformed",
-            ControlError::Brain(_) | ControlError::Generation(_) | ControlError::Encode(_) => "brain",
+            ControlError::Brain(_)
+            | ControlError::Generation(_)
+            | ControlError::Encode(_)
+            | ControlError::StoredPlan(_) => "brain",
             ControlError::Effect(e) => e.effect,
         }
     }

@@ -2,18 +2,35 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, KvClient, Txn, TxnOp, TxnOpResponse};
 use ninelives_core::keyspace::{JobKeys, Keyspace};
 
 use crate::error::ControlError;
-use crate::store::{BrainStore, Snapshot, Written};
+use crate::store::{BATCH_OPS, BrainStore, Snapshot, Written, batches};
 
 /// Deadline of every etcd call: a stalled etcd fails the round, never hangs the loop.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Largest response the store decodes (the client's default is 4 MiB): a safety margin over the
+/// reads it makes, none of which should come near it now that no value exceeds 512 KiB.
+pub const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
+
+/// The end of the range of every key starting with `prefix` (etcd's `--prefix`).
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 /// One job's keys in etcd.
 pub struct EtcdStore {
     client: Client,
+    kv: KvClient,
     keys: Keyspace,
     job: JobKeys,
 }
@@ -22,12 +39,19 @@ impl EtcdStore {
     /// The keys of job `namespace/name` under `keys`, through `client`.
     pub fn new(client: Client, keys: Keyspace, namespace: &str, name: &str) -> Self {
         let job = keys.job(namespace, name);
-        Self { client, keys, job }
+        let kv = client.kv_client().max_decoding_message_size(MAX_RESPONSE_BYTES);
+        Self { client, kv, keys, job }
     }
 
     /// Uses `client` from now on (the adapter reconnected after an error).
     pub fn replace_client(&mut self, client: Client) {
+        self.kv = client.kv_client().max_decoding_message_size(MAX_RESPONSE_BYTES);
         self.client = client;
+    }
+
+    /// The guards of a garbage collection: the record read.
+    fn gc_guards(&self, record_revision: i64) -> Vec<Compare> {
+        vec![Compare::mod_revision(self.job.recovery(), CompareOp::Equal, record_revision)]
     }
 
     fn etcd_err(&self, op: &'static str) -> impl Fn(etcd_client::Error) -> ControlError + '_ {
@@ -46,11 +70,17 @@ async fn bounded<T>(
 
 impl BrainStore for EtcdStore {
     async fn read(&mut self) -> Result<Snapshot, ControlError> {
-        // One transaction: the job's keys and the node keys from the same revision.
-        let prefix = || Some(GetOptions::new().with_prefix());
-        let txn = Txn::new()
-            .and_then(vec![TxnOp::get(self.job.root(), prefix()), TxnOp::get(self.keys.nodes(), prefix())]);
-        let mut client = self.client.clone();
+        // One transaction: the job's keys and the node keys from the same revision. The plan's
+        // group values are left out (read on demand, only when the commit record changes).
+        let groups = self.job.plan_groups();
+        let range = |end: Vec<u8>| Some(GetOptions::new().with_range(end));
+        let txn = Txn::new().and_then(vec![
+            TxnOp::get(self.job.root(), range(groups.as_bytes().to_vec())),
+            TxnOp::get(prefix_end(&groups), range(prefix_end(self.job.root()))),
+            TxnOp::get(self.keys.nodes(), Some(GetOptions::new().with_prefix())),
+        ]);
+        let mut client = self.kv.clone();
+
         let response = bounded("read", client.txn(txn)).await?.map_err(self.etcd_err("read"))?;
         let record_key = self.job.recovery();
         let mut snapshot = Snapshot::default();
@@ -82,5 +112,57 @@ impl BrainStore for EtcdStore {
         }
         let revision = response.header().map_or(record_revision, |h| h.revision());
         Ok(Written::Committed { revision })
+    }
+
+    async fn get_many(&mut self, keys: Vec<String>) -> Result<Vec<Option<Vec<u8>>>, ControlError> {
+        // One transaction per batch: a batch reads one revision; the commit record that named
+        // these keys is what makes them consistent.
+        let mut out = Vec::with_capacity(keys.len());
+        for batch in keys.chunks(BATCH_OPS) {
+            let ops = batch.iter().map(|k| TxnOp::get(k.as_str(), None)).collect::<Vec<_>>();
+            let mut client = self.kv.clone();
+            let response =
+                bounded("get", client.txn(Txn::new().and_then(ops))).await?.map_err(self.etcd_err("get"))?;
+            for op in response.op_responses() {
+                let TxnOpResponse::Get(get) = op else { continue };
+                out.push(get.kvs().first().map(|kv| kv.value().to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn put_unguarded(&mut self, puts: Vec<(String, String)>) -> Result<(), ControlError> {
+        for batch in batches(puts) {
+            let ops = batch.into_iter().map(|(k, v)| TxnOp::put(k, v, None)).collect::<Vec<_>>();
+            let mut client = self.kv.clone();
+            bounded("put", client.txn(Txn::new().and_then(ops))).await?.map_err(self.etcd_err("put"))?;
+        }
+        Ok(())
+    }
+
+    async fn list_keys(&mut self, prefix: String) -> Result<Vec<String>, ControlError> {
+        let options = GetOptions::new().with_prefix().with_keys_only();
+        let mut client = self.kv.clone();
+        let response = bounded("list", client.get(prefix.as_str(), Some(options)))
+            .await?
+            .map_err(self.etcd_err("list"))?;
+        Ok(response.kvs().iter().filter_map(|kv| kv.key_str().ok().map(str::to_string)).collect())
+    }
+
+    async fn delete_guarded(
+        &mut self,
+        keys: Vec<String>,
+        record_revision: i64,
+    ) -> Result<Written, ControlError> {
+        for batch in keys.chunks(BATCH_OPS) {
+            let ops = batch.iter().map(|k| TxnOp::delete(k.as_str(), None)).collect::<Vec<_>>();
+            let txn = Txn::new().when(self.gc_guards(record_revision)).and_then(ops);
+            let mut client = self.kv.clone();
+            let response = bounded("delete", client.txn(txn)).await?.map_err(self.etcd_err("delete"))?;
+            if !response.succeeded() {
+                return Ok(Written::Fenced);
+            }
+        }
+        Ok(Written::Committed { revision: record_revision })
     }
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use ninelives_core::keyspace::{JobKeys, Keyspace};
 
 use crate::error::ControlError;
-use crate::store::{BrainStore, Snapshot, Written};
+use crate::store::{BATCH_OPS, BrainStore, Snapshot, Written, batches};
 
 #[derive(Default)]
 struct Keys {
@@ -71,11 +71,14 @@ impl MemoryStore {
 impl BrainStore for MemoryStore {
     async fn read(&mut self) -> Result<Snapshot, ControlError> {
         let (root, nodes, record) = (self.job.root().to_string(), self.keys.nodes(), self.job.recovery());
+        let groups = self.job.plan_groups();
         Ok(self.with(|k| Snapshot {
             kvs: k
                 .kvs
                 .iter()
-                .filter(|(key, _)| key.starts_with(&root) || key.starts_with(&nodes))
+                .filter(|(key, _)| {
+                    (key.starts_with(&root) && !key.starts_with(&groups)) || key.starts_with(&nodes)
+                })
                 .map(|(key, (v, _))| (key.clone(), v.clone()))
                 .collect(),
             record_revision: k.kvs.get(&record).map_or(0, |(_, r)| *r),
@@ -99,5 +102,51 @@ impl BrainStore for MemoryStore {
             }
             Written::Committed { revision: k.revision }
         }))
+    }
+
+    async fn get_many(&mut self, keys: Vec<String>) -> Result<Vec<Option<Vec<u8>>>, ControlError> {
+        Ok(self.with(|k| keys.iter().map(|key| k.kvs.get(key).map(|(v, _)| v.clone())).collect()))
+    }
+
+    async fn put_unguarded(&mut self, puts: Vec<(String, String)>) -> Result<(), ControlError> {
+        for batch in batches(puts) {
+            self.with(|k| {
+                k.revision += 1;
+                for (key, value) in batch {
+                    k.history.push((k.revision, key.clone(), value.clone().into_bytes()));
+                    k.kvs.insert(key, (value.into_bytes(), k.revision));
+                }
+            });
+        }
+        Ok(())
+    }
+
+    async fn list_keys(&mut self, prefix: String) -> Result<Vec<String>, ControlError> {
+        Ok(self.with(|k| k.kvs.keys().filter(|key| key.starts_with(&prefix)).cloned().collect()))
+    }
+
+    async fn delete_guarded(
+        &mut self,
+        keys: Vec<String>,
+        record_revision: i64,
+    ) -> Result<Written, ControlError> {
+        let record = self.job.recovery();
+        let mut written = Written::Committed { revision: record_revision };
+        for batch in keys.chunks(BATCH_OPS) {
+            written = self.with(|k| {
+                if k.kvs.get(&record).map_or(0, |(_, r)| *r) != record_revision {
+                    return Written::Fenced;
+                }
+                k.revision += 1;
+                for key in batch {
+                    k.kvs.remove(key);
+                }
+                Written::Committed { revision: record_revision }
+            });
+            if written == Written::Fenced {
+                break;
+            }
+        }
+        Ok(written)
     }
 }

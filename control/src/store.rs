@@ -7,7 +7,8 @@ use crate::error::ControlError;
 /// One read of a job's keys and the node keys.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
-    /// Every key under the job's root and under `nodes/`, with its value.
+    /// Every key under the job's root (but the plan's group values, read on demand with
+    /// [`BrainStore::get_many`]) and under `nodes/`, with its value.
     pub kvs: Vec<(String, Vec<u8>)>,
     /// The modification revision of the job's `recovery` record (0: it does not exist). A write
     /// is applied only if the record still has this revision.
@@ -34,6 +35,34 @@ pub enum Written {
     Fenced,
 }
 
+/// Unguarded writes go in transactions of at most this many operations (etcd's default
+/// `--max-txn-ops` is 128)…
+pub const BATCH_OPS: usize = 100;
+/// …and at most this many bytes of keys and values (etcd's default `--max-request-bytes` is
+/// 1.5 MiB).
+pub const BATCH_BYTES: usize = 1024 * 1024;
+
+/// Splits `puts` into batches of at most [`BATCH_OPS`] puts and [`BATCH_BYTES`] bytes (a single
+/// larger put makes a batch of its own).
+pub fn batches(puts: Vec<(String, String)>) -> Vec<Vec<(String, String)>> {
+    let mut out: Vec<Vec<(String, String)>> = Vec::new();
+    let mut bytes = 0;
+    for (key, value) in puts {
+        let size = key.len() + value.len();
+        match out.last_mut() {
+            Some(batch) if batch.len() < BATCH_OPS && bytes + size <= BATCH_BYTES => {
+                bytes += size;
+                batch.push((key, value));
+            }
+            _ => {
+                bytes = size;
+                out.push(vec![(key, value)]);
+            }
+        }
+    }
+    out
+}
+
 /// The store of one job's coordination keys.
 pub trait BrainStore: Send {
     /// Reads the job's keys and the node keys.
@@ -46,4 +75,46 @@ pub trait BrainStore: Send {
         puts: Vec<(String, String)>,
         record_revision: i64,
     ) -> impl Future<Output = Result<Written, ControlError>> + Send;
+
+    /// The values at `keys`, in order (`None`: absent).
+    fn get_many(
+        &mut self,
+        keys: Vec<String>,
+    ) -> impl Future<Output = Result<Vec<Option<Vec<u8>>>, ControlError>> + Send;
+
+    /// Writes `puts` without a guard, in [`batches`]: only values nothing refers to yet (a
+    /// generation's group values, named by the commit record written after them).
+    fn put_unguarded(
+        &mut self,
+        puts: Vec<(String, String)>,
+    ) -> impl Future<Output = Result<(), ControlError>> + Send;
+
+    /// The keys (not the values) under `prefix`.
+    fn list_keys(&mut self, prefix: String)
+    -> impl Future<Output = Result<Vec<String>, ControlError>> + Send;
+
+    /// Deletes `keys` in batches of at most [`BATCH_OPS`], each only if the job's `recovery`
+    /// record still has `record_revision`; [`Written::Fenced`] at the first batch that was not.
+    fn delete_guarded(
+        &mut self,
+        keys: Vec<String>,
+        record_revision: i64,
+    ) -> impl Future<Output = Result<Written, ControlError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_respect_etcds_operation_and_byte_limits() {
+        let puts =
+            |n: usize, size: usize| (0..n).map(|i| (format!("k{i}"), "x".repeat(size))).collect::<Vec<_>>();
+        let small = batches(puts(250, 10));
+        assert_eq!(small.iter().map(Vec::len).collect::<Vec<_>>(), [100, 100, 50]);
+        let big = batches(puts(5, 400 * 1024));
+        assert_eq!(big.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2, 1]);
+        assert!(big.iter().all(|b| b.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() <= BATCH_BYTES));
+        assert!(batches(Vec::new()).is_empty());
+    }
 }

@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)] // a panic is the failure report
 
-use ninelives_core::generation::{DistPlan, GenerationTier, Restore};
+use ninelives_core::generation::{DistPlan, GenerationTier, PlacementValue, Restore};
 use ninelives_core::keyspace::Keyspace;
 use ninelives_core::placement::{ExpertLoad, PlacementShape, ReplanOptions};
 use ninelives_core::recovery::{BrainConfig, BrainPhase, CompletedRecovery, RecoveryState, Rung};
@@ -52,6 +52,18 @@ fn identity() -> JobIdentity {
         chips_per_node: 4,
         min_healthy_fraction: 0.5,
     }
+}
+
+/// The plan in force in the store: its commit record at `placement` and the group values it names.
+fn stored_plan(cluster: &Cluster) -> DistPlan {
+    let job = cluster.job();
+    let value = PlacementValue::parse(&cluster.store.get(&job.placement()).unwrap()).unwrap();
+    let PlacementValue::Record(record) = value else { panic!("the loop wrote a whole plan at placement") };
+    let groups: Vec<_> = (0..)
+        .zip(record.group_keys(&job))
+        .map(|(g, key)| record.parse_group(g, &cluster.store.get(&key).unwrap()).unwrap())
+        .collect();
+    record.assemble(&groups).unwrap()
 }
 
 fn names() -> Vec<String> {
@@ -152,9 +164,14 @@ async fn a_job_starts_and_a_chip_with_replicas_is_rerouted_without_a_rollback() 
         ["published 1 initial", "start 0 on n0", "start 1 on n1", "start 2 on n2", "start 3 on n3"]
     );
     // The record and the plan went into the store together.
-    let stored: DistPlan =
-        serde_json::from_slice(&cluster.store.get(&cluster.job().placement()).unwrap()).unwrap();
+    let stored = stored_plan(&cluster);
     assert_eq!(stored, first.published[0]);
+    let values = cluster.store.clone().read().await.unwrap();
+    assert!(
+        values.kvs.iter().all(|(k, _)| !k.starts_with(&cluster.job().plan_groups())),
+        "the loop reads groups on demand"
+    );
+
     let record = RecoveryState::parse("r", &cluster.store.get(&cluster.job().recovery()).unwrap()).unwrap();
     assert_eq!(record, first.state);
 
@@ -195,6 +212,18 @@ impl BrainStore for Interloper {
         let newer = RecoveryState::new(names(), vec!["other-writer".into()]);
         self.0.put(self.1.clone(), newer.to_json());
         self.0.write(puts, revision).await
+    }
+    async fn get_many(&mut self, keys: Vec<String>) -> Result<Vec<Option<Vec<u8>>>, ControlError> {
+        self.0.get_many(keys).await
+    }
+    async fn put_unguarded(&mut self, puts: Vec<(String, String)>) -> Result<(), ControlError> {
+        self.0.put_unguarded(puts).await
+    }
+    async fn list_keys(&mut self, prefix: String) -> Result<Vec<String>, ControlError> {
+        self.0.list_keys(prefix).await
+    }
+    async fn delete_guarded(&mut self, keys: Vec<String>, revision: i64) -> Result<Written, ControlError> {
+        self.0.delete_guarded(keys, revision).await
     }
 }
 
