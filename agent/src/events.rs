@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use ninelives_core::keyspace::ChipState;
+use ninelives_core::recovery::{AckOutcome, ApplyKind};
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
@@ -252,10 +253,10 @@ pub enum AgentEvent<'a> {
         job: &'a str,
         /// Generation.
         generation: u64,
-        /// `reroute`, `reshard` or `restore`.
-        kind: &'static str,
-        /// `applied`, `failed` or `timeout`.
-        outcome: &'static str,
+        /// What was applied.
+        kind: ApplyKind,
+        /// How it ended.
+        outcome: AckOutcome,
         /// Time taken.
         elapsed: Duration,
         /// Error text when not applied.
@@ -362,6 +363,7 @@ impl AgentEvent<'_> {
                 metrics.malformed_values.inc();
             }
             AgentEvent::GenerationApplied { job, generation, kind, outcome, elapsed, error } => {
+                let (kind, outcome) = (kind.as_str(), outcome.as_str());
                 let seconds = elapsed.as_secs_f64();
                 match error {
                     None => tracing::info!(

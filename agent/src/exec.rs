@@ -21,13 +21,15 @@
 //! The crate ships no transport to the workers: whoever builds the [`JobBinding`]s supplies the
 //! [`LocalWorker`] implementations.
 
-use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use etcd_client::{Client, WatchOptions};
 use ninelives_core::keyspace::{JobKeys, Keyspace};
+use ninelives_core::recovery::{
+    Ack, AckOutcome, ApplyKind, ControlRecord, DEFAULT_APPLY_TIMEOUT, LocalLoad, RestoreSource,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -43,91 +45,24 @@ pub struct PlacementHeader {
     pub generation: u64,
 }
 
-/// Where an expert's state comes from when it is loaded onto a local chip.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-#[serde(tag = "kind", rename_all = "camelCase")]
-pub enum ExpertSource {
-    /// A live replica on a peer (in-memory copy).
-    Peer {
-        /// The peer's node.
-        node: String,
-        /// The chip on that node holding the replica.
-        chip: u32,
-    },
-    /// The last committed checkpoint.
-    Checkpoint {
-        /// Its step.
-        step: u64,
-    },
-}
-
-/// One expert to load onto a local chip.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct ExpertLoad {
-    /// MoE layer.
-    pub layer: u32,
-    /// Expert index within the layer.
-    pub expert: u32,
-    /// Local chip that receives it.
-    pub chip: u32,
-    /// Where its state comes from.
-    pub source: ExpertSource,
-}
-
-/// The operator's extra instructions for one placement generation.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
-#[serde(rename_all = "camelCase")]
-pub struct ControlRecord {
-    /// The generation these instructions belong to.
-    pub generation: u64,
-    /// Roll the whole job back to this checkpoint step first.
-    #[serde(default)]
-    pub restore_step: Option<u64>,
-    /// Experts to load, by node name.
-    #[serde(default)]
-    pub load_experts: BTreeMap<String, Vec<ExpertLoad>>,
-    /// Deadline for applying the generation on a node (default 120 s). Untrusted: read it
-    /// through [`ControlRecord::apply_timeout`].
-    #[serde(default)]
-    pub timeout_seconds: Option<f64>,
-}
-
-impl ControlRecord {
-    /// The deadline for applying this generation: `timeoutSeconds`, or
-    /// [`DEFAULT_APPLY_TIMEOUT`] when absent.
-    ///
-    /// The value comes from etcd. Zero, negative, NaN, infinite and values too large for a
-    /// [`Duration`] are an error naming the value (the executor reports it as a malformed
-    /// value and applies the default), never a panic.
-    pub fn apply_timeout(&self) -> Result<Duration, String> {
-        let Some(seconds) = self.timeout_seconds else { return Ok(DEFAULT_APPLY_TIMEOUT) };
-        match Duration::try_from_secs_f64(seconds) {
-            Ok(limit) if !limit.is_zero() => Ok(limit),
-            Ok(_) => Err(format!("timeoutSeconds {seconds}: not a positive number of seconds")),
-            Err(e) => Err(format!("timeoutSeconds {seconds}: {e}")),
-        }
-    }
-}
-
 /// A command the agent sends to a local worker.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "camelCase")]
 pub enum WorkerCommand {
-    /// Restore the worker's state from a committed checkpoint.
-    #[serde(rename_all = "camelCase")]
+    /// Roll the worker's state back to a step, from a disk checkpoint or an in-memory peer
+    /// snapshot.
     Restore {
         /// Generation being applied.
         generation: u64,
-        /// Checkpoint step.
-        checkpoint_step: u64,
+        /// The step and where its state comes from.
+        source: RestoreSource,
     },
     /// Load experts onto local chips.
     LoadExperts {
         /// Generation being applied.
         generation: u64,
         /// The experts.
-        experts: Vec<ExpertLoad>,
+        experts: Vec<LocalLoad>,
     },
     /// Switch routing to the placement of `generation` (re-read from etcd by the worker).
     Reroute {
@@ -136,49 +71,26 @@ pub enum WorkerCommand {
     },
 }
 
-/// The acknowledgement an agent writes at `JobKeys::ack(generation, node)`.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct AckRecord {
-    /// The node.
-    pub node: String,
-    /// The generation.
-    pub generation: u64,
-    /// `reroute`, `reshard` or `restore`.
-    pub kind: String,
-    /// `applied`, `failed` or `timeout`.
-    pub outcome: String,
-    /// Time taken on this node.
-    pub seconds: f64,
-    /// Why it was not applied.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// Unix time of the acknowledgement.
-    pub at: f64,
-}
-
 /// The commands for `node` to apply `generation`, in order, and the kind of the generation.
+/// A control record of another generation is ignored (only routes change).
 pub fn plan_commands(
     node: &str,
     generation: u64,
     control: Option<&ControlRecord>,
-) -> (&'static str, Vec<WorkerCommand>) {
+) -> (ApplyKind, Vec<WorkerCommand>) {
+    let Some(control) = control.filter(|c| c.generation == generation) else {
+        return (ApplyKind::Reroute, vec![WorkerCommand::Reroute { generation }]);
+    };
     let mut commands = Vec::new();
-    let mut kind = "reroute";
-    if let Some(control) = control.filter(|c| c.generation == generation) {
-        if let Some(step) = control.restore_step {
-            commands.push(WorkerCommand::Restore { generation, checkpoint_step: step });
-            kind = "restore";
-        }
-        if !control.load_experts.is_empty() && kind == "reroute" {
-            kind = "reshard";
-        }
-        if let Some(experts) = control.load_experts.get(node).filter(|e| !e.is_empty()) {
-            commands.push(WorkerCommand::LoadExperts { generation, experts: experts.clone() });
-        }
+    let source = control.source();
+    if source.step().is_some() {
+        commands.push(WorkerCommand::Restore { generation, source });
+    }
+    if let Some(experts) = control.load_experts.get(node).filter(|e| !e.is_empty()) {
+        commands.push(WorkerCommand::LoadExperts { generation, experts: experts.clone() });
     }
     commands.push(WorkerCommand::Reroute { generation });
-    (kind, commands)
+    (control.kind(), commands)
 }
 
 /// A boxed future, for the object-safe [`LocalWorker`].
@@ -203,9 +115,6 @@ pub struct JobBinding {
     /// The local workers of the job.
     pub workers: Vec<Arc<dyn LocalWorker>>,
 }
-
-/// Default deadline for applying a generation.
-pub const DEFAULT_APPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Applies one job's placement generations on this node.
 pub struct Executor {
@@ -331,9 +240,9 @@ impl Executor {
         let (kind, commands) = plan_commands(&self.node, generation, control.as_ref());
         let limit = match control.as_ref().filter(|c| c.generation == generation) {
             None => DEFAULT_APPLY_TIMEOUT,
-            Some(control) => control.apply_timeout().unwrap_or_else(|reason| {
+            Some(control) => control.apply_timeout().unwrap_or_else(|invalid| {
                 let key = self.keys.control();
-                AgentEvent::MalformedValue { key: &key, reason: &reason }.emit(&self.metrics);
+                AgentEvent::MalformedValue { key: &key, reason: &invalid.to_string() }.emit(&self.metrics);
                 DEFAULT_APPLY_TIMEOUT
             }),
         };
@@ -342,9 +251,9 @@ impl Executor {
         let outcome = tokio::time::timeout(limit, self.apply_all(&commands)).await;
         let elapsed = started.elapsed();
         let (outcome, error) = match outcome {
-            Ok(Ok(())) => ("applied", None),
-            Ok(Err(e)) => ("failed", Some(e)),
-            Err(_) => ("timeout", Some(format!("not applied within {:.1} s", limit.as_secs_f64()))),
+            Ok(Ok(())) => (AckOutcome::Applied, None),
+            Ok(Err(e)) => (AckOutcome::Failed, Some(e)),
+            Err(_) => (AckOutcome::Timeout, Some(format!("not applied within {:.1} s", limit.as_secs_f64()))),
         };
         AgentEvent::GenerationApplied {
             job: &self.job,
@@ -355,14 +264,14 @@ impl Executor {
             error: error.as_deref(),
         }
         .emit(&self.metrics);
-        let ack = AckRecord {
+        let ack = Ack {
             node: self.node.clone(),
             generation,
-            kind: kind.to_string(),
-            outcome: outcome.to_string(),
-            seconds: elapsed.as_secs_f64(),
+            kind: Some(kind),
+            outcome,
+            seconds: Some(elapsed.as_secs_f64()),
             error,
-            at: unix_now(),
+            at: Some(unix_now()),
         };
         let value = serde_json::to_string(&ack).unwrap_or_default();
         client
@@ -398,19 +307,22 @@ fn watch_event(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
-    fn load(chip: u32, source: ExpertSource) -> ExpertLoad {
-        ExpertLoad { layer: 3, expert: 17, chip, source }
+    use ninelives_core::recovery::LoadSource;
+
+    fn load(chip: u32, source: LoadSource) -> LocalLoad {
+        LocalLoad { layer: 3, expert: 17, chip, source }
     }
 
     #[test]
     fn plain_generations_reroute() {
         let (kind, cmds) = plan_commands("n1", 7, None);
-        assert_eq!((kind, cmds), ("reroute", vec![WorkerCommand::Reroute { generation: 7 }]));
+        assert_eq!((kind, cmds), (ApplyKind::Reroute, vec![WorkerCommand::Reroute { generation: 7 }]));
         let stale = ControlRecord { generation: 6, restore_step: Some(100), ..Default::default() };
         assert_eq!(
             plan_commands("n1", 7, Some(&stale)).0,
-            "reroute",
+            ApplyKind::Reroute,
             "control of another generation ignored"
         );
     }
@@ -420,69 +332,57 @@ mod tests {
         let control = ControlRecord {
             generation: 8,
             load_experts: BTreeMap::from([
-                ("n1".to_string(), vec![load(2, ExpertSource::Peer { node: "n5".into(), chip: 1 })]),
-                ("n2".to_string(), vec![load(0, ExpertSource::Checkpoint { step: 500 })]),
+                ("n1".to_string(), vec![load(2, LoadSource::Peer { node: "n5".into(), chip: 1 })]),
+                ("n2".to_string(), vec![load(0, LoadSource::Checkpoint { step: 500 })]),
             ]),
             ..Default::default()
         };
         let (kind, cmds) = plan_commands("n1", 8, Some(&control));
-        assert_eq!(kind, "reshard");
+        assert_eq!(kind, ApplyKind::Reshard);
         assert_eq!(
             cmds,
             vec![
                 WorkerCommand::LoadExperts {
                     generation: 8,
-                    experts: vec![load(2, ExpertSource::Peer { node: "n5".into(), chip: 1 })]
+                    experts: vec![load(2, LoadSource::Peer { node: "n5".into(), chip: 1 })]
                 },
                 WorkerCommand::Reroute { generation: 8 },
             ]
         );
         let (kind, cmds) = plan_commands("n9", 8, Some(&control));
-        assert_eq!((kind, cmds.len()), ("reshard", 1), "uninvolved nodes only reroute");
+        assert_eq!((kind, cmds.len()), (ApplyKind::Reshard, 1), "uninvolved nodes only reroute");
     }
 
     #[test]
     fn restore_comes_first() {
         let control = ControlRecord { generation: 9, restore_step: Some(500), ..Default::default() };
         let (kind, cmds) = plan_commands("n1", 9, Some(&control));
-        assert_eq!(kind, "restore");
-        assert_eq!(cmds[0], WorkerCommand::Restore { generation: 9, checkpoint_step: 500 });
+        assert_eq!(kind, ApplyKind::Restore);
+        let from_disk = RestoreSource::Checkpoint { step: 500 };
+        assert_eq!(cmds[0], WorkerCommand::Restore { generation: 9, source: from_disk });
+        // A rollback to a peer snapshot says so: the worker must not read the disk.
+        let peers = ControlRecord { from_peers: true, ..control };
+        let (_, cmds) = plan_commands("n1", 9, Some(&peers));
+        assert_eq!(
+            cmds[0],
+            WorkerCommand::Restore { generation: 9, source: RestoreSource::Peer { step: 500 } }
+        );
     }
 
     #[test]
     fn command_json_is_stable() {
         let cmd = WorkerCommand::LoadExperts {
             generation: 8,
-            experts: vec![load(2, ExpertSource::Peer { node: "n5".into(), chip: 1 })],
+            experts: vec![load(2, LoadSource::Peer { node: "n5".into(), chip: 1 })],
         };
         assert_eq!(
             serde_json::to_string(&cmd).unwrap(),
             r#"{"op":"loadExperts","generation":8,"experts":[{"layer":3,"expert":17,"chip":2,"source":{"kind":"peer","node":"n5","chip":1}}]}"#
         );
-        let restore = WorkerCommand::Restore { generation: 9, checkpoint_step: 500 };
+        let restore = WorkerCommand::Restore { generation: 9, source: RestoreSource::Peer { step: 500 } };
         assert_eq!(
             serde_json::to_string(&restore).unwrap(),
-            r#"{"op":"restore","generation":9,"checkpointStep":500}"#
+            r#"{"op":"restore","generation":9,"source":{"from":"peer","step":500}}"#
         );
-        let control: ControlRecord =
-            serde_json::from_str(r#"{"generation":3,"restoreStep":100,"timeoutSeconds":30}"#).unwrap();
-        assert_eq!(control.restore_step, Some(100));
-    }
-
-    #[test]
-    fn untrusted_timeouts_are_errors_not_panics() {
-        let with = |seconds: f64| ControlRecord { timeout_seconds: Some(seconds), ..Default::default() };
-        assert_eq!(ControlRecord::default().apply_timeout(), Ok(DEFAULT_APPLY_TIMEOUT));
-        assert_eq!(with(30.0).apply_timeout(), Ok(Duration::from_secs(30)));
-        assert_eq!(with(0.25).apply_timeout(), Ok(Duration::from_millis(250)));
-        for bad in [1e20, -1.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 0.0, 1e-12] {
-            let error = with(bad).apply_timeout().unwrap_err();
-            assert!(error.starts_with(&format!("timeoutSeconds {bad}: ")), "{bad}: {error}");
-        }
-        // The way such a value arrives: a control record in etcd that otherwise parses.
-        let control: ControlRecord =
-            serde_json::from_str(r#"{"generation":3,"restoreStep":100,"timeoutSeconds":1e20}"#).unwrap();
-        assert_eq!(control.restore_step, Some(100), "the rest of the record still applies");
-        assert!(control.apply_timeout().is_err());
     }
 }

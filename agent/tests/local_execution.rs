@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use ninelives_agent::exec::{
-    AckRecord, ControlRecord, ExpertLoad, ExpertSource, JobBinding, LocalWorker, WorkerCommand, WorkerFuture,
+use ninelives_agent::exec::{JobBinding, LocalWorker, WorkerCommand, WorkerFuture};
+use ninelives_core::recovery::{
+    Ack, AckOutcome, ApplyKind, ControlRecord, LoadSource, LocalLoad, RestoreSource,
 };
 use ninelives_testkit::EtcdServer;
 
@@ -48,7 +49,7 @@ fn metrics_text(agent: &ninelives_agent::Agent) -> String {
     prometheus::TextEncoder::new().encode_to_string(&agent.metrics().registry().gather()).unwrap()
 }
 
-async fn wait_ack(observer: &mut etcd_client::Client, key: &str) -> AckRecord {
+async fn wait_ack(observer: &mut etcd_client::Client, key: &str) -> Ack {
     for _ in 0..200 {
         let resp = observer.get(key, None).await.unwrap();
         if let Some(kv) = resp.kvs().first() {
@@ -73,10 +74,10 @@ async fn generations_are_relayed_to_the_worker_and_acknowledged() {
     // Generation 1: a plain reroute.
     observer.put(job.placement(), r#"{"generation":1,"experts":[]}"#, None).await.unwrap();
     let ack = wait_ack(&mut observer, &job.ack(1, "node-x")).await;
-    assert_eq!((ack.kind.as_str(), ack.outcome.as_str()), ("reroute", "applied"));
+    assert_eq!((ack.kind, ack.outcome), (Some(ApplyKind::Reroute), AckOutcome::Applied));
 
     // Generation 2: reshard — control first, then placement (the documented order).
-    let load = ExpertLoad { layer: 1, expert: 9, chip: 0, source: ExpertSource::Checkpoint { step: 40 } };
+    let load = LocalLoad { layer: 1, expert: 9, chip: 0, source: LoadSource::Checkpoint { step: 40 } };
     let control = ControlRecord {
         generation: 2,
         load_experts: [("node-x".to_string(), vec![load.clone()])].into(),
@@ -85,7 +86,7 @@ async fn generations_are_relayed_to_the_worker_and_acknowledged() {
     observer.put(job.control(), serde_json::to_string(&control).unwrap(), None).await.unwrap();
     observer.put(job.placement(), r#"{"generation":2}"#, None).await.unwrap();
     let ack = wait_ack(&mut observer, &job.ack(2, "node-x")).await;
-    assert_eq!((ack.kind.as_str(), ack.outcome.as_str()), ("reshard", "applied"));
+    assert_eq!((ack.kind, ack.outcome), (Some(ApplyKind::Reshard), AckOutcome::Applied));
 
     // A malformed placement is skipped, not fatal: generation 3 still applies afterwards.
     observer.put(job.placement(), "{{garbage", None).await.unwrap();
@@ -124,8 +125,9 @@ async fn a_slow_worker_is_reported_as_a_timeout() {
     observer.put(job.control(), serde_json::to_string(&control).unwrap(), None).await.unwrap();
     observer.put(job.placement(), r#"{"generation":4}"#, None).await.unwrap();
     let ack = wait_ack(&mut observer, &job.ack(4, "node-s")).await;
-    assert_eq!((ack.kind.as_str(), ack.outcome.as_str()), ("restore", "timeout"));
-    assert!(ack.seconds >= 1.0 && ack.seconds < 2.0, "{}", ack.seconds);
+    assert_eq!((ack.kind, ack.outcome), (Some(ApplyKind::Restore), AckOutcome::Timeout));
+    let seconds = ack.seconds.unwrap_or_default();
+    assert!((1.0..2.0).contains(&seconds), "{seconds}");
     let metrics = metrics_text(&agent);
     assert!(
         metrics.contains(r#"ninelives_agent_apply_total{kind="restore",outcome="timeout"} 1"#),
@@ -149,11 +151,11 @@ async fn an_unusable_timeout_is_reported_and_the_default_applies() {
     observer.put(job.control(), control, None).await.unwrap();
     observer.put(job.placement(), r#"{"generation":5}"#, None).await.unwrap();
     let ack = wait_ack(&mut observer, &job.ack(5, "node-t")).await;
-    assert_eq!((ack.kind.as_str(), ack.outcome.as_str()), ("restore", "applied"));
+    assert_eq!((ack.kind, ack.outcome), (Some(ApplyKind::Restore), AckOutcome::Applied));
     assert_eq!(
         *seen.lock().unwrap(),
         vec![
-            WorkerCommand::Restore { generation: 5, checkpoint_step: 100 },
+            WorkerCommand::Restore { generation: 5, source: RestoreSource::Checkpoint { step: 100 } },
             WorkerCommand::Reroute { generation: 5 },
         ]
     );

@@ -12,6 +12,7 @@
 //! stay in the planner (stable across generations); names go on the wire (what agents know).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -66,9 +67,47 @@ pub struct ControlRecord {
     /// Experts to load, by node name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub load_experts: BTreeMap<String, Vec<LocalLoad>>,
-    /// Deadline for applying the generation on a node.
+    /// Deadline for applying the generation on a node ([`DEFAULT_APPLY_TIMEOUT`] when absent).
+    /// Untrusted when read back: use [`ControlRecord::apply_timeout`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<f64>,
+}
+
+/// How long a node may take to apply a generation when the control record does not say.
+pub const DEFAULT_APPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A `timeoutSeconds` that is not a usable number of seconds.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("timeoutSeconds {seconds}: {why}")]
+pub struct InvalidTimeout {
+    /// The value read.
+    pub seconds: f64,
+    /// Why it cannot be a deadline.
+    pub why: String,
+}
+
+/// What applying a generation asks of a node, in the order it is done: a rollback, expert
+/// loads, or only new routes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyKind {
+    /// Only new routes.
+    Reroute,
+    /// Experts are loaded somewhere in the job.
+    Reshard,
+    /// The job rolls back first.
+    Restore,
+}
+
+impl ApplyKind {
+    /// Lower-case name (the metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApplyKind::Reroute => "reroute",
+            ApplyKind::Reshard => "reshard",
+            ApplyKind::Restore => "restore",
+        }
+    }
 }
 
 impl ControlRecord {
@@ -120,6 +159,29 @@ impl ControlRecord {
     pub fn loads(&self) -> usize {
         self.load_experts.values().map(Vec::len).sum()
     }
+
+    /// What applying this generation asks of the nodes.
+    pub fn kind(&self) -> ApplyKind {
+        match (self.restore_step, self.load_experts.is_empty()) {
+            (Some(_), _) => ApplyKind::Restore,
+            (None, false) => ApplyKind::Reshard,
+            (None, true) => ApplyKind::Reroute,
+        }
+    }
+
+    /// The deadline for applying this generation: `timeoutSeconds`, or
+    /// [`DEFAULT_APPLY_TIMEOUT`] when absent.
+    ///
+    /// The value comes from etcd: zero, negative, NaN, infinite and values too large for a
+    /// [`Duration`] are an error naming the value, never a panic.
+    pub fn apply_timeout(&self) -> Result<Duration, InvalidTimeout> {
+        let Some(seconds) = self.timeout_seconds else { return Ok(DEFAULT_APPLY_TIMEOUT) };
+        match Duration::try_from_secs_f64(seconds) {
+            Ok(limit) if !limit.is_zero() => Ok(limit),
+            Ok(_) => Err(InvalidTimeout { seconds, why: "not a positive number of seconds".into() }),
+            Err(e) => Err(InvalidTimeout { seconds, why: e.to_string() }),
+        }
+    }
 }
 
 /// How a node's application of a generation ended.
@@ -134,8 +196,19 @@ pub enum AckOutcome {
     Timeout,
 }
 
-/// A node's acknowledgement at `jobs/<ns>/<job>/acks/<generation>/<node>` (the fields the brain
-/// needs; the agent writes more, which are ignored).
+impl AckOutcome {
+    /// Lower-case name (the metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AckOutcome::Applied => "applied",
+            AckOutcome::Failed => "failed",
+            AckOutcome::Timeout => "timeout",
+        }
+    }
+}
+
+/// A node's acknowledgement at `jobs/<ns>/<job>/acks/<generation>/<node>`, written by its agent.
+/// The brain needs the node, generation and outcome; the rest is for people and dashboards.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Ack {
@@ -143,11 +216,20 @@ pub struct Ack {
     pub node: String,
     /// The generation.
     pub generation: u64,
+    /// What was applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ApplyKind>,
     /// The outcome.
     pub outcome: AckOutcome,
+    /// Time taken on the node, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
     /// Why it was not applied.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Unix time of the acknowledgement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<f64>,
 }
 
 impl Ack {
@@ -193,5 +275,51 @@ mod tests {
         for bad in [&b"{}"[..], br#"{"node":"n","generation":1,"outcome":"maybe"}"#, b"\xff"] {
             assert!(Ack::parse("k", bad).is_err());
         }
+    }
+
+    #[test]
+    fn untrusted_timeouts_are_errors_not_panics() {
+        let with = |seconds: f64| ControlRecord { timeout_seconds: Some(seconds), ..Default::default() };
+        assert_eq!(ControlRecord::default().apply_timeout(), Ok(DEFAULT_APPLY_TIMEOUT));
+        assert_eq!(with(30.0).apply_timeout(), Ok(Duration::from_secs(30)));
+        assert_eq!(with(0.25).apply_timeout(), Ok(Duration::from_millis(250)));
+        for bad in [1e20, -1.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 0.0, 1e-12] {
+            let error = with(bad).apply_timeout().map(|_| ()).map_err(|e| e.to_string());
+            assert!(
+                error.as_ref().is_err_and(|e| e.starts_with(&format!("timeoutSeconds {bad}: "))),
+                "{bad}: {error:?}"
+            );
+        }
+        // The way such a value arrives: a control record in etcd that otherwise parses.
+        let control: Result<ControlRecord, _> =
+            serde_json::from_str(r#"{"generation":3,"restoreStep":100,"timeoutSeconds":1e20}"#);
+        let control = control.unwrap_or_default();
+        assert_eq!(control.restore_step, Some(100), "the rest of the record still applies");
+        assert!(control.apply_timeout().is_err());
+    }
+
+    #[test]
+    fn the_kind_follows_the_work() {
+        let mut c = ControlRecord { generation: 2, ..Default::default() };
+        assert_eq!(c.kind(), ApplyKind::Reroute);
+        c.load_experts.insert("n1".into(), vec![]);
+        assert_eq!(c.kind(), ApplyKind::Reshard);
+        c.restore_step = Some(10);
+        assert_eq!(c.kind(), ApplyKind::Restore);
+    }
+
+    #[test]
+    fn a_full_agent_ack_round_trips() {
+        let ack = Ack {
+            node: "n1".into(),
+            generation: 4,
+            kind: Some(ApplyKind::Reshard),
+            outcome: AckOutcome::Timeout,
+            seconds: Some(1.5),
+            error: Some("slow".into()),
+            at: Some(2.0),
+        };
+        let json = serde_json::to_vec(&ack).unwrap_or_default();
+        assert_eq!(Ack::parse("k", &json), Ok(ack));
     }
 }

@@ -42,7 +42,9 @@ mod state;
 mod tests;
 
 pub use brain::{Action, BrainConfig, BrainError, DEFAULT_REJOIN_AFTER_SECONDS, Decision, decide};
-pub use control::{Ack, AckOutcome, ControlRecord, LoadSource, LocalLoad};
+pub use control::{
+    Ack, AckOutcome, ApplyKind, ControlRecord, DEFAULT_APPLY_TIMEOUT, InvalidTimeout, LoadSource, LocalLoad,
+};
 pub use observe::{CheckpointRecord, MemberAck, NodeView, Observation, PeerRecord, ProgressRecord};
 pub use outage::{DEFAULT_MAX_VANISHED_FRACTION, Outage, OutageCause, OutageGuard, OutagePolicy, Verdict};
 pub use reasons::{JobFailure, Refusal, RungRefusal};

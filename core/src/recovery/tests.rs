@@ -112,7 +112,15 @@ impl Sim {
             self.st.expected_ranks().map(|r| self.st.node_names[r as usize].clone()).collect();
         for node in names {
             if self.obs.nodes.get(&node).is_some_and(|v| v.alive) {
-                let ack = Ack { node: node.clone(), generation, outcome, error: None };
+                let ack = Ack {
+                    node: node.clone(),
+                    generation,
+                    kind: None,
+                    outcome,
+                    seconds: None,
+                    error: None,
+                    at: None,
+                };
                 self.obs.acks.entry(generation).or_default().insert(node, ack);
             }
         }
