@@ -122,6 +122,21 @@ fn print_tables(reports: &[Report], etcd_args: &[String]) {
         );
     }
     println!(
+        "\n| nodes | group values written | collected | largest group value | largest value stored | members' plan read (last generation) |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for r in reports {
+        println!(
+            "| {} | {} | {} | {:.1} KB | {:.1} KB | {:.2} MB |",
+            r.nodes,
+            r.group_writes,
+            r.group_deletes,
+            r.largest_group as f64 / 1e3,
+            r.largest_stored as f64 / 1e3,
+            r.member_plan_bytes as f64 / 1e6
+        );
+    }
+    println!(
         "\n| nodes | fault | n | visible→detected p50/p99/max ms | visible→committed p50/p99/max | visible→all acked p50/p99/max | visible→completed p50/p99/max | etcd requests/failure | etcd MB/failure | tiers |"
     );
     println!("|---:|---|---:|---|---|---|---|---:|---:|---|");

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, EventType, PutOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{Client, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
 use ninelives_agent::etcd::EtcdSource;
 use ninelives_agent::faults;
 use ninelives_agent::probe::{ChipProbe, ChipReading, ProbeError};
@@ -27,7 +27,7 @@ use ninelives_control::{
     BrainStore, ControlError, ControlLoop, EffectError, Effects, EtcdStore, JobIdentity, Progress, Snapshot,
     Written,
 };
-use ninelives_core::generation::{DistPlan, Restore};
+use ninelives_core::generation::{PlacementValue, Restore};
 use ninelives_core::keyspace::{JobKeys, Keyspace};
 use ninelives_core::recovery::{
     BrainConfig, BrainPhase, CheckpointRecord, MemberAck, OutagePolicy, ProgressRecord, RecoveryState,
@@ -172,6 +172,16 @@ pub struct Report {
     pub largest_write: u64,
     /// Largest transaction the loop wrote (sum of values).
     pub largest_txn: u64,
+    /// Group values the loop wrote (new content only) and collected over the run.
+    pub group_writes: u64,
+    /// Group values collected (deleted once a generation settled).
+    pub group_deletes: u64,
+    /// Largest group value written.
+    pub largest_group: u64,
+    /// Largest value stored in etcd at the end (every key, every writer).
+    pub largest_stored: u64,
+    /// Bytes the members read for the last generation (record each, changed group values).
+    pub member_plan_bytes: u64,
     /// etcd DB size at the end.
     pub db_bytes: f64,
     /// Process RSS at the end (agents, members and the loop in one process).
@@ -239,6 +249,11 @@ struct Meter {
     last_read_done: Option<Instant>,
     /// When each committed write returned, with the number of puts.
     commits: Vec<Instant>,
+    /// Group values read, written (new content only), deleted (collected).
+    group_reads: u64,
+    group_writes: u64,
+    group_deletes: u64,
+    largest_group_write: u64,
 }
 
 /// [`EtcdStore`] with every read and write measured.
@@ -275,6 +290,37 @@ impl BrainStore for Metered {
         let written = self.inner.write(puts, revision).await?;
         if let Written::Committed { .. } = written {
             self.meter.lock().unwrap_or_else(|e| e.into_inner()).commits.push(Instant::now());
+        }
+        Ok(written)
+    }
+
+    async fn get_many(&mut self, keys: Vec<String>) -> Result<Vec<Option<Vec<u8>>>, ControlError> {
+        let values = self.inner.get_many(keys).await?;
+        let mut m = self.meter.lock().unwrap_or_else(|e| e.into_inner());
+        m.group_reads += values.len() as u64;
+        Ok(values)
+    }
+
+    async fn put_unguarded(&mut self, puts: Vec<(String, String)>) -> Result<(), ControlError> {
+        {
+            let mut m = self.meter.lock().unwrap_or_else(|e| e.into_inner());
+            let largest = puts.iter().map(|(_, v)| v.len() as u64).max().unwrap_or(0);
+            m.largest_write = m.largest_write.max(largest);
+            m.group_writes += puts.len() as u64;
+            m.largest_group_write = m.largest_group_write.max(largest);
+        }
+        self.inner.put_unguarded(puts).await
+    }
+
+    async fn list_keys(&mut self, prefix: String) -> Result<Vec<String>, ControlError> {
+        self.inner.list_keys(prefix).await
+    }
+
+    async fn delete_guarded(&mut self, keys: Vec<String>, revision: i64) -> Result<Written, ControlError> {
+        let n = keys.len() as u64;
+        let written = self.inner.delete_guarded(keys, revision).await?;
+        if written != Written::Fenced {
+            self.meter.lock().unwrap_or_else(|e| e.into_inner()).group_deletes += n;
         }
         Ok(written)
     }
@@ -398,14 +444,69 @@ struct PoolState {
     down: BTreeSet<u32>,
     /// When the last ack of each generation was written.
     acked: HashMap<u64, Instant>,
-    /// Placement values read (one read stands for every member's read).
+    /// Bytes the members read for the latest generation: the commit record each, and the value
+    /// of their group when its content changed (the pool reads each changed group once).
     plan_bytes: u64,
+    /// The largest group value read.
+    largest_group: u64,
     error: Option<String>,
 }
 
+/// What the members take from a generation.
+struct InForce {
+    generation: u64,
+    members: Vec<u32>,
+    restore: Restore,
+}
+
+/// Reads the generation whose `placement` value is `value`, as its members would: the commit
+/// record, then the group values whose content changed since `digests` (updated). Returns it, the
+/// bytes every member would have read, and the largest group value.
+async fn read_generation(
+    client: &mut Client,
+    job: &JobKeys,
+    value: &[u8],
+    digests: &mut Vec<String>,
+) -> Result<(InForce, u64, u64), String> {
+    let record = match PlacementValue::parse(value).map_err(|e| e.to_string())? {
+        PlacementValue::Inline(p) => {
+            let bytes = value.len() as u64 * p.members.len() as u64;
+            return Ok((
+                InForce { generation: p.generation(), members: p.members, restore: p.restore },
+                bytes,
+                0,
+            ));
+        }
+        PlacementValue::Record(record) => record,
+    };
+    let members = record.member_ranks().map_err(|e| e.to_string())?;
+    let changed: Vec<u32> = (0..)
+        .zip(&record.groups)
+        .filter(|(g, d)| digests.get(*g as usize) != Some(*d))
+        .map(|(g, _)| g)
+        .collect();
+    let mut kv = client.kv_client().max_decoding_message_size(64 << 20);
+    let (mut bytes, mut largest) = (value.len() as u64 * members.len() as u64, 0);
+    for batch in changed.chunks(TXN_OPS) {
+        let keys: Vec<String> = batch.iter().filter_map(|g| record.group_key(job, *g)).collect();
+        let ops = keys.iter().map(|k| TxnOp::get(k.as_str(), None)).collect::<Vec<_>>();
+        let resp = kv.txn(Txn::new().and_then(ops)).await.map_err(|e| e.to_string())?;
+        for (g, op) in batch.iter().zip(resp.op_responses()) {
+            let TxnOpResponse::Get(get) = op else { return Err("not a get".into()) };
+            let kv = get.kvs().first().ok_or_else(|| format!("group {g} is missing"))?;
+            let group = record.parse_group(*g, kv.value()).map_err(|e| e.to_string())?;
+            let len = kv.value().len() as u64;
+            largest = largest.max(len);
+            bytes += len * members.iter().filter(|&&r| record.group_of(r) == group.index).count() as u64;
+        }
+    }
+    *digests = record.groups.clone();
+    Ok((InForce { generation: record.generation, members, restore: record.restore }, bytes, largest))
+}
+
 /// The simulated members: one lease for all, registrations and acks in batched transactions.
-/// One watch on `placement` stands for every member's watch; the bytes every member would read
-/// are `plan_bytes × members` (reported, not performed).
+/// One watch on `placement` stands for every member's watch; the pool reads each changed group
+/// value once where each member would read its own (`plan_bytes` counts what they would read).
 async fn member_pool(
     mut client: Client,
     job: JobKeys,
@@ -426,7 +527,9 @@ async fn member_pool(
     let watch = client.watch(job.placement(), Some(WatchOptions::new())).await;
     let Ok(mut plans) = watch else { return fail(&state, "placement watch".into()) };
     let mut registered: BTreeSet<u32> = BTreeSet::new();
-    let mut plan: Option<DistPlan> = None;
+    let mut plan: Option<InForce> = None;
+    // The content digest of each group the members last read.
+    let mut digests: Vec<String> = Vec::new();
     let mut step: u64 = 0;
     let mut acked_ranks: BTreeSet<u32> = BTreeSet::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -442,9 +545,14 @@ async fn member_pool(
                 for e in msg.events() {
                     if e.event_type() != EventType::Put { continue }
                     let Some(kv) = e.kv() else { continue };
-                    state.lock().unwrap_or_else(|p| p.into_inner()).plan_bytes = kv.value().len() as u64;
-                    match serde_json::from_slice::<DistPlan>(kv.value()) {
-                        Ok(p) => { plan = Some(p); acked_ranks.clear(); }
+                    match read_generation(&mut client, &job, kv.value(), &mut digests).await {
+                        Ok((p, bytes, largest)) => {
+                            plan = Some(p);
+                            acked_ranks.clear();
+                            let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+                            s.plan_bytes = bytes;
+                            s.largest_group = s.largest_group.max(largest);
+                        }
                         Err(e) => fail(&state, format!("placement unreadable: {e}")),
                     }
                 }
@@ -488,7 +596,7 @@ async fn member_pool(
         }
         // Ack the generation in force for every registered member of it not yet acked.
         if let Some(p) = &plan {
-            let g = p.generation();
+            let g = p.generation;
             let restore_step = match p.restore {
                 Restore::Checkpoint { step } | Restore::Peer { step } => step,
                 Restore::Fresh => 0,
@@ -923,10 +1031,19 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
         let m = meter.lock().unwrap_or_else(|p| p.into_inner());
         report.largest_write = m.largest_write;
         report.largest_txn = m.largest_txn;
+        report.group_writes = m.group_writes;
+        report.group_deletes = m.group_deletes;
+        report.largest_group = m.largest_group_write;
         if report.placement_bytes == 0 {
             report.placement_bytes = m.placement_bytes;
         }
     }
+    {
+        let s = pool_state.lock().unwrap_or_else(|p| p.into_inner());
+        report.member_plan_bytes = s.plan_bytes;
+        report.largest_group = report.largest_group.max(s.largest_group);
+    }
+    report.largest_stored = largest_stored(&connect().await?).await?;
     report.db_bytes = counters(addr).db;
     report.rss_bytes = rss_bytes();
     stop.store(true, Ordering::Relaxed);
@@ -940,6 +1057,14 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
     }
     drop(pool);
     Ok(report)
+}
+
+/// The largest value stored under any key (one read of the whole keyspace).
+async fn largest_stored(client: &Client) -> Result<u64, ScaleError> {
+    let mut kv = client.kv_client().max_decoding_message_size(1 << 30);
+    let all = kv.get(vec![0u8], Some(GetOptions::new().with_from_key())).await;
+    let all = all.map_err(|e| err("scan")(e.to_string()))?;
+    Ok(all.kvs().iter().map(|kv| kv.value().len() as u64).max().unwrap_or(0))
 }
 
 /// The number of completed recoveries as of the latest round.

@@ -1,4 +1,5 @@
-//! The per-round cost of today's observation at any N, past the limits the real loop hits.
+//! The per-round cost of the observation as it was before issue 22 item 1 (the whole plan in
+//! the one `placement` value, the job prefix read every round), past the limits it hit.
 //!
 //! The real loop cannot publish or read the reference layout's generation beyond ~250 nodes
 //! (etcd's request limit, then the client's 4 MiB response limit, which `EtcdStore` cannot
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 use ninelives_agent::etcd::EtcdSource;
 use ninelives_agent::{Agent, AgentConfig};
-use ninelives_core::generation::{DistPlan, from_published_generation, generation_writes};
+use ninelives_core::generation::{DistPlan, from_published_generation};
 use ninelives_core::keyspace::Keyspace;
 use ninelives_core::placement::Placement;
 use ninelives_core::recovery::{Action, BrainConfig, MemberAck, Observation, RecoveryState, decide};
@@ -142,8 +143,13 @@ pub fn probe(manifest: &str, nodes: u32, spares: u32, rounds: u32) -> Result<Pro
         };
         let plan = from_published_generation(&brain, &decision.state, placement, control, None)
             .map_err(|e| err("plan")(e.to_string()))?;
-        let writes = generation_writes(&job_keys, &plan, control, &decision.state)
-            .map_err(|e| err("writes")(e.to_string()))?;
+        // Before issue 22 item 1: the whole plan in the one `placement` value.
+        let encode = |e: serde_json::Error| err("writes")(e.to_string());
+        let writes = [
+            (job_keys.control(), serde_json::to_string(control).map_err(encode)?),
+            (job_keys.placement(), serde_json::to_string(&plan).map_err(encode)?),
+            (job_keys.recovery(), decision.state.to_json()),
+        ];
         for (k, v) in writes.iter() {
             if *k == job_keys.placement() {
                 out.placement_bytes = v.len() as u64;
