@@ -54,6 +54,7 @@ async fn a_worker_cannot_write_another_jobs_keys_or_a_chip_state_and_an_agent_on
     worker.put(a.ack(1, "0"), "{\"step\":0}", None).await.unwrap();
     worker.put(a.progress(), "{\"step\":1}", None).await.unwrap();
     worker.put(a.checkpoint(2), "{\"step\":2}", None).await.unwrap();
+    worker.put(a.peer(0), "{\"generation\":1}", None).await.unwrap();
     worker.delete(a.checkpoint(2), None).await.unwrap();
     assert_eq!(worker.get(a.placement(), None).await.unwrap().kvs().len(), 1);
     let members = worker.get(a.members(), Some(GetOptions::new().with_prefix())).await.unwrap();
@@ -61,7 +62,7 @@ async fn a_worker_cannot_write_another_jobs_keys_or_a_chip_state_and_an_agent_on
     worker.lease_revoke(lease).await.unwrap();
 
     // ...and nothing else: not job B's keys, not its own job's brain records, not a chip.
-    for key in [b.member(0), b.progress(), b.ack(1, "0"), b.placement()] {
+    for key in [b.member(0), b.progress(), b.ack(1, "0"), b.placement(), b.peer(0)] {
         assert!(denied(worker.put(key.clone(), "{}", None).await), "worker A wrote {key}");
     }
     for key in [a.placement(), a.control(), a.recovery()] {
