@@ -2,6 +2,7 @@
 
 use ninelives_core::generation::{GenerationError, StoredPlanError};
 use ninelives_core::recovery::BrainError;
+use ninelives_core::writer::WriterRecord;
 use thiserror::Error;
 
 use crate::effects::EffectError;
@@ -40,6 +41,17 @@ pub enum ControlError {
         /// The deadline.
         seconds: u64,
     },
+    /// Another driver claimed the job with a newer (or the same) leadership epoch: this one is
+    /// deposed, wrote nothing, and must stop driving the job.
+    #[error("deposed from {job}: {} holds it (this driver: {ours})", current.as_ref().map_or_else(|| "nobody".to_string(), ToString::to_string))]
+    Fenced {
+        /// The job's key prefix.
+        job: String,
+        /// This driver's claim.
+        ours: WriterRecord,
+        /// What the writer key holds now (`None`: deleted, e.g. the job's keys were removed).
+        current: Option<WriterRecord>,
+    },
     /// A value the brain needs cannot be read (the job is stuck, not restarted).
     #[error("malformed {key}: {reason}")]
     Malformed {
@@ -72,11 +84,17 @@ impl ControlError {
         matches!(self, ControlError::Etcd { .. } | ControlError::Timeout { .. })
     }
 
+    /// Whether this driver is deposed ([`ControlError::Fenced`]): it must stop driving the job.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, ControlError::Fenced { .. })
+    }
+
     /// A short stable label, for metrics and Events.
     pub fn label(&self) -> &'static str {
         match self {
             ControlError::Etcd { .. } | ControlError::Timeout { .. } => "etcd",
             ControlError::Access { .. } => "etcd-access",
+            ControlError::Fenced { .. } => "fenced",
             ControlError::Malformed { .. } => "malformed",
             ControlError::Brain(_)
             | ControlError::Generation(_)

@@ -4,6 +4,7 @@
 //! <prefix>nodes/<node>/alive                    presence, attached to the node agent's lease
 //! <prefix>nodes/<node>/chips/<index>            ChipRecord JSON, written only on change
 //! <prefix>jobs/<namespace>/<job>/...            everything of one job (see JobKeys)
+//! <prefix>jobs/<namespace>/<job>/writer         the driver allowed to publish, and its epoch
 //! ```
 //!
 //! The default prefix is `/ninelives/`. Values are JSON so SREs can read them with `etcdctl`.
@@ -152,6 +153,12 @@ impl JobKeys {
         format!("{}progress", self.root)
     }
 
+    /// The job's writer: the driver allowed to publish, with its leadership epoch
+    /// ([`WriterRecord`](crate::writer::WriterRecord)); every publication compares it.
+    pub fn writer(&self) -> String {
+        format!("{}writer", self.root)
+    }
+
     /// Prefix of the members' in-memory peer snapshot records.
     pub fn peers(&self) -> String {
         format!("{}peers/", self.root)
@@ -239,6 +246,7 @@ mod tests {
         assert_eq!(job.checkpoint(50), "/nl/jobs/default/tiny/checkpoints/000000000050");
         assert_eq!(job.plan_group(7, "ab12"), "/nl/jobs/default/tiny/groups/000007/ab12");
         assert!(job.plan_group(7, "ab12").starts_with(&job.plan_groups()));
+        assert_eq!(job.writer(), "/nl/jobs/default/tiny/writer");
         assert_eq!(ks.parse_node_key("/nl/nodes/n1/chips/7"), Some(("n1", "chips/7")));
         assert_eq!(ks.parse_node_key("/nl/jobs/x"), None);
         assert_eq!(ks.parse_node_key("/other/nodes/n1/alive"), None);

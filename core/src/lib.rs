@@ -21,6 +21,7 @@ pub mod quantity;
 pub mod recovery;
 pub mod simulate;
 pub mod validate;
+pub mod writer;
 
 pub use job::{TrainingJob, TrainingJobSpec, TrainingJobStatus};
 pub use model::ModelDims;

@@ -1,0 +1,165 @@
+//! Fencing by writer epoch on a real etcd (issue 19 item 3): a driver paused while a newer
+//! writer claims the job writes nothing once it resumes, as etcd's revision history shows.
+
+#![allow(clippy::unwrap_used)] // test: a panic is the failure report
+
+use etcd_client::{Client, GetOptions};
+use ninelives_control::{
+    BrainStore, ControlError, ControlLoop, EffectError, Effects, EtcdStore, JobIdentity, Progress,
+};
+use ninelives_core::generation::DistPlan;
+use ninelives_core::keyspace::Keyspace;
+use ninelives_core::placement::{ExpertLoad, PlacementShape, ReplanOptions};
+use ninelives_core::recovery::{BrainConfig, RecoveryState, Rung};
+use ninelives_core::writer::WriterRecord;
+use ninelives_testkit::EtcdServer;
+
+const NS: &str = "ml";
+const JOB: &str = "tiny";
+
+/// 4 nodes x 4 chips, 2 layers x 8 experts with 8 redundant replicas (a chip loss reroutes).
+fn brain() -> BrainConfig {
+    let shape = PlacementShape {
+        layers: 2,
+        routed_experts: 8,
+        redundant_experts: 8,
+        expert_state_bytes: 1 << 20,
+        nodes: 4,
+        chips_per_node: 4,
+        chip_memory_bytes: 4 << 20,
+        expert_parallel_size: 16,
+        nodes_per_rack: None,
+        min_healthy_fraction: 0.5,
+        pipeline_stages: 1,
+    };
+    BrainConfig {
+        load: ExpertLoad::uniform(&shape),
+        shape,
+        options: ReplanOptions::default(),
+        allowed: Rung::LADDER.into_iter().collect(),
+        recovery_timeout_s: 30.0,
+        apply_timeout_s: 30.0,
+        max_recoveries: 10,
+        total_steps: 300,
+        rejoin_after_s: 60.0,
+        peer_copies: false,
+        peer_snapshots: 0,
+        peer_interval_steps: 1,
+    }
+    .for_expert_parallel()
+}
+
+fn identity() -> JobIdentity {
+    JobIdentity {
+        keys: Keyspace::default(),
+        namespace: NS.into(),
+        name: JOB.into(),
+        chips_per_node: 4,
+        min_healthy_fraction: 0.5,
+    }
+}
+
+fn names() -> Vec<String> {
+    (0..4).map(|i| format!("n{i}")).collect()
+}
+
+/// Effects that keep the generations this writer published.
+#[derive(Default)]
+struct Published(Vec<DistPlan>);
+
+impl Effects for Published {
+    async fn node_table(&mut self) -> Result<Option<RecoveryState>, EffectError> {
+        Ok(Some(RecoveryState::new(names(), vec![])))
+    }
+    async fn published(&mut self, plan: &DistPlan) -> Result<(), EffectError> {
+        self.0.push(plan.clone());
+        Ok(())
+    }
+}
+
+/// The generation a placement value (the plan, or its commit record) names.
+fn generation_of(value: &[u8]) -> u64 {
+    let value: serde_json::Value = serde_json::from_slice(value).unwrap();
+    value["generation"].as_u64().unwrap_or_else(|| panic!("no generation in {value}"))
+}
+
+/// Every value `key` ever had, with the revision that wrote it, from etcd's revision history.
+async fn history(client: &mut Client, key: &str) -> Vec<(i64, Vec<u8>)> {
+    let head = client.get(key, None).await.unwrap().header().unwrap().revision();
+    let mut seen: Vec<(i64, Vec<u8>)> = Vec::new();
+    for revision in 1..=head {
+        let got = client.get(key, Some(GetOptions::new().with_revision(revision))).await.unwrap();
+        if let Some(kv) = got.kvs().first()
+            && seen.last().is_none_or(|(r, _)| *r != kv.mod_revision())
+        {
+            seen.push((kv.mod_revision(), kv.value().to_vec()));
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_deposed_by_a_newer_epoch_publishes_nothing_in_etcds_history() {
+    let etcd = EtcdServer::start().unwrap();
+    let mut client = Client::connect([etcd.endpoint()], None).await.unwrap();
+    let keys = Keyspace::default();
+    let job = keys.job(NS, JOB);
+    for n in names() {
+        client.put(keys.node_alive(&n), "{}", None).await.unwrap();
+    }
+    let (a, b) = (WriterRecord::new("op-a", 1_000_000), WriterRecord::new("op-b", 1_000_001));
+    let store = EtcdStore::new(client.clone(), keys.clone(), NS, JOB);
+    let mut old = ControlLoop::new(brain(), identity(), store, None).with_writer(a.clone());
+    let mut fx_old = Published::default();
+    assert!(matches!(old.step(&mut fx_old, 1000.0).await.unwrap(), Progress::Ran(_)));
+    assert_eq!(fx_old.0.len(), 1, "generation 1 published by the first writer");
+    for rank in 0..4 {
+        client.put(job.member(rank), "{}", None).await.unwrap();
+        client.put(job.ack(1, &rank.to_string()), r#"{"step":0}"#, None).await.unwrap();
+    }
+    assert!(matches!(old.step(&mut fx_old, 1001.0).await.unwrap(), Progress::Ran(_)));
+
+    // While the first writer is paused, a new leader claims the job (and has not published
+    // yet: the record's revision is unchanged, so only the epoch can fence the old writer).
+    let mut new_store = EtcdStore::new(client.clone(), keys.clone(), NS, JOB);
+    new_store.claim(&b).await.unwrap();
+    let claimed_at = client.get(job.writer(), None).await.unwrap().kvs()[0].mod_revision();
+    // A chip fails; the first writer resumes, reads it and decides a reroute: deposed, nothing
+    // written, and it stays stopped.
+    let chip = r#"{"state":"failed","code":"hbm-ecc-uncorrectable","since":1001.0}"#;
+    client.put(keys.chip("n1", 2), chip, None).await.unwrap();
+    for now in [1002.0, 1003.0] {
+        match old.step(&mut fx_old, now).await {
+            Err(ControlError::Fenced { ours, current, .. }) => {
+                assert_eq!((&ours, current.as_ref()), (&a, Some(&b)));
+            }
+            other => panic!("the paused writer was not fenced: {other:?}"),
+        }
+    }
+    assert_eq!(fx_old.0.len(), 1, "the deposed writer reported a publication");
+    // The claim of an older epoch is refused too (the deposed driver restarted).
+    let mut restarted = EtcdStore::new(client.clone(), keys.clone(), NS, JOB);
+    assert!(restarted.claim(&a).await.unwrap_err().is_fenced());
+
+    // The new leader publishes the reroute.
+    let mut new = ControlLoop::new(brain(), identity(), new_store, None).with_writer(b.clone());
+    let mut fx_new = Published::default();
+    assert!(matches!(new.step(&mut fx_new, 1004.0).await.unwrap(), Progress::Ran(_)));
+    assert_eq!(fx_new.0.iter().map(DistPlan::generation).collect::<Vec<_>>(), [2]);
+
+    // etcd's history: one content per generation, generations strictly increasing, and every
+    // write after the new claim is the new writer's.
+    let placements = history(&mut client, &job.placement()).await;
+    let generations: Vec<u64> = placements.iter().map(|(_, v)| generation_of(v)).collect();
+    assert_eq!(generations, [1, 2], "placement history {placements:?}");
+    let after: Vec<&Vec<u8>> = placements.iter().filter(|(r, _)| *r > claimed_at).map(|(_, v)| v).collect();
+    assert_eq!(after.len(), 1, "placement writes after the claim: {after:?}");
+    assert_eq!(generation_of(after[0]), fx_new.0[0].generation());
+    for key in [job.recovery(), job.control()] {
+        let writes = history(&mut client, &key).await;
+        let late = writes.iter().filter(|(r, _)| *r > claimed_at).count();
+        assert_eq!(late, 1, "{key}: only the new writer's publication follows its claim: {writes:?}");
+    }
+    let holder = client.get(job.writer(), None).await.unwrap();
+    assert_eq!(WriterRecord::parse("w", holder.kvs()[0].value()).unwrap(), b);
+}
