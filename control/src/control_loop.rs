@@ -1,5 +1,6 @@
 //! The loop step: observe → decide → apply → effects.
 
+use std::collections::BTreeSet;
 use std::fmt;
 
 use ninelives_core::generation::{
@@ -352,7 +353,8 @@ impl<S: BrainStore> ControlLoop<S> {
 
     /// Once the generation in force has settled (no recovery active, every expected member
     /// joined it), deletes the group values no commit record names any more (older generations,
-    /// a fenced writer's leftovers), guarded like every write.
+    /// a fenced writer's leftovers) and the acknowledgements of older generations (only the
+    /// active recovery's generation's are ever read), guarded like every write.
     async fn collect_garbage(
         &mut self,
         state: &RecoveryState,
@@ -367,7 +369,10 @@ impl<S: BrainStore> ControlLoop<S> {
             return Ok(());
         }
         let existing = self.store.list_keys(self.job_keys.plan_groups()).await?;
-        let garbage = unreferenced_groups(&self.job_keys, record, existing.iter().map(String::as_str));
+        let mut garbage = unreferenced_groups(&self.job_keys, record, existing.iter().map(String::as_str));
+        let acked = obs.joined.keys().chain(obs.acks.keys());
+        let old: BTreeSet<u64> = acked.copied().filter(|g| *g < record.generation).collect();
+        garbage.extend(old.into_iter().map(|g| self.job_keys.acks(g)));
         if !garbage.is_empty() {
             debug!(keys = garbage.len(), generation = record.generation, "collecting older group values");
             if self.store.delete_guarded(garbage, revision).await? == Written::Fenced {

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, GetOptions, KvClient, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{
+    Client, Compare, CompareOp, DeleteOptions, GetOptions, KvClient, Txn, TxnOp, TxnOpResponse,
+};
 use ninelives_core::keyspace::{JobKeys, Keyspace};
 
 use crate::error::ControlError;
@@ -155,7 +157,8 @@ impl BrainStore for EtcdStore {
         record_revision: i64,
     ) -> Result<Written, ControlError> {
         for batch in keys.chunks(BATCH_OPS) {
-            let ops = batch.iter().map(|k| TxnOp::delete(k.as_str(), None)).collect::<Vec<_>>();
+            let prefix = |k: &str| k.ends_with('/').then(|| DeleteOptions::new().with_prefix());
+            let ops = batch.iter().map(|k| TxnOp::delete(k.as_str(), prefix(k))).collect::<Vec<_>>();
             let txn = Txn::new().when(self.gc_guards(record_revision)).and_then(ops);
             let mut client = self.kv.clone();
             let response = bounded("delete", client.txn(txn)).await?.map_err(self.etcd_err("delete"))?;

@@ -139,7 +139,11 @@ impl BrainStore for MemoryStore {
                 }
                 k.revision += 1;
                 for key in batch {
-                    k.kvs.remove(key);
+                    if key.ends_with('/') {
+                        k.kvs.retain(|stored, _| !stored.starts_with(key.as_str()));
+                    } else {
+                        k.kvs.remove(key);
+                    }
                 }
                 Written::Committed { revision: record_revision }
             });

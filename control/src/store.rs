@@ -95,6 +95,7 @@ pub trait BrainStore: Send {
 
     /// Deletes `keys` in batches of at most [`BATCH_OPS`], each only if the job's `recovery`
     /// record still has `record_revision`; [`Written::Fenced`] at the first batch that was not.
+    /// A key ending in `/` deletes every key under it (no ninelives key ends in `/`).
     fn delete_guarded(
         &mut self,
         keys: Vec<String>,

@@ -198,6 +198,12 @@ async fn a_job_starts_and_a_chip_with_replicas_is_rerouted_without_a_rollback() 
     let writes = cluster.store.history(&cluster.job().recovery()).len();
     ran(&mut lp, &mut fx, 1004.0).await;
     assert_eq!(cluster.store.history(&cluster.job().recovery()).len(), writes);
+    // Settled: the acknowledgements of older generations are collected, the current one's kept.
+    let current = stored_plan(&cluster).generation();
+    cluster.join(current, 7);
+    ran(&mut lp, &mut fx, 1005.0).await;
+    assert!(cluster.store.get(&cluster.job().ack(1, "0")).is_none(), "generation 1's acks stayed");
+    assert!(cluster.store.get(&cluster.job().ack(current, "0")).is_some());
 }
 
 /// A store through which another writer changes the record between this loop's read and write
