@@ -12,8 +12,9 @@ use ninelives_core::recovery::{
     Action, BrainConfig, Decision, Observation, Outage, OutageGuard, OutagePolicy, RecoveryState, Verdict,
     decide,
 };
+use ninelives_core::writer::WriterRecord;
 use ninelives_telemetry::recovery::RecoveryMetrics;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::effects::Effects;
 use crate::error::ControlError;
@@ -128,6 +129,17 @@ pub struct ControlLoop<S> {
     current: Option<Current>,
     /// Whether group values of older generations may be left to collect.
     collect: bool,
+    /// Who this loop publishes as, and whether the store holds its claim yet.
+    writer: Option<Writer>,
+}
+
+/// A loop's writer identity and its standing.
+#[derive(Clone, Debug)]
+struct Writer {
+    record: WriterRecord,
+    claimed: bool,
+    /// Set once a newer writer took the job (what the key held then): the loop stays stopped.
+    deposed: Option<Option<WriterRecord>>,
 }
 
 impl<S: BrainStore> ControlLoop<S> {
@@ -149,9 +161,19 @@ impl<S: BrainStore> ControlLoop<S> {
             outage_policy,
             guard,
             reported,
+            writer: None,
             current: None,
             collect: true,
         }
+    }
+
+    /// Publishes as `writer` (the driver's identity and leadership epoch): the first round claims
+    /// the job's writer key, every publication compares it, and once a writer of a newer epoch
+    /// claims the job every round returns [`ControlError::Fenced`] without touching the store.
+    /// Without a writer the loop is fenced by the record's revision only.
+    pub fn with_writer(mut self, writer: WriterRecord) -> Self {
+        self.writer = Some(Writer { record: writer, claimed: false, deposed: None });
+        self
     }
 
     /// Judges control-plane outages with `policy` (default: [`OutagePolicy::for_ttl`] of 10 s;
@@ -171,9 +193,46 @@ impl<S: BrainStore> ControlLoop<S> {
         &mut self.store
     }
 
-    /// One round at time `now` (unix seconds).
+    /// One round at time `now` (unix seconds). [`ControlError::Fenced`] (see
+    /// [`with_writer`](ControlLoop::with_writer)) means the adapter must stop driving the job.
     #[tracing::instrument(name = "control_step", skip_all, fields(job = %self.job))]
     pub async fn step<E: Effects>(&mut self, effects: &mut E, now: f64) -> Result<Progress, ControlError> {
+        self.claim().await?;
+        let result = self.round(effects, now).await;
+        if let (Err(ControlError::Fenced { current, ours, .. }), Some(writer)) = (&result, &mut self.writer) {
+            warn!(job = %self.job, ours = %ours, current = ?current, "deposed by a newer writer; no longer driving the job");
+            writer.deposed = Some(current.clone());
+        }
+        result
+    }
+
+    /// Claims the job's writer key on the first round (again after a failed claim); the
+    /// deposition once deposed.
+    async fn claim(&mut self) -> Result<(), ControlError> {
+        let Some(writer) = &mut self.writer else { return Ok(()) };
+        if let Some(current) = &writer.deposed {
+            let job = self.job_keys.root().to_string();
+            return Err(ControlError::Fenced { job, ours: writer.record.clone(), current: current.clone() });
+        }
+        if writer.claimed {
+            return Ok(());
+        }
+        match self.store.claim(&writer.record).await {
+            Ok(()) => {
+                info!(job = %self.job, writer = %writer.record, "claimed the job's writer key");
+                writer.claimed = true;
+                Ok(())
+            }
+            Err(ControlError::Fenced { job, ours, current }) => {
+                warn!(job = %self.job, ours = %ours, current = ?current, "a newer writer holds the job; not driving it");
+                writer.deposed = Some(current.clone());
+                Err(ControlError::Fenced { job, ours, current })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn round<E: Effects>(&mut self, effects: &mut E, now: f64) -> Result<Progress, ControlError> {
         let seen = match self.observe(now).await {
             Ok(seen) => seen,
             Err(e) => {

@@ -6,12 +6,16 @@ use etcd_client::{
     Client, Compare, CompareOp, DeleteOptions, GetOptions, KvClient, Txn, TxnOp, TxnOpResponse,
 };
 use ninelives_core::keyspace::{JobKeys, Keyspace};
+use ninelives_core::writer::{Claim, WriterRecord};
 
 use crate::error::ControlError;
 use crate::store::{BATCH_OPS, BrainStore, Snapshot, Written, batches};
 
 /// Deadline of every etcd call: a stalled etcd fails the round, never hangs the loop.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Claims of the writer key lost to concurrent claimants before giving up.
+const CLAIM_ATTEMPTS: usize = 5;
 
 /// Largest response the store decodes (the client's default is 4 MiB): a safety margin over the
 /// reads it makes, none of which should come near it now that no value exceeds 512 KiB.
@@ -35,6 +39,8 @@ pub struct EtcdStore {
     kv: KvClient,
     keys: Keyspace,
     job: JobKeys,
+    /// The writer this store claimed the job for: every write compares it.
+    claimed: Option<WriterRecord>,
 }
 
 impl EtcdStore {
@@ -42,7 +48,7 @@ impl EtcdStore {
     pub fn new(client: Client, keys: Keyspace, namespace: &str, name: &str) -> Self {
         let job = keys.job(namespace, name);
         let kv = client.kv_client().max_decoding_message_size(MAX_RESPONSE_BYTES);
-        Self { client, kv, keys, job }
+        Self { client, kv, keys, job, claimed: None }
     }
 
     /// Uses `client` from now on (the adapter reconnected after an error).
@@ -51,9 +57,20 @@ impl EtcdStore {
         self.client = client;
     }
 
-    /// The guards of a garbage collection: the record read.
+    /// The guards of a garbage collection: the record read, and the claimed writer's epoch.
     fn gc_guards(&self, record_revision: i64) -> Vec<Compare> {
-        vec![Compare::mod_revision(self.job.recovery(), CompareOp::Equal, record_revision)]
+        let mut guards = vec![Compare::mod_revision(self.job.recovery(), CompareOp::Equal, record_revision)];
+        if let Some(ours) = &self.claimed {
+            guards.push(Compare::value(self.job.writer(), CompareOp::Equal, ours.to_json()));
+        }
+        guards
+    }
+
+    /// The deposition of `ours` by `current` (the writer key's value, parsed).
+    fn fenced(&self, ours: &WriterRecord, current: Option<&[u8]>) -> ControlError {
+        let key = self.job.writer();
+        let current = current.map(|v| WriterRecord::parse(&key, v).ok()).unwrap_or(None);
+        ControlError::Fenced { job: self.job.root().to_string(), ours: ours.clone(), current }
     }
 
     fn etcd_err(&self, op: &'static str) -> impl Fn(etcd_client::Error) -> ControlError + '_ {
@@ -99,17 +116,71 @@ impl BrainStore for EtcdStore {
         Ok(snapshot)
     }
 
+    async fn claim(&mut self, writer: &WriterRecord) -> Result<(), ControlError> {
+        let key = self.job.writer();
+        // Each lost race means another writer claimed in between: judge its claim again.
+        for _ in 0..CLAIM_ATTEMPTS {
+            let mut client = self.client.clone();
+            let got =
+                bounded("claim", client.get(key.as_str(), None)).await?.map_err(self.etcd_err("claim"))?;
+            let (current, revision) = match got.kvs().first() {
+                Some(kv) => {
+                    let record = WriterRecord::parse(&key, kv.value())
+                        .map_err(|e| ControlError::Malformed { key: key.clone(), reason: e.reason })?;
+                    (Some(record), kv.mod_revision())
+                }
+                None => (None, 0),
+            };
+            match writer.claim_over(current.as_ref()) {
+                Claim::Held => {}
+                Claim::Refused => {
+                    let current = current.map(|c| c.to_json().into_bytes());
+                    return Err(self.fenced(writer, current.as_deref()));
+                }
+                Claim::Take => {
+                    // The compare on the replaced record's revision: two claimants racing over
+                    // the same old epoch cannot both win.
+                    let txn = Txn::new()
+                        .when(vec![Compare::mod_revision(key.as_str(), CompareOp::Equal, revision)])
+                        .and_then(vec![TxnOp::put(key.as_str(), writer.to_json(), None)]);
+                    let response =
+                        bounded("claim", client.txn(txn)).await?.map_err(self.etcd_err("claim"))?;
+                    if !response.succeeded() {
+                        continue;
+                    }
+                }
+            }
+            self.claimed = Some(writer.clone());
+            return Ok(());
+        }
+        Err(self.fenced(writer, None))
+    }
+
     async fn write(
         &mut self,
         puts: Vec<(String, String)>,
         record_revision: i64,
     ) -> Result<Written, ControlError> {
-        let guard = Compare::mod_revision(self.job.recovery(), CompareOp::Equal, record_revision);
+        let mut guards = vec![Compare::mod_revision(self.job.recovery(), CompareOp::Equal, record_revision)];
+        // Fencing by epoch: a deposed writer's transaction fails whatever record it read.
+        if let Some(ours) = &self.claimed {
+            guards.push(Compare::value(self.job.writer(), CompareOp::Equal, ours.to_json()));
+        }
         let ops = puts.into_iter().map(|(k, v)| TxnOp::put(k, v, None)).collect::<Vec<_>>();
-        let txn = Txn::new().when(vec![guard]).and_then(ops);
+        let txn = Txn::new().when(guards).and_then(ops).or_else(vec![TxnOp::get(self.job.writer(), None)]);
         let mut client = self.client.clone();
         let response = bounded("write", client.txn(txn)).await?.map_err(self.etcd_err("write"))?;
         if !response.succeeded() {
+            if let Some(ours) = &self.claimed {
+                let current = response.op_responses().into_iter().find_map(|op| match op {
+                    TxnOpResponse::Get(get) => Some(get.kvs().first().map(|kv| kv.value().to_vec())),
+                    _ => None,
+                });
+                let current = current.flatten();
+                if current.as_deref() != Some(ours.to_json().as_bytes()) {
+                    return Err(self.fenced(ours, current.as_deref()));
+                }
+            }
             return Ok(Written::Fenced);
         }
         let revision = response.header().map_or(record_revision, |h| h.revision());

@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use ninelives_core::keyspace::{JobKeys, Keyspace};
+use ninelives_core::keyspace::{JobKeys, Keyspace, MalformedValue};
+use ninelives_core::writer::{Claim, WriterRecord};
 
 use crate::error::ControlError;
 use crate::store::{BATCH_OPS, BrainStore, Snapshot, Written, batches};
@@ -18,19 +19,22 @@ struct Keys {
 }
 
 /// A job's keys in memory. Clones share the same keys, so a test plays agents and members
-/// through one clone while the loop owns another.
+/// through one clone while the loop owns another. A clone starts with the claim of the store it
+/// was cloned from: two writers are two clones that each [claim](BrainStore::claim).
 #[derive(Clone)]
 pub struct MemoryStore {
     keys: Keyspace,
     job: JobKeys,
     inner: Arc<Mutex<Keys>>,
+    /// The writer this clone claimed the job for: every write compares it.
+    claimed: Option<WriterRecord>,
 }
 
 impl MemoryStore {
     /// An empty store for job `namespace/name`.
     pub fn new(keys: Keyspace, namespace: &str, name: &str) -> Self {
         let job = keys.job(namespace, name);
-        Self { keys, job, inner: Arc::default() }
+        Self { keys, job, inner: Arc::default(), claimed: None }
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Keys) -> T) -> T {
@@ -85,23 +89,65 @@ impl BrainStore for MemoryStore {
         }))
     }
 
+    async fn claim(&mut self, writer: &WriterRecord) -> Result<(), ControlError> {
+        let key = self.job.writer();
+        let found: Result<Option<WriterRecord>, MalformedValue> = self.with(|k| {
+            let current = match k.kvs.get(&key) {
+                Some((v, _)) => Some(WriterRecord::parse(&key, v)?),
+                None => None,
+            };
+            // Judged and written under one lock: etcd's compare on the replaced revision.
+            if writer.claim_over(current.as_ref()) == Claim::Take {
+                let value = writer.to_json().into_bytes();
+                k.revision += 1;
+                k.history.push((k.revision, key.clone(), value.clone()));
+                k.kvs.insert(key.clone(), (value, k.revision));
+                return Ok(None);
+            }
+            Ok(current)
+        });
+        let current = found.map_err(|e| ControlError::Malformed { key: key.clone(), reason: e.reason })?;
+        match writer.claim_over(current.as_ref()) {
+            Claim::Refused => {
+                Err(ControlError::Fenced { job: self.job.root().to_string(), ours: writer.clone(), current })
+            }
+            Claim::Take | Claim::Held => {
+                self.claimed = Some(writer.clone());
+                Ok(())
+            }
+        }
+    }
+
     async fn write(
         &mut self,
         puts: Vec<(String, String)>,
         record_revision: i64,
     ) -> Result<Written, ControlError> {
-        let record = self.job.recovery();
-        Ok(self.with(|k| {
+        let (record, writer) = (self.job.recovery(), self.job.writer());
+        let claimed = self.claimed.clone();
+        // The writer compare, the record compare and the puts under one lock: one transaction.
+        let outcome = self.with(|k| {
+            if let Some(ours) = claimed {
+                let current = k.kvs.get(&writer).map(|(v, _)| v.clone());
+                if current.as_deref() != Some(ours.to_json().as_bytes()) {
+                    return Err((ours, current));
+                }
+            }
             if k.kvs.get(&record).map_or(0, |(_, r)| *r) != record_revision {
-                return Written::Fenced;
+                return Ok(Written::Fenced);
             }
             k.revision += 1;
             for (key, value) in puts {
                 k.history.push((k.revision, key.clone(), value.clone().into_bytes()));
                 k.kvs.insert(key, (value.into_bytes(), k.revision));
             }
-            Written::Committed { revision: k.revision }
-        }))
+            Ok(Written::Committed { revision: k.revision })
+        });
+        outcome.map_err(|(ours, current)| ControlError::Fenced {
+            job: self.job.root().to_string(),
+            ours,
+            current: current.and_then(|v| WriterRecord::parse(&writer, &v).ok()),
+        })
     }
 
     async fn get_many(&mut self, keys: Vec<String>) -> Result<Vec<Option<Vec<u8>>>, ControlError> {

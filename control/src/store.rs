@@ -2,6 +2,8 @@
 
 use std::future::Future;
 
+use ninelives_core::writer::WriterRecord;
+
 use crate::error::ControlError;
 
 /// One read of a job's keys and the node keys.
@@ -68,8 +70,15 @@ pub trait BrainStore: Send {
     /// Reads the job's keys and the node keys.
     fn read(&mut self) -> impl Future<Output = Result<Snapshot, ControlError>> + Send;
 
+    /// Claims the job's writer key for `writer` (with a compare on the record it replaces), so
+    /// that every later [`write`](BrainStore::write) of this store also requires the key to
+    /// still hold `writer`. [`ControlError::Fenced`] when a writer of the same or a newer epoch
+    /// holds it.
+    fn claim(&mut self, writer: &WriterRecord) -> impl Future<Output = Result<(), ControlError>> + Send;
+
     /// Writes `puts` in one transaction, only if the job's `recovery` record still has
-    /// `record_revision` (0: it must not exist).
+    /// `record_revision` (0: it must not exist) and, once this store [claimed](BrainStore::claim)
+    /// the job, the writer key still holds its claim ([`ControlError::Fenced`] otherwise).
     fn write(
         &mut self,
         puts: Vec<(String, String)>,

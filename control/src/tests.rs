@@ -214,6 +214,9 @@ impl BrainStore for Interloper {
     async fn read(&mut self) -> Result<Snapshot, ControlError> {
         self.0.read().await
     }
+    async fn claim(&mut self, writer: &ninelives_core::writer::WriterRecord) -> Result<(), ControlError> {
+        self.0.claim(writer).await
+    }
     async fn write(&mut self, puts: Vec<(String, String)>, revision: i64) -> Result<Written, ControlError> {
         let newer = RecoveryState::new(names(), vec!["other-writer".into()]);
         self.0.put(self.1.clone(), newer.to_json());
@@ -319,4 +322,94 @@ async fn the_etcd_store_reads_one_revision_and_fences_stale_writes() {
         store.write(vec![(job.control(), "new".into())], revision).await.unwrap(),
         Written::Committed { .. }
     ));
+}
+
+/// Fencing by writer epoch (issue 19 item 3): two drivers over one store, the older deposed.
+mod fencing {
+    use ninelives_core::writer::WriterRecord;
+
+    use super::*;
+
+    fn writer(holder: &str, epoch: u64) -> WriterRecord {
+        WriterRecord::new(holder, epoch)
+    }
+
+    fn deposed(result: Result<Progress, ControlError>, by: &WriterRecord) {
+        match result {
+            Err(ControlError::Fenced { current, .. }) => assert_eq!(current.as_ref(), Some(by)),
+            other => panic!("expected the older writer to be deposed, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_newer_epoch_deposes_the_driving_writer_which_then_writes_nothing() {
+        let cluster = Cluster::new();
+        let table = || Recorder { table: Some(RecoveryState::new(names(), vec![])), ..Default::default() };
+        let (a, b) = (writer("op-a", 3), writer("op-b", 4));
+        let mut old =
+            ControlLoop::new(brain(8), identity(), cluster.store.clone(), None).with_writer(a.clone());
+        let mut fx_old = table();
+        assert_eq!(ran(&mut old, &mut fx_old, 1000.0).await.published.len(), 1);
+        assert_eq!(cluster.store.get(&cluster.job().writer()), Some(a.to_json().into_bytes()));
+        cluster.join(1, 0);
+        ran(&mut old, &mut fx_old, 1001.0).await;
+
+        // The new leader claims the job; a chip fails; the old one (resumed) decides a reroute.
+        let mut new =
+            ControlLoop::new(brain(8), identity(), cluster.store.clone(), None).with_writer(b.clone());
+        let mut fx_new = table();
+        assert!(ran(&mut new, &mut fx_new, 1002.0).await.published.is_empty(), "nothing to publish yet");
+        cluster.fail_chip("n1", 2);
+        let before = cluster.store.history(&cluster.job().placement()).len();
+        deposed(old.step(&mut fx_old, 1003.0).await, &b);
+        assert_eq!(
+            cluster.store.history(&cluster.job().placement()).len(),
+            before,
+            "the deposed writer published"
+        );
+        assert!(!fx_old.log.iter().any(|l| l.starts_with("published 2")), "{:?}", fx_old.log);
+        // Deposed for good: later rounds fail the same way without reading or writing.
+        deposed(old.step(&mut fx_old, 1004.0).await, &b);
+
+        // The new leader publishes the reroute itself, exactly once.
+        let reroute = ran(&mut new, &mut fx_new, 1005.0).await;
+        assert_eq!(reroute.published.iter().map(DistPlan::generation).collect::<Vec<_>>(), [2]);
+        assert_eq!(cluster.store.history(&cluster.job().placement()).len(), before + 1);
+    }
+
+    #[tokio::test]
+    async fn a_writer_older_than_the_holder_never_starts_and_its_own_epoch_is_kept() {
+        let cluster = Cluster::new();
+        let b = writer("op-b", 4);
+        cluster.store.put(cluster.job().writer(), b.to_json());
+        let mut fx = Recorder { table: Some(RecoveryState::new(names(), vec![])), ..Default::default() };
+        for stale in [writer("op-a", 3), writer("op-a", 4)] {
+            let mut lp =
+                ControlLoop::new(brain(8), identity(), cluster.store.clone(), None).with_writer(stale);
+            let err = lp.step(&mut fx, 1000.0).await.unwrap_err();
+            assert!(err.is_fenced() && err.label() == "fenced", "{err}");
+        }
+        assert!(cluster.store.get(&cluster.job().placement()).is_none() && fx.log.is_empty());
+        assert_eq!(
+            cluster.store.history(&cluster.job().writer()).len(),
+            1,
+            "the holder's claim was overwritten"
+        );
+        // The holder itself (a driver restarted within its term) drives on without a new claim.
+        let mut again = ControlLoop::new(brain(8), identity(), cluster.store.clone(), None).with_writer(b);
+        assert_eq!(ran(&mut again, &mut fx, 1000.0).await.published.len(), 1);
+        assert_eq!(cluster.store.history(&cluster.job().writer()).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_malformed_writer_key_stops_the_claim_without_writing() {
+        let cluster = Cluster::new();
+        cluster.store.put(cluster.job().writer(), "{not json");
+        let mut lp = ControlLoop::new(brain(8), identity(), cluster.store.clone(), None)
+            .with_writer(writer("op-a", 1));
+        let mut fx = Recorder { table: Some(RecoveryState::new(names(), vec![])), ..Default::default() };
+        let err = lp.step(&mut fx, 1000.0).await.unwrap_err();
+        assert_eq!(err.label(), "malformed", "{err}");
+        assert!(cluster.store.get(&cluster.job().placement()).is_none());
+    }
 }
