@@ -31,6 +31,7 @@ use crate::backoff::ObjectBackoff;
 use crate::driver::{DriverEnv, Drivers, read_view};
 use crate::error::{Error, Result};
 use crate::etcd::{EtcdConfig, SharedEtcd};
+use crate::leader::Leadership;
 use crate::lifecycle::{JobEvent, Plan, Severity, plan_with};
 use crate::metrics::Metrics;
 use crate::resources::{
@@ -70,7 +71,9 @@ pub struct Context {
 }
 
 impl Context {
-    /// A context; `instance` names this replica in Events.
+    /// A context; `instance` names this replica in Events; `leadership` is its term (drivers run
+    /// only within it).
+    #[allow(clippy::too_many_arguments)] // the clients, the flags' parts, the metrics and the term
     pub fn new(
         client: Client,
         template: WorkerTemplate,
@@ -79,6 +82,7 @@ impl Context {
         metrics: Arc<Metrics>,
         recovery: RecoveryMetrics,
         instance: &str,
+        leadership: Leadership,
     ) -> Self {
         let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(instance.into()) };
         let (trigger, triggered) = tokio::sync::mpsc::unbounded_channel();
@@ -92,6 +96,7 @@ impl Context {
             recovery,
             trigger,
             control_plane: Mutex::default(),
+            leadership,
         });
         Self {
             drivers,

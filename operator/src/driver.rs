@@ -31,6 +31,7 @@ use ninelives_core::keyspace::Keyspace;
 use ninelives_core::recovery::{
     BrainConfig, CompletedRecovery, Outage, OutagePolicy, ProgressRecord, RecoveryState,
 };
+use ninelives_core::writer::WriterRecord;
 use ninelives_telemetry::recovery::RecoveryMetrics;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
@@ -38,6 +39,7 @@ use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::etcd::SharedEtcd;
+use crate::leader::Leadership;
 use crate::lifecycle::{BrainView, ControlPlaneNote};
 use crate::metrics::Metrics;
 use crate::resources::{RANK_LABEL, ROLE_LABEL, Role, job_selector};
@@ -63,6 +65,9 @@ pub struct DriverEnv {
     pub trigger: UnboundedSender<ObjectRef<TrainingJob>>,
     /// Jobs whose driver freezes decisions (a control-plane outage), by `namespace/name`.
     pub control_plane: Mutex<HashMap<String, ControlPlaneNote>>,
+    /// This replica's leadership term: drivers start only within a valid term, claim their job
+    /// with its epoch, and stop as soon as it is no longer valid.
+    pub leadership: Leadership,
 }
 
 impl DriverEnv {
@@ -92,6 +97,10 @@ impl Drivers {
         if tasks.get(&key).is_some_and(|t| !t.is_finished()) {
             return;
         }
+        let Some(term) = self.env.leadership.current() else {
+            warn!(job = %key, "no valid leadership term; not driving the job");
+            return;
+        };
         let brain = match BrainConfig::from_spec(&job.spec) {
             Ok(c) => c.for_expert_parallel(),
             Err(e) => {
@@ -119,7 +128,8 @@ impl Drivers {
         };
         let ttl = f64::from(job.spec.failure_policy.heartbeat_ttl_seconds.max(1));
         let outage = OutagePolicy::for_ttl(ttl);
-        tasks.insert(key, tokio::spawn(drive(self.env.clone(), brain, identity, outage, effects)));
+        let writer = WriterRecord::new(term.identity, term.epoch);
+        tasks.insert(key, tokio::spawn(drive(self.env.clone(), brain, identity, outage, writer, effects)));
     }
 
     /// What every driver shares.
@@ -146,14 +156,17 @@ impl Drivers {
     }
 }
 
-/// Runs the job's loop until the brain finishes with the job.
+/// Runs the job's loop as `writer` until the brain finishes with the job, the term of the
+/// writer's epoch is no longer valid, or a newer writer claims the job.
 async fn drive(
     env: Arc<DriverEnv>,
     brain: BrainConfig,
     job: JobIdentity,
     outage: OutagePolicy,
+    writer: WriterRecord,
     mut effects: KubeEffects,
 ) {
+    let epoch = writer.epoch;
     let client = loop {
         match env.etcd.client().await {
             Ok(c) => break c,
@@ -164,9 +177,16 @@ async fn drive(
         }
     };
     let store = EtcdStore::new(client, job.keys.clone(), &job.namespace, &job.name);
-    let mut control =
-        ControlLoop::new(brain, job, store, Some(env.recovery.clone())).with_outage_policy(outage);
+    let mut control = ControlLoop::new(brain, job, store, Some(env.recovery.clone()))
+        .with_outage_policy(outage)
+        .with_writer(writer);
     loop {
+        // Checked before every round: a replica paused past its renew deadline resumes here
+        // and stops before it reads or writes anything (the epoch fence catches the rest).
+        if !env.leadership.holds(epoch) {
+            info!(job = %control.job(), epoch, "leadership term over; the recovery driver stops");
+            return;
+        }
         let pause = match control.step(&mut effects, unix_now()).await {
             Ok(Progress::Finished(_)) => None,
             Ok(Progress::Ran(round)) => {
@@ -177,6 +197,11 @@ async fn drive(
                 (!round.state.phase.is_terminal()).then_some(POLL)
             }
             Ok(Progress::NotStarted | Progress::Fenced | Progress::Frozen(_)) => Some(POLL),
+            Err(e) if e.is_fenced() => {
+                warn!(job = %control.job(), error = %e, "deposed by a newer writer; the recovery driver stops");
+                env.metrics.reconcile_failed(Error::from(e).label());
+                return;
+            }
             Err(e) => {
                 warn!(job = %control.job(), error = %e, "recovery driver");
                 env.metrics.reconcile_failed(Error::from(e).label());

@@ -103,6 +103,8 @@ impl Error {
             Error::Brain(_) => "brain",
             Error::Control(e) => match e.label() {
                 "etcd" => "etcd",
+                // Deposed by a newer leader's epoch: a leadership matter.
+                "fenced" => "lease",
                 "node-table" => "read",
                 _ => "brain",
             },

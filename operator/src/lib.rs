@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
@@ -269,14 +269,24 @@ async fn lead_while_elected(
     let mut elector = leader::LeaderElector::new(leases, &args.leader_election_lease, &identity, duration);
 
     info!(identity = %identity, lease = %args.leader_election_lease, "waiting for leadership");
+    let leadership = leader::Leadership::default();
     loop {
-        match elector.try_acquire_or_renew().await {
-            Ok(true) => break,
-            Ok(false) => ready.set(true),
-            Err(e) => {
+        let started = tokio::time::Instant::now();
+        match tokio::time::timeout(renew_deadline, elector.try_acquire_or_renew()).await {
+            Ok(Ok(true)) => match elector.epoch() {
+                Some(epoch) => {
+                    let valid_until = started + renew_deadline;
+                    leadership.begin(leader::Term { identity: identity.clone(), epoch, valid_until });
+                    break;
+                }
+                None => warn!("the Lease has no creation time; no epoch to fence writes with"),
+            },
+            Ok(Ok(false)) => ready.set(true),
+            Ok(Err(e)) => {
                 ready.set(false);
                 warn!(error = %e, "leader election");
             }
+            Err(_) => warn!(seconds = renew_deadline.as_secs(), "leader election did not answer in time"),
         }
         if sleep_or_shutdown(retry, &mut shutdown).await {
             return Ok(());
@@ -284,7 +294,7 @@ async fn lead_while_elected(
     }
     ready.set(true);
     metrics.set_leader(true);
-    info!(identity = %identity, "acquired leadership; reconciling");
+    info!(identity = %identity, epoch = ?elector.epoch(), "acquired leadership; reconciling");
 
     let ctx = Arc::new(controller::Context::new(
         client,
@@ -294,6 +304,7 @@ async fn lead_while_elected(
         metrics.clone(),
         recovery,
         &identity,
+        leadership.clone(),
     ));
     let (stop_controller, controller_stopped) = oneshot::channel::<()>();
     let drivers = ctx.clone();
@@ -301,28 +312,35 @@ async fn lead_while_elected(
         let _ = controller_stopped.await;
     }));
 
-    let mut last_renewal = Instant::now();
-    let outcome = loop {
+    let mut controller_failed = false;
+    let stop = async {
         tokio::select! {
-            _ = shutdown.wait_for(|stop| *stop) => break Ok(()),
-            _ = &mut controller => break Err(Error::ControllerStopped),
-            _ = tokio::time::sleep(retry) => {}
+            _ = shutdown.wait_for(|stop| *stop) => {}
+            _ = &mut controller => controller_failed = true,
         }
-        match elector.try_acquire_or_renew().await {
-            Ok(true) => last_renewal = Instant::now(),
-            Ok(false) => break Err(Error::LostLease),
-            Err(e) if last_renewal.elapsed() < renew_deadline => warn!(error = %e, "renewing the lease"),
-            Err(_) => break Err(Error::LostLease),
+    };
+    let end = leader::hold_term(&leadership, &mut elector, retry, renew_deadline, stop).await;
+    // The drivers stop first, at once: the term may be over (a standby may take the Lease once
+    // it expires), and the controller's grace period below is longer than what is left of it.
+    drivers.drivers.stop_all();
+    let outcome = match end {
+        leader::TermEnd::Stopped if controller_failed => Err(Error::ControllerStopped),
+        leader::TermEnd::Stopped => Ok(()),
+        leader::TermEnd::Lost | leader::TermEnd::MissedDeadline => {
+            warn!(?end, "leadership lost; the recovery drivers were stopped");
+            Err(Error::LostLease)
         }
     };
 
     let _ = stop_controller.send(());
     let grace = Duration::from_secs(args.shutdown_grace_seconds);
-    if tokio::time::timeout(grace, &mut controller).await.is_err() {
+    // (A controller that stopped by itself has nothing left to wait for.)
+    if !controller_failed && tokio::time::timeout(grace, &mut controller).await.is_err() {
         warn!("reconciles still running after the grace period; stopping them");
         controller.abort();
     }
-    // A replica that is not leading must not drive any job.
+    // A replica that is not leading must not drive any job (a reconcile in the grace period
+    // cannot start one: the term is over).
     drivers.drivers.stop_all();
     metrics.set_leader(false);
     if outcome.is_ok() {
