@@ -230,7 +230,8 @@ impl<'c> LocalRun<'c> {
         let ttl = f64::from(cfg.job.spec.failure_policy.heartbeat_ttl_seconds.max(1));
         Ok(Self {
             control: ControlLoop::new(brain, job, store, metrics)
-                .with_outage_policy(OutagePolicy::for_ttl(ttl)),
+                .with_outage_policy(OutagePolicy::for_ttl(ttl))
+                .with_writer(demo_writer()),
             fx: LocalEffects::new(RecoveryState::new(names, spares)),
             job_keys: keys.job(NAMESPACE, &name),
             start_unix: unix_now() - t0.elapsed().as_secs_f64(),
@@ -347,8 +348,10 @@ impl<'c> LocalRun<'c> {
         }
     }
 
-    /// The control loop's round. An error is journaled and the next round tries again (the
-    /// run's deadline bounds a store that stays unreachable).
+    /// The control loop's round. A [`ControlError::Fenced`](ninelives_control::ControlError)
+    /// (another driver claimed the job) repeats every round and publishes nothing. An error is
+    /// journaled and the next round tries again (the run's deadline bounds a store that stays
+    /// unreachable).
     async fn decide(&mut self, now: f64) {
         let outcome = self.control.step(&mut self.fx, now).await;
         if outcome.is_ok() {
@@ -515,4 +518,12 @@ impl<'c> LocalRun<'c> {
         };
         RunOutcome { report, samples: tr.samples, failure: self.fx.failure, interrupted }
     }
+}
+
+/// This demo process as the job's writer: its epoch is its start time, so a later driver of the
+/// same keys supersedes it and it can never overwrite what that one published.
+fn demo_writer() -> ninelives_core::writer::WriterRecord {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let epoch = ninelives_core::writer::epoch_at(since);
+    ninelives_core::writer::WriterRecord::new(format!("demo-{}", std::process::id()), epoch)
 }
