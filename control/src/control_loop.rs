@@ -268,8 +268,11 @@ impl<S: BrainStore> ControlLoop<S> {
         let Some((published, revision)) = self.apply(&original, &decision, seen.revision).await? else {
             return Ok(Progress::Fenced);
         };
-        self.collect_garbage(&decision.state, &seen.observation, revision).await?;
         self.dispatch(effects, &prior, &decision, &published).await?;
+        // Housekeeping: a failure leaves the garbage for a later round, never fails this one.
+        if let Err(e) = self.collect_garbage(&decision.state, &seen.observation, revision).await {
+            debug!(error = %e, "collecting older group values and acks failed; retried later");
+        }
         self.gauges(&decision.state, &seen.observation, now);
         let round = Round { prior, state: decision.state, observation: seen.observation, published };
         Ok(Progress::Ran(Box::new(round)))
