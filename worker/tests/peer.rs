@@ -60,6 +60,15 @@ impl Run {
 
     /// Starts member `rank` on a thread.
     fn spawn(&self, rank: u32) -> JoinHandle<Outcome> {
+        self.spawn_hooked(rank, None)
+    }
+
+    /// Starts member `rank` on a thread with its own `hook` (instead of the run's).
+    fn spawn_with(&self, rank: u32, hook: Hook) -> JoinHandle<Outcome> {
+        self.spawn_hooked(rank, Some(hook))
+    }
+
+    fn spawn_hooked(&self, rank: u32, own: Option<Hook>) -> JoinHandle<Outcome> {
         let run = self.clone();
         let options = MemberOptions {
             rank,
@@ -82,7 +91,7 @@ impl Run {
             let corpus = common::demo_corpus();
             run_with_threads(1, || {
                 run_member(run.config.clone(), corpus, run.store.clone(), etcd, &options, |e| {
-                    let h = hook.lock().unwrap().clone();
+                    let h = own.clone().or_else(|| hook.lock().unwrap().clone());
                     if let Some(h) = h {
                         h(rank, &e);
                     }
@@ -260,6 +269,69 @@ fn a_replacement_member_is_filled_from_buddy_copies_bit_identically() {
     let joined = joined.lock().unwrap();
     for rank in [0, 1, 3] {
         assert_eq!(joined.get(&(rank, 2)), Some(&2), "rank {rank} continues from step 2 ({joined:?})");
+    }
+}
+
+/// The settled generation (same plan, `Restore::InMemory`) that the brain publishes as soon as
+/// every member acknowledged a replace can arrive while the replacement still fetches its state:
+/// it continues that peer restore in the settled generation instead of failing for lack of
+/// state (which the brain saw as a second failure and restored from disk: issue 21's node-loss
+/// double recovery).
+#[test]
+fn a_settled_generation_during_the_replacements_fetch_continues_the_peer_restore() {
+    let etcd = EtcdServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 8;
+    let config = common::small_config(steps);
+    let run = Run::new(&etcd, "settled", &config, dir.path());
+    let spare: Arc<Mutex<Option<JoinHandle<Outcome>>>> = Arc::new(Mutex::new(None));
+    let settled = Arc::new(Mutex::new(false));
+    let (layers, routed) = (config.dims.layers, config.dims.routed_experts);
+    let (published, joined) = {
+        let (run2, spare, settled) = (run.clone(), spare.clone(), settled.clone());
+        publish_at(&run, 3, move |mut plan| {
+            let lost = plan.experts.remove(&2).unwrap();
+            plan.experts.insert(3, lost);
+            plan.members = vec![0, 1, 3];
+            plan.buddies = ninelives_core::peer::buddies(&plan.members, 1, None);
+            plan.restore = Restore::Peer { step: 2 };
+            plan.tier = GenerationTier::Replace;
+            plan.check(layers, routed).unwrap();
+            // The replacement joins generation 2 (acknowledged, state not fetched yet): the
+            // settled generation 3 is published then, and the replacement held until it saw it.
+            let (run3, settled) = (run2.clone(), settled.clone());
+            let hook: Hook = Arc::new(move |rank, e| {
+                if let MemberEvent::Joined { generation: 2, .. } = e
+                    && rank == 3
+                    && !*settled.lock().unwrap()
+                {
+                    let mut next = run3.link().plan().unwrap().unwrap();
+                    next.placement.generation += 1;
+                    next.restore = Restore::InMemory;
+                    next.tier = GenerationTier::Settled;
+                    run3.publish(&next);
+                    *settled.lock().unwrap() = true;
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            });
+            *spare.lock().unwrap() = Some(run2.spawn_with(3, hook));
+            plan
+        })
+    };
+    let members: Vec<_> = (0..3).map(|r| run.spawn(r)).collect();
+    run.publish(&run.first_plan(3));
+    let mut outcomes: Vec<Outcome> = members.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(*published.lock().unwrap(), "the replace generation was published");
+    assert!(*settled.lock().unwrap(), "the settled generation was published during the replacement's join");
+    outcomes.remove(2).unwrap_err();
+    let replacement = spare.lock().unwrap().take().unwrap().join().unwrap();
+    assert_eq!(replacement.unwrap(), None, "the replacement finished its restore and the job");
+    let digest = outcomes.remove(0).unwrap().expect("the leader's digest");
+    assert_eq!(digest, single_process(&config, steps), "the continued restore changes no bit");
+    no_checkpoint_before_the_end(dir.path(), steps);
+    let joined = joined.lock().unwrap();
+    for rank in [0, 1] {
+        assert_eq!(joined.get(&(rank, 3)), Some(&2), "rank {rank} continues from step 2 ({joined:?})");
     }
 }
 
