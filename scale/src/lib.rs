@@ -834,7 +834,8 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
     // Generation 1 joined and the phase running.
     let deadline = t0 + Duration::from_secs(120 + u64::from(o.nodes) / 50);
     loop {
-        let note = tokio::time::timeout(Duration::from_secs(10), notes.recv()).await;
+        // The first round plans and publishes the whole job: tens of seconds at 6,250 nodes.
+        let note = tokio::time::timeout(Duration::from_secs(90), notes.recv()).await;
         let Ok(Some(note)) = note else {
             report.broke = Some("the loop stopped reporting".into());
             break;
