@@ -15,7 +15,7 @@ use ninelives_worker::data::Corpus;
 use ninelives_worker::dist::auth::{JobAuth, JobKey};
 use ninelives_worker::dist::link::Security;
 use ninelives_worker::dist::member::{MemberEvent, MemberOptions, run_member};
-use ninelives_worker::dist::rendezvous::{Etcd, EtcdTlsFiles};
+use ninelives_worker::dist::rendezvous::{Etcd, EtcdCredentials, EtcdTlsFiles};
 use ninelives_worker::metrics::WorkerMetrics;
 use ninelives_worker::trainer::run_with_threads;
 use ninelives_worker::{
@@ -92,6 +92,12 @@ pub struct TrainArgs {
     /// Key (PEM) of the etcd client certificate.
     #[arg(long, env = "NINELIVES_ETCD_KEY_FILE", requires = "etcd_cert_file")]
     etcd_key_file: Option<PathBuf>,
+    /// etcd user (etcd with authentication on: the job's worker user); its password is read
+    /// from `NINELIVES_ETCD_PASSWORD` only, never from a flag (flags show in `ps`).
+    #[arg(long, env = "NINELIVES_ETCD_USER", requires = "rank")]
+    etcd_user: Option<String>,
+    #[arg(skip = std::env::var("NINELIVES_ETCD_PASSWORD").ok())]
+    etcd_password: Option<String>,
 }
 
 /// `ninelives worker train`.
@@ -242,7 +248,19 @@ fn train(args: TrainArgs) -> Result<(), Failure> {
             cert: args.etcd_cert_file.clone(),
             key: args.etcd_key_file.clone(),
         };
-        let etcd = Arc::new(Etcd::connect_tls(&args.etcd, job_keys(&job, &args.etcd_prefix), &tls)?);
+        let credentials = match (&args.etcd_user, &args.etcd_password) {
+            (Some(user), Some(password)) => {
+                Some(EtcdCredentials { user: user.clone(), password: password.clone() })
+            }
+            (None, _) => None,
+            (Some(user), None) => {
+                return Err(Failure::BadInput(format!(
+                    "--etcd-user {user} needs its password in NINELIVES_ETCD_PASSWORD"
+                )));
+            }
+        };
+        let keys = job_keys(&job, &args.etcd_prefix);
+        let etcd = Arc::new(Etcd::connect_as(&args.etcd, keys, &tls, credentials.as_ref())?);
         let options = MemberOptions {
             rank,
             listen: args.listen,

@@ -18,9 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ninelives_core::generation::{Restore, initial_plan, worker_shape};
 use ninelives_core::keyspace::{JobKeys, Keyspace};
-use ninelives_core::placement::PlacementShape;
 use ninelives_core::recovery::ProgressRecord;
 use ninelives_testkit::{EtcdCluster, EtcdServer};
 use ninelives_worker::dist::auth::JobKey;
@@ -208,21 +206,7 @@ impl Job {
         let members: Vec<Member> =
             (0..nodes).map(|rank| Member::spawn(manifest, rank, endpoints, checkpoints, &key, dir)).collect();
         // What the control loop would publish first (the members wait for it).
-        let base = PlacementShape {
-            layers: 2,
-            routed_experts: 4,
-            redundant_experts: 0,
-            expert_state_bytes: 1 << 20,
-            nodes: 1,
-            chips_per_node: 1,
-            chip_memory_bytes: 1 << 30,
-            expert_parallel_size: 1,
-            nodes_per_rack: None,
-            min_healthy_fraction: 0.25,
-            pipeline_stages: 1,
-        };
-        let plan = initial_plan(&worker_shape(&base, nodes), Restore::Fresh).unwrap();
-        etcd.put(&keys.placement(), serde_json::to_vec(&plan).unwrap(), None).unwrap();
+        etcd.put(&keys.placement(), common::initial_placement(nodes), None).unwrap();
         Self { name: name.to_string(), members }
     }
 

@@ -153,6 +153,22 @@ impl EtcdTlsFiles {
     }
 }
 
+/// An etcd user and its password, for etcd with authentication on: the job's worker user the
+/// operator created (`ninelives_core::access::worker_user`), limited to the job's member keys.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdCredentials {
+    /// The user name.
+    pub user: String,
+    /// Its password (never printed).
+    pub password: String,
+}
+
+impl std::fmt::Debug for EtcdCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdCredentials").field("user", &self.user).finish_non_exhaustive()
+    }
+}
+
 impl Etcd {
     /// Connects to `endpoints` without TLS.
     pub fn connect(endpoints: &[String], keys: JobKeys) -> Result<Self> {
@@ -161,6 +177,18 @@ impl Etcd {
 
     /// Connects to `endpoints`, with TLS when `tls` names any file.
     pub fn connect_tls(endpoints: &[String], keys: JobKeys, tls: &EtcdTlsFiles) -> Result<Self> {
+        Self::connect_as(endpoints, keys, tls, None)
+    }
+
+    /// [`Etcd::connect_tls`], authenticated as `credentials` when given (etcd with auth on);
+    /// without them, etcd authenticates by the TLS client certificate's common name, if any.
+    /// Wrong credentials fail here, not at the first write.
+    pub fn connect_as(
+        endpoints: &[String],
+        keys: JobKeys,
+        tls: &EtcdTlsFiles,
+        credentials: Option<&EtcdCredentials>,
+    ) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("etcd")
@@ -172,6 +200,9 @@ impl Etcd {
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
         if tls.is_set() {
             options = options.with_tls(tls.options()?);
+        }
+        if let Some(c) = credentials {
+            options = options.with_user(c.user.as_str(), c.password.as_str());
         }
         let client = rt.block_on(within("connect", Client::connect(endpoints, Some(options))))?;
         Ok(Self { rt, client, keys })
