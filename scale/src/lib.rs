@@ -294,6 +294,10 @@ impl BrainStore for Metered {
         Ok(written)
     }
 
+    async fn claim(&mut self, writer: &ninelives_core::writer::WriterRecord) -> Result<(), ControlError> {
+        self.inner.claim(writer).await
+    }
+
     async fn get_many(&mut self, keys: Vec<String>) -> Result<Vec<Option<Vec<u8>>>, ControlError> {
         let values = self.inner.get_many(keys).await?;
         let mut m = self.meter.lock().unwrap_or_else(|e| e.into_inner());
