@@ -99,7 +99,6 @@ impl BrainStore for EtcdStore {
             TxnOp::get(self.keys.nodes(), Some(GetOptions::new().with_prefix())),
         ]);
         let mut client = self.kv.clone();
-
         let response = bounded("read", client.txn(txn)).await?.map_err(self.etcd_err("read"))?;
         let record_key = self.job.recovery();
         let mut snapshot = Snapshot::default();

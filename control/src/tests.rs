@@ -171,7 +171,6 @@ async fn a_job_starts_and_a_chip_with_replicas_is_rerouted_without_a_rollback() 
         values.kvs.iter().all(|(k, _)| !k.starts_with(&cluster.job().plan_groups())),
         "the loop reads groups on demand"
     );
-
     let record = RecoveryState::parse("r", &cluster.store.get(&cluster.job().recovery()).unwrap()).unwrap();
     assert_eq!(record, first.state);
 

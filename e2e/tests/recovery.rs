@@ -3,8 +3,8 @@
 //! agent per node on simulated chips (the DaemonSet's pods: the node runner runs no DaemonSets,
 //! so the test starts them as processes). A chip fails, then a whole node is lost; each must be
 //! recovered by the brain (the chip by a reroute from memory, since every expert has two
-//! replicas; the node by the spare, restored from the checkpoint), recorded in the job's status
-//! and Events, and the job must finish
+//! replicas; the node by the spare, filled from its buddies' host memory: `peerCopies: 1`, issue
+//! 21), recorded in the job's status and Events with its source, and the job must finish
 //! with parameters bit-identical to an uninterrupted single-process run.
 
 use std::path::{Path, PathBuf};
@@ -59,7 +59,8 @@ fn manifest(checkpoints: &Path) -> serde_json::Value {
             "parallelism": { "expertParallelSize": 32, "redundantExperts": 8 },
             "data": { "datasets": ["/usr/share/common-licenses"], "globalBatchSize": 16, "microBatchSize": 4, "seed": 42 },
             "training": { "steps": STEPS, "learningRate": { "peak": 0.003, "warmupSteps": 5 } },
-            "checkpoint": { "path": checkpoints.display().to_string(), "intervalSteps": 5, "keepLast": 3 },
+            // One in-memory copy of each member's state on another node, refreshed every step.
+            "checkpoint": { "path": checkpoints.display().to_string(), "intervalSteps": 5, "keepLast": 3, "peerCopies": 1 },
             "failurePolicy": {
                 "heartbeatTtlSeconds": 3, "maxRecoveries": 5, "minHealthyFraction": 0.5,
                 "allowedTiers": ["reroute", "reshard", "restore", "replace"], "recoveryTimeoutSeconds": 90
@@ -223,16 +224,20 @@ async fn chip_fault_and_node_loss_are_recovered_by_the_brain_and_the_result_is_e
     assert!(records[0].trigger.starts_with(&format!("chip {chip_node}/3")), "{records:?}");
     for r in records {
         eprintln!(
-            "recovery: {} tier={:?} detect_s={:.2} resume_s={:.2} steps_lost={}",
-            r.trigger, r.tier, r.detection_seconds, r.recovery_seconds, r.steps_lost
+            "recovery: {} tier={:?} detect_s={:.2} resume_s={:.2} steps_lost={} source={:?}",
+            r.trigger, r.tier, r.detection_seconds, r.recovery_seconds, r.steps_lost, r.source
         );
     }
     // Every expert kept a live replica: the members drop the failed chip's replicas and go on
     // from memory.
     let chip = (records[0].tier, records[0].steps_lost);
     assert_eq!(chip, (ninelives_core::job::RecoveryTier::Reroute, 0), "{records:?}");
+    assert_eq!(records[0].source.as_deref(), Some("memory"), "{records:?}");
     assert!(records[1].trigger.contains(&lost), "{records:?}");
     assert_eq!(records[1].tier, ninelives_core::job::RecoveryTier::Replace, "{records:?}");
+    // The spare is filled from the buddies' host memory: at most the step in flight is lost.
+    assert_eq!(records[1].source.as_deref(), Some("peer"), "{records:?}");
+    assert!(records[1].steps_lost <= 1, "{records:?}");
     assert!(records.iter().all(|r| r.recovery_seconds > 0.0 && r.recovery_seconds < 90.0), "{records:?}");
     // A lost node carries no fault time (its lease just expires): measure detection here, from
     // the brain's record, against the heartbeat TTL (3 s) plus one second.
@@ -249,7 +254,10 @@ async fn chip_fault_and_node_loss_are_recovered_by_the_brain_and_the_result_is_e
     let notes = event_notes(&h).await;
     let recovered: Vec<&String> = notes.iter().filter(|(r, _)| r == "Recovered").map(|(_, n)| n).collect();
     assert_eq!(recovered.len(), 2, "{notes:?}");
-    assert!(recovered.iter().any(|n| n.contains("by replace")), "{notes:?}");
+    assert!(
+        recovered.iter().any(|n| n.contains("by replace") && n.contains("from peer memory at step")),
+        "{notes:?}"
+    );
     assert!(notes.iter().any(|(r, _)| r == "Recovering"), "{notes:?}");
 
     // Exact: the leader's final digest equals an uninterrupted single-process run.
