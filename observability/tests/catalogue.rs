@@ -8,6 +8,7 @@ use ninelives_agent::events::{AgentEvent, AgentMetrics};
 use ninelives_agent::faults::FaultAction;
 use ninelives_core::job::JobPhase;
 use ninelives_core::keyspace::ChipState;
+use ninelives_core::recovery::{AckOutcome, ApplyKind};
 use ninelives_observability::catalogue::{Catalogue, MetricKind, Status};
 use ninelives_observability::repo_root;
 use prometheus::Registry;
@@ -59,8 +60,8 @@ fn agent() -> Registry {
         AgentEvent::GenerationApplied {
             job: "ml/big",
             generation: 2,
-            kind: "reroute",
-            outcome: "applied",
+            kind: ApplyKind::Reroute,
+            outcome: AckOutcome::Applied,
             elapsed: Duration::from_millis(200),
             error: None,
         },
