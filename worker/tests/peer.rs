@@ -251,7 +251,15 @@ fn a_replacement_member_is_filled_from_buddy_copies_bit_identically() {
             plan.restore = Restore::Peer { step: 2 };
             plan.tier = GenerationTier::Replace;
             plan.check(layers, routed).unwrap();
-            *spare.lock().unwrap() = Some(run2.spawn(3));
+            // The spare starts once its generation is published, as the brain starts it (a
+            // spare reading the generation before could find itself no member of it).
+            let (run3, generation) = (run2.clone(), plan.placement.generation + 1);
+            *spare.lock().unwrap() = Some(std::thread::spawn(move || {
+                while run3.link().plan().ok().flatten().is_none_or(|p| p.generation() < generation) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                run3.spawn(3).join().unwrap()
+            }));
             plan
         })
     };
