@@ -3,7 +3,7 @@
 //!
 //! | who | user | may write | may read |
 //! | --- | --- | --- | --- |
-//! | a job's workers | [`worker_user`] | the job's `members/`, `acks/`, `progress`, `checkpoints/`, `peers/` | the job's keys |
+//! | a job's workers | [`worker_user`] | the job's `members/`, `acks/`, `progress`, `checkpoints/`, `peers/`, `loads/` | the job's keys |
 //! | a node's agent | [`agent_user`] | `nodes/<node>/` | `nodes/<node>/`, every job's keys |
 //! | an agent executing a job | (same user) | that job's `acks/` ([`Keyspace::agent_job_role`]) | |
 //! | the operator (the brain) | [`OPERATOR_USER`] | everything under the prefix | everything |
@@ -126,12 +126,14 @@ fn member_writes(job: &JobKeys) -> Vec<Grant> {
         write(KeyRange::prefix(job.checkpoints())),
         // Which peer snapshots each member holds (peer copies).
         write(KeyRange::prefix(job.peers())),
+        // Windowed token counts per expert (measured load, read by the brain).
+        write(KeyRange::prefix(job.loads())),
     ]
 }
 
 impl Keyspace {
     /// The role of job `namespace/name`'s workers: read the job's keys; write only what members
-    /// write (membership, acknowledgements, progress, checkpoint and peer-snapshot records).
+    /// write (membership, acknowledgements, progress, checkpoint, peer-snapshot and load records).
     pub fn worker_role(&self, namespace: &str, name: &str) -> Role {
         let job = self.job(namespace, name);
         let mut grants = vec![read(KeyRange::prefix(job.root()))];
@@ -179,12 +181,19 @@ mod tests {
         let a = ks.job("team", "a");
         let b = ks.job("team", "b");
         let ab = ks.job("team", "ab");
-        for key in [a.member(0), a.ack(3, "1"), a.progress(), a.checkpoint(12), a.peer(2)] {
+        for key in [a.member(0), a.ack(3, "1"), a.progress(), a.checkpoint(12), a.peer(2), a.load(1)] {
             assert!(role.may_write(&key), "{key}");
         }
-        for key in
-            [a.placement(), a.control(), a.recovery(), b.member(0), b.progress(), ab.progress(), b.peer(2)]
-        {
+        for key in [
+            a.placement(),
+            a.control(),
+            a.recovery(),
+            b.member(0),
+            b.progress(),
+            ab.progress(),
+            b.peer(2),
+            b.load(1),
+        ] {
             assert!(!role.may_write(&key), "{key}");
         }
         assert!(

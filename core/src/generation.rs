@@ -41,6 +41,11 @@ pub enum Restore {
         /// Snapshot step.
         step: u64,
     },
+    /// A rebalance: keep the in-memory state as [`Restore::InMemory`] does (members agree on
+    /// the lowest step and the ones ahead roll their last update back), and copy every expert
+    /// a member gains from a live member that held it in the previous generation, at that step.
+    /// No rollback, no disk read.
+    Live,
 }
 
 /// Why a generation was published: the first one, a rung of the recovery ladder, or the brain
@@ -62,6 +67,8 @@ pub enum GenerationTier {
     Shrink,
     /// A generation published with no recovery active.
     Settled,
+    /// A rebalance for the measured load (no recovery active; see [`Restore::Live`]).
+    Rebalance,
 }
 
 impl GenerationTier {
@@ -75,6 +82,7 @@ impl GenerationTier {
             GenerationTier::Replace => "replace",
             GenerationTier::Shrink => "shrink",
             GenerationTier::Settled => "settled",
+            GenerationTier::Rebalance => "rebalance",
         }
     }
 }
@@ -298,6 +306,8 @@ pub fn from_brain(
         | (RestoreSource::Memory, None) => Restore::Fresh,
         (RestoreSource::Checkpoint { step }, _) => Restore::Checkpoint { step },
         (RestoreSource::Peer { step }, _) => Restore::Peer { step },
+        // Members copy what they gain from the live holders of the previous generation.
+        (RestoreSource::Memory, Some(_)) if tier == GenerationTier::Rebalance => Restore::Live,
         (RestoreSource::Memory, Some(before)) => {
             for (rank, mine) in &experts {
                 let held = before.experts_of(*rank);
@@ -338,6 +348,7 @@ pub fn from_published_generation(
     let tier = match (&state.active, placement.generation) {
         (_, 1) => GenerationTier::Initial,
         (Some(active), _) => active.rung.into(),
+        (None, _) if control.rebalance => GenerationTier::Rebalance,
         (None, _) => GenerationTier::Settled,
     };
     from_brain(

@@ -119,6 +119,13 @@ pub struct ModelSpec {
     /// Block-sparse attention (in the spirit of LongCat Sparse Attention); dense when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sparse_attention: Option<SparseAttentionSpec>,
+    /// A fixed, untrained bias on the router's logits that skews expert load (for demos and
+    /// tests of load balancing): routed expert `e` of layer `l` gets `routerSkew * r / (routed -
+    /// 1)` with `r = (e + l) mod routed`, so each layer has a different hottest expert. Absent or
+    /// 0: no bias. Deterministic, so a skewed run is still bit-identical on any placement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0.0 && self <= 20.0").message("routerSkew must be in [0, 20]"))]
+    pub router_skew: Option<f64>,
 }
 
 /// Block-sparse causal attention: each query block attends to its own block, the first block and
@@ -177,6 +184,41 @@ pub struct ParallelismSpec {
     /// the expert-parallel groups. The embedded CPU worker runs one stage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipeline_parallel_size: Option<u32>,
+    /// Closed-loop rebalancing from the load the workers measure. Without it, measured load is
+    /// still used by every re-plan, but the brain never moves replicas for balance alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebalance: Option<RebalanceSpec>,
+}
+
+/// When the brain rebalances a running job: the measured step inflation (Σ over layers of the
+/// most loaded chip / Σ of the mean, from the tokens the workers count) must pass `threshold`,
+/// and at least `minIntervalSteps` steps must have passed since the previous rebalance.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.threshold >= 1.0").message("rebalance.threshold is a step inflation: at least 1.0").field_path(".threshold"))]
+#[x_kube(validation = Rule::new("!has(self.minIntervalSteps) || self.minIntervalSteps >= 1").message("rebalance.minIntervalSteps must be at least 1").field_path(".minIntervalSteps"))]
+#[x_kube(validation = Rule::new("!has(self.windowSteps) || self.windowSteps >= 1").message("rebalance.windowSteps must be at least 1").field_path(".windowSteps"))]
+pub struct RebalanceSpec {
+    /// Measured step inflation above which the brain publishes a rebalance generation.
+    pub threshold: f64,
+    /// Steps between two rebalances (and before the first), so the load table has windows to
+    /// smooth and a rebalance is never followed by another before its effect is measured.
+    #[serde(default = "default_rebalance_interval")]
+    pub min_interval_steps: u64,
+    /// Workers publish their token counts every this many steps.
+    #[serde(default = "default_load_window")]
+    pub window_steps: u64,
+}
+
+fn default_rebalance_interval() -> u64 {
+    50
+}
+
+/// Steps per load window when the spec sets none.
+pub const DEFAULT_LOAD_WINDOW_STEPS: u64 = 10;
+
+fn default_load_window() -> u64 {
+    DEFAULT_LOAD_WINDOW_STEPS
 }
 
 /// Training data and batch geometry. The global batch is fixed; workers only change who computes

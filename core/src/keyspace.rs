@@ -168,6 +168,17 @@ impl JobKeys {
     pub fn peer(&self, rank: u32) -> String {
         format!("{}peers/{rank}", self.root)
     }
+
+    /// Prefix of the members' measured expert load records.
+    pub fn loads(&self) -> String {
+        format!("{}loads/", self.root)
+    }
+
+    /// One member's latest window of token counts per expert
+    /// ([`LoadRecord`](crate::recovery::LoadRecord)), overwritten every window.
+    pub fn load(&self, rank: u32) -> String {
+        format!("{}loads/{rank}", self.root)
+    }
 }
 
 /// Health of one chip as published in etcd.
@@ -247,6 +258,8 @@ mod tests {
         assert_eq!(job.plan_group(7, "ab12"), "/nl/jobs/default/tiny/groups/000007/ab12");
         assert!(job.plan_group(7, "ab12").starts_with(&job.plan_groups()));
         assert_eq!(job.writer(), "/nl/jobs/default/tiny/writer");
+        assert_eq!(job.load(3), "/nl/jobs/default/tiny/loads/3");
+        assert!(job.load(3).starts_with(&job.loads()));
         assert_eq!(ks.parse_node_key("/nl/nodes/n1/chips/7"), Some(("n1", "chips/7")));
         assert_eq!(ks.parse_node_key("/nl/jobs/x"), None);
         assert_eq!(ks.parse_node_key("/other/nodes/n1/alive"), None);

@@ -197,6 +197,35 @@ impl JobShape {
                 "peerIntervalSteps must be at least 1 (snapshot every step or every few)".to_string(),
             ));
         }
+        if let Some(rebalance) = &spec.parallelism.rebalance {
+            let path = "spec.parallelism.rebalance";
+            if !rebalance.threshold.is_finite() || rebalance.threshold < 1.0 {
+                out.push(Violation::new(
+                    format!("{path}.threshold"),
+                    format!(
+                        "threshold {} is a step inflation (most loaded chip / mean, summed over layers): a finite number of at least 1.0",
+                        rebalance.threshold
+                    ),
+                ));
+            }
+            if rebalance.min_interval_steps == 0 {
+                out.push(Violation::new(
+                    format!("{path}.minIntervalSteps"),
+                    "minIntervalSteps must be at least 1",
+                ));
+            }
+            if rebalance.window_steps == 0 {
+                out.push(Violation::new(format!("{path}.windowSteps"), "windowSteps must be at least 1"));
+            }
+        }
+        if let Some(skew) = spec.model.router_skew
+            && !(skew.is_finite() && (0.0..=20.0).contains(&skew))
+        {
+            out.push(Violation::new(
+                "spec.model.routerSkew",
+                format!("routerSkew {skew} must be in [0, 20]"),
+            ));
+        }
         let mut seen = Vec::new();
         for (i, tier) in spec.failure_policy.allowed_tiers.iter().enumerate() {
             if seen.contains(tier) {

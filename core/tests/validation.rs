@@ -430,3 +430,47 @@ fn the_model_is_immutable() {
     resized.spec.training.steps = 400;
     assert!(TrainingJob::validate_cel_update(&resized, &old).is_ok());
 }
+
+#[test]
+fn rebalance_threshold_is_a_step_inflation() {
+    let bad = json!({"threshold": 0.5, "minIntervalSteps": 10});
+    let found = problems(&[("/spec/parallelism/rebalance", bad)]);
+    assert!(
+        found.iter().any(|(p, m)| p == "spec.parallelism.rebalance.threshold" && m.contains("at least 1.0")),
+        "{found:#?}"
+    );
+    let good = json!({"threshold": 1.5, "minIntervalSteps": 10, "windowSteps": 5});
+    assert_eq!(problems(&[("/spec/parallelism/rebalance", good)]), Vec::<(String, String)>::new());
+}
+
+#[test]
+fn rebalance_interval_and_window_are_positive() {
+    for field in ["minIntervalSteps", "windowSteps"] {
+        let mut bad = json!({"threshold": 1.5});
+        bad[field] = json!(0);
+        let found = problems(&[("/spec/parallelism/rebalance", bad)]);
+        let path = format!("spec.parallelism.rebalance.{field}");
+        assert!(found.iter().any(|(p, m)| *p == path && m.contains("at least 1")), "{field}: {found:#?}");
+    }
+}
+
+#[test]
+fn router_skew_is_bounded() {
+    let found = problems(&[("/spec/model/routerSkew", json!(25.0))]);
+    assert!(found.iter().any(|(p, m)| p.starts_with("spec.model") && m.contains("routerSkew")), "{found:#?}");
+    assert_eq!(problems(&[("/spec/model/routerSkew", json!(3.0))]), Vec::<(String, String)>::new());
+}
+
+#[test]
+fn the_start_deadline_is_at_least_a_second_and_defaults_to_ten_minutes() {
+    assert_problem(
+        &[("/spec/failurePolicy/startTimeoutSeconds", json!(0))],
+        "spec.failurePolicy.startTimeoutSeconds",
+        "startTimeoutSeconds must be at least 1",
+    );
+    assert_eq!(
+        problems(&[("/spec/failurePolicy/startTimeoutSeconds", json!(1))]),
+        Vec::<(String, String)>::new()
+    );
+    assert_eq!(ninelives_core::job::FailurePolicy::default().start_timeout_seconds, 600);
+}

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use thiserror::Error;
 
 use super::control::{AckOutcome, ControlRecord};
+use super::load::{RebalancePolicy, RebalanceRecord, rebalance};
 use super::observe::Observation;
 use super::reasons::{JobFailure, Refusal, RungRefusal};
 use super::rung::Rung;
@@ -14,8 +15,8 @@ use super::state::{
 };
 use crate::job::{RecoveryTier, TrainingJobSpec};
 use crate::placement::{
-    ChipId, ExpertLoad, FailedChips, GroupPlacement, Move, Placement, PlacementShape, PlanError, Redundancy,
-    ReplanOptions, Source, Tier, initial_placement, replan,
+    ChipId, ExpertLoad, FailedChips, GroupPlacement, LoadStats, Move, Placement, PlacementShape, PlanError,
+    Redundancy, ReplanOptions, Source, Tier, initial_placement, replan,
 };
 use crate::validate::JobShape;
 
@@ -183,6 +184,16 @@ pub struct Decision {
     pub actions: Vec<Action>,
 }
 
+/// What the members measured, as the control loop's [`LoadTracker`](super::LoadTracker) has
+/// smoothed it, and when to act on it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Feedback {
+    /// The measured load table; every re-plan uses it instead of [`BrainConfig::load`].
+    pub load: Option<ExpertLoad>,
+    /// When a running job is rebalanced for the measured load (`spec.parallelism.rebalance`).
+    pub rebalance: Option<RebalancePolicy>,
+}
+
 /// Decides one step of a job's recovery.
 ///
 /// Pure and idempotent: the same inputs give the same decision, and feeding a decision's state
@@ -194,7 +205,28 @@ pub fn decide(
     observation: &Observation,
     placement: Option<&Placement>,
 ) -> Result<Decision, BrainError> {
-    let mut d = Decider { cfg: config, obs: observation, st: prior.clone(), actions: Vec::new() };
+    decide_with(config, &Feedback::default(), prior, observation, placement)
+}
+
+/// [`decide`] with measured load: re-plans use `feedback.load`, and a running job whose measured
+/// step inflation passes the policy's threshold (at most once per `minIntervalSteps`, once every
+/// member joined the generation in force, no fault pending) gets a rebalance generation: no
+/// rollback, every gained replica copied from a live holder (`ControlRecord::rebalance`).
+pub fn decide_with(
+    config: &BrainConfig,
+    feedback: &Feedback,
+    prior: &RecoveryState,
+    observation: &Observation,
+    placement: Option<&Placement>,
+) -> Result<Decision, BrainError> {
+    let mut d = Decider {
+        cfg: config,
+        load: feedback.load.as_ref().unwrap_or(&config.load),
+        feedback,
+        obs: observation,
+        st: prior.clone(),
+        actions: Vec::new(),
+    };
     if d.st.phase.is_terminal() {
         return Ok(d.finish());
     }
@@ -215,6 +247,8 @@ pub fn decide(
             let triggers = d.new_triggers(&health);
             if !triggers.is_empty() {
                 d.begin(triggers, placement)?;
+            } else if health.missing.is_empty() {
+                d.maybe_rebalance(placement)?;
             }
         }
         BrainPhase::Recovering => d.advance(&health, placement)?,
@@ -250,6 +284,9 @@ struct Published {
 
 struct Decider<'a> {
     cfg: &'a BrainConfig,
+    /// The load re-plans balance: measured when fed back, else the configured one.
+    load: &'a ExpertLoad,
+    feedback: &'a Feedback,
     obs: &'a Observation,
     st: RecoveryState,
     actions: Vec<Action>,
@@ -385,7 +422,7 @@ impl Decider<'_> {
     fn start(&mut self, placement: Option<&Placement>) -> Result<(), BrainError> {
         match placement {
             None if self.st.generation == 0 => {
-                let p = initial_placement(&self.cfg.shape, &self.cfg.load)?;
+                let p = initial_placement(&self.cfg.shape, self.load)?;
                 self.st.generation = p.generation;
                 // A job that starts over committed checkpoints (a relaunch) resumes from the
                 // newest; a new job has none and starts from the seeded initial state.
@@ -727,7 +764,7 @@ impl Decider<'_> {
             }
         }
         let failed = self.failed_set(&excluded, &dropped)?;
-        let result = replan(&cfg.shape, &base, &failed, &cfg.load, &cfg.options)?;
+        let result = replan(&cfg.shape, &base, &failed, self.load, &cfg.options)?;
         let plan = result.plan;
         let (Some(mut placement), tier) = (result.placement, &plan.tier) else {
             let reason = match &plan.tier {
@@ -815,6 +852,69 @@ impl Decider<'_> {
 }
 
 impl Decider<'_> {
+    /// Whether every expected member (or node agent) applied generation `generation`.
+    fn everyone_joined(&self, generation: u64) -> bool {
+        let joined = self.obs.joined.get(&generation);
+        let acks = self.obs.acks.get(&generation);
+        self.st.expected_ranks().all(|r| {
+            joined.is_some_and(|j| j.contains(&r))
+                || acks
+                    .and_then(|a| a.get(&self.st.node_names[r as usize]))
+                    .is_some_and(|a| a.outcome == AckOutcome::Applied)
+        })
+    }
+
+    /// Publishes a rebalance generation when the measured step inflation of the settled
+    /// generation in force passes the policy's threshold and a candidate lowers it (see
+    /// [`decide_with`]). A check that finds no gain also counts for the minimum interval.
+    fn maybe_rebalance(&mut self, placement: Option<&Placement>) -> Result<(), BrainError> {
+        let (Some(policy), Some(load)) = (self.feedback.rebalance, self.feedback.load.as_ref()) else {
+            return Ok(());
+        };
+        let (Some(step), Some(current)) = (self.obs.step, placement) else { return Ok(()) };
+        if current.generation != self.st.generation
+            || current.has_pending()
+            || !self.everyone_joined(current.generation)
+        {
+            return Ok(());
+        }
+        let failed = self.failed_set(&self.st.excluded, &self.st.dropped)?;
+        let before = LoadStats::measure(&self.cfg.shape, current, &failed, load).step_inflation;
+        if policy.due(step, self.st.rebalanced_at, before).is_err() {
+            return Ok(());
+        }
+        self.st.rebalanced_at = step;
+        let Ok(done) = rebalance(&self.cfg.shape, current, &failed, load)? else { return Ok(()) };
+        let generation = self.st.generation + 1;
+        let mut placement = done.placement;
+        placement.generation = generation;
+        // Sources are live chips (no checkpoint step), and nothing rolls back.
+        let mut control = ControlRecord::from_moves(
+            generation,
+            &done.moves,
+            &self.st.node_names,
+            0,
+            None,
+            self.cfg.apply_timeout_s,
+        );
+        control.rebalance = true;
+        self.st.generation = generation;
+        self.st.rebalances.push(RebalanceRecord {
+            generation,
+            step,
+            at: self.obs.now,
+            before,
+            predicted: done.after,
+            replicas_moved: done.moves.len() as u64,
+        });
+        if self.st.rebalances.len() > HISTORY_LIMIT {
+            let extra = self.st.rebalances.len() - HISTORY_LIMIT;
+            self.st.rebalances.drain(..extra);
+        }
+        self.actions.push(Action::PublishPlacement { placement, control });
+        Ok(())
+    }
+
     /// The previous generation's members split into those whose host memory survives the
     /// attempt `p` and those whose memory is gone: their node is lost, their process is
     /// (re)started, a spare takes their index, or they are dropped.

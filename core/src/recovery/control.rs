@@ -71,6 +71,11 @@ pub struct ControlRecord {
     /// Untrusted when read back: use [`ControlRecord::apply_timeout`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<f64>,
+    /// A rebalance of a running job: no rollback and no disk read; every expert a node gains is
+    /// copied from a live holder at the step the members agree on (`load_experts` are all
+    /// `peer` loads).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rebalance: bool,
 }
 
 /// How long a node may take to apply a generation when the control record does not say.
@@ -147,6 +152,7 @@ impl ControlRecord {
             from_peers: false,
             load_experts,
             timeout_seconds: Some(timeout_seconds),
+            rebalance: false,
         }
     }
 

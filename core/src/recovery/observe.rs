@@ -96,6 +96,9 @@ pub struct Observation {
     pub joined: BTreeMap<u64, BTreeSet<u32>>,
     /// The members' peer snapshot records, by rank.
     pub peers: BTreeMap<u32, PeerRecord>,
+    /// The members' latest windows of token counts per expert, by the key's rank (checked and
+    /// smoothed by a [`LoadTracker`](super::LoadTracker)).
+    pub loads: BTreeMap<u32, super::load::LoadRecord>,
 }
 
 impl Observation {
@@ -154,6 +157,14 @@ impl Observation {
                 match (rank.parse::<u32>(), serde_json::from_slice::<PeerRecord>(value)) {
                     (Ok(r), Ok(record)) => {
                         obs.peers.insert(r, record);
+                    }
+                    (Err(_), _) => bad.push(malformed(key, "rank is not a number")),
+                    (_, Err(e)) => bad.push(malformed(key, &e.to_string())),
+                }
+            } else if let Some(rank) = rest.strip_prefix("loads/") {
+                match (rank.parse::<u32>(), serde_json::from_slice(value)) {
+                    (Ok(r), Ok(record)) => {
+                        obs.loads.insert(r, record);
                     }
                     (Err(_), _) => bad.push(malformed(key, "rank is not a number")),
                     (_, Err(e)) => bad.push(malformed(key, &e.to_string())),

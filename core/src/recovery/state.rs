@@ -334,6 +334,13 @@ pub struct RecoveryState {
     /// Chips out of the placement.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty", with = "chip_map")]
     pub excluded: BTreeMap<ChipId, Exclusion>,
+    /// The step of the last rebalance decision (published or found without gain; 0: none):
+    /// the next waits `minIntervalSteps` from it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rebalanced_at: u64,
+    /// The newest rebalance generations published, oldest first (at most [`HISTORY_LIMIT`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rebalances: Vec<super::load::RebalanceRecord>,
     /// Recoveries started so far.
     pub recoveries: u32,
     /// The recovery in progress.
@@ -377,6 +384,10 @@ mod chip_map {
     }
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 impl RecoveryState {
     /// The state of a job that has not started: nothing published, every node in its place.
     pub fn new(node_names: Vec<String>, spares: Vec<String>) -> Self {
@@ -388,6 +399,8 @@ impl RecoveryState {
             spares,
             dropped: BTreeSet::new(),
             excluded: BTreeMap::new(),
+            rebalanced_at: 0,
+            rebalances: Vec::new(),
             recoveries: 0,
             active: None,
             history: Vec::new(),
