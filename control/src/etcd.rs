@@ -3,13 +3,14 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, DeleteOptions, GetOptions, KvClient, Txn, TxnOp, TxnOpResponse,
+    Client, Compare, CompareOp, DeleteOptions, GetOptions, KvClient, Txn, TxnOp, TxnOpResponse, WatchClient,
 };
 use ninelives_core::keyspace::{JobKeys, Keyspace};
 use ninelives_core::writer::{Claim, WriterRecord};
 
 use crate::error::ControlError;
 use crate::store::{BATCH_OPS, BrainStore, Snapshot, Written, batches};
+use crate::view::{Range, View};
 
 /// Deadline of every etcd call: a stalled etcd fails the round, never hangs the loop.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -33,14 +34,17 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
     vec![0]
 }
 
-/// One job's keys in etcd.
+/// One job's keys in etcd. [`read`](BrainStore::read) answers from an in-memory view of the
+/// job's keys (but the plan's group values) and `nodes/`, listed once and then fed by one watch
+/// (see the `view` module): a round costs O(changes), not O(cluster).
 pub struct EtcdStore {
     client: Client,
     kv: KvClient,
-    keys: Keyspace,
+    watch: WatchClient,
     job: JobKeys,
     /// The writer this store claimed the job for: every write compares it.
     claimed: Option<WriterRecord>,
+    view: View,
 }
 
 impl EtcdStore {
@@ -48,13 +52,32 @@ impl EtcdStore {
     pub fn new(client: Client, keys: Keyspace, namespace: &str, name: &str) -> Self {
         let job = keys.job(namespace, name);
         let kv = client.kv_client().max_decoding_message_size(MAX_RESPONSE_BYTES);
-        Self { client, kv, keys, job, claimed: None }
+        let watch = client.watch_client().max_decoding_message_size(MAX_RESPONSE_BYTES);
+        // The job's keys around the plan's group values (read on demand, only when the commit
+        // record changes), and the node keys.
+        let groups = job.plan_groups();
+        let ranges = vec![
+            Range { start: job.root().as_bytes().to_vec(), end: groups.as_bytes().to_vec() },
+            Range { start: prefix_end(&groups), end: prefix_end(job.root()) },
+            Range { start: keys.nodes().into_bytes(), end: prefix_end(&keys.nodes()) },
+        ];
+        let view = View::new(ranges, job.recovery(), job.root().to_string(), CALL_TIMEOUT);
+        Self { client, kv, watch, job, claimed: None, view }
     }
 
-    /// Uses `client` from now on (the adapter reconnected after an error).
+    /// Uses `client` from now on (the adapter reconnected after an error); the view is listed
+    /// again through it.
     pub fn replace_client(&mut self, client: Client) {
         self.kv = client.kv_client().max_decoding_message_size(MAX_RESPONSE_BYTES);
+        self.watch = client.watch_client().max_decoding_message_size(MAX_RESPONSE_BYTES);
         self.client = client;
+        self.view.invalidate();
+    }
+
+    /// How many times the view was listed (the first read, then once per re-sync: a compacted
+    /// or cancelled watch, a failed read, a fenced write). Steady state adds none.
+    pub fn lists(&self) -> u64 {
+        self.view.lists()
     }
 
     /// The guards of a garbage collection: the record read, and the claimed writer's epoch.
@@ -89,30 +112,7 @@ async fn bounded<T>(
 
 impl BrainStore for EtcdStore {
     async fn read(&mut self) -> Result<Snapshot, ControlError> {
-        // One transaction: the job's keys and the node keys from the same revision. The plan's
-        // group values are left out (read on demand, only when the commit record changes).
-        let groups = self.job.plan_groups();
-        let range = |end: Vec<u8>| Some(GetOptions::new().with_range(end));
-        let txn = Txn::new().and_then(vec![
-            TxnOp::get(self.job.root(), range(groups.as_bytes().to_vec())),
-            TxnOp::get(prefix_end(&groups), range(prefix_end(self.job.root()))),
-            TxnOp::get(self.keys.nodes(), Some(GetOptions::new().with_prefix())),
-        ]);
-        let mut client = self.kv.clone();
-        let response = bounded("read", client.txn(txn)).await?.map_err(self.etcd_err("read"))?;
-        let record_key = self.job.recovery();
-        let mut snapshot = Snapshot::default();
-        for op in response.op_responses() {
-            let TxnOpResponse::Get(get) = op else { continue };
-            for kv in get.kvs() {
-                let Ok(key) = kv.key_str() else { continue };
-                if key == record_key {
-                    snapshot.record_revision = kv.mod_revision();
-                }
-                snapshot.kvs.push((key.to_string(), kv.value().to_vec()));
-            }
-        }
-        Ok(snapshot)
+        self.view.read(&self.kv, &self.watch).await
     }
 
     async fn claim(&mut self, writer: &WriterRecord) -> Result<(), ControlError> {
@@ -147,6 +147,9 @@ impl BrainStore for EtcdStore {
                     if !response.succeeded() {
                         continue;
                     }
+                    if let Some(h) = response.header() {
+                        self.view.committed(&[(key.clone(), writer.to_json())], h.revision());
+                    }
                 }
             }
             self.claimed = Some(writer.clone());
@@ -165,11 +168,24 @@ impl BrainStore for EtcdStore {
         if let Some(ours) = &self.claimed {
             guards.push(Compare::value(self.job.writer(), CompareOp::Equal, ours.to_json()));
         }
-        let ops = puts.into_iter().map(|(k, v)| TxnOp::put(k, v, None)).collect::<Vec<_>>();
+        let ops = puts.iter().map(|(k, v)| TxnOp::put(k.as_str(), v.as_str(), None)).collect::<Vec<_>>();
         let txn = Txn::new().when(guards).and_then(ops).or_else(vec![TxnOp::get(self.job.writer(), None)]);
         let mut client = self.client.clone();
-        let response = bounded("write", client.txn(txn)).await?.map_err(self.etcd_err("write"))?;
+        let response = match bounded("write", client.txn(txn)).await {
+            Ok(Ok(response)) => response,
+            // Applied or not, unknown: the view lists again rather than guess.
+            Ok(Err(e)) => {
+                self.view.invalidate();
+                return Err(self.etcd_err("write")(e));
+            }
+            Err(e) => {
+                self.view.invalidate();
+                return Err(e);
+            }
+        };
         if !response.succeeded() {
+            // The record (or the writer key) changed under this store: its view is stale.
+            self.view.invalidate();
             if let Some(ours) = &self.claimed {
                 let current = response.op_responses().into_iter().find_map(|op| match op {
                     TxnOpResponse::Get(get) => Some(get.kvs().first().map(|kv| kv.value().to_vec())),
@@ -182,7 +198,13 @@ impl BrainStore for EtcdStore {
             }
             return Ok(Written::Fenced);
         }
-        let revision = response.header().map_or(record_revision, |h| h.revision());
+        let Some(revision) = response.header().map(|h| h.revision()) else {
+            self.view.invalidate();
+            return Err(self.etcd_err("write")(etcd_client::Error::InvalidArgs(
+                "etcd answered without a header".into(),
+            )));
+        };
+        self.view.committed(&puts, revision);
         Ok(Written::Committed { revision })
     }
 
@@ -233,6 +255,7 @@ impl BrainStore for EtcdStore {
             let mut client = self.kv.clone();
             let response = bounded("delete", client.txn(txn)).await?.map_err(self.etcd_err("delete"))?;
             if !response.succeeded() {
+                self.view.invalidate();
                 return Ok(Written::Fenced);
             }
         }

@@ -24,6 +24,7 @@ mod etcd;
 mod event;
 mod memory;
 mod store;
+mod view;
 
 #[cfg(test)]
 mod tests;
