@@ -83,6 +83,18 @@ impl EtcdServer {
         Ok(server)
     }
 
+    /// Starts etcd with extra flags made from its plain-text client URL: e.g. a second, TLS
+    /// client listener beside it (`--listen-client-urls={url},https://…`, which replaces the
+    /// default), while `/health` is still checked over plain text.
+    pub fn start_with_client_url_args(extra: impl FnOnce(&str) -> Vec<String>) -> Result<Self, TestkitError> {
+        let dir = tempfile::Builder::new().prefix("ninelives-etcd-").tempdir()?;
+        let client_port = free_port()?;
+        let extra = extra(&format!("http://127.0.0.1:{client_port}"));
+        let mut server = EtcdServer { child: None, dir, client_port, peer_port: free_port()?, extra };
+        server.spawn()?;
+        Ok(server)
+    }
+
     /// Client URL, e.g. `http://127.0.0.1:23791`.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.client_port)
