@@ -10,8 +10,8 @@ use ninelives_core::keyspace::{JobKeys, Keyspace};
 use ninelives_core::placement::Placement;
 use ninelives_core::recovery::{
     Action, BrainConfig, Decision, Observation, Outage, OutageGuard, OutagePolicy, RecoveryState, Verdict,
-    decide,
 };
+use ninelives_core::recovery::{Feedback, LoadTracker, RebalancePolicy, decide_with};
 use ninelives_core::writer::WriterRecord;
 use ninelives_telemetry::recovery::RecoveryMetrics;
 use tracing::{debug, info, warn};
@@ -129,6 +129,10 @@ pub struct ControlLoop<S> {
     current: Option<Current>,
     /// Whether group values of older generations may be left to collect.
     collect: bool,
+    /// The members' measured load, smoothed; fed to every decision.
+    loads: LoadTracker,
+    /// When a running job is rebalanced for it (`spec.parallelism.rebalance`).
+    rebalance: Option<RebalancePolicy>,
     /// Who this loop publishes as, and whether the store holds its claim yet.
     writer: Option<Writer>,
 }
@@ -151,6 +155,7 @@ impl<S: BrainStore> ControlLoop<S> {
         let job_keys = job.keys.job(&job.namespace, &job.name);
         let outage_policy = OutagePolicy::for_ttl(DEFAULT_TTL_S);
         let (guard, reported) = (OutageGuard::default(), None);
+        let loads = LoadTracker::new(&brain.shape, RebalancePolicy::window_of(None));
         Self {
             brain,
             job,
@@ -164,6 +169,8 @@ impl<S: BrainStore> ControlLoop<S> {
             writer: None,
             current: None,
             collect: true,
+            loads,
+            rebalance: None,
         }
     }
 
@@ -174,6 +181,29 @@ impl<S: BrainStore> ControlLoop<S> {
     pub fn with_writer(mut self, writer: WriterRecord) -> Self {
         self.writer = Some(Writer { record: writer, claimed: false, deposed: None });
         self
+    }
+
+    /// Rebalances a running job by `policy` (the spec's `parallelism.rebalance`; `None`: never
+    /// for balance alone). Measured load is fed back to every re-plan either way.
+    pub fn with_rebalance(mut self, policy: Option<RebalancePolicy>) -> Self {
+        self.loads = LoadTracker::new(&self.brain.shape, RebalancePolicy::window_of(policy.as_ref()));
+        self.rebalance = policy;
+        self
+    }
+
+    /// The smoothed load table the members measured, as the brain plans with it.
+    pub fn measured_load(&self) -> &LoadTracker {
+        &self.loads
+    }
+
+    /// The brain's configuration.
+    pub fn brain(&self) -> &BrainConfig {
+        &self.brain
+    }
+
+    /// The placement of the generation in force, as last read or written (`None`: not known).
+    pub fn placement(&self) -> Option<&Placement> {
+        self.current.as_ref().map(Current::placement)
     }
 
     /// Judges control-plane outages with `policy` (default: [`OutagePolicy::for_ttl`] of 10 s;
@@ -263,8 +293,19 @@ impl<S: BrainStore> ControlLoop<S> {
             // No deadline counted while decisions were frozen.
             Verdict::Resume { frozen_s, .. } => prior.postpone(frozen_s),
         }
-        let decision =
-            decide(&self.brain, &prior, &seen.observation, self.current.as_ref().map(Current::placement))?;
+        // Members' load windows: checked, then folded into the smoothed table.
+        let obs = &seen.observation;
+        for (rank, why) in self.loads.observe(&obs.loads, prior.generation, obs.step) {
+            debug!(rank, reason = %why, "ignoring a load record");
+        }
+        let feedback = Feedback { load: self.loads.table(), rebalance: self.rebalance };
+        let decision = decide_with(
+            &self.brain,
+            &feedback,
+            &prior,
+            &seen.observation,
+            self.current.as_ref().map(Current::placement),
+        )?;
         let Some((published, revision)) = self.apply(&original, &decision, seen.revision).await? else {
             return Ok(Progress::Fenced);
         };

@@ -42,6 +42,29 @@ pub struct Sample {
     pub tokens_per_s: f64,
 }
 
+/// A rebalance generation the brain published for the load the members measured.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct RebalanceEntry {
+    /// The generation.
+    pub generation: u64,
+    /// The step it was decided at.
+    pub step: u64,
+    /// Step inflation (Σ over layers of the most loaded chip / Σ of the mean) of the placement
+    /// it replaced, under the load measured then (the members' token counts, smoothed).
+    pub step_inflation_before: f64,
+    /// The same figure for the new placement under the load measured until the end of the run.
+    pub step_inflation_after: f64,
+    /// What the brain predicted for the new placement when it decided.
+    pub predicted: f64,
+    /// Expert replicas copied from live holders.
+    pub replicas_moved: u64,
+    /// Mean training throughput (tokens/s) over the steps before and after it, as measured by
+    /// the members (same number of steps each side, the join itself left out).
+    pub tokens_per_s_before: Option<f64>,
+    /// See `tokens_per_s_before`.
+    pub tokens_per_s_after: Option<f64>,
+}
+
 /// `report.json`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Report {
@@ -66,6 +89,9 @@ pub struct Report {
     pub reference_sha256: Option<String>,
     /// The faults injected, as written in the schedule.
     pub faults: Vec<String>,
+    /// Rebalance generations for measured load, in order.
+    #[serde(default)]
+    pub rebalances: Vec<RebalanceEntry>,
     /// Control-plane outages the brain rode out without deciding.
     #[serde(default)]
     pub control_plane_outages: Vec<OutageEntry>,
@@ -234,6 +260,7 @@ mod tests {
             params_sha256: None,
             reference_sha256: None,
             faults: vec!["chip:1/3@5".into()],
+            rebalances: Vec::new(),
             control_plane_outages: Vec::new(),
         };
         let samples: Vec<Sample> = (0..=10).map(|i| s(i as f64, i)).collect();

@@ -33,7 +33,10 @@ use ninelives_core::fault_schedule::{
     FLAP_HALF_PERIOD_S, FLAP_ONSETS, FaultKind, FaultSchedule, ScheduledFault,
 };
 use ninelives_core::keyspace::{JobKeys, Keyspace};
-use ninelives_core::recovery::{BrainConfig, BrainPhase, Observation, OutagePolicy, RecoveryState};
+use ninelives_core::placement::{FailedChips, LoadStats};
+use ninelives_core::recovery::{
+    BrainConfig, BrainPhase, Observation, OutagePolicy, RebalancePolicy, RecoveryState,
+};
 
 use crate::cluster::{AgentPlan, Cluster};
 use crate::effects::{Injected, LocalEffects};
@@ -231,7 +234,8 @@ impl<'c> LocalRun<'c> {
         Ok(Self {
             control: ControlLoop::new(brain, job, store, metrics)
                 .with_outage_policy(OutagePolicy::for_ttl(ttl))
-                .with_writer(demo_writer()),
+                .with_writer(demo_writer())
+                .with_rebalance(cfg.job.spec.parallelism.rebalance.as_ref().map(RebalancePolicy::of)),
             fx: LocalEffects::new(RecoveryState::new(names, spares)),
             job_keys: keys.job(NAMESPACE, &name),
             start_unix: unix_now() - t0.elapsed().as_secs_f64(),
@@ -502,6 +506,7 @@ impl<'c> LocalRun<'c> {
     fn finish(mut self, interrupted: bool) -> RunOutcome {
         self.cluster.sup.shutdown();
         let wall_s = self.t0.elapsed().as_secs_f64();
+        let rebalances = self.rebalance_entries();
         let tr = self.training;
         let report = Report {
             recoveries: self.entries,
@@ -514,9 +519,61 @@ impl<'c> LocalRun<'c> {
             params_sha256: tr.digest,
             reference_sha256: None,
             faults: self.cfg.schedule.faults().iter().map(ToString::to_string).collect(),
+            rebalances,
             control_plane_outages: self.fx.outages,
         };
         RunOutcome { report, samples: tr.samples, failure: self.fx.failure, interrupted }
+    }
+}
+
+impl LocalRun<'_> {
+    /// The rebalances the brain published, each with its step inflation before (as the brain
+    /// measured it) and after (the rebalanced placement under the load measured to the end), and
+    /// the members' throughput on either side.
+    fn rebalance_entries(&self) -> Vec<crate::report::RebalanceEntry> {
+        let Some(state) = &self.state else { return Vec::new() };
+        let shape = &self.control.brain().shape;
+        let load = self.control.measured_load().table();
+        let failed = FailedChips::from_chips(shape, state.excluded.keys().copied()).unwrap_or_default();
+        let placement = self.control.placement();
+        let span =
+            self.cfg.job.spec.parallelism.rebalance.as_ref().map_or(20, |r| r.min_interval_steps.max(1));
+        let mean_tps = |from: u64, to: u64| {
+            let picked: Vec<f64> = self
+                .training
+                .samples
+                .iter()
+                .filter(|s| s.step > from && s.step <= to)
+                .map(|s| s.tokens_per_s)
+                .collect();
+            (!picked.is_empty()).then(|| picked.iter().sum::<f64>() / picked.len() as f64)
+        };
+        let entries: Vec<_> = state.rebalances.iter().collect();
+        entries
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                // "After" is measured on the placement in force at the end when this is the last
+                // rebalance (no fault since), else on what the brain predicted.
+                let last = i + 1 == entries.len() && placement.is_some_and(|p| p.generation == r.generation);
+                let after = match (last, placement, &load) {
+                    (true, Some(p), Some(load)) => LoadStats::measure(shape, p, &failed, load).step_inflation,
+                    _ => r.predicted,
+                };
+                // The step of the decision and the one after (the members' join) are left out.
+                let next = entries.get(i + 1).map_or(u64::MAX, |n| n.step);
+                crate::report::RebalanceEntry {
+                    generation: r.generation,
+                    step: r.step,
+                    step_inflation_before: r.before,
+                    step_inflation_after: after,
+                    predicted: r.predicted,
+                    replicas_moved: r.replicas_moved,
+                    tokens_per_s_before: mean_tps(r.step.saturating_sub(span), r.step),
+                    tokens_per_s_after: mean_tps(r.step + 2, (r.step + 2 + span).min(next)),
+                }
+            })
+            .collect()
     }
 }
 

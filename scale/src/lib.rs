@@ -604,7 +604,7 @@ async fn member_pool(
             let restore_step = match p.restore {
                 Restore::Checkpoint { step } | Restore::Peer { step } => step,
                 Restore::Fresh => 0,
-                Restore::InMemory => step,
+                Restore::InMemory | Restore::Live => step,
             };
             let todo: Vec<u32> = p
                 .members

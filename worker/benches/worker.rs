@@ -53,6 +53,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         global_batch_size: GLOBAL_BATCH,
         micro_batch_size: MICRO_BATCH,
         seed: 1,
+        router_skew: 0.0,
+        load_window_steps: 10,
     };
     let corpus = Arc::new(Corpus::load(&["/usr/share/common-licenses"])?);
     let mut trainer = Trainer::new(config, corpus)?;

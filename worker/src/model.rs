@@ -135,6 +135,8 @@ pub struct MoeTransformer {
     params: BTreeMap<String, Var>,
     rope: RopeTables,
     device: Device,
+    /// Per layer, the fixed bias added to the router's logits (`routerSkew`); empty: none.
+    router_bias: Vec<Tensor>,
 }
 
 impl MoeTransformer {
@@ -189,7 +191,28 @@ impl MoeTransformer {
         }
         let head_dim = (dims.hidden_size / dims.heads) as usize;
         let rope = RopeTables::new(dims.seq_len as usize, head_dim, ROPE_THETA);
-        Ok(Self { dims, params, rope, device })
+        Ok(Self { dims, params, rope, device, router_bias: Vec::new() })
+    }
+
+    /// Adds a fixed, untrained bias to the router's logits that skews expert load: routed expert
+    /// `e` of layer `l` gets `skew * r / (routed - 1)` with `r = (e + l) mod routed`, so each
+    /// layer has a different hottest expert (zero-computation experts get none). 0 removes it.
+    /// Deterministic: it changes which experts are hot, never who computes what.
+    pub fn set_router_skew(&mut self, skew: f64) -> Result<()> {
+        self.router_bias.clear();
+        if skew == 0.0 {
+            return Ok(());
+        }
+        let routed = self.dims.routed_experts as usize;
+        let experts = routed + self.dims.zero_experts as usize;
+        let span = routed.saturating_sub(1).max(1) as f64;
+        for l in 0..self.dims.layers as usize {
+            let bias: Vec<f32> = (0..experts)
+                .map(|e| if e < routed { (skew * ((e + l) % routed) as f64 / span) as f32 } else { 0.0 })
+                .collect();
+            self.router_bias.push(Tensor::from_vec(bias, experts, &self.device)?);
+        }
+        Ok(())
     }
 
     /// The model's dimensions.
@@ -388,7 +411,10 @@ impl MoeTransformer {
         let experts = routed + zero;
         let top_k = self.dims.top_k as usize;
         let n = x.dim(0)?;
-        let logits = ops::linear(x, self.param(&format!("layers.{l}.router"))?)?; // [n, experts]
+        let mut logits = ops::linear(x, self.param(&format!("layers.{l}.router"))?)?; // [n, experts]
+        if let Some(bias) = self.router_bias.get(l as usize) {
+            logits = logits.broadcast_add(bias)?;
+        }
         let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
         let plan = RoutingPlan::top_k(&probs.to_vec2::<f32>()?, top_k, routed);
         let mask = Tensor::from_vec(plan.selection_mask(experts), (n, experts), &self.device)?;

@@ -44,6 +44,11 @@ pub struct TrainerConfig {
     pub micro_batch_size: u32,
     /// Seed of initialisation and sampling.
     pub seed: u64,
+    /// The fixed router bias that skews expert load (`spec.model.routerSkew`; 0: none).
+    pub router_skew: f64,
+    /// Expert-parallel members publish their token counts every this many steps
+    /// (`spec.parallelism.rebalance.windowSteps`).
+    pub load_window_steps: u64,
 }
 
 impl TrainerConfig {
@@ -67,6 +72,12 @@ impl TrainerConfig {
             global_batch_size: spec.data.global_batch_size,
             micro_batch_size: spec.data.micro_batch_size,
             seed: spec.data.seed,
+            router_skew: spec.model.router_skew.unwrap_or(0.0),
+            load_window_steps: spec
+                .parallelism
+                .rebalance
+                .as_ref()
+                .map_or(ninelives_core::job::DEFAULT_LOAD_WINDOW_STEPS, |r| r.window_steps.max(1)),
         };
         config.check()?;
         Ok(config)
@@ -115,6 +126,9 @@ pub struct MicroBatchResult {
     pub balance_loss: f32,
     /// Router z-loss (summed over layers).
     pub z_loss: f32,
+    /// Tokens routed to each routed expert, `[layer][expert]` (measured load; not sent to other
+    /// members).
+    pub expert_tokens: Vec<Vec<u32>>,
 }
 
 /// What one step did.
@@ -159,7 +173,8 @@ impl Trainer {
     ) -> Result<Self> {
         config.check()?;
         corpus.check_fits(config.dims.seq_len as usize)?;
-        let model = MoeTransformer::initialize(config.dims, config.seed, experts)?;
+        let mut model = MoeTransformer::initialize(config.dims, config.seed, experts)?;
+        model.set_router_skew(config.router_skew)?;
         let optimizer = AdamW::new(&config.training, config.total_steps, &model);
         Ok(Self { config, corpus, model, optimizer, step: 0 })
     }
@@ -174,7 +189,8 @@ impl Trainer {
         corpus.check_fits(config.dims.seq_len as usize)?;
         let cursor = loaded.manifest.data_cursor;
         check_cursor(&config, &cursor, &loaded.path)?;
-        let model = MoeTransformer::from_values(config.dims, loaded.params)?;
+        let mut model = MoeTransformer::from_values(config.dims, loaded.params)?;
+        model.set_router_skew(config.router_skew)?;
         let mut optimizer = AdamW::new(&config.training, config.total_steps, &model);
         for (name, moments) in loaded.moments {
             optimizer.set_moments(&name, moments)?;
@@ -193,7 +209,8 @@ impl Trainer {
     ) -> Result<Self> {
         config.check()?;
         corpus.check_fits(config.dims.seq_len as usize)?;
-        let model = MoeTransformer::from_values(config.dims, params)?;
+        let mut model = MoeTransformer::from_values(config.dims, params)?;
+        model.set_router_skew(config.router_skew)?;
         let mut optimizer = AdamW::new(&config.training, config.total_steps, &model);
         for (name, m) in moments {
             optimizer.set_moments(&name, m)?;
@@ -302,6 +319,7 @@ impl Trainer {
             cross_entropy: out.cross_entropy,
             balance_loss: out.balance_loss,
             z_loss: out.z_loss,
+            expert_tokens: out.expert_tokens,
         })
     }
 

@@ -141,6 +141,8 @@ pub struct DistStepReport {
     pub seconds: f64,
     /// Global-batch tokens per second.
     pub tokens_per_second: f64,
+    /// Tokens this member's micro-batches routed to each routed expert, `[layer][expert]`.
+    pub expert_tokens: Vec<Vec<u64>>,
 }
 
 /// A full copy of the model assembled on the leader at a checkpoint step.
@@ -198,6 +200,16 @@ pub fn run_step(
         mine.push(result);
     }
     drop(guard);
+    let mut expert_tokens: Vec<Vec<u64>> = Vec::new();
+    for r in &mine {
+        expert_tokens.resize_with(expert_tokens.len().max(r.expert_tokens.len()), Vec::new);
+        for (sum, layer) in expert_tokens.iter_mut().zip(&r.expert_tokens) {
+            sum.resize(sum.len().max(layer.len()), 0);
+            for (s, &c) in sum.iter_mut().zip(layer) {
+                *s += u64::from(c);
+            }
+        }
+    }
 
     // 2. Round 1: dense gradients and losses of every micro-batch, to everyone.
     let payload = encode_results(&mine);
@@ -278,6 +290,7 @@ pub fn run_step(
         grad_norm: update.grad_norm,
         seconds,
         tokens_per_second: config.tokens_per_step() as f64 / seconds.max(1e-9),
+        expert_tokens,
     })
 }
 
@@ -370,7 +383,15 @@ pub(super) fn decode_results(bytes: &[u8]) -> Result<Vec<MicroBatchResult>, Malf
             let name = d.str()?;
             grads.insert(name, d.f32s()?);
         }
-        out.push(MicroBatchResult { index, grads, cross_entropy, balance_loss, z_loss });
+        // Token counts stay with the member that routed them (published as its load window).
+        out.push(MicroBatchResult {
+            index,
+            grads,
+            cross_entropy,
+            balance_loss,
+            z_loss,
+            expert_tokens: Vec::new(),
+        });
     }
     d.end()?;
     Ok(out)
@@ -429,7 +450,14 @@ mod tests {
     fn payloads_round_trip() {
         let mut grads = Gradients::new();
         grads.insert("embed".into(), vec![1.0, -2.5]);
-        let r = MicroBatchResult { index: 3, grads, cross_entropy: 5.5, balance_loss: 1.0, z_loss: 0.25 };
+        let r = MicroBatchResult {
+            index: 3,
+            grads,
+            cross_entropy: 5.5,
+            balance_loss: 1.0,
+            z_loss: 0.25,
+            expert_tokens: Vec::new(),
+        };
         let back = decode_results(&encode_results(std::slice::from_ref(&r))).unwrap();
         assert_eq!(back[0].index, 3);
         assert_eq!(back[0].grads, r.grads);

@@ -19,7 +19,7 @@ use crate::error::{Result, WorkerError};
 use crate::model::{ExpertId, ParamOwner};
 use crate::trainer::{Trainer, TrainerConfig};
 use ninelives_core::generation::{DistPlan, GenerationTier, Restore, agreed_step};
-use ninelives_core::recovery::PeerRecord;
+use ninelives_core::recovery::{LoadRecord, PeerRecord};
 use std::collections::BTreeSet;
 use std::sync::MutexGuard;
 use std::sync::atomic::AtomicU64;
@@ -261,6 +261,8 @@ fn member_loop(
         // A peer restore that needs state from other members (fetched once connected).
         let mut pending_peer: Option<(u64, Option<Arc<Snapshot>>)> = None;
         let mut peer_step: Option<u64> = None;
+        // A rebalance gave this member experts it does not hold (copied once connected).
+        let mut live_gain = false;
 
         // Obtain the generation's state.
         {
@@ -356,6 +358,58 @@ fn member_loop(
                     }
                     peer_step = Some(step);
                     before_update = None;
+                }
+                // A rebalance: keep memory, hand off what others gain, drop what moved away,
+                // and copy what this member gains from its live holders once connected.
+                Restore::Live => {
+                    let trainer = guard.as_mut().ok_or_else(|| {
+                        WorkerError::Rendezvous(
+                            "a rebalance generation needs state in memory; this member has none".into(),
+                        )
+                    })?;
+                    let held = trainer.model().held_experts();
+                    let gained_elsewhere: BTreeSet<ExpertId> = plan
+                        .members
+                        .iter()
+                        .filter(|&&r| r != rank)
+                        .flat_map(|&r| {
+                            let before = previous_plan.as_ref().map_or(&[][..], |p| p.experts_of(r));
+                            plan.experts_of(r).iter().filter(move |e| !before.contains(e)).copied()
+                        })
+                        .collect();
+                    let give: Vec<ExpertId> =
+                        held.iter().filter(|e| gained_elsewhere.contains(e)).copied().collect();
+                    if !give.is_empty() {
+                        // Both steps the members may agree on: this one, and the one before if
+                        // this member is a step ahead and rolls its last update back.
+                        let (params, moments) = trainer.host_state()?;
+                        let mut parts = vec![
+                            Snapshot { step: trainer.step(), params, moments }.select(false, Some(&give)),
+                        ];
+                        if let Some((step, (params, moments))) = before_update.as_ref() {
+                            let earlier =
+                                Snapshot { step: *step, params: params.clone(), moments: moments.clone() };
+                            parts.push(earlier.select(false, Some(&give)));
+                        }
+                        peers(shared)?.hand_off(parts);
+                    }
+                    let kept: Vec<ExpertId> = held.iter().filter(|e| mine.contains(e)).copied().collect();
+                    if kept.len() < held.len() {
+                        trainer.retain_experts(&kept)?;
+                        if let Some((_, (params, moments))) = before_update.as_mut() {
+                            params.retain(|name, _| ParamOwner::of(name).kept_with(&kept));
+                            moments.retain(|name, _| ParamOwner::of(name).kept_with(&kept));
+                        }
+                    }
+                    let gains = mine.iter().filter(|e| !held.contains(e)).count();
+                    tracing::info!(
+                        generation,
+                        handed_off = give.len(),
+                        dropped = held.len() - kept.len(),
+                        gains,
+                        "rebalance: keeping memory, copying gained experts from live holders"
+                    );
+                    live_gain = gains > 0;
                 }
                 // The settled generation that follows a peer restore is published as soon as
                 // every member acknowledged it, possibly while this member still fetches its
@@ -499,6 +553,21 @@ fn member_loop(
             }
             Err(e) => return Err(e),
         };
+        if live_gain {
+            // Every member stands at `target` now: this member's own state (dense and the
+            // experts it kept) plus the gained experts from the previous holders' hand-off.
+            let own = {
+                let guard =
+                    shared.trainer.read().map_err(|_| WorkerError::Rendezvous("lock poisoned".into()))?;
+                let trainer = guard
+                    .as_ref()
+                    .ok_or_else(|| WorkerError::Rendezvous("no trainer to rebalance".into()))?;
+                let (params, moments) = trainer.host_state()?;
+                Snapshot { step: trainer.step(), params, moments }
+            };
+            pending_peer = Some((own.step, Some(Arc::new(own))));
+            before_update = None;
+        }
         if let Some((step, own)) = pending_peer.take() {
             let fetched = restore_from_peers(
                 config,
@@ -524,6 +593,9 @@ fn member_loop(
         previous_plan = Some(plan.clone());
         let routing = Arc::new(Routing::new(plan));
         let total = config.total_steps;
+        let mut window = LoadWindow::starting_at(
+            shared.trainer.read().ok().and_then(|g| g.as_ref().map(Trainer::step)).unwrap_or(0),
+        );
         let mut sender: Option<std::thread::JoinHandle<()>> = None;
         let outcome: Result<Option<String>> = (|| {
             loop {
@@ -535,6 +607,13 @@ fn member_loop(
                 let counters = traffic(shared);
                 let report = run_step(shared, &coll, &routing, &mut before_update)?;
                 events(MemberEvent::Step(&report));
+                window.add(&report.expert_tokens);
+                if report.step % config.load_window_steps.max(1) == 0
+                    && let Some(record) = window.close(generation, rank, report.step)
+                {
+                    // Buffered, latest wins: the brain's load table never holds training up.
+                    session.record_load(&record);
+                }
                 if routing.plan.leader() == Some(rank) {
                     // Buffered: the brain tolerates a late record, training never waits for etcd.
                     session.report_progress(generation, report.step, report.loss);
@@ -675,6 +754,49 @@ fn publish_peers(session: &Session, shared: &Shared, published: &mut Option<Peer
         *published = Some(record);
     }
     Ok(())
+}
+
+/// Tokens this member's micro-batches routed to each expert since `from_step` (one window of
+/// its [`LoadRecord`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadWindow {
+    from_step: u64,
+    tokens: Vec<Vec<u64>>,
+}
+
+impl LoadWindow {
+    /// An empty window after step `step`.
+    pub fn starting_at(step: u64) -> Self {
+        Self { from_step: step, tokens: Vec::new() }
+    }
+
+    /// Adds one step's counts (`[layer][expert]`).
+    pub fn add(&mut self, counts: &[Vec<u64>]) {
+        if self.tokens.len() < counts.len() {
+            self.tokens.resize_with(counts.len(), Vec::new);
+        }
+        for (sum, layer) in self.tokens.iter_mut().zip(counts) {
+            if sum.len() < layer.len() {
+                sum.resize(layer.len(), 0);
+            }
+            for (s, &c) in sum.iter_mut().zip(layer) {
+                *s = s.saturating_add(c);
+            }
+        }
+    }
+
+    /// The record of the window ending at `step` (none when it holds no step or no token) and a
+    /// new window after it.
+    pub fn close(&mut self, generation: u64, rank: u32, step: u64) -> Option<LoadRecord> {
+        let done = std::mem::replace(self, Self::starting_at(step));
+        (step > done.from_step && done.tokens.iter().flatten().any(|&c| c > 0)).then_some(LoadRecord {
+            generation,
+            rank,
+            from_step: done.from_step,
+            to_step: step,
+            tokens: done.tokens,
+        })
+    }
 }
 
 /// Builds this member's state of `step` for a peer restore: its own snapshot (`own`, if it has

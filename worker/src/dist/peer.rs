@@ -119,6 +119,9 @@ pub struct PeerStore {
     held: BTreeMap<u32, BTreeMap<u64, Arc<Snapshot>>>,
     /// Ranks whose copies this member keeps in the current generation.
     keeps_for: BTreeSet<u32>,
+    /// A rebalance's hand-off: experts this member held that others gain, at the steps the
+    /// members may agree on, kept until the next generation (see [`PeerStore::hand_off`]).
+    handoff: Vec<Arc<Snapshot>>,
 }
 
 impl PeerStore {
@@ -127,6 +130,14 @@ impl PeerStore {
     pub fn begin(&mut self, generation: u64, keeps_for: BTreeSet<u32>) {
         self.generation = generation;
         self.keeps_for = keeps_for;
+        self.handoff.clear();
+    }
+
+    /// Keeps `parts` (experts only) for the members that gain them in this generation (a
+    /// rebalance, [`Restore::Live`](ninelives_core::generation::Restore::Live)): this member may
+    /// drop them at once, and a gainer still fetches them with [`PeerStore::find`].
+    pub fn hand_off(&mut self, parts: Vec<Snapshot>) {
+        self.handoff = parts.into_iter().map(|p| Arc::new(p.select(false, None))).collect();
     }
 
     /// Keeps this member's own `snapshot`, complete once each of `buddies` acknowledged it
@@ -199,8 +210,11 @@ impl PeerStore {
     pub fn find(&self, step: u64, dense: bool, experts: &[ExpertId]) -> Option<Snapshot> {
         let mut out = Snapshot { step, ..Snapshot::default() };
         let mut missing: Vec<ExpertId> = experts.to_vec();
-        let sources =
-            self.own_at(step).into_iter().chain(self.held.values().filter_map(|c| c.get(&step).cloned()));
+        let sources = self
+            .own_at(step)
+            .into_iter()
+            .chain(self.held.values().filter_map(|c| c.get(&step).cloned()))
+            .chain(self.handoff.iter().filter(|h| h.step == step).cloned());
         let mut first = true;
         for source in sources {
             let own_dense = dense && first && self.own.contains_key(&step);

@@ -401,6 +401,8 @@ enum Slot {
     Progress,
     /// `peers/<rank>`.
     Peer,
+    /// `loads/<rank>`.
+    Load,
 }
 
 /// Writes for the recovery brain that are not in etcd yet, latest wins per key: only the newest
@@ -545,6 +547,12 @@ impl Session {
     /// (buffered, latest wins).
     pub fn record_peers(&self, record: &ninelives_core::recovery::PeerRecord) {
         self.queue_json(Slot::Peer, record);
+    }
+
+    /// Publishes this member's token counts of one window at `loads/<rank>` (buffered, latest
+    /// wins: a window not written before the next closes is superseded, never queued up).
+    pub fn record_load(&self, record: &ninelives_core::recovery::LoadRecord) {
+        self.queue_json(Slot::Load, record);
     }
 
     /// Waits up to `limit` for every buffered write to reach etcd; whether they all did.
@@ -728,6 +736,7 @@ impl Writer {
             Slot::Checkpoint(step) => self.keys.checkpoint(step),
             Slot::Progress => self.keys.progress(),
             Slot::Peer => self.keys.peer(self.rank),
+            Slot::Load => self.keys.load(self.rank),
         }
     }
 

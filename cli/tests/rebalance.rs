@@ -1,0 +1,71 @@
+//! Measured load, closed loop (issue 20), with real processes (`ninelives demo`: etcd, agents on
+//! simulated chips, one worker member per node, the recovery brain) on
+//! `examples/tiny-skewed.yaml`: a router bias skews the load, the members publish their token
+//! counts, and the brain publishes a rebalance generation once the measured step inflation
+//! passes the threshold. The rebalance copies replicas from live peers (no rollback, no
+//! checkpoint read), lowers the measured step inflation, and the final parameters are still
+//! bit-identical to an uninterrupted run.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::path::Path;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ninelives");
+const STEPS: u64 = 60;
+
+#[test]
+fn a_skewed_router_is_rebalanced_from_live_peers_and_the_result_stays_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    let report_dir = dir.path().join("report");
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny-skewed.yaml");
+    let out = Command::new(BIN)
+        .arg("demo")
+        .arg("--manifest")
+        .arg(&manifest)
+        .args(["--steps", &STEPS.to_string(), "--no-faults", "--threads", "1", "--timeout-secs", "600"])
+        .arg("--report")
+        .arg(&report_dir)
+        .arg("--work-dir")
+        .arg(&work)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report_dir.join("report.json")).unwrap()).unwrap();
+
+    // At least one rebalance generation, and each lowered the measured step inflation.
+    let rebalances = report["rebalances"].as_array().unwrap();
+    assert!(!rebalances.is_empty(), "no rebalance generation:\n{stdout}");
+    for r in rebalances {
+        let before = r["step_inflation_before"].as_f64().unwrap();
+        let after = r["step_inflation_after"].as_f64().unwrap();
+        assert!(before > 1.3, "rebalanced below the threshold: {r}");
+        assert!(after < before, "step inflation did not go down: {r}");
+        assert!(r["replicas_moved"].as_u64().unwrap() > 0, "{r}");
+    }
+    assert!(stdout.contains("(rebalance, restore Live) published"), "{stdout}");
+    // Nothing failed, nothing rolled back, nothing read from disk.
+    assert_eq!(report["recoveries"].as_array().map(Vec::len), Some(0), "{stdout}");
+    let mut logs = String::new();
+    for entry in std::fs::read_dir(work.join("logs")).unwrap().filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("worker-") && name.ends_with(".log") {
+            logs.push_str(&std::fs::read_to_string(entry.path()).unwrap());
+        }
+    }
+    let reads: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("loaded checkpoint") || l.contains("restored checkpoint"))
+        .collect();
+    assert!(reads.is_empty(), "a checkpoint was read: {reads:#?}");
+    assert!(logs.contains("copying gained experts from live holders"), "no member gained an expert");
+    // Placement never changes the numbers.
+    assert_eq!(report["params_match"], serde_json::Value::Bool(true), "{stdout}");
+    assert_eq!(report["max_abs_diff"].as_f64(), Some(0.0), "{stdout}");
+    assert_eq!(report["steps"].as_u64(), Some(STEPS), "{stdout}");
+}
