@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper, PutOptions};
-use ninelives_control::{ControlLoop, EffectError, Effects, EtcdStore, JobIdentity, Progress, unix_now};
+use ninelives_control::{
+    ControlError, ControlLoop, EffectError, Effects, EtcdStore, JobIdentity, Progress, unix_now,
+};
 use ninelives_core::generation::{DistPlan, worker_shape};
 use ninelives_core::keyspace::{JobKeys, Keyspace};
 use ninelives_core::member_output::MemberLine;
@@ -327,6 +329,11 @@ impl Launch {
             Ok(Progress::Ran(round)) => round.state.phase,
             Ok(Progress::Finished(state)) => state.phase,
             Ok(Progress::NotStarted | Progress::Fenced | Progress::Frozen(_)) => phase,
+            // Another launcher claimed the job: it drives the workers now; this one stops.
+            Err(e @ ControlError::Fenced { .. }) => {
+                self.fx.failure = Some(e.to_string());
+                phase
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "control round failed; retrying");
                 phase
@@ -451,7 +458,18 @@ fn control_loop(
     };
     let store = EtcdStore::new(client, keys.clone(), namespace, name);
     let ttl = f64::from(job.spec.failure_policy.heartbeat_ttl_seconds.max(1));
-    Ok(ControlLoop::new(brain, identity, store, None).with_outage_policy(OutagePolicy::for_ttl(ttl)))
+    Ok(ControlLoop::new(brain, identity, store, None)
+        .with_outage_policy(OutagePolicy::for_ttl(ttl))
+        .with_writer(launch_writer()))
+}
+
+/// This launcher as the job's writer (as the demo driver): its epoch is its start time, so a
+/// later launcher of the same job supersedes it, and a paused or stale launcher can never
+/// overwrite a generation its successor published.
+fn launch_writer() -> ninelives_core::writer::WriterRecord {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let epoch = ninelives_core::writer::epoch_at(since);
+    ninelives_core::writer::WriterRecord::new(format!("launch-{}", std::process::id()), epoch)
 }
 
 /// With `--resume`: the newest checkpoint that verifies becomes the job's committed checkpoint

@@ -11,7 +11,10 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use ninelives_core::keyspace::Keyspace;
+use ninelives_core::writer::WriterRecord;
 use ninelives_testkit::EtcdServer;
+use ninelives_worker::dist::rendezvous::Etcd;
 
 mod common;
 use common::{BIN, SmallJob, digest_of};
@@ -111,6 +114,11 @@ fn four_workers_train_bit_identically_to_one() {
     let one = run(&mut launch(&m, 1, &etcd, &dir.path().join("one"), 4));
     let four = run(&mut launch(&m, 4, &etcd, &dir.path().join("four"), 4));
     assert!(four.contains("generation=1 tier=initial members=[0, 1, 2, 3]"), "{four}");
+    // The launcher claimed the job's writer key (issue 19): its publications were fenced by it.
+    let keys = Keyspace::default().job("default", "tiny");
+    let link = Etcd::connect(&[etcd.endpoint()], keys.clone()).unwrap();
+    let writer = WriterRecord::parse("writer", &link.get(&keys.writer()).unwrap().unwrap()).unwrap();
+    assert!(writer.holder.starts_with("launch-") && writer.epoch > 0, "{writer:?}");
     assert_eq!(four.lines().filter(|l| l.starts_with("[rank 0] step=")).count(), 4, "{four}");
     // Experts really are remote: rank 0 sent activations to its peers.
     assert!(

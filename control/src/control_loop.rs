@@ -4,12 +4,14 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use ninelives_core::generation::{
-    DistPlan, PlacementValue, PlanRecord, from_published_generation, generation_writes, unreferenced_groups,
+    DistPlan, PlacementValue, PlanRecord, Restore, from_published_generation, generation_writes,
+    unreferenced_groups,
 };
 use ninelives_core::keyspace::{JobKeys, Keyspace};
 use ninelives_core::placement::Placement;
 use ninelives_core::recovery::{
-    Action, BrainConfig, Decision, Observation, Outage, OutageGuard, OutagePolicy, RecoveryState, Verdict,
+    Action, BrainConfig, Decision, InForce, Observation, Outage, OutageGuard, OutagePolicy, RecoveryState,
+    Verdict,
 };
 use ninelives_core::recovery::{Feedback, LoadTracker, RebalancePolicy, decide_with};
 use ninelives_core::writer::WriterRecord;
@@ -111,6 +113,17 @@ impl Current {
             Current::Stored { record, .. } => Some(record),
         }
     }
+}
+
+/// What member writes are judged against: the generation `plan` puts in force.
+fn in_force(plan: &DistPlan) -> InForce {
+    let rollback_to = match plan.restore {
+        Restore::Checkpoint { step } | Restore::Peer { step } => Some(step),
+        Restore::Fresh => Some(0),
+        // Memory kept (a reroute, a rebalance): nothing was abandoned.
+        Restore::InMemory | Restore::Live => None,
+    };
+    InForce { generation: plan.generation(), members: plan.members.iter().copied().collect(), rollback_to }
 }
 
 /// One job's control loop.
@@ -354,16 +367,6 @@ impl<S: BrainStore> ControlLoop<S> {
     /// unreadable means the job is stuck (an error every round), never silently restarted.
     async fn observe(&mut self, now: f64) -> Result<Seen, ControlError> {
         let snapshot: Snapshot = self.store.read().await?;
-        let (observation, malformed) = Observation::from_kvs(
-            &self.job.keys,
-            &self.job.namespace,
-            &self.job.name,
-            now,
-            snapshot.kvs.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
-        );
-        for m in &malformed {
-            debug!(key = %m.key, reason = %m.reason, "ignoring a malformed value");
-        }
         let placement_key = self.job_keys.placement();
         let malformed = |reason: String| ControlError::Malformed { key: placement_key.clone(), reason };
         match snapshot.value(&placement_key) {
@@ -385,6 +388,23 @@ impl<S: BrainStore> ControlLoop<S> {
                     self.current = Some(Current::Inline { placement, plan });
                 }
             },
+        }
+        // Member writes are judged against the generation in force (read above from the same
+        // snapshot): a stale member's replayed progress or ack changes nothing.
+        let in_force = self.current.as_ref().and_then(Current::plan).map(in_force);
+        let (observation, malformed) = Observation::from_kvs_in_force(
+            &self.job.keys,
+            &self.job.namespace,
+            &self.job.name,
+            now,
+            in_force.as_ref(),
+            snapshot.kvs.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+        );
+        for m in &malformed {
+            debug!(key = %m.key, reason = %m.reason, "ignoring a malformed value");
+        }
+        for stale in &observation.stale {
+            debug!(key = %stale.key, reason = %stale.reason, "ignoring a stale member write");
         }
         let record_key = self.job_keys.recovery();
         let record = snapshot

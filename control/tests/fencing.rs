@@ -38,6 +38,7 @@ fn brain() -> BrainConfig {
         options: ReplanOptions::default(),
         allowed: Rung::LADDER.into_iter().collect(),
         recovery_timeout_s: 30.0,
+        start_timeout_s: 60.0,
         apply_timeout_s: 30.0,
         max_recoveries: 10,
         total_steps: 300,

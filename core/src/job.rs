@@ -416,6 +416,7 @@ impl RecoveryTier {
 #[x_kube(validation = Rule::new("self.minHealthyFraction > 0.0 && self.minHealthyFraction <= 1.0").message("minHealthyFraction must be in (0, 1]").field_path(".minHealthyFraction"))]
 #[x_kube(validation = Rule::new("size(self.allowedTiers) >= 1").message("allowedTiers must name at least one tier").field_path(".allowedTiers"))]
 #[x_kube(validation = Rule::new("self.recoveryTimeoutSeconds >= 1").message("recoveryTimeoutSeconds must be at least 1").field_path(".recoveryTimeoutSeconds"))]
+#[x_kube(validation = Rule::new("!has(self.startTimeoutSeconds) || self.startTimeoutSeconds >= 1").message("startTimeoutSeconds must be at least 1").field_path(".startTimeoutSeconds"))]
 pub struct FailurePolicy {
     /// Lease TTL of node and worker presence in etcd; a silent node is declared lost after it.
     pub heartbeat_ttl_seconds: u32,
@@ -427,6 +428,19 @@ pub struct FailurePolicy {
     pub allowed_tiers: Vec<RecoveryTier>,
     /// A recovery not finished within this time is abandoned and escalated to the next tier.
     pub recovery_timeout_seconds: u32,
+    /// Members that have not joined the first generation this long after it was published are
+    /// recovered like lost workers (restarted, replaced, dropped), so a job never hangs in
+    /// `Starting`. Default [`DEFAULT_START_TIMEOUT_SECONDS`]: room for scheduling, image pulls
+    /// and loading a checkpoint on a large job.
+    #[serde(default = "default_start_timeout")]
+    pub start_timeout_seconds: u32,
+}
+
+/// The default `failurePolicy.startTimeoutSeconds`.
+pub const DEFAULT_START_TIMEOUT_SECONDS: u32 = 600;
+
+fn default_start_timeout() -> u32 {
+    DEFAULT_START_TIMEOUT_SECONDS
 }
 
 impl Default for FailurePolicy {
@@ -437,6 +451,7 @@ impl Default for FailurePolicy {
             min_healthy_fraction: 0.75,
             allowed_tiers: RecoveryTier::ALL.to_vec(),
             recovery_timeout_seconds: 300,
+            start_timeout_seconds: DEFAULT_START_TIMEOUT_SECONDS,
         }
     }
 }

@@ -180,7 +180,7 @@ fn progress() -> Target<ProgressRecord> {
     target(
         serde_parse::<ProgressRecord>,
         |_| {},
-        &ProgressRecord { step: 12, loss: Some(2.5), generation: Some(3) },
+        &ProgressRecord { step: 12, loss: Some(2.5), generation: Some(3), rank: Some(0) },
     )
 }
 

@@ -640,7 +640,8 @@ async fn member_pool(
             {
                 last_step = Instant::now();
                 step += 1;
-                let progress = ProgressRecord { step, loss: Some(2.0), generation: Some(g) };
+                let progress =
+                    ProgressRecord { step, loss: Some(2.0), generation: Some(g), rank: p.members.first().copied() };
                 let mut ops = Vec::new();
                 if let Ok(v) = serde_json::to_string(&progress) {
                     ops.push(TxnOp::put(job.progress(), v, None));

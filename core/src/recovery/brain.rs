@@ -20,6 +20,10 @@ use crate::placement::{
 };
 use crate::validate::JobShape;
 
+/// The trigger code of a member that had not joined the job's first generation by
+/// `failurePolicy.startTimeoutSeconds` (a [`TriggerKind::Worker`] trigger).
+pub const START_TIMEOUT_CODE: &str = "start-timeout";
+
 /// A chip that failed stays out of placements until it has been usable this long without a
 /// relapse (hysteresis against flapping; the agent's own flap window is 600 s).
 pub const DEFAULT_REJOIN_AFTER_SECONDS: f64 = 600.0;
@@ -37,6 +41,9 @@ pub struct BrainConfig {
     pub allowed: BTreeSet<Rung>,
     /// An attempt not complete within this escalates to the next rung.
     pub recovery_timeout_s: f64,
+    /// Members not joined this long after the first generation was published are recovered
+    /// like lost workers (`failurePolicy.startTimeoutSeconds`).
+    pub start_timeout_s: f64,
     /// Deadline for agents to apply a generation (written into the control record).
     pub apply_timeout_s: f64,
     /// Recoveries after which the job fails instead.
@@ -82,6 +89,7 @@ impl BrainConfig {
             options: ReplanOptions::default(),
             allowed,
             recovery_timeout_s: timeout,
+            start_timeout_s: f64::from(policy.start_timeout_seconds.max(1)),
             apply_timeout_s: timeout,
             max_recoveries: policy.max_recoveries,
             total_steps: spec.training.steps,
@@ -242,7 +250,10 @@ pub fn decide_with(
     }
     let health = d.assess();
     match d.st.phase {
-        BrainPhase::Starting => d.start(placement)?,
+        BrainPhase::Starting => {
+            d.start(placement)?;
+            d.start_faults(&health, placement)?;
+        }
         BrainPhase::Running => {
             let triggers = d.new_triggers(&health);
             if !triggers.is_empty() {
@@ -424,6 +435,7 @@ impl Decider<'_> {
             None if self.st.generation == 0 => {
                 let p = initial_placement(&self.cfg.shape, self.load)?;
                 self.st.generation = p.generation;
+                self.st.starting_since = Some(self.obs.now);
                 // A job that starts over committed checkpoints (a relaunch) resumes from the
                 // newest; a new job has none and starts from the seeded initial state.
                 let restore_step = self.obs.checkpoints.last().copied();
@@ -446,6 +458,42 @@ impl Decider<'_> {
         }
         if self.st.generation > 0 && self.st.expected_ranks().all(|r| self.obs.members.contains(&r)) {
             self.st.phase = BrainPhase::Running;
+        }
+        Ok(())
+    }
+
+    /// Faults before the first step, once the first generation is in force: a lost node or a
+    /// failed chip is recovered at once, like any other; members that have not joined are
+    /// waited for until the start deadline (workers take time to start), then recovered as lost
+    /// workers (code [`START_TIMEOUT_CODE`]). With no recovery left the job fails
+    /// ([`JobFailure::StartTimedOut`]) instead of hanging in `Starting`.
+    fn start_faults(&mut self, health: &Health, placement: Option<&Placement>) -> Result<(), BrainError> {
+        if self.st.phase != BrainPhase::Starting || placement.is_none() || self.st.generation == 0 {
+            return Ok(());
+        }
+        // A record written before the deadline existed starts its clock now.
+        let since = *self.st.starting_since.get_or_insert(self.obs.now);
+        let overdue = self.obs.now >= since + self.cfg.start_timeout_s;
+        let mut triggers = self.new_triggers(health);
+        triggers.retain(|t| t.kind != TriggerKind::Worker || overdue);
+        for t in &mut triggers {
+            if t.kind == TriggerKind::Worker {
+                t.code = START_TIMEOUT_CODE.to_string();
+            }
+        }
+        if triggers.is_empty() {
+            return Ok(());
+        }
+        if overdue && self.st.recoveries >= self.cfg.max_recoveries {
+            let missing = health.missing.iter().map(|&r| self.st.node_names[r as usize].clone()).collect();
+            self.fail(JobFailure::StartTimedOut { missing });
+            return Ok(());
+        }
+        self.begin(triggers, placement)?;
+        // Members still starting (before the deadline) are waited for like restarted ones, not
+        // taken for lost by the recovery.
+        if let Some(a) = self.st.active.as_mut() {
+            a.restarted.extend(health.missing.iter().copied());
         }
         Ok(())
     }

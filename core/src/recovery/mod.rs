@@ -43,15 +43,20 @@ mod state;
 mod tests;
 
 pub use brain::{
-    Action, BrainConfig, BrainError, DEFAULT_REJOIN_AFTER_SECONDS, Decision, Feedback, decide, decide_with,
+    Action, BrainConfig, BrainError, DEFAULT_REJOIN_AFTER_SECONDS, Decision, Feedback, START_TIMEOUT_CODE,
+    decide, decide_with,
 };
 pub use control::{
     Ack, AckOutcome, ApplyKind, ControlRecord, DEFAULT_APPLY_TIMEOUT, InvalidTimeout, LoadSource, LocalLoad,
 };
-pub use observe::{CheckpointRecord, MemberAck, NodeView, Observation, PeerRecord, ProgressRecord};
 pub use load::{
-    LOAD_SMOOTHING, LoadRecord, LoadRejection, LoadTracker, MAX_LOAD_ENTRIES, MIN_REBALANCE_GAIN, RebalanceHold,
-    RebalancePolicy, RebalanceRecord, Rebalanced, STALE_AFTER_WINDOWS, moves_between, rebalance,
+    LOAD_SMOOTHING, LoadRecord, LoadRejection, LoadTracker, MAX_LOAD_ENTRIES, MIN_REBALANCE_GAIN,
+    RebalanceHold, RebalancePolicy, RebalanceRecord, Rebalanced, STALE_AFTER_WINDOWS, moves_between,
+    rebalance,
+};
+pub use observe::{
+    CheckpointRecord, InForce, MemberAck, NodeView, Observation, PeerRecord, ProgressRecord, StaleReason,
+    StaleWrite,
 };
 pub use outage::{DEFAULT_MAX_VANISHED_FRACTION, Outage, OutageCause, OutageGuard, OutagePolicy, Verdict};
 pub use reasons::{JobFailure, Refusal, RungRefusal};

@@ -27,9 +27,13 @@ pub struct ProgressRecord {
     #[serde(default)]
     pub loss: Option<f64>,
     /// The generation the writer had joined (absent from writers that predate it); a write of
-    /// an older generation than the brain's is stale and ignored.
+    /// an older generation than the one in force, by a writer that is not a member of it, is
+    /// stale and ignored ([`StaleReason::OlderGeneration`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
+    /// The writer's rank (its generation's leader; absent from writers that predate it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<u32>,
 }
 
 /// A committed checkpoint at `jobs/<ns>/<job>/checkpoints/<step>`.
@@ -77,6 +81,86 @@ pub struct PeerRecord {
     pub holds: BTreeMap<u32, Vec<u64>>,
 }
 
+/// The generation in force, against which member writes are judged
+/// ([`Observation::from_kvs_in_force`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InForce {
+    /// Its number.
+    pub generation: u64,
+    /// Its member ranks.
+    pub members: BTreeSet<u32>,
+    /// The step it rolled the job back to (a checkpoint or a peer snapshot), if it did.
+    pub rollback_to: Option<u64>,
+}
+
+/// Why a member write was left out of an observation: it was written (or replayed late from a
+/// member's buffer) by a member that had not joined the generation in force.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StaleReason {
+    /// Progress of an older generation, from a writer that is not a member of the one in force
+    /// (or does not say who it is): a superseded leader's step says nothing about the job now.
+    OlderGeneration {
+        /// The generation the write carries.
+        written: u64,
+        /// The generation in force.
+        current: u64,
+    },
+    /// A checkpoint recorded in an older generation at a step past the one the generation in
+    /// force rolled back to: committed on the abandoned timeline, after the rollback was decided.
+    AbandonedTimeline {
+        /// The generation the record carries.
+        written: u64,
+        /// The generation in force.
+        current: u64,
+        /// The step the generation in force rolled back to.
+        rollback_to: u64,
+    },
+    /// A member acknowledgement whose value names another generation than its key.
+    AckOfAnotherGeneration {
+        /// The generation of the key.
+        key: u64,
+        /// The generation in the value.
+        written: u64,
+    },
+    /// A member acknowledgement of the generation in force by a rank that is not one of its
+    /// members.
+    NotAMember {
+        /// The rank that wrote it.
+        rank: u32,
+        /// The generation in force.
+        generation: u64,
+    },
+}
+
+impl std::fmt::Display for StaleReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StaleReason::OlderGeneration { written, current } => {
+                write!(f, "written in generation {written} by a non-member of generation {current}")
+            }
+            StaleReason::AbandonedTimeline { written, current, rollback_to } => write!(
+                f,
+                "recorded in generation {written} past step {rollback_to}, which generation {current} rolled back to"
+            ),
+            StaleReason::AckOfAnotherGeneration { key, written } => {
+                write!(f, "acknowledges generation {written} under generation {key}'s key")
+            }
+            StaleReason::NotAMember { rank, generation } => {
+                write!(f, "rank {rank} is not a member of generation {generation}")
+            }
+        }
+    }
+}
+
+/// A member write the observation ignored, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StaleWrite {
+    /// The key.
+    pub key: String,
+    /// Why it was ignored.
+    pub reason: StaleReason,
+}
+
 /// Everything one decision looks at.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Observation {
@@ -99,17 +183,36 @@ pub struct Observation {
     /// The members' latest windows of token counts per expert, by the key's rank (checked and
     /// smoothed by a [`LoadTracker`](super::LoadTracker)).
     pub loads: BTreeMap<u32, super::load::LoadRecord>,
+    /// Member writes left out because they are stale (see [`InForce`]).
+    pub stale: Vec<StaleWrite>,
 }
 
 impl Observation {
     /// Builds the observation of job `ns/job` from a read of the node prefix and the job prefix
     /// (`(key, value)` pairs). Malformed values are returned beside it and left out of it: a
-    /// chip whose record cannot be read counts as unreported, not as healthy-or-failed.
+    /// chip whose record cannot be read counts as unreported, not as healthy-or-failed. Member
+    /// writes are not judged against a generation (see [`Observation::from_kvs_in_force`]).
     pub fn from_kvs<'a>(
         keys: &Keyspace,
         namespace: &str,
         job: &str,
         now: f64,
+        kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> (Self, Vec<MalformedValue>) {
+        Self::from_kvs_in_force(keys, namespace, job, now, None, kvs)
+    }
+
+    /// [`Observation::from_kvs`], with the members' writes judged against the generation in
+    /// force: a stale one (written by a member that had not joined it, or replayed late from a
+    /// member's buffer) is left out and listed in [`Observation::stale`] with its reason.
+    /// Acknowledgements of older generations are kept (the brain only counts those of the
+    /// generation it waits for; garbage collection deletes the rest).
+    pub fn from_kvs_in_force<'a>(
+        keys: &Keyspace,
+        namespace: &str,
+        job: &str,
+        now: f64,
+        in_force: Option<&InForce>,
         kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>,
     ) -> (Self, Vec<MalformedValue>) {
         let job_root = keys.job(namespace, job).root().to_string();
@@ -144,9 +247,12 @@ impl Observation {
             } else if let Some(step) = rest.strip_prefix("checkpoints/") {
                 let record: Result<CheckpointRecord, _> = serde_json::from_slice(value);
                 match (step.parse::<u64>(), record) {
-                    (Ok(s), Ok(r)) if r.step == s => {
-                        obs.checkpoints.insert(s);
-                    }
+                    (Ok(s), Ok(r)) if r.step == s => match checkpoint_staleness(in_force, &r) {
+                        Some(reason) => obs.stale.push(StaleWrite { key: key.to_string(), reason }),
+                        None => {
+                            obs.checkpoints.insert(s);
+                        }
+                    },
                     (Ok(s), Ok(r)) => {
                         bad.push(malformed(key, &format!("record says step {} under key step {s}", r.step)))
                     }
@@ -171,7 +277,10 @@ impl Observation {
                 }
             } else if rest == "progress" {
                 match serde_json::from_slice::<ProgressRecord>(value) {
-                    Ok(p) => obs.step = Some(p.step),
+                    Ok(p) => match progress_staleness(in_force, &p) {
+                        Some(reason) => obs.stale.push(StaleWrite { key: key.to_string(), reason }),
+                        None => obs.step = Some(p.step),
+                    },
                     Err(e) => bad.push(malformed(key, &e.to_string())),
                 }
             } else if let Some(ack) = rest.strip_prefix("acks/") {
@@ -180,9 +289,14 @@ impl Observation {
                     continue;
                 };
                 if let (Ok(g), Ok(rank)) = (generation.parse::<u64>(), node.parse::<u32>())
-                    && serde_json::from_slice::<MemberAck>(value).is_ok()
+                    && let Ok(member_ack) = serde_json::from_slice::<MemberAck>(value)
                 {
-                    obs.joined.entry(g).or_default().insert(rank);
+                    match ack_staleness(in_force, g, rank, &member_ack) {
+                        Some(reason) => obs.stale.push(StaleWrite { key: key.to_string(), reason }),
+                        None => {
+                            obs.joined.entry(g).or_default().insert(rank);
+                        }
+                    }
                     continue;
                 }
                 match (generation.parse::<u64>(), Ack::parse(key, value)) {
@@ -202,6 +316,40 @@ impl Observation {
     pub fn checkpoint_at_or_before(&self, step: u64) -> Option<u64> {
         self.checkpoints.range(..=step).next_back().copied()
     }
+}
+
+/// Progress of an older generation counts only from a member of the one in force (it has not
+/// joined it yet, and its step is the job's); anyone else's is a superseded leader's.
+fn progress_staleness(in_force: Option<&InForce>, p: &ProgressRecord) -> Option<StaleReason> {
+    let (in_force, written) = (in_force?, p.generation?);
+    let member = p.rank.is_some_and(|r| in_force.members.contains(&r));
+    (written < in_force.generation && !member)
+        .then_some(StaleReason::OlderGeneration { written, current: in_force.generation })
+}
+
+/// A checkpoint record is a fact whoever wrote it (a leader dropped since still committed it),
+/// except one an older generation recorded past the step the generation in force rolled back
+/// to: the rollback was decided without it, so it was committed after, on the abandoned
+/// timeline, and may lack the shards of members that had already left.
+fn checkpoint_staleness(in_force: Option<&InForce>, r: &CheckpointRecord) -> Option<StaleReason> {
+    let (in_force, written) = (in_force?, r.generation?);
+    let rollback_to = in_force.rollback_to?;
+    (written < in_force.generation && r.step > rollback_to).then_some(StaleReason::AbandonedTimeline {
+        written,
+        current: in_force.generation,
+        rollback_to,
+    })
+}
+
+/// A member acknowledgement must name its key's generation; one of the generation in force must
+/// come from one of its members.
+fn ack_staleness(in_force: Option<&InForce>, key: u64, rank: u32, ack: &MemberAck) -> Option<StaleReason> {
+    if let Some(written) = ack.generation.filter(|&g| g != key) {
+        return Some(StaleReason::AckOfAnotherGeneration { key, written });
+    }
+    let in_force = in_force?;
+    (key == in_force.generation && !in_force.members.contains(&rank))
+        .then_some(StaleReason::NotAMember { rank, generation: in_force.generation })
 }
 
 #[cfg(test)]
@@ -252,5 +400,74 @@ mod tests {
         );
         assert_eq!(obs.checkpoint_at_or_before(24), None);
         assert_eq!(obs.checkpoint_at_or_before(60), Some(25));
+    }
+
+    /// Generation 5 is in force (members 0 and 1, rolled back to step 20); rank 2 left in it.
+    #[test]
+    fn stale_member_writes_are_left_out_with_their_reason() {
+        let ks = Keyspace::new("/nl");
+        let in_force = InForce { generation: 5, members: BTreeSet::from([0, 1]), rollback_to: Some(20) };
+        let read = |kvs: Vec<(&'static str, &'static [u8])>| {
+            let (obs, bad) =
+                Observation::from_kvs_in_force(&ks, "default", "tiny", 1.0, Some(&in_force), kvs);
+            assert!(bad.is_empty(), "{bad:?}");
+            obs
+        };
+        let stale = |obs: &Observation| obs.stale.iter().map(|s| s.reason.clone()).collect::<Vec<_>>();
+        let p = "/nl/jobs/default/tiny/progress";
+        // Rank 2's leader of generation 4 replays a step: ignored. Rank 0 (a member of 5 that
+        // has not joined it yet), the current generation, or a writer that predates generations:
+        // counted.
+        let obs = read(vec![(p, br#"{"step":90,"generation":4,"rank":2}"#)]);
+        assert_eq!(
+            (obs.step, stale(&obs)),
+            (None, vec![StaleReason::OlderGeneration { written: 4, current: 5 }])
+        );
+        let obs = read(vec![(p, br#"{"step":90,"generation":4}"#)]);
+        assert_eq!(obs.step, None, "a writer that does not say who it is cannot be a member");
+        for ok in [
+            &br#"{"step":30,"generation":4,"rank":0}"#[..],
+            br#"{"step":30,"generation":5,"rank":3}"#,
+            br#"{"step":30}"#,
+        ] {
+            let obs = read(vec![(p, ok)]);
+            assert_eq!((obs.step, obs.stale.len()), (Some(30), 0), "{}", String::from_utf8_lossy(ok));
+        }
+        // Checkpoints: one past the rollback from an older generation is the abandoned
+        // timeline's; older ones (whoever wrote them) and the current generation's count.
+        let obs = read(vec![
+            ("/nl/jobs/default/tiny/checkpoints/000000000010", br#"{"step":10,"generation":1}"#),
+            ("/nl/jobs/default/tiny/checkpoints/000000000020", br#"{"step":20,"generation":4}"#),
+            ("/nl/jobs/default/tiny/checkpoints/000000000030", br#"{"step":30,"generation":4}"#),
+            ("/nl/jobs/default/tiny/checkpoints/000000000040", br#"{"step":40,"generation":5}"#),
+        ]);
+        assert_eq!(obs.checkpoints, BTreeSet::from([10, 20, 40]));
+        assert_eq!(stale(&obs), [StaleReason::AbandonedTimeline { written: 4, current: 5, rollback_to: 20 }]);
+        assert_eq!(obs.stale[0].key, "/nl/jobs/default/tiny/checkpoints/000000000030");
+        // Acks: rank 2 acknowledging generation 5 is no member of it; a value naming another
+        // generation than its key is refused; older generations' acks stay (history).
+        let obs = read(vec![
+            ("/nl/jobs/default/tiny/acks/4/2", br#"{"step":17,"generation":4}"#),
+            ("/nl/jobs/default/tiny/acks/5/0", br#"{"step":20,"generation":5}"#),
+            ("/nl/jobs/default/tiny/acks/5/1", br#"{"step":20,"generation":4}"#),
+            ("/nl/jobs/default/tiny/acks/5/2", br#"{"step":20,"generation":5}"#),
+        ]);
+        assert_eq!(obs.joined, BTreeMap::from([(4, BTreeSet::from([2])), (5, BTreeSet::from([0]))]));
+        assert_eq!(
+            stale(&obs),
+            [
+                StaleReason::AckOfAnotherGeneration { key: 5, written: 4 },
+                StaleReason::NotAMember { rank: 2, generation: 5 }
+            ]
+        );
+        // Without a generation in force nothing is judged but the ack's own consistency.
+        let (obs, _) = Observation::from_kvs(
+            &ks,
+            "default",
+            "tiny",
+            1.0,
+            vec![(p, &br#"{"step":90,"generation":4,"rank":2}"#[..])],
+        );
+        assert_eq!(obs.step, Some(90));
     }
 }

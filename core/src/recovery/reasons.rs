@@ -99,6 +99,12 @@ pub enum JobFailure {
     },
     /// A fault arrived before any placement was published.
     NoPlacement,
+    /// Members had not joined the first generation by `failurePolicy.startTimeoutSeconds` and
+    /// `maxRecoveries` left no recovery to start.
+    StartTimedOut {
+        /// The nodes whose members never joined.
+        missing: Vec<String>,
+    },
 }
 
 impl JobFailure {
@@ -109,6 +115,7 @@ impl JobFailure {
             JobFailure::LadderExhausted { .. } => "RecoveryLadderExhausted",
             JobFailure::NoRecoveryApplies { .. } => "NoRecoveryApplies",
             JobFailure::NoPlacement => "NoPlacement",
+            JobFailure::StartTimedOut { .. } => "StartTimeout",
         }
     }
 }
@@ -125,6 +132,11 @@ impl fmt::Display for JobFailure {
                 write!(f, "no recovery applies ({})", each.join("; "))
             }
             JobFailure::NoPlacement => f.write_str("no placement published; cannot plan a recovery"),
+            JobFailure::StartTimedOut { missing } => write!(
+                f,
+                "members on {} did not join within failurePolicy.startTimeoutSeconds and no recovery is left",
+                missing.join(", ")
+            ),
         }
     }
 }

@@ -352,6 +352,10 @@ pub struct RecoveryState {
     /// Why the job failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<JobFailure>,
+    /// When the first generation was published (brain clock): the start deadline counts from
+    /// it while the job is `Starting`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub starting_since: Option<f64>,
 }
 
 /// JSON object keys must be strings: chips are keyed `"<node>/<chip>"`.
@@ -405,6 +409,7 @@ impl RecoveryState {
             active: None,
             history: Vec::new(),
             failure: None,
+            starting_since: None,
         }
     }
 
@@ -450,6 +455,11 @@ impl RecoveryState {
     pub fn postpone(&mut self, seconds: f64) {
         if let Some(active) = self.active.as_mut() {
             active.deadline += seconds;
+        }
+        if self.phase == BrainPhase::Starting
+            && let Some(since) = self.starting_since.as_mut()
+        {
+            *since += seconds;
         }
     }
 }

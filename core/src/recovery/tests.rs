@@ -31,6 +31,7 @@ fn config(shape: PlacementShape) -> BrainConfig {
         options: ReplanOptions::default(),
         allowed: Rung::LADDER.into_iter().collect(),
         recovery_timeout_s: 30.0,
+        start_timeout_s: 120.0,
         apply_timeout_s: 30.0,
         max_recoveries: 10,
         total_steps: 300,
@@ -767,4 +768,82 @@ fn a_retried_recovery_keeps_its_peer_snapshot_unless_a_new_fault_loses_its_last_
     sim.kill_node("n2");
     let fallback = Sim::published_control(&sim.tick());
     assert_eq!(fallback.source(), RestoreSource::Checkpoint { step: 50 });
+}
+
+/// A member that never joins the first generation: waited for until the start deadline (and
+/// no longer: the job cannot hang in Starting), then recovered like a lost worker.
+#[test]
+fn a_member_missing_at_the_start_deadline_is_recovered_like_a_lost_worker() {
+    let mut sim = Sim::new(single(), 0);
+    sim.joins = false;
+    let first = sim.tick();
+    assert!(matches!(first[0], Action::PublishPlacement { .. }), "{first:?}");
+    assert_eq!(sim.st.starting_since, Some(1000.0));
+    // Every member but rank 2 registers; before the deadline the brain only waits.
+    sim.obs.members = BTreeSet::from([0, 1, 3]);
+    sim.later(119.0);
+    assert!(sim.tick().is_empty());
+    assert_eq!((sim.st.phase, sim.st.recoveries), (BrainPhase::Starting, 0));
+    // Time frozen by a control-plane outage does not count against the start.
+    let mut frozen = sim.st.clone();
+    frozen.postpone(30.0);
+    assert_eq!(frozen.starting_since, Some(1030.0));
+    sim.later(1.0);
+    let actions = sim.tick();
+    assert_eq!(sim.st.phase, BrainPhase::Recovering, "{actions:?}");
+    let active = sim.st.active.clone().expect("a recovery");
+    assert_eq!(active.triggers.len(), 1);
+    assert_eq!((active.triggers[0].kind, active.triggers[0].node), (TriggerKind::Worker, 2));
+    assert_eq!(active.triggers[0].code, START_TIMEOUT_CODE);
+    // The lost worker's rung: it is restarted, and once it joins training starts.
+    assert!(actions.iter().any(|a| matches!(a, Action::StartMember { rank: 2, .. })), "{actions:?}");
+    sim.obs.members.insert(2);
+    sim.settle(5);
+    assert_eq!(sim.st.phase, BrainPhase::Running);
+    assert_eq!(sim.recoveries().len(), 1);
+    assert_eq!(sim.recoveries()[0].trigger, "worker n2 start-timeout");
+}
+
+/// A node lost before the first step is recovered at once (not after the start deadline), and
+/// members still starting are waited for by that recovery, not taken for lost.
+#[test]
+fn a_node_lost_before_the_first_step_is_recovered_at_once() {
+    let mut sim = Sim::new(single(), 1);
+    sim.joins = false;
+    sim.tick();
+    sim.tick();
+    assert_eq!(sim.st.phase, BrainPhase::Starting);
+    sim.obs.members = BTreeSet::from([0]);
+    sim.later(2.0);
+    sim.kill_node("n3");
+    let actions = sim.tick();
+    assert_eq!(sim.st.phase, BrainPhase::Recovering, "{actions:?}");
+    let active = sim.st.active.clone().expect("a recovery");
+    assert_eq!(active.triggers.iter().map(|t| t.kind).collect::<Vec<_>>(), [TriggerKind::Node]);
+    assert!(
+        actions.iter().any(|a| matches!(a, Action::BringInSpare { spare, .. } if spare == "s0")),
+        "{actions:?}"
+    );
+    assert!(active.restarted.contains(&1) && active.restarted.contains(&2), "{active:?}");
+    // The slow members and the spare's member join: training starts, with one recovery.
+    sim.obs.members.extend([1, 2, 3]);
+    sim.settle(5);
+    assert_eq!((sim.st.phase, sim.st.recoveries), (BrainPhase::Running, 1));
+}
+
+/// With no recovery left, a member missing at the start deadline fails the job with a typed
+/// reason instead of leaving it Starting.
+#[test]
+fn a_start_deadline_with_no_recovery_left_fails_the_job() {
+    let mut sim = Sim::new(BrainConfig { max_recoveries: 0, ..single() }, 0);
+    sim.joins = false;
+    sim.tick();
+    sim.obs.members = BTreeSet::from([0, 1, 2]);
+    sim.later(200.0);
+    sim.tick();
+    assert_eq!(sim.st.phase, BrainPhase::Failed);
+    let failure = sim.st.failure.clone().expect("a failure");
+    assert_eq!(failure, JobFailure::StartTimedOut { missing: vec!["n3".into()] });
+    assert_eq!(failure.condition_reason(), "StartTimeout");
+    assert!(sim.log.iter().any(|a| matches!(a, Action::FailJob(JobFailure::StartTimedOut { .. }))));
 }

@@ -164,7 +164,7 @@ mod brain {
     fn view(state: RecoveryState) -> BrainView {
         BrainView {
             state: Some(state),
-            progress: Some(ProgressRecord { step: 12, loss: Some(2.5), generation: None }),
+            progress: Some(ProgressRecord { step: 12, loss: Some(2.5), generation: None, rank: None }),
             control_plane: None,
         }
     }

@@ -517,7 +517,8 @@ impl Session {
     /// Reports the last completed step of `generation` and its loss at `progress` (buffered;
     /// only the newest report is kept).
     pub fn report_progress(&self, generation: u64, step: u64, loss: f64) {
-        let record = ProgressRecord { step, loss: Some(loss), generation: Some(generation) };
+        let record =
+            ProgressRecord { step, loss: Some(loss), generation: Some(generation), rank: Some(self.rank) };
         self.queue_json(Slot::Progress, &record);
     }
 
