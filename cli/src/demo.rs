@@ -61,6 +61,43 @@ pub struct DemoArgs {
     /// run until Ctrl-C, so the dashboards' queries can be tried on the run's data.
     #[arg(long)]
     prometheus: bool,
+    /// Members of the demo's etcd cluster, on loopback: 1 (fastest) or more, e.g. 3, which
+    /// survives the loss of any one member (the driver, agents and workers get every member's
+    /// URL and fail over between them).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=7))]
+    etcd_members: u8,
+    /// Shift the wall clock of one node's processes (its agent and the worker member on it) by
+    /// SECONDS (negative: behind), as NODE=SECONDS, e.g. node-1=-120: a clock-skew test. Uses
+    /// libfaketime (Debian `faketime`); etcd and the other nodes keep the real time.
+    #[arg(long, value_name = "NODE=SECONDS", value_parser = parse_skew)]
+    skew_clock: Option<(String, i64)>,
+}
+
+/// The preloaded library that shifts a process's wall clock (Debian `libfaketime`).
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// `NODE=SECONDS` of `--skew-clock`.
+fn parse_skew(text: &str) -> Result<(String, i64), String> {
+    let (node, seconds) = text.split_once('=').ok_or("expected NODE=SECONDS, e.g. node-1=-120")?;
+    let seconds: i64 = seconds.trim().parse().map_err(|e| format!("SECONDS {seconds:?}: {e}"))?;
+    if node.trim().is_empty() {
+        return Err("NODE is empty".into());
+    }
+    Ok((node.trim().to_owned(), seconds))
+}
+
+/// The environment that runs a process with its wall clock `seconds` off (libfaketime; the
+/// monotonic clock, which timeouts use, stays real).
+fn skew_env(seconds: i64) -> Result<Vec<(String, String)>, String> {
+    if !Path::new(LIBFAKETIME).is_file() {
+        return Err(format!("--skew-clock needs {LIBFAKETIME}: apt install faketime"));
+    }
+    Ok(vec![
+        ("LD_PRELOAD".into(), LIBFAKETIME.into()),
+        ("FAKETIME".into(), format!("{seconds:+}s")),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+        ("FAKETIME_DONT_RESET".into(), "1".into()),
+    ])
 }
 
 /// Runs the demo; exit 0 when the job succeeded (and matched the reference, when run), 1 when it
@@ -92,6 +129,14 @@ fn demo(args: DemoArgs) -> Result<ExitCode, String> {
         FaultSchedule::parse(&args.faults).map_err(join)?
     };
     schedule.validate(topo.nodes, topo.chips_per_node, steps).map_err(join)?;
+    let mut node_env = BTreeMap::new();
+    if let Some((node, seconds)) = &args.skew_clock {
+        let (names, spares) = node_names(topo.nodes, topo.spare_nodes);
+        if !names.iter().chain(&spares).any(|n| n == node) {
+            return Err(format!("--skew-clock: no node {node:?} (nodes: {})", names.join(", ")));
+        }
+        node_env.insert(node.clone(), skew_env(*seconds)?);
+    }
     let ninelives = std::env::current_exe().map_err(|e| format!("cannot find the ninelives binary: {e}"))?;
     let temp;
     let work_dir = match &args.work_dir {
@@ -142,6 +187,8 @@ fn demo(args: DemoArgs) -> Result<ExitCode, String> {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect(),
+        etcd_members: usize::from(args.etcd_members),
+        node_env,
     };
     let terminal = std::io::stdout().is_terminal();
     let mut shown = 0usize;

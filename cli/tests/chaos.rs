@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{Client, EventType, WatchOptions};
 
@@ -275,12 +275,21 @@ struct Demo {
     child: Child,
     started: Instant,
     manifests: ManifestWatch,
+    /// The etcd data dir whose revision history is checked (a 3-member run: a member that was
+    /// never killed).
+    history_dir: PathBuf,
 }
 
 impl Demo {
     /// Starts `ninelives demo --no-faults` for `steps` steps with `--work-dir` (so its children
     /// can be found by command line). `prepare` runs on the work dir first (e.g. to mount a tmpfs).
     fn start(steps: u64, prepare: impl FnOnce(&Path)) -> Self {
+        Self::start_with(steps, &[], prepare)
+    }
+
+    /// [`Demo::start`] with more `ninelives demo` flags (`--etcd-members 3`, `--skew-clock ...`,
+    /// `--fault ...`, which replaces `--no-faults`).
+    fn start_with(steps: u64, extra: &[&str], prepare: impl FnOnce(&Path)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let work = dir.path().join("work");
         std::fs::create_dir_all(&work).unwrap();
@@ -290,19 +299,22 @@ impl Demo {
             .arg("demo")
             .arg("--manifest")
             .arg(manifest())
-            .arg("--no-faults")
+            // No scheduled faults unless the test names some (`--fault`).
+            .args(if extra.contains(&"--fault") { &[][..] } else { &["--no-faults"][..] })
             .args(["--steps", &steps.to_string(), "--threads", "2", "--timeout-secs", "900"])
             .arg("--report")
             .arg(&report_dir)
             .arg("--work-dir")
             .arg(&work)
+            .args(extra)
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let manifests = ManifestWatch::start(work.join("checkpoints"));
-        Demo { _dir: dir, work, report_dir, child, started: Instant::now(), manifests }
+        let history_dir = work.join("etcd-data");
+        Demo { _dir: dir, work, report_dir, child, started: Instant::now(), manifests, history_dir }
     }
 
     fn log(&self, name: &str) -> PathBuf {
@@ -326,7 +338,7 @@ impl Demo {
 
     /// Waits for the demo to end and checks every invariant.
     fn finish(self) -> Outcome {
-        let Demo { _dir, work, report_dir, child, started, manifests } = self;
+        let Demo { _dir, work, report_dir, child, started, manifests, history_dir } = self;
         let out = child.wait_with_output().unwrap();
         let wall = started.elapsed();
         let stdout =
@@ -344,7 +356,7 @@ impl Demo {
         if report["params_match"] != serde_json::Value::Bool(true) {
             violations.push(format!("params_match is {}", report["params_match"]));
         }
-        let writes = history(&work.join("etcd-data"));
+        let writes = history(&history_dir);
         let (generations, bad) = placement_violations(&writes);
         violations.extend(bad);
         violations.extend(lost_checkpoints(&writes, &work.join("checkpoints")));
@@ -415,7 +427,54 @@ fn worker_pause(pause: Duration) -> Outcome {
     demo.finish()
 }
 
+/// The short subset in the test command: one demo run (one setup, one reference run) with etcd
+/// paused 10 s, then — once a checkpoint was committed after etcd came back — worker rank 1
+/// paused 10 s (< the step timeout). Both must be ridden out: no recovery, no step lost, one
+/// generation, the etcd pause recorded as a control-plane outage, bit-identical parameters.
 #[test]
+fn etcd_paused_10_s_then_a_worker_paused_10_s_cost_no_recovery() {
+    let pause = Duration::from_secs(10);
+    assert!(pause < STEP_TIMEOUT);
+    let demo = Demo::start(125, |_| {});
+    demo.wait_committed(25);
+    let etcd = demo.one_pid("etcd-data");
+    signal(etcd, "STOP");
+    std::thread::sleep(pause);
+    signal(etcd, "CONT");
+    // Training went on during the pause (~5 steps a second); a checkpoint committed after
+    // etcd's return means the members wrote to etcd again.
+    let after = wait_next_commit(&demo, 25);
+    let worker = demo.one_pid("--rank 1 ");
+    signal(worker, "STOP");
+    std::thread::sleep(pause);
+    signal(worker, "CONT");
+    let o = demo.finish();
+    o.row(&format!("etcd SIGSTOP, then worker SIGSTOP at step {after} (short subset)"), "10 s + 10 s");
+    assert_eq!(o.recoveries, 0, "neither pause may cost a recovery: {}", o.report);
+    assert_eq!(o.steps_lost, 0);
+    assert_eq!(o.generations, vec![1], "no new generation");
+    assert!(o.outages() >= 1, "the etcd pause recorded as an outage: {}", o.report);
+}
+
+/// Waits for the first checkpoint rank 0 commits after the ones already in its log, `every`
+/// steps apart; returns its step.
+fn wait_next_commit(demo: &Demo, every: u64) -> u64 {
+    let log = demo.log("worker-0.log");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let last = text
+        .lines()
+        .filter_map(|l| {
+            l.split("checkpoint committed step=").nth(1)?.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .max()
+        .unwrap_or(0);
+    let next = last + every;
+    demo.wait_committed(next);
+    next
+}
+
+#[test]
+#[ignore = "chaos suite: scripts/chaos"]
 fn etcd_paused_10_s_costs_no_recovery() {
     let pause = Duration::from_secs(10);
     let o = etcd_pause(pause);
@@ -423,6 +482,7 @@ fn etcd_paused_10_s_costs_no_recovery() {
 }
 
 #[test]
+#[ignore = "chaos suite: scripts/chaos"]
 fn a_worker_paused_for_less_than_the_step_timeout_costs_no_recovery() {
     let pause = Duration::from_secs(10);
     assert!(pause < STEP_TIMEOUT);
@@ -521,4 +581,185 @@ fn a_full_checkpoint_filesystem_fails_one_save_and_the_job_goes_on() {
     o.row("checkpoint tmpfs full for one save", "1 save");
     assert_eq!(o.recoveries, 0, "{}", o.report);
     assert!(text.contains("checkpoint committed step=200 "), "the saves after the full disk commit");
+}
+
+/// The demo's etcd members (`--etcd-members 3`): member `i` keeps its data in
+/// `etcd-data/member-<i>`.
+const ETCD_MEMBERS: usize = 3;
+
+/// An etcd member the nemesis restarted (the test's own child): killed when dropped.
+struct Restarted(Child);
+
+impl Drop for Restarted {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Demo {
+    /// The needle that finds member `i`'s process by its command line.
+    fn member_needle(i: usize) -> String {
+        format!("etcd-data/member-{i} ")
+    }
+
+    /// Member `i`'s command line (from `/proc`), to start it again as it was.
+    fn member_cmdline(&self, i: usize) -> Vec<String> {
+        let pid = self.one_pid(&Self::member_needle(i));
+        let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        raw.split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect()
+    }
+
+    /// Index of the member that is etcd's leader now, asked of every member's `Status`.
+    fn etcd_leader(&self) -> usize {
+        let urls: Vec<String> = (0..ETCD_MEMBERS)
+            .map(|i| {
+                let cmd = self.member_cmdline(i);
+                let url = cmd.iter().find_map(|a| a.strip_prefix("--advertise-client-urls=")).unwrap();
+                url.to_owned()
+            })
+            .collect();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let mut leader = None;
+            for (i, url) in urls.iter().enumerate() {
+                let status = async {
+                    let mut c = Client::connect([url.as_str()], None).await?;
+                    c.status().await
+                };
+                let s = tokio::time::timeout(Duration::from_secs(5), status).await.unwrap().unwrap();
+                let me = s.header().map(|h| h.member_id()).unwrap();
+                if s.leader() == me {
+                    leader = Some(i);
+                }
+            }
+            leader.expect("one member is the leader")
+        })
+    }
+}
+
+/// One member of the demo's 3-member etcd (the leader, or a follower) SIGKILLed once training
+/// is under way, and started again with its data `down` later (as a pod restart would).
+fn etcd_member_killed(kill_leader: bool, down: Duration) -> Outcome {
+    let mut demo = Demo::start_with(150 + 5 * down.as_secs(), &["--etcd-members", "3"], |_| {});
+    demo.wait_committed(25);
+    let victim = if kill_leader { demo.etcd_leader() } else { (demo.etcd_leader() + 1) % ETCD_MEMBERS };
+    // The history is read from a member that was never killed.
+    demo.history_dir = demo.work.join("etcd-data").join(format!("member-{}", (victim + 1) % ETCD_MEMBERS));
+    let cmdline = demo.member_cmdline(victim);
+    let pid = demo.one_pid(&Demo::member_needle(victim));
+    signal(pid, "KILL");
+    std::thread::sleep(down);
+    let log = std::fs::File::create(demo.work.join(format!("etcd-{victim}-restarted.log"))).unwrap();
+    let restarted = Restarted(
+        Command::new(&cmdline[0])
+            .args(&cmdline[1..])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let url = cmdline.iter().find_map(|a| a.strip_prefix("--advertise-client-urls=http://")).unwrap();
+    let rejoined = ninelives_testkit::wait_healthy(
+        url.parse().unwrap(),
+        "/health",
+        "\"health\":\"true\"",
+        Duration::from_secs(30),
+    );
+    assert!(rejoined, "the restarted member {victim} never became healthy");
+    let o = demo.finish();
+    drop(restarted);
+    o
+}
+
+fn assert_member_loss_ridden_out(o: &Outcome, nemesis: &str, down: Duration) {
+    o.row(nemesis, &format!("{} s down", down.as_secs()));
+    assert_eq!(o.recoveries, 0, "losing one etcd member of 3 must cost no recovery: {}", o.report);
+    assert_eq!(o.steps_lost, 0);
+    assert_eq!(o.generations, vec![1], "no new generation when one etcd member of 3 is lost");
+}
+
+#[test]
+#[ignore = "chaos suite: scripts/chaos"]
+fn one_etcd_member_of_3_killed_and_restarted_costs_no_recovery() {
+    let down = Duration::from_secs(15);
+    let o = etcd_member_killed(false, down);
+    assert_member_loss_ridden_out(&o, "etcd follower SIGKILL (1 of 3), restarted", down);
+}
+
+#[test]
+#[ignore = "chaos suite: scripts/chaos"]
+fn the_etcd_leader_killed_and_restarted_costs_no_recovery() {
+    let down = Duration::from_secs(15);
+    let o = etcd_member_killed(true, down);
+    assert_member_loss_ridden_out(&o, "etcd leader SIGKILL (1 of 3), restarted", down);
+}
+
+/// How far the skewed node's wall clock is behind (libfaketime): an hour.
+const SKEW_S: i64 = -3600;
+
+/// node-1's agent and worker member run an hour behind (`--skew-clock node-1=-3600`: libfaketime
+/// shifts their wall clock, `SystemTime`; their monotonic clock, which timeouts and leases'
+/// keep-alive use, and etcd's and the driver's clocks are real). Without faults: nothing may be
+/// recovered. With a chip fault on the skewed node (`fault`): exactly one recovery, and its
+/// detection time — the brain's clock minus the fault time the skewed agent stamped — must not
+/// be the skew (the brain must not trust a node's clock for its deadlines or its report).
+fn clock_skewed(fault: Option<&str>) -> Outcome {
+    let skew = format!("node-1={SKEW_S}");
+    let mut extra = vec!["--skew-clock", skew.as_str()];
+    if let Some(f) = fault {
+        extra.extend(["--fault", f]);
+    }
+    let demo = Demo::start_with(150, &extra, |_| {});
+    // The skew is really in force: the skewed agent's own log lines are stamped an hour back.
+    wait_for_line(&demo.log("agent-node-1.log"), "agent starting", Duration::from_secs(60));
+    let line = std::fs::read_to_string(demo.log("agent-node-1.log")).unwrap();
+    let stamp = line.lines().find(|l| l.contains("agent starting")).unwrap().to_owned();
+    let expected = time_of_day(SystemTime::now() - Duration::from_secs(SKEW_S.unsigned_abs()));
+    assert!(stamp.contains(&expected[..13]), "agent-node-1 not skewed: {stamp:?} (expected ~{expected})");
+    demo.finish()
+}
+
+/// `YYYY-MM-DDTHH:MM` of `t` in UTC, as tracing stamps log lines.
+fn time_of_day(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}", rem / 3600, rem % 3600 / 60)
+}
+
+#[test]
+#[ignore = "chaos suite: scripts/chaos"]
+fn one_node_an_hour_behind_costs_no_recovery() {
+    let o = clock_skewed(None);
+    o.row("node-1 clock 1 h behind (agent + worker, libfaketime)", "whole run");
+    assert_eq!(o.recoveries, 0, "a skewed clock is no fault: {}", o.report);
+    assert_eq!(o.steps_lost, 0);
+    assert_eq!(o.generations, vec![1]);
+}
+
+#[test]
+#[ignore = "chaos suite: scripts/chaos"]
+fn a_chip_fault_on_a_node_an_hour_behind_is_recovered_once_with_a_true_detection_time() {
+    let o = clock_skewed(Some("chip:1/2@60"));
+    o.row("node-1 clock 1 h behind + chip fault on node-1", "whole run");
+    assert_eq!(o.recoveries, 1, "{}", o.report);
+    let detect = o.report["recoveries"][0]["detect_s"].as_f64();
+    // Detection is a heartbeat or two on the brain's clock; the skew would show as ~3600 s.
+    if let Some(d) = detect {
+        assert!(d < 30.0, "detection time {d} s: the skewed node's clock was trusted");
+    }
 }

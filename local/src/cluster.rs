@@ -51,6 +51,8 @@ pub(crate) struct AgentPlan<'a> {
     pub ttl_seconds: u32,
     pub keys: &'a Keyspace,
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Extra environment of this agent ([`LocalRunConfig::node_env`](crate::LocalRunConfig::node_env)).
+    pub env: &'a [(String, String)],
 }
 
 impl Cluster {
@@ -83,6 +85,7 @@ impl Cluster {
         if let Some(addr) = plan.metrics_addr {
             cmd.args(["--metrics-addr", &addr.to_string()]);
         }
+        cmd.envs(plan.env.iter().map(|(k, v)| (k, v)));
         let id = self.sup.spawn(&format!("agent-{node}"), cmd)?;
         self.agents.insert(node.to_string(), Agent { id, chips_dir });
         Ok(())

@@ -58,8 +58,8 @@ impl LocalEtcd {
         dir: &Path,
         metrics: std::net::SocketAddr,
     ) -> Result<Self, RuntimeError> {
-        let binary = locate("etcd", std::env::var_os("PATH").as_deref()).ok_or(RuntimeError::EtcdMissing)?;
-        Self::spawn(supervisor, &binary, dir, Some(metrics))
+        let mut members = Self::start_cluster(supervisor, dir, 1, Some(metrics))?;
+        members.pop().ok_or(RuntimeError::EtcdMissing)
     }
 
     /// Starts the given etcd binary (see [`LocalEtcd::start`]).
@@ -68,37 +68,72 @@ impl LocalEtcd {
         binary: &Path,
         dir: &Path,
     ) -> Result<Self, RuntimeError> {
-        Self::spawn(supervisor, binary, dir, None)
+        let mut members = Self::spawn_members(supervisor, binary, dir, 1, None)?;
+        members.pop().ok_or(RuntimeError::EtcdMissing)
     }
 
-    fn spawn(
+    /// Starts an etcd cluster of `members` members (at least 1) from the `etcd` on `PATH`, each on
+    /// its own loopback ports, and waits until every member is healthy. One member keeps its data
+    /// in `<dir>/etcd-data` (as [`LocalEtcd::start`]); several keep theirs in
+    /// `<dir>/etcd-data/member-<i>`, named `member-<i>`. `metrics`, when given, is served by the
+    /// first member.
+    pub fn start_cluster(
+        supervisor: &mut Supervisor,
+        dir: &Path,
+        members: usize,
+        metrics: Option<std::net::SocketAddr>,
+    ) -> Result<Vec<Self>, RuntimeError> {
+        let binary = locate("etcd", std::env::var_os("PATH").as_deref()).ok_or(RuntimeError::EtcdMissing)?;
+        Self::spawn_members(supervisor, &binary, dir, members.max(1), metrics)
+    }
+
+    fn spawn_members(
         supervisor: &mut Supervisor,
         binary: &Path,
         dir: &Path,
+        members: usize,
         metrics: Option<std::net::SocketAddr>,
-    ) -> Result<Self, RuntimeError> {
-        let data_dir = dir.join("etcd-data");
+    ) -> Result<Vec<Self>, RuntimeError> {
         std::fs::create_dir_all(dir).map_err(|e| RuntimeError::io(dir, e))?;
-        let client_port = free_port().map_err(|e| RuntimeError::io(dir, e))?;
-        let peer_port = free_port().map_err(|e| RuntimeError::io(dir, e))?;
-        let client = format!("http://127.0.0.1:{client_port}");
-        let peer = format!("http://127.0.0.1:{peer_port}");
-        let mut cmd = Command::new(binary);
-        cmd.arg("--name=ninelives")
-            .arg(format!("--data-dir={}", data_dir.display()))
-            .arg(format!("--listen-client-urls={client}"))
-            .arg(format!("--advertise-client-urls={client}"))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=ninelives={peer}"))
-            .arg("--log-level=warn");
-        if let Some(addr) = metrics {
-            cmd.arg(format!("--listen-metrics-urls=http://{addr}"));
+        let single = members == 1;
+        let mut plans = Vec::with_capacity(members);
+        for i in 0..members {
+            let client_port = free_port().map_err(|e| RuntimeError::io(dir, e))?;
+            let peer_port = free_port().map_err(|e| RuntimeError::io(dir, e))?;
+            let (name, data_dir) = if single {
+                ("ninelives".to_owned(), dir.join("etcd-data"))
+            } else {
+                (format!("member-{i}"), dir.join("etcd-data").join(format!("member-{i}")))
+            };
+            plans.push((name, data_dir, client_port, format!("http://127.0.0.1:{peer_port}")));
         }
-        let id = supervisor.spawn("etcd", cmd)?;
-        let etcd = LocalEtcd { id, endpoint: client, data_dir };
-        etcd.wait_healthy(supervisor, client_port)?;
-        Ok(etcd)
+        let initial: Vec<String> = plans.iter().map(|(name, _, _, peer)| format!("{name}={peer}")).collect();
+        let mut started = Vec::with_capacity(members);
+        for (i, (name, data_dir, client_port, peer)) in plans.into_iter().enumerate() {
+            let client = format!("http://127.0.0.1:{client_port}");
+            let mut cmd = Command::new(binary);
+            cmd.arg(format!("--name={name}"))
+                .arg(format!("--data-dir={}", data_dir.display()))
+                .arg(format!("--listen-client-urls={client}"))
+                .arg(format!("--advertise-client-urls={client}"))
+                .arg(format!("--listen-peer-urls={peer}"))
+                .arg(format!("--initial-advertise-peer-urls={peer}"))
+                .arg(format!("--initial-cluster={}", initial.join(",")))
+                .arg("--log-level=warn");
+            if let Some(addr) = metrics.filter(|_| i == 0) {
+                cmd.arg(format!("--listen-metrics-urls=http://{addr}"));
+            }
+            let log_name = if single { "etcd".to_owned() } else { format!("etcd-{i}") };
+            let id = supervisor.spawn(&log_name, cmd)?;
+            started.push((LocalEtcd { id, endpoint: client, data_dir }, client_port));
+        }
+        // Members start together: a cluster is healthy only once a quorum has elected a leader.
+        let mut out = Vec::with_capacity(members);
+        for (etcd, port) in started {
+            etcd.wait_healthy(supervisor, port)?;
+            out.push(etcd);
+        }
+        Ok(out)
     }
 
     fn wait_healthy(&self, supervisor: &mut Supervisor, port: u16) -> Result<(), RuntimeError> {

@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use etcd_client::Client;
+use etcd_client::{Client, ConnectOptions};
 use ninelives_control::{ControlLoop, EtcdStore, JobIdentity, Progress, RecoveryEvent, unix_now};
 use ninelives_core::TrainingJob;
 use ninelives_core::fault_schedule::{
@@ -74,6 +74,14 @@ pub struct LocalRunConfig {
     /// allocator), which the caller that links the worker knows; set up front so a member need
     /// not re-execute itself.
     pub member_env: Vec<(String, String)>,
+    /// Members of the run's etcd cluster (1: a single etcd; 3 survives the loss of one). Every
+    /// component — this driver, the agents, the workers — gets every member's client URL and
+    /// fails over between them.
+    pub etcd_members: usize,
+    /// Extra environment of one node's processes (its agent and the member on it), by node name:
+    /// e.g. libfaketime's, to skew that node's wall clock (the clock-skew nemesis of the chaos
+    /// suite).
+    pub node_env: BTreeMap<String, Vec<(String, String)>>,
 }
 
 /// Where the processes of a run serve their metrics, and the driver's own metrics.
@@ -170,7 +178,7 @@ struct LocalRun<'c> {
     start_unix: f64,
     /// The kubelet's part: deletes a dead member's key at once.
     client: Client,
-    /// etcd's client URL, for the members.
+    /// etcd's client URLs, comma-separated, for the members.
     etcd_endpoint: String,
     job_keys: JobKeys,
     control: ControlLoop<EtcdStore>,
@@ -193,13 +201,23 @@ impl<'c> LocalRun<'c> {
         let key = cfg.work_dir.join(JOB_KEY_FILE);
         crate::processes::create_job_key(&key)
             .map_err(|source| RuntimeError::Io { path: key.clone(), source })?;
-        let etcd = match &cfg.metrics {
-            Some(m) => LocalEtcd::start_with_metrics(&mut sup, &cfg.work_dir, m.etcd)?,
-            None => LocalEtcd::start(&mut sup, &cfg.work_dir)?,
-        };
+        let etcd = LocalEtcd::start_cluster(
+            &mut sup,
+            &cfg.work_dir,
+            cfg.etcd_members,
+            cfg.metrics.as_ref().map(|m| m.etcd),
+        )?;
+        let endpoints: Vec<String> = etcd.iter().map(|m| m.endpoint.clone()).collect();
+        let etcd_urls = endpoints.join(",");
         let connect_err =
             |e: etcd_client::Error| RuntimeError::Etcd { what: "connect".into(), detail: e.to_string() };
-        let mut client = Client::connect([etcd.endpoint.as_str()], None).await.map_err(connect_err)?;
+        // Bounded connects and keep-alive pings: a killed or stopped member is left for another
+        // one within seconds instead of a TCP timeout.
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true);
+        let mut client = Client::connect(&endpoints, Some(options)).await.map_err(connect_err)?;
         let keys = Keyspace::default();
         let name = cfg.job.metadata.name.clone().unwrap_or_else(|| "job".into());
         let mut brain = BrainConfig::from_spec(&cfg.job.spec)
@@ -211,11 +229,12 @@ impl<'c> LocalRun<'c> {
         let mut cluster = Cluster::new(sup);
         let plan = |node: &str| AgentPlan {
             ninelives: &cfg.ninelives,
-            etcd: &etcd.endpoint,
+            etcd: &etcd_urls,
             chips_per_node: topo.chips_per_node,
             ttl_seconds: cfg.job.spec.failure_policy.heartbeat_ttl_seconds.max(1),
             keys: &keys,
             metrics_addr: cfg.metrics.as_ref().and_then(|m| m.agents.get(node).copied()),
+            env: cfg.node_env.get(node).map_or(&[], Vec::as_slice),
         };
         for node in names.iter().chain(&spares) {
             cluster.start_agent(node, cfg.work_dir.join("chips").join(node), &plan(node))?;
@@ -239,7 +258,7 @@ impl<'c> LocalRun<'c> {
             fx: LocalEffects::new(RecoveryState::new(names, spares)),
             job_keys: keys.job(NAMESPACE, &name),
             start_unix: unix_now() - t0.elapsed().as_secs_f64(),
-            etcd_endpoint: etcd.endpoint.clone(),
+            etcd_endpoint: etcd_urls,
             client,
             t0,
             name,
@@ -395,7 +414,7 @@ impl<'c> LocalRun<'c> {
                 // no longer part of the job.
                 self.fx.wanted.remove(&rank);
             } else if !self.cluster.dead_nodes.contains(node) {
-                self.cluster.start_member(&self.cfg.ninelives, &self.member_spec(rank))?;
+                self.cluster.start_member(&self.cfg.ninelives, &self.member_spec(rank, node))?;
                 self.fx.journal.note(format!("start member {rank} on {node}"));
                 self.fx.wanted.remove(&rank);
             }
@@ -403,8 +422,11 @@ impl<'c> LocalRun<'c> {
         Ok(())
     }
 
-    fn member_spec(&self, rank: u32) -> MemberSpec {
+    /// The member of `rank`, started on `node` (whose extra environment it gets).
+    fn member_spec(&self, rank: u32, node: &str) -> MemberSpec {
         let cfg = self.cfg;
+        let mut env = cfg.member_env.clone();
+        env.extend(cfg.node_env.get(node).into_iter().flatten().cloned());
         let nodes = usize::try_from(cfg.job.spec.topology.nodes.max(1)).unwrap_or(1);
         MemberSpec {
             rank,
@@ -417,7 +439,7 @@ impl<'c> LocalRun<'c> {
             step_timeout_seconds: STEP_TIMEOUT_S,
             job_key_file: cfg.work_dir.join(JOB_KEY_FILE),
             metrics_addr: cfg.metrics.as_ref().and_then(|m| m.workers.get(&rank).copied()),
-            env: cfg.member_env.clone(),
+            env,
         }
     }
 

@@ -53,3 +53,41 @@ fn a_missing_etcd_names_the_install_command() {
     let text = err.to_string();
     assert!(text.contains("scripts/setup") && text.contains("apt install etcd-server"), "{text}");
 }
+
+#[test]
+fn a_three_member_cluster_replicates_and_survives_one_member_killed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sup = Supervisor::new(dir.path().join("logs")).expect("supervisor");
+    let members = LocalEtcd::start_cluster(&mut sup, dir.path(), 3, None).expect("3 members start");
+    assert_eq!(members.len(), 3);
+    for (i, m) in members.iter().enumerate() {
+        assert!(m.data_dir.ends_with(format!("etcd-data/member-{i}")), "{}", m.data_dir.display());
+    }
+    let port =
+        |m: &LocalEtcd| -> u16 { m.endpoint.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port") };
+    let post = |port: u16, path: &str, body: &str| -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let req = format!(
+            "POST {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        out
+    };
+    // One cluster: a write through member 0 is read through member 2 ...
+    assert!(post(port(&members[0]), "/v3/kv/put", r#"{"key":"aw==","value":"dg=="}"#).contains("200 OK"));
+    assert!(post(port(&members[2]), "/v3/kv/range", r#"{"key":"aw=="}"#).contains("\"value\":\"dg==\""));
+    // ... and the two left after member 0 is killed still have a quorum for writes.
+    sup.kill(members[0].id).expect("kill member 0");
+    // Member 0 may have been the leader: the others elect a new one within etcd's election
+    // timeout (1 s); until then a write is refused.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !post(port(&members[1]), "/v3/kv/put", r#"{"key":"aw==","value":"dw=="}"#).contains("200 OK") {
+        assert!(std::time::Instant::now() < deadline, "no write accepted by the 2 members left");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(post(port(&members[2]), "/v3/kv/range", r#"{"key":"aw=="}"#).contains("\"value\":\"dw==\""));
+}

@@ -488,6 +488,8 @@ pub fn demo(options: &DemoOptions, progress: &mut dyn FnMut(&str)) -> anyhow::Re
         metrics: Some(MetricsPlan { recovery, agents, workers, etcd }),
         // Members set their own environment up (one re-exec each).
         member_env: Vec::new(),
+        etcd_members: 1,
+        node_env: BTreeMap::new(),
     };
     let start = unix_now();
     let mut shown = 0usize;

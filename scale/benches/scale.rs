@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo bench -p ninelives-scale --bench scale -- [--nodes 500,1000,2000,6250] [--faults 5]
-//!     [--idle-secs 10] [--round-ms 200] [--etcd-arg --max-request-bytes=67108864]
+//!     [--idle-secs 10] [--round-ms 200] [--agent-poll-ms 100] [--etcd-arg --max-request-bytes=67108864]
 //!     [--manifest examples/longcat-2.0.yaml]
 //! ```
 //!
@@ -19,6 +19,7 @@ fn main() {
     let mut faults = 5usize;
     let mut idle = 10u64;
     let mut round = 200u64;
+    let mut agent_poll = 100u64;
     let mut etcd_args = Vec::new();
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let mut manifest = format!("{root}/examples/longcat-2.0.yaml");
@@ -31,6 +32,7 @@ fn main() {
             "--faults" => faults = value.parse().unwrap_or(faults),
             "--idle-secs" => idle = value.parse().unwrap_or(idle),
             "--round-ms" => round = value.parse().unwrap_or(round),
+            "--agent-poll-ms" => agent_poll = value.parse().unwrap_or(agent_poll),
             "--etcd-arg" => etcd_args.push(value),
             "--manifest" => manifest = value,
             "--probe" => probe = value.split(',').filter_map(|v| v.parse().ok()).collect(),
@@ -80,6 +82,7 @@ fn main() {
         o.faults_per_kind = faults;
         o.idle = std::time::Duration::from_secs(idle);
         o.round = std::time::Duration::from_millis(round);
+        o.agent_poll = std::time::Duration::from_millis(agent_poll);
         o.etcd_args = etcd_args.clone();
         match runtime.block_on(run(&o)) {
             Ok(r) => reports.push(r),
@@ -96,12 +99,12 @@ fn ms(v: Option<f64>) -> String {
 fn print_tables(reports: &[Report], etcd_args: &[String]) {
     println!("\netcd flags: {etcd_args:?}");
     println!(
-        "| nodes | chips | gen 1 joined | idle round wall ms | loop CPU ms/round | read ms | keys read/round | bytes read/round | placement value | recovery record | largest value written | largest txn | idle etcd req/s | idle etcd MB/s | etcd DB MB | RSS MB | broke |"
+        "| nodes | chips | gen 1 joined | idle round wall ms | loop CPU ms/round | read ms | keys read/round | bytes read/round | placement value | recovery record | largest value written | largest txn | idle etcd req/s | idle etcd MB/s | etcd DB MB | RSS MB | view lists | broke |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for r in reports {
         println!(
-            "| {} | {} | {} s | {:.1} | {:.1} | {:.1} | {} | {:.2} MB | {:.2} MB | {:.1} KB | {:.2} MB | {:.2} MB | {:.0} | {:.1} | {:.1} | {:.0} | {} |",
+            "| {} | {} | {} s | {:.1} | {:.1} | {:.1} | {} | {:.2} MB | {:.2} MB | {:.1} KB | {:.2} MB | {:.2} MB | {:.0} | {:.1} | {:.1} | {:.0} | {} | {} |",
             r.nodes,
             r.chips,
             r.first_generation_s.map_or("–".into(), |s| format!("{s:.1}")),
@@ -118,6 +121,7 @@ fn print_tables(reports: &[Report], etcd_args: &[String]) {
             r.idle_etcd_bps / 1e6,
             r.db_bytes / 1e6,
             r.rss_bytes as f64 / 1e6,
+            r.view_lists,
             r.broke.clone().unwrap_or_else(|| "no".into()).replace('|', "/"),
         );
     }
@@ -137,9 +141,9 @@ fn print_tables(reports: &[Report], etcd_args: &[String]) {
         );
     }
     println!(
-        "\n| nodes | fault | n | visible→detected p50/p99/max ms | visible→committed p50/p99/max | visible→all acked p50/p99/max | visible→completed p50/p99/max | etcd requests/failure | etcd MB/failure | tiers |"
+        "\n| nodes | fault | n | visible→detected p50/p99/max ms | visible→committed p50/p99/max | visible→all acked p50/p99/max | visible→completed p50/p99/max | injected→committed p50/p99/max | etcd requests/failure | etcd MB/failure | apiserver writes/failure (events+status+pods) | tiers |"
     );
-    println!("|---:|---|---:|---|---|---|---|---:|---:|---|");
+    println!("|---:|---|---:|---|---|---|---|---|---:|---:|---|---|");
     for r in reports {
         for kind in [Kind::Chip, Kind::Node, Kind::Rack, Kind::Flap] {
             let f: Vec<_> = r.faults.iter().filter(|f| f.kind == kind).collect();
@@ -157,13 +161,33 @@ fn print_tables(reports: &[Report], etcd_args: &[String]) {
                     f.len()
                 )
             };
+            let injected =
+                |x: &ninelives_scale::FaultResult| x.committed.zip(x.inject_to_visible).map(|(c, v)| c + v);
+            let v: Vec<f64> = f.iter().filter_map(|x| injected(x)).collect();
+            let from_injection = format!(
+                "{}/{}/{}",
+                ms(percentile(&v, 50.0)),
+                ms(percentile(&v, 99.0)),
+                ms(percentile(&v, 100.0))
+            );
+            let n = f.len() as f64;
+            let kube = |get: fn(&ninelives_scale::KubeWrites) -> u64| {
+                f.iter().map(|x| get(&x.kube) as f64).sum::<f64>() / n
+            };
+            let writes = format!(
+                "{:.1} ({:.1}+{:.1}+{:.1})",
+                kube(ninelives_scale::KubeWrites::total),
+                kube(|k| k.events),
+                kube(|k| k.status),
+                kube(|k| k.pods)
+            );
             let req = f.iter().map(|x| x.requests).sum::<f64>() / f.len() as f64;
             let mb = f.iter().map(|x| x.bytes).sum::<f64>() / f.len() as f64 / 1e6;
             let mut tiers: Vec<String> = f.iter().flat_map(|x| x.tiers.clone()).collect();
             tiers.sort();
             tiers.dedup();
             println!(
-                "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.1} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.1} | {} | {} |",
                 r.nodes,
                 kind.as_str(),
                 f.len(),
@@ -171,8 +195,10 @@ fn print_tables(reports: &[Report], etcd_args: &[String]) {
                 col(|x| x.committed),
                 col(|x| x.acked),
                 col(|x| x.completed),
+                from_injection,
                 req,
                 mb,
+                writes,
                 tiers.join(", ")
             );
         }

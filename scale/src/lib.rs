@@ -32,6 +32,7 @@ use ninelives_core::keyspace::{JobKeys, Keyspace};
 use ninelives_core::recovery::{
     BrainConfig, BrainPhase, CheckpointRecord, MemberAck, OutagePolicy, ProgressRecord, RecoveryState,
 };
+use ninelives_core::writer::{WriterRecord, epoch_at};
 use ninelives_testkit::{EtcdServer, http_get};
 use tokio::sync::mpsc;
 
@@ -65,6 +66,8 @@ pub struct Options {
     pub fault_timeout: Duration,
     /// Agents started per batch (as a DaemonSet rolls out).
     pub batch: usize,
+    /// How often each agent polls its chips (a fault is visible within one poll).
+    pub agent_poll: Duration,
 }
 
 impl Options {
@@ -80,6 +83,7 @@ impl Options {
             etcd_args: Vec::new(),
             fault_timeout: Duration::from_secs(60),
             batch: 500,
+            agent_poll: Duration::from_millis(100),
         }
     }
 }
@@ -133,6 +137,8 @@ pub struct FaultResult {
     pub generations: usize,
     /// Tiers published.
     pub tiers: Vec<String>,
+    /// Apiserver writes the operator would have made between injection and completion.
+    pub kube: KubeWrites,
     /// Why it failed, if it did.
     pub error: Option<String>,
 }
@@ -188,6 +194,8 @@ pub struct Report {
     pub rss_bytes: u64,
     /// Loop thread CPU over the whole run, seconds.
     pub loop_cpu_s: f64,
+    /// Times the loop's store listed its view (the first read, then once per re-sync).
+    pub view_lists: u64,
     /// Faults.
     pub faults: Vec<FaultResult>,
     /// Where it broke, if it did.
@@ -254,6 +262,8 @@ struct Meter {
     group_writes: u64,
     group_deletes: u64,
     largest_group_write: u64,
+    /// Lists of the store's view so far.
+    lists: u64,
 }
 
 /// [`EtcdStore`] with every read and write measured.
@@ -276,6 +286,7 @@ impl BrainStore for Metered {
         m.placement_bytes = snapshot.value(&self.placement_key).map_or(0, |v| v.len() as u64);
         m.record_bytes = snapshot.value(&self.record_key).map_or(0, |v| v.len() as u64);
         m.last_read_done = Some(Instant::now());
+        m.lists = self.inner.lists();
         Ok(snapshot)
     }
 
@@ -294,7 +305,7 @@ impl BrainStore for Metered {
         Ok(written)
     }
 
-    async fn claim(&mut self, writer: &ninelives_core::writer::WriterRecord) -> Result<(), ControlError> {
+    async fn claim(&mut self, writer: &WriterRecord) -> Result<(), ControlError> {
         self.inner.claim(writer).await
     }
 
@@ -333,9 +344,49 @@ impl BrainStore for Metered {
 // ---------------------------------------------------------------------------------------------
 // Effects: members are started through the member pool
 
+/// The apiserver writes the operator's effects adapter (`operator::driver::KubeEffects`) would
+/// make for the effects the loop asked for, counted effect by effect: an Event per completed
+/// recovery and per control-plane transition (`Recorder::publish`), one status write per round
+/// that asked for a reconcile (the adapter sets one flag per round; the reconcile writes status
+/// once, and only when it changed, so this is an upper bound), and one pod write per member
+/// start, spare brought in or node dropped (the pods that really change, an upper bound too).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct KubeWrites {
+    /// Events (`Recovered`, `ControlPlaneDegraded`/`Healthy`).
+    pub events: u64,
+    /// Status writes (rounds that triggered a reconcile).
+    pub status: u64,
+    /// Pod writes (member starts, spares brought in, nodes dropped).
+    pub pods: u64,
+}
+
+impl KubeWrites {
+    /// All apiserver writes.
+    pub fn total(&self) -> u64 {
+        self.events + self.status + self.pods
+    }
+}
+
 struct ScaleEffects {
     table: RecoveryState,
     start: mpsc::UnboundedSender<u32>,
+    /// Whether this round asked for a reconcile (as `KubeEffects::reconcile`).
+    reconcile: bool,
+    kube: Arc<Mutex<KubeWrites>>,
+}
+
+impl ScaleEffects {
+    fn count(&mut self, f: impl FnOnce(&mut KubeWrites)) {
+        self.reconcile = true;
+        f(&mut self.kube.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// The end of a round: the reconcile it triggered writes the status once.
+    fn round_done(&mut self) {
+        if std::mem::take(&mut self.reconcile) {
+            self.kube.lock().unwrap_or_else(|e| e.into_inner()).status += 1;
+        }
+    }
 }
 
 impl Effects for ScaleEffects {
@@ -343,7 +394,34 @@ impl Effects for ScaleEffects {
         Ok(Some(self.table.clone()))
     }
     async fn start_member(&mut self, rank: u32, _: &str, _: Option<u64>) -> Result<(), EffectError> {
+        self.count(|k| k.pods += 1);
         self.start.send(rank).map_err(|e| EffectError::new("start-member", e.to_string()))
+    }
+    async fn bring_in_spare(&mut self, _: &str, _: &str, _: u32) -> Result<(), EffectError> {
+        self.count(|k| k.pods += 1);
+        Ok(())
+    }
+    async fn drop_node(&mut self, _: u32, _: &str) -> Result<(), EffectError> {
+        self.count(|k| k.pods += 1);
+        Ok(())
+    }
+    async fn record_recovery(
+        &mut self,
+        _: &ninelives_core::recovery::CompletedRecovery,
+    ) -> Result<(), EffectError> {
+        self.count(|k| k.events += 1);
+        Ok(())
+    }
+    async fn phase_changed(&mut self, _: &RecoveryState, _: &RecoveryState) -> Result<(), EffectError> {
+        self.count(|_| {});
+        Ok(())
+    }
+    async fn control_plane(
+        &mut self,
+        _: Option<&ninelives_core::recovery::Outage>,
+    ) -> Result<(), EffectError> {
+        self.count(|k| k.events += 1);
+        Ok(())
     }
 }
 
@@ -398,6 +476,7 @@ fn spawn_loop(
                 let (t, c) = (Instant::now(), thread_cpu_ns());
                 let commits_before = meter.lock().unwrap_or_else(|e| e.into_inner()).commits.len();
                 let result = control.step(&mut effects, ninelives_control::unix_now()).await;
+                effects.round_done();
                 let (read_done, commits) = {
                     let m = meter.lock().unwrap_or_else(|e| e.into_inner());
                     (m.last_read_done, m.commits.get(commits_before..).map(<[_]>::to_vec).unwrap_or_default())
@@ -640,8 +719,12 @@ async fn member_pool(
             {
                 last_step = Instant::now();
                 step += 1;
-                let progress =
-                    ProgressRecord { step, loss: Some(2.0), generation: Some(g), rank: p.members.first().copied() };
+                let progress = ProgressRecord {
+                    step,
+                    loss: Some(2.0),
+                    generation: Some(g),
+                    rank: p.members.first().copied(),
+                };
                 let mut ops = Vec::new();
                 if let Ok(v) = serde_json::to_string(&progress) {
                     ops.push(TxnOp::put(job.progress(), v, None));
@@ -756,7 +839,7 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
         let mut config = AgentConfig::new(&node_name(n), source, probe.clone());
         config.keys = keys.clone();
         config.ttl = ttl;
-        config.poll_interval = Duration::from_millis(100);
+        config.poll_interval = o.agent_poll;
         agents.push(Some(Agent::start(config).await.map_err(|e| err("agent")(e.to_string()))?));
         probes.push(probe);
         if agents.len().is_multiple_of(o.batch) || agents.len() == total as usize {
@@ -822,11 +905,16 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
         chips_per_node: chips,
         min_healthy_fraction: job.spec.failure_policy.min_healthy_fraction,
     };
-    let control =
-        ControlLoop::new(brain, identity, store, None).with_outage_policy(OutagePolicy::for_ttl(ttl as f64));
+    // The run's loop claims the job's writer key, as every driver does (its epoch: its start).
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let writer = WriterRecord::new(format!("scale-{}", std::process::id()), epoch_at(since));
+    let control = ControlLoop::new(brain, identity, store, None)
+        .with_writer(writer)
+        .with_outage_policy(OutagePolicy::for_ttl(ttl as f64));
     let table =
         RecoveryState::new((0..o.nodes).map(node_name).collect(), (o.nodes..total).map(node_name).collect());
-    let effects = ScaleEffects { table, start: start_tx };
+    let kube: Arc<Mutex<KubeWrites>> = Arc::default();
+    let effects = ScaleEffects { table, start: start_tx, reconcile: false, kube: kube.clone() };
     let (note_tx, mut notes) = mpsc::unbounded_channel();
     let cpu_total = Arc::new(AtomicU64::new(0));
     let loop_thread =
@@ -962,6 +1050,7 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
             };
             while notes.try_recv().is_ok() {}
             let before = counters(addr);
+            let kube_before = *kube.lock().unwrap_or_else(|p| p.into_inner());
             let injected = Instant::now();
             let completed_before = last_completed(&mut notes).await.unwrap_or(0);
             match kind {
@@ -1010,8 +1099,14 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
             let mut result = result;
             result.requests = after.requests - before.requests;
             result.bytes = after.bytes - before.bytes;
+            let kube_after = *kube.lock().unwrap_or_else(|p| p.into_inner());
+            result.kube = KubeWrites {
+                events: kube_after.events - kube_before.events,
+                status: kube_after.status - kube_before.status,
+                pods: kube_after.pods - kube_before.pods,
+            };
             eprintln!(
-                "[{} nodes] {} fault {}: visible+{:?} detected {:?} committed {:?} acked {:?} completed {:?} tiers {:?} req {:.0} bytes {:.0} {}",
+                "[{} nodes] {} fault {}: visible+{:?} detected {:?} committed {:?} acked {:?} completed {:?} tiers {:?} req {:.0} bytes {:.0} apiserver {:?} {}",
                 o.nodes,
                 kind.as_str(),
                 i / plan.len(),
@@ -1023,6 +1118,7 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
                 result.tiers,
                 result.requests,
                 result.bytes,
+                result.kube,
                 result.error.clone().unwrap_or_default()
             );
             let broken = result.error.is_some() && result.committed.is_none();
@@ -1041,6 +1137,7 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
         report.group_writes = m.group_writes;
         report.group_deletes = m.group_deletes;
         report.largest_group = m.largest_group_write;
+        report.view_lists = m.lists;
         if report.placement_bytes == 0 {
             report.placement_bytes = m.placement_bytes;
         }
@@ -1102,6 +1199,7 @@ async fn time_fault(
         bytes: 0.0,
         generations: 0,
         tiers: Vec::new(),
+        kube: KubeWrites::default(),
         error: None,
     };
     let mut gens: BTreeMap<u64, Option<Instant>> = BTreeMap::new();
