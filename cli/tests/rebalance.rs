@@ -38,16 +38,21 @@ fn a_skewed_router_is_rebalanced_from_live_peers_and_the_result_stays_exact() {
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(report_dir.join("report.json")).unwrap()).unwrap();
 
-    // At least one rebalance generation, and each lowered the measured step inflation.
+    // At least one rebalance generation, each above the threshold and predicted to help; the
+    // first lowered the step inflation measured afterwards. (Later ones need not: the router
+    // trains and the load drifts between rebalances, see BENCHMARKS.md.)
     let rebalances = report["rebalances"].as_array().unwrap();
     assert!(!rebalances.is_empty(), "no rebalance generation:\n{stdout}");
     for r in rebalances {
         let before = r["step_inflation_before"].as_f64().unwrap();
-        let after = r["step_inflation_after"].as_f64().unwrap();
         assert!(before > 1.3, "rebalanced below the threshold: {r}");
-        assert!(after < before, "step inflation did not go down: {r}");
+        assert!(r["predicted"].as_f64().unwrap() < before, "{r}");
         assert!(r["replicas_moved"].as_u64().unwrap() > 0, "{r}");
     }
+    let first = &rebalances[0];
+    let (before, after) =
+        (first["step_inflation_before"].as_f64().unwrap(), first["step_inflation_after"].as_f64().unwrap());
+    assert!(after < before, "the first rebalance did not lower the measured step inflation: {first}");
     assert!(stdout.contains("(rebalance, restore Live) published"), "{stdout}");
     // Nothing failed, nothing rolled back, nothing read from disk.
     assert_eq!(report["recoveries"].as_array().map(Vec::len), Some(0), "{stdout}");

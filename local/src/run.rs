@@ -575,11 +575,13 @@ impl LocalRun<'_> {
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                // "After" is measured on the placement in force at the end when this is the last
-                // rebalance (no fault since), else on what the brain predicted.
-                let last = i + 1 == entries.len() && placement.is_some_and(|p| p.generation == r.generation);
-                let after = match (last, placement, &load) {
-                    (true, Some(p), Some(load)) => LoadStats::measure(shape, p, &failed, load).step_inflation,
+                // "After": what the brain measured on this placement when it next decided to
+                // rebalance, else the placement in force at the end under the load measured to
+                // the end (no fault since), else what it predicted.
+                let last = placement.filter(|p| p.generation == r.generation);
+                let after = match (entries.get(i + 1), last, &load) {
+                    (Some(next), _, _) => next.before,
+                    (None, Some(p), Some(load)) => LoadStats::measure(shape, p, &failed, load).step_inflation,
                     _ => r.predicted,
                 };
                 // The step of the decision and the one after (the members' join) are left out.
