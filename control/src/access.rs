@@ -64,7 +64,11 @@ pub async fn ensure_role(client: &mut Client, role: &Role) -> Result<(), Control
                 .map_err(failed("role-revoke", &role.name))?;
         }
     }
-    for grant in &role.grants {
+    // Only missing grants are written: every auth change bumps etcd's auth revision, which
+    // invalidates the tokens of every client (JWT) or fails requests in flight, and the
+    // operator calls this on every reconcile.
+    let held: BTreeSet<Grant> = current.permissions().iter().filter_map(as_grant).collect();
+    for grant in role.grants.iter().filter(|g| !held.contains(g)) {
         client
             .role_grant_permission(role.name.as_str(), permission(grant))
             .await
@@ -73,8 +77,10 @@ pub async fn ensure_role(client: &mut Client, role: &Role) -> Result<(), Control
     Ok(())
 }
 
-/// Makes `user` exist holding `roles` (and its password `password`; `None`: certificate only).
-/// Roles it held before are kept: a user may hold one role per job its node runs.
+/// Makes `user` exist holding `roles` (and its password `password`; `None`: certificate only,
+/// or an existing user's password left as it is). Roles it held before are kept: a user may
+/// hold one role per job its node runs. Writes only what differs (roles it lacks, the password
+/// when given), so repeating it costs reads.
 pub async fn ensure_user(
     client: &mut Client,
     user: &str,
@@ -82,17 +88,72 @@ pub async fn ensure_user(
     roles: &[&Role],
 ) -> Result<(), ControlError> {
     let existing = client.user_list().await.map_err(failed("user-list", user))?;
-    if !existing.users().iter().any(|u| u == user) {
+    let held: Vec<String> = if !existing.users().iter().any(|u| u == user) {
         let options = password.is_none().then(|| UserAddOptions::new().with_no_pwd());
         client.user_add(user, password.unwrap_or(""), options).await.map_err(failed("user-add", user))?;
-    } else if let Some(password) = password {
-        client.user_change_password(user, password).await.map_err(failed("user-password", user))?;
-    }
+        Vec::new()
+    } else {
+        if let Some(password) = password {
+            client.user_change_password(user, password).await.map_err(failed("user-password", user))?;
+        }
+        client.user_get(user).await.map_err(failed("user-get", user))?.roles().to_vec()
+    };
     for role in roles {
         ensure_role(client, role).await?;
+        if !held.iter().any(|r| r == &role.name) {
+            client.user_grant_role(user, role.name.as_str()).await.map_err(failed("user-grant", user))?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates `user` (password `password`; `None`: certificate only) and `roles`, none of which
+/// may exist yet: a constant number of requests per user, where [`ensure_user`] lists every user
+/// and role (thousands of agents). Fails if any exists already; [`ensure_user`] then repairs.
+pub async fn add_user(
+    client: &mut Client,
+    user: &str,
+    password: Option<&str>,
+    roles: &[&Role],
+) -> Result<(), ControlError> {
+    for role in roles {
+        client.role_add(role.name.as_str()).await.map_err(failed("role-add", &role.name))?;
+        for grant in &role.grants {
+            client
+                .role_grant_permission(role.name.as_str(), permission(grant))
+                .await
+                .map_err(failed("role-grant", &role.name))?;
+        }
+    }
+    let options = password.is_none().then(|| UserAddOptions::new().with_no_pwd());
+    client.user_add(user, password.unwrap_or(""), options).await.map_err(failed("user-add", user))?;
+    for role in roles {
         client.user_grant_role(user, role.name.as_str()).await.map_err(failed("user-grant", user))?;
     }
     Ok(())
+}
+
+/// Deletes `user` and the roles named `roles` (a deleted job's or node's identity); those
+/// already gone are skipped, so repeating it is harmless.
+pub async fn remove_user(client: &mut Client, user: &str, roles: &[&str]) -> Result<(), ControlError> {
+    let users = client.user_list().await.map_err(failed("user-list", user))?;
+    if users.users().iter().any(|u| u == user) {
+        client.user_delete(user).await.map_err(failed("user-delete", user))?;
+    }
+    let existing = client.role_list().await.map_err(failed("role-list", user))?;
+    for role in roles {
+        if existing.roles().iter().any(|r| r == role) {
+            client.role_delete(*role).await.map_err(failed("role-delete", role))?;
+        }
+    }
+    Ok(())
+}
+
+/// The users whose names start with `prefix` (e.g. every agent's user, to remove those of
+/// nodes that are gone).
+pub async fn users_with_prefix(client: &mut Client, prefix: &str) -> Result<Vec<String>, ControlError> {
+    let users = client.user_list().await.map_err(failed("user-list", prefix))?;
+    Ok(users.users().iter().filter(|u| u.starts_with(prefix)).cloned().collect())
 }
 
 /// Turns authentication on, with `root` (password `password`) holding etcd's `root` role: the

@@ -67,6 +67,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// The recovery brain's driver tasks ([`Recovery::Brain`]).
     pub drivers: Drivers,
+    /// The jobs' etcd users this term has set up (`--etcd-auth`).
+    pub identities: crate::etcd_auth::Identities,
     triggered: Mutex<Option<UnboundedReceiver<ObjectRef<TrainingJob>>>>,
 }
 
@@ -100,6 +102,7 @@ impl Context {
         });
         Self {
             drivers,
+            identities: crate::etcd_auth::Identities::default(),
             triggered: Mutex::new(Some(triggered)),
             recorder,
             client,
@@ -243,6 +246,9 @@ async fn apply(job: &TrainingJob, ctx: &Arc<Context>) -> Result<Action> {
     if service {
         apply_service(job, ctx, &namespace).await?;
         apply_job_key(job, ctx, &namespace).await?;
+        if ctx.template.etcd_auth {
+            crate::etcd_auth::apply_job_identity(job, &ctx.client, &ctx.etcd, &ctx.identities).await?;
+        }
         apply_network_policy(job, ctx, &namespace).await?;
         apply_pod_group(job, ctx, &namespace).await?;
     }
@@ -409,6 +415,9 @@ async fn cleanup(job: &TrainingJob, ctx: &Context) -> Result<Action> {
         return Err(Error::CleanupPending(existing.len()));
     }
     let deleted = ctx.etcd.config.delete_job_keys(&namespace, &name).await?;
+    if ctx.template.etcd_auth {
+        crate::etcd_auth::remove_job_identity(&namespace, &name, &ctx.etcd, &ctx.identities).await?;
+    }
     ctx.metrics.set_phase(&key(job), None);
     info!(job = %key(job), etcd_keys = deleted, "cleaned up");
     publish(

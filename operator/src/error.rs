@@ -40,6 +40,9 @@ pub enum Error {
         #[source]
         source: etcd_client::Error,
     },
+    /// Creating or deleting a job's or an agent's etcd user or role failed (etcd auth on).
+    #[error("etcd users and roles: {0}")]
+    EtcdIdentity(#[source] ninelives_control::ControlError),
     /// etcd did not answer in time.
     #[error("etcd did not answer within {0} s")]
     EtcdTimeout(u64),
@@ -91,7 +94,7 @@ impl Error {
             Error::Apply { .. } => "apply",
             Error::Status(_) => "status",
             Error::Finalizer(_) => "finalizer",
-            Error::Etcd { .. } | Error::EtcdTimeout(_) => "etcd",
+            Error::Etcd { .. } | Error::EtcdTimeout(_) | Error::EtcdIdentity(_) => "etcd",
             Error::CleanupPending(_) => "cleanup_pending",
             Error::MissingField(_) => "missing_field",
             Error::Serialize(_) => "serialize",

@@ -25,6 +25,24 @@ pub struct EtcdConfig {
     pub key_file: Option<PathBuf>,
     /// Key prefix of the keyspace.
     pub prefix: String,
+    /// User and password the operator authenticates with (etcd auth on, no client-certificate
+    /// identity); the user needs etcd's `root` role to manage the jobs' and agents' users.
+    pub credentials: Option<Credentials>,
+}
+
+/// An etcd user name and its password; `Debug` never shows the password.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    /// The user.
+    pub user: String,
+    /// The password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("user", &self.user).field("password", &"<redacted>").finish()
+    }
 }
 
 impl EtcdConfig {
@@ -38,6 +56,10 @@ impl EtcdConfig {
                     .identity(Identity::from_pem(tokio::fs::read(cert).await?, tokio::fs::read(key).await?));
             }
             options = options.with_tls(tls);
+        }
+        if let Some(c) = &self.credentials {
+            // Tokens expire and any auth change may invalidate them: authenticate again then.
+            options = options.with_user(c.user.as_str(), c.password.as_str()).with_auto_token_refresh(true);
         }
         let connect = Client::connect(&self.endpoints, Some(options));
         match tokio::time::timeout(TIMEOUT, connect).await {

@@ -30,6 +30,7 @@ pub mod controller;
 pub mod driver;
 pub mod error;
 pub mod etcd;
+pub mod etcd_auth;
 #[cfg(test)]
 mod fixtures;
 pub use resources::gang;
@@ -92,6 +93,16 @@ pub struct OperatorArgs {
     /// (`tls.crt`, `tls.key`) for the worker pods; mounted read-only. Unset: plain-text etcd.
     #[arg(long)]
     pub worker_etcd_tls_secret: Option<String>,
+    /// etcd's authentication is on: give every job an etcd user limited to its member keys
+    /// (password in the Secret `<job>-etcd-credentials`, handed to its pods) and every Node an
+    /// agent user limited to `nodes/<node>/` (authenticated by its client certificate's CN).
+    #[arg(long)]
+    pub etcd_auth: bool,
+    /// The operator's own etcd user (it needs etcd's `root` role to manage users); the password
+    /// comes from `NINELIVES_ETCD_PASSWORD` only (flags show in `ps`). Unset: the client
+    /// certificate's CN is the user, or no authentication.
+    #[arg(long, env = "NINELIVES_ETCD_USER")]
+    pub etcd_user: Option<String>,
     /// Port of the worker pods' /metrics (declared as container port `metrics`); 0 serves none.
     #[arg(long, default_value_t = resources::DEFAULT_WORKER_METRICS_PORT)]
     pub worker_metrics_port: u16,
@@ -143,6 +154,7 @@ impl OperatorArgs {
             etcd_endpoints: self.etcd.clone(),
             etcd_prefix: self.etcd_prefix.clone(),
             etcd_tls_secret: self.worker_etcd_tls_secret.clone().filter(|s| !s.is_empty()),
+            etcd_auth: self.etcd_auth,
             metrics_port: (self.worker_metrics_port != 0).then_some(self.worker_metrics_port),
             network_policy: self.worker_network_policy.then(|| resources::WorkerNetworkPolicy {
                 metrics_namespace: self.worker_metrics_namespace.clone().filter(|s| !s.is_empty()),
@@ -173,6 +185,10 @@ impl OperatorArgs {
             cert_file: self.etcd_cert_file.clone(),
             key_file: self.etcd_key_file.clone(),
             prefix: self.etcd_prefix.clone(),
+            credentials: self.etcd_user.clone().filter(|u| !u.is_empty()).map(|user| etcd::Credentials {
+                user,
+                password: std::env::var("NINELIVES_ETCD_PASSWORD").unwrap_or_default(),
+            }),
         }
     }
 
@@ -306,6 +322,14 @@ async fn lead_while_elected(
         &identity,
         leadership.clone(),
     ));
+    // The agents' etcd users follow the Nodes while this replica leads.
+    let agent_identities = args.etcd_auth.then(|| {
+        tokio::spawn(etcd_auth::run_agent_identities(
+            ctx.client.clone(),
+            ctx.etcd.clone(),
+            etcd_auth::AGENT_SYNC_PERIOD,
+        ))
+    });
     let (stop_controller, controller_stopped) = oneshot::channel::<()>();
     let drivers = ctx.clone();
     let mut controller = tokio::spawn(controller::run(ctx, async move {
@@ -323,6 +347,9 @@ async fn lead_while_elected(
     // The drivers stop first, at once: the term may be over (a standby may take the Lease once
     // it expires), and the controller's grace period below is longer than what is left of it.
     drivers.drivers.stop_all();
+    if let Some(task) = &agent_identities {
+        task.abort();
+    }
     let outcome = match end {
         leader::TermEnd::Stopped if controller_failed => Err(Error::ControllerStopped),
         leader::TermEnd::Stopped => Ok(()),

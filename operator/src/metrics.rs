@@ -160,6 +160,7 @@ mod tests {
             Error::Finalizer("conflict".into()),
             Error::Etcd { prefix: "/ninelives/".into(), source: etcd_client::Error::InvalidArgs("x".into()) },
             Error::EtcdTimeout(5),
+            Error::EtcdIdentity(ninelives_control::ControlError::Timeout { op: "user-add", seconds: 5 }),
             Error::CleanupPending(2),
             Error::MissingField("uid"),
             Error::Serialize(serde_json::from_str::<u8>("x").unwrap_err()),
@@ -193,6 +194,7 @@ mod tests {
             | Error::Finalizer(_)
             | Error::Etcd { .. }
             | Error::EtcdTimeout(_)
+            | Error::EtcdIdentity(_)
             | Error::CleanupPending(_)
             | Error::MissingField(_)
             | Error::Serialize(_)

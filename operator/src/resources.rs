@@ -57,6 +57,17 @@ pub fn job_key_secret(job: &str) -> String {
     format!("{job}-transport-key")
 }
 
+/// The data key of the job's etcd credentials Secret ([`etcd_credentials_secret`]).
+pub const ETCD_PASSWORD_DATA: &str = "password";
+
+/// Name of the Secret with the password of the job's etcd worker user
+/// (`<job>-etcd-credentials`, data key [`ETCD_PASSWORD_DATA`]), created by the operator when etcd
+/// authentication is on ([`WorkerTemplate::etcd_auth`]); worker pods get it as
+/// `NINELIVES_ETCD_PASSWORD`.
+pub fn etcd_credentials_secret(job: &str) -> String {
+    format!("{job}-etcd-credentials")
+}
+
 /// Role of a worker pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -105,6 +116,10 @@ pub struct WorkerTemplate {
     /// (`tls.crt`, `tls.key`); mounted at [`ETCD_TLS_MOUNT`] and named to the worker through
     /// `NINELIVES_ETCD_{CA,CERT,KEY}_FILE`. `None`: plain-text etcd.
     pub etcd_tls_secret: Option<String>,
+    /// etcd authentication is on: members connect as their job's worker user
+    /// (`NINELIVES_ETCD_USER`, `ninelives_core::access::worker_user`) with the password from
+    /// the job's [`etcd_credentials_secret`] (`NINELIVES_ETCD_PASSWORD`, never in the pod spec).
+    pub etcd_auth: bool,
     /// Port of the worker's `/metrics` (`NINELIVES_METRICS_ADDR`, container port `metrics`);
     /// `None` serves none (the e2e node runner, where every pod shares one host's ports).
     pub metrics_port: Option<u16>,
@@ -157,6 +172,7 @@ impl WorkerTemplate {
             etcd_endpoints: Vec::new(),
             etcd_prefix: ninelives_core::keyspace::DEFAULT_PREFIX.into(),
             etcd_tls_secret: None,
+            etcd_auth: false,
             metrics_port: Some(DEFAULT_WORKER_METRICS_PORT),
             network_policy: None,
             gang: crate::resources::gang::GangSchedulers::default(),
@@ -334,6 +350,22 @@ fn env_field(name: &str, field_path: &str) -> EnvVar {
     }
 }
 
+/// A variable read from `secret`'s `key` (the value never appears in the pod spec).
+fn env_secret(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.into(),
+                key: key.into(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
 /// Every worker pod `job` should have, training ranks first, then spares.
 pub fn desired_pods(job: &TrainingJob, template: &WorkerTemplate) -> Result<Vec<Pod>> {
     let topology = &job.spec.topology;
@@ -434,18 +466,17 @@ fn worker_pod(job: &TrainingJob, template: &WorkerTemplate, rank: u32, role: Rol
         env_vars.push(env("NINELIVES_ETCD_CERT_FILE", format!("{ETCD_TLS_MOUNT}/tls.crt")));
         env_vars.push(env("NINELIVES_ETCD_KEY_FILE", format!("{ETCD_TLS_MOUNT}/tls.key")));
     }
-    env_vars.push(EnvVar {
-        name: "NINELIVES_JOB_KEY".into(),
-        value: None,
-        value_from: Some(EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector {
-                name: job_key_secret(&name),
-                key: JOB_KEY_DATA.into(),
-                optional: Some(false),
-            }),
-            ..EnvVarSource::default()
-        }),
-    });
+    env_vars.push(env_secret("NINELIVES_JOB_KEY", &job_key_secret(&name), JOB_KEY_DATA));
+    // Only members speak to etcd (a single-process worker has no --rank, which --etcd-user needs).
+    if template.etcd_auth && template.recovery == Recovery::Brain {
+        let namespace = job.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+        env_vars.push(env("NINELIVES_ETCD_USER", ninelives_core::access::worker_user(&namespace, &name)));
+        env_vars.push(env_secret(
+            "NINELIVES_ETCD_PASSWORD",
+            &etcd_credentials_secret(&name),
+            ETCD_PASSWORD_DATA,
+        ));
+    }
     let mut ports = vec![ContainerPort {
         name: Some("worker".into()),
         container_port: WORKER_PORT,
@@ -750,6 +781,36 @@ mod tests {
         assert_eq!(env["NINELIVES_ETCD_CA_FILE"], Some("/etc/ninelives/etcd/ca.crt"));
         assert_eq!(env["NINELIVES_ETCD_CERT_FILE"], Some("/etc/ninelives/etcd/tls.crt"));
         assert_eq!(env["NINELIVES_ETCD_KEY_FILE"], Some("/etc/ninelives/etcd/tls.key"));
+    }
+
+    #[test]
+    fn with_etcd_auth_members_connect_as_their_jobs_user_with_the_password_from_its_secret() {
+        let job = job("tiny").spares(1).build();
+        let env_of = |pod: &Pod| -> BTreeMap<String, EnvVar> {
+            let container = &pod.spec.as_ref().unwrap().containers[0];
+            container.env.iter().flatten().map(|e| (e.name.clone(), e.clone())).collect()
+        };
+        let template = WorkerTemplate { etcd_auth: true, ..WorkerTemplate::new(Recovery::Brain) };
+        let pods = desired_pods(&job, &template).unwrap();
+        for pod in &pods {
+            let env = env_of(pod);
+            assert_eq!(env["NINELIVES_ETCD_USER"].value.as_deref(), Some("ninelives-worker:default:tiny"));
+            let password = &env["NINELIVES_ETCD_PASSWORD"];
+            assert_eq!(password.value, None, "the password never appears in the pod spec");
+            let selector = password.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+            assert_eq!(
+                (selector.name.as_str(), selector.key.as_str(), selector.optional),
+                ("tiny-etcd-credentials", ETCD_PASSWORD_DATA, Some(false))
+            );
+        }
+        // Off by default, and never for single-process workers (they have no --rank).
+        let off = desired_pods(&job, &WorkerTemplate::new(Recovery::Brain)).unwrap();
+        let single = WorkerTemplate { etcd_auth: true, ..WorkerTemplate::new(Recovery::RestartPods) };
+        for pod in off.iter().chain(&desired_pods(&job, &single).unwrap()) {
+            let env = env_of(pod);
+            assert!(!env.contains_key("NINELIVES_ETCD_USER") && !env.contains_key("NINELIVES_ETCD_PASSWORD"));
+        }
+        assert_ne!(pod_template_hash(&pods[0]), pod_template_hash(&off[0]), "turning auth on rolls the pods");
     }
 
     #[test]
