@@ -1023,6 +1023,22 @@ mod tests {
     }
 
     #[test]
+    fn a_load_window_sums_steps_and_closes_once_per_window() {
+        let mut w = LoadWindow::starting_at(10);
+        assert_eq!(w.close(3, 1, 10), None, "no step in the window");
+        w.add(&[vec![1, 2], vec![0, 4]]);
+        w.add(&[vec![3, 0], vec![1, 1]]);
+        let r = w.close(3, 1, 15).unwrap();
+        assert_eq!((r.generation, r.rank, r.from_step, r.to_step), (3, 1, 10, 15));
+        assert_eq!(r.tokens, vec![vec![4, 2], vec![1, 5]]);
+        // The next window starts where this one ended; a window without tokens writes nothing.
+        w.add(&[vec![0, 0], vec![0, 0]]);
+        assert_eq!(w.close(3, 1, 20), None);
+        w.add(&[vec![1, 0], vec![0, 0]]);
+        assert_eq!(w.close(4, 1, 25).map(|r| (r.from_step, r.generation)), Some((20, 4)));
+    }
+
+    #[test]
     fn a_reroute_may_only_take_experts_away() {
         let e = |l, x| ExpertId::new(l, x);
         let held = [e(0, 0), e(0, 2), e(1, 1)];

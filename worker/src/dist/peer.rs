@@ -330,4 +330,20 @@ mod tests {
         assert_eq!(partial.experts(), [e(1)].into());
         assert!(store.find(5, true, &[e(0)]).is_none(), "nothing of a step never taken");
     }
+
+    #[test]
+    fn a_rebalance_hand_off_answers_fetches_until_the_next_generation() {
+        let mut store = PeerStore::default();
+        store.begin(2, BTreeSet::new());
+        let e = |x| ExpertId::new(0, x);
+        // Handed off at two steps; only experts are kept, never the dense part.
+        store.hand_off(vec![snap(7, &[3]), snap(6, &[3])]);
+        let found = store.find(7, true, &[e(3)]).unwrap();
+        assert_eq!(found.experts(), [e(3)].into());
+        assert!(!found.has_dense());
+        assert_eq!(store.find(6, false, &[e(3)]).unwrap().step, 6);
+        assert!(store.find(8, false, &[e(3)]).is_none());
+        store.begin(3, BTreeSet::new());
+        assert!(store.find(7, false, &[e(3)]).is_none(), "released with the next generation");
+    }
 }
