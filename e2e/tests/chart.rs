@@ -126,6 +126,10 @@ const USES: &[(&str, &str, &str, &str, &str)] = &[
     ("", "services", "get", "operator/src/controller.rs", "services.get_opt(&name)"),
     ("", "secrets", "get", "operator/src/controller.rs", "secrets.get_opt(&name)"),
     ("", "secrets", "create", "operator/src/controller.rs", "secrets.create("),
+    // etcd.auth: a job's credentials Secret without a usable password is replaced.
+    ("", "secrets", "delete", "operator/src/etcd_auth.rs", ".delete(&name, &DeleteParams::default())"),
+    // etcd.auth: one agent etcd user per Node.
+    ("", "nodes", "list", "operator/src/etcd_auth.rs", ".list_metadata(&ListParams::default())"),
     (
         "",
         "services",
@@ -349,6 +353,7 @@ fn etcd_defaults_are_coherent_and_incoherent_settings_are_refused() {
             "etcd.tls.enabled=true,etcd.tls.secretName=c,etcd.tls.serverSecretName=s",
             "etcd.tls.workerSecretName",
         ),
+        ("etcd.auth.enabled=true", "etcd.auth.enabled needs etcd.tls.enabled"),
     ] {
         let mut command = Command::new(tools::tool("helm").expect("helm"));
         command.args(["template", "x", &chart, "--set", values]);
@@ -372,7 +377,8 @@ fn worker_pods_from_the_charts_operator_carry_tls_prefix_metrics_and_pass_psa_re
         args: OperatorArgs,
     }
 
-    let docs = documents(&render(&["--set", &format!("{ETCD_TLS},etcd.prefix=/team-a/")]));
+    let auth = "etcd.auth.enabled=true,etcd.auth.operatorSecretName=ninelives-etcd-operator";
+    let docs = documents(&render(&["--set", &format!("{ETCD_TLS},etcd.prefix=/team-a/,{auth}")]));
     let deployment = docs.iter().find(|d| d["kind"] == "Deployment").expect("deployment");
     let argv: Vec<String> = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
         .as_array()
@@ -382,6 +388,25 @@ fn worker_pods_from_the_charts_operator_carry_tls_prefix_metrics_and_pass_psa_re
         .collect();
     assert_eq!(argv[0], "operator");
     let flags = Operator::try_parse_from(&argv).unwrap_or_else(|e| panic!("{e}\n{argv:?}")).args;
+    assert!(flags.etcd_auth, "etcd.auth.enabled reaches the operator: {argv:?}");
+    // The operator's own etcd user and password come from its Secret, never from the spec.
+    let operator_env = &deployment["spec"]["template"]["spec"]["containers"][0]["env"];
+    for (name, key) in [("NINELIVES_ETCD_USER", "username"), ("NINELIVES_ETCD_PASSWORD", "password")] {
+        let var = operator_env.as_array().expect("env").iter().find(|e| e["name"] == name).expect(name);
+        assert_eq!(var["valueFrom"]["secretKeyRef"]["name"], "ninelives-etcd-operator");
+        assert_eq!(var["valueFrom"]["secretKeyRef"]["key"], key);
+        assert!(var.get("value").is_none());
+    }
+    // Each agent authenticates with its own node's certificate, given once.
+    let daemonset = docs.iter().find(|d| d["kind"] == "DaemonSet").expect("daemonset");
+    let agent = &daemonset["spec"]["template"]["spec"];
+    let agent_args: Vec<&str> =
+        agent["containers"][0]["args"].as_array().expect("args").iter().filter_map(Value::as_str).collect();
+    let certs: Vec<&&str> = agent_args.iter().filter(|a| a.starts_with("--etcd-cert-file=")).collect();
+    assert_eq!(certs, [&"--etcd-cert-file=/etc/ninelives/etcd-agent/tls.crt"], "{agent_args:?}");
+    assert!(agent_args.contains(&"--etcd-ca-file=/etc/ninelives/etcd/ca.crt"), "{agent_args:?}");
+    let host = agent["volumes"].as_array().expect("volumes").iter().find(|v| v["name"] == "etcd-agent-cert");
+    assert_eq!(host.expect("agent cert volume")["hostPath"]["path"], "/etc/ninelives/etcd-agent");
     let manifest = serde_json::json!({
         "apiVersion": "ninelives.io/v1alpha1",
         "kind": "TrainingJob",
@@ -408,6 +433,8 @@ fn worker_pods_from_the_charts_operator_carry_tls_prefix_metrics_and_pass_psa_re
         );
         assert_eq!(env["NINELIVES_ETCD_CA_FILE"].as_deref(), Some("/etc/ninelives/etcd/ca.crt"));
         assert_eq!(env["NINELIVES_METRICS_ADDR"].as_deref(), Some("0.0.0.0:9103"));
+        assert_eq!(env["NINELIVES_ETCD_USER"].as_deref(), Some("ninelives-worker:training:psa"));
+        assert_eq!(env["NINELIVES_ETCD_PASSWORD"], None, "from the job's Secret, not the spec");
         let mounts: Vec<&str> =
             container.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
         assert!(mounts.contains(&ETCD_TLS_MOUNT), "{mounts:?}");
@@ -457,6 +484,14 @@ fn worker_pods_from_the_charts_operator_carry_tls_prefix_metrics_and_pass_psa_re
     for name in ["psa-0", "psa-1", "psa-2"] {
         assert!(created.contains(&format!("pod/{name} created")), "{created}");
     }
+    // As stored by the apiserver: the etcd password is a reference to the job's Secret.
+    let stored = plane.kubectl(&["get", "pod", "psa-0", "-n", "training", "-o", "json"]).expect("get pod");
+    let stored: Value = serde_json::from_str(&stored).expect("pod JSON");
+    let env = stored["spec"]["containers"][0]["env"].as_array().expect("env");
+    let password = env.iter().find(|e| e["name"] == "NINELIVES_ETCD_PASSWORD").expect("password variable");
+    assert_eq!(password["valueFrom"]["secretKeyRef"]["name"], "psa-etcd-credentials");
+    assert_eq!(password["valueFrom"]["secretKeyRef"]["key"], "password");
+    assert!(password.get("value").is_none(), "{password}");
     // The namespace really enforces: the same pod without its securityContext is refused.
     let mut bare = pods[0].clone();
     bare.metadata.name = Some("bare".into());
