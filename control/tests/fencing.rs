@@ -9,55 +9,15 @@ use ninelives_control::{
 };
 use ninelives_core::generation::DistPlan;
 use ninelives_core::keyspace::Keyspace;
-use ninelives_core::placement::{ExpertLoad, PlacementShape, ReplanOptions};
-use ninelives_core::recovery::{BrainConfig, RecoveryState, Rung};
+use ninelives_core::recovery::{BrainConfig, RecoveryState};
 use ninelives_core::writer::WriterRecord;
 use ninelives_testkit::EtcdServer;
 
-const NS: &str = "ml";
-const JOB: &str = "tiny";
+mod fixture;
+use fixture::{JOB, NS, identity};
 
-/// 4 nodes x 4 chips, 2 layers x 8 experts with 8 redundant replicas (a chip loss reroutes).
 fn brain() -> BrainConfig {
-    let shape = PlacementShape {
-        layers: 2,
-        routed_experts: 8,
-        redundant_experts: 8,
-        expert_state_bytes: 1 << 20,
-        nodes: 4,
-        chips_per_node: 4,
-        chip_memory_bytes: 4 << 20,
-        expert_parallel_size: 16,
-        nodes_per_rack: None,
-        min_healthy_fraction: 0.5,
-        pipeline_stages: 1,
-    };
-    BrainConfig {
-        load: ExpertLoad::uniform(&shape),
-        shape,
-        options: ReplanOptions::default(),
-        allowed: Rung::LADDER.into_iter().collect(),
-        recovery_timeout_s: 30.0,
-        start_timeout_s: 60.0,
-        apply_timeout_s: 30.0,
-        max_recoveries: 10,
-        total_steps: 300,
-        rejoin_after_s: 60.0,
-        peer_copies: false,
-        peer_snapshots: 0,
-        peer_interval_steps: 1,
-    }
-    .for_expert_parallel()
-}
-
-fn identity() -> JobIdentity {
-    JobIdentity {
-        keys: Keyspace::default(),
-        namespace: NS.into(),
-        name: JOB.into(),
-        chips_per_node: 4,
-        min_healthy_fraction: 0.5,
-    }
+    fixture::brain(8)
 }
 
 fn names() -> Vec<String> {

@@ -252,6 +252,31 @@ pub fn worker_shape(base: &PlacementShape, workers: u32) -> PlacementShape {
     shape
 }
 
+/// The planner's shape for `workers` one-chip worker processes holding `layers` × `routed_experts`
+/// experts plus `redundant_experts` replicas per layer, with memory that never binds (1 MiB of
+/// state per expert, 1 GiB per chip): the layout of the embedded worker's own runs and tests.
+pub fn one_chip_workers(
+    layers: u32,
+    routed_experts: u32,
+    redundant_experts: u32,
+    workers: u32,
+) -> PlacementShape {
+    let base = PlacementShape {
+        layers,
+        routed_experts,
+        redundant_experts,
+        expert_state_bytes: 1 << 20,
+        nodes: 1,
+        chips_per_node: 1,
+        chip_memory_bytes: 1 << 30,
+        expert_parallel_size: 1,
+        nodes_per_rack: None,
+        min_healthy_fraction: 0.25,
+        pipeline_stages: 1,
+    };
+    worker_shape(&base, workers)
+}
+
 /// Experts hosted on each node's chips (a worker stands for its node).
 pub fn experts_by_node(shape: &PlacementShape, placement: &Placement) -> BTreeMap<u32, Vec<ExpertId>> {
     let mut out: BTreeMap<u32, BTreeSet<ExpertId>> = BTreeMap::new();
@@ -762,20 +787,7 @@ mod tests {
     use super::*;
 
     fn shape(workers: u32, redundant: u32) -> PlacementShape {
-        let base = PlacementShape {
-            layers: 2,
-            routed_experts: 4,
-            redundant_experts: redundant,
-            expert_state_bytes: 1 << 20,
-            nodes: 1,
-            chips_per_node: 1,
-            chip_memory_bytes: 1 << 30,
-            expert_parallel_size: 1,
-            nodes_per_rack: None,
-            min_healthy_fraction: 0.25,
-            pipeline_stages: 1,
-        };
-        worker_shape(&base, workers)
+        one_chip_workers(2, 4, redundant, workers)
     }
 
     #[test]

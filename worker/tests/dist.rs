@@ -12,9 +12,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ninelives_core::generation::{Restore, initial_plan, worker_shape};
+use ninelives_core::generation::{Restore, initial_plan, one_chip_workers};
 use ninelives_core::keyspace::{JobKeys, Keyspace};
-use ninelives_core::placement::PlacementShape;
 use ninelives_testkit::EtcdServer;
 use ninelives_worker::dist::auth::{JobAuth, JobKey};
 use ninelives_worker::dist::link::Security;
@@ -75,19 +74,8 @@ fn run_members(
     dir: &Path,
 ) -> String {
     let keys = job_keys(job);
-    let base = PlacementShape {
-        layers: config.dims.layers,
-        routed_experts: config.dims.routed_experts,
-        redundant_experts: setup.redundant,
-        expert_state_bytes: 1 << 20,
-        nodes: 1,
-        chips_per_node: 1,
-        chip_memory_bytes: 1 << 30,
-        expert_parallel_size: 1,
-        nodes_per_rack: None,
-        min_healthy_fraction: 0.25,
-        pipeline_stages: 1,
-    };
+    let shape =
+        one_chip_workers(config.dims.layers, config.dims.routed_experts, setup.redundant, setup.workers);
     let workers = setup.workers;
     let store = CheckpointStore::open(dir, setup.keep_last).unwrap();
     let endpoints = vec![etcd.endpoint()];
@@ -121,7 +109,7 @@ fn run_members(
         })
         .collect();
     // What the control loop publishes first (members wait for it).
-    let first = initial_plan(&worker_shape(&base, workers), Restore::Fresh).unwrap();
+    let first = initial_plan(&shape, Restore::Fresh).unwrap();
     link.put(&keys.placement(), serde_json::to_vec(&first).unwrap(), None).unwrap();
     let digests: Vec<Option<String>> = members.into_iter().map(|h| h.join().unwrap()).collect();
     assert!(digests[0].is_some(), "the leader reports the digest");

@@ -14,9 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use ninelives_core::generation::{DistPlan, GenerationTier, Restore, initial_plan, worker_shape};
+use ninelives_core::generation::{DistPlan, GenerationTier, Restore, initial_plan, one_chip_workers};
+use ninelives_core::job::ModelPreset;
 use ninelives_core::keyspace::{JobKeys, Keyspace};
-use ninelives_core::placement::PlacementShape;
+use ninelives_core::model::ModelDims;
 use ninelives_core::recovery::PeerRecord;
 use ninelives_testkit::EtcdServer;
 use ninelives_worker::dist::auth::{JobAuth, JobKey};
@@ -103,20 +104,8 @@ impl Run {
 
     /// The first generation: `workers` members, each with one buddy.
     fn first_plan(&self, workers: u32) -> DistPlan {
-        let base = PlacementShape {
-            layers: self.config.dims.layers,
-            routed_experts: self.config.dims.routed_experts,
-            redundant_experts: 0,
-            expert_state_bytes: 1 << 20,
-            nodes: 1,
-            chips_per_node: 1,
-            chip_memory_bytes: 1 << 30,
-            expert_parallel_size: 1,
-            nodes_per_rack: None,
-            min_healthy_fraction: 0.25,
-            pipeline_stages: 1,
-        };
-        let mut plan = initial_plan(&worker_shape(&base, workers), Restore::Fresh).unwrap();
+        let shape = one_chip_workers(self.config.dims.layers, self.config.dims.routed_experts, 0, workers);
+        let mut plan = initial_plan(&shape, Restore::Fresh).unwrap();
         plan.buddies = ninelives_core::peer::buddies(&plan.members, 1, None);
         plan.peer_interval_steps = 1;
         plan
@@ -369,15 +358,30 @@ fn a_step_nobody_holds_fails_the_join_cleanly() {
 }
 
 /// Cost of peer copies (BENCHMARKS.md "Peer copies: cost"): `workers` members train
-/// `examples/tiny.yaml` for `steps` steps with one buddy each and without; prints host memory,
-/// bytes on the wire per step against the analytical minimum, and the mean step time.
+/// `examples/tiny.yaml` for `steps` steps with one buddy each and without, with the `tiny` model
+/// and with the `small` one (~38 M parameters); prints host memory, bytes on the wire per step
+/// against the analytical minimum, and the mean step time. `PEER_COST_PRESETS=small` measures one.
 /// `cargo test -p ninelives-worker --test peer -- --ignored --nocapture peer_copy_cost`
 #[test]
 #[ignore = "a measurement, minutes long"]
 fn peer_copy_cost() {
+    let presets = std::env::var("PEER_COST_PRESETS").unwrap_or_else(|_| "tiny,small".into());
+    for preset in presets.split(',') {
+        let dims = match preset {
+            "tiny" => ModelDims::preset(ModelPreset::Tiny),
+            "small" => ModelDims::preset(ModelPreset::Small),
+            other => panic!("PEER_COST_PRESETS: unknown preset {other} (tiny, small)"),
+        };
+        println!("preset={preset}");
+        peer_copy_cost_of(dims);
+    }
+}
+
+fn peer_copy_cost_of(dims: ModelDims) {
     let steps = 12;
     let workers = 3;
-    let config = common::tiny_config(steps);
+    let mut config = common::tiny_config(steps);
+    config.dims = dims;
     let etcd = EtcdServer::start().unwrap();
     // Expert state (parameters + two moments) per member: the copy's analytical minimum.
     let expert_bytes: usize = ninelives_worker::params::param_specs(&config.dims)

@@ -132,21 +132,7 @@ pub fn single(manifest: &str, checkpoints: &Path, steps: Option<u64>) -> String 
 /// The first placement the control loop would publish for a [`SmallJob`] of `nodes` members
 /// (members wait for it): what tests that run members without a brain write at `placement`.
 pub fn initial_placement(nodes: u32) -> Vec<u8> {
-    use ninelives_core::generation::{Restore, initial_plan, worker_shape};
-    use ninelives_core::placement::PlacementShape;
-    let base = PlacementShape {
-        layers: 2,
-        routed_experts: 4,
-        redundant_experts: 0,
-        expert_state_bytes: 1 << 20,
-        nodes: 1,
-        chips_per_node: 1,
-        chip_memory_bytes: 1 << 30,
-        expert_parallel_size: 1,
-        nodes_per_rack: None,
-        min_healthy_fraction: 0.25,
-        pipeline_stages: 1,
-    };
-    let plan = initial_plan(&worker_shape(&base, nodes), Restore::Fresh).unwrap();
+    use ninelives_core::generation::{Restore, initial_plan, one_chip_workers};
+    let plan = initial_plan(&one_chip_workers(2, 4, 0, nodes), Restore::Fresh).unwrap();
     serde_json::to_vec(&plan).unwrap()
 }
