@@ -422,7 +422,8 @@ fn peer_copy_cost_of(dims: ModelDims) {
         let n = last.len().max(1) as f64;
         let own = last.values().map(|v| v.0 as f64).sum::<f64>() / n;
         let held = last.values().map(|v| v.1 as f64).sum::<f64>() / n;
-        let sent = last.values().map(|v| v.2 as f64).sum::<f64>() / n / steps as f64;
+        // The last snapshot event reports the copies of steps 1..steps-1 sent so far.
+        let sent = last.values().map(|v| v.2 as f64).sum::<f64>() / n / (steps - 1) as f64;
         println!(
             "copies={copies} step_ms={:.1} own_MiB={:.2} held_MiB={:.2} wire_per_step_KiB={:.1} minimum_KiB={:.1}",
             mean * 1e3,
