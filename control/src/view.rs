@@ -1,13 +1,16 @@
 //! The brain's in-memory view of its keys in etcd, fed by one watch (issue 22 item 2).
 //!
 //! A full read of `nodes/` and the job's keys costs O(cluster) bytes and CPU in etcd every
-//! round (~350 ms at 2,000 nodes). The view lists those ranges once, at revision `R`, then
-//! follows one watch stream (one watcher per range) from `R + 1`, so a round costs O(changes).
+//! round (~350 ms at 2,000 nodes). The view opens one watch stream (one watcher per range,
+//! each created, hence in sync, before anything is read), then lists the ranges once at
+//! revision `R`; events after `R` feed it, so a round costs O(changes). (A watcher created from
+//! a past revision starts out of sync and etcd only catches it up every 100 ms: changes made
+//! right after such a list would show late.)
 //!
-//! Each [`read`](View::read) asks the stream for a progress notification and applies every
-//! event received before it, under a deadline: the answer proves etcd is alive (a stalled or
-//! dead etcd fails the read as before, which is what the outage logic counts), and the view is
-//! as fresh as the watch. A cancelled watcher (its start revision compacted, a lost leader), an
+//! Each [`read`](View::read) asks the stream for a progress notification (twice, see `drain`)
+//! and applies every event received before it, under a deadline: the answer proves etcd is
+//! alive (a stalled or dead etcd fails the read as before, which is what the outage logic
+//! counts), and the view is as fresh as the watch. A cancelled watcher (its start revision compacted, a lost leader), an
 //! ended or failed stream, a missed deadline, or a fenced write drops the view: the next read
 //! lists again. The store's own committed writes are applied at once at their revision, so the
 //! record revision the next guarded write compares is exact.
@@ -65,12 +68,23 @@ pub(crate) struct View {
     stream: Option<WatchStream>,
     /// Lists made so far (the first one included).
     lists: u64,
+    /// The revision of the last list: events up to it are in the list already.
+    listed_at: i64,
 }
 
 impl View {
     /// A view of `ranges` (not listed yet); `record_key` is the key whose revision guards writes.
     pub fn new(ranges: Vec<Range>, record_key: String, prefix: String, deadline: Duration) -> Self {
-        Self { ranges, record_key, prefix, deadline, kvs: BTreeMap::new(), stream: None, lists: 0 }
+        Self {
+            ranges,
+            record_key,
+            prefix,
+            deadline,
+            kvs: BTreeMap::new(),
+            stream: None,
+            lists: 0,
+            listed_at: 0,
+        }
     }
 
     /// Lists made so far (the first read lists; every re-sync lists again).
@@ -115,10 +129,28 @@ impl View {
         }
     }
 
-    /// Lists every range at one revision `R` (one transaction), then watches them all from
-    /// `R + 1` on one stream.
+    /// Watches every range from now on one stream (each watcher created, so in sync with etcd
+    /// and sent every later event), then lists them at one revision `R` (one transaction):
+    /// events up to `R` are skipped, the later ones applied.
     async fn list(&mut self, kv: &KvClient, watch: &WatchClient) -> Result<(), ControlError> {
         self.stream = None;
+        let mut stream = self.watch_from(watch, None).await?;
+        let mut created = 0;
+        let deadline = Instant::now() + self.deadline;
+        while created < self.ranges.len() {
+            let message = tokio::time::timeout_at(deadline, stream.message()).await;
+            let message = message.map_err(|_| self.timeout("watch"))?.map_err(self.etcd_err("watch"))?;
+            let Some(response) = message else {
+                let ended = etcd_client::Error::WatchError("the watch stream ended".into());
+                return Err(self.etcd_err("watch")(ended));
+            };
+            if response.canceled() {
+                let refused = etcd_client::Error::WatchError(response.cancel_reason().to_string());
+                return Err(self.etcd_err("watch")(refused));
+            }
+            // Events before the list are in the list.
+            created += usize::from(response.created());
+        }
         let ops = self
             .ranges
             .iter()
@@ -140,17 +172,22 @@ impl View {
                 kvs.insert(key.to_string(), (kv.value().to_vec(), kv.mod_revision()));
             }
         }
-        let stream = self.watch_from(watch, revision + 1).await?;
         self.kvs = kvs;
+        self.listed_at = revision;
         self.stream = Some(stream);
         self.lists += 1;
         Ok(())
     }
 
-    /// One stream with a watcher per range, from `revision`.
-    async fn watch_from(&self, watch: &WatchClient, revision: i64) -> Result<WatchStream, ControlError> {
-        let options =
-            |r: &Range| Some(WatchOptions::new().with_range(r.end.clone()).with_start_revision(revision));
+    /// One stream with a watcher per range, from `revision` (`None`: from now).
+    async fn watch_from(
+        &self,
+        watch: &WatchClient,
+        revision: Option<i64>,
+    ) -> Result<WatchStream, ControlError> {
+        let options = |r: &Range| {
+            Some(WatchOptions::new().with_range(r.end.clone()).with_start_revision(revision.unwrap_or(0)))
+        };
         let mut watch = watch.clone();
         let call = async {
             let mut ranges = self.ranges.iter();
@@ -169,10 +206,27 @@ impl View {
             .map_err(self.etcd_err("watch"))
     }
 
-    /// Requests a progress notification and applies every event up to it, within the deadline.
+    /// Requests a progress notification and applies every event up to it, twice, within the
+    /// deadline: etcd 3.4.23 may send the first answer ahead of events already queued for the
+    /// stream (etcd issue 15220); by the second one etcd has had a round trip to send them.
     async fn drain(&mut self) -> Result<Drained, ControlError> {
         let deadline = Instant::now() + self.deadline;
         let Some(mut stream) = self.stream.take() else { return Ok(Drained::Cancelled) };
+        for _ in 0..2 {
+            match self.drain_once(&mut stream, deadline).await? {
+                Drained::Current => {}
+                Drained::Cancelled => return Ok(Drained::Cancelled),
+            }
+        }
+        self.stream = Some(stream);
+        Ok(Drained::Current)
+    }
+
+    async fn drain_once(
+        &mut self,
+        stream: &mut WatchStream,
+        deadline: Instant,
+    ) -> Result<Drained, ControlError> {
         let sent = tokio::time::timeout_at(deadline, stream.request_progress()).await;
         sent.map_err(|_| self.timeout("watch"))?.map_err(self.etcd_err("watch"))?;
         loop {
@@ -193,6 +247,9 @@ impl View {
             }
             for event in response.events() {
                 let Some(kv) = event.kv() else { continue };
+                if kv.mod_revision() <= self.listed_at {
+                    continue;
+                }
                 let Ok(key) = kv.key_str() else { continue };
                 match event.event_type() {
                     EventType::Put => self.put(key, kv.value(), kv.mod_revision()),
@@ -201,7 +258,6 @@ impl View {
             }
             if response.watch_id() == PROGRESS_WATCH_ID && response.events().is_empty() && !response.created()
             {
-                self.stream = Some(stream);
                 return Ok(Drained::Current);
             }
         }
@@ -266,7 +322,7 @@ mod tests {
         client.put("/v/record", "2", None).await.unwrap();
         let third = client.put("/v/other", "3", None).await.unwrap().header().unwrap().revision();
         client.compact(third, Some(CompactionOptions::new().with_physical())).await.unwrap();
-        v.stream = Some(v.watch_from(&watch, listed_at + 1).await.unwrap());
+        v.stream = Some(v.watch_from(&watch, Some(listed_at + 1)).await.unwrap());
         // etcd cancels the lagging watcher from its sync loop (every 100 ms), possibly after it
         // answered a progress request: a read or two may still show the old view.
         let mut read = Snapshot::default();
