@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ninelives");
+mod common;
+use common::BIN;
 
 fn manifest() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny.yaml")
@@ -72,24 +73,9 @@ fn default_faults_are_each_recovered_by_the_expected_tier_and_the_result_is_exac
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path().join("work");
     let report_dir = dir.path().join("report");
-    let out = Command::new(BIN)
-        .arg("demo")
-        .arg("--manifest")
-        .arg(manifest())
-        .args(["--steps", "60", "--threads", "1", "--timeout-secs", "900"])
-        .arg("--report")
-        .arg(&report_dir)
-        .arg("--work-dir")
-        .arg(&work)
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
-
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(report_dir.join("report.json")).unwrap()).unwrap();
+    let run =
+        common::demo(&manifest(), &["--steps", "60", "--threads", "1", "--timeout-secs", "900"], dir.path());
+    let (report, stdout) = (run.report, run.stdout);
     let recoveries = report["recoveries"].as_array().unwrap();
     let tiers: Vec<(&str, &str)> =
         recoveries.iter().map(|r| (r["trigger"].as_str().unwrap(), r["tier"].as_str().unwrap())).collect();

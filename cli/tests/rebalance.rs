@@ -9,34 +9,22 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::path::Path;
-use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_ninelives");
+mod common;
 const STEPS: u64 = 60;
 
 #[test]
 fn a_skewed_router_is_rebalanced_from_live_peers_and_the_result_stays_exact() {
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path().join("work");
-    let report_dir = dir.path().join("report");
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny-skewed.yaml");
-    let out = Command::new(BIN)
-        .arg("demo")
-        .arg("--manifest")
-        .arg(&manifest)
-        .args(["--steps", &STEPS.to_string(), "--no-faults", "--threads", "1", "--timeout-secs", "600"])
-        .arg("--report")
-        .arg(&report_dir)
-        .arg("--work-dir")
-        .arg(&work)
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(report_dir.join("report.json")).unwrap()).unwrap();
+    let steps = STEPS.to_string();
+    let run = common::demo(
+        &manifest,
+        &["--steps", &steps, "--no-faults", "--threads", "1", "--timeout-secs", "600"],
+        dir.path(),
+    );
+    let (report, stdout) = (run.report, run.stdout);
 
     // At least one rebalance generation, each above the threshold and predicted to help; the
     // first lowered the step inflation measured afterwards. (Later ones need not: the router

@@ -10,7 +10,7 @@ use super::*;
 
 #[path = "../tests/fixture/mod.rs"]
 mod fixture;
-use fixture::{JOB, NS, brain, identity};
+use fixture::{JOB, NS, brain, identity, names};
 
 /// The plan in force in the store: its commit record at `placement` and the group values it names.
 fn stored_plan(cluster: &Cluster) -> DistPlan {
@@ -22,10 +22,6 @@ fn stored_plan(cluster: &Cluster) -> DistPlan {
         .map(|(g, key)| record.parse_group(g, &cluster.store.get(&key).unwrap()).unwrap())
         .collect();
     record.assemble(&groups).unwrap()
-}
-
-fn names() -> Vec<String> {
-    (0..4).map(|i| format!("n{i}")).collect()
 }
 
 /// An adapter that writes down every effect.

@@ -9,33 +9,15 @@ use ninelives_control::{
 };
 use ninelives_core::generation::DistPlan;
 use ninelives_core::keyspace::Keyspace;
-use ninelives_core::recovery::{BrainConfig, RecoveryState};
+use ninelives_core::recovery::BrainConfig;
 use ninelives_core::writer::WriterRecord;
 use ninelives_testkit::EtcdServer;
 
 mod fixture;
-use fixture::{JOB, NS, identity};
+use fixture::{JOB, NS, Published, identity};
 
 fn brain() -> BrainConfig {
     fixture::brain(8)
-}
-
-fn names() -> Vec<String> {
-    (0..4).map(|i| format!("n{i}")).collect()
-}
-
-/// Effects that keep the generations this writer published.
-#[derive(Default)]
-struct Published(Vec<DistPlan>);
-
-impl Effects for Published {
-    async fn node_table(&mut self) -> Result<Option<RecoveryState>, EffectError> {
-        Ok(Some(RecoveryState::new(names(), vec![])))
-    }
-    async fn published(&mut self, plan: &DistPlan) -> Result<(), EffectError> {
-        self.0.push(plan.clone());
-        Ok(())
-    }
 }
 
 /// The generation a placement value (the plan, or its commit record) names.
@@ -62,12 +44,9 @@ async fn history(client: &mut Client, key: &str) -> Vec<(i64, Vec<u8>)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_deposed_by_a_newer_epoch_publishes_nothing_in_etcds_history() {
     let etcd = EtcdServer::start().unwrap();
-    let mut client = Client::connect([etcd.endpoint()], None).await.unwrap();
+    let mut client = fixture::client_with_nodes(&etcd.endpoint()).await;
     let keys = Keyspace::default();
     let job = keys.job(NS, JOB);
-    for n in names() {
-        client.put(keys.node_alive(&n), "{}", None).await.unwrap();
-    }
     let (a, b) = (WriterRecord::new("op-a", 1_000_000), WriterRecord::new("op-b", 1_000_001));
     let store = EtcdStore::new(client.clone(), keys.clone(), NS, JOB);
     let mut old = ControlLoop::new(brain(), identity(), store, None).with_writer(a.clone());

@@ -7,78 +7,26 @@
 
 use etcd_client::Client;
 use ninelives_control::{ControlLoop, EffectError, Effects, EtcdStore, JobIdentity, Progress, Round};
-use ninelives_core::generation::{DistPlan, Restore};
+use ninelives_core::generation::Restore;
 use ninelives_core::keyspace::Keyspace;
-use ninelives_core::placement::{ExpertLoad, PlacementShape, ReplanOptions};
 use ninelives_core::recovery::{
-    BrainConfig, BrainPhase, MemberAck, Observation, ProgressRecord, RecoveryState, Rung, StaleReason, decide,
+    BrainConfig, BrainPhase, MemberAck, Observation, ProgressRecord, StaleReason, decide,
 };
 use ninelives_core::writer::WriterRecord;
 use ninelives_testkit::EtcdServer;
 
-const NS: &str = "ml";
+mod fixture;
+use fixture::{NS, Published};
+
 const JOB: &str = "stale";
 
-/// 4 nodes x 4 chips, 2 layers x 8 experts of one replica each (a lost node rolls back), 300
-/// steps, no spares.
+/// The fixture's job with one replica per expert (a lost node rolls back), no spares.
 fn brain() -> BrainConfig {
-    let shape = PlacementShape {
-        layers: 2,
-        routed_experts: 8,
-        redundant_experts: 0,
-        expert_state_bytes: 1 << 20,
-        nodes: 4,
-        chips_per_node: 4,
-        chip_memory_bytes: 4 << 20,
-        expert_parallel_size: 16,
-        nodes_per_rack: None,
-        min_healthy_fraction: 0.5,
-        pipeline_stages: 1,
-    };
-    BrainConfig {
-        load: ExpertLoad::uniform(&shape),
-        shape,
-        options: ReplanOptions::default(),
-        allowed: Rung::LADDER.into_iter().collect(),
-        recovery_timeout_s: 30.0,
-        start_timeout_s: 60.0,
-        apply_timeout_s: 30.0,
-        max_recoveries: 10,
-        total_steps: 300,
-        rejoin_after_s: 60.0,
-        peer_copies: false,
-        peer_snapshots: 0,
-        peer_interval_steps: 1,
-    }
-    .for_expert_parallel()
+    fixture::brain(0)
 }
 
 fn identity() -> JobIdentity {
-    JobIdentity {
-        keys: Keyspace::default(),
-        namespace: NS.into(),
-        name: JOB.into(),
-        chips_per_node: 4,
-        min_healthy_fraction: 0.5,
-    }
-}
-
-fn names() -> Vec<String> {
-    (0..4).map(|i| format!("n{i}")).collect()
-}
-
-/// Effects that keep the generations published.
-#[derive(Default)]
-struct Published(Vec<DistPlan>);
-
-impl Effects for Published {
-    async fn node_table(&mut self) -> Result<Option<RecoveryState>, EffectError> {
-        Ok(Some(RecoveryState::new(names(), vec![])))
-    }
-    async fn published(&mut self, plan: &DistPlan) -> Result<(), EffectError> {
-        self.0.push(plan.clone());
-        Ok(())
-    }
+    fixture::identity_named(JOB)
 }
 
 async fn round(control: &mut ControlLoop<EtcdStore>, fx: &mut Published, now: f64) -> Round {
@@ -91,12 +39,9 @@ async fn round(control: &mut ControlLoop<EtcdStore>, fx: &mut Published, now: f6
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_worker_writing_after_a_newer_generation_changes_nothing() {
     let etcd = EtcdServer::start().unwrap();
-    let mut client = Client::connect([etcd.endpoint()], None).await.unwrap();
+    let mut client = fixture::client_with_nodes(&etcd.endpoint()).await;
     let keys = Keyspace::default();
     let job = keys.job(NS, JOB);
-    for n in names() {
-        client.put(keys.node_alive(&n), "{}", None).await.unwrap();
-    }
     let store = EtcdStore::new(client.clone(), keys.clone(), NS, JOB);
     let writer = WriterRecord::new("op-a", 1_000_000);
     let mut control = ControlLoop::new(brain(), identity(), store, None).with_writer(writer);

@@ -17,18 +17,7 @@ fn starts_answers_and_dies_with_the_supervisor() {
     };
     let port: u16 = etcd.endpoint.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
     // A write and a read through the v3 JSON gateway.
-    let post = |path: &str, body: &str| -> String {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        let req = format!(
-            "POST {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes()).expect("write");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("read");
-        out
-    };
+    let post = |path: &str, body: &str| post(port, path, body);
     // key "k" = "aw==", value "v" = "dg=="
     assert!(post("/v3/kv/put", r#"{"key":"aw==","value":"dg=="}"#).contains("200 OK"));
     assert!(post("/v3/kv/range", r#"{"key":"aw=="}"#).contains("\"value\":\"dg==\""));
@@ -65,18 +54,6 @@ fn a_three_member_cluster_replicates_and_survives_one_member_killed() {
     }
     let port =
         |m: &LocalEtcd| -> u16 { m.endpoint.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port") };
-    let post = |port: u16, path: &str, body: &str| -> String {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        let req = format!(
-            "POST {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes()).expect("write");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("read");
-        out
-    };
     // One cluster: a write through member 0 is read through member 2 ...
     assert!(post(port(&members[0]), "/v3/kv/put", r#"{"key":"aw==","value":"dg=="}"#).contains("200 OK"));
     assert!(post(port(&members[2]), "/v3/kv/range", r#"{"key":"aw=="}"#).contains("\"value\":\"dg==\""));
@@ -90,4 +67,18 @@ fn a_three_member_cluster_replicates_and_survives_one_member_killed() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(post(port(&members[2]), "/v3/kv/range", r#"{"key":"aw=="}"#).contains("\"value\":\"dw==\""));
+}
+
+/// A POST to etcd's v3 JSON gateway on `port`; the raw HTTP response.
+fn post(port: u16, path: &str, body: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let req = format!(
+        "POST {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
 }

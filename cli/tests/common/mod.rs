@@ -136,3 +136,34 @@ pub fn initial_placement(nodes: u32) -> Vec<u8> {
     let plan = initial_plan(&one_chip_workers(2, 4, 0, nodes), Restore::Fresh).unwrap();
     serde_json::to_vec(&plan).unwrap()
 }
+
+/// A finished `ninelives demo` run: its report and what it printed.
+pub struct DemoRun {
+    /// `report.json`.
+    pub report: serde_json::Value,
+    /// Standard output (the narration and the digest).
+    pub stdout: String,
+}
+
+/// Runs `ninelives demo --manifest <manifest> <args>` with its work directory and report under
+/// `dir`, and asserts it succeeded.
+pub fn demo(manifest: &Path, args: &[&str], dir: &Path) -> DemoRun {
+    let report_dir = dir.join("report");
+    let out = Command::new(BIN)
+        .arg("demo")
+        .arg("--manifest")
+        .arg(manifest)
+        .args(args)
+        .arg("--report")
+        .arg(&report_dir)
+        .arg("--work-dir")
+        .arg(dir.join("work"))
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    let report = serde_json::from_slice(&std::fs::read(report_dir.join("report.json")).unwrap()).unwrap();
+    DemoRun { report, stdout }
+}
