@@ -29,7 +29,7 @@ use ninelives_control::{
 use ninelives_core::TrainingJob;
 use ninelives_core::keyspace::Keyspace;
 use ninelives_core::recovery::{
-    BrainConfig, CompletedRecovery, Outage, OutagePolicy, ProgressRecord, RecoveryState,
+    BrainConfig, CompletedRecovery, Outage, OutagePolicy, ProgressRecord, RebalancePolicy, RecoveryState,
 };
 use ninelives_core::writer::WriterRecord;
 use ninelives_telemetry::recovery::RecoveryMetrics;
@@ -129,7 +129,9 @@ impl Drivers {
         let ttl = f64::from(job.spec.failure_policy.heartbeat_ttl_seconds.max(1));
         let outage = OutagePolicy::for_ttl(ttl);
         let writer = WriterRecord::new(term.identity, term.epoch);
-        tasks.insert(key, tokio::spawn(drive(self.env.clone(), brain, identity, outage, writer, effects)));
+        let rebalance = job.spec.parallelism.rebalance.as_ref().map(RebalancePolicy::of);
+        let driven = drive(self.env.clone(), brain, identity, outage, rebalance, writer, effects);
+        tasks.insert(key, tokio::spawn(driven));
     }
 
     /// What every driver shares.
@@ -163,6 +165,7 @@ async fn drive(
     brain: BrainConfig,
     job: JobIdentity,
     outage: OutagePolicy,
+    rebalance: Option<RebalancePolicy>,
     writer: WriterRecord,
     mut effects: KubeEffects,
 ) {
@@ -179,7 +182,8 @@ async fn drive(
     let store = EtcdStore::new(client, job.keys.clone(), &job.namespace, &job.name);
     let mut control = ControlLoop::new(brain, job, store, Some(env.recovery.clone()))
         .with_outage_policy(outage)
-        .with_writer(writer);
+        .with_writer(writer)
+        .with_rebalance(rebalance);
     loop {
         // Checked before every round: a replica paused past its renew deadline resumes here
         // and stops before it reads or writes anything (the epoch fence catches the rest).
