@@ -4,14 +4,12 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use ninelives_core::generation::{
-    DistPlan, PlacementValue, PlanRecord, Restore, from_published_generation, generation_writes,
-    unreferenced_groups,
+    DistPlan, PlacementValue, PlanRecord, from_published_generation, generation_writes, unreferenced_groups,
 };
 use ninelives_core::keyspace::{JobKeys, Keyspace};
 use ninelives_core::placement::Placement;
 use ninelives_core::recovery::{
-    Action, BrainConfig, Decision, InForce, Observation, Outage, OutageGuard, OutagePolicy, RecoveryState,
-    Verdict,
+    Action, BrainConfig, Decision, Observation, Outage, OutageGuard, OutagePolicy, RecoveryState, Verdict,
 };
 use ninelives_core::recovery::{Feedback, LoadTracker, RebalancePolicy, decide_with};
 use ninelives_core::writer::WriterRecord;
@@ -113,17 +111,6 @@ impl Current {
             Current::Stored { record, .. } => Some(record),
         }
     }
-}
-
-/// What member writes are judged against: the generation `plan` puts in force.
-fn in_force(plan: &DistPlan) -> InForce {
-    let rollback_to = match plan.restore {
-        Restore::Checkpoint { step } | Restore::Peer { step } => Some(step),
-        Restore::Fresh => Some(0),
-        // Memory kept (a reroute, a rebalance): nothing was abandoned.
-        Restore::InMemory | Restore::Live => None,
-    };
-    InForce { generation: plan.generation(), members: plan.members.iter().copied().collect(), rollback_to }
 }
 
 /// One job's control loop.
@@ -391,7 +378,7 @@ impl<S: BrainStore> ControlLoop<S> {
         }
         // Member writes are judged against the generation in force (read above from the same
         // snapshot): a stale member's replayed progress or ack changes nothing.
-        let in_force = self.current.as_ref().and_then(Current::plan).map(in_force);
+        let in_force = self.current.as_ref().and_then(Current::plan).map(DistPlan::in_force);
         let (observation, malformed) = Observation::from_kvs_in_force(
             &self.job.keys,
             &self.job.namespace,

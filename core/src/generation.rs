@@ -16,7 +16,7 @@ use thiserror::Error;
 
 use crate::keyspace::JobKeys;
 use crate::placement::{self, ChipId, ExpertId, ExpertLoad, Placement, PlacementShape};
-use crate::recovery::{BrainConfig, ControlRecord, RecoveryState, RestoreSource, Rung};
+use crate::recovery::{BrainConfig, ControlRecord, InForce, RecoveryState, RestoreSource, Rung};
 
 /// Where the members of a generation get their state from before its first step.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,6 +170,21 @@ impl DistPlan {
     /// The rendezvous generation.
     pub fn generation(&self) -> u64 {
         self.placement.generation
+    }
+
+    /// What member writes are judged against while this plan is in force.
+    pub fn in_force(&self) -> InForce {
+        let rollback_to = match self.restore {
+            Restore::Checkpoint { step } | Restore::Peer { step } => Some(step),
+            Restore::Fresh => Some(0),
+            // Memory kept (a reroute, a rebalance): nothing was abandoned.
+            Restore::InMemory | Restore::Live => None,
+        };
+        InForce {
+            generation: self.generation(),
+            members: self.members.iter().copied().collect(),
+            rollback_to,
+        }
     }
 
     /// Position of `rank` among the members.
