@@ -2,8 +2,16 @@
 //!
 //! ```text
 //! cargo bench -p ninelives-scale --bench scale -- [--nodes 500,1000,2000,6250] [--faults 5]
-//!     [--idle-secs 10] [--round-ms 200] [--agent-poll-ms 100] [--etcd-arg --max-request-bytes=67108864]
-//!     [--manifest examples/longcat-2.0.yaml]
+//!     [--idle-secs 10] [--round-ms 200] [--agent-poll-ms 100] [--agent-ttl 5] [--connections 16]
+//!     [--stall-secs 6] [--etcd-arg --max-request-bytes=67108864] [--manifest examples/longcat-2.0.yaml]
+//! ```
+//!
+//! `--agent-ttl` overrides the manifest's heartbeat TTL for the agents and the brain's outage
+//! policy (keepalives cost one request per node per TTL/3); `--connections` is the number of
+//! gRPC connections the in-process agents share; `--stall-secs` stops etcd (SIGSTOP) for that
+//! long after the idle window, before the faults.
+//!
+//! ```text
 //! ```
 //!
 //! Per node count: real etcd, the agents, the simulated members and the real control loop at
@@ -20,6 +28,9 @@ fn main() {
     let mut idle = 10u64;
     let mut round = 200u64;
     let mut agent_poll = 100u64;
+    let mut agent_ttl: Option<i64> = None;
+    let mut connections = 16usize;
+    let mut stall: Option<u64> = None;
     let mut etcd_args = Vec::new();
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let mut manifest = format!("{root}/examples/longcat-2.0.yaml");
@@ -33,6 +44,9 @@ fn main() {
             "--idle-secs" => idle = value.parse().unwrap_or(idle),
             "--round-ms" => round = value.parse().unwrap_or(round),
             "--agent-poll-ms" => agent_poll = value.parse().unwrap_or(agent_poll),
+            "--agent-ttl" => agent_ttl = value.parse().ok(),
+            "--connections" => connections = value.parse().unwrap_or(connections),
+            "--stall-secs" => stall = value.parse().ok(),
             "--etcd-arg" => etcd_args.push(value),
             "--manifest" => manifest = value,
             "--probe" => probe = value.split(',').filter_map(|v| v.parse().ok()).collect(),
@@ -84,6 +98,9 @@ fn main() {
         o.round = std::time::Duration::from_millis(round);
         o.agent_poll = std::time::Duration::from_millis(agent_poll);
         o.etcd_args = etcd_args.clone();
+        o.agent_ttl = agent_ttl;
+        o.connections = connections;
+        o.stall = stall.map(std::time::Duration::from_secs);
         match runtime.block_on(run(&o)) {
             Ok(r) => reports.push(r),
             Err(e) => eprintln!("{n} nodes: harness error: {e}"),
@@ -97,14 +114,16 @@ fn ms(v: Option<f64>) -> String {
 }
 
 fn print_tables(reports: &[Report], etcd_args: &[String]) {
-    println!("\netcd flags: {etcd_args:?}");
+    println!("\netcd flags: {etcd_args:?}; load average at the end: {}", ninelives_scale::load_average());
     println!(
-        "| nodes | chips | gen 1 joined | idle round wall ms | loop CPU ms/round | read ms | keys read/round | bytes read/round | placement value | recovery record | largest value written | largest txn | idle etcd req/s | idle etcd MB/s | etcd DB MB | RSS MB | view lists | broke |"
+        "| nodes | chips | gen 1 joined | idle round wall ms | loop CPU ms/round | read ms | keys read/round | bytes read/round | placement value | recovery record | largest value written | largest txn | idle etcd req/s | idle etcd MB/s | etcd DB MB | RSS MB | view lists | agents' TTL | agents started | not in sync at start | loop CPU total s | idle CPU harness/etcd cores | etcd peak RSS MB | broke |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!(
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    );
     for r in reports {
         println!(
-            "| {} | {} | {} s | {:.1} | {:.1} | {:.1} | {} | {:.2} MB | {:.2} MB | {:.1} KB | {:.2} MB | {:.2} MB | {:.0} | {:.1} | {:.1} | {:.0} | {} | {} |",
+            "| {} | {} | {} s | {:.1} | {:.1} | {:.1} | {} | {:.2} MB | {:.2} MB | {:.1} KB | {:.2} MB | {:.2} MB | {:.0} | {:.1} | {:.1} | {:.0} | {} | {} s | {:.1} s | {} | {:.1} | {:.2}/{:.2} | {:.0} | {} |",
             r.nodes,
             r.chips,
             r.first_generation_s.map_or("–".into(), |s| format!("{s:.1}")),
@@ -122,8 +141,18 @@ fn print_tables(reports: &[Report], etcd_args: &[String]) {
             r.db_bytes / 1e6,
             r.rss_bytes as f64 / 1e6,
             r.view_lists,
+            r.agent_ttl,
+            r.startup_s,
+            r.stragglers,
+            r.loop_cpu_s,
+            r.idle_process_cpu,
+            r.idle_etcd_cpu,
+            r.etcd_rss_peak as f64 / 1e6,
             r.broke.clone().unwrap_or_else(|| "no".into()).replace('|', "/"),
         );
+    }
+    for r in reports.iter().filter(|r| r.stall.is_some()) {
+        println!("\n{} nodes, etcd stall: {}", r.nodes, r.stall.clone().unwrap_or_default());
     }
     println!(
         "\n| nodes | group values written | collected | largest group value | largest value stored | members' plan read (last generation) |"

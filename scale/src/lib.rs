@@ -68,6 +68,17 @@ pub struct Options {
     pub batch: usize,
     /// How often each agent polls its chips (a fault is visible within one poll).
     pub agent_poll: Duration,
+    /// The agents' lease TTL in seconds (`None`: the manifest's `heartbeatTtlSeconds`). The
+    /// brain's outage policy follows it. Node faults are timed from the lease's revocation and
+    /// chip faults from the chip's write, so the TTL is not on the measured path; it sets the
+    /// keepalive rate (one per node per TTL/3), which at 6,250 in-process agents is most of the
+    /// harness's own etcd traffic.
+    pub agent_ttl: Option<i64>,
+    /// gRPC connections the in-process agents share (a real agent has its own).
+    pub connections: usize,
+    /// Stop etcd (SIGSTOP) for this long after the idle window, before the faults: the loop
+    /// must ride it out and recover every later fault.
+    pub stall: Option<Duration>,
 }
 
 impl Options {
@@ -84,6 +95,9 @@ impl Options {
             fault_timeout: Duration::from_secs(60),
             batch: 500,
             agent_poll: Duration::from_millis(100),
+            agent_ttl: None,
+            connections: 16,
+            stall: None,
         }
     }
 }
@@ -198,6 +212,19 @@ pub struct Report {
     pub view_lists: u64,
     /// Faults.
     pub faults: Vec<FaultResult>,
+    /// Agents not ready (lease held, chips in sync) when the loop started (stragglers the
+    /// harness stopped waiting for; they join when they catch up).
+    pub stragglers: usize,
+    /// Agents' lease TTL, seconds.
+    pub agent_ttl: i64,
+    /// CPU of the harness process (agents, members, the loop) while idle, cores.
+    pub idle_process_cpu: f64,
+    /// CPU of etcd while idle, cores.
+    pub idle_etcd_cpu: f64,
+    /// etcd's peak resident memory, bytes (sampled every 250 ms).
+    pub etcd_rss_peak: u64,
+    /// The etcd stall injected before the faults, and the loop's state once it settled.
+    pub stall: Option<String>,
     /// Where it broke, if it did.
     pub broke: Option<String>,
 }
@@ -446,9 +473,41 @@ fn thread_cpu_ns() -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) of process `pid` ("self": this one) from `/proc/<pid>/stat`
+/// (clock ticks of 10 ms).
+fn process_cpu_s(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // The fields after the command name (which may hold spaces) ends with ')'.
+    let Some((_, rest)) = stat.rsplit_once(')') else { return 0.0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name and state.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU seconds of this process and of etcd so far.
+fn cpu_now(etcd: &EtcdServer) -> (f64, f64) {
+    (process_cpu_s("self"), etcd.pid().map_or(0.0, |p| process_cpu_s(&p.to_string())))
+}
+
+/// The machine's load average (1, 5, 15 min), as `/proc/loadavg` says.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// The guard's limit on etcd's resident memory.
+const ETCD_RSS_LIMIT: u64 = 4 << 30;
+
 /// Resident set size of this process, bytes.
 fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    rss_of("self")
+}
+
+/// Resident set size of process `pid` ("self": this one), bytes (0 if it is gone).
+fn rss_of(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
@@ -459,6 +518,7 @@ fn rss_bytes() -> u64 {
 }
 
 /// Runs the loop on its own thread every `round` until `stop`; notes go to `notes`.
+#[allow(clippy::too_many_arguments)]
 fn spawn_loop(
     mut control: ControlLoop<Metered>,
     mut effects: ScaleEffects,
@@ -467,11 +527,13 @@ fn spawn_loop(
     stop: Arc<AtomicBool>,
     notes: mpsc::UnboundedSender<RoundNote>,
     cpu_total: Arc<AtomicU64>,
+    in_service: Arc<Mutex<BTreeSet<String>>>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
         rt.block_on(async move {
             let cpu0 = thread_cpu_ns();
+            let mut generation = None;
             while !stop.load(Ordering::Relaxed) {
                 let (t, c) = (Instant::now(), thread_cpu_ns());
                 let commits_before = meter.lock().unwrap_or_else(|e| e.into_inner()).commits.len();
@@ -502,6 +564,17 @@ fn spawn_loop(
                         note.phase = r.state.phase;
                         note.active = r.state.active.is_some();
                         note.completed = r.state.history.len();
+                        // The nodes in the job, for the harness's choice of fault targets
+                        // (after the round's CPU was measured; only when a generation changed).
+                        if generation != Some(r.state.generation) {
+                            generation = Some(r.state.generation);
+                            let nodes = (0..)
+                                .zip(&r.state.node_names)
+                                .filter(|(i, _)| !r.state.dropped.contains(i))
+                                .map(|(_, n)| n.clone())
+                                .collect();
+                            *in_service.lock().unwrap_or_else(|e| e.into_inner()) = nodes;
+                        }
                     }
                     Ok(Progress::Finished(s)) => note.phase = s.phase,
                     Ok(other) => note.error = Some(format!("{other:?}").chars().take(200).collect()),
@@ -807,12 +880,36 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
     let brain =
         BrainConfig::from_spec(&job.spec).map_err(|e| err("brain")(e.to_string()))?.for_expert_parallel();
     let chips = job.spec.topology.chips_per_node;
-    let ttl = i64::from(job.spec.failure_policy.heartbeat_ttl_seconds.max(1));
+    let ttl = o.agent_ttl.unwrap_or(i64::from(job.spec.failure_policy.heartbeat_ttl_seconds)).max(1);
     let rack = job.spec.topology.nodes_per_rack.unwrap_or(1);
-    let mut report = Report { nodes: o.nodes, chips: o.nodes * chips, ..Report::default() };
+    let mut report = Report { nodes: o.nodes, chips: o.nodes * chips, agent_ttl: ttl, ..Report::default() };
 
     let args: Vec<&str> = o.etcd_args.iter().map(String::as_str).collect();
     let etcd = EtcdServer::start_with_args(&args).map_err(|e| err("etcd")(e.to_string()))?;
+    // A guard on etcd's memory: an overloaded etcd (clients retrying faster than it answers) can
+    // grow until the kernel's OOM killer picks a victim on the shared machine. Past the limit the
+    // guard kills this run's etcd (its own child) and the run reports why it broke.
+    let stop_guard = Arc::new(AtomicBool::new(false));
+    let etcd_rss_peak = Arc::new(AtomicU64::new(0));
+    if let Some(pid) = etcd.pid() {
+        let (stop, peak) = (stop_guard.clone(), etcd_rss_peak.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let rss = rss_of(&pid.to_string());
+                if rss == 0 {
+                    // etcd is gone (stopped, killed, a zombie): never signal a reused pid.
+                    return;
+                }
+                peak.fetch_max(rss, Ordering::Relaxed);
+                if rss > ETCD_RSS_LIMIT {
+                    eprintln!("etcd RSS {:.1} GB over the guard's limit: killing it", rss as f64 / 1e9);
+                    let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        });
+    }
     let addr: SocketAddr = etcd
         .endpoint()
         .trim_start_matches("http://")
@@ -826,13 +923,18 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
 
     // Agents, on a pool of connections, in batches.
     let mut pool = Vec::new();
-    for _ in 0..16 {
+    for _ in 0..o.connections.max(1) {
         pool.push(connect().await?);
     }
     let total = o.nodes + o.spares;
     let started = Instant::now();
+    let cpu_start = cpu_now(&etcd);
     let mut agents: Vec<Option<Agent>> = Vec::new();
     let mut probes = Vec::new();
+    // Whether each agent has been ready (lease held, chips in sync) at least once: on a loaded
+    // machine some agent always re-syncs after a missed keepalive, so "all ready at once" may
+    // never hold for thousands; each batch waits until its agents have joined once.
+    let mut joined: Vec<bool> = Vec::new();
     for n in 0..total {
         let probe = Arc::new(MemProbe::new(chips));
         let source = EtcdSource::Shared(Box::new(pool[n as usize % pool.len()].clone()));
@@ -841,23 +943,62 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
         config.ttl = ttl;
         config.poll_interval = o.agent_poll;
         agents.push(Some(Agent::start(config).await.map_err(|e| err("agent")(e.to_string()))?));
+        joined.push(false);
         probes.push(probe);
         if agents.len().is_multiple_of(o.batch) || agents.len() == total as usize {
             // Generous: at 6,250 nodes on a shared 2-core machine a batch of 500 takes minutes.
             let deadline = Instant::now() + Duration::from_secs(600);
-            while agents.iter().flatten().any(|a| !a.is_ready()) {
+            loop {
+                let waiting = mark_joined(&agents, &mut joined);
+                if waiting == 0 {
+                    break;
+                }
                 if Instant::now() > deadline {
-                    return Err(ScaleError("agents not ready within 600 s".into()));
+                    return Err(ScaleError(format!(
+                        "{waiting} of {} agents never ready within 600 s",
+                        agents.len()
+                    )));
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            eprintln!(
+                "[{} nodes] {} agents joined after {:.1} s",
+                o.nodes,
+                agents.len(),
+                started.elapsed().as_secs_f64()
+            );
         }
     }
+    // Then all in sync at once, for a while: stragglers re-syncing after a missed keepalive are
+    // counted and left to join on their own (the brain sees them as any late node).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        report.stragglers = agents.iter().flatten().filter(|a| !a.is_ready()).count();
+        if report.stragglers == 0 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     report.startup_s = started.elapsed().as_secs_f64();
-    eprintln!("[{} nodes] {} agents ready in {:.1} s", o.nodes, total, report.startup_s);
+    let cpu_ready = cpu_now(&etcd);
+    eprintln!(
+        "[{} nodes] start-up CPU: harness process {:.1} s, etcd {:.1} s over {:.1} s wall; load average {}",
+        o.nodes,
+        cpu_ready.0 - cpu_start.0,
+        cpu_ready.1 - cpu_start.1,
+        report.startup_s,
+        load_average()
+    );
+    eprintln!(
+        "[{} nodes] {} agents ready in {:.1} s ({} not in sync at the start)",
+        o.nodes, total, report.startup_s, report.stragglers
+    );
 
     // Watch the node keys: when each fault becomes visible.
-    let visible: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    // Every time a key turned faulty (an alive key deleted, a chip written failed): a key may
+    // turn faulty more than once (an etcd stall expires leases; the agent comes back), and a
+    // fault is visible at the first change after its injection.
+    let visible: Arc<Mutex<HashMap<String, Vec<Instant>>>> = Arc::default();
     let mut watch_client = connect().await?;
     let mut node_events = watch_client
         .watch(keys.nodes(), Some(WatchOptions::new().with_prefix()))
@@ -874,7 +1015,7 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
                 let faulty = e.event_type() == EventType::Delete
                     || String::from_utf8_lossy(kv.value()).contains("\"failed\"");
                 if faulty {
-                    v.entry(key).or_insert(now);
+                    v.entry(key).or_default().push(now);
                 }
             }
         }
@@ -917,8 +1058,17 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
     let effects = ScaleEffects { table, start: start_tx, reconcile: false, kube: kube.clone() };
     let (note_tx, mut notes) = mpsc::unbounded_channel();
     let cpu_total = Arc::new(AtomicU64::new(0));
-    let loop_thread =
-        spawn_loop(control, effects, meter.clone(), o.round, stop.clone(), note_tx, cpu_total.clone());
+    let in_service: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    let loop_thread = spawn_loop(
+        control,
+        effects,
+        meter.clone(),
+        o.round,
+        stop.clone(),
+        note_tx,
+        cpu_total.clone(),
+        in_service.clone(),
+    );
 
     let t0 = Instant::now();
     let mut last_error: Option<String> = None;
@@ -979,6 +1129,7 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
         while notes.try_recv().is_ok() {}
         let c0 = counters(addr);
         let idle_start = Instant::now();
+        let cpu0 = cpu_now(&etcd);
         let (mut rounds, mut wall, mut cpu) = (0u64, 0f64, 0f64);
         let r0 = meter.lock().unwrap_or_else(|p| p.into_inner()).read_ns;
         let reads0 = meter.lock().unwrap_or_else(|p| p.into_inner()).reads;
@@ -991,6 +1142,16 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
         }
         let c1 = counters(addr);
         let secs = idle_start.elapsed().as_secs_f64();
+        let cpu1 = cpu_now(&etcd);
+        report.idle_process_cpu = (cpu1.0 - cpu0.0) / secs;
+        report.idle_etcd_cpu = (cpu1.1 - cpu0.1) / secs;
+        eprintln!(
+            "[{} nodes] idle CPU: harness process {:.2} cores (agents, members, loop), etcd {:.2} cores; load average {}",
+            o.nodes,
+            report.idle_process_cpu,
+            report.idle_etcd_cpu,
+            load_average()
+        );
         {
             let m = meter.lock().unwrap_or_else(|p| p.into_inner());
             report.idle_read_ms = (m.read_ns - r0) as f64 / 1e6 / (m.reads - reads0).max(1) as f64;
@@ -1017,6 +1178,11 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
             report.idle_etcd_bps
         );
 
+        if let Some(stall) = o.stall {
+            report.stall = Some(stall_etcd(&etcd, stall, &mut notes).await);
+            eprintln!("[{} nodes] etcd stalled {:?}: {:?}", o.nodes, stall, report.stall);
+        }
+
         // Faults, one at a time, each on a node not touched before.
         let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ u64::from(o.nodes);
         let mut next = |m: u64| {
@@ -1030,17 +1196,21 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
         let plan = [Kind::Chip, Kind::Node, Kind::Rack, Kind::Flap];
         for i in 0..o.faults_per_kind * plan.len() {
             let kind = plan[i % plan.len()];
-            // Choose targets.
-            let targets: Vec<u32> = loop {
+            // Choose targets: nodes the job still has (not replaced by a spare, not dropped by
+            // a shrink: an etcd stall that expires leases can do either), not faulted before.
+            let targets = (0..100_000).find_map(|_| {
                 let t: Vec<u32> = if kind == Kind::Rack {
                     let r = u32::try_from(next(u64::from(racks))).unwrap_or(0);
                     (r * rack..(r + 1) * rack).collect()
                 } else {
                     vec![u32::try_from(next(u64::from(o.nodes))).unwrap_or(0)]
                 };
-                if t.iter().all(|n| !used.contains(n)) {
-                    break t;
-                }
+                let serving = in_service.lock().unwrap_or_else(|p| p.into_inner());
+                t.iter().all(|n| !used.contains(n) && serving.contains(&node_name(*n))).then_some(t)
+            });
+            let Some(targets) = targets else {
+                report.broke = Some(format!("no {} fault target left in the job", kind.as_str()));
+                break;
             };
             used.extend(&targets);
             let chip = u32::try_from(next(u64::from(chips))).unwrap_or(0);
@@ -1106,7 +1276,7 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
                 pods: kube_after.pods - kube_before.pods,
             };
             eprintln!(
-                "[{} nodes] {} fault {}: visible+{:?} detected {:?} committed {:?} acked {:?} completed {:?} tiers {:?} req {:.0} bytes {:.0} apiserver {:?} {}",
+                "[{} nodes] {} fault {}: visible+{:?} detected {:?} committed {:?} acked {:?} completed {:?} tiers {:?} req {:.0} bytes {:.0} apiserver {:?} load {} {}",
                 o.nodes,
                 kind.as_str(),
                 i / plan.len(),
@@ -1119,6 +1289,7 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
                 result.requests,
                 result.bytes,
                 result.kube,
+                load_average(),
                 result.error.clone().unwrap_or_default()
             );
             let broken = result.error.is_some() && result.committed.is_none();
@@ -1147,7 +1318,28 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
         report.member_plan_bytes = s.plan_bytes;
         report.largest_group = report.largest_group.max(s.largest_group);
     }
-    report.largest_stored = largest_stored(&connect().await?).await?;
+    // etcd may be the thing that broke: the scan is bounded and its failure is reported, not
+    // fatal (the figures above are kept).
+    let scan = async { largest_stored(&connect().await?).await };
+    match tokio::time::timeout(Duration::from_secs(30), scan).await {
+        Ok(Ok(largest)) => report.largest_stored = largest,
+        Ok(Err(e)) => {
+            report.broke = Some(format!("{}; final scan: {e}", report.broke.take().unwrap_or_default()))
+        }
+        Err(_) => {
+            report.broke =
+                Some(format!("{}; final scan: no answer in 30 s", report.broke.take().unwrap_or_default()))
+        }
+    }
+    stop_guard.store(true, Ordering::Relaxed);
+    report.etcd_rss_peak = etcd_rss_peak.load(Ordering::Relaxed);
+    if report.etcd_rss_peak > ETCD_RSS_LIMIT {
+        report.broke = Some(format!(
+            "{}; etcd killed at {:.1} GB RSS",
+            report.broke.take().unwrap_or_default(),
+            report.etcd_rss_peak as f64 / 1e9
+        ));
+    }
     report.db_bytes = counters(addr).db;
     report.rss_bytes = rss_bytes();
     stop.store(true, Ordering::Relaxed);
@@ -1161,6 +1353,58 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
     }
     drop(pool);
     Ok(report)
+}
+
+/// Stops etcd for `stall` (SIGSTOP, as a stalled disk or a starved process does), resumes it,
+/// and follows the loop until it runs with no recovery in progress and no error for 2 s (at
+/// most 120 s). Returns what happened, for the report.
+async fn stall_etcd(
+    etcd: &EtcdServer,
+    stall: Duration,
+    notes: &mut mpsc::UnboundedReceiver<RoundNote>,
+) -> String {
+    let Some(pid) = etcd.pid() else { return "no etcd process".into() };
+    let signal = |sig: &str| {
+        std::process::Command::new("kill").args([sig, &pid.to_string()]).status().is_ok_and(|s| s.success())
+    };
+    if !signal("-STOP") {
+        return "could not stop etcd".into();
+    }
+    tokio::time::sleep(stall).await;
+    if !signal("-CONT") {
+        return "could not resume etcd".into();
+    }
+    let resumed = Instant::now();
+    let (mut errors, mut recoveries, mut quiet_since) = (BTreeSet::new(), 0usize, None::<Instant>);
+    let mut last = None::<RoundNote>;
+    while resumed.elapsed() < Duration::from_secs(120) {
+        let Ok(Some(note)) = tokio::time::timeout(Duration::from_secs(10), notes.recv()).await else { break };
+        if let Some(e) = &note.error {
+            errors.insert(e.chars().take(120).collect::<String>());
+        }
+        recoveries += note.published.len();
+        let quiet = note.error.is_none() && !note.active && note.phase == BrainPhase::Running;
+        quiet_since = if quiet { quiet_since.or(Some(Instant::now())) } else { None };
+        last = Some(note);
+        if quiet_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(2)) {
+            break;
+        }
+    }
+    let settled = quiet_since.map_or("never settled within 120 s".to_string(), |t| {
+        format!("settled {:.1} s after etcd resumed", t.duration_since(resumed).as_secs_f64())
+    });
+    format!(
+        "{settled}; {recoveries} generations published meanwhile; phase {:?}; loop errors {errors:?}",
+        last.map(|n| n.phase)
+    )
+}
+
+/// Marks the agents ready now as joined; returns how many have never been ready.
+fn mark_joined(agents: &[Option<Agent>], joined: &mut [bool]) -> usize {
+    for (a, j) in agents.iter().zip(joined.iter_mut()) {
+        *j |= a.as_ref().is_some_and(Agent::is_ready);
+    }
+    joined.iter().take(agents.len()).filter(|j| !**j).count()
 }
 
 /// The largest value stored under any key (one read of the whole keyspace).
@@ -1181,7 +1425,7 @@ async fn last_completed(notes: &mut mpsc::UnboundedReceiver<RoundNote>) -> Optio
 async fn time_fault(
     kind: Kind,
     watch_keys: &[String],
-    visible: &Mutex<HashMap<String, Instant>>,
+    visible: &Mutex<HashMap<String, Vec<Instant>>>,
     notes: &mut mpsc::UnboundedReceiver<RoundNote>,
     pool: &Mutex<PoolState>,
     injected: Instant,
@@ -1225,7 +1469,7 @@ async fn time_fault(
     // The fault became visible when the first of its keys changed.
     let seen = {
         let v = visible.lock().unwrap_or_else(|p| p.into_inner());
-        watch_keys.iter().filter_map(|k| v.get(k).copied()).filter(|t| *t >= injected).min()
+        watch_keys.iter().filter_map(|k| v.get(k)).flatten().copied().filter(|t| *t >= injected).min()
     };
     let base = seen.unwrap_or(injected);
     let since = |t: Option<Instant>| t.map(|t| t.saturating_duration_since(base).as_secs_f64());
@@ -1240,9 +1484,13 @@ async fn time_fault(
     }
     r.completed = since(completed);
     if completed.is_none() {
+        let members = pool.lock().unwrap_or_else(|p| p.into_inner()).error.clone();
         r.error = Some(format!(
-            "not completed within {:.0} s (last loop error: {last_error:?})",
-            timeout.as_secs_f64()
+            "not completed within {:.0} s (last loop error: {last_error:?}; members' error: {members:?}; \
+             generations published {gens:?}; visible {seen:?} after injection)",
+            timeout.as_secs_f64(),
+            gens = gens.keys().collect::<Vec<_>>(),
+            seen = seen.map(|t| t.duration_since(injected)),
         ));
     }
     r
