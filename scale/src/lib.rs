@@ -1181,6 +1181,16 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
         if let Some(stall) = o.stall {
             report.stall = Some(stall_etcd(&etcd, stall, &mut notes).await);
             eprintln!("[{} nodes] etcd stalled {:?}: {:?}", o.nodes, stall, report.stall);
+            // Who is behind a freeze: the agents (not back in etcd) or the loop's view (etcd has
+            // them, the brain does not see them).
+            let ready = agents.iter().flatten().filter(|a| a.is_ready()).count();
+            let mut kv = connect().await?.kv_client();
+            let listed = kv.get(keys.nodes(), Some(GetOptions::new().with_prefix().with_keys_only())).await;
+            let alive =
+                listed.map_or(0, |r| r.kvs().iter().filter(|kv| kv.key().ends_with(b"/alive")).count());
+            let diagnosis = format!("after the stall: {ready} agents ready, {alive} alive keys in etcd");
+            eprintln!("[{} nodes] {diagnosis}", o.nodes);
+            report.stall = Some(format!("{}; {diagnosis}", report.stall.take().unwrap_or_default()));
         }
 
         // Faults, one at a time, each on a node not touched before.
