@@ -3,13 +3,14 @@
 //! ```text
 //! cargo bench -p ninelives-scale --bench scale -- [--nodes 500,1000,2000,6250] [--faults 5]
 //!     [--idle-secs 10] [--round-ms 200] [--agent-poll-ms 100] [--agent-ttl 5] [--connections 16]
-//!     [--stall-secs 6] [--etcd-arg --max-request-bytes=67108864] [--manifest examples/longcat-2.0.yaml]
+//!     [--stall-secs 6] [--agent-own-connections] [--etcd-arg --max-request-bytes=67108864] [--manifest examples/longcat-2.0.yaml]
 //! ```
 //!
 //! `--agent-ttl` overrides the manifest's heartbeat TTL for the agents and the brain's outage
 //! policy (keepalives cost one request per node per TTL/3); `--connections` is the number of
 //! gRPC connections the in-process agents share; `--stall-secs` stops etcd (SIGSTOP) for that
-//! long after the idle window, before the faults.
+//! long after the idle window, before the faults; `--agent-own-connections` makes every agent
+//! connect afresh for each session, as a real agent does, instead of sharing the pool.
 //!
 //! ```text
 //! ```
@@ -31,6 +32,7 @@ fn main() {
     let mut agent_ttl: Option<i64> = None;
     let mut connections = 16usize;
     let mut stall: Option<u64> = None;
+    let mut own = false;
     let mut etcd_args = Vec::new();
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let mut manifest = format!("{root}/examples/longcat-2.0.yaml");
@@ -47,6 +49,11 @@ fn main() {
             "--agent-ttl" => agent_ttl = value.parse().ok(),
             "--connections" => connections = value.parse().unwrap_or(connections),
             "--stall-secs" => stall = value.parse().ok(),
+            "--agent-own-connections" => {
+                own = true;
+                i += 1;
+                continue;
+            }
             "--etcd-arg" => etcd_args.push(value),
             "--manifest" => manifest = value,
             "--probe" => probe = value.split(',').filter_map(|v| v.parse().ok()).collect(),
@@ -101,6 +108,7 @@ fn main() {
         o.agent_ttl = agent_ttl;
         o.connections = connections;
         o.stall = stall.map(std::time::Duration::from_secs);
+        o.agent_own_connections = own;
         match runtime.block_on(run(&o)) {
             Ok(r) => reports.push(r),
             Err(e) => eprintln!("{n} nodes: harness error: {e}"),

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
-use ninelives_agent::etcd::EtcdSource;
+use ninelives_agent::etcd::{EtcdConfig, EtcdSource};
 use ninelives_agent::faults;
 use ninelives_agent::probe::{ChipProbe, ChipReading, ProbeError};
 use ninelives_agent::{Agent, AgentConfig};
@@ -76,6 +76,9 @@ pub struct Options {
     pub agent_ttl: Option<i64>,
     /// gRPC connections the in-process agents share (a real agent has its own).
     pub connections: usize,
+    /// Agents connect afresh for every session, as a real agent does (`EtcdSource::Config`),
+    /// instead of sharing the pool of `connections`.
+    pub agent_own_connections: bool,
     /// Stop etcd (SIGSTOP) for this long after the idle window, before the faults: the loop
     /// must ride it out and recover every later fault.
     pub stall: Option<Duration>,
@@ -97,6 +100,7 @@ impl Options {
             agent_poll: Duration::from_millis(100),
             agent_ttl: None,
             connections: 16,
+            agent_own_connections: false,
             stall: None,
         }
     }
@@ -937,7 +941,11 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
     let mut joined: Vec<bool> = Vec::new();
     for n in 0..total {
         let probe = Arc::new(MemProbe::new(chips));
-        let source = EtcdSource::Shared(Box::new(pool[n as usize % pool.len()].clone()));
+        let source = if o.agent_own_connections {
+            EtcdSource::Config(EtcdConfig { endpoints: vec![etcd.endpoint()], tls: None })
+        } else {
+            EtcdSource::Shared(Box::new(pool[n as usize % pool.len()].clone()))
+        };
         let mut config = AgentConfig::new(&node_name(n), source, probe.clone());
         config.keys = keys.clone();
         config.ttl = ttl;
