@@ -3,13 +3,18 @@
 # published Go modules into a cache directory, idempotently: a tool is rebuilt only
 # when its go.mod/go.sum changed since the last build.
 #
-#   e2e/tools/build.sh [CACHE_DIR]     (default: <repo>/.e2e-cache/bin)
+#   e2e/tools/build.sh [--real-node] [CACHE_DIR]     (default: <repo>/.e2e-cache/bin)
+#
+# --real-node also builds kubelet and the pod sandbox's pause program (scripts/real-node); the
+# tests do not need them.
 #
 # The e2e harness looks for the tools in $NINELIVES_E2E_BIN, else <repo>/.e2e-cache/bin.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
+real_node=false
+if [[ "${1:-}" == "--real-node" ]]; then real_node=true; shift; fi
 bin="${1:-${NINELIVES_E2E_BIN:-$repo/.e2e-cache/bin}}"
 mkdir -p "$bin"
 # One package per core: two compiles of Kubernetes packages at once fit well within
@@ -43,3 +48,7 @@ build() {
 build "$here/kubernetes" kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$k8s_ldflags"
 build "$here/kubernetes" kubectl k8s.io/kubernetes/cmd/kubectl "$k8s_ldflags"
 build "$here/helm" helm helm.sh/helm/v4/cmd/helm "-s -w"
+if $real_node; then
+    build "$here/kubelet" kubelet k8s.io/kubernetes/cmd/kubelet "$k8s_ldflags"
+    build "$here/pause" pause . "-s -w"
+fi

@@ -1,0 +1,3 @@
+module ninelives.invalid/e2e/tools/pause
+
+go 1.22
