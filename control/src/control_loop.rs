@@ -135,6 +135,9 @@ pub struct ControlLoop<S> {
     rebalance: Option<RebalancePolicy>,
     /// Who this loop publishes as, and whether the store holds its claim yet.
     writer: Option<Writer>,
+    /// The `now` of the last observation the brain decided on (frozen rounds do not count): a
+    /// fault first seen later became visible after it ([`Observation::previous_decision`]).
+    last_decision: Option<f64>,
 }
 
 /// A loop's writer identity and its standing.
@@ -171,6 +174,7 @@ impl<S: BrainStore> ControlLoop<S> {
             collect: true,
             loads,
             rebalance: None,
+            last_decision: None,
         }
     }
 
@@ -263,7 +267,7 @@ impl<S: BrainStore> ControlLoop<S> {
     }
 
     async fn round<E: Effects>(&mut self, effects: &mut E, now: f64) -> Result<Progress, ControlError> {
-        let seen = match self.observe(now).await {
+        let mut seen = match self.observe(now).await {
             Ok(seen) => seen,
             Err(e) => {
                 if e.is_unreachable() {
@@ -299,6 +303,7 @@ impl<S: BrainStore> ControlLoop<S> {
             debug!(rank, reason = %why, "ignoring a load record");
         }
         let feedback = Feedback { load: self.loads.table(), rebalance: self.rebalance };
+        seen.observation.previous_decision = self.last_decision.replace(now);
         let decision = decide_with(
             &self.brain,
             &feedback,
@@ -306,6 +311,16 @@ impl<S: BrainStore> ControlLoop<S> {
             &seen.observation,
             self.current.as_ref().map(Current::placement),
         )?;
+        for r in decision.actions.iter().filter_map(|a| match a {
+            Action::RecordRecovery(r) => Some(r),
+            _ => None,
+        }) {
+            for t in &r.triggers {
+                if let Some(why) = &t.stamp_rejected {
+                    warn!(job = %self.job, trigger = %t, "fault time unknown: {why}");
+                }
+            }
+        }
         let Some((published, revision)) = self.apply(&original, &decision, seen.revision).await? else {
             return Ok(Progress::Fenced);
         };

@@ -11,7 +11,7 @@ use super::reasons::{JobFailure, Refusal, RungRefusal};
 use super::rung::Rung;
 use super::state::{
     ActiveRecovery, Attempt, BrainPhase, CompletedRecovery, Exclusion, HISTORY_LIMIT, RecoveryState,
-    RestoreSource, Trigger, TriggerKind,
+    RestoreSource, StampRejected, Trigger, TriggerKind,
 };
 use crate::job::{RecoveryTier, TrainingJobSpec};
 use crate::placement::{
@@ -375,6 +375,7 @@ impl Decider<'_> {
                     chip: None,
                     code: "node-lost".into(),
                     at: None,
+                    stamp_rejected: None,
                 });
             }
         }
@@ -382,13 +383,17 @@ impl Decider<'_> {
             if health.down.contains(&chip.node) || self.st.excluded.contains_key(chip) {
                 continue;
             }
+            // The agent's stamp is its own clock: taken only within what the brain's clock
+            // allows (a node whose clock is an hour behind must not make detection read an hour).
+            let checked = since.map(|at| StampRejected::check(at, self.obs.now, self.obs.previous_decision));
             out.push(Trigger {
                 kind: TriggerKind::of_chip_code(code),
                 node: chip.node,
                 node_name: name(chip.node),
                 chip: Some(chip.chip),
                 code: code.clone(),
-                at: *since,
+                at: checked.and_then(Result::ok),
+                stamp_rejected: checked.and_then(Result::err),
             });
         }
         let active = self.st.active.as_ref();
@@ -405,6 +410,7 @@ impl Decider<'_> {
                     chip: None,
                     code: "worker-lost".into(),
                     at: None,
+                    stamp_rejected: None,
                 });
             }
         }

@@ -62,6 +62,6 @@ pub use outage::{DEFAULT_MAX_VANISHED_FRACTION, Outage, OutageCause, OutageGuard
 pub use reasons::{JobFailure, Refusal, RungRefusal};
 pub use rung::Rung;
 pub use state::{
-    ActiveRecovery, Attempt, BrainPhase, CompletedRecovery, Exclusion, HISTORY_LIMIT, RecoveryState,
-    RestoreSource, STATE_VERSION, Trigger, TriggerKind,
+    ActiveRecovery, Attempt, BrainPhase, CompletedRecovery, Exclusion, HISTORY_LIMIT, MAX_CLOCK_LEAD_SECONDS,
+    MAX_REPORT_LAG_SECONDS, RecoveryState, RestoreSource, STATE_VERSION, StampRejected, Trigger, TriggerKind,
 };

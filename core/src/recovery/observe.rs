@@ -185,6 +185,11 @@ pub struct Observation {
     pub loads: BTreeMap<u32, super::load::LoadRecord>,
     /// Member writes left out because they are stale (see [`InForce`]).
     pub stale: Vec<StaleWrite>,
+    /// When the brain last decided (the `now` of the observation it decided on before this one;
+    /// rounds frozen by an outage do not count), on the same clock as `now`; `None` before the
+    /// first decision of this driver. A fault first seen now became visible after it, which
+    /// bounds how old a reporter's stamp of it can plausibly be ([`super::StampRejected`]).
+    pub previous_decision: Option<f64>,
 }
 
 impl Observation {

@@ -130,9 +130,84 @@ pub struct Trigger {
     pub chip: Option<u32>,
     /// Fault code (`node-lost`, `worker-lost`, or the agent's code).
     pub code: String,
-    /// When the fault happened, when known (the chip record's `since`).
+    /// When the fault happened, when known (the chip record's `since`, when plausible: see
+    /// [`Trigger::stamp_rejected`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at: Option<f64>,
+    /// Why the reporter's own stamp of the fault was not taken as [`Trigger::at`]: its clock
+    /// cannot be trusted (a node whose clock is skewed would otherwise make the detection time
+    /// read an hour, or nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp_rejected: Option<StampRejected>,
+}
+
+/// Longest an agent's fault record may plausibly take to reach the brain after its `since`
+/// stamp, beyond the brain's previous decision: the agent's chip poll, a write retried under the
+/// agent's lease, the brain's own read. A stamp older than that is the reporter's clock, not a
+/// slow report.
+pub const MAX_REPORT_LAG_SECONDS: f64 = 60.0;
+
+/// Furthest a reporter's fault stamp may lie after the brain's clock before it counts as from the
+/// future (clocks agree only so closely): within it, the fault is taken as seen at once.
+pub const MAX_CLOCK_LEAD_SECONDS: f64 = 1.0;
+
+/// A reporter's fault stamp the brain refused: outside the interval in which the fault can have
+/// happened by the brain's own clock. The fault's time is then unknown (no detection time).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+#[serde(tag = "reason", rename_all = "camelCase")]
+pub enum StampRejected {
+    /// Later than the observation that showed the fault (by more than
+    /// [`MAX_CLOCK_LEAD_SECONDS`]): the reporter's clock is ahead.
+    #[serde(rename_all = "camelCase")]
+    FromTheFuture {
+        /// The reporter's stamp (its clock, unix seconds).
+        stamp: f64,
+        /// When the brain saw the fault (its clock).
+        seen_at: f64,
+    },
+    /// Earlier than the brain's previous decision, which did not see the fault, by more than
+    /// [`MAX_REPORT_LAG_SECONDS`]: the reporter's clock is behind.
+    #[serde(rename_all = "camelCase")]
+    TooOld {
+        /// The reporter's stamp (its clock, unix seconds).
+        stamp: f64,
+        /// The earliest plausible time: the previous decision less the report lag.
+        earliest: f64,
+    },
+}
+
+impl StampRejected {
+    /// Checks a reporter's stamp `stamp` of a fault the brain sees at `seen_at` and had not seen
+    /// at its previous decision `previous` (`None`: no previous decision, no lower bound).
+    pub fn check(stamp: f64, seen_at: f64, previous: Option<f64>) -> Result<f64, StampRejected> {
+        if !stamp.is_finite() || stamp > seen_at + MAX_CLOCK_LEAD_SECONDS {
+            return Err(StampRejected::FromTheFuture { stamp, seen_at });
+        }
+        if let Some(previous) = previous {
+            let earliest = previous.min(seen_at) - MAX_REPORT_LAG_SECONDS;
+            if stamp < earliest {
+                return Err(StampRejected::TooOld { stamp, earliest });
+            }
+        }
+        Ok(stamp.min(seen_at))
+    }
+}
+
+impl fmt::Display for StampRejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StampRejected::FromTheFuture { stamp, seen_at } => write!(
+                f,
+                "the reporter's fault stamp is {:.1} s after the brain saw the fault (its clock is ahead)",
+                stamp - seen_at
+            ),
+            StampRejected::TooOld { stamp, earliest } => write!(
+                f,
+                "the reporter's fault stamp is {:.1} s before the earliest plausible time (its clock is behind)",
+                earliest - stamp
+            ),
+        }
+    }
 }
 
 impl fmt::Display for Trigger {

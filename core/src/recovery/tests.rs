@@ -62,6 +62,8 @@ struct Sim {
     acks: bool,
     joins: bool,
     log: Vec<Action>,
+    /// The clock of the last decision (fed back as `previous_decision`, as the control loop does).
+    decided: Option<f64>,
 }
 
 impl Sim {
@@ -80,10 +82,12 @@ impl Sim {
             acks: true,
             joins: true,
             log: Vec::new(),
+            decided: None,
         }
     }
 
     fn tick(&mut self) -> Vec<Action> {
+        self.obs.previous_decision = self.decided.replace(self.obs.now);
         let d = decide(&self.cfg, &self.st, &self.obs, self.placement.as_ref()).expect("decide");
         self.st = d.state;
         for a in &d.actions {
@@ -846,4 +850,62 @@ fn a_start_deadline_with_no_recovery_left_fails_the_job() {
     assert_eq!(failure, JobFailure::StartTimedOut { missing: vec!["n3".into()] });
     assert_eq!(failure.condition_reason(), "StartTimeout");
     assert!(sim.log.iter().any(|a| matches!(a, Action::FailJob(JobFailure::StartTimedOut { .. }))));
+}
+
+/// A chip fault on a node whose clock is `skew_s` off (its agent stamps the fault on its own
+/// clock): the recovery it causes, one decision after the previous one.
+fn recovery_with_stamp_skewed(skew_s: f64) -> CompletedRecovery {
+    let mut sim = Sim::running(redundant(), 1);
+    sim.later(0.5);
+    sim.tick();
+    sim.later(0.5);
+    let chip = sim.busy_chip(1);
+    sim.chip("n1", chip, ChipState::Failed, "hbm-ecc-uncorrectable");
+    if let Some(record) = sim.obs.nodes.get_mut("n1").and_then(|v| v.chips.get_mut(&chip)) {
+        record.since += skew_s;
+    }
+    sim.tick();
+    assert_eq!(sim.st.phase, BrainPhase::Recovering);
+    sim.later(0.4);
+    sim.tick();
+    let recs = sim.recoveries();
+    assert_eq!(recs.len(), 1);
+    recs[0].clone()
+}
+
+/// The brain's detection time does not take a skewed reporter's clock: a fault stamp an hour
+/// behind (or ahead) of the brain's clock is refused with a typed reason and the detection time
+/// is unknown, not 3,600 s (or 0 s); a stamp within the plausible report lag is taken as it is.
+#[test]
+fn a_fault_stamp_from_a_skewed_clock_is_refused_not_taken_as_the_detection_time() {
+    let behind = recovery_with_stamp_skewed(-3600.0);
+    assert_eq!(behind.detect_s, None, "an hour-behind stamp made detection read {:?} s", behind.detect_s);
+    assert_eq!(behind.fault_at, None);
+    let t = &behind.triggers[0];
+    assert_eq!(t.at, None);
+    let Some(StampRejected::TooOld { stamp, earliest }) = t.stamp_rejected else {
+        panic!("expected a too-old stamp, got {:?}", t.stamp_rejected)
+    };
+    // The window's lower end: the previous decision (0.5 s before the fault was seen) less the
+    // report lag.
+    assert!((earliest - (behind.detected_at - 0.5 - MAX_REPORT_LAG_SECONDS)).abs() < 1e-9);
+    assert!((behind.detected_at - stamp - 3600.2).abs() < 1e-9);
+
+    let ahead = recovery_with_stamp_skewed(3600.0);
+    assert_eq!(ahead.detect_s, None, "an hour-ahead stamp made detection read {:?} s", ahead.detect_s);
+    assert!(matches!(ahead.triggers[0].stamp_rejected, Some(StampRejected::FromTheFuture { .. })));
+
+    // A report that took 30 s to arrive (an agent retrying its write) is plausible: taken.
+    let late = recovery_with_stamp_skewed(-30.0);
+    assert_eq!(late.triggers[0].stamp_rejected, None);
+    assert!((late.detect_s.unwrap_or(-1.0) - 30.2).abs() < 1e-9, "{:?}", late.detect_s);
+    // Clocks a fraction of a second apart: the fault counts as seen at once.
+    let close = recovery_with_stamp_skewed(0.5);
+    assert_eq!(close.detect_s, Some(0.0));
+
+    // The refusal survives the state's round trip (it is persisted in the recovery record).
+    let json = serde_json::to_string(&behind.triggers[0]).expect("serialize");
+    assert!(json.contains(r#""stampRejected":{"reason":"tooOld""#), "{json}");
+    let back: Trigger = serde_json::from_str(&json).expect("parse");
+    assert_eq!(back, behind.triggers[0]);
 }
