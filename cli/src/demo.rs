@@ -15,7 +15,9 @@ use ninelives_core::fault_schedule::FaultSchedule;
 use ninelives_core::member_output::MemberLine;
 use ninelives_local::metrics::RecoveryMetrics;
 use ninelives_local::report::Report;
-use ninelives_local::{LocalRunConfig, MetricsPlan, NAMESPACE, RunOutcome, node_names, run_local};
+use ninelives_local::{
+    LocalRunConfig, MemberRouting, MetricsPlan, NAMESPACE, RunOutcome, node_names, run_local,
+};
 use ninelives_local::{Supervisor, live};
 use ninelives_telemetry::{AdminServer, Readiness};
 use ninelives_testkit::free_port;
@@ -71,6 +73,54 @@ pub struct DemoArgs {
     /// libfaketime (Debian `faketime`); etcd and the other nodes keep the real time.
     #[arg(long, value_name = "NODE=SECONDS", value_parser = parse_skew)]
     skew_clock: Option<(String, i64)>,
+    /// etcd client URLs (comma-separated) of the worker member on NODE instead of the demo's
+    /// etcd, as NODE=URLS: e.g. a proxy a partition test controls (repeatable).
+    #[arg(long, hide = true, value_name = "NODE=URLS", value_parser = parse_node_value)]
+    member_etcd: Vec<(String, String)>,
+    /// Address the worker member on NODE accepts peer connections on, as NODE=IP:PORT
+    /// (repeatable; partition tests).
+    #[arg(long, hide = true, value_name = "NODE=ADDR", value_parser = parse_node_value)]
+    member_listen: Vec<(String, String)>,
+    /// Host the worker member on NODE registers for its peers, with its listener's port, as
+    /// NODE=HOST: e.g. 127.0.0.2, where a proxy a partition test controls listens (repeatable).
+    #[arg(long, hide = true, value_name = "NODE=HOST", value_parser = parse_node_value)]
+    member_advertise: Vec<(String, String)>,
+}
+
+/// `NODE=VALUE` of the per-node member flags.
+fn parse_node_value(text: &str) -> Result<(String, String), String> {
+    let (node, value) = text.split_once('=').ok_or("expected NODE=VALUE")?;
+    if node.trim().is_empty() || value.trim().is_empty() {
+        return Err("NODE and VALUE must not be empty".into());
+    }
+    Ok((node.trim().to_owned(), value.trim().to_owned()))
+}
+
+/// The per-node member routing of `--member-etcd`, `--member-listen` and `--member-advertise`,
+/// each naming a node of the job.
+fn member_routing(args: &DemoArgs, nodes: &[String]) -> Result<BTreeMap<String, MemberRouting>, String> {
+    let mut routing: BTreeMap<String, MemberRouting> = BTreeMap::new();
+    let known = |flag: &str, node: &str| {
+        if nodes.iter().any(|n| n == node) {
+            Ok(())
+        } else {
+            Err(format!("--{flag}: no node {node:?} (nodes: {})", nodes.join(", ")))
+        }
+    };
+    for (node, urls) in &args.member_etcd {
+        known("member-etcd", node)?;
+        routing.entry(node.clone()).or_default().etcd = Some(urls.clone());
+    }
+    for (node, addr) in &args.member_listen {
+        known("member-listen", node)?;
+        let addr: SocketAddr = addr.parse().map_err(|e| format!("--member-listen {node}={addr}: {e}"))?;
+        routing.entry(node.clone()).or_default().listen = Some(addr);
+    }
+    for (node, host) in &args.member_advertise {
+        known("member-advertise", node)?;
+        routing.entry(node.clone()).or_default().advertise = Some(host.clone());
+    }
+    Ok(routing)
 }
 
 /// The preloaded library that shifts a process's wall clock (Debian `libfaketime`).
@@ -137,6 +187,10 @@ fn demo(args: DemoArgs) -> Result<ExitCode, String> {
         }
         node_env.insert(node.clone(), skew_env(*seconds)?);
     }
+    let member_routing = {
+        let (names, spares) = node_names(topo.nodes, topo.spare_nodes);
+        member_routing(&args, &names.into_iter().chain(spares).collect::<Vec<_>>())?
+    };
     let ninelives = std::env::current_exe().map_err(|e| format!("cannot find the ninelives binary: {e}"))?;
     let temp;
     let work_dir = match &args.work_dir {
@@ -189,6 +243,7 @@ fn demo(args: DemoArgs) -> Result<ExitCode, String> {
             .collect(),
         etcd_members: usize::from(args.etcd_members),
         node_env,
+        member_routing,
     };
     let terminal = std::io::stdout().is_terminal();
     let mut shown = 0usize;

@@ -40,6 +40,7 @@ pub use error::RuntimeError;
 pub use etcd::LocalEtcd;
 pub use processes::MemberSpec;
 pub use run::{
-    LocalRunConfig, MetricsPlan, NAMESPACE, RunOutcome, committed_checkpoints, node_names, run_local,
+    LocalRunConfig, MemberRouting, MetricsPlan, NAMESPACE, RunOutcome, committed_checkpoints, node_names,
+    run_local,
 };
 pub use supervisor::{ChildId, Supervisor};

@@ -81,12 +81,17 @@ pub struct MemberSpec {
     /// Environment set for the process (the training worker's own, see
     /// [`LocalRunConfig::member_env`](crate::local::LocalRunConfig::member_env)).
     pub env: Vec<(String, String)>,
+    /// Address its peer listener binds (`--listen`; none: the worker's default, loopback port 0).
+    pub listen: Option<std::net::SocketAddr>,
+    /// Host it registers for its peers, with its listener's port (`--advertise`; none: the
+    /// listen address).
+    pub advertise: Option<String>,
 }
 
 impl MemberSpec {
     /// `ninelives worker train MANIFEST --rank R --etcd URLS --steps N --checkpoint-dir D
     /// --checkpoint-every K --threads T --step-timeout-seconds S --job-key-file F
-    /// [--metrics-addr A]`.
+    /// [--metrics-addr A] [--listen L] [--advertise H]`.
     ///
     /// Output contract ([`ninelives_core::member_output::MemberLine`]): a `joined generation=<g> ... step=<s>`
     /// line per generation joined, one `step=<n> loss=<x> tokens_per_s=<y> ...` line per
@@ -107,6 +112,12 @@ impl MemberSpec {
             .envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(addr) = self.metrics_addr {
             cmd.args(["--metrics-addr", &addr.to_string()]);
+        }
+        if let Some(listen) = self.listen {
+            cmd.args(["--listen", &listen.to_string()]);
+        }
+        if let Some(host) = &self.advertise {
+            cmd.args(["--advertise", host]);
         }
         cmd
     }
@@ -129,6 +140,8 @@ mod tests {
             job_key_file: "/tmp/key".into(),
             metrics_addr: Some(([127, 0, 0, 1], 9100).into()),
             env: vec![("CANDLE_NUM_THREADS".into(), "1".into())],
+            listen: None,
+            advertise: None,
         }
     }
 
@@ -167,6 +180,13 @@ mod tests {
         );
         let env: Vec<_> = cmd.get_envs().collect();
         assert_eq!(env, [(std::ffi::OsStr::new("CANDLE_NUM_THREADS"), Some(std::ffi::OsStr::new("1")))]);
+        let routed = MemberSpec {
+            listen: Some(([127, 0, 0, 1], 29511).into()),
+            advertise: Some("127.0.0.2".into()),
+            ..member()
+        };
+        let tail = args(&routed.command(Path::new("ninelives")));
+        assert_eq!(tail[tail.len() - 4..], ["--listen", "127.0.0.1:29511", "--advertise", "127.0.0.2"]);
     }
 
     #[test]

@@ -82,6 +82,22 @@ pub struct LocalRunConfig {
     /// e.g. libfaketime's, to skew that node's wall clock (the clock-skew nemesis of the chaos
     /// suite).
     pub node_env: BTreeMap<String, Vec<(String, String)>>,
+    /// How the member on a node reaches etcd and its peers when not as every other member does,
+    /// by node name: the chaos suite's partition nemesis routes one node's member through
+    /// loopback proxies it controls.
+    pub member_routing: BTreeMap<String, MemberRouting>,
+}
+
+/// The etcd endpoints and peer addresses of the member on one node, when not the run's own.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemberRouting {
+    /// etcd client URLs, comma-separated, instead of the run's (e.g. a proxy's).
+    pub etcd: Option<String>,
+    /// Address its peer listener binds instead of loopback port 0.
+    pub listen: Option<SocketAddr>,
+    /// Host it registers for its peers (with the listener's port) instead of the listen address:
+    /// e.g. `127.0.0.2`, where a proxy listens on the same port.
+    pub advertise: Option<String>,
 }
 
 /// Where the processes of a run serve their metrics, and the driver's own metrics.
@@ -428,10 +444,11 @@ impl<'c> LocalRun<'c> {
         let mut env = cfg.member_env.clone();
         env.extend(cfg.node_env.get(node).into_iter().flatten().cloned());
         let nodes = usize::try_from(cfg.job.spec.topology.nodes.max(1)).unwrap_or(1);
+        let routing = cfg.member_routing.get(node).cloned().unwrap_or_default();
         MemberSpec {
             rank,
             manifest: cfg.manifest.clone(),
-            etcd: self.etcd_endpoint.clone(),
+            etcd: routing.etcd.unwrap_or_else(|| self.etcd_endpoint.clone()),
             checkpoint_dir: cfg.work_dir.join("checkpoints"),
             steps: cfg.steps,
             checkpoint_every: cfg.job.spec.checkpoint.interval_steps.max(1),
@@ -440,6 +457,8 @@ impl<'c> LocalRun<'c> {
             job_key_file: cfg.work_dir.join(JOB_KEY_FILE),
             metrics_addr: cfg.metrics.as_ref().and_then(|m| m.workers.get(&rank).copied()),
             env,
+            listen: routing.listen,
+            advertise: routing.advertise,
         }
     }
 

@@ -490,6 +490,7 @@ pub fn demo(options: &DemoOptions, progress: &mut dyn FnMut(&str)) -> anyhow::Re
         member_env: Vec::new(),
         etcd_members: 1,
         node_env: BTreeMap::new(),
+        member_routing: BTreeMap::new(),
     };
     let start = unix_now();
     let mut shown = 0usize;
