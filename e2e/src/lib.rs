@@ -3,7 +3,8 @@
 //! The end-to-end test bed: a real etcd and kube-apiserver on loopback ([`cluster`]), a test-only
 //! node runner that schedules Pods onto fake Nodes and runs them as local processes ([`nodes`]),
 //! the operator as a separate `ninelives operator` process ([`operator`]), and TrainingJobs to
-//! create and watch ([`jobs`]).
+//! create and watch ([`jobs`]), and for jobs of the recovery brain, node agents on simulated chips
+//! and the members' progress and results ([`members`]).
 //!
 //! The control-plane binaries are built from the Kubernetes and Helm Go modules by
 //! `e2e/tools/build.sh` into `.e2e-cache/bin`. `cargo test -p ninelives-e2e` runs every scenario;
@@ -16,6 +17,7 @@ pub mod certs;
 pub mod cluster;
 pub mod error;
 pub mod jobs;
+pub mod members;
 pub mod nodes;
 pub mod operator;
 pub mod tools;

@@ -174,6 +174,42 @@ impl OperatorProcess {
         tail(&self.log, 40)
     }
 
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends `signal` (a `kill -s` name: `STOP`, `CONT`, ...) to its process.
+    fn signal(&self, signal: &str) -> Result<()> {
+        let Some(pid) = self.pid() else {
+            return Err(Error::Io(std::io::Error::other(format!(
+                "operator {} is not running",
+                self.identity
+            ))));
+        };
+        let mut command = Command::new("kill");
+        command.args(["-s", signal, &pid.to_string()]);
+        crate::cluster::run(command, None).map(|_| ())
+    }
+
+    /// Freezes it (SIGSTOP), as a stop-the-world pause, a frozen VM or a throttled cgroup would:
+    /// it keeps its sockets and state and carries on where it was when resumed.
+    pub fn pause(&self) -> Result<()> {
+        self.signal("STOP")
+    }
+
+    /// Resumes it after [`OperatorProcess::pause`] (SIGCONT).
+    pub fn resume(&self) -> Result<()> {
+        self.signal("CONT")
+    }
+
+    /// Its exit code once it has exited by itself (`Some(None)`: killed by a signal); `None`
+    /// while it runs.
+    pub fn exited(&mut self) -> Result<Option<Option<i32>>> {
+        let Some(child) = self.child.as_mut() else { return Ok(None) };
+        Ok(child.try_wait()?.map(|status| status.code()))
+    }
+
     /// Kills it without warning (SIGKILL), as a node failure would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

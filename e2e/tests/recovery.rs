@@ -8,7 +8,6 @@
 //! with parameters bit-identical to an uninterrupted single-process run.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -17,35 +16,13 @@ use kube::api::{ListParams, PostParams};
 use ninelives_core::TrainingJob;
 use ninelives_core::job::JobPhase;
 use ninelives_core::keyspace::Keyspace;
-use ninelives_core::recovery::{ProgressRecord, RecoveryState, TriggerKind};
+use ninelives_core::recovery::{RecoveryState, TriggerKind};
+use ninelives_e2e::members::{Agents, digest_in, progress, reference_digest};
 use ninelives_e2e::{Harness, OperatorProcess, WorkerCommand, tools, wait_for};
 
 const NS: &str = "default";
 const JOB: &str = "ladder";
 const STEPS: u64 = 30;
-
-/// Kills the agents when the test ends, however it ends.
-struct Agents(Vec<(String, Child)>);
-
-impl Agents {
-    fn kill(&mut self, node: &str) {
-        for (n, child) in &mut self.0 {
-            if n == node {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-}
-
-impl Drop for Agents {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 fn manifest(checkpoints: &Path) -> serde_json::Value {
     serde_json::json!({
@@ -85,19 +62,11 @@ async fn node_of(h: &Harness, pod_name: &str) -> Option<String> {
     pod(h, pod_name).await?.spec?.node_name
 }
 
-/// The step the lead member last reported in etcd.
-async fn progress(etcd: &mut etcd_client::Client) -> Option<u64> {
-    let key = Keyspace::default().job(NS, JOB).progress();
-    let resp = etcd.get(key, None).await.ok()?;
-    let kv = resp.kvs().first()?;
-    serde_json::from_slice::<ProgressRecord>(kv.value()).ok().map(|p| p.step)
-}
-
 async fn wait_step(h: &Harness, etcd: &mut etcd_client::Client, step: u64) {
     let etcd = std::sync::Arc::new(tokio::sync::Mutex::new(etcd.clone()));
     let reached = wait_for(&format!("step {step}"), Duration::from_secs(240), || {
         let etcd = etcd.clone();
-        async move { progress(&mut *etcd.lock().await).await.filter(|s| *s >= step) }
+        async move { progress(&mut *etcd.lock().await, NS, JOB).await.filter(|s| *s >= step) }
     })
     .await;
     if let Err(e) = reached {
@@ -120,36 +89,6 @@ async fn event_notes(h: &Harness) -> Vec<(String, String)> {
         .collect()
 }
 
-/// `params_sha256=<hex>` from a pod's container log.
-fn digest_in(dir: &Path, pod: &str) -> Option<String> {
-    let entries = std::fs::read_dir(dir).ok()?;
-    let prefix = format!("{NS}_{pod}_");
-    let mut found = None;
-    for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(&prefix) {
-            let log = std::fs::read_to_string(entry.path().join("container.log")).unwrap_or_default();
-            if let Some(d) = log.lines().find_map(|l| l.strip_prefix("params_sha256=")) {
-                found = Some(d.trim().to_string());
-            }
-        }
-    }
-    found
-}
-
-fn reference_digest(ninelives: &Path, manifest: &Path, dir: &Path) -> String {
-    let out = Command::new(ninelives)
-        .args(["worker", "train"])
-        .arg(manifest)
-        .args(["--steps", &STEPS.to_string(), "--threads", "1", "--checkpoint-dir"])
-        .arg(dir)
-        .stderr(Stdio::null())
-        .output()
-        .expect("run the reference worker");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "reference run failed: {text}");
-    text.lines().find_map(|l| l.strip_prefix("params_sha256=")).expect("reference digest").trim().to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chip_fault_and_node_loss_are_recovered_by_the_brain_and_the_result_is_exact() {
     let h = Harness::start(5).await.expect("test bed");
@@ -160,19 +99,7 @@ async fn chip_fault_and_node_loss_are_recovered_by_the_brain_and_the_result_is_e
     let mut etcd = etcd_client::Client::connect([etcd_url.as_str()], None).await.expect("etcd");
 
     let nodes: Vec<String> = (0..5).map(|i| format!("node-{i}")).collect();
-    let chips_dir = |node: &str| work.path().join("chips").join(node);
-    let mut agents = Agents(Vec::new());
-    for node in &nodes {
-        let child = Command::new(&ninelives)
-            .args(["agent", "run", "--node", node, "--etcd", &etcd_url, "--simulate", "8", "--ttl", "3"])
-            .arg("--chips-dir")
-            .arg(chips_dir(node))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(work.path().join(format!("agent-{node}.log"))).expect("agent log"))
-            .spawn()
-            .expect("start an agent");
-        agents.0.push((node.clone(), child));
-    }
+    let mut agents = Agents::start(&ninelives, &etcd_url, &nodes, 8, 3, work.path()).expect("agents");
 
     let _operator = OperatorProcess::start(&h.plane, "op-0", &WorkerCommand::Members, 15).expect("operator");
     let manifest = manifest(&checkpoints);
@@ -185,13 +112,7 @@ async fn chip_fault_and_node_loss_are_recovered_by_the_brain_and_the_result_is_e
     // 1. A chip of rank 1's node fails (uncorrectable ECC) while training.
     wait_step(&h, &mut etcd, 6).await;
     let chip_node = node_of(&h, &format!("{JOB}-1")).await.expect("rank 1 is scheduled");
-    let injected = Command::new(&ninelives)
-        .args(["agent", "inject", "--chips-dir"])
-        .arg(chips_dir(&chip_node))
-        .args(["3", "ecc"])
-        .status()
-        .expect("inject");
-    assert!(injected.success());
+    agents.inject(&ninelives, &chip_node, 3, "ecc").expect("inject");
     let chip_recovered = wait_for("the chip recovery in status", Duration::from_secs(120), || async {
         job(&h).await?.status.filter(|s| s.recent_recoveries.len() == 1)
     })
@@ -262,9 +183,10 @@ async fn chip_fault_and_node_loss_are_recovered_by_the_brain_and_the_result_is_e
 
     // Exact: the leader's final digest equals an uninterrupted single-process run.
     let pods_dir: PathBuf = h.plane.dir().join("pods");
-    let digest = digest_in(&pods_dir, &format!("{JOB}-0")).expect("the leader printed its digest");
+    let digest = digest_in(&pods_dir, NS, &format!("{JOB}-0")).expect("the leader printed its digest");
     let manifest_file = work.path().join("job.json");
     std::fs::write(&manifest_file, serde_json::to_vec(&manifest).expect("json")).expect("write manifest");
-    let reference = reference_digest(&ninelives, &manifest_file, &work.path().join("reference"));
+    let reference = reference_digest(&ninelives, &manifest_file, STEPS, &work.path().join("reference"))
+        .expect("the reference run");
     assert_eq!(digest, reference, "the recovered job must equal the uninterrupted run");
 }
