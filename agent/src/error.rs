@@ -88,6 +88,18 @@ impl AgentError {
     }
 }
 
+impl AgentError {
+    /// True when etcd answered that the lease no longer exists (expired or revoked): retrying
+    /// with that lease can never succeed, a new one must be granted.
+    pub fn lease_gone(&self) -> bool {
+        matches!(
+            self,
+            AgentError::LeaseLost(_)
+                | AgentError::Etcd { source: etcd_client::Error::LeaseKeepAliveError(_), .. }
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -262,7 +262,8 @@ impl Presence {
             let delay = backoff.next_delay();
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                _ = shutdown.changed() => {}
+                // A dropped sender means the agent is gone: stop instead of spinning.
+                changed = shutdown.changed() => if changed.is_err() { return },
             }
         }
     }
@@ -279,12 +280,18 @@ impl Presence {
 
         // Keep the lease when etcd still has it (an outage shorter than the TTL): no churn
         // for the operator watching presence.
+        // `lease_keep_alive` reads the first answer itself and fails with `LeaseKeepAliveError`
+        // when etcd no longer has the lease (TTL 0): that lease is gone for good, so forget it and
+        // grant a new one. Propagating that error instead (issue 19) retried the dead lease
+        // forever and the node never re-registered after an outage longer than the TTL.
+        // Timeouts and transport errors keep the lease: etcd may still hold it.
         let mut reused = false;
         if let Some(id) = self.lease {
-            let (mut keeper, mut stream) = within("keepalive", limit, client.lease_keep_alive(id)).await?;
-            within("keepalive", limit, keeper.keep_alive()).await?;
-            let resp = within("keepalive", limit, stream.message()).await?;
-            reused = resp.is_some_and(|r| r.ttl() > 0);
+            match within("keepalive", limit, client.lease_keep_alive(id)).await {
+                Ok(_) => reused = true,
+                Err(e) if e.lease_gone() => self.lease = None,
+                Err(e) => return Err(e),
+            }
         }
         let lease = if reused {
             self.lease.unwrap_or_default()
@@ -311,7 +318,16 @@ impl Presence {
         }
         AgentEvent::LeaseAcquired { lease, ttl: self.ttl, reused }.emit(&self.metrics);
 
-        let (mut keeper, mut stream) = within("keepalive", limit, client.lease_keep_alive(lease)).await?;
+        let (mut keeper, mut stream) = match within("keepalive", limit, client.lease_keep_alive(lease)).await
+        {
+            Ok(pair) => pair,
+            Err(e) => {
+                if e.lease_gone() {
+                    self.lease = None;
+                }
+                return Err(e);
+            }
+        };
         self.written = read_chip_records(&mut client, &self.keys, &self.node, limit, &self.metrics).await?;
         self.reconcile(&mut client, desired, limit).await?;
         self.connected = true;
