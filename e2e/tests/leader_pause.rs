@@ -348,24 +348,23 @@ async fn a_leader_paused_twice_its_lease_during_a_recovery_publishes_nothing_aft
         }
     }
 
-    // Its writes to the apiserver after it resumed: the Events it reported about the job later
-    // than that. KNOWN BUG (issue 19, found by this test): a reconcile in flight when the leader
-    // was frozen finishes after SIGCONT and writes (a stale `Recovering` Event, seen in runs):
-    // the operator's reconciles do not check the leadership term before their apiserver writes.
-    // Reported here until that is fixed; then this becomes an assertion that the list is empty.
+    // Its writes to the apiserver after it resumed: none. A reconcile in flight when the leader
+    // was frozen checks the term before each apiserver write (operator `still_leader`), so it
+    // fails with LostLease instead of writing a stale Event, status or pod.
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(h.client.clone(), NS);
     let events = events.list(&ListParams::default()).await.expect("list events").items;
-    for e in events.iter().filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(JOB)) {
-        let seen = e.series.as_ref().map(|s| s.last_observed_time.0).or(e.event_time.as_ref().map(|t| t.0));
-        if e.reporting_instance.as_deref() == Some(leader_name.as_str())
-            && seen.is_none_or(|t| t >= resumed_wall)
-        {
-            eprintln!(
-                "KNOWN BUG: {leader_name} wrote Event {:?} {:?} at {seen:?}, after it resumed at {resumed_wall}",
-                e.reason, e.note
-            );
-        }
-    }
+    let stale: Vec<String> = events
+        .iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(JOB))
+        .filter_map(|e| {
+            let seen =
+                e.series.as_ref().map(|s| s.last_observed_time.0).or(e.event_time.as_ref().map(|t| t.0));
+            (e.reporting_instance.as_deref() == Some(leader_name.as_str())
+                && seen.is_none_or(|t| t >= resumed_wall))
+            .then(|| format!("{:?} {:?} at {seen:?}", e.reason, e.note))
+        })
+        .collect();
+    assert!(stale.is_empty(), "{leader_name} wrote Events after it resumed at {resumed_wall}: {stale:?}");
 
     // What each replica says it published is what etcd attributes to it.
     let attributed = |name: &str| -> Vec<u64> {

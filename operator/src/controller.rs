@@ -243,7 +243,11 @@ async fn apply(job: &TrainingJob, ctx: &Arc<Context>) -> Result<Action> {
     let Plan { create, delete, service, status, events } =
         plan_with(job, desired, &existing, invalid.as_deref(), &now, brain.as_ref());
 
+    // Every write below is fenced by this replica's term: a reconcile in flight when the replica
+    // was paused past its Lease must write nothing once it resumes (its etcd writes carry the
+    // writer epoch; the apiserver's are checked here, just before each one).
     if service {
+        still_leader(ctx)?;
         apply_service(job, ctx, &namespace).await?;
         apply_job_key(job, ctx, &namespace).await?;
         if ctx.template.etcd_auth {
@@ -254,19 +258,24 @@ async fn apply(job: &TrainingJob, ctx: &Arc<Context>) -> Result<Action> {
     }
     let params = PatchParams::apply(FIELD_MANAGER).force();
     for pod in &create {
+        still_leader(ctx)?;
         let pod_name = pod.name_any();
         pods.patch(&pod_name, &params, &Patch::Apply(pod))
             .await
             .map_err(|source| Error::Apply { what: format!("pod {pod_name}"), source })?;
     }
     for pod_name in &delete {
-        delete_ignoring_missing(&pods, pod_name).await?;
+        still_leader(ctx)?;
+        // Only the pod this reconcile saw: a newer one of the same name is not ours to delete.
+        let uid = existing.iter().find(|p| p.name_any() == *pod_name).and_then(|p| p.metadata.uid.clone());
+        delete_pod_seen(&pods, pod_name, uid).await?;
     }
     if !delete.is_empty() {
         info!(job = %key(job), pods = ?delete, "deleted worker pods");
     }
 
     if job.status.as_ref() != Some(&status) {
+        still_leader(ctx)?;
         let api: Api<TrainingJob> = Api::namespaced(ctx.client.clone(), &namespace);
         let patch = serde_json::json!({
             "apiVersion": ninelives_core::job::API_VERSION,
@@ -277,6 +286,7 @@ async fn apply(job: &TrainingJob, ctx: &Arc<Context>) -> Result<Action> {
     }
     ctx.metrics.set_phase(&key(job), status.phase);
     for event in events {
+        still_leader(ctx)?;
         publish(ctx, job, event).await;
     }
 
@@ -373,6 +383,25 @@ async fn apply_pod_group(job: &TrainingJob, ctx: &Context, namespace: &str) -> R
     Ok(())
 }
 
+/// `Err(LostLease)` unless this replica holds a leadership term that is still valid now.
+fn still_leader(ctx: &Context) -> Result<()> {
+    ctx.drivers.env().leadership.current().map(|_| ()).ok_or(Error::LostLease)
+}
+
+/// Deletes pod `name` only if it is still the one with `uid` (when known): gone, or replaced by
+/// a newer pod of the same name (409 Conflict on the precondition), counts as done.
+async fn delete_pod_seen(api: &Api<Pod>, name: &str, uid: Option<String>) -> Result<()> {
+    let params = DeleteParams {
+        preconditions: uid.map(|uid| kube::api::Preconditions { uid: Some(uid), resource_version: None }),
+        ..DeleteParams::default()
+    };
+    match api.delete(name, &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(()),
+        Err(source) => Err(Error::Apply { what: format!("delete {name}"), source }),
+    }
+}
+
 async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<()>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
@@ -387,6 +416,7 @@ where
 /// Deletes everything the job owns. Pods are deleted explicitly (not left to the garbage
 /// collector) so the job disappears only once its workers are really gone.
 async fn cleanup(job: &TrainingJob, ctx: &Context) -> Result<Action> {
+    still_leader(ctx)?;
     let namespace = job.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
     let name = job.name_any();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
