@@ -174,11 +174,14 @@ fn losing_a_replicated_worker_continues_in_memory_and_stays_exact() {
     // Dropped without a rollback: every expert it held has a replica elsewhere.
     assert!(regen.contains("tier=shrink") && regen.contains("InMemory"), "{regen}");
     let out = job.finish(Duration::from_secs(180));
-    assert!(
-        out.contains("joined generation=2 tier=shrink step=3")
-            || out.contains("joined generation=2 tier=shrink step=4"),
-        "{out}"
-    );
+    // The kill lands after step 3 is seen; on a loaded machine the others may have gone a step
+    // or two further by then. Whatever the step, the continuation is from memory.
+    let continued = out
+        .lines()
+        .find_map(|l| l.split("joined generation=2 tier=shrink step=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no member joined generation 2\n{out}"));
+    assert!((3..6).contains(&continued), "continued from step {continued}\n{out}");
     assert!(
         out.contains("plan reroute, 0 steps lost") || out.contains("plan reroute, 1 steps lost"),
         "{out}"

@@ -245,7 +245,9 @@ fn member_leases(endpoint: &str, keys: &JobKeys) -> BTreeMap<u32, i64> {
 
 #[test]
 fn members_keep_training_through_a_15_second_etcd_pause_and_re_register() {
-    const STEPS: u64 = 1000;
+    // Enough steps that training outlasts the pause on a fast machine: an idle 2-core AVX2 VM
+    // makes ~57 steps/s here, so 1,000 steps could end inside the 15 s pause.
+    const STEPS: u64 = 3000;
     let dir = tempfile::tempdir().unwrap();
     let etcd = EtcdServer::start().unwrap();
     let m =

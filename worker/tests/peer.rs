@@ -311,7 +311,15 @@ fn a_settled_generation_during_the_replacements_fetch_continues_the_peer_restore
                     std::thread::sleep(Duration::from_secs(1));
                 }
             });
-            *spare.lock().unwrap() = Some(run2.spawn_with(3, hook));
+            // The spare starts once its generation is published, as in the test above (one
+            // that reads generation 1 exits, no member of it, and the others wait it out).
+            let (run3, generation) = (run2.clone(), plan.placement.generation + 1);
+            *spare.lock().unwrap() = Some(std::thread::spawn(move || {
+                while run3.link().plan().ok().flatten().is_none_or(|p| p.generation() < generation) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                run3.spawn_with(3, hook).join().unwrap()
+            }));
             plan
         })
     };
