@@ -721,7 +721,7 @@ fn snapshot(
         let trainer = guard.as_ref().ok_or_else(|| WorkerError::Rendezvous("no trainer".into()))?;
         trainer.host_state()?
     };
-    let own = peers(shared)?.add_own(Snapshot { step, params, moments }, &buddies);
+    let own = peers(shared)?.add_own(Snapshot { step, params, moments }, &buddies, Instant::now());
     if buddies.is_empty() {
         return Ok(None);
     }
@@ -735,7 +735,7 @@ fn snapshot(
                     Ok(n) => {
                         sent.fetch_add(n, Ordering::Relaxed);
                         if let Ok(mut store) = shared.peers.lock() {
-                            store.acked(step, buddy);
+                            store.acked(step, buddy, Instant::now());
                         }
                     }
                     Err(e) => tracing::warn!(step, buddy, "peer copy not acknowledged: {e}"),

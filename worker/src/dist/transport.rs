@@ -184,7 +184,7 @@ fn serve_link(link: &mut Link, shared: &Shared) -> std::result::Result<(), Strin
                     .peers
                     .lock()
                     .map_err(|_| "peer store lock poisoned".to_string())?
-                    .hold(peer, copy)
+                    .hold(peer, copy, Instant::now())
                     .map_err(|e| {
                         let _ = link.send(&Msg::Refused { reason: e.to_string() });
                         e.to_string()
