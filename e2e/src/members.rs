@@ -108,11 +108,73 @@ pub fn digest_in(pods_dir: &Path, namespace: &str, pod: &str) -> Option<String> 
 /// The parameter digest of `manifest` (a TrainingJob file) trained `steps` steps by one
 /// uninterrupted `ninelives worker train` process, checkpointing into `dir`.
 pub fn reference_digest(ninelives: &Path, manifest: &Path, steps: u64, dir: &Path) -> Result<String> {
+    let out = run(reference_command(ninelives, manifest, steps, dir), None)?;
+    params_digest(&out)
+}
+
+fn reference_command(ninelives: &Path, manifest: &Path, steps: u64, dir: &Path) -> Command {
     let mut command = Command::new(ninelives);
     command.args(["worker", "train"]).arg(manifest);
     command.args(["--steps", &steps.to_string(), "--threads", "1", "--checkpoint-dir"]).arg(dir);
-    let out = run(command, None)?;
+    command
+}
+
+fn params_digest(out: &str) -> Result<String> {
     out.lines().find_map(|l| l.strip_prefix("params_sha256=")).map(|d| d.trim().to_string()).ok_or_else(
         || Error::Io(std::io::Error::other(format!("no params_sha256 in the reference run: {out}"))),
     )
+}
+
+/// [`reference_digest`] run in the background while the test drives the job (a long job's
+/// reference need not add its whole length to the test); killed when dropped.
+pub struct ReferenceRun {
+    child: Child,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl ReferenceRun {
+    /// Starts the uninterrupted run of `manifest` for `steps` steps, checkpointing into `dir`
+    /// (its output is kept next to it).
+    pub fn start(ninelives: &Path, manifest: &Path, steps: u64, dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let stdout = dir.with_extension("out");
+        let stderr = dir.with_extension("err");
+        let child = reference_command(ninelives, manifest, steps, dir)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout)?)
+            .stderr(std::fs::File::create(&stderr)?)
+            .spawn()?;
+        Ok(Self { child, stdout, stderr })
+    }
+
+    /// Its digest, waiting for it at most `timeout` (then it is killed).
+    pub async fn digest(mut self, timeout: std::time::Duration) -> Result<String> {
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if start.elapsed() > timeout {
+                return Err(Error::Timeout { what: "the reference run".into(), seconds: timeout.as_secs() });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        };
+        let out = std::fs::read_to_string(&self.stdout)?;
+        if !status.success() {
+            return Err(Error::Command {
+                command: "ninelives worker train (reference)".into(),
+                status: status.to_string(),
+                output: format!("{out}{}", crate::cluster::tail(&self.stderr, 40)),
+            });
+        }
+        params_digest(&out)
+    }
+}
+
+impl Drop for ReferenceRun {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
