@@ -268,7 +268,7 @@ async fn apply(job: &TrainingJob, ctx: &Arc<Context>) -> Result<Action> {
         still_leader(ctx)?;
         // Only the pod this reconcile saw: a newer one of the same name is not ours to delete.
         let uid = existing.iter().find(|p| p.name_any() == *pod_name).and_then(|p| p.metadata.uid.clone());
-        delete_pod_seen(&pods, pod_name, uid).await?;
+        delete_ignoring_missing(&pods, pod_name, &only_uid(uid)).await?;
     }
     if !delete.is_empty() {
         info!(job = %key(job), pods = ?delete, "deleted worker pods");
@@ -388,29 +388,35 @@ fn still_leader(ctx: &Context) -> Result<()> {
     ctx.drivers.env().leadership.current().map(|_| ()).ok_or(Error::LostLease)
 }
 
-/// Deletes pod `name` only if it is still the one with `uid` (when known): gone, or replaced by
-/// a newer pod of the same name (409 Conflict on the precondition), counts as done.
-async fn delete_pod_seen(api: &Api<Pod>, name: &str, uid: Option<String>) -> Result<()> {
-    let params = DeleteParams {
+/// Delete parameters that delete only the object with `uid` (when known), not a newer one of
+/// the same name.
+fn only_uid(uid: Option<String>) -> DeleteParams {
+    DeleteParams {
         preconditions: uid.map(|uid| kube::api::Preconditions { uid: Some(uid), resource_version: None }),
         ..DeleteParams::default()
-    };
-    match api.delete(name, &params).await {
+    }
+}
+
+/// Deletes `name` with `params`. Already gone (404 Not Found) counts as done; so does a 409
+/// Conflict when `params` carries a precondition (the object of that name is no longer the one
+/// the precondition names: a newer one is not ours to delete). Without a precondition a 409 is
+/// an error.
+async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str, params: &DeleteParams) -> Result<()>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, params).await {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(()),
+        Err(kube::Error::Api(status)) if deleted_already(status.code, params) => Ok(()),
         Err(source) => Err(Error::Apply { what: format!("delete {name}"), source }),
     }
 }
 
-async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<()>
-where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    match api.delete(name, &DeleteParams::default()).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-        Err(source) => Err(Error::Apply { what: format!("delete {name}"), source }),
-    }
+/// Whether a delete with `params` that failed with HTTP `code` leaves nothing to delete.
+fn deleted_already(code: u16, params: &DeleteParams) -> bool {
+    let precondition =
+        params.preconditions.as_ref().is_some_and(|p| p.uid.is_some() || p.resource_version.is_some());
+    code == 404 || (code == 409 && precondition)
 }
 
 /// Deletes everything the job owns. Pods are deleted explicitly (not left to the garbage
@@ -426,18 +432,18 @@ async fn cleanup(job: &TrainingJob, ctx: &Context) -> Result<Action> {
         .map_err(|source| Error::Read { what: "pods", source })?
         .items;
     for pod in &existing {
-        delete_ignoring_missing(&pods, &pod.name_any()).await?;
+        delete_ignoring_missing(&pods, &pod.name_any(), &DeleteParams::default()).await?;
     }
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
-    delete_ignoring_missing(&services, &name).await?;
+    delete_ignoring_missing(&services, &name, &DeleteParams::default()).await?;
     if ctx.template.network_policy.is_some() {
         let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
-        delete_ignoring_missing(&policies, &name).await?;
+        delete_ignoring_missing(&policies, &name, &DeleteParams::default()).await?;
     }
     if let Some(gang) = crate::resources::gang::scheduler(job, &ctx.template) {
         let groups: Api<DynamicObject> =
             Api::namespaced_with(ctx.client.clone(), &namespace, &gang.api_resource());
-        delete_ignoring_missing(&groups, &name).await?;
+        delete_ignoring_missing(&groups, &name, &DeleteParams::default()).await?;
     }
     if !existing.is_empty() {
         // `finalizer()` removes the finalizer on Ok, so waiting for terminating pods is an
@@ -479,5 +485,51 @@ async fn publish(ctx: &Context, job: &TrainingJob, event: JobEvent) {
     // An Event that cannot be written must not fail the reconcile that caused it.
     if let Err(e) = ctx.recorder.publish(&event, &reference).await {
         warn!(error = %e, reason = %event.reason, "recording event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_object_is_deleted_with_or_without_a_precondition() {
+        assert!(deleted_already(404, &DeleteParams::default()));
+        assert!(deleted_already(404, &only_uid(Some("u1".into()))));
+    }
+
+    #[test]
+    fn a_conflict_is_done_only_under_a_precondition() {
+        // The pod of that name is no longer the one we saw: not ours to delete.
+        assert!(deleted_already(409, &only_uid(Some("u1".into()))));
+        let resource_version = DeleteParams {
+            preconditions: Some(kube::api::Preconditions { uid: None, resource_version: Some("7".into()) }),
+            ..DeleteParams::default()
+        };
+        assert!(deleted_already(409, &resource_version));
+        // No precondition (or an empty one): a conflict is a real failure.
+        assert!(!deleted_already(409, &DeleteParams::default()));
+        assert!(!deleted_already(409, &only_uid(None)));
+        let empty = DeleteParams {
+            preconditions: Some(kube::api::Preconditions { uid: None, resource_version: None }),
+            ..DeleteParams::default()
+        };
+        assert!(!deleted_already(409, &empty));
+    }
+
+    #[test]
+    fn other_failures_are_errors() {
+        for code in [400, 403, 422, 500, 503] {
+            assert!(!deleted_already(code, &only_uid(Some("u1".into()))), "{code}");
+            assert!(!deleted_already(code, &DeleteParams::default()), "{code}");
+        }
+    }
+
+    #[test]
+    fn only_uid_names_the_uid_it_was_given() {
+        let params = only_uid(Some("u1".into()));
+        let preconditions = params.preconditions.expect("a precondition");
+        assert_eq!((preconditions.uid.as_deref(), preconditions.resource_version), (Some("u1"), None));
+        assert!(only_uid(None).preconditions.is_none());
     }
 }
