@@ -14,7 +14,7 @@ use ninelives_worker::checkpoint::{SaveOutcome, SaveReport};
 use ninelives_worker::data::Corpus;
 use ninelives_worker::dist::auth::{JobAuth, JobKey};
 use ninelives_worker::dist::link::Security;
-use ninelives_worker::dist::member::{MemberEvent, MemberOptions, run_member};
+use ninelives_worker::dist::member::{DEFAULT_RECONNECT_ATTEMPTS, MemberEvent, MemberOptions, run_member};
 use ninelives_worker::dist::rendezvous::{Etcd, EtcdCredentials, EtcdTlsFiles};
 use ninelives_worker::metrics::WorkerMetrics;
 use ninelives_worker::trainer::run_with_threads;
@@ -68,6 +68,10 @@ pub struct TrainArgs {
     /// Longest a step waits for a live peer before it is abandoned (expert-parallel jobs).
     #[arg(long, default_value_t = 60)]
     step_timeout_seconds: u64,
+    /// Attempts at re-establishing a broken link to a live peer within a generation (a reset
+    /// connection) before the step is abandoned and the failure escalates to a recovery.
+    #[arg(long, default_value_t = DEFAULT_RECONNECT_ATTEMPTS)]
+    reconnect_attempts: u32,
     /// TTL of the member's registration lease (expert-parallel jobs). Default: the longer of the
     /// job's heartbeat TTL and the step timeout, so a pause the peers ride out is not a loss.
     #[arg(long, requires = "rank")]
@@ -277,6 +281,7 @@ fn train(args: TrainArgs) -> Result<(), Failure> {
             step_timeout: Duration::from_secs(args.step_timeout_seconds.max(1)),
             join_timeout: Duration::from_secs(args.step_timeout_seconds.max(1) * 2),
             checkpoint_every: every,
+            reconnect_attempts: args.reconnect_attempts,
             security: {
                 let key = match (args.job_key_file.as_deref(), args.job_key_env.as_deref()) {
                     (Some(path), _) => JobKey::from_file(path),
@@ -345,6 +350,12 @@ fn member_event(event: &MemberEvent<'_>, metrics: &WorkerMetrics) {
             MemberLine::Committed { step: done.step }
         }
         MemberEvent::SaveFailed { step, error } => save_failed(*step, error, metrics),
+        MemberEvent::Reconnects { restored, failed, .. } => {
+            // Logged by the member (tracing) as they happen; no line of the launcher's protocol.
+            metrics.link_reconnects_total.with_label_values(&["restored"]).inc_by(*restored);
+            metrics.link_reconnects_total.with_label_values(&["failed"]).inc_by(*failed);
+            return;
+        }
         // Logged by the member (tracing); no line of the launcher's protocol.
         MemberEvent::PeerSnapshot { .. } => return,
     };

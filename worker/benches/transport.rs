@@ -59,6 +59,7 @@ fn run(
                 join_timeout: Duration::from_secs(120),
                 checkpoint_every: 1_000_000,
                 security: security.clone(),
+                reconnect_attempts: ninelives_worker::dist::member::DEFAULT_RECONNECT_ATTEMPTS,
             };
             let seconds = seconds.clone();
             std::thread::spawn(move || -> Result<(), String> {

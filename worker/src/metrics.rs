@@ -26,6 +26,10 @@ pub struct WorkerMetrics {
     /// Checkpoint saves that failed (training went on), by the error's label
     /// (`checkpoint_io` for a full disk or an I/O error).
     pub checkpoint_save_failures_total: IntCounterVec,
+    /// Links to live peers that broke within a generation, by `outcome`: `restored` (re-
+    /// established; the step went on) or `failed` (the reconnect budget ran out; the step was
+    /// abandoned and the failure escalated).
+    pub link_reconnects_total: IntCounterVec,
 }
 
 impl WorkerMetrics {
@@ -61,9 +65,19 @@ impl WorkerMetrics {
             ),
             &["reason"],
         )?;
+        let link_reconnects_total = IntCounterVec::new(
+            Opts::new(
+                "ninelives_worker_link_reconnects_total",
+                "Peer links that broke within a generation: re-established, or given up",
+            ),
+            &["outcome"],
+        )?;
         // Series exist from the start at 0, so `rate()` over them reads 0 in a healthy run.
         for reason in ["checkpoint_io", "checkpoint_writer"] {
             checkpoint_save_failures_total.with_label_values(&[reason]);
+        }
+        for outcome in ["restored", "failed"] {
+            link_reconnects_total.with_label_values(&[outcome]);
         }
         registry.register(Box::new(step.clone()))?;
         registry.register(Box::new(loss.clone()))?;
@@ -73,6 +87,7 @@ impl WorkerMetrics {
         registry.register(Box::new(checkpoint_load_seconds.clone()))?;
         registry.register(Box::new(checkpoint_bytes_total.clone()))?;
         registry.register(Box::new(checkpoint_save_failures_total.clone()))?;
+        registry.register(Box::new(link_reconnects_total.clone()))?;
         Ok(Self {
             registry,
             step,
@@ -83,6 +98,7 @@ impl WorkerMetrics {
             checkpoint_load_seconds,
             checkpoint_bytes_total,
             checkpoint_save_failures_total,
+            link_reconnects_total,
         })
     }
 }

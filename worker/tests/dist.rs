@@ -7,8 +7,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,12 +42,24 @@ struct Setup<'a> {
     keep_last: usize,
     listen: [u8; 4],
     advertise: Option<&'a str>,
+    /// One member advertising another host than the others (`advertise` is everyone else's).
+    advertise_one: Option<(u32, &'a str)>,
+    reconnect_attempts: u32,
     hook: Hook,
 }
 
 impl Setup<'_> {
     fn new(workers: u32, redundant: u32) -> Self {
-        Self { workers, redundant, keep_last: 10, listen: [127, 0, 0, 1], advertise: None, hook: no_aborts() }
+        Self {
+            workers,
+            redundant,
+            keep_last: 10,
+            listen: [127, 0, 0, 1],
+            advertise: None,
+            advertise_one: None,
+            reconnect_attempts: ninelives_worker::dist::member::DEFAULT_RECONNECT_ATTEMPTS,
+            hook: no_aborts(),
+        }
     }
 }
 
@@ -90,7 +103,10 @@ fn run_members(
             let options = MemberOptions {
                 rank,
                 listen: SocketAddr::from((setup.listen, 0)),
-                advertise: setup.advertise.map(str::to_string),
+                advertise: match setup.advertise_one {
+                    Some((one, host)) if one == rank => Some(host.to_string()),
+                    _ => setup.advertise.map(str::to_string),
+                },
                 ttl_seconds: 3,
                 step_timeout: Duration::from_secs(30),
                 join_timeout: Duration::from_secs(60),
@@ -99,6 +115,7 @@ fn run_members(
                     format!("test/{job}"),
                     JobKey::from_bytes(b"a test job key of thirty-two bytes").unwrap(),
                 )),
+                reconnect_attempts: setup.reconnect_attempts,
             };
             std::thread::spawn(move || {
                 let etcd = Arc::new(Etcd::connect(&endpoints, keys).unwrap());
@@ -335,4 +352,284 @@ fn a_restore_to_a_corrupt_checkpoint_falls_back_to_the_previous_one() {
     assert_eq!(digest, single_process(&config, steps), "the fallback changes no bit");
     let store = CheckpointStore::open(&checkpoints, 10).unwrap();
     store.verify_dir(&store.step_dir(4)).expect("step 4 was saved again, intact");
+}
+
+/// A loopback TCP proxy in front of one member: it forwards every connection to `target`, and
+/// on command resets them (RST to both ends: SO_LINGER 0, then close).
+struct Proxy {
+    /// Cut the next connection that carries a chunk from its client: forward half of the chunk,
+    /// then reset (once).
+    cut_next: Arc<AtomicBool>,
+    /// Reset every connection, open or new, until cleared.
+    refuse: Arc<AtomicBool>,
+    /// Connections reset so far.
+    resets: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    fn start(listen: SocketAddr, target: SocketAddr) -> Self {
+        let listener = TcpListener::bind(listen).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let proxy = Self {
+            cut_next: Arc::default(),
+            refuse: Arc::default(),
+            resets: Arc::default(),
+            stop: Arc::default(),
+        };
+        let (cut, refuse, resets, stop) =
+            (proxy.cut_next.clone(), proxy.refuse.clone(), proxy.resets.clone(), proxy.stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let client = match listener.accept() {
+                    Ok((client, _)) => client,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                };
+                if refuse.load(Ordering::SeqCst) {
+                    reset(client, None, &resets);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(target) else { continue };
+                let (cut, refuse, resets, stop) = (cut.clone(), refuse.clone(), resets.clone(), stop.clone());
+                std::thread::spawn(move || pump(client, server, &cut, &refuse, &resets, &stop));
+            }
+        });
+        proxy
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Closes both ends with a reset (SO_LINGER 0).
+fn reset(a: TcpStream, b: Option<TcpStream>, resets: &AtomicU64) {
+    for s in std::iter::once(a).chain(b) {
+        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(s);
+    }
+    resets.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Forwards bytes both ways (non-blocking, one buffer per direction) until either end closes,
+/// the proxy stops, or a reset is ordered.
+fn pump(
+    client: TcpStream,
+    server: TcpStream,
+    cut: &AtomicBool,
+    refuse: &AtomicBool,
+    resets: &AtomicU64,
+    stop: &AtomicBool,
+) {
+    use std::io::{ErrorKind, Read, Write};
+    client.set_nonblocking(true).unwrap();
+    server.set_nonblocking(true).unwrap();
+    let (mut up, mut down) = (Vec::new(), Vec::new());
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        if refuse.load(Ordering::SeqCst) {
+            return reset(client, Some(server), resets);
+        }
+        let (mut progress, mut cut_now) = (false, false);
+        for (from, to, buf, upward) in
+            [(&client, &server, &mut up, true), (&server, &client, &mut down, false)]
+        {
+            if buf.is_empty() {
+                match { from }.read(&mut chunk) {
+                    Ok(0) => return, // an orderly end: both sockets close with it
+                    Ok(n) => {
+                        progress = true;
+                        if upward && n >= 2 && cut.swap(false, Ordering::SeqCst) {
+                            // Half a chunk reaches the member, then the connection is reset
+                            // mid-frame, mid-step.
+                            let mut to = to;
+                            let _ = to.set_nonblocking(false);
+                            let _ = to.write_all(&chunk[..n / 2]);
+                            cut_now = true;
+                            break;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
+            if !buf.is_empty() {
+                match { to }.write(buf) {
+                    Ok(n) => {
+                        progress = true;
+                        buf.drain(..n);
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
+        }
+        if cut_now {
+            return reset(client, Some(server), resets);
+        }
+        if !progress {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// The proxy of a run, started once the proxied member joined.
+type SharedProxy = Arc<Mutex<Option<Proxy>>>;
+
+/// What the members of a run with a proxy reported.
+#[derive(Default)]
+struct Seen {
+    /// (rank, generation) of every join.
+    joined: Vec<(u32, u64)>,
+    /// (rank, reason) of every abandoned step.
+    aborted: Vec<(u32, String)>,
+    /// Links re-established, and reconnect budgets exhausted, over all members.
+    restored: u64,
+    failed: u64,
+}
+
+/// Rank 1 advertises 127.0.0.2, where a proxy listens (started once rank 1 joins, from its
+/// registered address) and forwards to rank 1's listener on 127.0.0.1: rank 0's link to rank 1
+/// goes through the proxy. `on_step(rank 0's step, proxy)` injects the fault; `after` gets
+/// every event first. Returns the leader's digest.
+fn run_through_proxy(
+    etcd: &EtcdServer,
+    job: &str,
+    config: &TrainerConfig,
+    dir: &Path,
+    reconnect_attempts: u32,
+    on_step: impl Fn(u64, &Proxy) + Send + Sync + 'static,
+    after: impl Fn(u32, &MemberEvent<'_>, &Proxy) + Send + Sync + 'static,
+) -> (String, SharedProxy, Arc<Mutex<Seen>>) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let link = Arc::new(Etcd::connect(&[etcd.endpoint()], job_keys(job)).unwrap());
+    let proxy: SharedProxy = Arc::default();
+    let hook: Hook = {
+        let (proxy, seen) = (proxy.clone(), seen.clone());
+        Arc::new(move |rank, e| {
+            let mut slot = proxy.lock().unwrap();
+            match e {
+                MemberEvent::Joined { generation, .. } => {
+                    seen.lock().unwrap().joined.push((rank, *generation));
+                    if rank == 1 && slot.is_none() {
+                        let advertised = link.members().unwrap()[&1].addr;
+                        assert_eq!(advertised.ip(), IpAddr::from([127, 0, 0, 2]));
+                        let target = SocketAddr::from(([127, 0, 0, 1], advertised.port()));
+                        *slot = Some(Proxy::start(advertised, target));
+                    }
+                }
+                MemberEvent::Aborted { reason, .. } => {
+                    seen.lock().unwrap().aborted.push((rank, reason.to_string()))
+                }
+                MemberEvent::Reconnects { restored, failed, .. } => {
+                    let mut seen = seen.lock().unwrap();
+                    seen.restored += restored;
+                    seen.failed += failed;
+                }
+                MemberEvent::Step(r) if rank == 0 => {
+                    if let Some(p) = slot.as_ref() {
+                        on_step(r.step, p);
+                    }
+                }
+                _ => {}
+            }
+            if let Some(p) = slot.as_ref() {
+                after(rank, e, p);
+            }
+        })
+    };
+    let setup = Setup { advertise_one: Some((1, "127.0.0.2")), reconnect_attempts, hook, ..Setup::new(2, 0) };
+    let digest = run_members(etcd, job, &setup, config, dir);
+    (digest, proxy, seen)
+}
+
+/// A reset connection between two live members (a real proxy in between sends RST to both ends
+/// in the middle of a frame, mid-step) is re-established within the generation: the step's
+/// messages the other side may not have received are sent again, repeats are ignored, and the
+/// job finishes in its first generation, without a recovery, bit-identical to one process.
+#[test]
+fn a_reset_connection_is_re_established_in_the_same_generation_bit_identically() {
+    let etcd = EtcdServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 4;
+    let config = common::small_config(steps);
+    // Reset after steps 1 and 2 (each time the next chunk rank 0 sends to rank 1).
+    let on_step = |step: u64, p: &Proxy| {
+        if step == 1 || step == 2 {
+            p.cut_next.store(true, Ordering::SeqCst);
+        }
+    };
+    let (digest, proxy, seen) =
+        run_through_proxy(&etcd, "reset", &config, &dir.path().join("reset"), 3, on_step, |_, _, _| {});
+    let resets = proxy.lock().unwrap().as_ref().map(|p| p.resets.load(Ordering::SeqCst));
+    let seen = seen.lock().unwrap();
+    assert_eq!(resets, Some(2), "the proxy reset two connections");
+    assert!(seen.aborted.is_empty(), "no step was abandoned: {:?}", seen.aborted);
+    assert!(seen.joined.iter().all(|&(_, g)| g == 1), "one generation only: {:?}", seen.joined);
+    assert_eq!(seen.failed, 0);
+    assert!(seen.restored >= 2, "each reset link was re-established ({} reconnects)", seen.restored);
+    assert_eq!(digest, single_process(&config, steps), "re-sent messages change no bit");
+}
+
+/// A reset that persists (the proxy resets every connection, new ones too) exhausts the
+/// reconnect budget quickly, far within the step timeout (30 s here): the step is abandoned and
+/// the failure escalates as before. The next generation (published here as the control loop
+/// would, once the network is back) finishes the job bit-identically.
+#[test]
+fn a_reset_that_persists_past_the_reconnect_budget_escalates() {
+    let etcd = EtcdServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 4;
+    let config = common::small_config(steps);
+    let link = Arc::new(Etcd::connect(&[etcd.endpoint()], job_keys("persist")).unwrap());
+    let armed = Arc::new(Mutex::new(None::<std::time::Instant>));
+    let escalated_after = Arc::new(Mutex::new(None::<Duration>));
+    let on_step = {
+        let armed = armed.clone();
+        move |step: u64, p: &Proxy| {
+            let mut armed = armed.lock().unwrap();
+            if step == 1 && armed.is_none() {
+                p.refuse.store(true, Ordering::SeqCst);
+                *armed = Some(std::time::Instant::now());
+            }
+        }
+    };
+    let after = {
+        let (armed, escalated_after) = (armed.clone(), escalated_after.clone());
+        move |_rank: u32, e: &MemberEvent<'_>, p: &Proxy| {
+            let MemberEvent::Aborted { generation: 1, reason } = e else { return };
+            let mut escalated = escalated_after.lock().unwrap();
+            if escalated.is_none() && reason.contains("reconnect attempts failed") {
+                *escalated = armed.lock().unwrap().map(|t| t.elapsed());
+                // The network is back; the control loop publishes the next generation.
+                p.refuse.store(false, Ordering::SeqCst);
+                let mut next = link.plan().unwrap().unwrap();
+                next.placement.generation += 1;
+                next.restore = Restore::InMemory;
+                next.tier = ninelives_core::generation::GenerationTier::Reroute;
+                link.put(&link.keys().placement(), serde_json::to_vec(&next).unwrap(), None).unwrap();
+            }
+        }
+    };
+    let (digest, _proxy, seen) =
+        run_through_proxy(&etcd, "persist", &config, &dir.path().join("persist"), 2, on_step, after);
+    let seen = seen.lock().unwrap();
+    let escalated =
+        escalated_after.lock().unwrap().unwrap_or_else(|| panic!("no escalation: {:?}", seen.aborted));
+    assert!(
+        escalated < Duration::from_secs(10),
+        "the budget, not the step timeout, bounded it: {escalated:?}"
+    );
+    assert!(seen.failed >= 1, "the exhausted budget is counted");
+    assert!(seen.joined.iter().any(|&(_, g)| g == 2), "the next generation was joined: {:?}", seen.joined);
+    assert_eq!(digest, single_process(&config, steps));
 }

@@ -84,6 +84,7 @@ impl Run {
                 "test/peer".to_string(),
                 JobKey::from_bytes(b"a test job key of thirty-two bytes").unwrap(),
             )),
+            reconnect_attempts: ninelives_worker::dist::member::DEFAULT_RECONNECT_ATTEMPTS,
         };
         std::thread::spawn(move || {
             let etcd =

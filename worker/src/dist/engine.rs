@@ -103,7 +103,7 @@ impl RemoteExperts for Requester {
         let owner = self.owner(call)?;
         let generation = self.coll.generation();
         if owner == self.shared.rank {
-            return self.shared.service.forward(&self.shared.trainer, call, rows, x);
+            return self.shared.service.forward(&self.shared.trainer, self.shared.rank, call, rows, x);
         }
         let values = x.len();
         let msg = Msg::Forward { generation, step: self.step, call, rows: rows as u32, data: x };
@@ -114,7 +114,7 @@ impl RemoteExperts for Requester {
         let owner = self.owner(call)?;
         let generation = self.coll.generation();
         if owner == self.shared.rank {
-            return self.shared.service.backward(&self.shared.trainer, call, rows, dy);
+            return self.shared.service.backward(&self.shared.trainer, self.shared.rank, call, rows, dy);
         }
         let values = dy.len();
         let msg = Msg::Backward { generation, step: self.step, call, rows: rows as u32, data: dy };

@@ -37,7 +37,13 @@ pub struct LinkConfig {
     pub frame_limit: usize,
     /// Most authenticated inbound connections at once.
     pub max_connections: usize,
+    /// Attempts at re-establishing a link to a member that broke within a generation (a reset
+    /// connection), within the step timeout, before the step is abandoned.
+    pub reconnect_attempts: u32,
 }
+
+/// Default of [`LinkConfig::reconnect_attempts`].
+pub const DEFAULT_RECONNECT_ATTEMPTS: u32 = 3;
 
 /// Why a connection was not established.
 #[derive(Debug, thiserror::Error)]
@@ -218,6 +224,21 @@ impl Link {
     /// The next message, `Ok(None)` when the read timed out first.
     pub fn recv(&mut self) -> Result<Option<Msg>, ReadError> {
         self.reader.next(&mut self.stream)
+    }
+
+    /// Whether the other end closed or reset the connection, seen without blocking and without
+    /// consuming anything (a peek). A connection whose state cannot be read counts as broken.
+    pub fn is_broken(&self) -> bool {
+        if self.stream.set_nonblocking(true).is_err() {
+            return true;
+        }
+        let mut byte = [0u8; 1];
+        let broken = match self.stream.peek(&mut byte) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted),
+        };
+        broken || self.stream.set_nonblocking(false).is_err()
     }
 
     /// Closes both directions, so the other end sees the end at once.

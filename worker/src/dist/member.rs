@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::engine::{DistStepReport, Routing, gather_checkpoint, run_step};
+pub use super::link::DEFAULT_RECONNECT_ATTEMPTS;
 use super::link::{LinkConfig, MAX_CONNECTIONS, Security};
 use super::peer::{PeerStore, Snapshot};
 use super::rendezvous::{Backoff, Etcd, Session};
@@ -44,6 +45,9 @@ pub struct MemberOptions {
     pub checkpoint_every: u64,
     /// How peers prove they belong to the job ([`Security::Authenticated`] with the job's key).
     pub security: Security,
+    /// Attempts at re-establishing a broken link to a live member within a generation, within
+    /// the step timeout, before the step is abandoned ([`DEFAULT_RECONNECT_ATTEMPTS`]).
+    pub reconnect_attempts: u32,
 }
 
 /// What a member reports as it goes.
@@ -92,6 +96,17 @@ pub enum MemberEvent<'a> {
         sent_bytes: u64,
         /// Steps of its own snapshots that are complete (every buddy acknowledged).
         complete: &'a [u64],
+    },
+    /// Links to live members that broke within the generation since the last report: the ones
+    /// re-established (the step went on, nothing was restored) and the ones that could not be
+    /// within the reconnect budget (the step was abandoned).
+    Reconnects {
+        /// Generation.
+        generation: u64,
+        /// Links re-established.
+        restored: u64,
+        /// Reconnect budgets exhausted.
+        failed: u64,
     },
     /// The leader committed a checkpoint.
     Committed(&'a SaveReport),
@@ -177,8 +192,12 @@ pub fn run_member(
     let frame_limit = frame_limit(&config).ok_or_else(|| {
         WorkerError::InvalidJob("the model's largest message exceeds the transport's frame limit".into())
     })?;
-    let link =
-        LinkConfig { security: options.security.clone(), frame_limit, max_connections: MAX_CONNECTIONS };
+    let link = LinkConfig {
+        security: options.security.clone(),
+        frame_limit,
+        max_connections: MAX_CONNECTIONS,
+        reconnect_attempts: options.reconnect_attempts,
+    };
     let shared = Shared::new(rank, options.step_timeout, link);
     let listener = TcpListener::bind(options.listen)
         .map_err(|e| WorkerError::Rendezvous(format!("cannot listen on {}: {e}", options.listen)))?;
@@ -223,6 +242,8 @@ fn member_loop(
     // The peer record last published.
     let mut published: Option<PeerRecord> = None;
     let peer_sent = Arc::new(AtomicU64::new(0));
+    // The link counters already reported (restored, failed).
+    let mut links_seen = (0u64, 0u64);
     // A peer restore not finished yet (its step, this member's own snapshot of it): a newer
     // generation that keeps memory as it is continues it.
     let mut unfinished_peer: Option<(u64, Option<Arc<Snapshot>>)> = None;
@@ -605,7 +626,9 @@ fn member_loop(
                     break;
                 }
                 let counters = traffic(shared);
-                let report = run_step(shared, &coll, &routing, &mut before_update)?;
+                let report = run_step(shared, &coll, &routing, &mut before_update);
+                report_links(shared, generation, &mut links_seen, events);
+                let report = report?;
                 events(MemberEvent::Step(&report));
                 window.add(&report.expert_tokens);
                 if report.step % config.load_window_steps.max(1) == 0
@@ -685,9 +708,14 @@ fn member_loop(
             Ok(digest)
         })();
         match outcome {
-            Ok(digest) => return Ok(digest),
+            Ok(digest) => {
+                // Links re-established during the final gather and barrier.
+                report_links(shared, generation, &mut links_seen, events);
+                return Ok(digest);
+            }
             Err(WorkerError::Aborted(reason)) => {
                 tracing::warn!(generation, "step aborted: {reason}");
+                report_links(shared, generation, &mut links_seen, events);
                 events(MemberEvent::Aborted { generation, reason: &reason });
                 coll.shutdown();
                 // Copies in flight end with the connections (unacknowledged: never complete).
@@ -699,6 +727,21 @@ fn member_loop(
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Reports the links re-established or given up since the last report (`seen`), if any.
+fn report_links(
+    shared: &Shared,
+    generation: u64,
+    seen: &mut (u64, u64),
+    events: &mut impl FnMut(MemberEvent<'_>),
+) {
+    let now = (shared.links.restored.load(Ordering::Relaxed), shared.links.failed.load(Ordering::Relaxed));
+    if now != *seen {
+        let (restored, failed) = (now.0 - seen.0, now.1 - seen.1);
+        *seen = now;
+        events(MemberEvent::Reconnects { generation, restored, failed });
     }
 }
 

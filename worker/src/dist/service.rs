@@ -2,7 +2,7 @@
 //! and keeps the experts' weight gradients per (micro-batch, expert) for the ordered reduction.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::error::{Result, WorkerError};
 use crate::experts::{SwigluSaved, insert_expert_grads, swiglu_backward, swiglu_forward};
@@ -15,9 +15,26 @@ pub type ServedGrads = BTreeMap<(u32, ExpertId), Gradients>;
 
 #[derive(Default)]
 struct Served {
-    /// Forwards awaiting their backward.
-    graphs: HashMap<ExpertCall, SwigluSaved>,
+    /// Forwards awaiting their backward, and each requester's last answered backward.
+    graphs: HashMap<ExpertCall, Arc<SwigluSaved>>,
     grads: ServedGrads,
+    /// The last backward answered for each requester, its graph kept: a requester whose
+    /// connection broke before the reply arrived asks again (on a new connection), and gets the
+    /// same bits. A requester sends one request at a time, so its next request means the reply
+    /// arrived and the graph is freed.
+    answered: HashMap<u32, ExpertCall>,
+}
+
+impl Served {
+    /// `client` sent a request other than a repeat of its last backward: that one's reply arrived.
+    fn moved_on(&mut self, client: u32, call: ExpertCall) {
+        if let Some(last) = self.answered.get(&client).copied()
+            && last != call
+        {
+            self.answered.remove(&client);
+            self.graphs.remove(&last);
+        }
+    }
 }
 
 /// Expert calls served during the current step.
@@ -38,10 +55,12 @@ impl ExpertService {
         }
     }
 
-    /// Runs `call`'s expert on `x` (`[rows, hidden]`) and keeps the graph for the backward.
+    /// Runs `call`'s expert on `x` (`[rows, hidden]`) for member `client` and keeps the graph for
+    /// the backward. Idempotent: a repeated forward computes and keeps the same values.
     pub fn forward(
         &self,
         trainer: &RwLock<Option<Trainer>>,
+        client: u32,
         call: ExpertCall,
         rows: usize,
         x: Vec<f32>,
@@ -58,26 +77,34 @@ impl ExpertService {
         }
         let (out, saved) = swiglu_forward(x, rows, &model.expert_weights(call.expert_id())?)?;
         drop(guard);
-        self.inner.lock().map_err(|_| poisoned())?.graphs.insert(call, saved);
+        let mut served = self.inner.lock().map_err(|_| poisoned())?;
+        served.moved_on(client, call);
+        served.graphs.insert(call, Arc::new(saved));
         Ok(out)
     }
 
-    /// Backward of an earlier [`ExpertService::forward`] of `call`: returns the input gradient
-    /// and keeps the weight gradients.
+    /// Backward of an earlier [`ExpertService::forward`] of `call` for member `client`: returns
+    /// the input gradient and keeps the weight gradients. Idempotent: the graph of `client`'s last
+    /// backward is kept until its next request, so a repeat (its reply was lost with a broken
+    /// connection) returns the same bits and keeps the same gradients.
     pub fn backward(
         &self,
         trainer: &RwLock<Option<Trainer>>,
+        client: u32,
         call: ExpertCall,
         rows: usize,
         dy: Vec<f32>,
     ) -> Result<Vec<f32>> {
-        let saved = self
-            .inner
-            .lock()
-            .map_err(|_| poisoned())?
-            .graphs
-            .remove(&call)
-            .ok_or_else(|| WorkerError::Aborted(format!("backward of {call:?} without its forward")))?;
+        let saved = {
+            let mut served = self.inner.lock().map_err(|_| poisoned())?;
+            served.moved_on(client, call);
+            let saved =
+                served.graphs.get(&call).cloned().ok_or_else(|| {
+                    WorkerError::Aborted(format!("backward of {call:?} without its forward"))
+                })?;
+            served.answered.insert(client, call);
+            saved
+        };
         if saved.rows() != rows || rows.checked_mul(saved.hidden()) != Some(dy.len()) {
             return Err(WorkerError::Rendezvous(format!("output gradient of {call:?} has the wrong size")));
         }
@@ -97,6 +124,7 @@ impl ExpertService {
     pub fn take_grads(&self) -> Result<ServedGrads> {
         let mut s = self.inner.lock().map_err(|_| poisoned())?;
         s.graphs.clear();
+        s.answered.clear();
         Ok(std::mem::take(&mut s.grads))
     }
 }

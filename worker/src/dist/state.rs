@@ -2,7 +2,7 @@
 //! the inbox of collective pushes — bounded per peer and per generation, so no peer (even an
 //! authenticated one gone wrong) can make a worker buffer without limit.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
@@ -19,6 +19,9 @@ pub const POLL: Duration = Duration::from_millis(50);
 /// Most pushes buffered from one peer for one generation. A step has five rounds and a peer can
 /// be at most one round ahead of a barrier, so a correct peer never has more than two waiting.
 pub const MAX_PENDING_PUSHES_PER_PEER: usize = 8;
+/// Rounds remembered as consumed per sender: a push is sent again only while unacknowledged,
+/// at most two rounds back.
+pub const CONSUMED_KEPT: usize = 8;
 /// Most generations with pushes buffered at once (the current one and a few a faster peer
 /// already joined).
 pub const MAX_PENDING_GENERATIONS: usize = 4;
@@ -45,6 +48,16 @@ pub struct Traffic {
     pub expert_payload_bytes: AtomicU64,
 }
 
+/// Links to peers re-established within a generation (a reset connection to a live peer), and
+/// reconnect budgets exhausted (the step was abandoned).
+#[derive(Debug, Default)]
+pub struct LinkCounters {
+    /// Outgoing links re-established and their unacknowledged messages sent again.
+    pub restored: AtomicU64,
+    /// Links that could not be re-established within the reconnect budget.
+    pub failed: AtomicU64,
+}
+
 /// Why a push was not buffered (the connection that brought it is closed).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PushRefused {
@@ -59,8 +72,9 @@ pub enum PushRefused {
     /// Pushes of [`MAX_PENDING_GENERATIONS`] other generations are waiting already.
     #[error("pushes of {MAX_PENDING_GENERATIONS} generations are waiting; generation {0} is refused")]
     TooManyGenerations(u64),
-    /// The same round of the same step came twice.
-    #[error("rank {from} sent round {round} of step {step} twice")]
+    /// The same round of the same step came twice with different contents (a push sent again
+    /// after a reconnect is the same bytes, and is ignored).
+    #[error("rank {from} sent round {round} of step {step} twice, differently")]
     Duplicate {
         /// Sender.
         from: u32,
@@ -72,10 +86,22 @@ pub enum PushRefused {
 }
 
 /// Pushes received before the round that consumes them, and closed connections, by generation.
+///
+/// A push is identified by (generation, step, round, sender); rounds follow each other in
+/// (step, round) order. A push sent again after a reconnect is ignored: one already waiting
+/// or one of a round already consumed.
 #[derive(Debug, Default)]
 pub struct Inbox {
     pushes: BTreeMap<(u64, u64, u8, u32), Vec<u8>>,
+    /// Senders that left the generation (they said so, or could not be reached again).
     lost: BTreeSet<(u64, u32)>,
+    /// Senders whose connection broke without a goodbye, since when: they may reconnect.
+    broken: BTreeMap<(u64, u32), Instant>,
+    /// The last rounds consumed from each sender (at most [`CONSUMED_KEPT`]), by generation.
+    consumed: BTreeMap<(u64, u32), VecDeque<(u64, u8)>>,
+    /// Pushes received from each sender, by generation: a sender whose n-th push came
+    /// finished its rounds before it, consuming our first n - 1 pushes (an acknowledgement).
+    received: BTreeMap<(u64, u32), u64>,
     /// Generations older than this are over: their pushes are dropped.
     floor: u64,
 }
@@ -105,7 +131,13 @@ impl Inbox {
             return Ok(()); // an older generation's leftover: nobody will read it
         }
         let key = (generation, step, round, from);
-        if self.pushes.contains_key(&key) {
+        if self.consumed.get(&(generation, from)).is_some_and(|done| done.contains(&(step, round))) {
+            return Ok(()); // sent again after a reconnect; consumed already
+        }
+        if let Some(waiting) = self.pushes.get(&key) {
+            if *waiting == payload {
+                return Ok(()); // sent again after a reconnect
+            }
             return Err(PushRefused::Duplicate { from, step, round });
         }
         let generations: BTreeSet<u64> = self.pushes.keys().map(|k| k.0).collect();
@@ -117,14 +149,39 @@ impl Inbox {
             return Err(PushRefused::PeerFull { generation, from });
         }
         self.pushes.insert(key, payload);
+        *self.received.entry((generation, from)).or_default() += 1;
         Ok(())
     }
 
-    /// Records that the authenticated connection of `rank` in `generation` closed.
+    /// Records that `rank` left `generation` (it said goodbye, or cannot be reached).
     pub fn lost(&mut self, generation: u64, rank: u32) {
         if generation >= self.floor {
             self.lost.insert((generation, rank));
         }
+    }
+
+    /// Records that the connection of `rank` in `generation` broke without a goodbye (it may
+    /// reconnect).
+    pub fn broken(&mut self, generation: u64, rank: u32) {
+        if generation >= self.floor {
+            self.broken.entry((generation, rank)).or_insert_with(Instant::now);
+        }
+    }
+
+    /// Records that `rank` authenticated a new connection in `generation`.
+    pub fn restored(&mut self, generation: u64, rank: u32) {
+        self.broken.remove(&(generation, rank));
+    }
+
+    /// The members of `generation` whose connection is broken, and since when.
+    pub fn broken_since(&self, generation: u64) -> Vec<(u32, Instant)> {
+        self.broken.range((generation, 0)..=(generation, u32::MAX)).map(|(k, t)| (k.1, *t)).collect()
+    }
+
+    /// Pushes received from `rank` in `generation` (repeats not counted): it consumed all but
+    /// the last of ours.
+    pub fn received_from(&self, generation: u64, rank: u32) -> u64 {
+        self.received.get(&(generation, rank)).copied().unwrap_or(0)
     }
 
     /// Drops everything of generations before `generation`.
@@ -133,11 +190,21 @@ impl Inbox {
         let floor = self.floor;
         self.pushes.retain(|k, _| k.0 >= floor);
         self.lost.retain(|k| k.0 >= floor);
+        self.broken.retain(|k, _| k.0 >= floor);
+        self.consumed.retain(|k, _| k.0 >= floor);
+        self.received.retain(|k, _| k.0 >= floor);
     }
 
     /// Takes `round` of `step` in `generation` when every one of `others` pushed it.
     pub fn take_round(&mut self, generation: u64, step: u64, round: u8, others: &[u32]) -> RoundState {
         if others.iter().all(|r| self.pushes.contains_key(&(generation, step, round, *r))) {
+            for r in others {
+                let done = self.consumed.entry((generation, *r)).or_default();
+                done.push_back((step, round));
+                if done.len() > CONSUMED_KEPT {
+                    done.pop_front();
+                }
+            }
             return RoundState::Complete(
                 others
                     .iter()
@@ -183,6 +250,8 @@ pub struct Shared {
     pub link: LinkConfig,
     /// In-memory peer snapshots: own, and copies held for buddies (kept across generations).
     pub peers: Mutex<PeerStore>,
+    /// Links re-established, and reconnect budgets exhausted.
+    pub links: LinkCounters,
     state: Mutex<ServeState>,
     changed: Condvar,
     inbox: Mutex<Inbox>,
@@ -202,6 +271,7 @@ impl Shared {
             step_timeout,
             link,
             peers: Mutex::new(PeerStore::default()),
+            links: LinkCounters::default(),
             state: Mutex::new(ServeState::default()),
             changed: Condvar::new(),
             inbox: Mutex::new(Inbox::default()),
@@ -234,10 +304,28 @@ impl Shared {
         outcome
     }
 
-    /// Records that `rank`'s authenticated connection of `generation` closed, and wakes the waiter.
+    /// Records that `rank` left `generation` (its connection ended with a goodbye), and wakes the
+    /// waiter.
     pub fn deliver_lost(&self, generation: u64, rank: u32) {
         if let Ok(mut inbox) = self.inbox.lock() {
             inbox.lost(generation, rank);
+        }
+        self.arrived.notify_all();
+    }
+
+    /// Records that `rank`'s authenticated connection of `generation` broke without a goodbye
+    /// (it may reconnect), and wakes the waiter.
+    pub fn deliver_broken(&self, generation: u64, rank: u32) {
+        if let Ok(mut inbox) = self.inbox.lock() {
+            inbox.broken(generation, rank);
+        }
+        self.arrived.notify_all();
+    }
+
+    /// Records that `rank` authenticated a new connection in `generation`.
+    pub fn deliver_restored(&self, generation: u64, rank: u32) {
+        if let Ok(mut inbox) = self.inbox.lock() {
+            inbox.restored(generation, rank);
         }
         self.arrived.notify_all();
     }
@@ -354,8 +442,9 @@ mod tests {
         }
         assert_eq!(inbox.push(1, 2, 99, 1, vec![]), Err(PushRefused::PeerFull { generation: 1, from: 2 }));
         inbox.push(1, 3, 0, 1, vec![]).unwrap(); // another peer has its own budget
+        inbox.push(1, 3, 0, 1, vec![]).unwrap(); // the same push again (a reconnect): ignored
         assert_eq!(
-            inbox.push(1, 3, 0, 1, vec![]),
+            inbox.push(1, 3, 0, 1, vec![1]),
             Err(PushRefused::Duplicate { from: 3, step: 0, round: 1 })
         );
         for g in 2..=MAX_PENDING_GENERATIONS as u64 {
@@ -382,5 +471,36 @@ mod tests {
             RoundState::Complete(BTreeMap::from([(1, vec![1]), (2, vec![2])]))
         );
         assert!(inbox.is_empty());
+    }
+
+    #[test]
+    fn pushes_sent_again_after_a_reconnect_are_ignored_and_acknowledge_earlier_rounds() {
+        let mut inbox = Inbox::default();
+        inbox.push(1, 2, 5, 1, vec![7]).unwrap();
+        assert_eq!(inbox.received_from(1, 2), 1);
+        assert_eq!(inbox.take_round(1, 5, 1, &[2]), RoundState::Complete(BTreeMap::from([(2, vec![7])])));
+        // Round 1 consumed: sent again, it is dropped (not kept as a new push, not refused).
+        inbox.push(1, 2, 5, 1, vec![7]).unwrap();
+        assert!(inbox.is_empty(), "{inbox:?}");
+        inbox.push(1, 2, 5, 2, vec![8]).unwrap();
+        inbox.push(1, 2, 5, 2, vec![8]).unwrap();
+        assert_eq!(inbox.len(), 1);
+        assert_eq!(inbox.received_from(1, 2), 2, "rank 2 finished round 1");
+        assert_eq!(inbox.received_from(1, 3), 0);
+    }
+
+    #[test]
+    fn a_broken_connection_waits_for_a_reconnect_a_goodbye_is_a_loss() {
+        let mut inbox = Inbox::default();
+        inbox.broken(1, 2);
+        assert_eq!(inbox.broken_since(1).iter().map(|b| b.0).collect::<Vec<_>>(), [2]);
+        assert_eq!(inbox.take_round(1, 0, 1, &[2]), RoundState::Waiting, "broken is not lost");
+        inbox.restored(1, 2);
+        assert!(inbox.broken_since(1).is_empty());
+        inbox.lost(1, 2);
+        assert_eq!(inbox.take_round(1, 0, 1, &[2]), RoundState::Lost(2));
+        inbox.broken(1, 3);
+        inbox.advance(2);
+        assert!(inbox.broken_since(1).is_empty(), "an older generation's state is dropped");
     }
 }
