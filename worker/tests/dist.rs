@@ -528,14 +528,17 @@ fn run_through_proxy(
                     }
                 }
                 MemberEvent::Aborted { reason, .. } => {
+                    eprintln!("rank {rank} aborted: {reason}");
                     seen.lock().unwrap().aborted.push((rank, reason.to_string()))
                 }
                 MemberEvent::Reconnects { restored, failed, .. } => {
+                    eprintln!("rank {rank}: {restored} links re-established, {failed} given up");
                     let mut seen = seen.lock().unwrap();
                     seen.restored += restored;
                     seen.failed += failed;
                 }
                 MemberEvent::Step(r) if rank == 0 => {
+                    eprintln!("rank 0 step {}", r.step);
                     if let Some(p) = slot.as_ref() {
                         on_step(r.step, p);
                     }

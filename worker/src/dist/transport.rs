@@ -714,22 +714,19 @@ impl Collective for TcpCollective {
                     self.shared.step_timeout
                 )));
             }
-            // A member whose connection here broke may be gone (killed) or alive (the connection
-            // was reset): our own link to it tells; a dead member's cannot be re-established.
+            // Our own links are checked while we wait: one that broke after a push went out
+            // (the push may be lost with it) is re-established and the push sent again, or the
+            // peer would wait for it while we wait for the peer. A member whose connection here
+            // broke may be gone (killed) or alive (the connection was reset): our link to it
+            // tells too; a dead member's cannot be re-established.
             if probed.elapsed() >= POLL {
-                let broken = inbox.broken_since(g);
-                if !broken.is_empty() {
-                    drop(inbox);
-                    for (peer, _) in broken {
-                        if others.contains(&peer) {
-                            self.repair(peer).map_err(|e| self.fail(e))?;
-                        }
-                    }
-                    inbox = self.shared.inbox().map_err(|e| self.fail(e.to_string()))?;
-                    probed = Instant::now();
-                    continue;
+                drop(inbox);
+                for &peer in &others {
+                    self.repair(peer).map_err(|e| self.fail(e))?;
                 }
+                inbox = self.shared.inbox().map_err(|e| self.fail(e.to_string()))?;
                 probed = Instant::now();
+                continue;
             }
             inbox = self.shared.wait_arrival(inbox, POLL).map_err(|e| self.fail(e.to_string()))?;
         }
