@@ -539,8 +539,10 @@ pub struct RecoveryRecord {
     pub trigger: String,
     /// The rung of the ladder that recovered it.
     pub tier: RecoveryTier,
-    /// Seconds from the fault to its detection.
-    pub detection_seconds: f64,
+    /// Seconds from the fault to its detection; absent when the fault's time is unknown (a
+    /// process that vanished without a stamp), never a made-up 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detection_seconds: Option<f64>,
     /// Seconds from detection to training resumed.
     pub recovery_seconds: f64,
     /// Steps of work discarded (0 for reroute).

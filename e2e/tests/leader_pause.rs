@@ -433,7 +433,7 @@ async fn a_leader_paused_twice_its_lease_during_a_recovery_publishes_nothing_aft
     assert_eq!(status.recoveries, 2, "{status:?}");
     for r in &status.recent_recoveries {
         eprintln!(
-            "recovery: {} tier={:?} detect_s={:.2} resume_s={:.2} steps_lost={} source={:?}",
+            "recovery: {} tier={:?} detect_s={:?} resume_s={:.2} steps_lost={} source={:?}",
             r.trigger, r.tier, r.detection_seconds, r.recovery_seconds, r.steps_lost, r.source
         );
         assert_eq!((r.tier, r.steps_lost), (RecoveryTier::Reroute, 0), "{status:?}");

@@ -145,7 +145,7 @@ async fn chip_fault_and_node_loss_are_recovered_by_the_brain_and_the_result_is_e
     assert!(records[0].trigger.starts_with(&format!("chip {chip_node}/3")), "{records:?}");
     for r in records {
         eprintln!(
-            "recovery: {} tier={:?} detect_s={:.2} resume_s={:.2} steps_lost={} source={:?}",
+            "recovery: {} tier={:?} detect_s={:?} resume_s={:.2} steps_lost={} source={:?}",
             r.trigger, r.tier, r.detection_seconds, r.recovery_seconds, r.steps_lost, r.source
         );
     }

@@ -346,7 +346,7 @@ impl CompletedRecovery {
         RecoveryRecord {
             trigger: self.trigger.clone(),
             tier: self.tier.api_tier(),
-            detection_seconds: self.detect_s.unwrap_or(0.0),
+            detection_seconds: self.detect_s,
             recovery_seconds: self.resume_s,
             steps_lost: self.steps_lost,
             source: Some(self.source.as_str().to_string()),
