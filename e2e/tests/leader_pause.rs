@@ -141,7 +141,7 @@ async fn record(etcd: &mut Client, key: &str) -> Option<RecoveryState> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "slow for the default run (50-70 s wall on 2 shared cores: 160 steps plus a 6 s pause); passed 3 of 3 runs after the 40-step flake and the Events bug (263aaf4) were fixed"]
+#[ignore = "slow for the default run (40-70 s wall on 2 shared cores: 160 steps and a 6 s pause); not flaky: 6 of 6 runs passed once the 40-step job and the Events bug (263aaf4) were fixed"]
 async fn a_leader_paused_twice_its_lease_during_a_recovery_publishes_nothing_after_it() {
     let t0 = Instant::now();
     let at = || t0.elapsed().as_secs_f64();
