@@ -672,16 +672,16 @@ fn member_loop(
                 if report.step % options.checkpoint_every.max(1) == 0 && report.step < total {
                     if let Some(gathered) = gather_checkpoint(shared, &coll, &routing)? {
                         let previous = saver.submit(gathered.snapshot)?;
-                        settle(session, generation, previous, events);
+                        settle(session, store, generation, previous, events);
                     }
                 } else {
-                    settle(session, generation, saver.poll(), events);
+                    settle(session, store, generation, saver.poll(), events);
                 }
             }
             // The end: every member has the final state; the leader writes and reports it.
             let step = shared.trainer.read().ok().and_then(|g| g.as_ref().map(Trainer::step)).unwrap_or(0);
             let last = gather_checkpoint(shared, &coll, &routing)?;
-            settle(session, generation, saver.wait(), events);
+            settle(session, store, generation, saver.wait(), events);
             if let Some(gathered) = last {
                 save_final(store, session, generation, &gathered.snapshot, events)?;
             }
@@ -981,13 +981,14 @@ pub fn in_memory_change(held: &[ExpertId], mine: &[ExpertId]) -> InMemoryChange 
 /// (the save removed what it wrote) is reported and training goes on.
 fn settle(
     session: &Session,
+    store: &CheckpointStore,
     generation: u64,
     outcome: Option<SaveOutcome>,
     events: &mut impl FnMut(MemberEvent<'_>),
 ) {
     match outcome {
         None => {}
-        Some(SaveOutcome::Committed(done)) => committed(session, generation, &done, events),
+        Some(SaveOutcome::Committed(done)) => committed(session, store, generation, &done, events),
         Some(SaveOutcome::Failed { step, error }) => {
             tracing::error!(step, "checkpoint save failed; training continues: {error}");
             events(MemberEvent::SaveFailed { step, error: &error });
@@ -1008,7 +1009,7 @@ fn save_final(
     loop {
         match store.save(snapshot) {
             Ok(done) => {
-                committed(session, generation, &done, events);
+                committed(session, store, generation, &done, events);
                 return Ok(());
             }
             Err(error) => {
@@ -1025,10 +1026,12 @@ fn save_final(
 }
 
 /// Reports a committed checkpoint: its record for the recovery brain, the deletion of the
-/// records of the checkpoints retention removed (both buffered: the brain tolerates a late
-/// record, and training never waits for etcd), then the event.
+/// records of the checkpoints retention removed and of any record older than the oldest
+/// directory left (all buffered: the brain tolerates a late record, and training never waits
+/// for etcd), then the event.
 fn committed(
     session: &Session,
+    store: &CheckpointStore,
     generation: u64,
     done: &SaveReport,
     events: &mut impl FnMut(MemberEvent<'_>),
@@ -1038,6 +1041,14 @@ fn committed(
         if step != done.step {
             session.forget_checkpoint(step);
         }
+    }
+    match store.list() {
+        Ok(left) => {
+            if let Some(oldest) = left.iter().map(|(step, _, _)| *step).min() {
+                session.forget_checkpoints_before(oldest);
+            }
+        }
+        Err(e) => tracing::warn!("cannot list the checkpoints left; stale records stay: {e}"),
     }
     events(MemberEvent::Committed(done));
 }

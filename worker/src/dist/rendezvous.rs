@@ -397,6 +397,8 @@ enum Slot {
     Ack(u64),
     /// `checkpoints/<step>`.
     Checkpoint(u64),
+    /// Every `checkpoints/<step>` below this step (a range delete).
+    CheckpointsBefore(u64),
     /// `progress`.
     Progress,
     /// `peers/<rank>`.
@@ -536,6 +538,24 @@ impl Session {
     /// Deletes the record of the checkpoint of `step` (retention removed it; buffered).
     pub fn forget_checkpoint(&self, step: u64) {
         self.queue(Slot::Checkpoint(step), None);
+    }
+
+    /// Deletes every checkpoint record below `step`, the oldest checkpoint directory left
+    /// (buffered). A predecessor that exited during an etcd outage never delivered the deletions
+    /// it queued after retention removed directories: the next commit clears those records.
+    pub fn forget_checkpoints_before(&self, step: u64) {
+        if step == 0 {
+            return;
+        }
+        if let Ok(mut outbox) = self.outbox.lock() {
+            // The range delete covers the single writes below it; etcd also refuses a put
+            // inside a range deleted in the same transaction.
+            outbox.pending.retain(
+                |slot, _| !matches!(slot, Slot::Checkpoint(s) | Slot::CheckpointsBefore(s) if *s < step),
+            );
+            outbox.pending.insert(Slot::CheckpointsBefore(step), None);
+        }
+        self.wake.notify_one();
     }
 
     /// Acknowledges joining `generation` at `step` (buffered: the generation barrier waits until
@@ -735,6 +755,7 @@ impl Writer {
         match slot {
             Slot::Ack(generation) => self.keys.ack(generation, &self.rank.to_string()),
             Slot::Checkpoint(step) => self.keys.checkpoint(step),
+            Slot::CheckpointsBefore(_) => self.keys.checkpoint(0),
             Slot::Progress => self.keys.progress(),
             Slot::Peer => self.keys.peer(self.rank),
             Slot::Load => self.keys.load(self.rank),
@@ -758,9 +779,13 @@ impl Writer {
             }
             let ops: Vec<TxnOp> = batch
                 .iter()
-                .map(|(slot, value)| match value {
-                    Some(v) => TxnOp::put(self.key(*slot), v.clone(), None),
-                    None => TxnOp::delete(self.key(*slot), None),
+                .map(|(slot, value)| match (slot, value) {
+                    (Slot::CheckpointsBefore(end), _) => TxnOp::delete(
+                        self.key(*slot),
+                        Some(etcd_client::DeleteOptions::new().with_range(self.keys.checkpoint(*end))),
+                    ),
+                    (_, Some(v)) => TxnOp::put(self.key(*slot), v.clone(), None),
+                    (_, None) => TxnOp::delete(self.key(*slot), None),
                 })
                 .collect();
             let result = within("txn", self.client.txn(Txn::new().and_then(ops))).await;
