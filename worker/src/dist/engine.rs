@@ -168,11 +168,14 @@ fn poisoned() -> WorkerError {
 
 /// Runs one step. On `Err(Aborted)` nothing was applied and the served state is discarded.
 /// `before_update` receives the state before the update (for a one-step rollback).
+/// `before_last_round` runs before the step's last exchange, which no member completes until
+/// every member entered it: what it waits for is done everywhere before the step is.
 pub fn run_step(
     shared: &Arc<Shared>,
     coll: &Arc<TcpCollective>,
     routing: &Arc<Routing>,
     before_update: &mut Option<(u64, HostState)>,
+    before_last_round: impl FnOnce(),
 ) -> Result<DistStepReport> {
     let started = Instant::now();
     let me = shared.rank;
@@ -270,6 +273,7 @@ pub fn run_step(
     });
     let payload = encode_partials(&mine_expert);
     let outgoing = members.iter().filter(|&&r| r != me).map(|&r| (r, payload.clone())).collect();
+    before_last_round();
     for (from, bytes) in coll.exchange(step, ROUND_NORM, outgoing)? {
         partials.extend(decode_partials(&bytes).map_err(|e| malformed(from, e))?);
     }

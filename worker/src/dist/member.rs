@@ -626,7 +626,15 @@ fn member_loop(
                     break;
                 }
                 let counters = traffic(shared);
-                let report = run_step(shared, &coll, &routing, &mut before_update);
+                // The previous snapshot's copies are acknowledged before this step completes on
+                // any member (its last round needs everyone), so a member lost after the step
+                // loses that step only, not the copy still in flight as well. The copies still
+                // overlap the step's compute.
+                let report = run_step(shared, &coll, &routing, &mut before_update, || {
+                    if let Some(previous) = sender.take() {
+                        let _ = previous.join();
+                    }
+                });
                 report_links(shared, generation, &mut links_seen, events);
                 let report = report?;
                 events(MemberEvent::Step(&report));
