@@ -427,11 +427,36 @@ impl Outbox {
         batch
     }
 
-    /// Puts back a batch that failed, except where a newer write to the same key was queued.
+    /// Puts back a batch that failed, except where a newer write to the same key, or a range
+    /// delete covering it, was queued.
     fn put_back(&mut self, batch: Vec<(Slot, Option<Vec<u8>>)>) {
         for (slot, value) in batch {
-            self.pending.entry(slot).or_insert(value);
+            if !self.covered(slot) {
+                self.pending.entry(slot).or_insert(value);
+            }
         }
+    }
+
+    /// Queues a write, unless a pending range delete covers it.
+    fn queue(&mut self, slot: Slot, value: Option<Vec<u8>>) {
+        if !self.covered(slot) {
+            self.pending.insert(slot, value);
+        }
+    }
+
+    /// Queues the delete of every checkpoint record below `step`. It replaces the pending
+    /// writes of those records: etcd refuses a put inside a range deleted in the same
+    /// transaction, and a record below the oldest directory left has no checkpoint.
+    fn forget_checkpoints_before(&mut self, step: u64) {
+        self.pending
+            .retain(|slot, _| !matches!(slot, Slot::Checkpoint(s) | Slot::CheckpointsBefore(s) if *s < step));
+        self.pending.insert(Slot::CheckpointsBefore(step), None);
+    }
+
+    /// Whether a pending range delete covers `slot`'s checkpoint record.
+    fn covered(&self, slot: Slot) -> bool {
+        let Slot::Checkpoint(step) = slot else { return false };
+        self.pending.keys().any(|k| matches!(k, Slot::CheckpointsBefore(end) if step < *end))
     }
 
     fn is_idle(&self) -> bool {
@@ -504,7 +529,7 @@ impl Session {
 
     fn queue(&self, slot: Slot, value: Option<Vec<u8>>) {
         if let Ok(mut outbox) = self.outbox.lock() {
-            outbox.pending.insert(slot, value);
+            outbox.queue(slot, value);
         }
         self.wake.notify_one();
     }
@@ -548,12 +573,7 @@ impl Session {
             return;
         }
         if let Ok(mut outbox) = self.outbox.lock() {
-            // The range delete covers the single writes below it; etcd also refuses a put
-            // inside a range deleted in the same transaction.
-            outbox.pending.retain(
-                |slot, _| !matches!(slot, Slot::Checkpoint(s) | Slot::CheckpointsBefore(s) if *s < step),
-            );
-            outbox.pending.insert(Slot::CheckpointsBefore(step), None);
+            outbox.forget_checkpoints_before(step);
         }
         self.wake.notify_one();
     }
@@ -865,6 +885,22 @@ mod tests {
         assert_eq!(o.pending[&Slot::Checkpoint(4)], None, "the newer delete wins over the failed put");
         assert_eq!(o.pending[&Slot::Ack(2)], Some(b"a2".to_vec()), "a failed write is retried");
         assert_eq!(o.take(10).len(), 3);
+    }
+
+    #[test]
+    fn a_range_delete_replaces_the_writes_of_the_records_it_covers() {
+        let mut o = Outbox::default();
+        o.queue(Slot::Checkpoint(100), Some(b"c100".to_vec()));
+        let batch = o.take(10); // the put of record 100 is in flight
+        o.queue(Slot::Checkpoint(50), None);
+        o.queue(Slot::Checkpoint(150), Some(b"c150".to_vec()));
+        o.forget_checkpoints_before(125);
+        // The batch failed: its put of record 100 must not come back into the same
+        // transaction as the range delete covering it (etcd would refuse it every time).
+        o.put_back(batch);
+        o.queue(Slot::Checkpoint(75), None);
+        let pending: Vec<Slot> = o.pending.keys().copied().collect();
+        assert_eq!(pending, [Slot::Checkpoint(150), Slot::CheckpointsBefore(125)]);
     }
 
     #[test]
