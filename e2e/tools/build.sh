@@ -5,8 +5,8 @@
 #
 #   e2e/tools/build.sh [--real-node] [CACHE_DIR]     (default: <repo>/.e2e-cache/bin)
 #
-# --real-node also builds kubelet and the pod sandbox's pause program (scripts/real-node); the
-# tests do not need them.
+# --real-node also builds kubelet, kube-scheduler, kube-controller-manager, kube-proxy and the
+# pod sandbox's pause program (scripts/real-node); the tests do not need them.
 #
 # The e2e harness looks for the tools in $NINELIVES_E2E_BIN, else <repo>/.e2e-cache/bin.
 set -euo pipefail
@@ -50,5 +50,8 @@ build "$here/kubernetes" kubectl k8s.io/kubernetes/cmd/kubectl "$k8s_ldflags"
 build "$here/helm" helm helm.sh/helm/v4/cmd/helm "-s -w"
 if $real_node; then
     build "$here/kubelet" kubelet k8s.io/kubernetes/cmd/kubelet "$k8s_ldflags"
+    for tool in kube-scheduler kube-controller-manager kube-proxy; do
+        build "$here/control" "$tool" "k8s.io/kubernetes/cmd/$tool" "$k8s_ldflags"
+    done
     build "$here/pause" pause . "-s -w"
 fi
