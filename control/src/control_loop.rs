@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::sync::Arc;
 
 use ninelives_core::generation::{
     DistPlan, PlacementValue, PlanRecord, from_published_generation, generation_writes, unreferenced_groups,
@@ -9,7 +10,8 @@ use ninelives_core::generation::{
 use ninelives_core::keyspace::{JobKeys, Keyspace};
 use ninelives_core::placement::Placement;
 use ninelives_core::recovery::{
-    Action, BrainConfig, Decision, Observation, Outage, OutageGuard, OutagePolicy, RecoveryState, Verdict,
+    Action, BrainConfig, Decision, LiveObservation, Observation, Outage, OutageGuard, OutagePolicy,
+    RecoveryState, Verdict,
 };
 use ninelives_core::recovery::{Feedback, LoadTracker, RebalancePolicy, decide_with};
 use ninelives_core::writer::WriterRecord;
@@ -19,7 +21,7 @@ use tracing::{debug, info, warn};
 use crate::effects::Effects;
 use crate::error::ControlError;
 use crate::event::OutageEvent;
-use crate::store::{BrainStore, Snapshot, Written};
+use crate::store::{BrainStore, Changes, Written};
 
 /// Which job a loop drives, and the figures its gauges need.
 #[derive(Clone, Debug, PartialEq)]
@@ -49,8 +51,8 @@ pub struct Round {
     pub prior: RecoveryState,
     /// The record after it (as written).
     pub state: RecoveryState,
-    /// What the brain saw.
-    pub observation: Observation,
+    /// What the brain saw (shared with the loop, which keeps it current key by key).
+    pub observation: Arc<Observation>,
     /// Generations published in this round.
     pub published: Vec<DistPlan>,
 }
@@ -73,11 +75,26 @@ pub enum Progress {
 /// The outage policy's TTL until a driver sets the job's own.
 const DEFAULT_TTL_S: f64 = 10.0;
 
-/// What a round read, parsed.
+/// What a round read, parsed (the observation is the loop's [`LiveObservation`]).
 struct Seen {
-    observation: Observation,
     record: Option<RecoveryState>,
     revision: i64,
+}
+
+/// The store's keys as the loop keeps them between reads: each read applies only what changed,
+/// so a quiet round costs O(changes), not O(cluster).
+struct Held {
+    /// The listing the store's changes continue (`None`: take a full read first).
+    listing: Option<u64>,
+    /// Node, chip and member keys, parsed.
+    observation: LiveObservation,
+    /// The raw value at `placement`, and whether it changed since it was last parsed.
+    placement: Option<Vec<u8>>,
+    placement_changed: bool,
+    /// The brain's record, parsed once per change (`Err`: the reason it cannot be read).
+    record: Option<Result<RecoveryState, String>>,
+    /// Whether the member writes are judged against the generation in force in `current`.
+    judged: bool,
 }
 
 /// The generation in force, as the loop last read or wrote it: read again from the store only
@@ -138,6 +155,7 @@ pub struct ControlLoop<S> {
     /// The `now` of the last observation the brain decided on (frozen rounds do not count): a
     /// fault first seen later became visible after it ([`Observation::previous_decision`]).
     last_decision: Option<f64>,
+    held: Held,
 }
 
 /// A loop's writer identity and its standing.
@@ -159,7 +177,16 @@ impl<S: BrainStore> ControlLoop<S> {
         let outage_policy = OutagePolicy::for_ttl(DEFAULT_TTL_S);
         let (guard, reported) = (OutageGuard::default(), None);
         let loads = LoadTracker::new(&brain.shape, RebalancePolicy::window_of(None));
+        let held = Held {
+            listing: None,
+            observation: LiveObservation::new(&job.keys, &job.namespace, &job.name),
+            placement: None,
+            placement_changed: false,
+            record: None,
+            judged: false,
+        };
         Self {
+            held,
             brain,
             job,
             job_keys,
@@ -267,7 +294,7 @@ impl<S: BrainStore> ControlLoop<S> {
     }
 
     async fn round<E: Effects>(&mut self, effects: &mut E, now: f64) -> Result<Progress, ControlError> {
-        let mut seen = match self.observe(now).await {
+        let seen = match self.observe().await {
             Ok(seen) => seen,
             Err(e) => {
                 if e.is_unreachable() {
@@ -289,7 +316,9 @@ impl<S: BrainStore> ControlLoop<S> {
         }
         let original = prior.clone();
         let nodes: Vec<String> = prior.expected_nodes().chain(prior.spares.iter().cloned()).collect();
-        let verdict = self.guard.observed(&self.outage_policy, &nodes, &seen.observation, now);
+        self.held.observation.stamp(now, self.last_decision);
+        let verdict =
+            self.guard.observed(&self.outage_policy, &nodes, self.held.observation.observation(), now);
         self.report_outage(effects, &verdict).await?;
         match verdict {
             Verdict::Act => {}
@@ -298,19 +327,14 @@ impl<S: BrainStore> ControlLoop<S> {
             Verdict::Resume { frozen_s, .. } => prior.postpone(frozen_s),
         }
         // Members' load windows: checked, then folded into the smoothed table.
-        let obs = &seen.observation;
+        let obs = self.held.observation.shared();
         for (rank, why) in self.loads.observe(&obs.loads, prior.generation, obs.step) {
             debug!(rank, reason = %why, "ignoring a load record");
         }
         let feedback = Feedback { load: self.loads.table(), rebalance: self.rebalance };
-        seen.observation.previous_decision = self.last_decision.replace(now);
-        let decision = decide_with(
-            &self.brain,
-            &feedback,
-            &prior,
-            &seen.observation,
-            self.current.as_ref().map(Current::placement),
-        )?;
+        self.last_decision = Some(now);
+        let decision =
+            decide_with(&self.brain, &feedback, &prior, &obs, self.current.as_ref().map(Current::placement))?;
         for r in decision.actions.iter().filter_map(|a| match a {
             Action::RecordRecovery(r) => Some(r),
             _ => None,
@@ -326,11 +350,11 @@ impl<S: BrainStore> ControlLoop<S> {
         };
         self.dispatch(effects, &prior, &decision, &published).await?;
         // Housekeeping: a failure leaves the garbage for a later round, never fails this one.
-        if let Err(e) = self.collect_garbage(&decision.state, &seen.observation, revision).await {
+        if let Err(e) = self.collect_garbage(&decision.state, &obs, revision).await {
             debug!(error = %e, "collecting older group values and acks failed; retried later");
         }
-        self.gauges(&decision.state, &seen.observation, now);
-        let round = Round { prior, state: decision.state, observation: seen.observation, published };
+        self.gauges(&decision.state, &obs, now);
+        let round = Round { prior, state: decision.state, observation: obs, published };
         Ok(Progress::Ran(Box::new(round)))
     }
 
@@ -365,56 +389,115 @@ impl<S: BrainStore> ControlLoop<S> {
         Ok(())
     }
 
-    /// Reads and parses the job's keys. The record and the placement are untrusted input:
-    /// unreadable means the job is stuck (an error every round), never silently restarted.
-    async fn observe(&mut self, now: f64) -> Result<Seen, ControlError> {
-        let snapshot: Snapshot = self.store.read().await?;
+    /// Reads what changed in the job's keys and parses it. The record and the placement are
+    /// untrusted input: unreadable means the job is stuck (an error every round), never
+    /// silently restarted.
+    async fn observe(&mut self) -> Result<Seen, ControlError> {
+        let mut changes = self.store.read().await?;
+        if !changes.full && self.held.listing != Some(changes.listing) {
+            // Changes against a listing this loop never saw whole (a store it did not open).
+            self.store.resync();
+            changes = self.store.read().await?;
+            if !changes.full {
+                let reason =
+                    "the store handed out changes instead of a full read after a re-sync".to_string();
+                return Err(ControlError::Malformed { key: self.job_keys.root().to_string(), reason });
+            }
+        }
+        let revision = changes.record_revision;
+        // Applied before anything can fail: the store hands each change out once.
+        self.absorb(changes);
         let placement_key = self.job_keys.placement();
         let malformed = |reason: String| ControlError::Malformed { key: placement_key.clone(), reason };
-        match snapshot.value(&placement_key) {
-            None => self.current = None,
-            Some(bytes) => match PlacementValue::parse(bytes) {
-                Ok(PlacementValue::Record(record)) => {
-                    if self.current.as_ref().and_then(Current::record) != Some(&record) {
-                        // A generation this loop did not write (a restart, another driver).
-                        self.current = None;
-                        let plan = self.read_groups(&record).await?;
-                        self.current = Some(Current::Stored { record, plan });
+        if self.held.placement_changed || self.current.is_none() {
+            self.held.placement_changed = false;
+            match self.held.placement.clone() {
+                None => self.set_current(None),
+                Some(bytes) => match PlacementValue::parse(&bytes) {
+                    Ok(PlacementValue::Record(record)) => {
+                        if self.current.as_ref().and_then(Current::record) != Some(&record) {
+                            // A generation this loop did not write (a restart, another driver).
+                            self.set_current(None);
+                            // Parsed again next round if reading its groups fails.
+                            self.held.placement_changed = true;
+                            let plan = self.read_groups(&record).await?;
+                            self.held.placement_changed = false;
+                            self.set_current(Some(Current::Stored { record, plan }));
+                        }
                     }
-                }
-                // The planner's part is required, the members' part optional (older writers).
-                _ => {
-                    let placement: Placement =
-                        serde_json::from_slice(bytes).map_err(|e| malformed(e.to_string()))?;
-                    let plan = serde_json::from_slice::<DistPlan>(bytes).ok();
-                    self.current = Some(Current::Inline { placement, plan });
-                }
-            },
+                    // The planner's part is required, the members' part optional (older writers).
+                    _ => {
+                        self.held.placement_changed = true;
+                        let placement: Placement =
+                            serde_json::from_slice(&bytes).map_err(|e| malformed(e.to_string()))?;
+                        self.held.placement_changed = false;
+                        let plan = serde_json::from_slice::<DistPlan>(&bytes).ok();
+                        self.set_current(Some(Current::Inline { placement, plan }));
+                    }
+                },
+            }
         }
-        // Member writes are judged against the generation in force (read above from the same
-        // snapshot): a stale member's replayed progress or ack changes nothing.
-        let in_force = self.current.as_ref().and_then(Current::plan).map(DistPlan::in_force);
-        let (observation, malformed) = Observation::from_kvs_in_force(
-            &self.job.keys,
-            &self.job.namespace,
-            &self.job.name,
-            now,
-            in_force.as_ref(),
-            snapshot.kvs.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
-        );
-        for m in &malformed {
-            debug!(key = %m.key, reason = %m.reason, "ignoring a malformed value");
-        }
-        for stale in &observation.stale {
-            debug!(key = %stale.key, reason = %stale.reason, "ignoring a stale member write");
+        // Member writes are judged against the generation in force: a stale member's replayed
+        // progress or ack changes nothing.
+        if !self.held.judged {
+            let in_force = self.current.as_ref().and_then(Current::plan).map(DistPlan::in_force);
+            self.held.observation.set_in_force(in_force);
+            self.held.judged = true;
         }
         let record_key = self.job_keys.recovery();
-        let record = snapshot
-            .value(&record_key)
-            .map(|bytes| RecoveryState::parse(&record_key, bytes))
-            .transpose()
-            .map_err(|e| ControlError::Malformed { key: record_key.clone(), reason: e.reason })?;
-        Ok(Seen { observation, record, revision: snapshot.record_revision })
+        let record = match &self.held.record {
+            None => None,
+            Some(Ok(record)) => Some(record.clone()),
+            Some(Err(reason)) => {
+                return Err(ControlError::Malformed { key: record_key, reason: reason.clone() });
+            }
+        };
+        Ok(Seen { record, revision })
+    }
+
+    /// Applies one read's changes to what the loop holds.
+    fn absorb(&mut self, changes: Changes) {
+        let (placement_key, record_key) = (self.job_keys.placement(), self.job_keys.recovery());
+        let held = &mut self.held;
+        if changes.full {
+            held.observation.clear();
+            held.placement = None;
+            held.placement_changed = true;
+            held.record = None;
+        }
+        held.listing = Some(changes.listing);
+        let (malformed, stale) =
+            (held.observation.malformed().len(), held.observation.observation().stale.len());
+        for (key, value) in changes.kvs {
+            if key == placement_key {
+                held.placement_changed = true;
+                held.placement = value.clone();
+            } else if key == record_key {
+                held.record = value
+                    .as_deref()
+                    .map(|bytes| RecoveryState::parse(&record_key, bytes).map_err(|e| e.reason));
+            }
+            match value {
+                Some(v) => held.observation.put(&key, &v),
+                None => held.observation.delete(&key),
+            }
+        }
+        // Reported when they appear, not every round.
+        let o = &held.observation;
+        if o.malformed().len() > malformed || o.observation().stale.len() > stale {
+            for m in o.malformed() {
+                debug!(key = %m.key, reason = %m.reason, "ignoring a malformed value");
+            }
+            for stale in &o.observation().stale {
+                debug!(key = %stale.key, reason = %stale.reason, "ignoring a stale member write");
+            }
+        }
+    }
+
+    /// Sets the generation in force; member writes are judged against it from the next read.
+    fn set_current(&mut self, current: Option<Current>) {
+        self.current = current;
+        self.held.judged = false;
     }
 
     /// The plan a commit record names, from its group values.
@@ -446,6 +529,7 @@ impl<S: BrainStore> ControlLoop<S> {
             let state = &decision.state;
             // Until the commit lands, what is in force is unknown: read again next round.
             let previous = self.current.take();
+            self.held.judged = false;
             let plan = from_published_generation(
                 &self.brain,
                 state,
@@ -462,7 +546,7 @@ impl<S: BrainStore> ControlLoop<S> {
                 Written::Fenced => return Ok(None),
             }
             info!(generation = plan.generation(), tier = %plan.tier, restore = ?plan.restore, "published a generation");
-            self.current = Some(Current::Stored { record: writes.record, plan: plan.clone() });
+            self.set_current(Some(Current::Stored { record: writes.record, plan: plan.clone() }));
             self.collect = true;
             published.push(plan);
         }

@@ -9,7 +9,7 @@ use ninelives_core::keyspace::{JobKeys, Keyspace};
 use ninelives_core::writer::{Claim, WriterRecord};
 
 use crate::error::ControlError;
-use crate::store::{BATCH_OPS, BrainStore, Snapshot, Written, batches};
+use crate::store::{BATCH_OPS, BrainStore, Changes, Written, batches};
 use crate::view::{Range, View};
 
 /// Deadline of every etcd call: a stalled etcd fails the round, never hangs the loop.
@@ -111,8 +111,12 @@ async fn bounded<T>(
 }
 
 impl BrainStore for EtcdStore {
-    async fn read(&mut self) -> Result<Snapshot, ControlError> {
+    async fn read(&mut self) -> Result<Changes, ControlError> {
         self.view.read(&self.kv, &self.watch).await
+    }
+
+    fn resync(&mut self) {
+        self.view.resync();
     }
 
     async fn claim(&mut self, writer: &WriterRecord) -> Result<(), ControlError> {

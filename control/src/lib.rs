@@ -35,7 +35,7 @@ pub use error::ControlError;
 pub use etcd::EtcdStore;
 pub use event::{OutageEvent, RecoveryEvent};
 pub use memory::MemoryStore;
-pub use store::{BrainStore, Snapshot, Written};
+pub use store::{BrainStore, Changes, Mirror, Written};
 
 /// The wall clock as unix seconds (the brain takes time as a value; adapters read it here).
 pub fn unix_now() -> f64 {

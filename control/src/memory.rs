@@ -7,7 +7,7 @@ use ninelives_core::keyspace::{JobKeys, Keyspace, MalformedValue};
 use ninelives_core::writer::{Claim, WriterRecord};
 
 use crate::error::ControlError;
-use crate::store::{BATCH_OPS, BrainStore, Snapshot, Written, batches};
+use crate::store::{BATCH_OPS, BrainStore, Changes, Written, batches};
 
 #[derive(Default)]
 struct Keys {
@@ -28,13 +28,15 @@ pub struct MemoryStore {
     inner: Arc<Mutex<Keys>>,
     /// The writer this clone claimed the job for: every write compares it.
     claimed: Option<WriterRecord>,
+    /// Reads so far (each one a full listing).
+    listings: u64,
 }
 
 impl MemoryStore {
     /// An empty store for job `namespace/name`.
     pub fn new(keys: Keyspace, namespace: &str, name: &str) -> Self {
         let job = keys.job(namespace, name);
-        Self { keys, job, inner: Arc::default(), claimed: None }
+        Self { keys, job, inner: Arc::default(), claimed: None, listings: 0 }
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Keys) -> T) -> T {
@@ -73,21 +75,28 @@ impl MemoryStore {
 }
 
 impl BrainStore for MemoryStore {
-    async fn read(&mut self) -> Result<Snapshot, ControlError> {
+    /// Every read is a full one (a new listing): the store is for tests and small jobs.
+    async fn read(&mut self) -> Result<Changes, ControlError> {
         let (root, nodes, record) = (self.job.root().to_string(), self.keys.nodes(), self.job.recovery());
         let groups = self.job.plan_groups();
-        Ok(self.with(|k| Snapshot {
+        self.listings += 1;
+        let listing = self.listings;
+        Ok(self.with(|k| Changes {
+            full: true,
+            listing,
             kvs: k
                 .kvs
                 .iter()
                 .filter(|(key, _)| {
                     (key.starts_with(&root) && !key.starts_with(&groups)) || key.starts_with(&nodes)
                 })
-                .map(|(key, (v, _))| (key.clone(), v.clone()))
+                .map(|(key, (v, _))| (key.clone(), Some(v.clone())))
                 .collect(),
             record_revision: k.kvs.get(&record).map_or(0, |(_, r)| *r),
         }))
     }
+
+    fn resync(&mut self) {}
 
     async fn claim(&mut self, writer: &WriterRecord) -> Result<(), ControlError> {
         let key = self.job.writer();

@@ -1,26 +1,74 @@
 //! Where the brain's inputs and its record live: a small trait over etcd.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 
 use ninelives_core::writer::WriterRecord;
 
 use crate::error::ControlError;
 
-/// One read of a job's keys and the node keys.
+/// One read of a job's keys and the node keys: what changed since the previous read.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Snapshot {
+pub struct Changes {
+    /// `true`: `kvs` holds every key (a first read, or a re-sync) and replaces whatever the
+    /// reader held; `false`: only the keys changed since the previous read of `listing`.
+    pub full: bool,
+    /// The listing these changes continue (a store counts its full reads): a reader that did
+    /// not see that full read asks for one ([`BrainStore::resync`]).
+    pub listing: u64,
     /// Every key under the job's root (but the plan's group values, read on demand with
-    /// [`BrainStore::get_many`]) and under `nodes/`, with its value.
-    pub kvs: Vec<(String, Vec<u8>)>,
+    /// [`BrainStore::get_many`]) and under `nodes/` that changed, in key order, with its value
+    /// now (`None`: deleted).
+    pub kvs: Vec<(String, Option<Vec<u8>>)>,
     /// The modification revision of the job's `recovery` record (0: it does not exist). A write
     /// is applied only if the record still has this revision.
     pub record_revision: i64,
 }
 
-impl Snapshot {
+/// The keys a reader holds, kept by applying each read's [`Changes`] (for tests and tools: the
+/// control loop keeps only what it parses, see [`LiveObservation`]).
+///
+/// [`LiveObservation`]: ninelives_core::recovery::LiveObservation
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Mirror {
+    kvs: BTreeMap<String, Vec<u8>>,
+    listing: Option<u64>,
+    record_revision: i64,
+}
+
+impl Mirror {
+    /// Applies `changes`; `false` (nothing applied) when they continue a listing this mirror
+    /// did not see in full.
+    pub fn apply(&mut self, changes: Changes) -> bool {
+        if changes.full {
+            self.kvs.clear();
+        } else if self.listing != Some(changes.listing) {
+            return false;
+        }
+        self.listing = Some(changes.listing);
+        self.record_revision = changes.record_revision;
+        for (key, value) in changes.kvs {
+            match value {
+                Some(v) => self.kvs.insert(key, v),
+                None => self.kvs.remove(&key),
+            };
+        }
+        true
+    }
+
+    /// Every key held, in key order, with its value.
+    pub fn kvs(&self) -> Vec<(String, Vec<u8>)> {
+        self.kvs.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
     /// The value at `key`.
     pub fn value(&self, key: &str) -> Option<&[u8]> {
-        self.kvs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_slice())
+        self.kvs.get(key).map(Vec::as_slice)
+    }
+
+    /// The record revision of the last read applied.
+    pub fn record_revision(&self) -> i64 {
+        self.record_revision
     }
 }
 
@@ -67,8 +115,12 @@ pub fn batches(puts: Vec<(String, String)>) -> Vec<Vec<(String, String)>> {
 
 /// The store of one job's coordination keys.
 pub trait BrainStore: Send {
-    /// Reads the job's keys and the node keys.
-    fn read(&mut self) -> impl Future<Output = Result<Snapshot, ControlError>> + Send;
+    /// Reads what changed in the job's keys and the node keys since the previous read (every
+    /// key on the first read, and whenever the store lost track).
+    fn read(&mut self) -> impl Future<Output = Result<Changes, ControlError>> + Send;
+
+    /// Makes the next [`read`](BrainStore::read) a full one (a reader that starts afresh).
+    fn resync(&mut self);
 
     /// Claims the job's writer key for `writer` (with a compare on the record it replaces), so
     /// that every later [`write`](BrainStore::write) of this store also requires the key to

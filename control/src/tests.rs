@@ -164,8 +164,11 @@ async fn a_job_starts_and_a_chip_with_replicas_is_rerouted_without_a_rollback() 
 struct Interloper(MemoryStore, String);
 
 impl BrainStore for Interloper {
-    async fn read(&mut self) -> Result<Snapshot, ControlError> {
+    async fn read(&mut self) -> Result<Changes, ControlError> {
         self.0.read().await
+    }
+    fn resync(&mut self) {
+        self.0.resync();
     }
     async fn claim(&mut self, writer: &ninelives_core::writer::WriterRecord) -> Result<(), ControlError> {
         self.0.claim(writer).await

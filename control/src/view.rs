@@ -29,7 +29,7 @@ use etcd_client::{
 use tokio::time::Instant;
 
 use crate::error::ControlError;
-use crate::store::Snapshot;
+use crate::store::Changes;
 
 /// The progress notification etcd sends for a progress request (no watcher's id).
 const PROGRESS_WATCH_ID: i64 = -1;
@@ -70,6 +70,10 @@ pub(crate) struct View {
     lists: u64,
     /// The revision of the last list: events up to it are in the list already.
     listed_at: i64,
+    /// Keys changed since the last read, with their value now (`None`: deleted).
+    pending: BTreeMap<String, Option<Vec<u8>>>,
+    /// The next read hands out every key (a reader starts afresh).
+    resync: bool,
 }
 
 impl View {
@@ -84,6 +88,8 @@ impl View {
             stream: None,
             lists: 0,
             listed_at: 0,
+            pending: BTreeMap::new(),
+            resync: false,
         }
     }
 
@@ -97,6 +103,11 @@ impl View {
         self.stream = None;
     }
 
+    /// Makes the next read hand out every key (from memory: the watch stays).
+    pub fn resync(&mut self) {
+        self.resync = true;
+    }
+
     fn etcd_err(&self, op: &'static str) -> impl Fn(etcd_client::Error) -> ControlError + '_ {
         move |source| ControlError::Etcd { op, prefix: self.prefix.clone(), source }
     }
@@ -105,11 +116,13 @@ impl View {
         ControlError::Timeout { op, seconds: self.deadline.as_secs() }
     }
 
-    /// The keys, as of the latest progress of the watch (listing first when there is no watch).
-    pub async fn read(&mut self, kv: &KvClient, watch: &WatchClient) -> Result<Snapshot, ControlError> {
+    /// What changed since the last read, as of the latest progress of the watch (every key
+    /// after a list: the first read, a re-sync, or when there is no watch).
+    pub async fn read(&mut self, kv: &KvClient, watch: &WatchClient) -> Result<Changes, ControlError> {
         if self.stream.is_some() {
             match self.drain().await {
-                Ok(Drained::Current) => return Ok(self.snapshot()),
+                Ok(Drained::Current) if self.resync => return Ok(self.everything()),
+                Ok(Drained::Current) => return Ok(self.changes()),
                 Ok(Drained::Cancelled) => {}
                 Err(e) => {
                     // Whatever the stream did, it cannot be trusted any more.
@@ -119,13 +132,32 @@ impl View {
             }
         }
         self.list(kv, watch).await?;
-        Ok(self.snapshot())
+        Ok(self.everything())
     }
 
-    fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            kvs: self.kvs.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect(),
-            record_revision: self.kvs.get(&self.record_key).map_or(0, |(_, r)| *r),
+    fn record_revision(&self) -> i64 {
+        self.kvs.get(&self.record_key).map_or(0, |(_, r)| *r)
+    }
+
+    /// Every key, as a full read of the current listing.
+    fn everything(&mut self) -> Changes {
+        self.pending.clear();
+        self.resync = false;
+        Changes {
+            full: true,
+            listing: self.lists,
+            kvs: self.kvs.iter().map(|(k, (v, _))| (k.clone(), Some(v.clone()))).collect(),
+            record_revision: self.record_revision(),
+        }
+    }
+
+    /// The keys changed since the last read.
+    fn changes(&mut self) -> Changes {
+        Changes {
+            full: false,
+            listing: self.lists,
+            kvs: std::mem::take(&mut self.pending).into_iter().collect(),
+            record_revision: self.record_revision(),
         }
     }
 
@@ -173,6 +205,7 @@ impl View {
             }
         }
         self.kvs = kvs;
+        self.pending.clear();
         self.listed_at = revision;
         self.stream = Some(stream);
         self.lists += 1;
@@ -270,17 +303,19 @@ impl View {
             return;
         }
         match self.kvs.get_mut(key) {
-            Some((_, held)) if *held > revision => {}
+            Some((_, held)) if *held > revision => return,
             Some(entry) => *entry = (value.to_vec(), revision),
             None => {
                 self.kvs.insert(key.to_string(), (value.to_vec(), revision));
             }
         }
+        self.pending.insert(key.to_string(), Some(value.to_vec()));
     }
 
     fn delete(&mut self, key: &str, revision: i64) {
         if self.kvs.get(key).is_some_and(|(_, held)| *held <= revision) {
             self.kvs.remove(key);
+            self.pending.insert(key.to_string(), None);
         }
     }
 
@@ -325,7 +360,7 @@ mod tests {
         v.stream = Some(v.watch_from(&watch, Some(listed_at + 1)).await.unwrap());
         // etcd cancels the lagging watcher from its sync loop (every 100 ms), possibly after it
         // answered a progress request: a read or two may still show the old view.
-        let mut read = Snapshot::default();
+        let mut read = Changes::default();
         for _ in 0..50 {
             read = tokio::time::timeout(Duration::from_secs(10), v.read(&kv, &watch)).await.unwrap().unwrap();
             if v.lists() > 1 {
@@ -334,8 +369,10 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(v.lists(), 2, "the cancelled watch was not replaced by a list");
-        assert_eq!(read.value("/v/record"), Some(&b"2"[..]));
-        assert_eq!(read.value("/v/other"), Some(&b"3"[..]));
+        assert!(read.full, "a new listing is handed out whole");
+        let value = |key: &str| read.kvs.iter().find(|(k, _)| k == key).and_then(|(_, v)| v.clone());
+        assert_eq!(value("/v/record"), Some(b"2".to_vec()));
+        assert_eq!(value("/v/other"), Some(b"3".to_vec()));
         assert_eq!(read.record_revision, third - 1);
     }
 
@@ -349,18 +386,25 @@ mod tests {
         let mut v = view();
         v.put("b", b"1", 5);
         v.put("z", b"outside", 6);
-        assert_eq!(v.snapshot().record_revision, 5);
-        assert_eq!(v.snapshot().kvs, vec![("b".to_string(), b"1".to_vec())]);
+        let c = v.changes();
+        assert_eq!((c.full, c.record_revision), (false, 5));
+        assert_eq!(c.kvs, vec![("b".to_string(), Some(b"1".to_vec()))]);
+        assert!(v.changes().kvs.is_empty(), "a change is handed out once");
         // The store's own write applied first; its event (and an older one) arriving later do
         // not move the key back.
         v.put("b", b"3", 9);
         v.put("b", b"2", 7);
         v.put("b", b"3", 9);
-        assert_eq!(v.snapshot().kvs, vec![("b".to_string(), b"3".to_vec())]);
-        assert_eq!(v.snapshot().record_revision, 9);
+        let c = v.changes();
+        assert_eq!(c.kvs, vec![("b".to_string(), Some(b"3".to_vec()))]);
+        assert_eq!(c.record_revision, 9);
         v.delete("b", 8);
-        assert_eq!(v.snapshot().record_revision, 9, "a delete older than the value held removed it");
-        v.delete("b", 10);
-        assert_eq!(v.snapshot(), Snapshot::default());
+        let c = v.changes();
+        assert_eq!((c.kvs.len(), c.record_revision), (0, 9), "a delete older than the value held removed it");
+        v.put("c", b"4", 11);
+        assert_eq!(v.everything().kvs.len(), 2, "a re-sync hands out every key");
+        v.delete("b", 12);
+        let c = v.changes();
+        assert_eq!((c.kvs, c.record_revision), (vec![("b".to_string(), None)], 0));
     }
 }

@@ -127,3 +127,21 @@ async fn all_kvs(client: &mut Client, keys: &Keyspace) -> Vec<(String, Vec<u8>)>
     }
     out
 }
+
+/// A loop handed a store someone else already read (its first listing consumed) asks for a
+/// full read: it sees the nodes written before, not just what changed after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loop_over_a_store_read_before_takes_a_full_read_first() {
+    let etcd = EtcdServer::start().unwrap();
+    let client = fixture::client_with_nodes(&etcd.endpoint()).await;
+    let keys = Keyspace::default();
+    let mut store = EtcdStore::new(client.clone(), keys.clone(), NS, JOB);
+    let first = ninelives_control::BrainStore::read(&mut store).await.unwrap();
+    assert!(first.full && !first.kvs.is_empty());
+    let mut control = ControlLoop::new(brain(), identity(), store, None);
+    let mut fx = Published::default();
+    let seen = round(&mut control, &mut fx, 1000.0).await;
+    let alive = seen.observation.nodes.values().filter(|n| n.alive).count();
+    assert_eq!(alive, fixture::names().len(), "{:?}", seen.observation.nodes);
+    assert_eq!(control.store_mut().lists(), 1, "the re-sync listed etcd again");
+}

@@ -1,15 +1,16 @@
 //! The etcd store's watch-fed view (issue 22 item 2) on a real etcd: it follows other clients'
 //! puts and deletes without listing again, its record revision guards writes exactly, a fenced
 //! write, a compaction past the watch and a restart of etcd each make it list again, a stopped
-//! etcd fails the read as an outage, and what it returns is what a full read of etcd returns
-//! and what [`MemoryStore`] returns for the same writes.
+//! etcd fails the read as an outage, and what its reads' changes add up to is what a full read
+//! of etcd returns and what [`MemoryStore`] returns for the same writes; a quiet read hands out
+//! nothing.
 
 #![allow(clippy::unwrap_used)] // a panic is the failure report
 
 use std::time::Duration;
 
 use etcd_client::{Client, CompactionOptions, GetOptions, Txn, TxnOp};
-use ninelives_control::{BrainStore, EtcdStore, MemoryStore, Snapshot, Written};
+use ninelives_control::{BrainStore, Changes, EtcdStore, MemoryStore, Mirror, Written};
 use ninelives_core::keyspace::{JobKeys, Keyspace};
 
 const NS: &str = "ml";
@@ -32,20 +33,34 @@ async fn truth(client: &Client, keys: &Keyspace, job: &JobKeys) -> Vec<(String, 
     out
 }
 
+/// One read, applied to `seen` (which must follow the store's listing).
+async fn read(store: &mut EtcdStore, seen: &mut Mirror) -> Changes {
+    let changes = store.read().await.unwrap();
+    assert!(
+        seen.apply(changes.clone()),
+        "changes continue a listing the reader never saw whole: {changes:?}"
+    );
+    changes
+}
+
 /// Reads until the view shows etcd's keys (the watch delivers within milliseconds; etcd 3.4.23
 /// may answer a progress request ahead of a queued event, which the next read then shows).
-async fn caught_up(store: &mut EtcdStore, client: &Client, keys: &Keyspace, job: &JobKeys) -> Snapshot {
+async fn caught_up(
+    store: &mut EtcdStore,
+    seen: &mut Mirror,
+    client: &Client,
+    keys: &Keyspace,
+    job: &JobKeys,
+) {
     let want = truth(client, keys, job).await;
-    let mut last = None;
     for _ in 0..50 {
-        let snapshot = store.read().await.unwrap();
-        if snapshot.kvs == want {
-            return snapshot;
+        read(store, seen).await;
+        if seen.kvs() == want {
+            return;
         }
-        last = Some(snapshot);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("the view never showed etcd's keys: {last:?}\nwant {want:?}")
+    panic!("the view never showed etcd's keys: {:?}\nwant {want:?}", seen.kvs())
 }
 
 async fn revision_of(client: &mut Client, key: &str) -> i64 {
@@ -64,10 +79,11 @@ async fn scenario() {
     let job = keys.job(NS, JOB);
     let mut store = EtcdStore::new(client.clone(), keys.clone(), NS, JOB);
     let mut memory = MemoryStore::new(keys.clone(), NS, JOB);
+    let mut seen = Mirror::default();
 
-    // Before anything: an empty view, one list.
-    let empty = store.read().await.unwrap();
-    assert_eq!(empty, Snapshot::default());
+    // Before anything: an empty view, one list, handed out whole.
+    let empty = read(&mut store, &mut seen).await;
+    assert!(empty.full && empty.kvs.is_empty() && empty.record_revision == 0, "{empty:?}");
     assert_eq!(store.lists(), 1);
 
     // Other clients' puts and deletes, inside and outside the view's ranges.
@@ -86,17 +102,29 @@ async fn scenario() {
     }
     client.delete(keys.node_alive("n0"), None).await.unwrap();
     memory.delete(&keys.node_alive("n0"));
-    let seen = caught_up(&mut store, &client, &keys, &job).await;
-    assert_eq!(seen.kvs, memory.read().await.unwrap().kvs, "the etcd and memory stores disagree");
+    caught_up(&mut store, &mut seen, &client, &keys, &job).await;
+    let mut in_memory = Mirror::default();
+    assert!(in_memory.apply(memory.read().await.unwrap()));
+    assert_eq!(seen.kvs(), in_memory.kvs(), "the etcd and memory stores disagree");
     assert!(seen.value(&job.plan_group(0, "abc")).is_none() && seen.value("/unrelated").is_none());
     assert_eq!(store.lists(), 1, "the view listed again to see other clients' writes");
+    // Nothing changed: a read hands out nothing (a quiet round costs O(changes)); a re-sync
+    // hands out every key again, from memory, without a list.
+    let quiet = read(&mut store, &mut seen).await;
+    assert!(!quiet.full && quiet.kvs.is_empty(), "a quiet read handed out {quiet:?}");
+    store.resync();
+    let whole = read(&mut store, &mut seen).await;
+    assert!(whole.full && whole.kvs.len() == in_memory.kvs().len(), "{whole:?}");
+    assert_eq!((seen.kvs(), store.lists()), (in_memory.kvs(), 1));
 
     // Its own guarded write: the record's exact revision at the next read, without a list.
     let record = vec![(job.recovery(), r#"{"phase":"Running"}"#.to_string())];
     let Written::Committed { revision } = store.write(record.clone(), 0).await.unwrap() else {
         panic!("first write fenced")
     };
-    assert_eq!(store.read().await.unwrap().record_revision, revision);
+    let own = read(&mut store, &mut seen).await;
+    assert_eq!(own.record_revision, revision);
+    assert_eq!(own.kvs, vec![(job.recovery(), Some(br#"{"phase":"Running"}"#.to_vec()))], "its own write");
     assert_eq!(revision_of(&mut client, &job.recovery()).await, revision);
 
     // Another writer changes the record: a write guarded by the old revision is fenced, the
@@ -104,9 +132,9 @@ async fn scenario() {
     let other = client.put(job.recovery(), r#"{"phase":"Other"}"#, None).await.unwrap();
     let theirs = other.header().unwrap().revision();
     assert_eq!(store.write(record.clone(), revision).await.unwrap(), Written::Fenced);
-    let after = store.read().await.unwrap();
-    assert_eq!((after.record_revision, store.lists()), (theirs, 2));
-    assert_eq!(after.value(&job.recovery()), Some(&br#"{"phase":"Other"}"#[..]));
+    let after = read(&mut store, &mut seen).await;
+    assert_eq!((after.full, after.record_revision, store.lists()), (true, theirs, 2));
+    assert_eq!(seen.value(&job.recovery()), Some(&br#"{"phase":"Other"}"#[..]));
 
     // Many writes while the store does not read, then a compaction of all history: whether the
     // watch kept up or was cancelled (its next revision compacted), the view shows etcd's keys.
@@ -118,7 +146,7 @@ async fn scenario() {
     }
     let head = client.get("/", None).await.unwrap().header().unwrap().revision();
     client.compact(head, Some(CompactionOptions::new().with_physical())).await.unwrap();
-    caught_up(&mut store, &client, &keys, &job).await;
+    caught_up(&mut store, &mut seen, &client, &keys, &job).await;
 
     // etcd stops: the read fails as an outage (the watch stream breaks or the progress request
     // gets no answer within the deadline), never a stale view.
@@ -133,20 +161,21 @@ async fn scenario() {
     etcd.restart().unwrap();
     let mut again = Client::connect([etcd.endpoint()], None).await.unwrap();
     again.put(keys.node_alive("n9"), "{}", None).await.unwrap();
-    let mut shown = None;
+    let mut shown = false;
     for _ in 0..100 {
-        if let Ok(s) = store.read().await
-            && s.value(&keys.node_alive("n9")).is_some()
-        {
-            shown = Some(s);
-            break;
+        if let Ok(changes) = store.read().await {
+            assert!(seen.apply(changes), "changes after the restart continue a listing the reader never saw");
+            if seen.value(&keys.node_alive("n9")).is_some() {
+                shown = true;
+                break;
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let shown = shown.expect("the view never showed the write made after the restart");
+    assert!(shown, "the view never showed the write made after the restart");
     assert!(store.lists() > lists_before, "the view did not list again after the restart");
-    assert_eq!(shown.kvs, truth(&again, &keys, &job).await);
-    assert_eq!(shown.record_revision, revision_of(&mut again, &job.recovery()).await);
+    assert_eq!(seen.kvs(), truth(&again, &keys, &job).await);
+    assert_eq!(seen.record_revision(), revision_of(&mut again, &job.recovery()).await);
 
     // Its group reads are unaffected: one transaction per batch, values in order.
     let values = store.get_many(vec![job.plan_group(0, "abc"), job.plan_group(1, "none")]).await.unwrap();

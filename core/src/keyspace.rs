@@ -225,7 +225,7 @@ pub struct ChipRecord {
 }
 
 /// A value read from etcd that is not what its key promises.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
 #[error("malformed value at {key}: {reason}")]
 pub struct MalformedValue {
     /// The key read.

@@ -204,7 +204,7 @@ struct LocalRun<'c> {
     faults: FaultClock,
     entries: Vec<crate::report::RecoveryEntry>,
     state: Option<RecoveryState>,
-    obs: Observation,
+    obs: std::sync::Arc<Observation>,
     /// The last control-loop error journaled.
     last_error: Option<String>,
 }
@@ -284,7 +284,7 @@ impl<'c> LocalRun<'c> {
             faults: FaultClock::default(),
             entries: Vec::new(),
             state: None,
-            obs: Observation::default(),
+            obs: Default::default(),
             last_error: None,
         })
     }

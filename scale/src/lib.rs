@@ -24,7 +24,7 @@ use ninelives_agent::faults;
 use ninelives_agent::probe::{ChipProbe, ChipReading, ProbeError};
 use ninelives_agent::{Agent, AgentConfig};
 use ninelives_control::{
-    BrainStore, ControlError, ControlLoop, EffectError, Effects, EtcdStore, JobIdentity, Progress, Snapshot,
+    BrainStore, Changes, ControlError, ControlLoop, EffectError, Effects, EtcdStore, JobIdentity, Progress,
     Written,
 };
 use ninelives_core::generation::{PlacementValue, Restore};
@@ -180,9 +180,10 @@ pub struct Report {
     pub idle_cpu_ms: f64,
     /// Mean read (one txn) wall time while idle.
     pub idle_read_ms: f64,
-    /// Bytes returned by one read (the job prefix + nodes prefix).
+    /// Bytes handed out by a read while idle, mean (the changed keys of the job prefix and
+    /// `nodes/`).
     pub read_bytes: u64,
-    /// Keys returned by one read.
+    /// Keys handed out by a read while idle, mean.
     pub read_keys: u64,
     /// Of which: the placement value.
     pub placement_bytes: u64,
@@ -278,6 +279,7 @@ impl ChipProbe for MemProbe {
 struct Meter {
     reads: u64,
     read_ns: u64,
+    /// Keys and bytes the reads handed out, summed (changes only, but a full read's every key).
     read_bytes: u64,
     read_keys: u64,
     placement_bytes: u64,
@@ -306,19 +308,33 @@ struct Metered {
 }
 
 impl BrainStore for Metered {
-    async fn read(&mut self) -> Result<Snapshot, ControlError> {
+    async fn read(&mut self) -> Result<Changes, ControlError> {
         let t = Instant::now();
-        let snapshot = self.inner.read().await?;
+        let changes = self.inner.read().await?;
         let mut m = self.meter.lock().unwrap_or_else(|e| e.into_inner());
         m.reads += 1;
         m.read_ns += u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        m.read_keys = snapshot.kvs.len() as u64;
-        m.read_bytes = snapshot.kvs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
-        m.placement_bytes = snapshot.value(&self.placement_key).map_or(0, |v| v.len() as u64);
-        m.record_bytes = snapshot.value(&self.record_key).map_or(0, |v| v.len() as u64);
+        m.read_keys += changes.kvs.len() as u64;
+        m.read_bytes +=
+            changes.kvs.iter().map(|(k, v)| (k.len() + v.as_ref().map_or(0, Vec::len)) as u64).sum::<u64>();
+        if changes.full {
+            (m.placement_bytes, m.record_bytes) = (0, 0);
+        }
+        for (key, value) in &changes.kvs {
+            let size = value.as_ref().map_or(0, |v| v.len() as u64);
+            if *key == self.placement_key {
+                m.placement_bytes = size;
+            } else if *key == self.record_key {
+                m.record_bytes = size;
+            }
+        }
         m.last_read_done = Some(Instant::now());
         m.lists = self.inner.lists();
-        Ok(snapshot)
+        Ok(changes)
+    }
+
+    fn resync(&mut self) {
+        self.inner.resync();
     }
 
     async fn write(&mut self, puts: Vec<(String, String)>, revision: i64) -> Result<Written, ControlError> {
@@ -1140,7 +1156,10 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
         let cpu0 = cpu_now(&etcd);
         let (mut rounds, mut wall, mut cpu) = (0u64, 0f64, 0f64);
         let r0 = meter.lock().unwrap_or_else(|p| p.into_inner()).read_ns;
-        let reads0 = meter.lock().unwrap_or_else(|p| p.into_inner()).reads;
+        let (reads0, keys0, bytes0) = {
+            let m = meter.lock().unwrap_or_else(|p| p.into_inner());
+            (m.reads, m.read_keys, m.read_bytes)
+        };
         while idle_start.elapsed() < o.idle {
             if let Ok(Some(n)) = tokio::time::timeout(Duration::from_secs(10), notes.recv()).await {
                 rounds += 1;
@@ -1163,8 +1182,9 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
         {
             let m = meter.lock().unwrap_or_else(|p| p.into_inner());
             report.idle_read_ms = (m.read_ns - r0) as f64 / 1e6 / (m.reads - reads0).max(1) as f64;
-            report.read_bytes = m.read_bytes;
-            report.read_keys = m.read_keys;
+            let reads = (m.reads - reads0).max(1);
+            report.read_bytes = (m.read_bytes - bytes0) / reads;
+            report.read_keys = (m.read_keys - keys0) / reads;
             report.placement_bytes = m.placement_bytes;
             report.record_bytes = m.record_bytes;
         }

@@ -55,8 +55,8 @@ pub use load::{
     rebalance,
 };
 pub use observe::{
-    CheckpointRecord, InForce, MemberAck, NodeView, Observation, PeerRecord, ProgressRecord, StaleReason,
-    StaleWrite,
+    CheckpointRecord, InForce, LiveObservation, MemberAck, NodeView, Observation, PeerRecord, ProgressRecord,
+    StaleReason, StaleWrite,
 };
 pub use outage::{DEFAULT_MAX_VANISHED_FRACTION, Outage, OutageCause, OutageGuard, OutagePolicy, Verdict};
 pub use reasons::{JobFailure, Refusal, RungRefusal};

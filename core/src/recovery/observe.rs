@@ -2,6 +2,7 @@
 //! acknowledgements as read from etcd, plus the clock as a value.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -220,106 +221,365 @@ impl Observation {
         in_force: Option<&InForce>,
         kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>,
     ) -> (Self, Vec<MalformedValue>) {
-        let job_root = keys.job(namespace, job).root().to_string();
-        let mut obs = Observation { now, ..Default::default() };
-        let mut bad = Vec::new();
-        let malformed =
-            |key: &str, reason: &str| MalformedValue { key: key.to_string(), reason: reason.to_string() };
+        let mut live = LiveObservation::new(keys, namespace, job);
+        live.set_in_force(in_force.cloned());
         for (key, value) in kvs {
-            if let Some((node, tail)) = keys.parse_node_key(key) {
-                let view = obs.nodes.entry(node.to_string()).or_default();
-                if tail == "alive" {
-                    view.alive = true;
-                } else if let Some(index) = tail.strip_prefix("chips/") {
-                    match (index.parse::<u32>(), ChipRecord::parse(key, value)) {
-                        (Ok(i), Ok(record)) => {
-                            view.chips.insert(i, record);
-                        }
-                        (Err(_), _) => bad.push(malformed(key, "chip index is not a number")),
-                        (_, Err(e)) => bad.push(e),
-                    }
-                }
-                continue;
-            }
-            let Some(rest) = key.strip_prefix(job_root.as_str()) else { continue };
-            if let Some(rank) = rest.strip_prefix("members/") {
-                match rank.parse::<u32>() {
-                    Ok(r) => {
-                        obs.members.insert(r);
-                    }
-                    Err(_) => bad.push(malformed(key, "rank is not a number")),
-                }
-            } else if let Some(step) = rest.strip_prefix("checkpoints/") {
-                let record: Result<CheckpointRecord, _> = serde_json::from_slice(value);
-                match (step.parse::<u64>(), record) {
-                    (Ok(s), Ok(r)) if r.step == s => match checkpoint_staleness(in_force, &r) {
-                        Some(reason) => obs.stale.push(StaleWrite { key: key.to_string(), reason }),
-                        None => {
-                            obs.checkpoints.insert(s);
-                        }
-                    },
-                    (Ok(s), Ok(r)) => {
-                        bad.push(malformed(key, &format!("record says step {} under key step {s}", r.step)))
-                    }
-                    (Err(_), _) => bad.push(malformed(key, "checkpoint step is not a number")),
-                    (_, Err(e)) => bad.push(malformed(key, &e.to_string())),
-                }
-            } else if let Some(rank) = rest.strip_prefix("peers/") {
-                match (rank.parse::<u32>(), serde_json::from_slice::<PeerRecord>(value)) {
-                    (Ok(r), Ok(record)) => {
-                        obs.peers.insert(r, record);
-                    }
-                    (Err(_), _) => bad.push(malformed(key, "rank is not a number")),
-                    (_, Err(e)) => bad.push(malformed(key, &e.to_string())),
-                }
-            } else if let Some(rank) = rest.strip_prefix("loads/") {
-                match (rank.parse::<u32>(), serde_json::from_slice(value)) {
-                    (Ok(r), Ok(record)) => {
-                        obs.loads.insert(r, record);
-                    }
-                    (Err(_), _) => bad.push(malformed(key, "rank is not a number")),
-                    (_, Err(e)) => bad.push(malformed(key, &e.to_string())),
-                }
-            } else if rest == "progress" {
-                match serde_json::from_slice::<ProgressRecord>(value) {
-                    Ok(p) => match progress_staleness(in_force, &p) {
-                        Some(reason) => obs.stale.push(StaleWrite { key: key.to_string(), reason }),
-                        None => obs.step = Some(p.step),
-                    },
-                    Err(e) => bad.push(malformed(key, &e.to_string())),
-                }
-            } else if let Some(ack) = rest.strip_prefix("acks/") {
-                let Some((generation, node)) = ack.split_once('/') else {
-                    bad.push(malformed(key, "expected acks/<generation>/<node>"));
-                    continue;
-                };
-                if let (Ok(g), Ok(rank)) = (generation.parse::<u64>(), node.parse::<u32>())
-                    && let Ok(member_ack) = serde_json::from_slice::<MemberAck>(value)
-                {
-                    match ack_staleness(in_force, g, rank, &member_ack) {
-                        Some(reason) => obs.stale.push(StaleWrite { key: key.to_string(), reason }),
-                        None => {
-                            obs.joined.entry(g).or_default().insert(rank);
-                        }
-                    }
-                    continue;
-                }
-                match (generation.parse::<u64>(), Ack::parse(key, value)) {
-                    (Ok(g), Ok(a)) if a.generation == g && a.node == node => {
-                        obs.acks.entry(g).or_default().insert(node.to_string(), a);
-                    }
-                    (Ok(_), Ok(_)) => bad.push(malformed(key, "ack names another generation or node")),
-                    (Err(_), _) => bad.push(malformed(key, "generation is not a number")),
-                    (_, Err(e)) => bad.push(e),
-                }
-            }
+            live.put(key, value);
         }
-        (obs, bad)
+        live.stamp(now, None);
+        let LiveObservation { observation, malformed, .. } = live;
+        (Arc::unwrap_or_clone(observation), malformed)
     }
 
     /// The newest committed checkpoint at or before `step`.
     pub fn checkpoint_at_or_before(&self, step: u64) -> Option<u64> {
         self.checkpoints.range(..=step).next_back().copied()
+    }
+}
+
+/// What one key contributes to an observation, parsed once (see [`LiveObservation`]).
+#[derive(Clone, Debug)]
+enum Fact {
+    /// A key under a node's prefix: the node exists, whatever the key.
+    Node {
+        node: String,
+        part: NodePart,
+    },
+    Member(u32),
+    Checkpoint(u64, CheckpointRecord),
+    Peer(u32, PeerRecord),
+    Load(u32, super::load::LoadRecord),
+    Progress(ProgressRecord),
+    MemberAck {
+        generation: u64,
+        rank: u32,
+        ack: MemberAck,
+    },
+    AgentAck {
+        generation: u64,
+        node: String,
+        ack: Ack,
+    },
+    /// Unreadable: reported, left out.
+    Malformed(MalformedValue),
+    /// A key the observation does not read (the brain's record, the plan, another job's keys).
+    Ignored,
+}
+
+/// What a node key says about its node.
+#[derive(Clone, Debug)]
+enum NodePart {
+    Alive,
+    Chip(u32, ChipRecord),
+    Unreadable(MalformedValue),
+    Other,
+}
+
+/// `text` as a number, only in the spelling `spell` gives that number (so that one number has
+/// one key, and replacing or deleting a key changes exactly what that key said).
+fn canonical<T: std::str::FromStr + Copy>(text: &str, spell: impl Fn(T) -> String) -> Option<T> {
+    text.parse::<T>().ok().filter(|n| spell(*n) == text)
+}
+
+impl Fact {
+    /// What `key` holding `value` says (`job_root`: the job's key prefix).
+    fn parse(keys: &Keyspace, job_root: &str, key: &str, value: &[u8]) -> Fact {
+        let malformed = |reason: &str| MalformedValue { key: key.to_string(), reason: reason.to_string() };
+        let plain = |n: u64| n.to_string();
+        let rank_of = |text: &str| canonical::<u32>(text, |n| n.to_string());
+        if let Some((node, tail)) = keys.parse_node_key(key) {
+            let part = if tail == "alive" {
+                NodePart::Alive
+            } else if let Some(index) = tail.strip_prefix("chips/") {
+                match (rank_of(index), ChipRecord::parse(key, value)) {
+                    (Some(i), Ok(record)) => NodePart::Chip(i, record),
+                    (None, _) => {
+                        NodePart::Unreadable(malformed("chip index is not a number in its plain spelling"))
+                    }
+                    (_, Err(e)) => NodePart::Unreadable(e),
+                }
+            } else {
+                NodePart::Other
+            };
+            return Fact::Node { node: node.to_string(), part };
+        }
+        let Some(rest) = key.strip_prefix(job_root) else { return Fact::Ignored };
+        if let Some(rank) = rest.strip_prefix("members/") {
+            match rank_of(rank) {
+                Some(r) => Fact::Member(r),
+                None => Fact::Malformed(malformed("rank is not a number in its plain spelling")),
+            }
+        } else if let Some(step) = rest.strip_prefix("checkpoints/") {
+            let record: Result<CheckpointRecord, _> = serde_json::from_slice(value);
+            match (canonical::<u64>(step, |s| format!("{s:012}")), record) {
+                (Some(s), Ok(r)) if r.step == s => Fact::Checkpoint(s, r),
+                (Some(s), Ok(r)) => {
+                    Fact::Malformed(malformed(&format!("record says step {} under key step {s}", r.step)))
+                }
+                (None, _) => Fact::Malformed(malformed("checkpoint step is not a 12-digit number")),
+                (_, Err(e)) => Fact::Malformed(malformed(&e.to_string())),
+            }
+        } else if let Some(rank) = rest.strip_prefix("peers/") {
+            match (rank_of(rank), serde_json::from_slice::<PeerRecord>(value)) {
+                (Some(r), Ok(record)) => Fact::Peer(r, record),
+                (None, _) => Fact::Malformed(malformed("rank is not a number in its plain spelling")),
+                (_, Err(e)) => Fact::Malformed(malformed(&e.to_string())),
+            }
+        } else if let Some(rank) = rest.strip_prefix("loads/") {
+            match (rank_of(rank), serde_json::from_slice(value)) {
+                (Some(r), Ok(record)) => Fact::Load(r, record),
+                (None, _) => Fact::Malformed(malformed("rank is not a number in its plain spelling")),
+                (_, Err(e)) => Fact::Malformed(malformed(&e.to_string())),
+            }
+        } else if rest == "progress" {
+            match serde_json::from_slice::<ProgressRecord>(value) {
+                Ok(p) => Fact::Progress(p),
+                Err(e) => Fact::Malformed(malformed(&e.to_string())),
+            }
+        } else if let Some(ack) = rest.strip_prefix("acks/") {
+            let Some((generation, node)) = ack.split_once('/') else {
+                return Fact::Malformed(malformed("expected acks/<generation>/<node>"));
+            };
+            let generation = canonical::<u64>(generation, plain);
+            if let (Some(g), Some(rank)) = (generation, rank_of(node))
+                && let Ok(ack) = serde_json::from_slice::<MemberAck>(value)
+            {
+                return Fact::MemberAck { generation: g, rank, ack };
+            }
+            match (generation, Ack::parse(key, value)) {
+                (Some(g), Ok(a)) if a.generation == g && a.node == node => {
+                    Fact::AgentAck { generation: g, node: node.to_string(), ack: a }
+                }
+                (Some(_), Ok(_)) => Fact::Malformed(malformed("ack names another generation or node")),
+                (None, _) => Fact::Malformed(malformed("generation is not a number in its plain spelling")),
+                (_, Err(e)) => Fact::Malformed(e),
+            }
+        } else {
+            Fact::Ignored
+        }
+    }
+}
+
+/// An [`Observation`] kept current key by key: each put or delete costs O(log keys), so a
+/// control loop fed by a watch pays for what changed, not for the cluster
+/// ([`Observation::from_kvs_in_force`] is the same thing built from a whole read). Member
+/// writes are judged against the generation in force; a new one re-judges every key (no
+/// parsing: each key's value is parsed once, when it is put).
+#[derive(Clone, Debug)]
+pub struct LiveObservation {
+    keys: Keyspace,
+    job_root: String,
+    in_force: Option<InForce>,
+    /// What each key said, by key.
+    facts: BTreeMap<String, Fact>,
+    /// Keys held per node: a node with none is absent from the observation.
+    node_keys: BTreeMap<String, usize>,
+    /// Shared with the rounds that hand it out; copied on write only while one still holds it.
+    observation: Arc<Observation>,
+    malformed: Vec<MalformedValue>,
+}
+
+impl LiveObservation {
+    /// An empty observation of job `namespace/job` under `keys`, no generation in force.
+    pub fn new(keys: &Keyspace, namespace: &str, job: &str) -> Self {
+        Self {
+            keys: keys.clone(),
+            job_root: keys.job(namespace, job).root().to_string(),
+            in_force: None,
+            facts: BTreeMap::new(),
+            node_keys: BTreeMap::new(),
+            observation: Arc::default(),
+            malformed: Vec::new(),
+        }
+    }
+
+    /// Forgets every key (a full read follows).
+    pub fn clear(&mut self) {
+        let (now, previous_decision) = (self.observation.now, self.observation.previous_decision);
+        self.facts.clear();
+        self.node_keys.clear();
+        self.malformed.clear();
+        self.observation = Arc::new(Observation { now, previous_decision, ..Default::default() });
+    }
+
+    /// `key` now holds `value`.
+    pub fn put(&mut self, key: &str, value: &[u8]) {
+        self.delete(key);
+        let fact = Fact::parse(&self.keys, &self.job_root, key, value);
+        if matches!(fact, Fact::Ignored) {
+            return;
+        }
+        self.add(key, &fact);
+        self.facts.insert(key.to_string(), fact);
+    }
+
+    /// `key` was deleted.
+    pub fn delete(&mut self, key: &str) {
+        if let Some(fact) = self.facts.remove(key) {
+            self.remove(key, &fact);
+        }
+    }
+
+    /// Judges member writes against `in_force` from now on (every key again if it changed).
+    pub fn set_in_force(&mut self, in_force: Option<InForce>) {
+        if in_force == self.in_force {
+            return;
+        }
+        self.in_force = in_force;
+        let facts = std::mem::take(&mut self.facts);
+        self.clear();
+        for (key, fact) in &facts {
+            self.add(key, fact);
+        }
+        self.facts = facts;
+    }
+
+    /// Sets the clock and the time of the previous decision ([`Observation::previous_decision`]).
+    pub fn stamp(&mut self, now: f64, previous_decision: Option<f64>) {
+        let o = Arc::make_mut(&mut self.observation);
+        o.now = now;
+        o.previous_decision = previous_decision;
+    }
+
+    /// The observation as of the last change.
+    pub fn observation(&self) -> &Observation {
+        &self.observation
+    }
+
+    /// The observation, shared (a round hands it out without copying it).
+    pub fn shared(&self) -> Arc<Observation> {
+        Arc::clone(&self.observation)
+    }
+
+    /// The values left out because they cannot be read, in the order they were put.
+    pub fn malformed(&self) -> &[MalformedValue] {
+        &self.malformed
+    }
+
+    fn add(&mut self, key: &str, fact: &Fact) {
+        let in_force = self.in_force.as_ref();
+        let o = Arc::make_mut(&mut self.observation);
+        let stale = |o: &mut Observation, reason| o.stale.push(StaleWrite { key: key.to_string(), reason });
+        match fact {
+            Fact::Node { node, part } => {
+                *self.node_keys.entry(node.clone()).or_default() += 1;
+                let view = o.nodes.entry(node.clone()).or_default();
+                match part {
+                    NodePart::Alive => view.alive = true,
+                    NodePart::Chip(i, record) => {
+                        view.chips.insert(*i, record.clone());
+                    }
+                    NodePart::Unreadable(m) => self.malformed.push(m.clone()),
+                    NodePart::Other => {}
+                }
+            }
+            Fact::Member(r) => {
+                o.members.insert(*r);
+            }
+            Fact::Checkpoint(s, r) => match checkpoint_staleness(in_force, r) {
+                Some(reason) => stale(o, reason),
+                None => {
+                    o.checkpoints.insert(*s);
+                }
+            },
+            Fact::Peer(r, record) => {
+                o.peers.insert(*r, record.clone());
+            }
+            Fact::Load(r, record) => {
+                o.loads.insert(*r, record.clone());
+            }
+            Fact::Progress(p) => match progress_staleness(in_force, p) {
+                Some(reason) => stale(o, reason),
+                None => o.step = Some(p.step),
+            },
+            Fact::MemberAck { generation, rank, ack } => {
+                match ack_staleness(in_force, *generation, *rank, ack) {
+                    Some(reason) => stale(o, reason),
+                    None => {
+                        o.joined.entry(*generation).or_default().insert(*rank);
+                    }
+                }
+            }
+            Fact::AgentAck { generation, node, ack } => {
+                o.acks.entry(*generation).or_default().insert(node.clone(), ack.clone());
+            }
+            Fact::Malformed(m) => self.malformed.push(m.clone()),
+            Fact::Ignored => {}
+        }
+    }
+
+    /// Undoes [`add`](Self::add) of `fact` at `key` (judged against the same generation: a new
+    /// one re-adds every key).
+    fn remove(&mut self, key: &str, fact: &Fact) {
+        let in_force = self.in_force.as_ref();
+        let o = Arc::make_mut(&mut self.observation);
+        let unstale = |o: &mut Observation| o.stale.retain(|s| s.key != key);
+        let malformed = &mut self.malformed;
+        let mut unmalformed = || malformed.retain(|m| m.key != key);
+        match fact {
+            Fact::Node { node, part } => {
+                if let Some(view) = o.nodes.get_mut(node) {
+                    match part {
+                        NodePart::Alive => view.alive = false,
+                        NodePart::Chip(i, _) => {
+                            view.chips.remove(i);
+                        }
+                        NodePart::Unreadable(_) => unmalformed(),
+                        NodePart::Other => {}
+                    }
+                }
+                let left = self.node_keys.get_mut(node).map(|n| {
+                    *n = n.saturating_sub(1);
+                    *n
+                });
+                if left == Some(0) {
+                    self.node_keys.remove(node);
+                    o.nodes.remove(node);
+                }
+            }
+            Fact::Member(r) => {
+                o.members.remove(r);
+            }
+            Fact::Checkpoint(s, r) => match checkpoint_staleness(in_force, r) {
+                Some(_) => unstale(o),
+                None => {
+                    o.checkpoints.remove(s);
+                }
+            },
+            Fact::Peer(r, _) => {
+                o.peers.remove(r);
+            }
+            Fact::Load(r, _) => {
+                o.loads.remove(r);
+            }
+            Fact::Progress(p) => match progress_staleness(in_force, p) {
+                Some(_) => unstale(o),
+                None => o.step = None,
+            },
+            Fact::MemberAck { generation, rank, ack } => {
+                match ack_staleness(in_force, *generation, *rank, ack) {
+                    Some(_) => unstale(o),
+                    None => {
+                        if let Some(ranks) = o.joined.get_mut(generation) {
+                            ranks.remove(rank);
+                            if ranks.is_empty() {
+                                o.joined.remove(generation);
+                            }
+                        }
+                    }
+                }
+            }
+            Fact::AgentAck { generation, node, .. } => {
+                if let Some(acks) = o.acks.get_mut(generation) {
+                    acks.remove(node);
+                    if acks.is_empty() {
+                        o.acks.remove(generation);
+                    }
+                }
+            }
+            Fact::Malformed(_) => unmalformed(),
+            Fact::Ignored => {}
+        }
     }
 }
 
@@ -474,5 +734,105 @@ mod tests {
             vec![(p, &br#"{"step":90,"generation":4,"rank":2}"#[..])],
         );
         assert_eq!(obs.step, Some(90));
+    }
+
+    /// A key universe with every kind of key, well-formed and not, for [`LiveObservation`]'s
+    /// property: any sequence of puts, deletes and generations in force leaves it equal to the
+    /// observation built from scratch from the keys that remain.
+    fn universe() -> Vec<(&'static str, Vec<&'static [u8]>)> {
+        let chip_ok: &[u8] = br#"{"state":"healthy","code":"ok","since":1.0}"#;
+        let chip_failed: &[u8] = br#"{"state":"failed","code":"ecc","since":2.0}"#;
+        vec![
+            ("/nl/nodes/n0/alive", vec![b"{}"]),
+            ("/nl/nodes/n0/chips/0", vec![chip_ok, chip_failed, b"garbage"]),
+            ("/nl/nodes/n0/chips/1", vec![chip_ok]),
+            ("/nl/nodes/n0/chips/01", vec![chip_failed]),
+            ("/nl/nodes/n0/other", vec![b"x"]),
+            ("/nl/nodes/n1/alive", vec![b"{}"]),
+            ("/nl/nodes/n1/chips/x", vec![chip_ok]),
+            ("/nl/jobs/default/tiny/members/0", vec![b"{}"]),
+            ("/nl/jobs/default/tiny/members/2", vec![b"{}"]),
+            ("/nl/jobs/default/tiny/members/02", vec![b"{}"]),
+            (
+                "/nl/jobs/default/tiny/checkpoints/000000000010",
+                vec![br#"{"step":10,"generation":1}"#, br#"{"step":11}"#],
+            ),
+            (
+                "/nl/jobs/default/tiny/checkpoints/000000000030",
+                vec![br#"{"step":30,"generation":4}"#, br#"{"step":30,"generation":5}"#],
+            ),
+            ("/nl/jobs/default/tiny/checkpoints/30", vec![br#"{"step":30}"#]),
+            (
+                "/nl/jobs/default/tiny/progress",
+                vec![br#"{"step":90,"generation":4,"rank":2}"#, br#"{"step":91}"#, b"{"],
+            ),
+            (
+                "/nl/jobs/default/tiny/acks/5/0",
+                vec![br#"{"step":20,"generation":5}"#, br#"{"step":20,"generation":4}"#],
+            ),
+            ("/nl/jobs/default/tiny/acks/5/2", vec![br#"{"step":20}"#]),
+            ("/nl/jobs/default/tiny/acks/05/1", vec![br#"{"step":20}"#]),
+            (
+                "/nl/jobs/default/tiny/acks/5/n0",
+                vec![
+                    br#"{"node":"n0","generation":5,"outcome":"applied"}"#,
+                    br#"{"node":"n1","generation":5,"outcome":"applied"}"#,
+                ],
+            ),
+            ("/nl/jobs/default/tiny/acks/x", vec![b"{}"]),
+            ("/nl/jobs/default/tiny/peers/1", vec![br#"{"generation":5,"own":[10]}"#, b"[]"]),
+            ("/nl/jobs/default/tiny/loads/1", vec![b"nope"]),
+            ("/nl/jobs/default/tiny/recovery", vec![b"{}"]),
+            ("/nl/jobs/default/other/members/1", vec![b"{}"]),
+        ]
+    }
+
+    fn sorted(mut obs: Observation, mut bad: Vec<MalformedValue>) -> (Observation, Vec<MalformedValue>) {
+        obs.stale.sort_by(|a, b| a.key.cmp(&b.key));
+        bad.sort_by(|a, b| a.key.cmp(&b.key));
+        (obs, bad)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_live_observation_equals_one_built_from_the_keys_that_remain(
+            ops in proptest::collection::vec((0usize..24, 0usize..3, 0u8..8), 1..60)
+        ) {
+            let ks = Keyspace::new("/nl");
+            let universe = universe();
+            let in_force_of = |g: u8| match g {
+                0 => None,
+                1 => Some(InForce { generation: 5, members: BTreeSet::from([0, 1]), rollback_to: Some(20) }),
+                _ => Some(InForce { generation: 6, members: BTreeSet::from([2]), rollback_to: None }),
+            };
+            let mut live = LiveObservation::new(&ks, "default", "tiny");
+            let mut held: BTreeMap<&str, &[u8]> = BTreeMap::new();
+            let mut in_force = None;
+            for (k, v, op) in ops {
+                let (key, values) = &universe[k % universe.len()];
+                match op {
+                    0 | 1 => {
+                        live.delete(key);
+                        held.remove(key);
+                    }
+                    2 => {
+                        in_force = in_force_of(v as u8);
+                        live.set_in_force(in_force.clone());
+                    }
+                    _ => {
+                        let value = values[v % values.len()];
+                        live.put(key, value);
+                        held.insert(key, value);
+                    }
+                }
+                live.stamp(7.0, Some(6.0));
+                let (mut fresh, bad) =
+                    Observation::from_kvs_in_force(&ks, "default", "tiny", 7.0, in_force.as_ref(), held.clone());
+                fresh.previous_decision = Some(6.0);
+                let want = sorted(fresh, bad);
+                let got = sorted(live.observation().clone(), live.malformed().to_vec());
+                proptest::prop_assert_eq!(got, want);
+            }
+        }
     }
 }
