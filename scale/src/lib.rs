@@ -868,6 +868,69 @@ fn counters(addr: SocketAddr) -> Counters {
     }
 }
 
+/// What etcd holds at one moment: its memory and the streams and watchers its clients keep.
+struct EtcdTrace {
+    rss_mb: f64,
+    goroutines: f64,
+    watch_streams: f64,
+    watchers: f64,
+    slow_watchers: f64,
+    pending_events: f64,
+    keepalive_started: f64,
+    keepalive_handled: f64,
+    leases_granted: f64,
+    leases_revoked: f64,
+}
+
+impl EtcdTrace {
+    /// etcd's `/metrics` at `addr` and the RSS of `pid` (zeros for what it did not answer: a
+    /// stalled etcd answers nothing within the client's timeout).
+    fn sample(addr: SocketAddr, pid: &str) -> Self {
+        let text = http_get(addr, "/metrics").unwrap_or_default();
+        let sum = |name: &str, label: &str| -> f64 {
+            text.lines()
+                .filter(|l| {
+                    l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(label)
+                })
+                .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+                .sum()
+        };
+        let keepalive = r#"grpc_method="LeaseKeepAlive""#;
+        Self {
+            rss_mb: rss_of(pid) as f64 / 1e6,
+            goroutines: sum("go_goroutines", ""),
+            watch_streams: sum("etcd_debugging_mvcc_watch_stream_total", ""),
+            watchers: sum("etcd_debugging_mvcc_watcher_total", ""),
+            slow_watchers: sum("etcd_debugging_mvcc_slow_watcher_total", ""),
+            pending_events: sum("etcd_debugging_mvcc_pending_events_total", ""),
+            keepalive_started: sum("grpc_server_started_total", keepalive),
+            keepalive_handled: sum("grpc_server_handled_total", keepalive),
+            leases_granted: sum("etcd_server_lease_grant_total", "")
+                + sum("etcd_debugging_lease_granted_total", ""),
+            leases_revoked: sum("etcd_debugging_lease_revoked_total", ""),
+        }
+    }
+}
+
+impl std::fmt::Display for EtcdTrace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "rss {:.0} MB, goroutines {:.0}, watch streams {:.0}, watchers {:.0} (slow {:.0}), pending events {:.0}, keep-alive streams started {:.0} ended {:.0}, leases granted {:.0} revoked {:.0}",
+            self.rss_mb,
+            self.goroutines,
+            self.watch_streams,
+            self.watchers,
+            self.slow_watchers,
+            self.pending_events,
+            self.keepalive_started,
+            self.keepalive_handled,
+            self.leases_granted,
+            self.leases_revoked
+        )
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The run
 
@@ -909,12 +972,28 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
     // A guard on etcd's memory: an overloaded etcd (clients retrying faster than it answers) can
     // grow until the kernel's OOM killer picks a victim on the shared machine. Past the limit the
     // guard kills this run's etcd (its own child) and the run reports why it broke.
+    let addr: SocketAddr = etcd
+        .endpoint()
+        .trim_start_matches("http://")
+        .parse()
+        .map_err(|e: std::net::AddrParseError| err("addr")(e.to_string()))?;
     let stop_guard = Arc::new(AtomicBool::new(false));
     let etcd_rss_peak = Arc::new(AtomicU64::new(0));
     if let Some(pid) = etcd.pid() {
         let (stop, peak) = (stop_guard.clone(), etcd_rss_peak.clone());
         std::thread::spawn(move || {
+            let (t0, mut ticks) = (Instant::now(), 0u64);
             while !stop.load(Ordering::Relaxed) {
+                // Every 5 s, what etcd holds (to tell a leak of watchers or keep-alive streams
+                // from a backlog of events when its memory grows).
+                if ticks % 20 == 0 {
+                    eprintln!(
+                        "[etcd +{:.0} s] {}",
+                        t0.elapsed().as_secs_f64(),
+                        EtcdTrace::sample(addr, &pid.to_string())
+                    );
+                }
+                ticks += 1;
                 let rss = rss_of(&pid.to_string());
                 if rss == 0 {
                     // etcd is gone (stopped, killed, a zombie): never signal a reused pid.
@@ -930,11 +1009,6 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
             }
         });
     }
-    let addr: SocketAddr = etcd
-        .endpoint()
-        .trim_start_matches("http://")
-        .parse()
-        .map_err(|e: std::net::AddrParseError| err("addr")(e.to_string()))?;
     let keys = Keyspace::new("/scale/");
     let job_keys = keys.job(NS, JOB);
     let connect = || async {
