@@ -3,10 +3,11 @@
 # published Go modules into a cache directory, idempotently: a tool is rebuilt only
 # when its go.mod/go.sum changed since the last build.
 #
-#   e2e/tools/build.sh [--real-node] [CACHE_DIR]     (default: <repo>/.e2e-cache/bin)
+#   e2e/tools/build.sh [--real-node [--in-chart-etcd]] [CACHE_DIR]   (default: <repo>/.e2e-cache/bin)
 #
 # --real-node also builds kubelet, kube-scheduler, kube-controller-manager, kube-proxy and the
-# pod sandbox's pause program (scripts/real-node); the tests do not need them.
+# pod sandbox's pause program (scripts/real-node); the tests do not need them. --in-chart-etcd
+# also builds etcd v3.5 (for the chart's etcd image) and CoreDNS (scripts/real-node --etcd in-chart).
 #
 # The e2e harness looks for the tools in $NINELIVES_E2E_BIN, else <repo>/.e2e-cache/bin.
 set -euo pipefail
@@ -14,7 +15,9 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 real_node=false
+in_chart_etcd=false
 if [[ "${1:-}" == "--real-node" ]]; then real_node=true; shift; fi
+if [[ "${1:-}" == "--in-chart-etcd" ]]; then in_chart_etcd=true; shift; fi
 bin="${1:-${NINELIVES_E2E_BIN:-$repo/.e2e-cache/bin}}"
 mkdir -p "$bin"
 # One package per core: two compiles of Kubernetes packages at once fit well within
@@ -54,4 +57,8 @@ if $real_node; then
         build "$here/control" "$tool" "k8s.io/kubernetes/cmd/$tool" "$k8s_ldflags"
     done
     build "$here/pause" pause . "-s -w"
+fi
+if $in_chart_etcd; then
+    build "$here/etcd" etcd-3.5 go.etcd.io/etcd/server/v3 "-s -w"
+    build "$here/coredns" coredns github.com/coredns/coredns "-s -w"
 fi
