@@ -116,6 +116,19 @@ async fn within<T>(
     }
 }
 
+/// Runs `fut` until `deadline`, labelling failures with `op`.
+async fn until_deadline<T>(
+    op: &'static str,
+    deadline: tokio::time::Instant,
+    fut: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, AgentError> {
+    match tokio::time::timeout_at(deadline, fut).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(source)) => Err(AgentError::Etcd { op, source }),
+        Err(_) => Err(AgentError::EtcdTimeout(op)),
+    }
+}
+
 /// Reconnection delays: 100 ms doubling to 5 s, jittered ±25 % so thousands of agents that lost
 /// etcd together do not come back in lockstep.
 #[derive(Debug)]
@@ -285,15 +298,17 @@ impl Presence {
         // grant a new one. Propagating that error instead (issue 19) retried the dead lease
         // forever and the node never re-registered after an outage longer than the TTL.
         // Timeouts and transport errors keep the lease: etcd may still hold it.
-        let mut reused = false;
+        // The stream that proved the lease alive is the one kept: a second stream per session
+        // would double the streams etcd holds when thousands of agents reconnect at once.
+        let mut reused = None;
         if let Some(id) = self.lease {
             match within("keepalive", limit, client.lease_keep_alive(id)).await {
-                Ok(_) => reused = true,
+                Ok(pair) => reused = Some(pair),
                 Err(e) if e.lease_gone() => self.lease = None,
                 Err(e) => return Err(e),
             }
         }
-        let lease = if reused {
+        let lease = if reused.is_some() {
             self.lease.unwrap_or_default()
         } else {
             let grant = within("grant", limit, client.lease_grant(self.ttl, None)).await?;
@@ -308,7 +323,7 @@ impl Presence {
             since: unix_now(),
         })
         .unwrap_or_default();
-        if !reused {
+        if reused.is_none() {
             let put = client.put(
                 self.keys.node_alive(&self.node),
                 presence,
@@ -316,18 +331,27 @@ impl Presence {
             );
             within("put-alive", limit, put).await?;
         }
-        AgentEvent::LeaseAcquired { lease, ttl: self.ttl, reused }.emit(&self.metrics);
+        AgentEvent::LeaseAcquired { lease, ttl: self.ttl, reused: reused.is_some() }.emit(&self.metrics);
 
-        let (mut keeper, mut stream) = match within("keepalive", limit, client.lease_keep_alive(lease)).await
-        {
-            Ok(pair) => pair,
-            Err(e) => {
-                if e.lease_gone() {
-                    self.lease = None;
+        let (mut keeper, mut stream) = match reused {
+            Some(pair) => pair,
+            None => match within("keepalive", limit, client.lease_keep_alive(lease)).await {
+                Ok(pair) => pair,
+                Err(e) => {
+                    if e.lease_gone() {
+                        self.lease = None;
+                    }
+                    return Err(e);
                 }
-                return Err(e);
-            }
+            },
         };
+        // etcd's last word on the lease: it lives until then. A keep-alive answer is awaited
+        // until that moment, not for a fixed request limit: giving up on a slow etcd while the
+        // lease still lives would open a new session (new streams, new reads) on an etcd
+        // already too slow to answer, and thousands of agents doing so at once grow etcd's
+        // memory without bound (the 6,250-node scale run, session 8).
+        let mut expires =
+            tokio::time::Instant::now() + Duration::from_secs(u64::try_from(self.ttl).unwrap_or(1));
         self.written = read_chip_records(&mut client, &self.keys, &self.node, limit, &self.metrics).await?;
         self.reconcile(&mut client, desired, limit).await?;
         self.connected = true;
@@ -359,10 +383,14 @@ impl Presence {
                 }
                 _ = tick.tick() => {
                     let started = Instant::now();
-                    within("keepalive", limit, keeper.keep_alive()).await?;
-                    let resp = within("keepalive", limit, stream.message()).await?;
+                    let until = expires.max(tokio::time::Instant::now() + limit);
+                    until_deadline("keepalive", until, keeper.keep_alive()).await?;
+                    let resp = until_deadline("keepalive", until, stream.message()).await?;
                     match resp {
                         Some(r) if r.ttl() > 0 => {
+                            let ttl = Duration::from_secs(u64::try_from(r.ttl()).unwrap_or(0));
+                            // Counted from the request: the answer may have waited in a queue.
+                            expires = tokio::time::Instant::from_std(started) + ttl;
                             AgentEvent::KeepAlive { latency: started.elapsed() }.emit(&self.metrics);
                         }
                         _ => {

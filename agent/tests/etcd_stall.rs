@@ -103,3 +103,57 @@ async fn stall_shorter_than_ttl_keeps_the_same_lease() {
         .await;
     agent.shutdown().await;
 }
+
+/// A value of the agent's own metrics: the sample count of a histogram, or a counter's total.
+fn metric(agent: &ninelives_agent::Agent, name: &str) -> f64 {
+    let families = agent.metrics().registry().gather();
+    let Some(family) = families.iter().find(|f| f.name() == name) else { return 0.0 };
+    family
+        .get_metric()
+        .iter()
+        .map(|m| m.get_histogram().get_sample_count() as f64 + m.get_counter().get_value())
+        .sum()
+}
+
+/// An etcd that answers a keep-alive late, but while the lease still lives, is slow, not gone:
+/// the agent keeps its session (no new streams, no re-reads: thousands of agents reconnecting
+/// at once to a slow etcd grew its memory until it was killed in the 6,250-node scale run). The
+/// stall starts right after a keep-alive answer, so the lease lives a full TTL (6 s) from then;
+/// it lasts 5.4 s, past the fixed limit the agent used to wait (TTL/3 to the next keep-alive +
+/// TTL/2). The client sends no HTTP/2 pings, so only the agent's own deadlines are tested.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_answered_late_within_the_lease_keeps_the_session() {
+    let etcd = EtcdServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut observer = client(&etcd.endpoint()).await;
+    let mut cfg = config(&etcd.endpoint(), "node-k", dir.path(), 4);
+    cfg.ttl = 6;
+    cfg.etcd = ninelives_agent::etcd::EtcdSource::Shared(Box::new(client(&etcd.endpoint()).await));
+    let agent = start(cfg).await;
+    let (before, _) = wait_presence(&mut observer, "node-k", Duration::from_secs(5)).await;
+
+    let answered = metric(&agent, "ninelives_agent_lease_keepalive_seconds");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&agent, "ninelives_agent_lease_keepalive_seconds") <= answered {
+        assert!(Instant::now() < deadline, "no keep-alive answered within 5 s");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    signal(&etcd, "-STOP");
+    let stalled = Instant::now();
+    let mut lost_ready = false;
+    while stalled.elapsed() < Duration::from_millis(5400) {
+        lost_ready |= !agent.is_ready();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&etcd, "-CONT");
+    // Past the next keep-alive.
+    let resumed = Instant::now();
+    while resumed.elapsed() < Duration::from_secs(3) {
+        lost_ready |= !agent.is_ready();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!lost_ready, "the agent left its session during a stall its lease outlived");
+    assert_eq!(metric(&agent, "ninelives_agent_etcd_errors_total"), 0.0, "etcd errors during the stall");
+    assert_eq!(presence_lease(&mut observer, "node-k").await, Some(before), "presence churned");
+    agent.shutdown().await;
+}

@@ -124,6 +124,11 @@ impl View {
                 Ok(Drained::Current) if self.resync => return Ok(self.everything()),
                 Ok(Drained::Current) => return Ok(self.changes()),
                 Ok(Drained::Cancelled) => {}
+                // A slow etcd: the read fails (the outage logic counts it) but the watch stays.
+                // Its events arrive in order and any later progress notification covers them,
+                // so nothing is lost; listing every key again would only add load to an etcd
+                // already too slow to answer.
+                Err(e @ ControlError::Timeout { .. }) => return Err(e),
                 Err(e) => {
                     // Whatever the stream did, it cannot be trusted any more.
                     self.stream = None;
@@ -246,9 +251,15 @@ impl View {
         let deadline = Instant::now() + self.deadline;
         let Some(mut stream) = self.stream.take() else { return Ok(Drained::Cancelled) };
         for _ in 0..2 {
-            match self.drain_once(&mut stream, deadline).await? {
-                Drained::Current => {}
-                Drained::Cancelled => return Ok(Drained::Cancelled),
+            match self.drain_once(&mut stream, deadline).await {
+                Ok(Drained::Current) => {}
+                Ok(Drained::Cancelled) => return Ok(Drained::Cancelled),
+                Err(e) => {
+                    if matches!(e, ControlError::Timeout { .. }) {
+                        self.stream = Some(stream);
+                    }
+                    return Err(e);
+                }
             }
         }
         self.stream = Some(stream);
