@@ -237,17 +237,20 @@ pub struct Report {
 // ---------------------------------------------------------------------------------------------
 // Chips
 
-/// In-memory chips of one node: a heartbeat from the clock, a fault flag per chip.
-struct MemProbe {
+/// In-memory chips of one node: a heartbeat from the clock, a fault flag per chip. Public for
+/// the e2e apiserver-writes run, which drives the same agents under the real operator.
+pub struct MemProbe {
     started: Instant,
     faulty: Vec<AtomicBool>,
 }
 
 impl MemProbe {
-    fn new(chips: u32) -> Self {
+    /// `chips` healthy chips.
+    pub fn new(chips: u32) -> Self {
         Self { started: Instant::now(), faulty: (0..chips).map(|_| AtomicBool::new(false)).collect() }
     }
-    fn set(&self, chip: u32, faulty: bool) {
+    /// Marks `chip` faulty (an uncorrectable HBM ECC error) or healthy again.
+    pub fn set(&self, chip: u32, faulty: bool) {
         if let Some(f) = self.faulty.get(chip as usize) {
             f.store(faulty, Ordering::Relaxed);
         }
@@ -613,19 +616,20 @@ fn spawn_loop(
 // ---------------------------------------------------------------------------------------------
 // Members
 
-/// Shared view of the member pool.
+/// Shared view of the member pool (public for the e2e apiserver-writes run).
 #[derive(Default)]
-struct PoolState {
+pub struct PoolState {
     /// Ranks whose member is down (its node left): not registered, not acking.
-    down: BTreeSet<u32>,
+    pub down: BTreeSet<u32>,
     /// When the last ack of each generation was written.
-    acked: HashMap<u64, Instant>,
+    pub acked: HashMap<u64, Instant>,
     /// Bytes the members read for the latest generation: the commit record each, and the value
     /// of their group when its content changed (the pool reads each changed group once).
     plan_bytes: u64,
     /// The largest group value read.
     largest_group: u64,
-    error: Option<String>,
+    /// The pool's first failure.
+    pub error: Option<String>,
 }
 
 /// What the members take from a generation.
@@ -683,7 +687,10 @@ async fn read_generation(
 /// The simulated members: one lease for all, registrations and acks in batched transactions.
 /// One watch on `placement` stands for every member's watch; the pool reads each changed group
 /// value once where each member would read its own (`plan_bytes` counts what they would read).
-async fn member_pool(
+/// A rank sent on `starts` registers (as a started member process would) and acks every
+/// generation it is in; a rank in `state.down` is gone. Public for the e2e apiserver-writes
+/// run, where the fake kubelet starts members as their pods run.
+pub async fn member_pool(
     mut client: Client,
     job: JobKeys,
     mut starts: mpsc::UnboundedReceiver<u32>,
@@ -949,7 +956,8 @@ fn err(what: &str) -> impl Fn(String) -> ScaleError + '_ {
     move |e| ScaleError(format!("{what}: {e}"))
 }
 
-fn node_name(i: u32) -> String {
+/// Name of node `i` (`node-00042`), of the agents and of the brain's node table.
+pub fn node_name(i: u32) -> String {
     format!("node-{i:05}")
 }
 
