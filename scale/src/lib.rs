@@ -630,6 +630,8 @@ pub struct PoolState {
     largest_group: u64,
     /// The pool's first failure.
     pub error: Option<String>,
+    /// Keep-alives of the members' lease that failed (each renewed, or retried 5 s later).
+    pub keepalive_failures: u64,
 }
 
 /// What the members take from a generation.
@@ -700,7 +702,7 @@ pub async fn member_pool(
     let fail = |state: &Arc<Mutex<PoolState>>, e: String| {
         state.lock().unwrap_or_else(|p| p.into_inner()).error.get_or_insert(e);
     };
-    let lease = match client.lease_grant(30, None).await {
+    let mut lease = match client.lease_grant(30, None).await {
         Ok(l) => l.id(),
         Err(e) => return fail(&state, format!("member lease: {e}")),
     };
@@ -724,11 +726,29 @@ pub async fn member_pool(
             _ = tick.tick() => {}
             Some(rank) = starts.recv() => pending_starts.push(rank),
             msg = plans.message() => {
-                let Ok(Some(msg)) = msg else { return fail(&state, "placement watch ended".into()) };
-                for e in msg.events() {
-                    if e.event_type() != EventType::Put { continue }
-                    let Some(kv) = e.kv() else { continue };
-                    match read_generation(&mut client, &job, kv.value(), &mut digests).await {
+                let values: Vec<Vec<u8>> = match msg {
+                    Ok(Some(msg)) => msg
+                        .events()
+                        .iter()
+                        .filter(|e| e.event_type() == EventType::Put)
+                        .filter_map(|e| e.kv().map(|kv| kv.value().to_vec()))
+                        .collect(),
+                    // As a real member does: watch again, and read what it may have missed.
+                    _ => match client.watch(job.placement(), Some(WatchOptions::new())).await {
+                        Ok(again) => {
+                            plans = again;
+                            let got = client.get(job.placement(), None).await;
+                            got.ok().and_then(|g| g.kvs().first().map(|kv| kv.value().to_vec())).into_iter().collect()
+                        }
+                        Err(e) => {
+                            eprintln!("members: placement watch ended, retried: {e}");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            Vec::new()
+                        }
+                    },
+                };
+                for value in values {
+                    match read_generation(&mut client, &job, &value, &mut digests).await {
                         Ok((p, bytes, largest)) => {
                             plan = Some(p);
                             acked_ranks.clear();
@@ -842,11 +862,47 @@ pub async fn member_pool(
         }
         if last_keepalive.elapsed() >= Duration::from_secs(5) {
             last_keepalive = Instant::now();
-            if keeper.keep_alive().await.is_err() || keep_stream.message().await.is_err() {
-                return fail(&state, "member keepalive failed".into());
+            let answered = keeper.keep_alive().await.is_ok()
+                && matches!(keep_stream.message().await, Ok(Some(r)) if r.ttl() > 0);
+            if !answered {
+                // As a real member does: the same lease on a new stream if etcd still has it,
+                // else a new lease with every member key registered again under it. A failure
+                // is retried at the next keep-alive, not fatal (an overloaded etcd recovers).
+                match renew_members(&mut client, lease, &job, &registered).await {
+                    Ok((l, k, s)) => (lease, keeper, keep_stream) = (l, k, s),
+                    Err(e) => {
+                        state.lock().unwrap_or_else(|p| p.into_inner()).keepalive_failures += 1;
+                        eprintln!("members: keep-alive failed, retried in 5 s: {e}");
+                    }
+                }
             }
         }
     }
+}
+
+/// The members' lease after a failed keep-alive: `lease` on a new stream if etcd still has it,
+/// else a new lease with the keys of `registered` put again under it.
+async fn renew_members(
+    client: &mut Client,
+    lease: i64,
+    job: &JobKeys,
+    registered: &BTreeSet<u32>,
+) -> Result<(i64, etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream), String> {
+    if let Ok((keeper, stream)) = client.lease_keep_alive(lease).await {
+        return Ok((lease, keeper, stream));
+    }
+    let lease = client.lease_grant(30, None).await.map_err(|e| format!("member lease: {e}"))?.id();
+    let (keeper, stream) =
+        client.lease_keep_alive(lease).await.map_err(|e| format!("member keepalive: {e}"))?;
+    let value = |r: u32| format!(r#"{{"rank":{r},"addr":"127.0.0.1:0","pid":0}}"#);
+    let ops = registered
+        .iter()
+        .map(|r| TxnOp::put(job.member(*r), value(*r), Some(PutOptions::new().with_lease(lease))))
+        .collect::<Vec<_>>();
+    for chunk in ops.chunks(TXN_OPS) {
+        client.txn(Txn::new().and_then(chunk.to_vec())).await.map_err(|e| format!("member register: {e}"))?;
+    }
+    Ok((lease, keeper, stream))
 }
 
 // ---------------------------------------------------------------------------------------------
