@@ -370,14 +370,13 @@ async fn run(nodes: u32, faults_per_kind: usize, idle: Duration) -> Vec<FaultRow
     let (a1, k1) = (apiserver_writes(&plane), kubelet.writes());
     let idle_counts = minus(&minus(&a1, &a0), &minus(&k1, &k0));
     let idle_kind = ByKind::of(&idle_counts);
-    let rate = idle_kind.minus_rate(&ByKind::default(), 0.0);
     let secs = idle.as_secs_f64();
     let rate = ByKind {
-        events: rate.events / secs,
-        status: rate.status / secs,
-        pods: rate.pods / secs,
-        leases: rate.leases / secs,
-        other: rate.other / secs,
+        events: idle_kind.events / secs,
+        status: idle_kind.status / secs,
+        pods: idle_kind.pods / secs,
+        leases: idle_kind.leases / secs,
+        other: idle_kind.other / secs,
     };
     eprintln!("[{nodes} nodes] idle {secs:.0} s: operator writes {idle_counts:?}");
 
