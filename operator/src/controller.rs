@@ -5,6 +5,7 @@
 //! pods → write status (only when changed) → record Events. `finalizer()` is the one top-level
 //! action, so deletion runs the cleanup (pods, service, etcd keys) before the job disappears.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -264,11 +265,23 @@ async fn apply(job: &TrainingJob, ctx: &Arc<Context>) -> Result<Action> {
             .await
             .map_err(|source| Error::Apply { what: format!("pod {pod_name}"), source })?;
     }
+    // The nodes the brain keeps in the job (training nodes and spares).
+    let in_job: Option<BTreeSet<String>> = brain
+        .as_ref()
+        .and_then(|b| b.state.as_ref())
+        .map(|s| s.expected_nodes().chain(s.spares.iter().cloned()).collect());
     for pod_name in &delete {
         still_leader(ctx)?;
         // Only the pod this reconcile saw: a newer one of the same name is not ours to delete.
-        let uid = existing.iter().find(|p| p.name_any() == *pod_name).and_then(|p| p.metadata.uid.clone());
-        delete_ignoring_missing(&pods, pod_name, &only_uid(uid)).await?;
+        let pod = existing.iter().find(|p| p.name_any() == *pod_name);
+        let mut params = only_uid(pod.and_then(|p| p.metadata.uid.clone()));
+        if let Some(pod) = pod
+            && left_the_job(pod, in_job.as_ref())
+        {
+            params.grace_period_seconds = Some(0);
+            info!(job = %key(job), pod = %pod_name, "deleting a pod on a node that left the job at once");
+        }
+        delete_ignoring_missing(&pods, pod_name, &params).await?;
     }
     if !delete.is_empty() {
         info!(job = %key(job), pods = ?delete, "deleted worker pods");
@@ -388,6 +401,17 @@ fn still_leader(ctx: &Context) -> Result<()> {
     ctx.drivers.env().leadership.current().map(|_| ()).ok_or(Error::LostLease)
 }
 
+/// Whether `pod` runs on a node the brain took out of the job (`in_job`: the nodes it keeps,
+/// training and spare; `None` when no brain drives the job). Such a pod has no kubelet to
+/// confirm its deletion: deleted gracefully it stays Terminating under its name, and its rank's
+/// replacement of the same name is never created (found on real kubelets, `scripts/real-node
+/// --node-loss`). It is deleted at once; its process, if the node still runs it, is fenced by
+/// the generation (not a member of it: its writes are stale, its peers refuse it).
+fn left_the_job(pod: &Pod, in_job: Option<&BTreeSet<String>>) -> bool {
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+    matches!((node, in_job), (Some(node), Some(in_job)) if !in_job.contains(node))
+}
+
 /// Delete parameters that delete only the object with `uid` (when known), not a newer one of
 /// the same name.
 fn only_uid(uid: Option<String>) -> DeleteParams {
@@ -491,6 +515,23 @@ async fn publish(ctx: &Context, job: &TrainingJob, event: JobEvent) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_pods_on_nodes_that_left_the_job_are_deleted_at_once() {
+        let on = |node: Option<&str>| Pod {
+            spec: Some(k8s_openapi::api::core::v1::PodSpec {
+                node_name: node.map(str::to_string),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let in_job: BTreeSet<String> = ["n0".to_string(), "spare-0".to_string()].into();
+        assert!(left_the_job(&on(Some("n3")), Some(&in_job)), "a lost node's pod");
+        assert!(!left_the_job(&on(Some("n0")), Some(&in_job)), "a training node's pod");
+        assert!(!left_the_job(&on(Some("spare-0")), Some(&in_job)), "a spare's standby pod");
+        assert!(!left_the_job(&on(None), Some(&in_job)), "an unscheduled pod");
+        assert!(!left_the_job(&on(Some("n3")), None), "no brain: no judgement");
+    }
 
     #[test]
     fn a_missing_object_is_deleted_with_or_without_a_precondition() {
