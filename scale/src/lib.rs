@@ -1468,6 +1468,11 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
                 load_average(),
                 result.error.clone().unwrap_or_default()
             );
+            eprintln!(
+                "[{} nodes] agents' etcd errors so far, by operation: {:?}",
+                o.nodes,
+                agent_errors(&agents)
+            );
             let broken = result.error.is_some() && result.committed.is_none();
             report.faults.push(result);
             if broken {
@@ -1524,11 +1529,30 @@ pub async fn run(o: &Options) -> Result<Report, ScaleError> {
     let _ = tokio::task::spawn_blocking(move || loop_thread.join()).await;
     members.abort();
     watcher.abort();
-    for a in agents.into_iter().flatten() {
-        a.shutdown().await;
+    // Together: one at a time, 6,312 lease revocations took longer than the run.
+    let stopping: Vec<_> = agents.into_iter().flatten().map(|a| tokio::spawn(a.shutdown())).collect();
+    for s in stopping {
+        let _ = s.await;
     }
     drop(pool);
     Ok(report)
+}
+
+/// The etcd errors the agents counted (`ninelives_agent_etcd_errors_total`), summed by operation.
+fn agent_errors(agents: &[Option<Agent>]) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for agent in agents.iter().flatten() {
+        for family in agent.metrics().registry().gather() {
+            if family.name() != "ninelives_agent_etcd_errors_total" {
+                continue;
+            }
+            for m in family.get_metric() {
+                let op = m.get_label().iter().map(|l| l.value().to_string()).collect::<Vec<_>>().join(",");
+                *out.entry(op).or_insert(0.0) += m.get_counter().get_value();
+            }
+        }
+    }
+    out
 }
 
 /// Stops etcd for `stall` (SIGSTOP, as a stalled disk or a starved process does), resumes it,
