@@ -712,6 +712,7 @@ pub async fn member_pool(
     let watch = client.watch(job.placement(), Some(WatchOptions::new())).await;
     let Ok(mut plans) = watch else { return fail(&state, "placement watch".into()) };
     let mut registered: BTreeSet<u32> = BTreeSet::new();
+    let mut to_register: BTreeSet<u32> = BTreeSet::new();
     let mut plan: Option<InForce> = None;
     // The content digest of each group the members last read.
     let mut digests: Vec<String> = Vec::new();
@@ -779,19 +780,28 @@ pub async fn member_pool(
             }
         }
         // Start (register) the members the brain asked for.
-        let new: Vec<u32> = pending_starts.into_iter().filter(|r| !registered.contains(r)).collect();
-        if !new.is_empty() {
+        // Each rank once (a start dispatched again by a later generation of the same recovery
+        // is the same member: etcd refuses a transaction that names a key twice), and a
+        // registration etcd refused is retried at the next tick.
+        to_register.extend(pending_starts.into_iter().filter(|r| !registered.contains(r)));
+        if !to_register.is_empty() {
             let value = |r: u32| format!(r#"{{"rank":{r},"addr":"127.0.0.1:0","pid":0}}"#);
-            let ops = new
-                .iter()
-                .map(|r| TxnOp::put(job.member(*r), value(*r), Some(PutOptions::new().with_lease(lease))))
-                .collect::<Vec<_>>();
-            for chunk in ops.chunks(TXN_OPS) {
-                if let Err(e) = client.txn(Txn::new().and_then(chunk.to_vec())).await {
-                    fail(&state, format!("member register: {e}"));
+            let new: Vec<u32> = to_register.iter().copied().collect();
+            for chunk in new.chunks(TXN_OPS) {
+                let ops = chunk
+                    .iter()
+                    .map(|r| TxnOp::put(job.member(*r), value(*r), Some(PutOptions::new().with_lease(lease))))
+                    .collect::<Vec<_>>();
+                match client.txn(Txn::new().and_then(ops)).await {
+                    Ok(_) => {
+                        for r in chunk {
+                            to_register.remove(r);
+                            registered.insert(*r);
+                        }
+                    }
+                    Err(e) => eprintln!("members: registration failed, retried: {e}"),
                 }
             }
-            registered.extend(new);
             {
                 let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
                 s.down.retain(|r| !registered.contains(r));
