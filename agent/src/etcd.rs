@@ -109,11 +109,7 @@ async fn within<T>(
     limit: Duration,
     fut: impl Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, AgentError> {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(source)) => Err(AgentError::Etcd { op, source }),
-        Err(_) => Err(AgentError::EtcdTimeout(op)),
-    }
+    until_deadline(op, tokio::time::Instant::now() + limit, fut).await
 }
 
 /// Runs `fut` until `deadline`, labelling failures with `op`.

@@ -410,7 +410,6 @@ impl<S: BrainStore> ControlLoop<S> {
         let placement_key = self.job_keys.placement();
         let malformed = |reason: String| ControlError::Malformed { key: placement_key.clone(), reason };
         if self.held.placement_changed || self.current.is_none() {
-            self.held.placement_changed = false;
             match self.held.placement.clone() {
                 None => self.set_current(None),
                 Some(bytes) => match PlacementValue::parse(&bytes) {
@@ -418,24 +417,21 @@ impl<S: BrainStore> ControlLoop<S> {
                         if self.current.as_ref().and_then(Current::record) != Some(&record) {
                             // A generation this loop did not write (a restart, another driver).
                             self.set_current(None);
-                            // Parsed again next round if reading its groups fails.
-                            self.held.placement_changed = true;
                             let plan = self.read_groups(&record).await?;
-                            self.held.placement_changed = false;
                             self.set_current(Some(Current::Stored { record, plan }));
                         }
                     }
                     // The planner's part is required, the members' part optional (older writers).
                     _ => {
-                        self.held.placement_changed = true;
                         let placement: Placement =
                             serde_json::from_slice(&bytes).map_err(|e| malformed(e.to_string()))?;
-                        self.held.placement_changed = false;
                         let plan = serde_json::from_slice::<DistPlan>(&bytes).ok();
                         self.set_current(Some(Current::Inline { placement, plan }));
                     }
                 },
             }
+            // Cleared only once parsed: a placement that failed is parsed again next round.
+            self.held.placement_changed = false;
         }
         // Member writes are judged against the generation in force: a stale member's replayed
         // progress or ack changes nothing.

@@ -785,14 +785,9 @@ pub async fn member_pool(
         // registration etcd refused is retried at the next tick.
         to_register.extend(pending_starts.into_iter().filter(|r| !registered.contains(r)));
         if !to_register.is_empty() {
-            let value = |r: u32| format!(r#"{{"rank":{r},"addr":"127.0.0.1:0","pid":0}}"#);
             let new: Vec<u32> = to_register.iter().copied().collect();
             for chunk in new.chunks(TXN_OPS) {
-                let ops = chunk
-                    .iter()
-                    .map(|r| TxnOp::put(job.member(*r), value(*r), Some(PutOptions::new().with_lease(lease))))
-                    .collect::<Vec<_>>();
-                match client.txn(Txn::new().and_then(ops)).await {
+                match client.txn(Txn::new().and_then(member_puts(&job, lease, chunk))).await {
                     Ok(_) => {
                         for r in chunk {
                             to_register.remove(r);
@@ -904,15 +899,19 @@ async fn renew_members(
     let lease = client.lease_grant(30, None).await.map_err(|e| format!("member lease: {e}"))?.id();
     let (keeper, stream) =
         client.lease_keep_alive(lease).await.map_err(|e| format!("member keepalive: {e}"))?;
-    let value = |r: u32| format!(r#"{{"rank":{r},"addr":"127.0.0.1:0","pid":0}}"#);
-    let ops = registered
-        .iter()
-        .map(|r| TxnOp::put(job.member(*r), value(*r), Some(PutOptions::new().with_lease(lease))))
-        .collect::<Vec<_>>();
-    for chunk in ops.chunks(TXN_OPS) {
-        client.txn(Txn::new().and_then(chunk.to_vec())).await.map_err(|e| format!("member register: {e}"))?;
+    let ranks: Vec<u32> = registered.iter().copied().collect();
+    for chunk in ranks.chunks(TXN_OPS) {
+        let ops = member_puts(job, lease, chunk);
+        client.txn(Txn::new().and_then(ops)).await.map_err(|e| format!("member register: {e}"))?;
     }
     Ok((lease, keeper, stream))
+}
+
+/// The registration of members `ranks` under `lease`: one put of `members/<rank>` each.
+fn member_puts(job: &JobKeys, lease: i64, ranks: &[u32]) -> Vec<TxnOp> {
+    let value = |r: u32| format!(r#"{{"rank":{r},"addr":"127.0.0.1:0","pid":0}}"#);
+    let options = || Some(PutOptions::new().with_lease(lease));
+    ranks.iter().map(|r| TxnOp::put(job.member(*r), value(*r), options())).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -925,14 +924,18 @@ struct Counters {
     db: f64,
 }
 
+/// The sum of metric `name`'s samples whose line contains `label` ("" for all) in Prometheus
+/// text `text`.
+fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
 fn counters(addr: SocketAddr) -> Counters {
     let text = http_get(addr, "/metrics").unwrap_or_default();
-    let sum = |name: &str| -> f64 {
-        text.lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-            .sum()
-    };
+    let sum = |name: &str| metric_sum(&text, name, "");
     Counters {
         requests: sum("grpc_server_msg_received_total"),
         bytes: sum("etcd_network_client_grpc_received_bytes_total")
@@ -960,14 +963,7 @@ impl EtcdTrace {
     /// stalled etcd answers nothing within the client's timeout).
     fn sample(addr: SocketAddr, pid: &str) -> Self {
         let text = http_get(addr, "/metrics").unwrap_or_default();
-        let sum = |name: &str, label: &str| -> f64 {
-            text.lines()
-                .filter(|l| {
-                    l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(label)
-                })
-                .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-                .sum()
-        };
+        let sum = |name: &str, label: &str| metric_sum(&text, name, label);
         let keepalive = r#"grpc_method="LeaseKeepAlive""#;
         Self {
             rss_mb: rss_of(pid) as f64 / 1e6,
